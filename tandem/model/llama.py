@@ -1,0 +1,82 @@
+"""The Llama-family forward (Llama 2/3, Mistral, Qwen2, Qwen3) over one flat token batch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tandem.model.attention import AttentionMetadata, paged_attention, store_kv
+from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin, silu_mul
+from tandem.model.model_config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + 2 kv, hidden]
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+    qkv_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor  # the embedding itself when tied
+
+
+class LlamaModel:
+    """Stateless apart from weights and rotary tables; the KV cache is passed in."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int) -> None:
+        self.config = config
+        self.weights = weights
+        device, dtype = weights.embed.device, weights.embed.dtype
+        self.device, self.dtype = device, dtype
+        cos, sin = rope_cos_sin(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        hidden = F.embedding(input_ids, self.weights.embed)
+        residual = hidden
+        for i, layer in enumerate(self.weights.layers):
+            if i > 0:
+                hidden = hidden + residual
+                residual = hidden
+            hidden = rms_norm(hidden, layer.input_norm, self.config.rms_norm_eps)
+            hidden = residual + self._attention(hidden, layer, cos, sin, kv_cache[i], meta, block_size)
+            residual = hidden
+            hidden = rms_norm(hidden, layer.post_norm, self.config.rms_norm_eps)
+            hidden = F.linear(silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
+        return rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
+
+    def _attention(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+        cfg = self.config
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        store_kv(cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, cache, meta, block_size, self.scale)
+        return F.linear(out, layer.o)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()

@@ -1,0 +1,124 @@
+"""Normalise a Hugging Face ``config.json`` of the Llama family into one plain dataclass."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# architecture -> features that differ from plain Llama
+ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+}
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp) + embed
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` + ``rope_scaling``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type") not in (None, "default") else None)
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise NotImplementedError(
+                f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+        scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
+    return theta, scaling
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
+    if arch.startswith("Qwen"):
+        if cfg.get("use_sliding_window"):
+            raise NotImplementedError("Qwen use_sliding_window=True is not supported")
+        return None
+    window = cfg.get("sliding_window")
+    return int(window) if window else None
+
+
+def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"unsupported architecture {archs!r}; supported: {sorted(ARCHITECTURES)}")
+    heads = int(cfg["num_attention_heads"])
+    theta, scaling = _rope(cfg)
+    eos = _as_list((generation or {}).get("eos_token_id")) or _as_list(cfg.get("eos_token_id"))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        intermediate_size=int(cfg["intermediate_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=_sliding_window(cfg, arch),
+        eos_token_ids=eos,
+        bos_token_id=cfg.get("bos_token_id"),
+        **ARCHITECTURES[arch],
+    )
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    cfg = json.loads(config_file.read_text())
+    gen_file = path / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    try:
+        return model_config_from_dict(cfg, generation)
+    except KeyError as exc:
+        raise ValueError(f"{config_file} lacks required field {exc.args[0]!r}") from None

@@ -1,0 +1,71 @@
+"""Tokenizers: the checkpoint's own (via transformers) or a built-in byte-level one for presets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+BYTE_BOS, BYTE_EOS = 256, 257
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; 256 is BOS and 257 EOS; larger ids decode to nothing."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return self.encode(text)
+
+
+class HFTokenizer:
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+            raise ValueError(f"{path}: cannot load tokenizer ({exc}); pass token-id prompts or add "
+                             "tokenizer files") from exc
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError("this checkpoint's tokenizer has no chat template; use generate() instead")
+        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # transformers 5 returns a BatchEncoding where 4.x returned a list
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+class IncrementalDetokenizer:
+    """Emits only the new text each step, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
