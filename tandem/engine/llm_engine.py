@@ -64,9 +64,7 @@ class LLMEngine:
 
     def _make_executor(self) -> Executor:
         if self.config.async_batching:
-            from tandem.engine.executor_async import make_async_executor
-
-            return make_async_executor(self.runner)
+            raise NotImplementedError("async_batching is not implemented yet; pass async_batching=False")
         return SyncExecutor(self.runner)
 
     # --- requests --------------------------------------------------------------------------

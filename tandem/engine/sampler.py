@@ -49,7 +49,8 @@ def _top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop_sorted = rank >= k
     probs = sorted_logits.masked_fill(drop_sorted, float("-inf")).softmax(dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-    drop_sorted |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    # (rows with top_p == 1 skip this: rounding can push the cumulative sum to 1 before the tail)
+    drop_sorted |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
     return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
 
 
