@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 
+    from tandem.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     return parser
 
 

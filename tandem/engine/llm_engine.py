@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from typing import Any
 
@@ -21,6 +22,7 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.output_processor import append_token, request_output
 from tandem.engine.profile import profile_peak_memory
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.step_log import StepLog
 from tandem.engine.sequence import Sequence
 from tandem.model.registry import load_model
 from tandem.outputs import RequestOutput
@@ -52,6 +54,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
         self._seed_rng = random.Random(config.seed)
+        self.step_log: StepLog | None = None  # set by benchmarks
 
     def _fit_max_model_len(self, requested: int, kv_tokens: int) -> int:
         if requested <= kv_tokens:
@@ -62,9 +65,21 @@ class LLMEngine:
         logger.warning("max_model_len lowered from %d to %d to fit the KV cache", requested, kv_tokens)
         return kv_tokens
 
+    def set_async_batching(self, enabled: bool) -> None:
+        """Swap executors between runs (benchmarks compare both on one loaded model)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("cannot switch executors while requests are running")
+        self.executor.shutdown()
+        self.config.async_batching = enabled
+        self.executor = self._make_executor()
+
     def _make_executor(self) -> Executor:
         if self.config.async_batching:
             raise NotImplementedError("async_batching is not implemented yet; pass async_batching=False")
+        if self.config.device.type == "cuda":
+            from tandem.engine.executor_cuda import StreamExecutor
+
+            return StreamExecutor(self.runner, depth=0, max_sampled=self.config.max_num_seqs)
         return SyncExecutor(self.runner)
 
     # --- requests --------------------------------------------------------------------------
@@ -124,14 +139,24 @@ class LLMEngine:
     # --- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Plan and launch one step; return outputs of whichever step completed meanwhile."""
+        t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.items:
+            t_sched = time.perf_counter()
             step = build_step(sched, self.config.block_size)
+            t_built = time.perf_counter()
             self.in_flight.append((sched, self.executor.submit(step)))
+            if self.step_log is not None:
+                self.step_log.add(sched, t_begin, t_sched, t_built, time.perf_counter())
         outputs: list[RequestOutput] = []
         while self.in_flight and (len(self.in_flight) > self.executor.depth or not sched.items):
             done, handle = self.in_flight.popleft()
-            outputs.extend(self._process(done, self.executor.collect(handle)))
+            t0 = time.perf_counter()
+            tokens = self.executor.collect(handle)
+            t1 = time.perf_counter()
+            outputs.extend(self._process(done, tokens))
+            if self.step_log is not None:
+                self.step_log.processed(done.step_id, t0, t1, time.perf_counter())
         return outputs
 
     def _process(self, sched: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:

@@ -1,0 +1,54 @@
+"""Python entry point of the benchmark: ``tandem.bench.api.bench(model, ...)``."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tandem.bench.report import decode_check_text, device_name, record, table, write_json
+from tandem.bench.runner import Workload, random_prompts, run_benchmark
+from tandem.bench.timeline import draw_timeline, write_trace
+
+VALID_MODES = ("sync", "async")
+
+
+def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
+          prompt_len: int = 256, max_tokens: int = 1024, temperature: float = 0.0, workload_seed: int = 0,
+          compare_hf: bool = False, hf_modes: list[str] | None = None, json_path: Path | None = None,
+          timeline: Path | None = None, trace: Path | None = None, timeline_steps: int = 8,
+          progress: bool = True, **engine_kwargs: Any) -> dict[str, Any]:
+    """Run the workload through each mode; print a table; return (and optionally save) every figure."""
+    bad = [m for m in modes if m not in VALID_MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
+    w = Workload(num_requests, prompt_len, max_tokens, workload_seed, temperature)
+    llm, runs, ceilings = run_benchmark(model, list(modes), w, engine_kwargs, use_tqdm=progress)
+    engine = llm.engine
+    results = [run.result for run in runs.values()]
+    token_lists = [run.token_ids for run in runs.values()]
+    anchors = None
+    if compare_hf:
+        from tandem.bench.hf_anchor import run_hf_anchor
+
+        llm.engine.shutdown()
+        anchors = run_hf_anchor(llm, random_prompts(w, engine.model_config.vocab_size), w, hf_modes)
+    meta = {"model": model, "device": device_name(engine.device), "dtype": str(engine.config.dtype),
+            "workload": asdict(w), "max_num_seqs": engine.config.max_num_seqs,
+            "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+            "kv_cache_blocks": engine.scheduler.blocks.num_blocks - 1, "block_size": engine.config.block_size,
+            "cuda_graphs": engine.config.use_cuda_graphs,
+            "ceilings": None if ceilings is None else asdict(ceilings),
+            "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
+    data = record(results, meta, anchors)
+    print(table(results, anchors))
+    for res in results:
+        print(decode_check_text(res))
+    print(f"outputs identical across modes: {meta['outputs_identical_across_modes']}")
+    if json_path is not None:
+        write_json(data, json_path)
+    title = f"{model}, {num_requests} x ({prompt_len} prompt + {max_tokens} new), {meta['device']}"
+    if timeline is not None:
+        draw_timeline(results, timeline, timeline_steps, title)
+    if trace is not None:
+        write_trace(results, trace)
+    return data

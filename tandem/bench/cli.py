@@ -1,0 +1,42 @@
+"""``tandem bench``: the same workload through each executor mode, measured and compared."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_bench_parser(sub) -> None:
+    from tandem.cli import add_engine_args
+
+    p = sub.add_parser("bench", help="benchmark sync vs async batching on random prompts")
+    add_engine_args(p, default_model="random:tiny")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--workload-seed", type=int, default=0)
+    p.add_argument("--modes", default="sync,async", help="comma-separated: sync, async")
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers' generate_batch as anchor")
+    p.add_argument("--hf-modes", default=None, help="comma-separated transformers modes (default: all that apply)")
+    p.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    p.add_argument("--timeline", type=Path, default=None, help="PNG of host and GPU lanes, sync above async")
+    p.add_argument("--trace", type=Path, default=None, help="Chrome trace JSON (open in Perfetto)")
+    p.add_argument("--timeline-steps", type=int, default=8)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_bench_cli)
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    from tandem.bench.api import bench
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from tandem.cli import engine_kwargs
+
+    kwargs = engine_kwargs(args)
+    kwargs.pop("async_batching")
+    bench(args.model, modes=modes, num_requests=args.num_requests, prompt_len=args.prompt_len,
+          max_tokens=args.max_tokens, temperature=args.temperature, workload_seed=args.workload_seed,
+          compare_hf=args.compare_hf, hf_modes=args.hf_modes.split(",") if args.hf_modes else None,
+          json_path=args.json, timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps,
+          progress=args.progress, **kwargs)
+    return 0

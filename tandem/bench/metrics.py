@@ -1,0 +1,112 @@
+"""From a run's step log and device events to the figures a benchmark reports."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import fmean
+
+from tandem.bench.roofline import Ceilings, FloorModel
+from tandem.engine.step_log import StepRecord
+
+
+@dataclass
+class Interval:
+    step_id: int
+    start: float  # seconds on the host clock
+    end: float
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    wall_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    num_steps: int
+    num_preemptions: int
+    output_tok_per_s: float
+    total_tok_per_s: float
+    mean_schedule_ms: float
+    mean_build_ms: float
+    mean_submit_ms: float
+    mean_wait_ms: float
+    mean_process_ms: float
+    mean_gpu_ms: float | None = None
+    gpu_idle_fraction: float | None = None
+    gpu_idle_fraction_decode: float | None = None
+    floor_s: float | None = None
+    roofline_fraction: float | None = None  # floor / wall time
+    roofline_fraction_gpu: float | None = None  # floor / GPU busy time
+    decode_step_check: dict | None = None
+    timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
+
+
+def idle_fraction(intervals: list[Interval]) -> float | None:
+    """Gaps between one step's end and the next one's start, over first start to last end."""
+    if len(intervals) < 2:
+        return None
+    spans = sorted(intervals, key=lambda i: i.start)
+    gaps = sum(max(0.0, b.start - a.end) for a, b in zip(spans, spans[1:]))
+    return gaps / (spans[-1].end - spans[0].start)
+
+
+def decode_idle_fraction(intervals: list[Interval], records: dict[int, StepRecord]) -> float | None:
+    """Idle fraction over runs of consecutive pure-decode steps (no prefill in the step)."""
+    spans = sorted(intervals, key=lambda i: i.start)
+    pure = [records[i.step_id].num_decode == records[i.step_id].num_seqs for i in spans]
+    busy = gaps = 0.0
+    for k in range(len(spans) - 1):
+        if pure[k] and pure[k + 1]:
+            busy += spans[k].end - spans[k].start
+            gaps += max(0.0, spans[k + 1].start - spans[k].end)
+    return gaps / (busy + gaps) if busy + gaps > 0 else None
+
+
+def host_lanes(records: list[StepRecord]) -> list[tuple[int, str, float, float]]:
+    """(step id, phase, start, end) host segments, on the host clock."""
+    out = []
+    for r in records:
+        t = r.t_begin
+        for phase, dur in (("schedule", r.schedule_s), ("build", r.build_s), ("submit", r.submit_s)):
+            out.append((r.step_id, phase, t, t + dur))
+            t += dur
+        out.append((r.step_id, "wait", r.t_collect, r.t_collect + r.wait_s))
+        out.append((r.step_id, "process", r.t_collect + r.wait_s, r.t_collect + r.wait_s + r.process_s))
+    return out
+
+
+def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: list[Interval],
+              prompt_tokens: int, output_tokens: int, num_requests: int, num_preemptions: int,
+              floor: FloorModel | None, ceilings: Ceilings | None) -> ModeResult:
+    by_id = {r.step_id: r for r in records}
+    ms = lambda xs: fmean(xs) * 1e3 if xs else 0.0  # noqa: E731
+    res = ModeResult(
+        mode=mode, wall_s=wall_s, num_requests=num_requests, prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens, num_steps=len(records), num_preemptions=num_preemptions,
+        output_tok_per_s=output_tokens / wall_s, total_tok_per_s=(prompt_tokens + output_tokens) / wall_s,
+        mean_schedule_ms=ms([r.schedule_s for r in records]), mean_build_ms=ms([r.build_s for r in records]),
+        mean_submit_ms=ms([r.submit_s for r in records]), mean_wait_ms=ms([r.wait_s for r in records]),
+        mean_process_ms=ms([r.process_s for r in records]))
+    res.timeline = {"host": host_lanes(records), "gpu": [(i.step_id, i.start, i.end) for i in intervals],
+                    "decode_steps": [r.step_id for r in records if r.num_decode == r.num_seqs]}
+    if intervals:
+        busy = sum(i.end - i.start for i in intervals)
+        res.mean_gpu_ms = busy / len(intervals) * 1e3
+        res.gpu_idle_fraction = idle_fraction(intervals)
+        res.gpu_idle_fraction_decode = decode_idle_fraction(intervals, by_id)
+        if floor is not None and ceilings is not None:
+            res.floor_s = sum(floor.step_cost(r).floor_s(ceilings) for r in records)
+            res.roofline_fraction = res.floor_s / wall_s
+            res.roofline_fraction_gpu = res.floor_s / busy
+            res.decode_step_check = _decode_check(intervals, by_id, floor, ceilings)
+    return res
+
+
+def _decode_check(intervals: list[Interval], by_id: dict[int, StepRecord], floor: FloorModel,
+                  ceilings: Ceilings) -> dict | None:
+    """The floor model spelled out for one steady decode step (the middle pure-decode one)."""
+    decodes = [i for i in intervals if by_id[i.step_id].num_decode == by_id[i.step_id].num_seqs]
+    if not decodes:
+        return None
+    mid = decodes[len(decodes) // 2]
+    return floor.describe(by_id[mid.step_id], ceilings, mid.end - mid.start)

@@ -1,0 +1,79 @@
+"""The floor a step cannot beat: max(bytes moved / copy bandwidth, FLOPs / GEMM rate).
+
+Both ceilings are measured on the machine in the same run. Bytes: every weight read once (the
+embedding table only for the rows looked up) plus the KV cache read and written by the step. FLOPs:
+the linear layers for every token, the LM head for sampled rows, and attention's two products."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tandem.engine.kv_cache import kv_bytes_per_token
+from tandem.engine.step_log import StepRecord
+from tandem.model.model_config import ModelConfig
+
+
+@dataclass
+class Ceilings:
+    copy_bytes_per_s: float  # counting bytes read plus bytes written
+    gemm_flops_per_s: float  # bf16
+
+
+def _time_ms(fn, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def measure_ceilings(device: torch.device, copy_bytes: int = 2 << 30, gemm_n: int = 8192) -> Ceilings:
+    src = torch.randint(0, 255, (copy_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _time_ms(lambda: dst.copy_(src), 10)
+    del src, dst
+    a = torch.randn(gemm_n, gemm_n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(gemm_n, gemm_n, device=device, dtype=torch.bfloat16)
+    gemm_ms = _time_ms(lambda: a @ b, 10)
+    return Ceilings(2 * copy_bytes / (copy_ms / 1e3), 2 * gemm_n**3 / (gemm_ms / 1e3))
+
+
+@dataclass
+class StepCost:
+    bytes: float
+    flops: float
+
+    def floor_s(self, c: Ceilings) -> float:
+        return max(self.bytes / c.copy_bytes_per_s, self.flops / c.gemm_flops_per_s)
+
+
+class FloorModel:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        h = cfg.hidden_size
+        # all transformer blocks: no embedding, no head
+        self.layer_params = cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+        self.head_params = cfg.vocab_size * h
+        self.kv_token_bytes = kv_bytes_per_token(cfg, dtype)
+
+    def step_cost(self, rec: StepRecord) -> StepCost:
+        cfg = self.cfg
+        weight_bytes = (self.layer_params + self.head_params + rec.num_tokens * cfg.hidden_size) * self.itemsize
+        kv_bytes = (rec.kv_tokens + rec.num_tokens) * self.kv_token_bytes
+        linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_seqs * self.head_params
+        attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * rec.attn_pairs
+        return StepCost(weight_bytes + kv_bytes, linear + attention)
+
+    def describe(self, rec: StepRecord, c: Ceilings, measured_s: float | None) -> dict:
+        cost = self.step_cost(rec)
+        return {"step_id": rec.step_id, "num_seqs": rec.num_seqs, "num_tokens": rec.num_tokens,
+                "kv_tokens": rec.kv_tokens, "bytes": cost.bytes, "flops": cost.flops,
+                "memory_floor_ms": cost.bytes / c.copy_bytes_per_s * 1e3,
+                "compute_floor_ms": cost.flops / c.gemm_flops_per_s * 1e3,
+                "measured_gpu_ms": None if measured_s is None else measured_s * 1e3, "ceilings": asdict(c)}

@@ -1,0 +1,139 @@
+"""CUDA executor: H2D, compute and D2H on three non-default streams, ordered only by events.
+
+Two input slots (pinned host + device) and two output slots alternate between steps. Before a slot
+is reused, the events of the step that last used it fence it:
+  - host input slot k: rewritten only after its previous H2D copy is done (``h2d_done[k]``);
+  - device input slot k: overwritten only after the compute that read it is done (``compute_done[k]``);
+  - device output slot k: overwritten only after its previous D2H copy is done (``d2h_done[k]``).
+With ``depth=1`` the host plans step N+1 while the device runs step N; with ``depth=0`` the same
+work runs with the host waiting after every step (the synchronous baseline)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import time
+
+import numpy as np
+import torch
+
+from tandem.engine.batch import StepInputs
+from tandem.engine.model_runner import ModelRunner
+
+NUM_SLOTS = 2
+
+
+@dataclass
+class _Slot:
+    host_ints: torch.Tensor
+    host_floats: torch.Tensor
+    dev_ints: torch.Tensor
+    dev_floats: torch.Tensor
+    dev_out: torch.Tensor
+    host_out: torch.Tensor
+    h2d_done: torch.cuda.Event
+    compute_done: torch.cuda.Event
+    d2h_done: torch.cuda.Event
+
+
+def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype, pin_memory=True)
+
+
+@dataclass
+class _Handle:
+    slot: int
+    num_sampled: int
+
+
+class StreamExecutor:
+    def __init__(self, runner: ModelRunner, depth: int, max_sampled: int) -> None:
+        self.runner, self.depth = runner, depth
+        self.device = runner.device
+        self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
+        self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
+        self.slots = [self._new_slot(4096, 256, max_sampled) for _ in range(NUM_SLOTS)]
+        self._next = 0
+        self.timing = False
+        self.events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+
+    def _new_slot(self, n_int: int, n_float: int, n_out: int) -> _Slot:
+        dev = self.device
+        return _Slot(_pinned(n_int, torch.int64), _pinned(n_float, torch.float32),
+                     torch.empty(n_int, dtype=torch.int64, device=dev),
+                     torch.empty(n_float, dtype=torch.float32, device=dev),
+                     torch.empty(n_out, dtype=torch.int64, device=dev), _pinned(n_out, torch.int64),
+                     torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+
+    def _fit(self, k: int, n_int: int, n_float: int) -> _Slot:
+        """Grow slot k's input buffers if this step's inputs do not fit (rare: bigger steps)."""
+        slot = self.slots[k]
+        if slot.host_ints.numel() < n_int or slot.host_floats.numel() < n_float:
+            slot.h2d_done.synchronize()  # the old buffers may still be copied from or read
+            slot.compute_done.synchronize()
+            grown = self._new_slot(max(n_int, 2 * slot.host_ints.numel()),
+                                   max(n_float, 2 * slot.host_floats.numel()), slot.dev_out.numel())
+            grown.dev_out, grown.host_out = slot.dev_out, slot.host_out
+            grown.compute_done, grown.d2h_done = slot.compute_done, slot.d2h_done
+            self.slots[k] = slot = grown
+        return slot
+
+    def submit(self, step: StepInputs) -> _Handle:
+        k = self._next
+        self._next = (k + 1) % NUM_SLOTS
+        n_int, n_float, n_out = step.ints.size, step.floats.size, step.shape.num_sampled
+        slot = self._fit(k, n_int, n_float)
+        slot.h2d_done.synchronize()  # normally long done: it fenced the step two back
+        np.copyto(slot.host_ints[:n_int].numpy(), step.ints)
+        np.copyto(slot.host_floats[:n_float].numpy(), step.floats)
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_event(slot.compute_done)
+            slot.dev_ints[:n_int].copy_(slot.host_ints[:n_int], non_blocking=True)
+            slot.dev_floats[:n_float].copy_(slot.host_floats[:n_float], non_blocking=True)
+            slot.h2d_done.record(self.h2d)
+        with torch.cuda.stream(self.compute):
+            self.compute.wait_event(slot.h2d_done)
+            self.compute.wait_event(slot.d2h_done)
+            start = self._mark()
+            tokens = self.runner.run(slot.dev_ints[:n_int], slot.dev_floats[:n_float], step)
+            slot.dev_out[:n_out].copy_(tokens)
+            end = self._mark()
+            slot.compute_done.record(self.compute)
+        if start is not None:
+            self.events[step.step_id] = (start, end)
+        with torch.cuda.stream(self.d2h):
+            self.d2h.wait_event(slot.compute_done)
+            slot.host_out[:n_out].copy_(slot.dev_out[:n_out], non_blocking=True)
+            slot.d2h_done.record(self.d2h)
+        return _Handle(k, n_out)
+
+    def _mark(self) -> torch.cuda.Event | None:
+        if not self.timing:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.compute)
+        return event
+
+    def start_timing(self) -> None:
+        """Record compute-stream events around every step from now on, aligned to the host clock."""
+        torch.cuda.synchronize(self.device)
+        self._anchor = torch.cuda.Event(enable_timing=True)
+        self._anchor.record(self.compute)
+        self._anchor.synchronize()
+        self._anchor_host = time.perf_counter()
+        self.events.clear()
+        self.timing = True
+
+    def stop_timing(self) -> list[tuple[int, float, float]]:
+        """(step id, start, end) of each timed step on the host clock, in seconds."""
+        torch.cuda.synchronize(self.device)
+        self.timing = False
+        at = lambda e: self._anchor_host + self._anchor.elapsed_time(e) / 1e3  # noqa: E731
+        return [(step_id, at(s), at(e)) for step_id, (s, e) in sorted(self.events.items())]
+
+    def collect(self, handle: _Handle) -> list[int]:
+        slot = self.slots[handle.slot]
+        slot.d2h_done.synchronize()  # the only per-step host wait
+        return slot.host_out[:handle.num_sampled].tolist()
+
+    def shutdown(self) -> None:
+        torch.cuda.synchronize(self.device)

@@ -1,0 +1,45 @@
+"""Per-step measurements for benchmarks: host phase durations and what each step computed.
+
+Off unless asked for (``engine.step_log = StepLog()``); when on, it costs a few ``perf_counter``
+calls per step. Device times come from the executor's events, matched by step id."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tandem.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepRecord:
+    step_id: int
+    num_tokens: int
+    num_seqs: int
+    num_decode: int  # sequences adding exactly one token with nothing left to prefill
+    kv_tokens: int  # context tokens attention reads, summed over sequences
+    attn_pairs: int  # (query, key) pairs attention scores, summed over sequences
+    t_begin: float  # host clock when planning started
+    schedule_s: float
+    build_s: float
+    submit_s: float
+    t_collect: float = 0.0  # host clock when it started waiting for this step's result
+    wait_s: float = 0.0  # host blocked on the device's result
+    process_s: float = 0.0
+
+
+@dataclass
+class StepLog:
+    records: list[StepRecord] = field(default_factory=list)
+    by_id: dict[int, StepRecord] = field(default_factory=dict)
+
+    def add(self, sched: SchedulerOutput, t_begin: float, t_sched: float, t_built: float, t_sent: float) -> None:
+        decode = sum(1 for item in sched.items if item.num_tokens == 1 and item.start >= item.seq.prompt_len)
+        rec = StepRecord(sched.step_id, sched.num_tokens, len(sched.items), decode,
+                         sum(item.start + item.num_tokens for item in sched.items),
+                         sum(item.num_tokens * (item.start + item.num_tokens) for item in sched.items), t_begin,
+                         t_sched - t_begin, t_built - t_sched, t_sent - t_built)
+        self.records.append(rec)
+        self.by_id[rec.step_id] = rec
+
+    def processed(self, step_id: int, t_collect: float, t_got: float, t_done: float) -> None:
+        rec = self.by_id[step_id]
+        rec.t_collect, rec.wait_s, rec.process_s = t_collect, t_got - t_collect, t_done - t_got
