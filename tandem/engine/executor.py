@@ -2,6 +2,7 @@
 step later, ``collect``; how much runs ahead is the executor's business."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +20,12 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def run_on_host_inputs(runner: ModelRunner, step: StepInputs) -> list[int]:
+    ints = torch.from_numpy(step.ints).to(runner.device)
+    floats = torch.from_numpy(step.floats).to(runner.device)
+    return runner.run(ints, floats, step).tolist()
+
+
 class SyncExecutor:
     """Copy in, run, copy out, wait: the host and the device take turns."""
 
@@ -29,12 +36,32 @@ class SyncExecutor:
         self.device = runner.device
 
     def submit(self, step: StepInputs) -> list[int]:
-        ints = torch.from_numpy(step.ints).to(self.device)
-        floats = torch.from_numpy(step.floats).to(self.device)
-        return self.runner.run(ints, floats, step).tolist()
+        return run_on_host_inputs(self.runner, step)
 
     def collect(self, handle: list[int]) -> list[int]:
         return handle
 
     def shutdown(self) -> None:
         pass
+
+
+class ThreadExecutor:
+    """The async pipeline without a GPU: one worker thread plays the device and runs steps in
+    submission order, as a stream would; futures play the events. PyTorch releases the GIL inside
+    its ops, so the host really does plan step N+1 while the worker computes step N."""
+
+    depth = 1
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-device")
+
+    def submit(self, step: StepInputs) -> Future:
+        return self._worker.submit(run_on_host_inputs, self.runner, step)
+
+    def collect(self, handle: Future) -> list[int]:
+        return handle.result()
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True)

@@ -16,7 +16,7 @@ import torch
 from tandem.config import EngineConfig
 from tandem.engine.batch import build_step
 from tandem.engine.block_manager import BlockManager, SlotPool
-from tandem.engine.executor import Executor, SyncExecutor
+from tandem.engine.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.engine.kv_cache import allocate_kv_cache, plan_num_blocks
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.output_processor import append_token, request_output
@@ -74,13 +74,12 @@ class LLMEngine:
         self.executor = self._make_executor()
 
     def _make_executor(self) -> Executor:
-        if self.config.async_batching:
-            raise NotImplementedError("async_batching is not implemented yet; pass async_batching=False")
+        depth = 1 if self.config.async_batching else 0
         if self.config.device.type == "cuda":
             from tandem.engine.executor_cuda import StreamExecutor
 
-            return StreamExecutor(self.runner, depth=0, max_sampled=self.config.max_num_seqs)
-        return SyncExecutor(self.runner)
+            return StreamExecutor(self.runner, depth=depth, max_sampled=self.config.max_num_seqs)
+        return ThreadExecutor(self.runner) if depth else SyncExecutor(self.runner)
 
     # --- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:

@@ -26,7 +26,7 @@ def uniform_noise(seeds: torch.Tensor, gen_index: torch.Tensor, vocab_size: int)
     row = _mix32(_mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32)) ^ (gen_index & _M32))
     col = (torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32
     h = _mix32(_mix32(row[:, None] ^ col[None, :]))
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # exact in float32 and float64 alike
 
 
 @dataclass
@@ -55,17 +55,17 @@ def _top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits: [S, V] float32 -> [S] int64 token ids."""
+    """logits: [S, V] float32 (float64 kept) -> [S] int64 token ids."""
     greedy = logits.argmax(dim=-1)
     if not t.any_random:
         return greedy
-    temperature = torch.where(t.temperature > 0, t.temperature, 1.0)
+    temperature = torch.where(t.temperature > 0, t.temperature, 1.0).to(logits.dtype)
     logits = logits / temperature[:, None]
     if t.need_sort:
         logits = logits.masked_fill(_top_k_top_p_mask(logits, t.top_k, t.top_p), float("-inf"))
     probs = logits.softmax(dim=-1)
-    probs = probs.masked_fill(probs < t.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    probs = probs.masked_fill(probs < t.min_p[:, None].to(probs.dtype) * probs.amax(dim=-1, keepdim=True), 0.0)
     # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
-    exp_noise = -torch.log(uniform_noise(t.seeds, t.gen_index, logits.shape[-1]))
+    exp_noise = -torch.log(uniform_noise(t.seeds, t.gen_index, logits.shape[-1]).to(probs.dtype))
     sampled = (probs / exp_noise).argmax(dim=-1)
     return torch.where(t.temperature > 0, sampled, greedy)
