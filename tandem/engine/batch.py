@@ -60,13 +60,23 @@ def _sampling_rows(sched: SchedulerOutput) -> tuple[dict[str, list], bool, bool]
     return rows, any_random, need_sort
 
 
-def build_step(sched: SchedulerOutput, block_size: int) -> StepInputs:
+@dataclass
+class Padding:
+    """Pad a decode step to a captured graph's static shape."""
+
+    num_seqs: int
+    max_blocks: int
+    dummy_slot: int  # next-token table row that padding rows write to and nothing reads
+
+
+def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
     items = sched.items
     max_q = max(item.num_tokens for item in items)
-    max_blocks = max(len(item.seq.block_ids) for item in items)
+    max_blocks = pad.max_blocks if pad else max(len(item.seq.block_ids) for item in items)
+    num_rows = pad.num_seqs if pad else len(items)
     f: dict[str, list] = {k: [] for k in INT_FIELDS}
-    block_tables = np.zeros((len(items), max_blocks), dtype=np.int64)
-    q_positions = np.zeros((len(items), max_q), dtype=np.int64)
+    block_tables = np.zeros((num_rows, max_blocks), dtype=np.int64)
+    q_positions = np.zeros((num_rows, max_q), dtype=np.int64)
     for b, item in enumerate(items):
         seq, start, n = item.seq, item.start, item.num_tokens
         positions = range(start, start + n)
@@ -82,13 +92,26 @@ def build_step(sched: SchedulerOutput, block_size: int) -> StepInputs:
         if item.sample:
             f["logits_indices"].append(len(f["input_ids"]) - 1)
     rows, any_random, need_sort = _sampling_rows(sched)
+    if pad:
+        _pad_rows(f, rows, len(items), pad)
     for k in ("sample_slots", "top_k", "seeds", "gen_index"):
         f[k] = rows[k]
     f["q_positions"], f["block_tables"] = q_positions.ravel(), block_tables.ravel()
-    shape = StepShape(len(f["input_ids"]), len(items), len(rows["sample_slots"]), max_q, max_blocks)
+    shape = StepShape(len(f["input_ids"]), num_rows, len(rows["sample_slots"]), max_q, max_blocks)
     ints = np.concatenate([np.asarray(f[k], dtype=np.int64) for k in INT_FIELDS])
     floats = np.asarray([v for k in FLOAT_FIELDS for v in rows[k]], dtype=np.float32)
     return StepInputs(sched.step_id, shape, ints, floats, any_random, need_sort)
+
+
+def _pad_rows(f: dict[str, list], rows: dict[str, list], num_real: int, pad: Padding) -> None:
+    """Rows of one greedy token each at position 0, writing K/V into reserved block 0."""
+    for b in range(num_real, pad.num_seqs):
+        for k, v in (("input_ids", 0), ("positions", 0), ("slot_mapping", 0), ("token_batch", b), ("token_row", 0),
+                     ("seq_lens_k", 1), ("logits_indices", len(f["input_ids"]))):
+            f[k].append(v)
+        for k, v in (("sample_slots", pad.dummy_slot), ("top_k", 0), ("seeds", 0), ("gen_index", 0),
+                     ("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0)):
+            rows[k].append(v)
 
 
 def _input_id(seq, index: int) -> int:

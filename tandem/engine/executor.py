@@ -7,14 +7,16 @@ from typing import Any, Protocol
 
 import torch
 
-from tandem.engine.batch import StepInputs
+from tandem.engine.batch import Padding, StepInputs
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.scheduler import SchedulerOutput
 
 
 class Executor(Protocol):
     #: how many submitted steps may be outstanding before the engine collects the oldest
     depth: int
 
+    def padding_for(self, sched: SchedulerOutput) -> Padding | None: ...
     def submit(self, step: StepInputs) -> Any: ...
     def collect(self, handle: Any) -> list[int]: ...
     def shutdown(self) -> None: ...
@@ -26,7 +28,12 @@ def run_on_host_inputs(runner: ModelRunner, step: StepInputs) -> list[int]:
     return runner.run(ints, floats, step).tolist()
 
 
-class SyncExecutor:
+class _HostExecutor:
+    def padding_for(self, sched: SchedulerOutput) -> Padding | None:
+        return None  # no graphs on the host
+
+
+class SyncExecutor(_HostExecutor):
     """Copy in, run, copy out, wait: the host and the device take turns."""
 
     depth = 0
@@ -45,7 +52,7 @@ class SyncExecutor:
         pass
 
 
-class ThreadExecutor:
+class ThreadExecutor(_HostExecutor):
     """The async pipeline without a GPU: one worker thread plays the device and runs steps in
     submission order, as a stream would; futures play the events. PyTorch releases the GIL inside
     its ops, so the host really does plan step N+1 while the worker computes step N."""

@@ -16,8 +16,10 @@ import time
 import numpy as np
 import torch
 
-from tandem.engine.batch import StepInputs
+from tandem.engine.batch import Padding, StepInputs
+from tandem.engine.cuda_graphs import DecodeGraphs
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.scheduler import SchedulerOutput
 
 NUM_SLOTS = 2
 
@@ -46,8 +48,8 @@ class _Handle:
 
 
 class StreamExecutor:
-    def __init__(self, runner: ModelRunner, depth: int, max_sampled: int) -> None:
-        self.runner, self.depth = runner, depth
+    def __init__(self, runner: ModelRunner, depth: int, max_sampled: int, graphs: DecodeGraphs | None = None) -> None:
+        self.runner, self.depth, self.graphs = runner, depth, graphs
         self.device = runner.device
         self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
         self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
@@ -94,7 +96,7 @@ class StreamExecutor:
             self.compute.wait_event(slot.h2d_done)
             self.compute.wait_event(slot.d2h_done)
             start = self._mark()
-            tokens = self.runner.run(slot.dev_ints[:n_int], slot.dev_floats[:n_float], step)
+            tokens = self._run(slot.dev_ints[:n_int], slot.dev_floats[:n_float], step)
             slot.dev_out[:n_out].copy_(tokens)
             end = self._mark()
             slot.compute_done.record(self.compute)
@@ -105,6 +107,18 @@ class StreamExecutor:
             slot.host_out[:n_out].copy_(slot.dev_out[:n_out], non_blocking=True)
             slot.d2h_done.record(self.d2h)
         return _Handle(k, n_out)
+
+    def _run(self, ints: torch.Tensor, floats: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        graph = self.graphs.lookup(step) if self.graphs is not None else None
+        if graph is not None:
+            return self.graphs.replay(graph, ints, floats)
+        return self.runner.run(ints, floats, step)
+
+    def padding_for(self, sched: SchedulerOutput) -> Padding | None:
+        """Decode-shaped steps are padded to a captured graph's shape."""
+        if self.graphs is None or not all(i.num_tokens == 1 and i.sample for i in sched.items):
+            return None
+        return self.graphs.padding_for(len(sched.items))
 
     def _mark(self) -> torch.cuda.Event | None:
         if not self.timing:

@@ -5,6 +5,7 @@ once more than ``executor.depth`` are in flight: depth 0 is synchronous; depth 1
 step N while the host processes step N-1 and plans step N+1."""
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -47,7 +48,8 @@ class LLMEngine:
         self.max_model_len = self._fit_max_model_len(requested_len, (num_blocks - 1) * config.block_size)
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, config.device, config.dtype)
         num_slots = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
-        self.runner = ModelRunner(loaded.model, kv_cache, config.block_size, num_slots)
+        self.runner = ModelRunner(loaded.model, kv_cache, config.block_size, num_slots + 1)  # +1: padding rows
+        self.graphs = self._capture_graphs(num_slots) if config.use_cuda_graphs else None
         self.executor: Executor = self._make_executor()
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(num_blocks, config.block_size), SlotPool(num_slots))
@@ -65,6 +67,14 @@ class LLMEngine:
         logger.warning("max_model_len lowered from %d to %d to fit the KV cache", requested, kv_tokens)
         return kv_tokens
 
+    def _capture_graphs(self, dummy_slot: int):
+        from tandem.engine.cuda_graphs import DecodeGraphs
+
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, dummy_slot)
+        graphs.capture(torch.cuda.Stream(self.config.device))
+        return graphs
+
     def set_async_batching(self, enabled: bool) -> None:
         """Swap executors between runs (benchmarks compare both on one loaded model)."""
         if self.has_unfinished_requests():
@@ -78,7 +88,7 @@ class LLMEngine:
         if self.config.device.type == "cuda":
             from tandem.engine.executor_cuda import StreamExecutor
 
-            return StreamExecutor(self.runner, depth=depth, max_sampled=self.config.max_num_seqs)
+            return StreamExecutor(self.runner, depth, self.config.max_num_seqs, self.graphs)
         return ThreadExecutor(self.runner) if depth else SyncExecutor(self.runner)
 
     # --- requests --------------------------------------------------------------------------
@@ -142,7 +152,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.items:
             t_sched = time.perf_counter()
-            step = build_step(sched, self.config.block_size)
+            step = build_step(sched, self.config.block_size, self.executor.padding_for(sched))
             t_built = time.perf_counter()
             self.in_flight.append((sched, self.executor.submit(step)))
             if self.step_log is not None:
@@ -179,6 +189,15 @@ class LLMEngine:
             self.executor.collect(handle)
             self.scheduler.step_done(sched.step_id)
         self.executor.shutdown()
+
+    def release_device_memory(self) -> None:
+        """Drop the KV cache and executor (the engine cannot run afterwards); weights stay."""
+        self.shutdown()
+        self.runner.kv_cache = None
+        self.executor = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def device(self) -> torch.device:

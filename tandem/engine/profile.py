@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tandem.config import EngineConfig
-from tandem.engine.batch import build_step
+from tandem.engine.batch import Padding, StepInputs, build_step
 from tandem.engine.kv_cache import allocate_kv_cache
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -20,6 +20,14 @@ def dummy_step(num_tokens: int, block_size: int, vocab_size: int) -> SchedulerOu
     seq.block_ids = list(range(1, -(-num_tokens // block_size) + 1))
     seq.slot = 0
     return SchedulerOutput(0, [ScheduledSeq(seq, 0, num_tokens, True, 0)])
+
+
+def dummy_decode_step(batch: int, random: bool, pad: Padding, block_size: int) -> StepInputs:
+    """A decode step of one sequence in reserved block 0, padded to ``batch`` rows (for capture)."""
+    params = SamplingParams(temperature=1.0, top_k=5) if random else SamplingParams(temperature=0.0)
+    seq = Sequence("capture", [1], params, seed=0, max_new_tokens=1)
+    seq.block_ids, seq.slot = [0], pad.dummy_slot
+    return build_step(SchedulerOutput(-1, [ScheduledSeq(seq, 0, 1, True, 0)]), block_size, pad)
 
 
 def profile_peak_memory(model: LlamaModel, config: EngineConfig, max_model_len: int) -> int:

@@ -1,0 +1,88 @@
+"""CUDA graphs for decode-shaped steps (one token per sequence, every sequence sampled).
+
+One graph per (padded batch size, sampler variant), captured at start-up into one shared memory
+pool, largest first so smaller graphs reuse its memory. Graph inputs are one static packed buffer
+that each step fills with a device-to-device copy on the compute stream; the placeholder gather
+(pending tokens from ``next_tokens``) runs inside the graph."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.batch import Padding, StepInputs, StepShape
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.profile import dummy_decode_step
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_seqs] + list(range(16, max_seqs, 16))
+    return sorted(set(sizes + [max_seqs]))
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    shape: StepShape
+    tokens: torch.Tensor  # static output
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_seqs: int, max_blocks: int, dummy_slot: int) -> None:
+        self.runner = runner
+        self.max_blocks = max_blocks
+        self.dummy_slot = dummy_slot
+        self.sizes = capture_sizes(max_seqs)
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.static_ints = torch.zeros(0, dtype=torch.int64, device=runner.device)
+        self.static_floats = torch.zeros(0, dtype=torch.float32, device=runner.device)
+
+    def padding_for(self, num_seqs: int) -> Padding | None:
+        size = next((s for s in self.sizes if s >= num_seqs), None)
+        return None if size is None else Padding(size, self.max_blocks, self.dummy_slot)
+
+    def capture(self, stream: torch.cuda.Stream) -> None:
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.runner.device)
+        steps = {(b, r): self._dummy(b, r) for b in reversed(self.sizes) for r in (True, False)}
+        n_int = max(s.ints.size for s in steps.values())
+        n_float = max(s.floats.size for s in steps.values())
+        self.static_ints = torch.zeros(n_int, dtype=torch.int64, device=self.runner.device)
+        self.static_floats = torch.zeros(n_float, dtype=torch.float32, device=self.runner.device)
+        with torch.cuda.stream(stream):
+            for key, step in steps.items():
+                self.graphs[key] = self._capture_one(step, stream)
+        stream.synchronize()
+        logger.info("captured %d decode graphs (batch sizes %s) in %.1f s; graph pool holds %.2f GiB",
+                    len(self.graphs), self.sizes, time.perf_counter() - t0,
+                    (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30)
+
+    def _dummy(self, batch: int, random: bool) -> StepInputs:
+        return dummy_decode_step(batch, random, Padding(batch, self.max_blocks, self.dummy_slot),
+                                 self.runner.block_size)
+
+    def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
+        ints, floats = self.static_ints[:step.ints.size], self.static_floats[:step.floats.size]
+        ints.copy_(torch.from_numpy(step.ints))
+        floats.copy_(torch.from_numpy(step.floats))
+        self.runner.run(ints, floats, step)  # warm-up: lazy initialisation stays out of the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            tokens = self.runner.run(ints, floats, step)
+        return _Graph(graph, step.shape, tokens)
+
+    def lookup(self, step: StepInputs) -> _Graph | None:
+        g = self.graphs.get((step.shape.num_seqs, step.any_random))
+        return g if g is not None and g.shape == step.shape else None
+
+    def replay(self, g: _Graph, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+        """On the current (compute) stream: stage inputs, replay; returns the static output."""
+        self.static_ints[:ints.numel()].copy_(ints)
+        self.static_floats[:floats.numel()].copy_(floats)
+        g.graph.replay()
+        return g.tokens
