@@ -1,5 +1,6 @@
 """Correctness checks that need a CUDA GPU. Usage: python scripts/gpu_checks.py [smoke|differential|parity ...]
 
+- nosync: the async step loop runs under torch's sync debug mode without a synchronizing call.
 - smoke: every executor variant (sync/async x eager/graphs) on random:tiny agrees, step by step.
 - differential: the randomized sync-vs-async cases of the CPU test suite, on CUDA with graphs on.
 - parity: float32 greedy outputs vs transformers, and bf16 prefill logits within 1e-2 relative error.
@@ -37,6 +38,28 @@ def smoke() -> bool:
     return ok
 
 
+def no_hidden_sync() -> bool:
+    """The async step loop must not synchronise behind our back (.item(), .tolist(), .cpu(), ...)."""
+    import warnings
+
+    from tandem import LLM, SamplingParams
+
+    llm = LLM("random:llama3.2-1b", max_num_seqs=16, max_model_len=256)
+    prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (30, 70, 120, 9)]
+    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, ignore_eos=True, detokenize=False)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"no_hidden_sync: {len(syncs)} synchronizing calls in the async loop" + "".join(f"\n  {m}" for m in syncs[:5]))
+    return not syncs
+
+
 def differential(num_cases: int, dtype: torch.dtype) -> bool:
     from differential import compare, make_case, run_case
 
@@ -60,6 +83,8 @@ def main(argv: list[str]) -> int:
     for name in checks:
         if name == "smoke":
             ok &= smoke()
+        elif name == "nosync":
+            ok &= no_hidden_sync()
         elif name == "differential":
             ok &= differential(int(os.environ.get("TANDEM_DIFF_CASES", "30")), torch.float32)
         elif name == "parity":

@@ -20,8 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser, default_model: str = "random:tin
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: CPU 32768, "
                    "GPU: what fits)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--async-batching", action=argparse.BooleanOptionalAction, default=False,
-                   help="prepare step N+1 on the CPU while the device runs step N")
+    g.add_argument("--async-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepare step N+1 on the CPU while the device runs step N (default: on)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 

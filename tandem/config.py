@@ -37,7 +37,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_tokens: int | None = None
     seed: int = 0
-    async_batching: bool = False
+    async_batching: bool = True
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ class LLM:
     def __init__(self, model: str, *, dtype: str | torch.dtype | None = None, device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, kv_cache_tokens: int | None = None,
-                 seed: int = 0, async_batching: bool = False, cuda_graphs: bool = True,
+                 seed: int = 0, async_batching: bool = True, cuda_graphs: bool = True,
                  enforce_eager: bool = False) -> None:
         dev = torch.device(device) if device else default_device()
         config = EngineConfig(model=model, device=dev, dtype=parse_dtype(dtype, dev), max_model_len=max_model_len,

@@ -35,7 +35,8 @@ def draw_timeline(results: list[ModeResult], path: Path, num_steps: int = 8, tit
                 ax.barh(lanes["host"], (b - a) * 1e3, left=(a - t0) * 1e3, color=PHASE_COLORS[phase], height=0.6)
         for _, a, b in res.timeline["gpu"]:
             if b >= t0 and a <= t1:
-                ax.barh(lanes["gpu"], (b - a) * 1e3, left=(a - t0) * 1e3, color=PHASE_COLORS["gpu"], height=0.6)
+                ax.barh(lanes["gpu"], (b - a) * 1e3, left=(a - t0) * 1e3, color=PHASE_COLORS["gpu"], height=0.6,
+                        edgecolor="white", linewidth=0.6)  # a thin edge shows where one step ends
         idle = res.gpu_idle_fraction_decode
         label = f"{res.mode}: GPU idle {idle:.1%} over decode" if idle is not None else res.mode
         ax.set_title(label, loc="left", fontsize=10)
