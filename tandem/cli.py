@@ -6,10 +6,11 @@ import logging
 import sys
 
 
-def add_engine_args(p: argparse.ArgumentParser, default_model: str = "random:tiny") -> None:
+def add_engine_args(p: argparse.ArgumentParser, default_model: str | None = "random:tiny") -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=default_model,
-                   help="local Hugging Face checkpoint folder, or random:<tiny|qwen3-0.6b|llama3.2-1b|llama3-8b>")
+                   help="local Hugging Face checkpoint folder, or random:<tiny|qwen3-0.6b|llama3.2-1b|llama3-8b> "
+                        f"(default: {default_model or 'random:llama3.2-1b on GPU, random:tiny on CPU'})")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--max-model-len", type=int, default=None)

@@ -9,7 +9,7 @@ def add_bench_parser(sub) -> None:
     from tandem.cli import add_engine_args
 
     p = sub.add_parser("bench", help="benchmark sync vs async batching on random prompts")
-    add_engine_args(p, default_model="random:tiny")
+    add_engine_args(p, default_model=None)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=1024)
@@ -26,6 +26,12 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=run_bench_cli)
 
 
+def default_bench_model() -> str:
+    import torch
+
+    return "random:llama3.2-1b" if torch.cuda.is_available() else "random:tiny"
+
+
 def run_bench_cli(args: argparse.Namespace) -> int:
     from tandem.bench.api import bench
 
@@ -34,7 +40,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
 
     kwargs = engine_kwargs(args)
     kwargs.pop("async_batching")
-    bench(args.model, modes=modes, num_requests=args.num_requests, prompt_len=args.prompt_len,
+    model = args.model or default_bench_model()
+    bench(model, modes=modes, num_requests=args.num_requests, prompt_len=args.prompt_len,
           max_tokens=args.max_tokens, temperature=args.temperature, workload_seed=args.workload_seed,
           compare_hf=args.compare_hf, hf_modes=args.hf_modes.split(",") if args.hf_modes else None,
           json_path=args.json, timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps,
