@@ -48,9 +48,11 @@ class ModelConfig:
 
     def num_params(self) -> int:
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
         mlp = 3 * self.hidden_size * self.intermediate_size
+        norms = 2 * self.hidden_size
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp) + embed
+        return self.num_layers * (attn + mlp + norms) + embed + self.hidden_size
 
 
 def _as_list(value: Any) -> list[int]:

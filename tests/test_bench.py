@@ -1,0 +1,73 @@
+"""`tandem bench` runs on CPU (tiny preset, a few steps) and records every figure."""
+import json
+
+import pytest
+
+from tandem.bench.metrics import Interval, decode_idle_fraction, idle_fraction
+from tandem.cli import main
+
+MODE_FIELDS = {"wall_s", "output_tok_per_s", "total_tok_per_s", "num_steps", "mean_schedule_ms", "mean_build_ms",
+               "mean_submit_ms", "mean_wait_ms", "mean_process_ms", "mean_gpu_ms", "gpu_idle_fraction",
+               "gpu_idle_fraction_decode", "roofline_fraction", "floor_s", "decode_step_check", "output_tokens"}
+
+
+def test_bench_cli_on_cpu_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    rc = main(["bench", "--model", "random:tiny", "--num-requests", "3", "--prompt-len", "12", "--max-tokens", "6",
+               "--json", str(out), "--timeline", str(tmp_path / "t.png"), "--trace", str(tmp_path / "t.json"),
+               "--compare-hf", "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    for key in ("command", "date", "commit", "device", "model", "workload", "ceilings", "modes", "hf_anchor",
+                "outputs_identical_across_modes"):
+        assert key in data
+    assert set(data["modes"]) == {"sync", "async"}
+    for mode in data["modes"].values():
+        assert MODE_FIELDS <= set(mode)
+        assert mode["output_tokens"] == 3 * 6 and mode["num_steps"] >= 6
+        assert mode["gpu_idle_fraction"] is None  # no GPU: reported as n/a
+    assert data["outputs_identical_across_modes"] is True
+    assert data["hf_anchor"][0]["output_tokens"] == 3 * 6
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_modes(capsys):
+    assert main(["bench", "--modes", "sync,turbo", "--max-tokens", "2", "--num-requests", "1"]) == 2
+    assert "modes" in capsys.readouterr().err
+
+
+def test_idle_fraction_counts_gaps_between_steps():
+    steps = [Interval(0, 0.0, 1.0), Interval(1, 1.5, 2.5), Interval(2, 2.5, 4.0)]
+    assert idle_fraction(steps) == pytest.approx(0.5 / 4.0)
+
+
+def test_decode_idle_fraction_ignores_prefill_steps():
+    class Rec:
+        def __init__(self, decode, seqs):
+            self.num_decode, self.num_seqs = decode, seqs
+
+    steps = [Interval(0, 0.0, 1.0), Interval(1, 3.0, 4.0), Interval(2, 4.5, 5.5)]
+    records = {0: Rec(0, 2), 1: Rec(2, 2), 2: Rec(2, 2)}
+    assert decode_idle_fraction(steps, records) == pytest.approx(0.5 / 1.5)
+
+
+def test_floor_model_counts_weights_once_and_kv_per_token():
+    import torch
+
+    from tandem.bench.roofline import Ceilings, FloorModel
+    from tandem.engine.step_log import StepRecord
+    from tandem.model.presets import preset_config
+
+    cfg = preset_config("random:llama3-8b")
+    floor = FloorModel(cfg, torch.bfloat16)
+    rec = StepRecord(0, num_tokens=32, num_seqs=32, num_decode=32, kv_tokens=32 * 1000, attn_pairs=32 * 1000,
+                     t_begin=0, schedule_s=0, build_s=0, submit_s=0)
+    cost = floor.step_cost(rec)
+    weights = 8_030_261_248  # Llama-3-8B's parameter count; the embedding table is read for 32 rows only
+    kv_per_token = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16 bytes
+    expected = (weights - 128256 * 4096 + 32 * 4096) * 2 + (32 * 1000 + 32) * kv_per_token
+    assert cost.bytes == pytest.approx(expected, rel=1e-9)
+    c = Ceilings(copy_bytes_per_s=3e12, gemm_flops_per_s=8e14)
+    assert cost.floor_s(c) == pytest.approx(expected / 3e12)  # decode at batch 32 is memory bound
