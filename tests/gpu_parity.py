@@ -33,7 +33,7 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def parity(device: str = "cuda") -> bool:
-    from checkpoints import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
+    from hf_reference import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
 
     from tandem import LLM, SamplingParams
 
