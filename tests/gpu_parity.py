@@ -33,7 +33,7 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def parity(device: str = "cuda") -> bool:
-    from hf_reference import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
+    from checkpoints import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
 
     from tandem import LLM, SamplingParams
 
@@ -50,8 +50,13 @@ def parity(device: str = "cuda") -> bool:
             same = [o.outputs[0].token_ids == hf_greedy(path, p, 20) for o, p in zip(outs, prompts)]
             del llm
             ids = torch.randint(0, vocab, (48,), generator=gen).tolist()
-            err = relative_error(prefill_logits(str(path), ids, device, torch.bfloat16), hf_prefill_logits(path, ids))
+            ours = prefill_logits(str(path), ids, device, torch.bfloat16)
+            ref32 = hf_prefill_logits(path, ids)
+            ref16 = hf_prefill_logits(path, ids, dtype=torch.bfloat16, device=device)
+            err = relative_error(ours, ref16)
             print(f"parity {arch:8s}: fp32 greedy on {device} identical to transformers for {sum(same)}/{len(same)} "
-                  f"prompts (chunked prefill + preemption); bf16 prefill logits rel. error {err:.2e}")
+                  f"prompts (chunked prefill + preemption); bf16 prefill logits rel. error vs transformers bf16 "
+                  f"{err:.2e} (vs its fp32: ours {relative_error(ours, ref32):.2e}, "
+                  f"transformers bf16 {relative_error(ref16, ref32):.2e})")
             ok &= all(same) and err < 1e-2
     return ok

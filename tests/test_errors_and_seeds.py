@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_reference import build_checkpoint
+from checkpoints import build_checkpoint
 
 from tandem import LLM, SamplingParams
 from tandem.cli import main
@@ -20,8 +20,8 @@ def tiny_llm():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "llama")
+def checkpoint(checkpoint_dir):
+    return checkpoint_dir("llama")
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_batch(tiny_llm):
@@ -103,7 +103,7 @@ def test_shape_mismatch_is_named(tmp_path, checkpoint):
     cfg = json.loads((path / "config.json").read_text())
     cfg["intermediate_size"] += 8
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"gate_proj.weight.*shape \(160, 96\).*\(168, 96\)"):
+    with pytest.raises(ValueError, match=r"gate_proj.weight.*shape \(128, 64\).*\(136, 64\)"):
         LLM(str(path), device="cpu")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_parity import prefill_logits, relative_error
-from hf_reference import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
+from checkpoints import ARCHS, build_checkpoint, hf_greedy, hf_prefill_logits
 
 from tandem import LLM, SamplingParams
 
@@ -18,9 +18,8 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {arch: build_checkpoint(arch, root / arch, seed=i) for i, arch in enumerate(ARCHS)}
+def checkpoints(checkpoint_dir):
+    return {arch: checkpoint_dir(arch) for arch in ARCHS}
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -28,7 +27,7 @@ def checkpoints(tmp_path_factory):
 def test_greedy_matches_transformers(checkpoints, arch, setting):
     path = checkpoints[arch]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{arch}-{setting}".encode()))
-    prompts = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (5, 17, 40, 3)]
+    prompts = [torch.randint(0, 448, (n,), generator=gen).tolist() for n in (5, 17, 40, 3)]
     llm = LLM(str(path), dtype="float32", device="cpu", **SETTINGS[setting])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -42,13 +41,13 @@ def test_greedy_matches_transformers(checkpoints, arch, setting):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_logits_match_transformers(checkpoints, arch):
-    ids = torch.randint(0, 400, (33,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids = torch.randint(0, 448, (33,), generator=torch.Generator().manual_seed(3)).tolist()
     ours = prefill_logits(str(checkpoints[arch]), ids, "cpu", torch.float32)
     assert relative_error(ours, hf_prefill_logits(checkpoints[arch], ids)) < 1e-5
 
 
-def test_sharded_checkpoint_loads_identically(tmp_path, checkpoints):
-    sharded = build_checkpoint("llama", tmp_path / "sharded", seed=0, sharded=True)
+def test_sharded_checkpoint_loads_identically(sharded_checkpoint, checkpoints):
+    sharded = sharded_checkpoint
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) >= 2
     prompt = [[5, 9, 200, 31, 7]]
@@ -90,3 +89,15 @@ def test_text_prompts_and_stop_strings(checkpoints):
                        use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
     assert len(cut.token_ids) < len(full.outputs[0].token_ids)
+
+
+def test_legacy_rope_config_layout_loads(tmp_path):
+    """Hub checkpoints written by transformers 4.x keep rope_theta + rope_scaling at the top level."""
+    import json
+
+    path = build_checkpoint("llama", tmp_path / "legacy", legacy_rope=True)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and "rope_parameters" not in cfg
+    ids = torch.randint(0, 448, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    ours = prefill_logits(str(path), ids, "cpu", torch.float32)
+    assert relative_error(ours, hf_prefill_logits(path, ids)) < 1e-5
