@@ -38,6 +38,7 @@ class ModeResult:
     roofline_fraction: float | None = None  # floor / wall time
     roofline_fraction_gpu: float | None = None  # floor / GPU busy time
     decode_step_check: dict | None = None
+    largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
 
 
@@ -48,6 +49,14 @@ def idle_fraction(intervals: list[Interval]) -> float | None:
     spans = sorted(intervals, key=lambda i: i.start)
     gaps = sum(max(0.0, b.start - a.end) for a, b in zip(spans, spans[1:]))
     return gaps / (spans[-1].end - spans[0].start)
+
+
+def largest_gaps(intervals: list[Interval], records: dict[int, StepRecord], n: int = 5) -> list[dict]:
+    spans = sorted(intervals, key=lambda i: i.start)
+    gaps = [(b.start - a.end, a.step_id, b.step_id) for a, b in zip(spans, spans[1:])]
+    return [{"gap_ms": g * 1e3, "after_step": a, "before_step": b,
+             "decode_pair": records[a].num_decode == records[a].num_seqs and records[b].num_decode == records[b].num_seqs}
+            for g, a, b in sorted(gaps, reverse=True)[:n]]
 
 
 def decode_idle_fraction(intervals: list[Interval], records: dict[int, StepRecord]) -> float | None:
@@ -94,6 +103,7 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
         res.mean_gpu_ms = busy / len(intervals) * 1e3
         res.gpu_idle_fraction = idle_fraction(intervals)
         res.gpu_idle_fraction_decode = decode_idle_fraction(intervals, by_id)
+        res.largest_gaps = largest_gaps(intervals, by_id)
         if floor is not None and ceilings is not None:
             res.floor_s = sum(floor.step_cost(r).floor_s(ceilings) for r in records)
             res.roofline_fraction = res.floor_s / wall_s

@@ -56,6 +56,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
         self._seed_rng = random.Random(config.seed)
+        gc.collect()
+        gc.freeze()  # start-up objects leave the collector's view: full collections stay short in the loop
         self.step_log: StepLog | None = None  # set by benchmarks
 
     def _fit_max_model_len(self, requested: int, kv_tokens: int) -> int:
