@@ -1,5 +1,6 @@
 """Correctness checks that need a CUDA GPU. Usage: python scripts/gpu_checks.py [smoke|differential|parity ...]
 
+- kernels: the Triton paged decode kernel vs the SDPA reference in bf16 (error, and time of both).
 - nosync: the async step loop runs under torch's sync debug mode without a synchronizing call.
 - smoke: every executor variant (sync/async x eager/graphs) on random:tiny agrees, step by step.
 - differential: the randomized sync-vs-async cases of the CPU test suite, on CUDA with graphs on.
@@ -60,6 +61,38 @@ def no_hidden_sync() -> bool:
     return not syncs
 
 
+def kernels() -> bool:
+    """The Triton paged decode kernel vs the gather + SDPA reference, bf16, and their speed."""
+    import random
+
+    import triton.testing
+
+    from tandem.kernels.paged_decode import paged_decode_attention
+    from tandem.model.attention import AttentionMetadata, build_mask, sdpa_paged_attention
+
+    ok = True
+    for b, hq, hkv, d, page, ctx in ((32, 32, 8, 128, 16, 768), (256, 32, 8, 64, 16, 512), (7, 16, 8, 128, 16, 3000)):
+        lens = torch.tensor([random.Random(i).randint(1, 2 * ctx) for i in range(b)], device="cuda")
+        width = int(-(-lens.max().item() // page))
+        cache = torch.randn(2, (b * width + 1) * page, hkv, d, device="cuda", dtype=torch.bfloat16)
+        bt = (torch.randperm(b * width, device="cuda") + 1).view(b, width)
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        meta = AttentionMetadata(torch.zeros(b, dtype=torch.long, device="cuda"), bt, torch.arange(b, device="cuda"),
+                                 torch.zeros(b, dtype=torch.long, device="cuda"),
+                                 build_mask((lens - 1)[:, None], lens, width * page, None), 1, lens)
+        ref = sdpa_paged_attention(q.double(), cache.double(), meta, page, d ** -0.5)
+        out = paged_decode_attention(q, cache, bt, lens, page, d ** -0.5)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        t_kernel = triton.testing.do_bench(lambda: paged_decode_attention(q, cache, bt, lens, page, d ** -0.5))
+        t_sdpa = triton.testing.do_bench(lambda: sdpa_paged_attention(q, cache, meta, page, d ** -0.5))
+        kv_bytes = 2 * lens.sum().item() * hkv * d * 2
+        print(f"kernel decode B={b} Hq={hq} Hkv={hkv} D={d} mean ctx={lens.float().mean():.0f}: rel err {err:.1e}, "
+              f"triton {t_kernel * 1e3:.0f} us ({kv_bytes / t_kernel / 1e9:.0f} GB/s of KV), gather+SDPA "
+              f"{t_sdpa * 1e3:.0f} us")
+        ok &= err < 1e-2 and not torch.isnan(out).any().item()
+    return ok
+
+
 def differential(num_cases: int, dtype: torch.dtype) -> bool:
     from differential import compare, make_case, run_case
 
@@ -83,6 +116,8 @@ def main(argv: list[str]) -> int:
     for name in checks:
         if name == "smoke":
             ok &= smoke()
+        elif name == "kernels":
+            ok &= kernels()
         elif name == "nosync":
             ok &= no_hidden_sync()
         elif name == "differential":

@@ -138,7 +138,12 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+# (norm, bias, embedding/head, other linear) std: "parity" avoids greedy near-ties; "realistic" is
+# transformers' usual 0.02 initialisation, the scale trained models have, for precision checks.
+SCALES = {"parity": (0.1, 0.1, 0.5, 0.25), "realistic": (0.02, 0.02, 0.02, 0.02)}
+
+
+def _randomize(model: torch.nn.Module, seed: int, scales: str = "parity") -> None:
     """Re-initialise every parameter so no weight is exactly 0 or 1 (biases, norms and q/k norms too).
 
     The scales were picked by measurement: embeddings/lm_head std 0.5 gives logits of std ~4, so
@@ -146,22 +151,23 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     layers outweigh the residual embedding, so greedy outputs do not collapse into repeating one token
     (tied models with small weights mostly did)."""
     gen = torch.Generator().manual_seed(seed)
+    norm_std, bias_std, embed_std, linear_std = SCALES[scales]
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied lm_head is the same tensor: visited once
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if "norm" in name:
-                scale, offset = 0.1, 1.0
+                scale, offset = norm_std, 1.0
             elif name.endswith("bias"):
-                scale, offset = 0.1, 0.0
+                scale, offset = bias_std, 0.0
             elif "embed_tokens" in name or "lm_head" in name:
-                scale, offset = 0.5, 0.0
+                scale, offset = embed_std, 0.0
             else:
-                scale, offset = 0.25, 0.0
+                scale, offset = linear_std, 0.0
             p.copy_(offset + scale * noise)
 
 
 def build_checkpoint(arch: str, path: Path, *, seed: int = 0, sharded: bool = False,
-                     dtype: torch.dtype = torch.float32, legacy_rope: bool = False) -> Path:
+                     dtype: torch.dtype = torch.float32, legacy_rope: bool = False, scales: str = "parity") -> Path:
     """Write a tiny random checkpoint of ``arch`` into ``path`` and return ``path``.
 
     Files: config.json, model.safetensors (or model-0000x-of-0000n.safetensors + index when
@@ -171,7 +177,7 @@ def build_checkpoint(arch: str, path: Path, *, seed: int = 0, sharded: bool = Fa
     path.mkdir(parents=True, exist_ok=True)
     config = make_config(arch)
     model = getattr(transformers, ARCHS[arch]["model_cls"])(config).eval()
-    _randomize(model, seed)
+    _randomize(model, seed, scales)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False)
     model.to(dtype)

@@ -44,9 +44,10 @@ class ModelRunner:
         ids = torch.where(ids < 0, self.next_tokens[(-ids - 1).clamp(min=0)], ids)
         max_k = shape.max_blocks * self.block_size
         mask = build_mask(f["q_positions"].view(shape.num_seqs, shape.max_q), f["seq_lens_k"], max_k,
-                          self.model.config.sliding_window)
+                          self.model.config.sliding_window)  # unused by the decode kernel; cheap
+        window = self.model.config.sliding_window
         meta = AttentionMetadata(f["slot_mapping"], f["block_tables"].view(shape.num_seqs, shape.max_blocks),
-                                 f["token_batch"], f["token_row"], mask, shape.max_q)
+                                 f["token_batch"], f["token_row"], mask, shape.max_q, f["seq_lens_k"], window)
         hidden = self.model.forward(ids, f["positions"], self.kv_cache, meta, self.block_size)
         if shape.num_sampled == 0:
             return ids.new_empty(0)

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tandem.kernels import triton_available
+
+# cuDNN's fused attention is left out: compute-sanitizer's racecheck flags hazards inside it (its
+# asynchronous shared-memory copies), and flash / memory-efficient kernels serve these shapes.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -25,6 +32,8 @@ class AttentionMetadata:
     token_row: torch.Tensor  # [T] int64: row of each flat token within its sequence's chunk
     mask: torch.Tensor  # [B, 1, max_q, max_k] bool: True where a query may attend a key
     max_q: int
+    seq_lens_k: torch.Tensor | None = None  # [B] int64: context length including this step's tokens
+    sliding_window: int | None = None
 
 
 def build_mask(q_positions: torch.Tensor, seq_lens_k: torch.Tensor, max_k: int,
@@ -45,7 +54,21 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, block_size: int,
                     scale: float) -> torch.Tensor:
-    """q: [T, Hq, D] (new tokens, K/V already stored) -> [T, Hq * D]."""
+    """q: [T, Hq, D] (new tokens, K/V already stored) -> [T, Hq * D].
+
+    Decode steps on CUDA (one token per sequence, in sequence order) take the Triton paged kernel;
+    everything else the gather + SDPA path below, which is also its reference."""
+    if meta.max_q == 1 and q.is_cuda and meta.seq_lens_k is not None and triton_available():
+        from tandem.kernels.paged_decode import paged_decode_attention
+
+        return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens_k, block_size, scale,
+                                      meta.sliding_window)
+    return sdpa_paged_attention(q, cache, meta, block_size, scale)
+
+
+def sdpa_paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, block_size: int,
+                         scale: float) -> torch.Tensor:
+    """Reference path: gather each sequence's pages into a padded batch, then masked SDPA."""
     n_tokens, n_heads, head_dim = q.shape
     n_seqs = meta.block_tables.shape[0]
     n_kv = cache.shape[2]
@@ -58,6 +81,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
     pages = cache.view(2, -1, block_size, n_kv, head_dim)[:, meta.block_tables]
     k, v = pages.flatten(2, 3).permute(0, 1, 3, 2, 4)  # each [B, Hkv, max_k, D]
     mask = meta.mask.expand(-1, group, -1, -1).reshape(n_seqs, 1, group * meta.max_q, -1)
-    out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask, scale=scale)
+    with sdpa_kernel(_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask, scale=scale)
     out = out.view(n_seqs, n_kv, group, meta.max_q, head_dim).permute(0, 3, 1, 2, 4)
     return out[meta.token_batch, meta.token_row].reshape(n_tokens, n_heads * head_dim)
