@@ -87,7 +87,7 @@ def kernels() -> bool:
         t_sdpa = triton.testing.do_bench(lambda: sdpa_paged_attention(q, cache, meta, page, d ** -0.5))
         kv_bytes = 2 * lens.sum().item() * hkv * d * 2
         print(f"kernel decode B={b} Hq={hq} Hkv={hkv} D={d} mean ctx={lens.float().mean():.0f}: rel err {err:.1e}, "
-              f"triton {t_kernel * 1e3:.0f} us ({kv_bytes / t_kernel / 1e9:.0f} GB/s of KV), gather+SDPA "
+              f"triton {t_kernel * 1e3:.0f} us ({kv_bytes / (t_kernel * 1e-3) / 1e9:.0f} GB/s of KV), gather+SDPA "
               f"{t_sdpa * 1e3:.0f} us")
         ok &= err < 1e-2 and not torch.isnan(out).any().item()
     return ok
