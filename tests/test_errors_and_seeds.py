@@ -134,3 +134,15 @@ def test_cli_reports_errors_with_status_2(capsys, tmp_path):
 def test_cli_generates(capsys):
     assert main(["generate", "--model", "random:tiny", "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos"]) == 0
     assert "5 tokens, finish_reason=length" in capsys.readouterr().err
+
+
+def test_streaming_requests_get_an_output_per_token():
+    engine = LLMEngine(EngineConfig(model="random:tiny", device=torch.device("cpu"), dtype=torch.float32))
+    engine.add_request("s", None, SamplingParams(max_tokens=6, ignore_eos=True), prompt_token_ids=[3, 4], stream=True)
+    engine.add_request("q", None, SamplingParams(max_tokens=6, ignore_eos=True), prompt_token_ids=[3, 4])
+    seen = {"s": [], "q": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(len(out.outputs[0].token_ids))
+    assert seen == {"s": [1, 2, 3, 4, 5, 6], "q": [6]}
+    engine.shutdown()

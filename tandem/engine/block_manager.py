@@ -26,6 +26,8 @@ class BlockManager:
 
     def grow(self, block_ids: list[int], num_tokens: int) -> None:
         """Extend ``block_ids`` in place so it covers ``num_tokens`` tokens."""
+        if num_tokens <= len(block_ids) * self.block_size:
+            return
         need = self.blocks_needed(len(block_ids), num_tokens)
         if need > self.num_free:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")

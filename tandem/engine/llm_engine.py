@@ -113,7 +113,7 @@ class LLMEngine:
         return ids
 
     def make_sequence(self, request_id: str, prompt: str | None, params: SamplingParams,
-                      prompt_token_ids: list[int] | None = None) -> Sequence:
+                      prompt_token_ids: list[int] | None = None, stream: bool = False) -> Sequence:
         """Validate a request without touching engine state (so a batch can be checked up front)."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -127,15 +127,18 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if params.detokenize and self.tokenizer is not None else None)
-        return Sequence(request_id, ids, params, seed & (2**63 - 1), max_new, prompt=prompt, detokenizer=detok)
+        return Sequence(request_id, ids, params, seed & (2**63 - 1), max_new, prompt=prompt, detokenizer=detok,
+                        stream=stream)
 
     def add_sequence(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                    prompt_token_ids: list[int] | None = None) -> None:
-        self.add_sequence(self.make_sequence(request_id, prompt, params, prompt_token_ids))
+                    prompt_token_ids: list[int] | None = None, stream: bool = False) -> None:
+        """Queue a request. ``step()`` returns its output when it finishes, and after every step
+        that adds a token if ``stream`` is set. Raises ValueError (and changes nothing) if invalid."""
+        self.add_sequence(self.make_sequence(request_id, prompt, params, prompt_token_ids, stream))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.pop(request_id, None)
@@ -149,7 +152,8 @@ class LLMEngine:
 
     # --- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Plan and launch one step; return outputs of whichever step completed meanwhile."""
+        """Plan and launch one step; return outputs (finished requests, and streaming ones that got a
+        token) of whichever step completed meanwhile."""
         t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.items:
@@ -182,7 +186,8 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.request_id, None)
-            outputs.append(request_output(seq))
+            if reason is not None or seq.stream:
+                outputs.append(request_output(seq))
         return outputs
 
     def shutdown(self) -> None:

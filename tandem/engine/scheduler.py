@@ -14,7 +14,7 @@ from tandem.engine.block_manager import BlockManager, SlotPool
 from tandem.engine.sequence import Sequence, SeqStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed in this step
@@ -105,6 +105,8 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the newest end until ``seq`` fits; False if it cannot run this step."""
+        if num_tokens <= len(seq.block_ids) * self.blocks.block_size:
+            return True  # the common decode case: its last block has room
         while not self.blocks.can_grow(seq.block_ids, num_tokens):
             victim = self.running[-1]
             deferred = self.preempt(victim)

@@ -37,10 +37,14 @@ class Sequence:
     text: str = ""
     detokenizer: IncrementalDetokenizer | None = None
     num_preemptions: int = 0
+    stream: bool = False  # emit an output every step, not only at the end
+    prompt_len: int = field(init=False)
+    sampling_row: tuple[float, float, float, int] = field(init=False)  # as the batch builder packs it
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
+    def __post_init__(self) -> None:
+        p = self.params
+        self.prompt_len = len(self.prompt_token_ids)
+        self.sampling_row = (0.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.effective_top_k)
 
     @property
     def num_tokens(self) -> int:
