@@ -101,3 +101,26 @@ def test_legacy_rope_config_layout_loads(tmp_path):
     ids = torch.randint(0, 448, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     ours = prefill_logits(str(path), ids, "cpu", torch.float32)
     assert relative_error(ours, hf_prefill_logits(path, ids)) < 1e-5
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path, checkpoints):
+    """A window much shorter than the prompts, so attention really is windowed in prefill and decode."""
+    import json
+    import shutil
+
+    path = tmp_path / "mistral-window"
+    shutil.copytree(checkpoints["mistral"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 8
+    (path / "config.json").write_text(json.dumps(cfg))
+    gen = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, 448, (n,), generator=gen).tolist() for n in (5, 19, 33)]
+    llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=16)
+    assert llm.engine.model_config.sliding_window == 8
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 16)
+    ids = prompts[2]
+    full = prefill_logits(str(path), ids, "cpu", torch.float32)
+    assert relative_error(full, hf_prefill_logits(path, ids)) < 1e-5
+    assert relative_error(full, prefill_logits(str(checkpoints["mistral"]), ids, "cpu", torch.float32)) > 1e-2
