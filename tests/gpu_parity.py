@@ -15,7 +15,7 @@ from tandem.model.registry import load_model
 
 def prefill_logits(path: str, ids: list[int], device: str, dtype: torch.dtype, block_size: int = 16) -> torch.Tensor:
     """Our model's logits [len(ids), vocab] for one sequence prefilled in one step (blocks 1..n)."""
-    loaded = load_model(path, torch.device(device), dtype, max_positions=len(ids) + 1)
+    loaded = load_model(path, torch.device(device), dtype, max_model_len=len(ids) + 1)
     n, blocks = len(ids), -(-len(ids) // block_size)
     cache = allocate_kv_cache(loaded.config, blocks + 1, block_size, torch.device(device), dtype)
     pos = torch.arange(n, device=device)

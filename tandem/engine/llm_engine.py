@@ -36,12 +36,9 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        from tandem.model.registry import resolve_config
-
-        model_cfg = resolve_config(config.model)
-        requested_len = config.max_model_len or model_cfg.max_position_embeddings
-        loaded = load_model(config.model, config.device, config.dtype, requested_len, config.seed)
+        loaded = load_model(config.model, config.device, config.dtype, config.max_model_len, config.seed)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        requested_len = loaded.model.max_positions
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         peak = profile_peak_memory(loaded.model, config, requested_len) if config.device.type == "cuda" else 0
         num_blocks = plan_num_blocks(config, self.model_config, peak)
@@ -124,13 +121,14 @@ class LLMEngine:
         ids = self.encode_prompt(prompt, prompt_token_ids)
         room = self.max_model_len - len(ids)
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if params.detokenize and self.tokenizer is not None else None)
-        return Sequence(request_id, ids, params, seed & (2**63 - 1), max_new, prompt=prompt, detokenizer=detok,
-                        stream=stream)
+        seed = 0 if params.seed is None else params.seed & (2**63 - 1)  # unseeded: drawn when added
+        return Sequence(request_id, ids, params, seed, max_new, prompt=prompt, detokenizer=detok, stream=stream)
 
     def add_sequence(self, seq: Sequence) -> None:
+        if seq.params.seed is None:
+            seq.seed = self._seed_rng.getrandbits(63)  # reproducible for a given engine seed and order
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 

@@ -41,6 +41,7 @@ class LlamaModel:
         self.weights = weights
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
+        self.max_positions = max_positions
         cos, sin = rope_cos_sin(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)

@@ -35,9 +35,11 @@ def _tokenizer_for(path: Path) -> Tokenizer | None:
     return HFTokenizer(path) if has_files else None
 
 
-def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int,
+def load_model(source: str, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
                seed: int = 0) -> LoadedModel:
+    """Rotary tables cover ``max_model_len`` positions (default: the model's own maximum)."""
     config = resolve_config(source)
+    max_positions = max_model_len or config.max_position_embeddings
     if source.startswith(PREFIX):
         weights = assemble_weights(config, random_getter(device, dtype, seed))
         tokenizer: Tokenizer | None = ByteTokenizer()
