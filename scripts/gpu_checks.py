@@ -1,6 +1,7 @@
 """Correctness checks that need a CUDA GPU. Usage: python scripts/gpu_checks.py [smoke|differential|parity ...]
 
 - kernels: the Triton paged decode kernel vs the SDPA reference in bf16 (error, and time of both).
+- fused: fused add+RMSNorm / rotary / SiLU-mul kernels vs the torch ops, bf16.
 - nosync: the async step loop runs under torch's sync debug mode without a synchronizing call.
 - smoke: every executor variant (sync/async x eager/graphs) on random:tiny agrees, step by step.
 - differential: the randomized sync-vs-async cases of the CPU test suite, on CUDA with graphs on.
@@ -93,6 +94,32 @@ def kernels() -> bool:
     return ok
 
 
+def fused_kernels() -> bool:
+    """Fused add+RMSNorm, rotary and SiLU-mul vs the torch ops they replace, in bf16 on the GPU."""
+    from tandem.kernels import fused
+    from tandem.model import layers
+
+    def report(name, out, ref):
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        exact = (out == ref).float().mean().item()
+        print(f"fused {name}: rel err {err:.1e}, {exact:.2%} of elements bit-identical to the torch ops")
+        return err < 1e-2 and not torch.isnan(out).any().item()
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, res, w = torch.randn(300, 4096, **bf), torch.randn(300, 4096, **bf), 1 + 0.1 * torch.randn(4096, **bf)
+    ok = report("add_rms_norm", fused.add_rms_norm(x, res, w, 1e-5)[0], layers.add_rms_norm(x, res, w, 1e-5)[0])
+    qkv = torch.randn(300, 48 * 128, **bf)
+    q = qkv[:, :4096].view(300, 32, 128)
+    cos, sin = layers.rope_cos_sin(128, 500000.0, None, 4096, torch.device("cuda"))
+    cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    pos = torch.randint(0, 4096, (300,), device="cuda")
+    ref = layers.apply_rope(q, cos[pos], sin[pos])
+    ok &= report("rope", fused.rope_(q, pos, cos, sin), ref)
+    gu = torch.randn(300, 2 * 14336, **bf)
+    ok &= report("silu_mul", fused.silu_mul(gu), layers.silu_mul(gu))
+    return ok
+
+
 def differential(num_cases: int, dtype: torch.dtype) -> bool:
     from differential import compare, make_case, run_case
 
@@ -118,6 +145,8 @@ def main(argv: list[str]) -> int:
             ok &= smoke()
         elif name == "kernels":
             ok &= kernels()
+        elif name == "fused":
+            ok &= fused_kernels()
         elif name == "nosync":
             ok &= no_hidden_sync()
         elif name == "differential":

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from tandem.model.attention import AttentionMetadata, paged_attention, store_kv
-from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin, silu_mul
+from tandem.kernels import triton_available
+from tandem.model import layers
+from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin
 from tandem.model.model_config import ModelConfig
 
 
@@ -45,25 +47,37 @@ class LlamaModel:
         cos, sin = rope_cos_sin(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # fused Triton kernels on CUDA; the torch ops they reproduce everywhere else
+        self.fused = device.type == "cuda" and triton_available()
+        if self.fused:
+            from tandem.kernels import fused
+
+            self._add_norm, self._silu_mul = fused.add_rms_norm, fused.silu_mul
+        else:
+            self._add_norm, self._silu_mul = layers.add_rms_norm, layers.silu_mul
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
-        cos, sin = self.cos[positions], self.sin[positions]
+        eps = self.config.rms_norm_eps
         hidden = F.embedding(input_ids, self.weights.embed)
-        residual = hidden
+        residual = None
         for i, layer in enumerate(self.weights.layers):
-            if i > 0:
-                hidden = hidden + residual
-                residual = hidden
-            hidden = rms_norm(hidden, layer.input_norm, self.config.rms_norm_eps)
-            hidden = residual + self._attention(hidden, layer, cos, sin, kv_cache[i], meta, block_size)
-            residual = hidden
-            hidden = rms_norm(hidden, layer.post_norm, self.config.rms_norm_eps)
-            hidden = F.linear(silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
-        return rms_norm(hidden + residual, self.weights.norm, self.config.rms_norm_eps)
+            hidden, residual = self._add_norm(hidden, residual, layer.input_norm, eps)
+            hidden = self._attention(hidden, layer, positions, kv_cache[i], meta, block_size)
+            hidden, residual = self._add_norm(hidden, residual, layer.post_norm, eps)
+            hidden = F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
+        return self._add_norm(hidden, residual, self.weights.norm, eps)[0]
 
-    def _attention(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from tandem.kernels.fused import rope_
+
+            return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
+        cos, sin = self.cos[positions], self.sin[positions]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def _attention(self, x: torch.Tensor, layer: LayerWeights, positions: torch.Tensor,
                    cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         cfg = self.config
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
@@ -74,7 +88,7 @@ class LlamaModel:
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rope(q, k, positions)
         store_kv(cache, k, v, meta.slot_mapping)
         out = paged_attention(q, cache, meta, block_size, self.scale)
         return F.linear(out, layer.o)
