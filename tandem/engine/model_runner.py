@@ -8,7 +8,7 @@ import torch
 
 from tandem.engine.batch import FLOAT_FIELDS, INT_FIELDS, StepInputs, StepShape
 from tandem.engine.sampler import SamplingTensors, sample
-from tandem.model.attention import AttentionMetadata, build_mask
+from tandem.model.attention import AttentionMetadata, build_mask, uses_decode_kernel
 from tandem.model.llama import LlamaModel
 
 
@@ -42,10 +42,10 @@ class ModelRunner:
         f = unpack(ints, floats, shape)
         ids = f["input_ids"]
         ids = torch.where(ids < 0, self.next_tokens[(-ids - 1).clamp(min=0)], ids)
-        max_k = shape.max_blocks * self.block_size
-        mask = build_mask(f["q_positions"].view(shape.num_seqs, shape.max_q), f["seq_lens_k"], max_k,
-                          self.model.config.sliding_window)  # unused by the decode kernel; cheap
         window = self.model.config.sliding_window
+        mask = None if uses_decode_kernel(shape.max_q, self.device) else build_mask(
+            f["q_positions"].view(shape.num_seqs, shape.max_q), f["seq_lens_k"], shape.max_blocks * self.block_size,
+            window)
         meta = AttentionMetadata(f["slot_mapping"], f["block_tables"].view(shape.num_seqs, shape.max_blocks),
                                  f["token_batch"], f["token_row"], mask, shape.max_q, f["seq_lens_k"], window)
         hidden = self.model.forward(ids, f["positions"], self.kv_cache, meta, self.block_size)

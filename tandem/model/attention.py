@@ -30,10 +30,15 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64: pages of each sequence (0 = padding)
     token_batch: torch.Tensor  # [T] int64: sequence index of each flat token
     token_row: torch.Tensor  # [T] int64: row of each flat token within its sequence's chunk
-    mask: torch.Tensor  # [B, 1, max_q, max_k] bool: True where a query may attend a key
+    mask: torch.Tensor | None  # [B, 1, max_q, max_k] bool, True where a query may attend a key (SDPA path only)
     max_q: int
     seq_lens_k: torch.Tensor | None = None  # [B] int64: context length including this step's tokens
     sliding_window: int | None = None
+
+
+def uses_decode_kernel(max_q: int, device: torch.device) -> bool:
+    """Decode steps on CUDA take the Triton kernel, which needs no mask."""
+    return max_q == 1 and device.type == "cuda" and triton_available()
 
 
 def build_mask(q_positions: torch.Tensor, seq_lens_k: torch.Tensor, max_k: int,
@@ -58,7 +63,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
 
     Decode steps on CUDA (one token per sequence, in sequence order) take the Triton paged kernel;
     everything else the gather + SDPA path below, which is also its reference."""
-    if meta.max_q == 1 and q.is_cuda and meta.seq_lens_k is not None and triton_available():
+    if uses_decode_kernel(meta.max_q, q.device) and meta.seq_lens_k is not None:
         from tandem.kernels.paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens_k, block_size, scale,
