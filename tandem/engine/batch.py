@@ -1,5 +1,5 @@
-"""Turn a scheduled step into flat host arrays, packed into one int64 and one float32 buffer so a
-step's inputs cross to the device in (at most) two bulk copies.
+"""Turn a scheduled step into flat host arrays, packed into one int64 buffer (the float32 sampling
+fields ride along bit for bit, two to a word) so a step's inputs cross to the device in one copy.
 
 Decode tokens whose value is still pending on the device are written as ``-(slot + 1)``: the device
 replaces them from its table of last sampled tokens before the forward (see ``ModelRunner``).
@@ -28,6 +28,11 @@ class StepShape:
     max_q: int
     max_blocks: int
 
+    @property
+    def num_words(self) -> int:
+        """Length of the packed buffer: the int fields, then the float fields two to a word."""
+        return sum(self.int_sizes().values()) + -(-len(FLOAT_FIELDS) * self.num_sampled // 2)
+
     def int_sizes(self) -> dict[str, int]:
         t, b, s = self.num_tokens, self.num_seqs, self.num_sampled
         return {"input_ids": t, "positions": t, "slot_mapping": t, "token_batch": t, "token_row": t,
@@ -39,8 +44,7 @@ class StepShape:
 class StepInputs:
     step_id: int
     shape: StepShape
-    ints: np.ndarray  # int64, fields in INT_FIELDS order
-    floats: np.ndarray  # float32, fields in FLOAT_FIELDS order
+    data: np.ndarray  # int64: INT_FIELDS in order, then FLOAT_FIELDS as float32 bits
     any_random: bool  # some row samples (temperature > 0)
     need_sort: bool  # some row uses top-k or top-p
 
@@ -121,9 +125,11 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     q_positions[f["token_batch"], f["token_row"]] = f["positions"]
     f["q_positions"], f["block_tables"] = q_positions.ravel(), block_tables.ravel()
     shape = StepShape(len(f["input_ids"]), num_rows, len(f["sample_slots"]), max_q, max_blocks)
-    ints = np.concatenate([np.asarray(f[k], dtype=np.int64) for k in INT_FIELDS])
     packed_floats = np.concatenate([floats[k] for k in FLOAT_FIELDS]).astype(np.float32)
-    return StepInputs(sched.step_id, shape, ints, packed_floats, any_random, need_sort)
+    if packed_floats.size % 2:
+        packed_floats = np.append(packed_floats, np.float32(0))
+    data = np.concatenate([np.asarray(f[k], dtype=np.int64) for k in INT_FIELDS] + [packed_floats.view(np.int64)])
+    return StepInputs(sched.step_id, shape, data, any_random, need_sort)
 
 
 def _pad(f: dict[str, np.ndarray], floats: dict[str, np.ndarray], num_real: int, pad: Padding) -> None:

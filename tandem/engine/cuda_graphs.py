@@ -39,8 +39,7 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_seqs)
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        self.static_ints = torch.zeros(0, dtype=torch.int64, device=runner.device)
-        self.static_floats = torch.zeros(0, dtype=torch.float32, device=runner.device)
+        self.static_data = torch.zeros(0, dtype=torch.int64, device=runner.device)
 
     def padding_for(self, num_seqs: int) -> Padding | None:
         size = next((s for s in self.sizes if s >= num_seqs), None)
@@ -50,10 +49,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.runner.device)
         steps = {(b, r): self._dummy(b, r) for b in reversed(self.sizes) for r in (True, False)}
-        n_int = max(s.ints.size for s in steps.values())
-        n_float = max(s.floats.size for s in steps.values())
-        self.static_ints = torch.zeros(n_int, dtype=torch.int64, device=self.runner.device)
-        self.static_floats = torch.zeros(n_float, dtype=torch.float32, device=self.runner.device)
+        n_words = max(s.data.size for s in steps.values())
+        self.static_data = torch.zeros(n_words, dtype=torch.int64, device=self.runner.device)
         with torch.cuda.stream(stream):
             for key, step in steps.items():
                 self.graphs[key] = self._capture_one(step, stream)
@@ -67,22 +64,20 @@ class DecodeGraphs:
                                  self.runner.block_size)
 
     def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
-        ints, floats = self.static_ints[:step.ints.size], self.static_floats[:step.floats.size]
-        ints.copy_(torch.from_numpy(step.ints))
-        floats.copy_(torch.from_numpy(step.floats))
-        self.runner.run(ints, floats, step)  # warm-up: lazy initialisation stays out of the graph
+        data = self.static_data[:step.data.size]
+        data.copy_(torch.from_numpy(step.data))
+        self.runner.run(data, step)  # warm-up: lazy initialisation stays out of the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            tokens = self.runner.run(ints, floats, step)
+            tokens = self.runner.run(data, step)
         return _Graph(graph, step.shape, tokens)
 
     def lookup(self, step: StepInputs) -> _Graph | None:
         g = self.graphs.get((step.shape.num_seqs, step.any_random))
         return g if g is not None and g.shape == step.shape else None
 
-    def replay(self, g: _Graph, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    def replay(self, g: _Graph, data: torch.Tensor) -> torch.Tensor:
         """On the current (compute) stream: stage inputs, replay; returns the static output."""
-        self.static_ints[:ints.numel()].copy_(ints)
-        self.static_floats[:floats.numel()].copy_(floats)
+        self.static_data[:data.numel()].copy_(data)
         g.graph.replay()
         return g.tokens

@@ -23,9 +23,7 @@ class Executor(Protocol):
 
 
 def run_on_host_inputs(runner: ModelRunner, step: StepInputs) -> list[int]:
-    ints = torch.from_numpy(step.ints).to(runner.device)
-    floats = torch.from_numpy(step.floats).to(runner.device)
-    return runner.run(ints, floats, step).tolist()
+    return runner.run(torch.from_numpy(step.data).to(runner.device), step).tolist()
 
 
 class _HostExecutor:

@@ -26,10 +26,8 @@ NUM_SLOTS = 2
 
 @dataclass
 class _Slot:
-    host_ints: torch.Tensor
-    host_floats: torch.Tensor
-    dev_ints: torch.Tensor
-    dev_floats: torch.Tensor
+    host_in: torch.Tensor  # pinned int64: the packed step inputs
+    dev_in: torch.Tensor
     dev_out: torch.Tensor
     host_out: torch.Tensor
     h2d_done: torch.cuda.Event
@@ -53,27 +51,24 @@ class StreamExecutor:
         self.device = runner.device
         self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
         self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
-        self.slots = [self._new_slot(4096, 256, max_sampled) for _ in range(NUM_SLOTS)]
+        self.slots = [self._new_slot(8192, max_sampled) for _ in range(NUM_SLOTS)]
         self._next = 0
         self.timing = False
         self.events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
-    def _new_slot(self, n_int: int, n_float: int, n_out: int) -> _Slot:
+    def _new_slot(self, n_words: int, n_out: int) -> _Slot:
         dev = self.device
-        return _Slot(_pinned(n_int, torch.int64), _pinned(n_float, torch.float32),
-                     torch.empty(n_int, dtype=torch.int64, device=dev),
-                     torch.empty(n_float, dtype=torch.float32, device=dev),
+        return _Slot(_pinned(n_words, torch.int64), torch.empty(n_words, dtype=torch.int64, device=dev),
                      torch.empty(n_out, dtype=torch.int64, device=dev), _pinned(n_out, torch.int64),
                      torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
 
-    def _fit(self, k: int, n_int: int, n_float: int) -> _Slot:
+    def _fit(self, k: int, n_words: int) -> _Slot:
         """Grow slot k's input buffers if this step's inputs do not fit (rare: bigger steps)."""
         slot = self.slots[k]
-        if slot.host_ints.numel() < n_int or slot.host_floats.numel() < n_float:
+        if slot.host_in.numel() < n_words:
             slot.h2d_done.synchronize()  # the old buffers may still be copied from or read
             slot.compute_done.synchronize()
-            grown = self._new_slot(max(n_int, 2 * slot.host_ints.numel()),
-                                   max(n_float, 2 * slot.host_floats.numel()), slot.dev_out.numel())
+            grown = self._new_slot(max(n_words, 2 * slot.host_in.numel()), slot.dev_out.numel())
             grown.dev_out, grown.host_out = slot.dev_out, slot.host_out
             grown.compute_done, grown.d2h_done = slot.compute_done, slot.d2h_done
             self.slots[k] = slot = grown
@@ -82,23 +77,21 @@ class StreamExecutor:
     def submit(self, step: StepInputs) -> _Handle:
         k = self._next
         self._next = (k + 1) % NUM_SLOTS
-        n_int, n_float, n_out = step.ints.size, step.floats.size, step.shape.num_sampled
-        slot = self._fit(k, n_int, n_float)
+        n_words, n_out = step.data.size, step.shape.num_sampled
+        slot = self._fit(k, n_words)
         # The step that last used this slot (two back) has been collected, so its copy is over; the
         # only per-step host wait stays the one in collect().
         assert slot.h2d_done.query(), "host input slot reused while its copy is in flight"
-        np.copyto(slot.host_ints[:n_int].numpy(), step.ints)
-        np.copyto(slot.host_floats[:n_float].numpy(), step.floats)
+        np.copyto(slot.host_in[:n_words].numpy(), step.data)
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(slot.compute_done)
-            slot.dev_ints[:n_int].copy_(slot.host_ints[:n_int], non_blocking=True)
-            slot.dev_floats[:n_float].copy_(slot.host_floats[:n_float], non_blocking=True)
+            slot.dev_in[:n_words].copy_(slot.host_in[:n_words], non_blocking=True)  # the step's one H2D copy
             slot.h2d_done.record(self.h2d)
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(slot.h2d_done)
             self.compute.wait_event(slot.d2h_done)
             start = self._mark()
-            tokens = self._run(slot.dev_ints[:n_int], slot.dev_floats[:n_float], step)
+            tokens = self._run(slot.dev_in[:n_words], step)
             slot.dev_out[:n_out].copy_(tokens)
             end = self._mark()
             slot.compute_done.record(self.compute)
@@ -110,11 +103,11 @@ class StreamExecutor:
             slot.d2h_done.record(self.d2h)
         return _Handle(k, n_out)
 
-    def _run(self, ints: torch.Tensor, floats: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         graph = self.graphs.lookup(step) if self.graphs is not None else None
         if graph is not None:
-            return self.graphs.replay(graph, ints, floats)
-        return self.runner.run(ints, floats, step)
+            return self.graphs.replay(graph, data)
+        return self.runner.run(data, step)
 
     def padding_for(self, sched: SchedulerOutput) -> Padding | None:
         """Decode-shaped steps are padded to a captured graph's shape."""

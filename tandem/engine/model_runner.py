@@ -12,12 +12,14 @@ from tandem.model.attention import AttentionMetadata, build_mask, uses_decode_ke
 from tandem.model.llama import LlamaModel
 
 
-def unpack(ints: torch.Tensor, floats: torch.Tensor, shape: StepShape) -> dict[str, torch.Tensor]:
+def unpack(data: torch.Tensor, shape: StepShape) -> dict[str, torch.Tensor]:
+    """Views of the packed int64 buffer (see ``batch``): int fields, then float32 fields."""
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for name, size in shape.int_sizes().items():
-        out[name] = ints[offset:offset + size]
+        out[name] = data[offset:offset + size]
         offset += size
+    floats = data[offset:shape.num_words].view(torch.float32)
     s = shape.num_sampled
     for i, name in enumerate(FLOAT_FIELDS):
         out[name] = floats[i * s:(i + 1) * s]
@@ -36,10 +38,10 @@ class ModelRunner:
         # last token sampled for each sequence slot; the source of pending decode inputs
         self.next_tokens = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
 
-    def run(self, ints: torch.Tensor, floats: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        """ints/floats: the step's packed inputs already on the device -> sampled ids [S]."""
+    def run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """data: the step's packed inputs already on the device -> sampled ids [S]."""
         shape = step.shape
-        f = unpack(ints, floats, shape)
+        f = unpack(data, shape)
         ids = f["input_ids"]
         ids = torch.where(ids < 0, self.next_tokens[(-ids - 1).clamp(min=0)], ids)
         window = self.model.config.sliding_window

@@ -39,7 +39,7 @@ def profile_peak_memory(model: LlamaModel, config: EngineConfig, max_model_len: 
     torch.cuda.synchronize(config.device)
     torch.cuda.reset_peak_memory_stats(config.device)
     step = build_step(sched, config.block_size)
-    runner.run(torch.from_numpy(step.ints).to(config.device), torch.from_numpy(step.floats).to(config.device), step)
+    runner.run(torch.from_numpy(step.data).to(config.device), step)
     torch.cuda.synchronize(config.device)
     peak = torch.cuda.max_memory_allocated(config.device)
     del cache, runner

@@ -1,0 +1,53 @@
+"""The batch builder's packed buffer, unpacked, holds exactly the step's fields."""
+import torch
+
+from tandem.engine.batch import Padding, build_step
+from tandem.engine.model_runner import unpack
+from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
+from tandem.engine.sequence import Sequence
+from tandem.sampling_params import SamplingParams
+
+
+def _seq(rid, prompt, outputs, blocks, slot, params, pending=0):
+    seq = Sequence(rid, prompt, params, seed=2**62 + int(rid), max_new_tokens=100)
+    seq.output_token_ids, seq.block_ids, seq.slot, seq.num_pending = list(outputs), blocks, slot, pending
+    return seq
+
+
+def test_mixed_step_fields():
+    bs = 4
+    a = _seq("1", list(range(10, 20)), [], [7, 3, 9], 5, SamplingParams(temperature=0.7, top_k=8, top_p=0.9))
+    b = _seq("2", [1, 2, 3], [44, 45], [2, 6], 0, SamplingParams(temperature=0), pending=1)  # last token pending
+    c = _seq("3", [5, 6], [8], [4], 3, SamplingParams(temperature=1.3, min_p=0.05))
+    items = [ScheduledSeq(a, 4, 6, True, 0), ScheduledSeq(b, 5, 1, True, 3), ScheduledSeq(c, 2, 1, True, 1)]
+    step = build_step(SchedulerOutput(9, items), bs)
+    f = unpack(torch.from_numpy(step.data), step.shape)
+    assert step.data.size == step.shape.num_words
+    assert f["input_ids"].tolist() == [14, 15, 16, 17, 18, 19, -(0 + 1), 8]
+    assert f["positions"].tolist() == [4, 5, 6, 7, 8, 9, 5, 2]
+    # position p of a sequence lives in block_ids[p // bs] at offset p % bs
+    assert f["slot_mapping"].tolist() == [3 * 4 + 0, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 9 * 4 + 0, 9 * 4 + 1,
+                                          6 * 4 + 1, 4 * 4 + 2]
+    assert f["token_batch"].tolist() == [0] * 6 + [1, 2] and f["token_row"].tolist() == [0, 1, 2, 3, 4, 5, 0, 0]
+    assert f["seq_lens_k"].tolist() == [10, 6, 3]
+    assert f["block_tables"].view(3, 3).tolist() == [[7, 3, 9], [2, 6, 0], [4, 0, 0]]
+    assert f["q_positions"].view(3, 6)[1].tolist() == [5, 0, 0, 0, 0, 0]
+    assert f["logits_indices"].tolist() == [5, 6, 7] and f["sample_slots"].tolist() == [5, 0, 3]
+    assert f["seeds"].tolist() == [2**62 + 1, 2**62 + 2, 2**62 + 3] and f["gen_index"].tolist() == [0, 3, 1]
+    assert f["top_k"].tolist() == [8, 0, 0]
+    assert f["temperature"].tolist() == torch.tensor([0.7, 0.0, 1.3]).tolist()  # exact float32 round trip
+    assert f["top_p"].tolist() == torch.tensor([0.9, 1.0, 1.0]).tolist()
+    assert f["min_p"].tolist() == torch.tensor([0.0, 0.0, 0.05]).tolist()
+    assert step.any_random and step.need_sort
+
+
+def test_decode_step_padded_to_a_graph_shape():
+    a = _seq("1", [1, 2], [3], [5], 1, SamplingParams(temperature=0))
+    step = build_step(SchedulerOutput(0, [ScheduledSeq(a, 2, 1, True, 1)]), 4, Padding(4, 6, dummy_slot=99))
+    f = unpack(torch.from_numpy(step.data), step.shape)
+    assert (step.shape.num_tokens, step.shape.num_seqs, step.shape.num_sampled, step.shape.max_blocks) == (4, 4, 4, 6)
+    assert f["input_ids"].tolist() == [3, 0, 0, 0] and f["slot_mapping"].tolist() == [5 * 4 + 2, 0, 0, 0]
+    assert f["seq_lens_k"].tolist() == [3, 1, 1, 1] and f["sample_slots"].tolist() == [1, 99, 99, 99]
+    assert f["logits_indices"].tolist() == [0, 1, 2, 3] and f["token_batch"].tolist() == [0, 1, 2, 3]
+    assert f["block_tables"].view(4, 6)[0].tolist() == [5, 0, 0, 0, 0, 0] and f["temperature"].tolist() == [0.0] * 4
+    assert not step.any_random
