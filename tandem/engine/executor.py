@@ -38,7 +38,6 @@ class SyncExecutor(_HostExecutor):
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.device = runner.device
 
     def submit(self, step: StepInputs) -> list[int]:
         return run_on_host_inputs(self.runner, step)
@@ -59,7 +58,6 @@ class ThreadExecutor(_HostExecutor):
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.device = runner.device
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-device")
 
     def submit(self, step: StepInputs) -> Future:

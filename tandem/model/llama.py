@@ -52,7 +52,7 @@ class LlamaModel:
         if self.fused:
             from tandem.kernels import fused
 
-            self._add_norm, self._silu_mul = fused.add_rms_norm, fused.silu_mul
+            self._add_norm, self._silu_mul, self._rope_kernel = fused.add_rms_norm, fused.silu_mul, fused.rope_
         else:
             self._add_norm, self._silu_mul = layers.add_rms_norm, layers.silu_mul
 
@@ -71,8 +71,7 @@ class LlamaModel:
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            from tandem.kernels.fused import rope_
-
+            rope_ = self._rope_kernel
             return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
         cos, sin = self.cos[positions], self.sin[positions]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
