@@ -69,7 +69,8 @@ def kernels() -> bool:
     import triton.testing
 
     from tandem.kernels.paged_decode import paged_decode_attention
-    from tandem.model.attention import AttentionMetadata, build_mask, sdpa_paged_attention
+    from tandem.model.attention import AttentionInputs
+    from tandem.model.attention.sdpa import SdpaBackend
 
     ok = True
     for b, hq, hkv, d, page, ctx in ((32, 32, 8, 128, 16, 768), (256, 32, 8, 64, 16, 512), (7, 16, 8, 128, 16, 3000)):
@@ -78,14 +79,15 @@ def kernels() -> bool:
         cache = torch.randn(2, (b * width + 1) * page, hkv, d, device="cuda", dtype=torch.bfloat16)
         bt = (torch.randperm(b * width, device="cuda") + 1).view(b, width)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        meta = AttentionMetadata(torch.zeros(b, dtype=torch.long, device="cuda"), bt, torch.arange(b, device="cuda"),
-                                 torch.zeros(b, dtype=torch.long, device="cuda"),
-                                 build_mask((lens - 1)[:, None], lens, width * page, None), 1, lens)
-        ref = sdpa_paged_attention(q.double(), cache.double(), meta, page, d ** -0.5)
+        sdpa = SdpaBackend()
+        inputs = AttentionInputs(torch.zeros(b, dtype=torch.long, device="cuda"), bt,
+                                 torch.arange(b + 1, device="cuda"), lens, lens - 1, 1, page, d ** -0.5)
+        meta = sdpa.prepare(inputs)
+        ref = sdpa.attend(q.double(), cache.double(), meta)
         out = paged_decode_attention(q, cache, bt, lens, page, d ** -0.5)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         t_kernel = triton.testing.do_bench(lambda: paged_decode_attention(q, cache, bt, lens, page, d ** -0.5))
-        t_sdpa = triton.testing.do_bench(lambda: sdpa_paged_attention(q, cache, meta, page, d ** -0.5))
+        t_sdpa = triton.testing.do_bench(lambda: sdpa.attend(q, cache, meta))
         kv_bytes = 2 * lens.sum().item() * hkv * d * 2
         print(f"kernel decode B={b} Hq={hq} Hkv={hkv} D={d} mean ctx={lens.float().mean():.0f}: rel err {err:.1e}, "
               f"triton {t_kernel * 1e3:.0f} us ({kv_bytes / (t_kernel * 1e-3) / 1e9:.0f} GB/s of KV), gather+SDPA "
@@ -120,7 +122,7 @@ def fused_kernels() -> bool:
     return ok
 
 
-def differential(num_cases: int, dtype: torch.dtype) -> bool:
+def differential(num_cases: int, dtype: str) -> bool:
     from differential import compare, make_case, run_case
 
     t0, failures = time.time(), 0
@@ -150,7 +152,7 @@ def main(argv: list[str]) -> int:
         elif name == "nosync":
             ok &= no_hidden_sync()
         elif name == "differential":
-            ok &= differential(int(os.environ.get("TANDEM_DIFF_CASES", "30")), torch.float32)
+            ok &= differential(int(os.environ.get("TANDEM_DIFF_CASES", "30")), "float32")
         elif name == "parity":
             from gpu_parity import parity
 

@@ -1,59 +1,96 @@
-"""Engine-level settings: what the user chooses, validated once at start-up."""
+"""The engine's options: one dataclass is the single list. ``LLM(**options)``, the CLI flags
+(``tandem.cli.engine_args``) and the README table are all derived from it.
+
+Plain values only (strings, numbers, booleans): the host side never needs torch to read a config,
+and a config crosses process boundaries as it is. Device and dtype are resolved by the worker."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-           "half": torch.float16, "float": torch.float32, "float64": torch.float64}
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto" picks bfloat16 on CUDA and float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[dtype]
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class EngineConfig:
-    model: str
-    device: torch.device
-    dtype: torch.dtype
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_tokens: int | None = None
-    seed: int = 0
-    async_batching: bool = True
-    cuda_graphs: bool = True
+    model: str = field(metadata={"help": "a local Hugging Face checkpoint folder, or random:<preset> "
+                                         "(random weights with a real model's shapes; see the README)"})
+    dtype: str = _opt("auto", "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                              "bfloat16, float16, float64")
+    device: str | None = _opt(None, "cuda, cuda:N or cpu (default: cuda when available)")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's "
+                                           "max_position_embeddings, lowered to what the KV cache holds)")
+    allow_long_max_model_len: bool = _opt(False, "accept max_model_len above the model's "
+                                                 "max_position_embeddings (outputs past it may be garbage)")
+    max_num_seqs: int = _opt(256, "most sequences in one step")
+    max_num_batched_tokens: int = _opt(8192, "most tokens in one step (longer prompts are prefilled in chunks)")
+    block_size: int = _opt(16, "tokens per KV cache block")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights, activations and KV cache")
+    kv_cache_tokens: int | None = _opt(None, "KV cache size in tokens (default: what fits on a GPU, 32768 "
+                                             "on a CPU)")
+    seed: int = _opt(0, "engine seed: draws the seeds of requests that give none")
+    async_batching: bool = _opt(True, "prepare step N+1 on the host while the device runs step N")
+    enforce_eager: bool = _opt(False, "never use CUDA graphs")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         checks = [
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
-            ("block_size", self.block_size >= 1, "must be >= 1"),
+            ("block_size", 1 <= self.block_size <= 256, "must be in [1, 256]"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
             ("kv_cache_tokens", self.kv_cache_tokens is None or self.kv_cache_tokens >= self.block_size,
              "must be >= block_size"),
-            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "must be >= 1"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
+            ("dtype", self.dtype in DTYPE_NAMES, f"must be one of {DTYPE_NAMES}"),
+            ("model", bool(self.model), "must name a checkpoint folder or random:<preset>"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> EngineConfig:
+        """Build from keyword options; an unknown name is a ValueError listing the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known - {'model'})}")
+        return cls(model=model, **options)
+
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.cuda_graphs and self.device.type == "cuda"
+        """Whether graphs are wanted; the worker uses them only on CUDA."""
+        return not self.enforce_eager
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """Options come from users (keywords, CLI, JSON): reject wrong types with the option's name."""
+    optional = annotation.endswith("| None")
+    if value is None:
+        if not optional:
+            raise ValueError(f"{name} must not be None")
+        return
+    kind = _TYPES[annotation.split("|")[0].strip()]
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if kind is float and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be {'a finite number' if kind is float else kind.__name__}, got {value!r}")
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The options in declaration order (``model`` first)."""
+    return list(dataclasses.fields(EngineConfig))

@@ -7,29 +7,26 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tandem.config import EngineConfig, default_device, parse_dtype
+from tandem.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.sequence import EngineRequest
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
-
-import torch
+from tandem.worker import create_worker
 
 PromptList = str | list[str] | list[list[int]]
 
 
+def create_engine(config: EngineConfig) -> LLMEngine:
+    """A device worker for ``config`` and the in-process engine around it."""
+    return LLMEngine(config, create_worker(config))
+
+
 class LLM:
-    def __init__(self, model: str, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9, kv_cache_tokens: int | None = None,
-                 seed: int = 0, async_batching: bool = True, cuda_graphs: bool = True,
-                 enforce_eager: bool = False) -> None:
-        dev = torch.device(device) if device else default_device()
-        config = EngineConfig(model=model, device=dev, dtype=parse_dtype(dtype, dev), max_model_len=max_model_len,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                              kv_cache_tokens=kv_cache_tokens, seed=seed, async_batching=async_batching,
-                              cuda_graphs=cuda_graphs and not enforce_eager)
-        self.engine = LLMEngine(config)
+    """``LLM(model, **options)``: the options are ``EngineConfig``'s fields (README, "Engine options")."""
+
+    def __init__(self, model: str, **options: Any) -> None:
+        self.engine = create_engine(EngineConfig.from_options(model, **options))
         self._ids = itertools.count()
 
     @property
@@ -38,12 +35,13 @@ class LLM:
 
     def generate(self, prompts: PromptList, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+        """Run every prompt to completion; outputs come back in input order. Every prompt is checked
+        before any runs, so an invalid one raises ``ValueError`` and nothing is generated."""
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
-        seqs = [self.engine.make_sequence(str(next(self._ids)), text, p, ids)
-                for (text, ids), p in zip(items, params)]
-        return self._run(seqs, use_tqdm)
+        requests = [(self.engine.validate_request(str(next(self._ids)), text, p, ids), text)
+                    for (text, ids), p in zip(items, params)]
+        return self._run(requests, use_tqdm)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -55,25 +53,27 @@ class LLM:
         ids = [self.engine.tokenizer.apply_chat_template(conv) for conv in conversations]
         return self.generate(ids, sampling_params, use_tqdm)
 
-    def _run(self, seqs: list, use_tqdm: bool) -> list[RequestOutput]:
-        for seq in seqs:
-            self.engine.add_sequence(seq)
+    def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:
+        for request, text in requests:
+            self.engine.add_validated(request, text)
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        bar = tqdm(total=sum(r.max_new_tokens for r, _ in requests), desc="generate", unit="tok",
+                   disable=not use_tqdm)
+        counted = self.engine.num_generated_tokens
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         results[out.request_id] = out
-                        bar.update(1)
+                bar.update(self.engine.num_generated_tokens - counted)
+                counted = self.engine.num_generated_tokens
         except BaseException:
-            for seq in seqs:
-                self.engine.abort_request(seq.request_id)
-            self.engine.shutdown()
+            self.engine.abort_all()  # the engine stays usable after an interruption
             raise
         finally:
+            bar.total = bar.n  # requests that stopped early leave the budget unused
             bar.close()
-        return [results[seq.request_id] for seq in seqs]
+        return [results[request.request_id] for request, _ in requests]
 
 
 def _normalise_prompts(prompts: PromptList) -> list[tuple[str | None, list[int] | None]]:
@@ -81,7 +81,7 @@ def _normalise_prompts(prompts: PromptList) -> list[tuple[str | None, list[int] 
         return [(prompts, None)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a string, a non-empty list of strings, or a list of token-id lists")
-    return [(p, None) if isinstance(p, str) else (None, list(p)) for p in prompts]
+    return [(p, None) if isinstance(p, str) else (None, p) for p in prompts]
 
 
 def _normalise_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -1,7 +1,13 @@
-"""Per-request sampling parameters, validated on construction (vLLM's shape)."""
+"""Per-request sampling parameters, validated on construction (vLLM's shape).
+
+Every field is checked for type and range; a bad value raises ``ValueError`` naming the field, so
+a request from a client fails alone and clearly. Fields that are accepted but not implemented yet
+raise ``NotImplementedError`` naming the field."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 
@@ -35,32 +41,48 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._validate_types()
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self._validate()
+        self._validate_ranges()
 
-    def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+    def _validate_types(self) -> None:
+        for name in ("n", "top_k", "min_tokens"):
+            _require_int(self, name)
+        for name in ("seed", "max_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                _require_int(self, name)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _require_number(self, name)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(self, name, "must be a bool")
+        stop = self.stop
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+            raise _bad(self, "stop", "must be a string or a list of strings")
+        ids = self.stop_token_ids
+        if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)):
+            raise _bad(self, "stop_token_ids", "must be a list of ints")
 
-        if self.n != 1:
+    def _validate_ranges(self) -> None:
+        checks = [
+            ("n", self.n >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0 or self.top_k == -1, "must be -1 or 0 (disabled) or a positive integer"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
+            ("stop", all(self.stop_strings), "must be non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative ints"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise _bad(self, name, why)
+        if self.n > 1:
             raise NotImplementedError("SamplingParams.n > 1 is not supported yet")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0 and self.top_k != -1:
-            raise bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", "must be >= 1")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an int")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise bad("stop", "must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative ints")
         for name, default in (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                               ("repetition_penalty", 1.0), ("logprobs", None)):
             if getattr(self, name) != default:
@@ -71,6 +93,30 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
+    def effective_temperature(self) -> float:
+        """0 for greedy rows, as the sampler reads it."""
+        return 0.0 if self.greedy else float(self.temperature)
+
+    @property
     def effective_top_k(self) -> int:
         """0 when top-k filtering is off."""
         return max(self.top_k, 0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(params: SamplingParams, name: str, why: str) -> ValueError:
+    return ValueError(f"SamplingParams.{name} {why}, got {getattr(params, name)!r}")
+
+
+def _require_int(params: SamplingParams, name: str) -> None:
+    if not _is_int(getattr(params, name)):
+        raise _bad(params, name, "must be an int")
+
+
+def _require_number(params: SamplingParams, name: str) -> None:
+    value = getattr(params, name)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise _bad(params, name, "must be a finite number")

@@ -51,21 +51,13 @@ class HFTokenizer:
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-class IncrementalDetokenizer:
-    """Emits only the new text each step, holding back incomplete UTF-8 sequences."""
+def load_tokenizer(source: str) -> Tokenizer | None:
+    """The tokenizer of a checkpoint folder (None when it ships none: token-id prompts only), or the
+    built-in byte tokenizer of the ``random:`` presets."""
+    from tandem.model.presets import PREFIX
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def add(self, token_ids: list[int]) -> str:
-        self.ids.extend(token_ids)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+    if source.startswith(PREFIX):
+        return ByteTokenizer()
+    path = Path(source)
+    has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return HFTokenizer(path) if has_files else None

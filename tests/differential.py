@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.config import EngineConfig
-from tandem.engine.llm_engine import LLMEngine
+from tandem.llm import create_engine
 from tandem.sampling_params import SamplingParams
 
 MODEL = "random:tiny"
@@ -76,11 +76,11 @@ class Outcome:
     finish_reason: str | None
 
 
-def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype=torch.float64,
+def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str = "float64",
              cuda_graphs: bool = False) -> dict[str, Outcome]:
-    config = EngineConfig(model=MODEL, device=torch.device(device), dtype=dtype, async_batching=async_batching,
-                          cuda_graphs=cuda_graphs, seed=case.seed, **case.engine)
-    engine = LLMEngine(config)
+    config = EngineConfig(model=MODEL, device=device, dtype=dtype, async_batching=async_batching,
+                          enforce_eager=not cuda_graphs, seed=case.seed, **case.engine)
+    engine = create_engine(config)
     results: dict[str, Outcome] = {}
     pending = sorted(case.requests, key=lambda r: r.arrive)
     step = 0

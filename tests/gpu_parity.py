@@ -8,24 +8,23 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.kv_cache import allocate_kv_cache
-from tandem.model.attention import AttentionMetadata, build_mask
+from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.registry import load_model
+from tandem.worker.kv_cache import allocate_kv_cache
 
 
 def prefill_logits(path: str, ids: list[int], device: str, dtype: torch.dtype, block_size: int = 16) -> torch.Tensor:
     """Our model's logits [len(ids), vocab] for one sequence prefilled in one step (blocks 1..n)."""
-    loaded = load_model(path, torch.device(device), dtype, max_model_len=len(ids) + 1)
+    model = load_model(path, torch.device(device), dtype, max_positions=len(ids) + 1)
     n, blocks = len(ids), -(-len(ids) // block_size)
-    cache = allocate_kv_cache(loaded.config, blocks + 1, block_size, torch.device(device), dtype)
+    cache = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device(device), dtype)
     pos = torch.arange(n, device=device)
-    meta = AttentionMetadata(
-        slot_mapping=pos + block_size, block_tables=torch.arange(1, blocks + 1, device=device)[None],
-        token_batch=torch.zeros(n, dtype=torch.int64, device=device), token_row=pos,
-        mask=build_mask(pos[None], torch.tensor([n], device=device), blocks * block_size,
-                        loaded.config.sliding_window), max_q=n)
-    hidden = loaded.model.forward(torch.tensor(ids, device=device), pos, cache, meta, block_size)
-    return loaded.model.compute_logits(hidden).float().cpu()
+    inputs = AttentionInputs(slot_mapping=pos + block_size, block_tables=torch.arange(1, blocks + 1, device=device)[None],
+                             query_start=torch.tensor([0, n], device=device), seq_lens=torch.tensor([n], device=device),
+                             positions=pos, max_q=n, block_size=block_size, scale=model.scale,
+                             sliding_window=model.config.sliding_window)
+    hidden = model.forward(torch.tensor(ids, device=device), pos, cache, step_attention(inputs))
+    return model.compute_logits(hidden).float().cpu()
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

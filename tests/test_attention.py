@@ -3,7 +3,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from tandem.model.attention import AttentionMetadata, build_mask, paged_attention, store_kv
+from tandem.model.attention import AttentionInputs, step_attention
 
 
 def _reference(q, k, v, q_pos, window):
@@ -26,9 +26,8 @@ def _check(seq_specs, hq=6, hkv=2, d=16, bs=4, window=None, seed=0):
     cache = torch.randn(2, num_blocks * bs, hkv, d)  # garbage everywhere it should not read
     free = list(range(1, num_blocks))
     rng.shuffle(free)
-    tables, full_kv, q_all, slots, tb, tr, qpos_rows, seq_lens = [], [], [], [], [], [], [], []
-    max_q = max(n for _, n in seq_specs)
-    for b, (ctx, n) in enumerate(seq_specs):
+    tables, full_kv, q_all, slots, positions, seq_lens, q_lens = [], [], [], [], [], [], []
+    for ctx, n in seq_specs:
         total = ctx + n
         blocks = [free.pop() for _ in range(-(-total // bs))]
         tables.append(blocks)
@@ -39,18 +38,16 @@ def _check(seq_specs, hq=6, hkv=2, d=16, bs=4, window=None, seed=0):
             cache[1, blocks[i // bs] * bs + i % bs] = v[i]
         q_all.append(torch.randn(n, hq, d))
         slots += [blocks[i // bs] * bs + i % bs for i in range(ctx, total)]
-        tb += [b] * n
-        tr += list(range(n))
-        qpos_rows.append(list(range(ctx, total)) + [0] * (max_q - n))
+        positions += list(range(ctx, total))
         seq_lens.append(total)
+        q_lens.append(n)
     width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    mask = build_mask(torch.tensor(qpos_rows), torch.tensor(seq_lens), width * bs, window)
-    meta = AttentionMetadata(torch.tensor(slots), block_tables, torch.tensor(tb), torch.tensor(tr), mask, max_q)
+    inputs = AttentionInputs(torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                             torch.tensor([0] + q_lens).cumsum(0), torch.tensor(seq_lens), torch.tensor(positions),
+                             max(q_lens), bs, d ** -0.5, window)
     new_k = torch.cat([k[c:] for (k, _), (c, _) in zip(full_kv, seq_specs)])
     new_v = torch.cat([v[c:] for (_, v), (c, _) in zip(full_kv, seq_specs)])
-    store_kv(cache, new_k, new_v, meta.slot_mapping)
-    out = paged_attention(torch.cat(q_all), cache, meta, bs, d ** -0.5)
+    out = step_attention(inputs)(torch.cat(q_all), new_k, new_v, cache)
     refs = [_reference(q, k, v, torch.arange(c, c + n), window)
             for q, (k, v), (c, n) in zip(q_all, full_kv, seq_specs)]
     torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from checkpoints import build_checkpoint
 from tandem import LLM, SamplingParams
 from tandem.cli import main
 from tandem.config import EngineConfig
-from tandem.engine.llm_engine import LLMEngine
+from tandem.llm import create_engine
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,7 @@ def test_too_long_prompt_is_rejected_and_the_engine_goes_on(tiny_llm):
 
 
 def test_engine_rejects_one_request_while_others_run():
-    engine = LLMEngine(EngineConfig(model="random:tiny", device=torch.device("cpu"), dtype=torch.float32,
-                                    max_model_len=32))
+    engine = create_engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", max_model_len=32))
     engine.add_request("good", None, SamplingParams(max_tokens=5, ignore_eos=True), prompt_token_ids=[4, 5, 6])
     engine.step()
     for bad_ids, match in (([1] * 40, "max_model_len"), ([], "empty"), ([1, 99999], r"\[0, 512\)")):
@@ -137,7 +136,7 @@ def test_cli_generates(capsys):
 
 
 def test_streaming_requests_get_an_output_per_token():
-    engine = LLMEngine(EngineConfig(model="random:tiny", device=torch.device("cpu"), dtype=torch.float32))
+    engine = create_engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32"))
     engine.add_request("s", None, SamplingParams(max_tokens=6, ignore_eos=True), prompt_token_ids=[3, 4], stream=True)
     engine.add_request("q", None, SamplingParams(max_tokens=6, ignore_eos=True), prompt_token_ids=[3, 4])
     seen = {"s": [], "q": []}

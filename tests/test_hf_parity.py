@@ -36,7 +36,7 @@ def test_greedy_matches_transformers(checkpoints, arch, setting):
         assert out.outputs[0].finish_reason == ("stop" if len(ref) < 20 else "length")
         assert out.prompt_token_ids == prompt
     if setting == "chunked+preempt":
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.core.scheduler.num_preemptions > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)

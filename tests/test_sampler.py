@@ -1,6 +1,6 @@
 import torch
 
-from tandem.engine.sampler import SamplingTensors, sample, uniform_noise
+from tandem.worker.sampler import SamplingTensors, sample, uniform_noise
 
 
 def _tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, gen_index=None, sort=False):

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 CHECK = r"""
 import random, torch
 from tandem.kernels.paged_decode import paged_decode_attention
-from tandem.model.attention import AttentionMetadata, build_mask, sdpa_paged_attention
+from tandem.model.attention import AttentionInputs
+from tandem.model.attention.sdpa import SdpaBackend
 
 def check(seed, hq, hkv, d, page, lens, window):
     torch.manual_seed(seed); rng = random.Random(seed)
@@ -29,9 +30,10 @@ def check(seed, hq, hkv, d, page, lens, window):
     seq_lens = torch.tensor(lens)
     q = torch.randn(len(lens), hq, d)
     b = len(lens)
-    meta = AttentionMetadata(torch.zeros(b, dtype=torch.long), bt, torch.arange(b), torch.zeros(b, dtype=torch.long),
-                             build_mask((seq_lens - 1)[:, None], seq_lens, width * page, window), 1, seq_lens, window)
-    ref = sdpa_paged_attention(q, cache, meta, page, d ** -0.5)
+    sdpa = SdpaBackend()
+    inputs = AttentionInputs(torch.zeros(b, dtype=torch.long), bt, torch.arange(b + 1), seq_lens, seq_lens - 1, 1,
+                             page, d ** -0.5, window)
+    ref = sdpa.attend(q, cache, sdpa.prepare(inputs))
     out = paged_decode_attention(q, cache, bt, seq_lens, page, d ** -0.5, window)
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, (seed, hq, hkv, d, page, lens, window, err)

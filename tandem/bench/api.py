@@ -5,9 +5,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.report import decode_check_text, device_name, record, table, write_json
+import torch
+
+from tandem.bench.report import decode_check_text, record, table, write_json
 from tandem.bench.runner import Workload, random_prompts, run_benchmark
 from tandem.bench.timeline import draw_timeline, write_trace
+from tandem.llm import LLM
 
 VALID_MODES = ("sync", "async")
 
@@ -16,33 +19,28 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           prompt_len: int = 256, max_tokens: int = 1024, temperature: float = 0.0, workload_seed: int = 0,
           compare_hf: bool = False, hf_modes: list[str] | None = None, json_path: Path | None = None,
           timeline: Path | None = None, trace: Path | None = None, timeline_steps: int = 8,
-          progress: bool = True, **engine_kwargs: Any) -> dict[str, Any]:
+          progress: bool = True, **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure."""
     bad = [m for m in modes if m not in VALID_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
     w = Workload(num_requests, prompt_len, max_tokens, workload_seed, temperature)
-    if engine_kwargs.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
-        engine_kwargs["max_model_len"] = prompt_len + max_tokens
-    llm, runs, ceilings = run_benchmark(model, list(modes), w, engine_kwargs, use_tqdm=progress)
-    engine = llm.engine
+    if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
+        engine_options["max_model_len"] = prompt_len + max_tokens
+    llm = LLM(model, **engine_options)
+    engine, info = llm.engine, llm.engine.worker.info
+    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {torch.get_num_threads()} torch threads; "
+          f"{num_requests} requests x ({prompt_len} prompt + {max_tokens} new tokens), modes {', '.join(modes)}",
+          flush=True)
+    runs, ceilings = run_benchmark(llm, list(modes), w, use_tqdm=progress)
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
-    anchors = None
-    if compare_hf:
-        from tandem.bench.hf_anchor import run_hf_anchor
-
-        anchors = run_hf_anchor(llm, random_prompts(w, engine.model_config.vocab_size), w, hf_modes)
-        for a in anchors:
-            ids = a.pop("token_ids", None)
-            if ids is not None:  # agreement with our first mode: numerics differ by kernel, so not exact
-                ours = token_lists[0]
-                a["first_token_agreement"] = sum(x[:1] == y[:1] for x, y in zip(ids, ours)) / len(ours)
-    meta = {"model": model, "device": device_name(engine.device), "dtype": str(engine.config.dtype),
+    anchors = _hf_anchors(llm, w, hf_modes, token_lists[0]) if compare_hf else None
+    meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "torch_threads": torch.get_num_threads(),
             "workload": asdict(w), "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
-            "kv_cache_blocks": engine.scheduler.blocks.num_blocks - 1, "block_size": engine.config.block_size,
-            "cuda_graphs": engine.config.use_cuda_graphs,
+            "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
+            "cuda_graphs": bool(info.graph_batch_sizes),
             "ceilings": None if ceilings is None else asdict(ceilings),
             "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
     data = record(results, meta, anchors)
@@ -58,3 +56,14 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if trace is not None:
         write_trace(results, trace)
     return data
+
+
+def _hf_anchors(llm: LLM, w: Workload, hf_modes: list[str] | None, ours: list[list[int]]) -> list[dict]:
+    from tandem.bench.hf_anchor import run_hf_anchor
+
+    anchors = run_hf_anchor(llm, random_prompts(w, llm.engine.model_config.vocab_size), w, hf_modes)
+    for a in anchors:
+        ids = a.pop("token_ids", None)
+        if ids is not None:  # agreement with our first mode: numerics differ by kernel, so not exact
+            a["first_token_agreement"] = sum(x[:1] == y[:1] for x, y in zip(ids, ours)) / len(ours)
+    return anchors

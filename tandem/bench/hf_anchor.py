@@ -64,11 +64,11 @@ def hf_state_dict(cfg: ModelConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
 def build_hf_model(llm: LLM):
     import transformers
 
-    engine = llm.engine
-    cfg, weights = engine.model_config, engine.runner.model.weights
+    worker = llm.engine.worker
+    cfg, weights = llm.engine.model_config, worker.model.weights
     model_cls = getattr(transformers, cfg.architecture)
-    with torch.device(engine.device):
-        model = model_cls._from_config(hf_config(cfg), attn_implementation="sdpa", dtype=engine.config.dtype)
+    with torch.device(worker.device):
+        model = model_cls._from_config(hf_config(cfg), attn_implementation="sdpa", dtype=worker.dtype)
     model.load_state_dict(hf_state_dict(cfg, weights), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.tie_weights()
@@ -110,10 +110,10 @@ def _run_mode(model, prompts: list[list[int]], w: Workload, mode: str) -> dict[s
 def run_hf_anchor(llm: LLM, prompts: list[list[int]], w: Workload, modes: list[str] | None) -> list[dict[str, Any]]:
     import transformers
 
-    llm.engine.release_device_memory()
+    llm.engine.worker.release_memory()
     model = build_hf_model(llm)
     results = []
-    default = list(HF_MODES) if llm.engine.device.type == "cuda" else ["sdpa-eager"]  # graphs need CUDA
+    default = list(HF_MODES) if llm.engine.worker.device.type == "cuda" else ["sdpa-eager"]  # graphs need CUDA
     for mode in modes or default:
         if mode not in HF_MODES:
             raise ValueError(f"unknown transformers mode {mode!r}; choose from {list(HF_MODES)}")

@@ -5,14 +5,8 @@ from dataclasses import dataclass, field
 from statistics import fmean
 
 from tandem.bench.roofline import Ceilings, FloorModel
-from tandem.engine.step_log import StepRecord
-
-
-@dataclass
-class Interval:
-    step_id: int
-    start: float  # seconds on the host clock
-    end: float
+from tandem.bench.step_log import StepRecord
+from tandem.engine.worker_api import StepInterval
 
 
 @dataclass
@@ -42,7 +36,7 @@ class ModeResult:
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
 
 
-def idle_fraction(intervals: list[Interval]) -> float | None:
+def idle_fraction(intervals: list[StepInterval]) -> float | None:
     """Gaps between one step's end and the next one's start, over first start to last end."""
     if len(intervals) < 2:
         return None
@@ -51,7 +45,7 @@ def idle_fraction(intervals: list[Interval]) -> float | None:
     return gaps / (spans[-1].end - spans[0].start)
 
 
-def largest_gaps(intervals: list[Interval], records: dict[int, StepRecord], n: int = 5) -> list[dict]:
+def largest_gaps(intervals: list[StepInterval], records: dict[int, StepRecord], n: int = 5) -> list[dict]:
     spans = sorted(intervals, key=lambda i: i.start)
     gaps = [(b.start - a.end, a.step_id, b.step_id) for a, b in zip(spans, spans[1:])]
     return [{"gap_ms": g * 1e3, "after_step": a, "before_step": b,
@@ -59,7 +53,7 @@ def largest_gaps(intervals: list[Interval], records: dict[int, StepRecord], n: i
             for g, a, b in sorted(gaps, reverse=True)[:n]]
 
 
-def decode_idle_fraction(intervals: list[Interval], records: dict[int, StepRecord]) -> float | None:
+def decode_idle_fraction(intervals: list[StepInterval], records: dict[int, StepRecord]) -> float | None:
     """Idle fraction over runs of consecutive pure-decode steps (no prefill in the step)."""
     spans = sorted(intervals, key=lambda i: i.start)
     pure = [records[i.step_id].num_decode == records[i.step_id].num_seqs for i in spans]
@@ -84,7 +78,7 @@ def host_lanes(records: list[StepRecord]) -> list[tuple[int, str, float, float]]
     return out
 
 
-def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: list[Interval],
+def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: list[StepInterval],
               prompt_tokens: int, output_tokens: int, num_requests: int, num_preemptions: int,
               floor: FloorModel | None, ceilings: Ceilings | None) -> ModeResult:
     by_id = {r.step_id: r for r in records}
@@ -112,7 +106,7 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
     return res
 
 
-def _decode_check(intervals: list[Interval], by_id: dict[int, StepRecord], floor: FloorModel,
+def _decode_check(intervals: list[StepInterval], by_id: dict[int, StepRecord], floor: FloorModel,
                   ceilings: Ceilings) -> dict | None:
     """The floor model spelled out for one steady decode step (the middle pure-decode one)."""
     decodes = [i for i in intervals if by_id[i.step_id].num_decode == by_id[i.step_id].num_seqs]

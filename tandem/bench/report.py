@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import asdict
@@ -62,12 +61,6 @@ def _commit() -> str | None:
                               check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def record(results: list[ModeResult], meta: dict[str, Any], anchors: list[dict] | None) -> dict[str, Any]:

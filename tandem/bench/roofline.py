@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tandem.engine.kv_cache import kv_bytes_per_token
-from tandem.engine.step_log import StepRecord
+from tandem.bench.step_log import StepRecord
+from tandem.worker.kv_cache import kv_bytes_per_token
 from tandem.model.model_config import ModelConfig
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.bench.metrics import Interval, ModeResult, summarise
+from tandem.bench.metrics import ModeResult, summarise
 from tandem.bench.roofline import Ceilings, FloorModel, measure_ceilings
-from tandem.engine.step_log import StepLog
+from tandem.bench.step_log import StepLog
 from tandem.llm import LLM
 from tandem.sampling_params import SamplingParams
 
@@ -43,34 +43,34 @@ class ModeRun:
 def run_mode(llm: LLM, mode: str, prompts: list[list[int]], w: Workload, floor: FloorModel | None,
              ceilings: Ceilings | None, use_tqdm: bool) -> ModeRun:
     engine = llm.engine
-    engine.set_async_batching(mode == "async")
+    engine.core.set_async(mode == "async")
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
-    engine.step_log = log = StepLog()
-    timed = hasattr(engine.executor, "start_timing")
-    preempted_before = engine.scheduler.num_preemptions
-    if timed:
-        engine.executor.start_timing()
+    log = StepLog()
+    engine.core.observers.append(log)
+    preempted_before = engine.core.scheduler.num_preemptions
+    engine.worker.start_timing()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, bench_params(w), use_tqdm=use_tqdm)
-    wall = time.perf_counter() - t0
-    intervals = [Interval(*e) for e in engine.executor.stop_timing()] if timed else []
-    engine.step_log = None
+    try:
+        outs = llm.generate(prompts, bench_params(w), use_tqdm=use_tqdm)
+    finally:
+        wall = time.perf_counter() - t0
+        intervals = engine.worker.stop_timing()
+        engine.core.observers.remove(log)
     token_ids = [o.outputs[0].token_ids for o in outs]
     result = summarise(mode, wall, log.records, intervals, sum(len(p) for p in prompts),
                        sum(len(t) for t in token_ids), len(prompts),
-                       engine.scheduler.num_preemptions - preempted_before, floor, ceilings)
+                       engine.core.scheduler.num_preemptions - preempted_before, floor, ceilings)
     return ModeRun(result, token_ids)
 
 
-def run_benchmark(model: str, modes: list[str], w: Workload, engine_kwargs: dict,
-                  use_tqdm: bool = True) -> tuple[LLM, dict[str, ModeRun], Ceilings | None]:
-    llm = LLM(model, **engine_kwargs)
-    device = llm.engine.device
-    ceilings = measure_ceilings(device) if device.type == "cuda" else None
-    floor = FloorModel(llm.engine.model_config, llm.engine.config.dtype)
+def run_benchmark(llm: LLM, modes: list[str], w: Workload,
+                  use_tqdm: bool = True) -> tuple[dict[str, ModeRun], Ceilings | None]:
+    cuda = llm.engine.worker.info.device.startswith("cuda")
+    ceilings = measure_ceilings(torch.device(llm.engine.worker.info.device)) if cuda else None
+    floor = FloorModel(llm.engine.model_config, getattr(torch, llm.engine.worker.info.dtype))
     prompts = random_prompts(w, llm.engine.model_config.vocab_size)
     runs = {}
     for mode in modes:
         runs[mode] = run_mode(llm, mode, prompts, w, floor, ceilings, use_tqdm)
         gc.collect()
-    return llm, runs, ceilings
+    return runs, ceilings

@@ -1,4 +1,5 @@
-"""Paged KV blocks: a free list, per-sequence block lists, and releases deferred past in-flight steps."""
+"""Paged KV blocks (a free list and per-sequence block lists) and the rows of the device's
+next-token table. Which step may reuse what is the scheduler's business."""
 from __future__ import annotations
 
 from collections import deque
@@ -37,15 +38,19 @@ class BlockManager:
         self._free.extend(block_ids)
 
 
-class SlotPool:
-    """Rows of the device-side ``next_tokens`` table, one per sequence in the running batch."""
+class RowPool:
+    """Rows of the device-side next-token table, one per sequence in the running batch."""
 
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self._free: deque[int] = deque(range(num_slots))
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self._free: deque[int] = deque(range(num_rows))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
 
     def acquire(self) -> int | None:
         return self._free.popleft() if self._free else None
 
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
+    def release(self, row: int) -> None:
+        self._free.append(row)

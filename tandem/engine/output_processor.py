@@ -1,39 +1,115 @@
-"""Host-side handling of a sampled token: append, detokenize incrementally, check stop conditions."""
+"""From the engine core's token deltas to what callers get: text (detokenized incrementally), stop
+strings, and ``RequestOutput`` objects. It runs wherever the tokenizer lives: in-process under
+``LLMEngine``, or in the API process of the server; requests it stops by their text must then be
+finished in the core (``ProcessedStep.stopped``)."""
 from __future__ import annotations
 
-from tandem.engine.sequence import Sequence
+from dataclasses import dataclass, field
+
+from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.scheduler import StepDeltas
 from tandem.outputs import CompletionOutput, RequestOutput
+from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import Tokenizer
 
 
-def _check_stop_strings(seq: Sequence, new_text: str) -> bool:
-    """Truncate ``seq.text`` at the first stop string that the new text completes."""
-    stops = seq.params.stop_strings
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def output(self) -> RequestOutput:
+        done = self.finish_reason is not None
+        completion = CompletionOutput(0, self.text, list(self.token_ids), self.finish_reason)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done)
+
+
+@dataclass
+class ProcessedStep:
+    outputs: list[RequestOutput]  # finished requests, and streaming ones that got a token
+    stopped: list[str]  # requests a stop string ended here: the core must finish them too
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, _RequestState] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            stream: bool) -> None:
+        detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                 if params.detokenize and self.tokenizer is not None else None)
+        self.requests[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+
+    def process(self, deltas: StepDeltas) -> ProcessedStep:
+        touched: dict[str, _RequestState] = {}
+        stopped = []
+        for rid, token in zip(deltas.token_request_ids, deltas.token_ids):
+            state = self.requests.get(rid)
+            if state is None:
+                continue  # ended here already (a stop string) while the core ran ahead
+            touched[rid] = state
+            if self._add_token(state, token):
+                stopped.append(rid)
+        for rid, reason in deltas.finished.items():
+            state = self.requests.get(rid)
+            if state is not None:
+                touched[rid] = state
+                self._finish(state, reason)
+        outputs = []
+        for rid, state in touched.items():
+            if state.finish_reason is not None:
+                del self.requests[rid]
+                outputs.append(state.output())
+            elif state.stream:
+                outputs.append(state.output())
+        return ProcessedStep(outputs, stopped)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self._finish(state, "abort")
+        return state.output()
+
+    def _add_token(self, state: _RequestState, token: int) -> bool:
+        """Append a token; True if a stop string ends the request here."""
+        state.token_ids.append(token)
+        if state.detokenizer is None:
+            return False
+        new_text = state.detokenizer.add([token])
+        state.text += new_text
+        if new_text and state.params.stop_strings and _truncate_at_stop(state, len(new_text)):
+            state.finish_reason = "stop"
+            return True
+        return False
+
+    def _finish(self, state: _RequestState, reason: str) -> None:
+        if state.finish_reason is not None:
+            return  # a stop string ended it first
+        state.finish_reason = reason
+        if state.detokenizer is not None:
+            tail = state.detokenizer.flush()
+            state.text += tail
+            if tail and state.params.stop_strings and _truncate_at_stop(state, len(tail)):
+                state.finish_reason = "stop"
+
+
+def _truncate_at_stop(state: _RequestState, num_new_chars: int) -> bool:
+    """Cut ``state.text`` at the first stop string that the newest characters complete."""
+    stops = state.params.stop_strings
     longest = max(len(s) for s in stops)
-    search_from = max(0, len(seq.text) - len(new_text) - longest + 1)
-    hits = [(i, s) for s in stops if (i := seq.text.find(s, search_from)) >= 0]
+    search_from = max(0, len(state.text) - num_new_chars - longest + 1)
+    hits = [(i, s) for s in stops if (i := state.text.find(s, search_from)) >= 0]
     if not hits:
         return False
     index, stop = min(hits)
-    seq.text = seq.text[:index + len(stop) if seq.params.include_stop_str_in_output else index]
+    state.text = state.text[:index + len(stop) if state.params.include_stop_str_in_output else index]
     return True
-
-
-def append_token(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> str | None:
-    """Add a sampled token; return the finish reason if the sequence is now done."""
-    seq.output_token_ids.append(token)
-    p = seq.params
-    if seq.detokenizer is not None:
-        new_text = seq.detokenizer.add([token])
-        seq.text += new_text
-        if new_text and p.stop_strings and _check_stop_strings(seq, new_text):
-            return "stop"
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
-        return "stop"
-    if len(seq.output_token_ids) >= seq.max_new_tokens:
-        return "length"
-    return None
-
-
-def request_output(seq: Sequence) -> RequestOutput:
-    completion = CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason)
-    return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.finished, seq.error)

@@ -3,15 +3,19 @@ ones from the queue, under a token budget and the KV blocks available. When bloc
 newest running sequence is preempted (freed, recomputed later from its tokens).
 
 Scheduling is optimistic so a step can be planned while the previous one still runs: a scheduled
-sampling step adds one pending token. Blocks and table slots of a sequence that leaves the batch are
-released only once the newest step that includes it has completed (``step_done``)."""
+sampling step adds one pending token. Blocks and next-token rows of a sequence that leaves the batch
+are released only once the newest step that includes it has completed.
+
+The scheduler owns every request's state: it appends sampled tokens (``update``), decides when a
+sequence is done (EOS, stop token ids, length), finishes, aborts and preempts."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tandem.engine.block_manager import BlockManager, SlotPool
+from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.sequence import Sequence, SeqStatus
+from tandem.engine.step import StepOutput
 
 
 @dataclass(slots=True)
@@ -33,21 +37,47 @@ class SchedulerOutput:
         return sum(item.num_tokens for item in self.items)
 
 
+@dataclass
+class StepDeltas:
+    """What a processed step changed, flat and compact (it may cross to another process)."""
+
+    token_request_ids: list[str] = field(default_factory=list)  # one entry per new token, with ...
+    token_ids: list[int] = field(default_factory=list)  # ... the token
+    finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason
+
+    def __bool__(self) -> bool:
+        return bool(self.token_ids or self.finished)
+
+
+@dataclass
+class _DeferredRelease:
+    """Blocks and a row that a launched step still reads: free once ``step_id`` has completed."""
+
+    step_id: int
+    block_ids: list[int]
+    row: int | None
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager,
-                 slots: SlotPool) -> None:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, rows: RowPool,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.blocks = blocks
-        self.slots = slots
+        self.rows = rows
+        self.eos_token_ids = eos_token_ids
+        self.requests: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._deferred: list[tuple[int, list[int], int | None]] = []
+        self._deferred: list[_DeferredRelease] = []
         self._next_step = 0
         self._last_done_step = -1
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -86,11 +116,11 @@ class Scheduler:
             n = min(seq.num_tokens, budget)
             if not self.blocks.can_grow(seq.block_ids, n):
                 break
-            slot = self.slots.acquire()
-            if slot is None:
+            row = self.rows.acquire()
+            if row is None:
                 break
             self.waiting.popleft()
-            seq.slot, seq.status = slot, SeqStatus.RUNNING
+            seq.row, seq.status = row, SeqStatus.RUNNING
             self.running.append(seq)
             budget -= self._take(out, seq, n)
 
@@ -114,7 +144,46 @@ class Scheduler:
                 return False
         return True
 
+    # --- results of a step ------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, output: StepOutput, deltas: StepDeltas) -> None:
+        """Step ``sched`` has completed on the device with ``output``: append its tokens, finish
+        what is done, and record both in ``deltas``."""
+        self._step_done(sched.step_id)
+        sampled = (item.seq for item in sched.items if item.sample)
+        for seq, token in zip(sampled, output.token_ids):
+            seq.num_pending -= 1
+            if seq.finished:
+                continue  # finished a step earlier: this token was computed speculatively
+            seq.output_token_ids.append(token)
+            deltas.token_request_ids.append(seq.request_id)
+            deltas.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq.request_id, reason)
+                deltas.finished[seq.request_id] = reason
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(seq.output_token_ids) >= seq.max_new_tokens:
+            return "length"
+        return None
+
     # --- leaving the batch ---------------------------------------------------------------
+    def finish(self, request_id: str, reason: str) -> bool:
+        """End a request (done, stopped by its text, or aborted); False if it is not here."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self._release(seq)
+        return True
+
     def preempt(self, seq: Sequence) -> bool:
         """Back to the queue front, to be recomputed; returns True if its blocks free later."""
         self.running.remove(seq)
@@ -124,35 +193,45 @@ class Scheduler:
         self.waiting.appendleft(seq)
         return self._release(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
-        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
-        self._release(seq)
-
     def _release(self, seq: Sequence) -> bool:
-        blocks, slot = seq.block_ids, seq.slot
-        seq.block_ids, seq.slot = [], None
+        blocks, row = seq.block_ids, seq.row
+        seq.block_ids, seq.row = [], None
         if seq.last_step > self._last_done_step:
-            self._deferred.append((seq.last_step, blocks, slot))
+            self._deferred.append(_DeferredRelease(seq.last_step, blocks, row))
             return True
-        self._free(blocks, slot)
+        self._free(blocks, row)
         return False
 
-    def step_done(self, step_id: int) -> None:
+    def _step_done(self, step_id: int) -> None:
         """Step ``step_id`` has completed on the device: what only it still used can be reused."""
         self._last_done_step = step_id
         keep = []
         for entry in self._deferred:
-            if entry[0] <= step_id:
-                self._free(entry[1], entry[2])
+            if entry.step_id <= step_id:
+                self._free(entry.block_ids, entry.row)
             else:
                 keep.append(entry)
         self._deferred = keep
 
-    def _free(self, blocks: list[int], slot: int | None) -> None:
+    def all_steps_done(self) -> None:
+        """Nothing is in flight any more (the engine drained the device): release everything deferred."""
+        self._step_done(self._next_step - 1)
+
+    def _free(self, blocks: list[int], row: int | None) -> None:
         self.blocks.free(blocks)
-        if slot is not None:
-            self.slots.release(slot)
+        if row is not None:
+            self.rows.release(row)
+
+    # --- what the engine reports ---------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_usage(self) -> float:
+        """Fraction of usable KV blocks held (by requests or by releases still deferred)."""
+        usable = self.blocks.num_blocks - 1
+        return (usable - self.blocks.num_free) / usable

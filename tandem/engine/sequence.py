@@ -1,17 +1,29 @@
-"""One request's state as it moves through the engine."""
+"""One request's state on the host side of the engine, written only by the scheduler."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
+from tandem.engine.step import request_values
 from tandem.sampling_params import SamplingParams
-from tandem.tokenizer import IncrementalDetokenizer
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class EngineRequest:
+    """A validated, tokenized request as the engine core receives it (plain data: it may cross a
+    process boundary)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved: the request's own, or drawn for it when it arrived
+    max_new_tokens: int  # max_tokens, capped by the room left under max_model_len
 
 
 @dataclass(eq=False)
@@ -24,27 +36,26 @@ class Sequence:
     params: SamplingParams
     seed: int
     max_new_tokens: int
-    prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_pending: int = 0
     num_computed: int = 0  # tokens whose K/V is written, or will be by a launched step
     block_ids: list[int] = field(default_factory=list)
-    slot: int | None = None  # row in the device table of last sampled tokens
+    row: int | None = None  # this sequence's row in the device's next-token table while it runs
     last_step: int = -1  # newest step that includes this sequence
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
-    error: str | None = None
-    text: str = ""
-    detokenizer: IncrementalDetokenizer | None = None
     num_preemptions: int = 0
-    stream: bool = False  # emit an output every step, not only at the end
     prompt_len: int = field(init=False)
-    sampling_row: tuple[float, float, float, int] = field(init=False)  # as the batch builder packs it
+    #: the constant per-sample step fields of this request (see ``step.request_values``)
+    step_values: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        p = self.params
         self.prompt_len = len(self.prompt_token_ids)
-        self.sampling_row = (0.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.effective_top_k)
+        self.step_values = request_values(self.params, self.seed)
+
+    @classmethod
+    def from_request(cls, req: EngineRequest) -> Sequence:
+        return cls(req.request_id, list(req.prompt_token_ids), req.params, req.seed, req.max_new_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tandem.model.attention import AttentionMetadata, paged_attention, store_kv
+from tandem.model.attention import StepAttention
 from tandem.kernels import triton_available
 from tandem.model import layers
 from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin
@@ -57,14 +57,14 @@ class LlamaModel:
             self._add_norm, self._silu_mul = layers.add_rms_norm, layers.silu_mul
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+                attn: StepAttention) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
         eps = self.config.rms_norm_eps
         hidden = F.embedding(input_ids, self.weights.embed)
         residual = None
         for i, layer in enumerate(self.weights.layers):
             hidden, residual = self._add_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._attention(hidden, layer, positions, kv_cache[i], meta, block_size)
+            hidden = self._attention(hidden, layer, positions, kv_cache[i], attn)
             hidden, residual = self._add_norm(hidden, residual, layer.post_norm, eps)
             hidden = F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
         return self._add_norm(hidden, residual, self.weights.norm, eps)[0]
@@ -77,7 +77,7 @@ class LlamaModel:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def _attention(self, x: torch.Tensor, layer: LayerWeights, positions: torch.Tensor,
-                   cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+                   cache: torch.Tensor, attn: StepAttention) -> torch.Tensor:
         cfg = self.config
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -88,9 +88,7 @@ class LlamaModel:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         q, k = self._rope(q, k, positions)
-        store_kv(cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, cache, meta, block_size, self.scale)
-        return F.linear(out, layer.o)
+        return F.linear(attn(q, k, v, cache), layer.o)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weights.lm_head)

@@ -17,11 +17,21 @@ logger = logging.getLogger(__name__)
 Getter = Callable[[str, tuple[int, ...]], torch.Tensor]
 
 
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map tensor name -> file, from the shard index when there is one."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a valid shard index ({exc!r})") from None
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{path}: shards listed in {index.name} are missing: {missing}")
@@ -31,25 +41,45 @@ def _weight_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors checkpoints load)")
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             names.update({name: file for name in f.keys()})
     return names
 
 
-def checkpoint_getter(path: Path, device: torch.device, dtype: torch.dtype) -> Getter:
-    files = _weight_files(path)
+# Tensors a checkpoint may carry that the forward rightly ignores: rotary tables some exporters save,
+# and an lm_head that tied embeddings replace.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in files:
-            raise ValueError(f"{path}: weight {name!r} is missing from the checkpoint")
-        with safe_open(str(files[name]), framework="pt") as f:
-            tensor = f.get_tensor(name)
+
+class CheckpointReader:
+    """Reads named tensors from a checkpoint's safetensors files and remembers which were used, so
+    that tensors the forward does not implement (leftovers) are an error rather than ignored."""
+
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.path, self.device, self.dtype = path, device, dtype
+        self.files = _weight_files(path)
+        self.used: set[str] = set()
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.files:
+            raise ValueError(f"{self.path}: weight {name!r} is missing from the checkpoint")
+        with _open(self.files[name]) as f:
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as exc:
+                raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)}, config implies {shape}")
-        return tensor.to(device=device, dtype=dtype)
+            raise ValueError(f"{self.path}: weight {name!r} has shape {tuple(tensor.shape)}, config implies {shape}")
+        self.used.add(name)
+        return tensor.to(device=self.device, dtype=self.dtype)
 
-    get.names = set(files)  # type: ignore[attr-defined]
-    return get
+    def check_all_used(self, tied_embeddings: bool) -> None:
+        left = sorted(n for n in set(self.files) - self.used
+                      if not n.endswith(_IGNORABLE_SUFFIXES) and not (tied_embeddings and n == "lm_head.weight"))
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise ValueError(f"{self.path}: the checkpoint has tensors the model does not use ({shown}); "
+                             "its config describes a different model, or a feature tandem does not implement")
 
 
 def _layer(cfg: ModelConfig, get: Getter, i: int) -> LayerWeights:
@@ -78,7 +108,9 @@ def assemble_weights(cfg: ModelConfig, get: Getter) -> ModelWeights:
 
 
 def load_checkpoint_weights(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelWeights:
-    weights = assemble_weights(cfg, checkpoint_getter(path, device, dtype))
+    reader = CheckpointReader(path, device, dtype)
+    weights = assemble_weights(cfg, reader.get)
+    reader.check_all_used(cfg.tie_word_embeddings)
     logger.info("loaded %s (%s, %.2fB params) to %s as %s", path, cfg.architecture, cfg.num_params() / 1e9,
                 device, dtype)
     return weights

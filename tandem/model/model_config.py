@@ -84,11 +84,35 @@ def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
     return int(window) if window else None
 
 
+# Settings the forward does not implement, with the value that means "not used". A checkpoint that
+# sets one otherwise would load and silently give wrong tokens, so it is refused instead.
+_MUST_BE_OFF: dict[str, Any] = {"attention_bias": False, "mlp_bias": False, "quantization_config": None,
+                                "partial_rotary_factor": 1.0, "attn_logit_softcapping": None,
+                                "final_logit_softcapping": None}
+_ACTIVATIONS = ("silu", "swish")
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    for key, off in _MUST_BE_OFF.items():
+        value = cfg.get(key, off)
+        if value != off and not (off is False and value is None):
+            raise NotImplementedError(f"config.json sets {key}={value!r}, which tandem does not implement "
+                                      f"(supported: {off!r})")
+    act = cfg.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise NotImplementedError(f"config.json sets hidden_act={act!r}; only {_ACTIVATIONS} are implemented")
+    kinds = set(cfg.get("layer_types") or [])
+    if kinds - {"full_attention"}:
+        raise NotImplementedError(f"config.json sets layer_types {sorted(kinds)}; only full attention per "
+                                  "layer (or one sliding_window for every layer, Mistral-style) is implemented")
+
+
 def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ValueError(f"unsupported architecture {archs!r}; supported: {sorted(ARCHITECTURES)}")
+    _check_supported(cfg)
     heads = int(cfg["num_attention_heads"])
     theta, scaling = _rope(cfg)
     eos = _as_list((generation or {}).get("eos_token_id")) or _as_list(cfg.get("eos_token_id"))
@@ -113,11 +137,38 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
     )
 
 
+def resolve_model_config(source: str) -> ModelConfig:
+    """The config of a checkpoint folder or a ``random:<preset>`` (no weights are read)."""
+    from tandem.model.presets import PREFIX, preset_config
+
+    if source.startswith(PREFIX):
+        return preset_config(source)
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {source!r} is neither a local checkpoint folder nor "
+                                f"'{PREFIX}<preset>' (models are not downloaded)")
+    return load_model_config(path)
+
+
+def requested_max_model_len(cfg: ModelConfig, max_model_len: int | None, allow_long: bool) -> int:
+    """What the user asked for, checked against the positions the model was trained for."""
+    if max_model_len is None:
+        return cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings and not allow_long:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; set allow_long_max_model_len=True "
+                         "(--allow-long-max-model-len) to accept it")
+    return max_model_len
+
+
 def load_model_config(path: Path) -> ModelConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON ({exc})") from None
     gen_file = path / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
     try:

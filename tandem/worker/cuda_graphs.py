@@ -3,7 +3,9 @@
 One graph per (padded batch size, sampler variant), captured at start-up into one shared memory
 pool, largest first so smaller graphs reuse its memory. Graph inputs are one static packed buffer
 that each step fills with a device-to-device copy on the compute stream; the placeholder gather
-(pending tokens from ``next_tokens``) runs inside the graph."""
+(pending tokens from the next-token table) runs inside the graph. A graph is keyed by everything its
+kernels read as a shape (batch size, block-table width, sampler variant), and replayed only for a
+step of exactly that shape."""
 from __future__ import annotations
 
 import logging
@@ -12,16 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.batch import Padding, StepInputs, StepShape
-from tandem.engine.model_runner import ModelRunner
-from tandem.engine.profile import dummy_decode_step
+from tandem.engine.batch import Padding
+from tandem.engine.step import StepInputs, StepShape
+from tandem.worker.memory import decode_step
+from tandem.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
-def capture_sizes(max_seqs: int) -> list[int]:
+def capture_sizes(max_seqs: int) -> tuple[int, ...]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_seqs] + list(range(16, max_seqs, 16))
-    return sorted(set(sizes + [max_seqs]))
+    return tuple(sorted(set(sizes + [max_seqs])))
 
 
 @dataclass
@@ -32,18 +35,14 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_seqs: int, max_blocks: int, dummy_slot: int) -> None:
+    def __init__(self, runner: ModelRunner, max_seqs: int, max_blocks: int, padding_row: int) -> None:
         self.runner = runner
         self.max_blocks = max_blocks
-        self.dummy_slot = dummy_slot
+        self.padding_row = padding_row
         self.sizes = capture_sizes(max_seqs)
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.static_data = torch.zeros(0, dtype=torch.int64, device=runner.device)
-
-    def padding_for(self, num_seqs: int) -> Padding | None:
-        size = next((s for s in self.sizes if s >= num_seqs), None)
-        return None if size is None else Padding(size, self.max_blocks, self.dummy_slot)
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
@@ -56,24 +55,23 @@ class DecodeGraphs:
                 self.graphs[key] = self._capture_one(step, stream)
         stream.synchronize()
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s; graph pool holds %.2f GiB",
-                    len(self.graphs), self.sizes, time.perf_counter() - t0,
+                    len(self.graphs), list(self.sizes), time.perf_counter() - t0,
                     (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30)
 
     def _dummy(self, batch: int, random: bool) -> StepInputs:
-        return dummy_decode_step(batch, random, Padding(batch, self.max_blocks, self.dummy_slot),
-                                 self.runner.block_size)
+        return decode_step(random, Padding(batch, self.max_blocks, self.padding_row), self.runner.block_size)
 
     def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
         data = self.static_data[:step.data.size]
         data.copy_(torch.from_numpy(step.data))
-        self.runner.run(data, step)  # warm-up: lazy initialisation stays out of the graph
+        self.runner.run(data, step.shape, step.sampler)  # warm-up: lazy initialisation stays out of the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            tokens = self.runner.run(data, step)
+            tokens = self.runner.run(data, step.shape, step.sampler)
         return _Graph(graph, step.shape, tokens)
 
     def lookup(self, step: StepInputs) -> _Graph | None:
-        g = self.graphs.get((step.shape.num_seqs, step.any_random))
+        g = self.graphs.get((step.shape.num_seqs, step.sampler.any_random))
         return g if g is not None and g.shape == step.shape else None
 
     def replay(self, g: _Graph, data: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tandem.cli.engine_args import add_engine_args, engine_options
 
-def add_bench_parser(sub) -> None:
-    from tandem.cli import add_engine_args
 
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark sync vs async batching on random prompts")
-    add_engine_args(p, default_model=None)
+    add_engine_args(p, default_model=None, skip=("async_batching",))
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=1024)
@@ -23,7 +23,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--trace", type=Path, default=None, help="Chrome trace JSON (open in Perfetto)")
     p.add_argument("--timeline-steps", type=int, default=8)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=run_bench_cli)
+    p.set_defaults(func=run)
 
 
 def default_bench_model() -> str:
@@ -32,18 +32,14 @@ def default_bench_model() -> str:
     return "random:llama3.2-1b" if torch.cuda.is_available() else "random:tiny"
 
 
-def run_bench_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from tandem.bench.api import bench
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    from tandem.cli import engine_kwargs
-
-    kwargs = engine_kwargs(args)
-    kwargs.pop("async_batching")
-    model = args.model or default_bench_model()
-    bench(model, modes=modes, num_requests=args.num_requests, prompt_len=args.prompt_len,
-          max_tokens=args.max_tokens, temperature=args.temperature, workload_seed=args.workload_seed,
-          compare_hf=args.compare_hf, hf_modes=args.hf_modes.split(",") if args.hf_modes else None,
-          json_path=args.json, timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps,
-          progress=args.progress, **kwargs)
+    bench(args.model or default_bench_model(), modes=modes, num_requests=args.num_requests,
+          prompt_len=args.prompt_len, max_tokens=args.max_tokens, temperature=args.temperature,
+          workload_seed=args.workload_seed, compare_hf=args.compare_hf,
+          hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
+          timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
+          **engine_options(args, skip=("async_batching",)))
     return 0

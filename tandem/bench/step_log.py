@@ -1,11 +1,12 @@
 """Per-step measurements for benchmarks: host phase durations and what each step computed.
 
-Off unless asked for (``engine.step_log = StepLog()``); when on, it costs a few ``perf_counter``
-calls per step. Device times come from the executor's events, matched by step id."""
+A ``StepObserver`` the benchmark attaches to the engine core; device times come from the worker's
+step timing, matched by step id."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.engine.observer import ProcessTimes, SubmitTimes
 from tandem.engine.scheduler import SchedulerOutput
 
 
@@ -31,15 +32,15 @@ class StepLog:
     records: list[StepRecord] = field(default_factory=list)
     by_id: dict[int, StepRecord] = field(default_factory=dict)
 
-    def add(self, sched: SchedulerOutput, t_begin: float, t_sched: float, t_built: float, t_sent: float) -> None:
+    def step_submitted(self, sched: SchedulerOutput, t: SubmitTimes) -> None:
         decode = sum(1 for item in sched.items if item.num_tokens == 1 and item.start >= item.seq.prompt_len)
         rec = StepRecord(sched.step_id, sched.num_tokens, len(sched.items), decode,
                          sum(item.start + item.num_tokens for item in sched.items),
-                         sum(item.num_tokens * (item.start + item.num_tokens) for item in sched.items), t_begin,
-                         t_sched - t_begin, t_built - t_sched, t_sent - t_built)
+                         sum(item.num_tokens * (item.start + item.num_tokens) for item in sched.items), t.begin,
+                         t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built)
         self.records.append(rec)
         self.by_id[rec.step_id] = rec
 
-    def processed(self, step_id: int, t_collect: float, t_got: float, t_done: float) -> None:
+    def step_processed(self, step_id: int, t: ProcessTimes) -> None:
         rec = self.by_id[step_id]
-        rec.t_collect, rec.wait_s, rec.process_s = t_collect, t_got - t_collect, t_done - t_got
+        rec.t_collect, rec.wait_s, rec.process_s = t.collect, t.collected - t.collect, t.processed - t.collected

@@ -1,0 +1,34 @@
+"""Command line: ``tandem generate|bench|serve``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tandem.cli import bench, generate
+
+
+def _serve(args: argparse.Namespace) -> int:
+    raise NotImplementedError("`tandem serve` (the OpenAI-compatible server) is not implemented yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    generate.add_parser(sub)
+    bench.add_parser(sub)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not implemented yet)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2

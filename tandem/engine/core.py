@@ -1,0 +1,90 @@
+"""The engine core: scheduler + worker + the step loop. Token ids in, token deltas out; no text.
+
+One loop serves every worker. After submitting step N it processes the oldest outstanding step once
+more than ``worker.depth`` are in flight: depth 0 is synchronous; depth 1 lets the device run step N
+while the host processes step N-1 and plans step N+1. This is what runs in the engine-core process
+of the server, and in-process under ``LLMEngine``."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.config import EngineConfig
+from tandem.engine.batch import build_step, padding_for
+from tandem.engine.block_manager import BlockManager, RowPool
+from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
+from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
+from tandem.engine.sequence import EngineRequest, Sequence
+from tandem.engine.worker_api import Worker
+
+
+@dataclass
+class _InFlight:
+    sched: SchedulerOutput
+    handle: Any  # the worker's handle to collect the step's output with
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int]) -> None:
+        info = worker.info
+        self.worker = worker
+        self.block_size = info.block_size
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   BlockManager(info.num_kv_blocks, info.block_size), RowPool(info.num_rows),
+                                   eos_token_ids)
+        self.in_flight: deque[_InFlight] = deque()
+        self.observers: list[StepObserver] = []
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.scheduler.add(Sequence.from_request(request))
+
+    def finish_requests(self, request_ids: list[str], reason: str = "abort") -> list[str]:
+        """End these requests now (aborted, or stopped by their text); returns those that were running."""
+        return [rid for rid in request_ids if self.scheduler.finish(rid, reason)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self.in_flight)
+
+    def step(self) -> StepDeltas:
+        """Plan and launch one step; return what the step(s) completed meanwhile changed."""
+        t_begin = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.items:
+            t_sched = time.perf_counter()
+            step = build_step(sched, self.block_size, padding_for(sched, self.worker.info))
+            t_built = time.perf_counter()
+            self.in_flight.append(_InFlight(sched, self.worker.submit(step)))
+            for obs in self.observers:
+                obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
+        deltas = StepDeltas()
+        while self.in_flight and (len(self.in_flight) > self.worker.depth or not sched.items):
+            done = self.in_flight.popleft()
+            t_collect = time.perf_counter()
+            output = self.worker.collect(done.handle)
+            t_collected = time.perf_counter()
+            self.scheduler.update(done.sched, output, deltas)
+            for obs in self.observers:
+                obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
+        return deltas
+
+    def abort_all(self) -> list[str]:
+        """Recover from an interrupted loop: wait for the device, drop what was in flight, end every
+        request. The core is idle and usable afterwards."""
+        self.worker.drain()
+        self.in_flight.clear()
+        aborted = self.finish_requests(list(self.scheduler.requests))
+        self.scheduler.all_steps_done()
+        return aborted
+
+    def set_async(self, enabled: bool) -> None:
+        if self.has_unfinished_requests():
+            raise RuntimeError("cannot switch between sync and async batching while requests are running")
+        self.worker.set_async(enabled)
+
+    def shutdown(self) -> None:
+        while self.in_flight:
+            self.worker.collect(self.in_flight.popleft().handle)
+        self.scheduler.all_steps_done()
+        self.worker.shutdown()

@@ -1,0 +1,51 @@
+"""The one interface between the engine (host) and the worker (device): submit a packed step,
+collect a typed output. A single-device worker implements it today; a group of tensor-parallel
+ranks or an engine core in another process implements the same calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tandem.engine.step import StepInputs, StepOutput
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the host needs to know about the device side, fixed once the worker has started."""
+
+    device: str  # e.g. "cuda:0", "cpu"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    dtype: str
+    num_kv_blocks: int  # including the reserved block 0
+    block_size: int
+    max_model_len: int
+    num_rows: int  # rows of the next-token table that sequences may hold
+    padding_row: int  # the row padding rows sample into
+    graph_batch_sizes: tuple[int, ...]  # decode steps of up to these many sequences replay a graph
+    graph_max_blocks: int  # block-table width of graph-replayed steps
+
+
+@dataclass(frozen=True)
+class StepInterval:
+    """When the device ran one step, on the host's perf_counter clock (seconds)."""
+
+    step_id: int
+    start: float
+    end: float
+
+
+class Worker(Protocol):
+    info: WorkerInfo
+
+    @property
+    def depth(self) -> int:
+        """How many submitted steps may be outstanding before the engine collects the oldest."""
+
+    def submit(self, step: StepInputs) -> Any: ...
+    def collect(self, handle: Any) -> StepOutput: ...
+    def set_async(self, enabled: bool) -> None: ...
+    def drain(self) -> None:
+        """Wait until every submitted step has finished on the device (results may be dropped)."""
+    def start_timing(self) -> None: ...
+    def stop_timing(self) -> list[StepInterval]: ...
+    def shutdown(self) -> None: ...

@@ -1,0 +1,58 @@
+"""What every attention backend takes and offers.
+
+The KV cache of one layer is ``[2, num_slots, kv_heads, head_dim]`` where slot = block * block_size
++ offset. Block 0 is never handed out: padding tokens write there and padded block-table entries
+point there, so static (graph-captured) shapes need no branches."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionInputs:
+    """Device tensors describing one flat step (each sequence's tokens contiguous), shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
+    block_tables: torch.Tensor  # [B, max_blocks] pages of each sequence (0 = padding)
+    query_start: torch.Tensor  # [B + 1] offset of each sequence's first token in the flat batch
+    seq_lens: torch.Tensor  # [B] context length including this step's tokens
+    positions: torch.Tensor  # [T] absolute position of each token
+    max_q: int  # longest query chunk of one sequence (host value)
+    block_size: int
+    scale: float
+    sliding_window: int | None = None
+
+
+class AttentionBackend(ABC):
+    """One kernel family. ``prepare`` runs once per step, ``attend`` once per layer."""
+
+    name: str = "?"
+
+    def prepare(self, inputs: AttentionInputs) -> Any:
+        """Metadata derived from the step's inputs, on the device, without host synchronisation."""
+        return inputs
+
+    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        cache[0].index_copy_(0, slot_mapping, k)
+        cache[1].index_copy_(0, slot_mapping, v)
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: Any) -> torch.Tensor:
+        """q: [T, Hq, D] (this step's K/V already stored) -> [T, Hq * D]."""
+
+
+@dataclass
+class StepAttention:
+    """A backend bound to one step's metadata: what the model's layers call."""
+
+    backend: AttentionBackend
+    inputs: AttentionInputs
+    meta: Any
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        self.backend.store_kv(cache, k, v, self.inputs.slot_mapping)
+        return self.backend.attend(q, cache, self.meta)

@@ -1,0 +1,11 @@
+"""The device side: model weights, KV cache, CUDA graphs, executors, the model runner, the sampler."""
+from __future__ import annotations
+
+from tandem.config import EngineConfig
+from tandem.engine.worker_api import Worker
+
+
+def create_worker(config: EngineConfig) -> Worker:
+    from tandem.worker.worker import DeviceWorker
+
+    return DeviceWorker(config)

@@ -1,0 +1,99 @@
+"""Executors run submitted steps on the device. The engine only calls ``submit`` then, possibly a
+step later, ``collect``; how much runs ahead is the executor's business (``depth``).
+
+Here the host-side ones, for CPU devices: the synchronous baseline, and a worker thread that plays
+the device so the asynchronous pipeline runs (and is tested) without a GPU."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from tandem.engine.step import StepInputs, StepOutput
+from tandem.engine.worker_api import StepInterval
+from tandem.worker.model_runner import ModelRunner
+
+
+class Executor(Protocol):
+    depth: int
+
+    def submit(self, step: StepInputs) -> Any: ...
+    def collect(self, handle: Any) -> StepOutput: ...
+    def drain(self) -> None: ...
+    def start_timing(self) -> None: ...
+    def stop_timing(self) -> list[StepInterval]: ...
+    def shutdown(self) -> None: ...
+
+
+class _HostExecutor:
+    """Runs a step where it is called, timing it on the host clock when asked (the device lane)."""
+
+    depth = 0
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self._intervals: list[StepInterval] | None = None
+
+    def _run(self, step: StepInputs) -> StepOutput:
+        start = time.perf_counter()
+        data = torch.from_numpy(step.data).to(self.runner.device)
+        tokens = self.runner.run(data, step.shape, step.sampler).tolist()
+        if self._intervals is not None:
+            self._intervals.append(StepInterval(step.step_id, start, time.perf_counter()))
+        return StepOutput(step.step_id, tokens)
+
+    def start_timing(self) -> None:
+        self._intervals = []
+
+    def stop_timing(self) -> list[StepInterval]:
+        self.drain()
+        intervals, self._intervals = self._intervals or [], None
+        return intervals
+
+    def drain(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SyncExecutor(_HostExecutor):
+    """Copy in, run, copy out: the host and the device take turns."""
+
+    depth = 0
+
+    def submit(self, step: StepInputs) -> StepOutput:
+        return self._run(step)
+
+    def collect(self, handle: StepOutput) -> StepOutput:
+        return handle
+
+
+class ThreadExecutor(_HostExecutor):
+    """The async pipeline without a GPU: one worker thread plays the device and runs steps in
+    submission order, as a stream would; futures play the events. PyTorch releases the GIL inside
+    its ops, so the host really does plan step N+1 while the worker computes step N. The worker
+    gets torch's intra-op threads (all cores); the host needs none (its work is numpy and Python)."""
+
+    depth = 1
+
+    def __init__(self, runner: ModelRunner, num_threads: int | None = None) -> None:
+        super().__init__(runner)
+        threads = num_threads or os.cpu_count() or 1
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-device",
+                                          initializer=torch.set_num_threads, initargs=(threads,))
+
+    def submit(self, step: StepInputs) -> Future:
+        return self._worker.submit(self._run, step)
+
+    def collect(self, handle: Future) -> StepOutput:
+        return handle.result()
+
+    def drain(self) -> None:
+        self._worker.submit(lambda: None).result()  # the worker runs in order: all earlier steps are done
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True)

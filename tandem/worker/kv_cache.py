@@ -1,0 +1,49 @@
+"""How many KV blocks fit, and the cache tensor itself."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tandem.model.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 32768
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """[layers, 2 (K, V), num_blocks * block_size, kv_heads, head_dim]."""
+    return torch.zeros(cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim,
+                       device=device, dtype=dtype)
+
+
+def gpu_kv_budget_bytes(device: torch.device, utilization: float, peak_activation_bytes: int) -> int:
+    """Bytes left for KV under ``utilization`` after weights, activations and non-torch use."""
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = total - free - torch.cuda.memory_reserved(device)
+    used = torch.cuda.memory_allocated(device)
+    return int(total * utilization) - non_torch - max(used, peak_activation_bytes)
+
+
+def plan_num_blocks(kv_cache_tokens: int | None, block_size: int, utilization: float, cfg: ModelConfig,
+                    device: torch.device, dtype: torch.dtype, peak_activation_bytes: int = 0) -> int:
+    if kv_cache_tokens is not None:
+        tokens = kv_cache_tokens
+    elif device.type == "cuda":
+        tokens = gpu_kv_budget_bytes(device, utilization, peak_activation_bytes) // kv_bytes_per_token(cfg, dtype)
+    else:
+        tokens = CPU_DEFAULT_KV_TOKENS
+    num_blocks = tokens // block_size + 1  # +1: block 0 is the reserved padding block
+    if num_blocks < 2:
+        raise ValueError(f"no room for a KV cache: {tokens} tokens fit (lower the model size or raise "
+                         "gpu_memory_utilization)")
+    size_gib = num_blocks * block_size * kv_bytes_per_token(cfg, dtype) / 2**30
+    logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks - 1, block_size,
+                (num_blocks - 1) * block_size, size_gib)
+    return num_blocks

@@ -1,0 +1,127 @@
+"""CUDA executor: H2D, compute and D2H on three non-default streams, ordered only by events.
+
+Two buffers (pinned host + device inputs, device + pinned host outputs) alternate between steps.
+Before a buffer is reused, the events of the step that last used it fence it:
+  - host inputs of buffer k: rewritten only after their previous H2D copy is done (``h2d_done``);
+  - device inputs of buffer k: overwritten only after the compute that read them is done (``compute_done``);
+  - device outputs of buffer k: overwritten only after their previous D2H copy is done (``d2h_done``).
+With ``depth=1`` the host plans step N+1 while the device runs step N; with ``depth=0`` the same
+work runs with the host waiting after every step (the synchronous baseline)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.engine.step import StepInputs, StepOutput
+from tandem.engine.worker_api import StepInterval
+from tandem.worker.cuda_graphs import DecodeGraphs
+from tandem.worker.model_runner import ModelRunner
+from tandem.worker.timing import CudaStepTimer
+
+NUM_BUFFERS = 2
+
+
+@dataclass
+class _Buffer:
+    host_in: torch.Tensor  # pinned int64: the packed step inputs
+    dev_in: torch.Tensor
+    dev_out: torch.Tensor
+    host_out: torch.Tensor
+    h2d_done: torch.cuda.Event
+    compute_done: torch.cuda.Event
+    d2h_done: torch.cuda.Event
+
+
+@dataclass
+class _Handle:
+    step_id: int
+    buffer: int
+    num_sampled: int
+
+
+def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype, pin_memory=True)
+
+
+class StreamExecutor:
+    def __init__(self, runner: ModelRunner, depth: int, max_sampled: int, graphs: DecodeGraphs | None = None) -> None:
+        self.runner, self.depth, self.graphs = runner, depth, graphs
+        self.device = runner.device
+        self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
+        self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
+        self.buffers = [self._new_buffer(8192, max_sampled) for _ in range(NUM_BUFFERS)]
+        self._next = 0
+        self._timer: CudaStepTimer | None = None
+
+    def _new_buffer(self, n_words: int, n_out: int) -> _Buffer:
+        dev = self.device
+        return _Buffer(_pinned(n_words, torch.int64), torch.empty(n_words, dtype=torch.int64, device=dev),
+                       torch.empty(n_out, dtype=torch.int64, device=dev), _pinned(n_out, torch.int64),
+                       torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+
+    def _fit(self, k: int, n_words: int) -> _Buffer:
+        """Grow buffer k's inputs if this step's inputs do not fit (rare: bigger steps)."""
+        buf = self.buffers[k]
+        if buf.host_in.numel() < n_words:
+            buf.h2d_done.synchronize()  # the old inputs may still be copied from or read
+            buf.compute_done.synchronize()
+            grown = self._new_buffer(max(n_words, 2 * buf.host_in.numel()), buf.dev_out.numel())
+            grown.dev_out, grown.host_out = buf.dev_out, buf.host_out
+            grown.compute_done, grown.d2h_done = buf.compute_done, buf.d2h_done
+            self.buffers[k] = buf = grown
+        return buf
+
+    def submit(self, step: StepInputs) -> _Handle:
+        k = self._next
+        self._next = (k + 1) % NUM_BUFFERS
+        n_words, n_out = step.data.size, step.shape.num_sampled
+        buf = self._fit(k, n_words)
+        # The step that last used this buffer (two back) has been collected, so its copy is over; the
+        # only per-step host wait stays the one in collect().
+        assert buf.h2d_done.query(), "host input buffer reused while its copy is in flight"
+        np.copyto(buf.host_in[:n_words].numpy(), step.data)
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_event(buf.compute_done)
+            buf.dev_in[:n_words].copy_(buf.host_in[:n_words], non_blocking=True)  # the step's one H2D copy
+            buf.h2d_done.record(self.h2d)
+        with torch.cuda.stream(self.compute):
+            self.compute.wait_event(buf.h2d_done)
+            self.compute.wait_event(buf.d2h_done)
+            start = self._timer.mark() if self._timer else None
+            tokens = self._run(buf.dev_in[:n_words], step)
+            buf.dev_out[:n_out].copy_(tokens)
+            if self._timer:
+                self._timer.add(step.step_id, start, self._timer.mark())
+            buf.compute_done.record(self.compute)
+        with torch.cuda.stream(self.d2h):
+            self.d2h.wait_event(buf.compute_done)
+            buf.host_out[:n_out].copy_(buf.dev_out[:n_out], non_blocking=True)
+            buf.d2h_done.record(self.d2h)
+        return _Handle(step.step_id, k, n_out)
+
+    def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        graph = self.graphs.lookup(step) if self.graphs is not None else None
+        if graph is not None:
+            return self.graphs.replay(graph, data)
+        return self.runner.run(data, step.shape, step.sampler)
+
+    def collect(self, handle: _Handle) -> StepOutput:
+        buf = self.buffers[handle.buffer]
+        buf.d2h_done.synchronize()  # the only per-step host wait
+        return StepOutput(handle.step_id, buf.host_out[:handle.num_sampled].tolist())
+
+    def drain(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def start_timing(self) -> None:
+        """Record compute-stream events around every step from now on, aligned to the host clock."""
+        self._timer = CudaStepTimer(self.compute)
+
+    def stop_timing(self) -> list[StepInterval]:
+        timer, self._timer = self._timer, None
+        return timer.intervals() if timer else []
+
+    def shutdown(self) -> None:
+        torch.cuda.synchronize(self.device)

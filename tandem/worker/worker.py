@@ -1,0 +1,118 @@
+"""The device side of the engine on one device: loads the model, sizes and allocates the KV cache,
+captures CUDA graphs, and runs steps through an executor (sync or async). Implements the engine's
+``Worker`` interface."""
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from tandem.config import EngineConfig
+from tandem.engine.step import StepInputs, StepOutput
+from tandem.engine.worker_api import StepInterval, WorkerInfo
+from tandem.model.model_config import requested_max_model_len, resolve_model_config
+from tandem.model.registry import load_model
+from tandem.worker.device import device_name, resolve_device, resolve_dtype
+from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
+from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
+from tandem.worker.memory import profile_peak_memory
+from tandem.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def fit_max_model_len(requested: int, kv_tokens: int, explicit: bool) -> int:
+    if requested <= kv_tokens:
+        return requested
+    if explicit:
+        raise ValueError(f"max_model_len={requested} does not fit the KV cache ({kv_tokens} tokens); "
+                         "lower max_model_len or give the cache more memory")
+    logger.warning("max_model_len lowered from %d to %d to fit the KV cache", requested, kv_tokens)
+    return kv_tokens
+
+
+class DeviceWorker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model_config = resolve_model_config(config.model)
+        max_positions = requested_max_model_len(model_config, config.max_model_len, config.allow_long_max_model_len)
+        self.model = load_model(config.model, self.device, self.dtype, max_positions, config.seed)
+        num_blocks = self._plan_kv_blocks(max_positions)
+        max_model_len = fit_max_model_len(max_positions, (num_blocks - 1) * config.block_size,
+                                          explicit=config.max_model_len is not None)
+        kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size, self.device, self.dtype)
+        num_rows = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
+        self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1)  # +1: padding rows
+        graph_max_blocks = -(-max_model_len // config.block_size)
+        self.graphs = self._capture_graphs(graph_max_blocks, num_rows)
+        self.info = WorkerInfo(
+            device=str(self.device), device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len, num_rows=num_rows,
+            padding_row=num_rows, graph_batch_sizes=self.graphs.sizes if self.graphs else (),
+            graph_max_blocks=graph_max_blocks)
+        self._executor = self._make_executor(config.async_batching)
+
+    def _plan_kv_blocks(self, max_positions: int) -> int:
+        c = self.config
+        peak = 0
+        if self.device.type == "cuda":
+            peak = profile_peak_memory(self.model, min(c.max_num_batched_tokens, max_positions), c.block_size)
+        return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.config,
+                               self.device, self.dtype, peak)
+
+    def _capture_graphs(self, max_blocks: int, padding_row: int):
+        if not (self.config.use_cuda_graphs and self.device.type == "cuda"):
+            return None
+        from tandem.worker.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, padding_row)
+        graphs.capture(torch.cuda.Stream(self.device))
+        return graphs
+
+    def _make_executor(self, async_batching: bool) -> Executor:
+        depth = 1 if async_batching else 0
+        if self.device.type == "cuda":
+            from tandem.worker.stream_executor import StreamExecutor
+
+            return StreamExecutor(self.runner, depth, self.config.max_num_seqs, self.graphs)
+        return ThreadExecutor(self.runner) if depth else SyncExecutor(self.runner)
+
+    # --- the Worker interface ------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._executor.depth
+
+    def submit(self, step: StepInputs):
+        return self._executor.submit(step)
+
+    def collect(self, handle) -> StepOutput:
+        return self._executor.collect(handle)
+
+    def set_async(self, enabled: bool) -> None:
+        self._executor.shutdown()
+        self._executor = self._make_executor(enabled)
+
+    def drain(self) -> None:
+        self._executor.drain()
+
+    def start_timing(self) -> None:
+        self._executor.start_timing()
+
+    def stop_timing(self) -> list[StepInterval]:
+        return self._executor.stop_timing()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown()
+
+    def release_memory(self) -> None:
+        """Drop the KV cache, graphs and executor (the worker cannot run afterwards); weights stay."""
+        self.shutdown()
+        self.runner.kv_cache = None
+        self.graphs = None
+        self._executor = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
