@@ -49,15 +49,3 @@ class HFTokenizer:
         out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding where 4.x returned a list
         return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def load_tokenizer(source: str) -> Tokenizer | None:
-    """The tokenizer of a checkpoint folder (None when it ships none: token-id prompts only), or the
-    built-in byte tokenizer of the ``random:`` presets."""
-    from tandem.model.presets import PREFIX
-
-    if source.startswith(PREFIX):
-        return ByteTokenizer()
-    path = Path(source)
-    has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    return HFTokenizer(path) if has_files else None

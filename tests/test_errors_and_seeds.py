@@ -1,12 +1,6 @@
 """Seeded sampling is reproducible in any batch; bad inputs give clear errors and change nothing else."""
-import json
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from checkpoints import build_checkpoint
 
 from tandem import LLM, SamplingParams
 from tandem.cli import main
@@ -67,60 +61,6 @@ def test_generate_argument_errors(tiny_llm):
         tiny_llm.generate([[1]], SamplingParams(temperature=-1), use_tqdm=False)
 
 
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_unknown_architecture(tmp_path, checkpoint):
-    path = _copy(checkpoint, tmp_path / "gpt2")
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
-    (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
-        LLM(str(path), device="cpu")
-
-
-def test_missing_weights(tmp_path, checkpoint):
-    path = _copy(checkpoint, tmp_path / "noweights")
-    (path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="safetensors"):
-        LLM(str(path), device="cpu")
-
-
-def test_missing_tensor_is_named(tmp_path, checkpoint):
-    path = _copy(checkpoint, tmp_path / "notensor")
-    tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.1.mlp.down_proj.weight"]
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
-        LLM(str(path), device="cpu")
-
-
-def test_shape_mismatch_is_named(tmp_path, checkpoint):
-    path = _copy(checkpoint, tmp_path / "badshape")
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["intermediate_size"] += 8
-    (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"gate_proj.weight.*shape \(128, 64\).*\(136, 64\)"):
-        LLM(str(path), device="cpu")
-
-
-def test_missing_shard(tmp_path):
-    path = build_checkpoint("llama", tmp_path / "sharded", sharded=True)
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    (path / sorted(set(index["weight_map"].values()))[-1]).unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
-        LLM(str(path), device="cpu")
-
-
-def test_unknown_preset_and_missing_folder():
-    with pytest.raises(ValueError, match="unknown preset.*random:tiny"):
-        LLM("random:gpt5", device="cpu")
-    with pytest.raises(FileNotFoundError, match="not downloaded"):
-        LLM("meta-llama/Llama-3-8B", device="cpu")
-
-
 def test_cli_reports_errors_with_status_2(capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "nothing")]) == 2
     assert "tandem: error:" in capsys.readouterr().err
@@ -145,3 +85,36 @@ def test_streaming_requests_get_an_output_per_token():
             seen[out.request_id].append(len(out.outputs[0].token_ids))
     assert seen == {"s": [1, 2, 3, 4, 5, 6], "q": [6]}
     engine.shutdown()
+
+
+@pytest.mark.parametrize("where", ["core.step", "worker.submit", "worker.collect"])
+@pytest.mark.parametrize("async_batching", [True, False])
+def test_an_interrupted_llm_keeps_working_with_the_same_outputs(async_batching, where, monkeypatch):
+    """Ctrl-C between steps, after a step was planned but before it was launched, or while waiting
+    for the device: the engine drains, ends every request, and runs the next batch as a fresh one."""
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 30, 12)]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=9, max_tokens=15, ignore_eos=True)]
+    options = dict(device="cpu", max_model_len=64, kv_cache_tokens=256, async_batching=async_batching)
+    expected = [o.outputs[0].token_ids for o in LLM("random:tiny", **options).generate(prompts, params, use_tqdm=False)]
+    llm = LLM("random:tiny", **options)
+    core = llm.engine.core
+    owner = core if where == "core.step" else core.worker
+    name = where.split(".")[1]
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(owner, name, real)
+    assert not llm.engine.has_unfinished_requests() and core.scheduler.kv_usage() == 0
+    assert core.scheduler.rows.num_free == core.scheduler.rows.num_rows
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert again == expected

@@ -13,10 +13,9 @@ from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
 from tandem.engine.sequence import EngineRequest
 from tandem.engine.worker_api import Worker
-from tandem.model.model_config import resolve_model_config
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
-from tandem.tokenizer import load_tokenizer
+from tandem.model.sources import load_tokenizer, resolve_model_config
 
 
 class LLMEngine:

@@ -137,19 +137,6 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
     )
 
 
-def resolve_model_config(source: str) -> ModelConfig:
-    """The config of a checkpoint folder or a ``random:<preset>`` (no weights are read)."""
-    from tandem.model.presets import PREFIX, preset_config
-
-    if source.startswith(PREFIX):
-        return preset_config(source)
-    path = Path(source)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {source!r} is neither a local checkpoint folder nor "
-                                f"'{PREFIX}<preset>' (models are not downloaded)")
-    return load_model_config(path)
-
-
 def requested_max_model_len(cfg: ModelConfig, max_model_len: int | None, allow_long: bool) -> int:
     """What the user asked for, checked against the positions the model was trained for."""
     if max_model_len is None:

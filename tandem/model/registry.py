@@ -7,15 +7,14 @@ import torch
 
 from tandem.model.llama import LlamaModel
 from tandem.model.loader import assemble_weights, load_checkpoint_weights, random_getter
-from tandem.model.model_config import resolve_model_config
-from tandem.model.presets import PREFIX
+from tandem.model.sources import is_preset, resolve_model_config
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int,
                seed: int = 0) -> LlamaModel:
     """Weights on ``device``; rotary tables cover ``max_positions`` positions."""
     config = resolve_model_config(source)
-    if source.startswith(PREFIX):
+    if is_preset(source):
         weights = assemble_weights(config, random_getter(device, dtype, seed))
     else:
         weights = load_checkpoint_weights(Path(source), config, device, dtype)

@@ -5,7 +5,6 @@ Here the host-side ones, for CPU devices: the synchronous baseline, and a worker
 the device so the asynchronous pipeline runs (and is tested) without a GPU."""
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
@@ -75,14 +74,19 @@ class SyncExecutor(_HostExecutor):
 class ThreadExecutor(_HostExecutor):
     """The async pipeline without a GPU: one worker thread plays the device and runs steps in
     submission order, as a stream would; futures play the events. PyTorch releases the GIL inside
-    its ops, so the host really does plan step N+1 while the worker computes step N. The worker
-    gets torch's intra-op threads (all cores); the host needs none (its work is numpy and Python)."""
+    its ops, so the host really does plan step N+1 while the worker computes step N.
+
+    The worker gets torch's intra-op threads; the host thread is set to one while this executor
+    lives (its work is numpy and Python), because an idle OpenMP pool of the host's keeps spinning on
+    the cores the worker needs (measured: 2x slower steps on 2 cores)."""
 
     depth = 1
 
     def __init__(self, runner: ModelRunner, num_threads: int | None = None) -> None:
         super().__init__(runner)
-        threads = num_threads or os.cpu_count() or 1
+        self._host_threads = torch.get_num_threads()
+        threads = num_threads or self._host_threads
+        torch.set_num_threads(1)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-device",
                                           initializer=torch.set_num_threads, initargs=(threads,))
 
@@ -97,3 +101,4 @@ class ThreadExecutor(_HostExecutor):
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True)
+        torch.set_num_threads(self._host_threads)

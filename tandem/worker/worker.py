@@ -11,7 +11,8 @@ import torch
 from tandem.config import EngineConfig
 from tandem.engine.step import StepInputs, StepOutput
 from tandem.engine.worker_api import StepInterval, WorkerInfo
-from tandem.model.model_config import requested_max_model_len, resolve_model_config
+from tandem.model.model_config import requested_max_model_len
+from tandem.model.sources import resolve_model_config
 from tandem.model.registry import load_model
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
