@@ -73,3 +73,25 @@ def test_floor_model_counts_weights_once_and_kv_per_token():
     assert cost.bytes == pytest.approx(expected, rel=1e-9)
     c = Ceilings(copy_bytes_per_s=3e12, gemm_flops_per_s=8e14)
     assert cost.floor_s(c) == pytest.approx(expected / 3e12)  # decode at batch 32 is memory bound
+
+
+def test_cpu_async_gives_the_worker_the_threads_and_the_host_one():
+    import torch
+
+    from tandem.llm import LLM
+
+    before = torch.get_num_threads()
+    llm = LLM("random:tiny", device="cpu", kv_cache_tokens=256, async_batching=True)
+    executor = llm.engine.worker._executor
+    worker_threads = executor._worker.submit(torch.get_num_threads).result()
+    assert worker_threads == before and torch.get_num_threads() == 1
+    llm.engine.core.set_async(False)  # the sync executor computes on the host thread again
+    assert torch.get_num_threads() == before
+
+
+def test_bench_prints_a_header_and_counts_tokens_in_its_progress_bar(capsys):
+    assert main(["bench", "--model", "random:tiny", "--num-requests", "2", "--prompt-len", "5", "--max-tokens", "7",
+                 "--modes", "async"]) == 0
+    out, err = capsys.readouterr()
+    assert "tandem bench: random:tiny on cpu" in out and "torch threads" in out and "2 requests x (5 prompt" in out
+    assert "14/14" in err and "tok" in err  # 2 requests x 7 tokens
