@@ -1,9 +1,11 @@
 """The engine core: scheduler + worker + the step loop. Token ids in, token deltas out; no text.
 
-One loop serves every worker. After submitting step N it processes the oldest outstanding step once
-more than ``worker.depth`` are in flight: depth 0 is synchronous; depth 1 lets the device run step N
-while the host processes step N-1 and plans step N+1. This is what runs in the engine-core process
-of the server, and in-process under ``LLMEngine``."""
+One loop serves every worker: plan and submit step N+1, then collect and process step N. With
+asynchronous batching the device runs step N+1 while the host processes step N and plans N+2; in
+synchronous mode the worker finishes each step before ``submit`` returns, so the host and the device
+take turns. Both modes make the same scheduling decisions from the same information, so they give
+the same batches and the same tokens: the only difference is the overlap. This is what runs in the
+engine-core process of the server, and in-process under ``LLMEngine``."""
 from __future__ import annotations
 
 import time
@@ -18,6 +20,17 @@ from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
 from tandem.engine.worker_api import Worker
+
+
+@dataclass(frozen=True)
+class CoreStats:
+    """The core's gauges and counters, as the server's /metrics exports them."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of usable KV blocks held
+    num_preemptions: int  # since start
+    gpu_idle_fraction: float | None  # over the most recent steps (None before two steps ran)
 
 
 @dataclass
@@ -59,7 +72,7 @@ class EngineCore:
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
         deltas = StepDeltas()
-        while self.in_flight and (len(self.in_flight) > self.worker.depth or not sched.items):
+        while self.in_flight and (len(self.in_flight) > 1 or not sched.items):
             done = self.in_flight.popleft()
             t_collect = time.perf_counter()
             output = self.worker.collect(done.handle)
@@ -68,6 +81,10 @@ class EngineCore:
             for obs in self.observers:
                 obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
         return deltas
+
+    def stats(self) -> CoreStats:
+        s = self.scheduler
+        return CoreStats(s.num_running, s.num_waiting, s.kv_usage(), s.num_preemptions, self.worker.idle_fraction())
 
     def abort_all(self) -> list[str]:
         """Recover from an interrupted loop: wait for the device, drop what was in flight, end every

@@ -37,15 +37,14 @@ class StepInterval:
 class Worker(Protocol):
     info: WorkerInfo
 
-    @property
-    def depth(self) -> int:
-        """How many submitted steps may be outstanding before the engine collects the oldest."""
-
     def submit(self, step: StepInputs) -> Any: ...
     def collect(self, handle: Any) -> StepOutput: ...
     def set_async(self, enabled: bool) -> None: ...
     def drain(self) -> None:
         """Wait until every submitted step has finished on the device (results may be dropped)."""
-    def start_timing(self) -> None: ...
+    def start_timing(self) -> None:
+        """Keep the interval of every step collected from now on (a benchmark's device lane)."""
     def stop_timing(self) -> list[StepInterval]: ...
+    def idle_fraction(self) -> float | None:
+        """Device idle time between the most recent steps, over their span (always measured)."""
     def shutdown(self) -> None: ...

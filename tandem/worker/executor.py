@@ -1,5 +1,5 @@
-"""Executors run submitted steps on the device. The engine only calls ``submit`` then, possibly a
-step later, ``collect``; how much runs ahead is the executor's business (``depth``).
+"""Executors run submitted steps on the device. The engine calls ``submit`` for step N+1, then
+``collect`` for step N; a synchronous executor has finished each step when ``submit`` returns.
 
 Here the host-side ones, for CPU devices: the synchronous baseline, and a worker thread that plays
 the device so the asynchronous pipeline runs (and is tested) without a GPU."""
@@ -14,43 +14,40 @@ import torch
 from tandem.engine.step import StepInputs, StepOutput
 from tandem.engine.worker_api import StepInterval
 from tandem.worker.model_runner import ModelRunner
+from tandem.worker.timing import StepTimes
 
 
 class Executor(Protocol):
-    depth: int
-
     def submit(self, step: StepInputs) -> Any: ...
     def collect(self, handle: Any) -> StepOutput: ...
     def drain(self) -> None: ...
+    times: StepTimes  # when the device ran each collected step
+
     def start_timing(self) -> None: ...
     def stop_timing(self) -> list[StepInterval]: ...
     def shutdown(self) -> None: ...
 
 
 class _HostExecutor:
-    """Runs a step where it is called, timing it on the host clock when asked (the device lane)."""
-
-    depth = 0
+    """Runs a step where it is called, timing it on the host clock (the device lane)."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self._intervals: list[StepInterval] | None = None
+        self.times = StepTimes()
 
     def _run(self, step: StepInputs) -> StepOutput:
         start = time.perf_counter()
         data = torch.from_numpy(step.data).to(self.runner.device)
         tokens = self.runner.run(data, step.shape, step.sampler).tolist()
-        if self._intervals is not None:
-            self._intervals.append(StepInterval(step.step_id, start, time.perf_counter()))
+        self.times.add(StepInterval(step.step_id, start, time.perf_counter()))
         return StepOutput(step.step_id, tokens)
 
     def start_timing(self) -> None:
-        self._intervals = []
+        self.times.start_capture()
 
     def stop_timing(self) -> list[StepInterval]:
         self.drain()
-        intervals, self._intervals = self._intervals or [], None
-        return intervals
+        return self.times.stop_capture()
 
     def drain(self) -> None:
         pass
@@ -61,8 +58,6 @@ class _HostExecutor:
 
 class SyncExecutor(_HostExecutor):
     """Copy in, run, copy out: the host and the device take turns."""
-
-    depth = 0
 
     def submit(self, step: StepInputs) -> StepOutput:
         return self._run(step)
@@ -79,8 +74,6 @@ class ThreadExecutor(_HostExecutor):
     The worker gets torch's intra-op threads; the host thread is set to one while this executor
     lives (its work is numpy and Python), because an idle OpenMP pool of the host's keeps spinning on
     the cores the worker needs (measured: 2x slower steps on 2 cores)."""
-
-    depth = 1
 
     def __init__(self, runner: ModelRunner, num_threads: int | None = None) -> None:
         super().__init__(runner)

@@ -5,8 +5,8 @@ Before a buffer is reused, the events of the step that last used it fence it:
   - host inputs of buffer k: rewritten only after their previous H2D copy is done (``h2d_done``);
   - device inputs of buffer k: overwritten only after the compute that read them is done (``compute_done``);
   - device outputs of buffer k: overwritten only after their previous D2H copy is done (``d2h_done``).
-With ``depth=1`` the host plans step N+1 while the device runs step N; with ``depth=0`` the same
-work runs with the host waiting after every step (the synchronous baseline)."""
+Asynchronous: the host plans step N+1 while the device runs step N. Synchronous (``blocking``): the
+same work, with the host waiting for each step's output at the end of ``submit`` (the baseline)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from tandem.engine.step import StepInputs, StepOutput
 from tandem.engine.worker_api import StepInterval
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.model_runner import ModelRunner
-from tandem.worker.timing import CudaStepTimer
+from tandem.worker.timing import CudaStepClock, StepTimes
 
 NUM_BUFFERS = 2
 
@@ -32,6 +32,8 @@ class _Buffer:
     h2d_done: torch.cuda.Event
     compute_done: torch.cuda.Event
     d2h_done: torch.cuda.Event
+    started: torch.cuda.Event  # timing events around the step on the compute stream, read at collect
+    ended: torch.cuda.Event
 
 
 @dataclass
@@ -46,20 +48,22 @@ def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class StreamExecutor:
-    def __init__(self, runner: ModelRunner, depth: int, max_sampled: int, graphs: DecodeGraphs | None = None) -> None:
-        self.runner, self.depth, self.graphs = runner, depth, graphs
+    def __init__(self, runner: ModelRunner, blocking: bool, max_sampled: int, graphs: DecodeGraphs | None = None) -> None:
+        self.runner, self.blocking, self.graphs = runner, blocking, graphs
         self.device = runner.device
         self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
         self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
         self.buffers = [self._new_buffer(8192, max_sampled) for _ in range(NUM_BUFFERS)]
         self._next = 0
-        self._timer: CudaStepTimer | None = None
+        self.clock = CudaStepClock(self.compute)
+        self.times = StepTimes()
 
     def _new_buffer(self, n_words: int, n_out: int) -> _Buffer:
         dev = self.device
         return _Buffer(_pinned(n_words, torch.int64), torch.empty(n_words, dtype=torch.int64, device=dev),
                        torch.empty(n_out, dtype=torch.int64, device=dev), _pinned(n_out, torch.int64),
-                       torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+                       torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event(),
+                       torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
     def _fit(self, k: int, n_words: int) -> _Buffer:
         """Grow buffer k's inputs if this step's inputs do not fit (rare: bigger steps)."""
@@ -70,6 +74,7 @@ class StreamExecutor:
             grown = self._new_buffer(max(n_words, 2 * buf.host_in.numel()), buf.dev_out.numel())
             grown.dev_out, grown.host_out = buf.dev_out, buf.host_out
             grown.compute_done, grown.d2h_done = buf.compute_done, buf.d2h_done
+            grown.started, grown.ended = buf.started, buf.ended
             self.buffers[k] = buf = grown
         return buf
 
@@ -89,16 +94,17 @@ class StreamExecutor:
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(buf.h2d_done)
             self.compute.wait_event(buf.d2h_done)
-            start = self._timer.mark() if self._timer else None
+            buf.started.record(self.compute)
             tokens = self._run(buf.dev_in[:n_words], step)
             buf.dev_out[:n_out].copy_(tokens)
-            if self._timer:
-                self._timer.add(step.step_id, start, self._timer.mark())
+            buf.ended.record(self.compute)
             buf.compute_done.record(self.compute)
         with torch.cuda.stream(self.d2h):
             self.d2h.wait_event(buf.compute_done)
             buf.host_out[:n_out].copy_(buf.dev_out[:n_out], non_blocking=True)
             buf.d2h_done.record(self.d2h)
+        if self.blocking:
+            buf.d2h_done.synchronize()
         return _Handle(step.step_id, k, n_out)
 
     def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
@@ -110,18 +116,17 @@ class StreamExecutor:
     def collect(self, handle: _Handle) -> StepOutput:
         buf = self.buffers[handle.buffer]
         buf.d2h_done.synchronize()  # the only per-step host wait
+        self.times.add(self.clock.interval(handle.step_id, buf.started, buf.ended))
         return StepOutput(handle.step_id, buf.host_out[:handle.num_sampled].tolist())
 
     def drain(self) -> None:
         torch.cuda.synchronize(self.device)
 
     def start_timing(self) -> None:
-        """Record compute-stream events around every step from now on, aligned to the host clock."""
-        self._timer = CudaStepTimer(self.compute)
+        self.times.start_capture()
 
     def stop_timing(self) -> list[StepInterval]:
-        timer, self._timer = self._timer, None
-        return timer.intervals() if timer else []
+        return self.times.stop_capture()
 
     def shutdown(self) -> None:
         torch.cuda.synchronize(self.device)

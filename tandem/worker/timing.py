@@ -1,15 +1,48 @@
-"""The device lane of a benchmark on CUDA: events recorded on the compute stream around each step,
-converted to the host's perf_counter clock through one anchor event."""
+"""When the device ran each step, always on: a rolling window gives the recent GPU idle fraction
+(the server exports it), and a capture gives the benchmark its device lane.
+
+On CUDA, events recorded on the compute stream around each step are read once the step is
+collected (they are complete by then) and placed on the host's perf_counter clock through one
+anchor event. On a CPU the worker's steps are timed with perf_counter directly."""
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
 from tandem.engine.worker_api import StepInterval
 
 
-class CudaStepTimer:
+class StepTimes:
+    def __init__(self, window: int = 256) -> None:
+        self._recent: deque[StepInterval] = deque(maxlen=window)
+        self._captured: list[StepInterval] | None = None
+
+    def add(self, interval: StepInterval) -> None:
+        self._recent.append(interval)
+        if self._captured is not None:
+            self._captured.append(interval)
+
+    def idle_fraction(self) -> float | None:
+        """Gaps between consecutive steps over the span of the recent window (None if too few steps)."""
+        spans = sorted(self._recent, key=lambda i: i.start)
+        if len(spans) < 2:
+            return None
+        gaps = sum(max(0.0, b.start - a.end) for a, b in zip(spans, spans[1:]))
+        return gaps / max(spans[-1].end - spans[0].start, 1e-12)
+
+    def start_capture(self) -> None:
+        self._captured = []
+
+    def stop_capture(self) -> list[StepInterval]:
+        captured, self._captured = self._captured or [], None
+        return captured
+
+
+class CudaStepClock:
+    """Compute-stream events around each step, converted to host-clock intervals when collected."""
+
     def __init__(self, stream: torch.cuda.Stream) -> None:
         self.stream = stream
         torch.cuda.synchronize(stream.device)
@@ -17,18 +50,8 @@ class CudaStepTimer:
         self._anchor.record(stream)
         self._anchor.synchronize()
         self._anchor_host = time.perf_counter()
-        self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
-    def mark(self) -> torch.cuda.Event:
-        """Record an event on the compute stream now (call inside that stream's context)."""
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
-        return event
-
-    def add(self, step_id: int, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
-        self._events[step_id] = (start, end)
-
-    def intervals(self) -> list[StepInterval]:
-        torch.cuda.synchronize(self.stream.device)
+    def interval(self, step_id: int, start: torch.cuda.Event, end: torch.cuda.Event) -> StepInterval:
+        """For a completed step: its start and end on the host clock."""
         at = lambda e: self._anchor_host + self._anchor.elapsed_time(e) / 1e3  # noqa: E731
-        return [StepInterval(step_id, at(s), at(e)) for step_id, (s, e) in sorted(self._events.items())]
+        return StepInterval(step_id, at(start), at(end))

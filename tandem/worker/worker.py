@@ -74,18 +74,13 @@ class DeviceWorker:
         return graphs
 
     def _make_executor(self, async_batching: bool) -> Executor:
-        depth = 1 if async_batching else 0
         if self.device.type == "cuda":
             from tandem.worker.stream_executor import StreamExecutor
 
-            return StreamExecutor(self.runner, depth, self.config.max_num_seqs, self.graphs)
-        return ThreadExecutor(self.runner) if depth else SyncExecutor(self.runner)
+            return StreamExecutor(self.runner, not async_batching, self.config.max_num_seqs, self.graphs)
+        return ThreadExecutor(self.runner) if async_batching else SyncExecutor(self.runner)
 
     # --- the Worker interface ------------------------------------------------------------------
-    @property
-    def depth(self) -> int:
-        return self._executor.depth
-
     def submit(self, step: StepInputs):
         return self._executor.submit(step)
 
@@ -104,6 +99,9 @@ class DeviceWorker:
 
     def stop_timing(self) -> list[StepInterval]:
         return self._executor.stop_timing()
+
+    def idle_fraction(self) -> float | None:
+        return self._executor.times.idle_fraction()
 
     def shutdown(self) -> None:
         self._executor.shutdown()
