@@ -1,71 +1,123 @@
 """Paged decode attention in Triton: one query token per sequence, K/V read straight from pages.
 
-One program per (sequence, KV head) computes all query heads of that KV head together (GQA: the
-group becomes the rows of the score tile), walks the sequence's block table up to its own length
-with an online softmax, and so reads each needed K/V byte once. Reference: the gather + SDPA path
-in ``tandem.model.attention``; tested against it on CPU through Triton's interpreter."""
+A program per (sequence, KV head[, split]) computes all query heads of that KV head together (GQA:
+the group becomes the rows of the score tile) and walks the sequence's block table with an online
+softmax (``attend_key_range``, shared with the varlen kernel), so it reads each needed K/V byte once.
+
+Split-KV (flash-decoding): at small batch, B x Hkv programs leave most SMs idle on long contexts.
+With num_splits > 1 each program takes one share of its sequence's keys, sized in-kernel from that
+sequence's own length (at least MIN_SPLIT_KEYS, so short sequences use fewer splits and the rest
+write a neutral partial), writes its unnormalised (max, sum, acc) in float32, and a second small
+kernel combines the partials. num_splits is a host constant (part of a CUDA graph's key): see
+``decode_num_splits``. Reference: the gather + SDPA path in ``tandem.model.attention``; tested on
+CPU through Triton's interpreter."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.paged_varlen import LOG2E, attend_key_range, dot_precision, kernel_window, padded_head_dim
+
+BLOCK_N = 64
+MIN_SPLIT_KEYS = 256  # a split's share of keys: below this, the combine pass costs more than it saves
+MAX_SPLITS = 64
+WAVES = 2  # programs per SM that decode_num_splits aims for, so memory latency overlaps
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per sequence for a decode step: 1 when B x Hkv programs already fill the GPU or the
+    contexts are short, else about WAVES programs per SM, as a power of two (fewer graph variants)."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    wanted = min(triton.cdiv(WAVES * num_sms, programs), max_context // MIN_SPLIT_KEYS, MAX_SPLITS)
+    return 1 if wanted < 2 else 1 << (wanted.bit_length() - 1)
+
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, scale, window,
-                         stride_q_tok, stride_q_head, stride_kv_slot, stride_kv_head, stride_bt,
-                         stride_o_tok, stride_o_head,
+def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_stats_ptr,
+                         qk_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
+                         stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+                         DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
     row_ok = rows < GROUP
     dim_ok = dims < HEAD_DIM
+    io_mask = row_ok[:, None] & dim_ok[None, :]
     heads = kv_head * GROUP + rows
-    q = tl.load(q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    first = tl.maximum(seq_len - window, 0) // BLOCK_N * BLOCK_N  # keys before the window are skipped
-    for start in range(first, seq_len, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = (keys < seq_len) & (keys >= seq_len - window)
-        page = tl.load(block_tables_ptr + seq * stride_bt + keys // PAGE, mask=key_ok, other=0)
-        slots = page * PAGE + keys % PAGE
-        kv_offsets = slots[:, None] * stride_kv_slot + kv_head * stride_kv_head + dims[None, :]
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
+                mask=io_mask, other=0.0)
+    # Keys before the window are skipped; the rest is cut into block-aligned shares, one per split.
+    first = tl.maximum(seq_len - window, 0) // BLOCK_N * BLOCK_N
+    share = tl.cdiv(tl.maximum(tl.cdiv(seq_len - first, NUM_SPLITS), MIN_SPLIT), BLOCK_N) * BLOCK_N
+    lo = first + split * share
+    hi = tl.minimum(lo + share, seq_len)
+    pos = tl.zeros([GROUP_PAD], tl.int32) + seq_len - 1
+    k_base = cache_ptr + kv_head * stride_head
+    m_i, l_i, acc = attend_key_range(q, pos, seq_len - 1, seq_len - 1, lo, hi, window, qk_scale, k_base,
+                                     k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
+                                     dim_ok, PAGE, BLOCK_N, PRECISION, True)
+    flat_heads = seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + flat_heads[:, None] * HEAD_DIM + dims[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # An empty split leaves (max, sum, acc) = (-1e30, 0, 0), which the combine weighs as zero.
+        part = flat_heads * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=io_mask)
+        tl.store(part_stats_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_stats_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(part_acc_ptr, part_stats_ptr, out_ptr, NUM_SPLITS: tl.constexpr,
+                           SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    flat_head = tl.program_id(0).to(tl.int64)  # seq * Hq + head
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    split_ok = splits < NUM_SPLITS
+    part = flat_head * NUM_SPLITS + splits
+    m = tl.load(part_stats_ptr + part * 2, mask=split_ok, other=float("-inf"))
+    l = tl.load(part_stats_ptr + part * 2 + 1, mask=split_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                  mask=split_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    weight = tl.math.exp2(m - tl.max(m, 0))
+    total = tl.sum(weight * l, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + flat_head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, page_size: int, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    """q: [B, Hq, D] (one token per sequence); cache: [2, slots, Hkv, D] -> [B, Hq * D]."""
+                           sliding_window: int | None = None, num_splits: int = 1) -> torch.Tensor:
+    """q: [B, Hq, D] (one token per sequence, the last of its seq_lens[b] keys); cache: [2, slots, Hkv, D]
+    -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``)."""
     n_seqs, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
-    k, v = cache[0], cache[1]
-    out = torch.empty_like(q)
-    window = sliding_window if sliding_window is not None else 1 << 30
-    _paged_decode_kernel[(n_seqs, n_kv)](
-        q, k, v, block_tables, seq_lens, out, scale, window,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page_size, BLOCK_N=64, num_warps=4)
+    assert n_heads == group * n_kv and q.stride(2) == 1 and cache.stride(3) == 1 and num_splits >= 1
+    out = torch.empty(n_seqs, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        part_acc = part_stats = out  # not touched by the single-pass kernel
+    else:
+        part_acc = torch.empty(n_seqs, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_stats = torch.empty(n_seqs, n_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    dim_pad = padded_head_dim(head_dim)
+    _paged_decode_kernel[(n_seqs, n_kv, num_splits)](
+        q, cache, block_tables, seq_lens, out, part_acc, part_stats, scale * LOG2E, kernel_window(sliding_window),
+        q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        PAGE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_SPLIT=MIN_SPLIT_KEYS,
+        PRECISION=dot_precision(q.dtype), num_warps=4)
+    if num_splits > 1:
+        _combine_splits_kernel[(n_seqs * n_heads,)](
+            part_acc, part_stats, out, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, DIM_PAD=dim_pad, num_warps=1)
     return out.view(n_seqs, n_heads * head_dim)

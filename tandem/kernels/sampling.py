@@ -1,0 +1,198 @@
+"""Token sampling in one pass per row, with memory O(rows) instead of O(rows x vocab).
+
+The draw is the exponential race written in log space (Gumbel-max): among the eligible tokens take
+the argmax of ``x_i - log(-log u_i)``, where ``x = logits / temperature`` and ``u`` is the
+counter-based noise of ``tandem.worker.sampler.uniform_noise`` (a hash of seed, output index and
+token id). That draws token i with probability softmax(x)_i restricted to the eligible set, and a
+seeded request draws the same tokens whatever else shares its batch.
+
+Per-row controls, shared by ``fused_sample`` (the Triton kernel) and ``sample_reference`` (torch):
+
+* ``temperature == 0``: greedy, the argmax of the raw logits; cutoff and min_p do not apply.
+* ``cutoff``: token i is eligible only if ``logit_i >= cutoff`` (-inf: no cutoff). Top-k and top-p
+  are folded into it by the caller.
+* ``min_p``: token i is eligible only if ``x_i >= x_max + log(min_p)``, x_max over the tokens that
+  pass the cutoff; that is ``p_i >= min_p * p_max`` in log space, and min_p = 0 (log = -inf) is off.
+
+Ties go to the smallest token id. The two implementations agree exactly except where float
+rounding of ``log`` (a last-bit difference between libraries) decides a near-tie.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs still run sample_reference
+    triton = None
+
+
+def _jit(fn):
+    # Without Triton the kernels stay plain (never called) functions, so this module still imports.
+    return triton.jit(fn) if triton is not None else fn
+
+
+# Vocabulary entries per program step: 4 per thread at 8 warps. On sm_90 that compiles to 48
+# registers and no spills (2048 would need 72), so 5 programs fit on an SM.
+_BLOCK = 1024
+_NUM_WARPS = 8
+_CHUNK_ELEMENTS = 1 << 21  # sample_reference: rows per chunk so one [rows, V] temporary is ~2M elements
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _mix32(x):
+    # uint32 products wrap mod 2**32: the same values as sampler._mix32's int64 `& 0xFFFFFFFF`
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x446CA68B
+    return x ^ (x >> 16)
+
+
+@_jit
+def _row_key(seed, gen_index):
+    """The per-row half of uniform_noise's hash, from int64 seed and output index."""
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _mix32(_mix32(lo ^ _mix32(hi)) ^ (gen_index & 0xFFFFFFFF).to(tl.uint32))
+
+
+@_jit
+def _uniform(key, cols):
+    """uniform_noise(seed, gen_index)[cols] for key = _row_key(seed, gen_index)."""
+    h = _mix32(_mix32(key ^ (cols.to(tl.uint32) * 0x9E3779B1)))
+    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216)
+
+
+@_jit
+def _max_allowed_logit(row_ptr, n_vocab, cutoff, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, n_vocab, BLOCK):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        acc = tl.maximum(acc, tl.where(logit >= cutoff, logit, float("-inf")))
+    return tl.max(acc, axis=0)
+
+
+@_jit
+def _race_scores(logit, cols, t, cutoff, threshold, key):
+    """x - log(-log u) where the token is eligible, else -inf."""
+    x = tl.math.div_rn(logit, t)  # correctly rounded like torch's division (plain `/` may approximate)
+    eligible = (logit >= cutoff) & (x >= threshold)
+    return tl.where(eligible, x - tl.log(-tl.log(_uniform(key, cols))), float("-inf"))
+
+
+@_jit
+def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_ptr, seeds_ptr, gen_index_ptr,
+                   out_ptr, n_vocab, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # rows x vocab can pass 2**31
+    temperature = tl.load(temperature_ptr + row)
+    greedy = temperature == 0.0
+    t = tl.where(greedy, 1.0, temperature)
+    cutoff = tl.where(greedy, float("-inf"), tl.load(cutoff_ptr + row))
+    min_p = tl.where(greedy, 0.0, tl.load(min_p_ptr + row))
+
+    # Pass 1 only where min_p needs x_max. Dividing by t > 0 with correct rounding is monotone, so
+    # max_i fl(logit_i / t) == fl(max_i logit_i / t): the raw maximum suffices.
+    threshold = tl.full([], float("-inf"), tl.float32)  # on x; -inf: no min-p filter
+    if min_p > 0.0:
+        x_max = tl.math.div_rn(_max_allowed_logit(row_ptr, n_vocab, cutoff, BLOCK), t)
+        threshold = x_max + tl.log(min_p)
+    key = _row_key(tl.load(seeds_ptr + row), tl.load(gen_index_ptr + row))
+
+    # Pass 2: each lane keeps its own running best, updated only on a strict improvement so it holds
+    # its earliest column; one reduction at the end. Lanes past the vocabulary load -inf, which never
+    # beats the initial -inf.
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, n_vocab, BLOCK):
+        cols = start + offs
+        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        if greedy:  # uniform per program: greedy rows skip the hash and the logs
+            score = logit
+        else:
+            score = _race_scores(logit, cols, t, cutoff, threshold, key)
+        better = score > best
+        best = tl.where(better, score, best)
+        best_col = tl.where(better, cols, best_col)
+    # smallest column among the lanes holding the maximum (all -inf: column 0, as torch.argmax)
+    top = tl.max(best, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_col, n_vocab), axis=0).to(tl.int64))
+
+
+_ROW_DTYPES = {"temperature": torch.float32, "min_p": torch.float32, "cutoff": torch.float32,
+               "seeds": torch.int64, "gen_index": torch.int64}
+
+
+def _check_kernel_inputs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+    # metadata only (no device sync): a wrong dtype or stride would otherwise be read as garbage
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [S, V] float32 with unit column stride, got {logits.dtype} "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    for name, tensor in rows.items():
+        if tensor.dtype != _ROW_DTYPES[name] or tensor.shape != logits.shape[:1] or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{logits.shape[0]}] {_ROW_DTYPES[name]} tensor, "
+                             f"got {tensor.dtype} {tuple(tensor.shape)}")
+
+
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
+                 seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
+    """[S, V] float32 logits -> [S] int64 token ids, one program per row (see the module docstring).
+
+    temperature, min_p, cutoff: [S] float32; seeds, gen_index: [S] int64. No host syncs and no
+    [S, V] temporaries, so it can be captured in a CUDA graph."""
+    _check_kernel_inputs(logits, dict(temperature=temperature, min_p=min_p, cutoff=cutoff, seeds=seeds,
+                                      gen_index=gen_index))
+    n_rows, n_vocab = logits.shape
+    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    if n_rows:
+        _sample_kernel[(n_rows,)](logits, logits.stride(0), temperature, min_p, cutoff, seeds, gen_index, out,
+                                  n_vocab, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch reference
+# ---------------------------------------------------------------------------------------------
+
+def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
+                     seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
+    """The torch definition of ``fused_sample``: any device, float32 or float64 logits (the math runs
+    in the logits' dtype; the noise is float32 either way). Rows go in chunks so no temporary is
+    much larger than ``_CHUNK_ELEMENTS`` elements."""
+    n_rows, n_vocab = logits.shape
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, n_vocab))
+    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    for start in range(0, n_rows, rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        out[part] = _sample_rows(logits[part], temperature[part], min_p[part], cutoff[part], seeds[part],
+                                 gen_index[part])
+    return out
+
+
+def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
+                 seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
+    # imported here, not at the top: the worker's sampler module may itself import this one
+    from tandem.worker.sampler import uniform_noise
+
+    greedy = temperature == 0
+    greedy_ids = logits.argmax(dim=-1)
+    # a host check (a sync on CUDA, where fused_sample is the path): all-greedy chunks skip the hash
+    if bool(greedy.all()):
+        return greedy_ids
+    dtype = logits.dtype
+    x = logits / torch.where(greedy, 1.0, temperature).to(dtype)[:, None]
+    eligible = logits >= cutoff.to(dtype)[:, None]
+    x_max = x.masked_fill(~eligible, float("-inf")).amax(dim=-1, keepdim=True)
+    eligible &= x >= x_max + min_p.to(dtype).log()[:, None]  # min_p == 0: log = -inf, no filter
+    log_neg_log_u = uniform_noise(seeds, gen_index, logits.shape[1]).to(dtype).log_().neg_().log_()
+    scores = x.sub_(log_neg_log_u).masked_fill_(~eligible, float("-inf"))
+    return torch.where(greedy, greedy_ids, scores.argmax(dim=-1))
