@@ -64,8 +64,8 @@ def test_floor_model_counts_weights_once_and_kv_per_token():
 
     cfg = preset_config("random:llama3-8b")
     floor = FloorModel(cfg, torch.bfloat16)
-    rec = StepRecord(0, num_tokens=32, num_seqs=32, num_decode=32, kv_tokens=32 * 1000, attn_pairs=32 * 1000,
-                     t_begin=0, schedule_s=0, build_s=0, submit_s=0)
+    rec = StepRecord(0, num_tokens=32, num_seqs=32, num_decode=32, num_sampled=32, kv_tokens=32 * 1000,
+                     attn_pairs=32 * 1000, t_begin=0, schedule_s=0, build_s=0, submit_s=0)
     cost = floor.step_cost(rec)
     weights = 8_030_261_248  # Llama-3-8B's parameter count; the embedding table is read for 32 rows only
     kv_per_token = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16 bytes
@@ -95,3 +95,27 @@ def test_bench_prints_a_header_and_counts_tokens_in_its_progress_bar(capsys):
     out, err = capsys.readouterr()
     assert "tandem bench: random:tiny on cpu" in out and "torch threads" in out and "2 requests x (5 prompt" in out
     assert "14/14" in err and "tok" in err  # 2 requests x 7 tokens
+
+
+def test_length_ranges_and_poisson_arrivals(tmp_path):
+    from tandem.bench.workload import LengthRange, Workload, make_requests
+
+    out = tmp_path / "ranges.json"
+    assert main(["bench", "--model", "random:tiny", "--num-requests", "12", "--prompt-len", "3:40", "--max-tokens",
+                 "2:9", "--request-rate", "400", "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["workload"]["prompt_len"] == "3:40" and data["workload"]["max_tokens"] == "2:9"
+    assert data["workload"]["request_rate"] == 400 and data["outputs_identical_across_modes"]
+    reqs = make_requests(Workload(12, LengthRange(3, 40), LengthRange(2, 9), request_rate=400.0), 512)
+    assert {len(r.prompt) for r in reqs} <= set(range(3, 41)) and len({len(r.prompt) for r in reqs}) > 3
+    assert data["modes"]["async"]["output_tokens"] == sum(r.max_tokens for r in reqs)
+    arrivals = [r.arrival_s for r in reqs]
+    assert arrivals == sorted(arrivals) and 0 < arrivals[-1] < 1.0  # ~12 / 400 s
+
+
+@pytest.mark.parametrize("spec", ["0", "5:3", "a:b", "1:2:3", ""])
+def test_bad_length_specs_are_refused(spec):
+    from tandem.bench.workload import LengthRange
+
+    with pytest.raises(ValueError, match="MIN:MAX"):
+        LengthRange.parse(spec)

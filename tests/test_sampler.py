@@ -1,6 +1,7 @@
 import torch
 
-from tandem.worker.sampler import SamplingTensors, sample, uniform_noise
+from tandem.kernels.sampling import uniform_noise
+from tandem.worker.sampler import SamplingTensors, sample, top_k_top_p_cutoff
 
 
 def _tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, gen_index=None, sort=False):
@@ -68,3 +69,34 @@ def test_full_path_matches_reduced_path():
     logits = torch.randn(16, 200)
     seeds = torch.randint(0, 2**62, (16,))
     assert torch.equal(sample(logits, _tensors(16, seeds=seeds)), sample(logits, _tensors(16, seeds=seeds, sort=True)))
+
+
+def _cutoff_by_definition(row: torch.Tensor, t: float, k: int, p: float) -> float:
+    """Walk the sorted row: keep the top k (ties at the k-th included), then the smallest prefix by
+    probability at temperature t whose mass reaches p; the cutoff is the last kept value."""
+    ranked = sorted(row.tolist(), reverse=True)
+    if k > 0:
+        kth = ranked[min(k, len(ranked)) - 1]
+        ranked = [x for x in ranked if x >= kth]
+    if k <= 0 and p >= 1.0:
+        return float("-inf")
+    probs = torch.tensor(ranked, dtype=torch.float64).div(t).softmax(0).tolist()
+    mass, last = 0.0, ranked[0]
+    for x, q in zip(ranked, probs):
+        if mass >= p and p < 1.0:
+            break
+        mass, last = mass + q, x
+    return last
+
+
+def test_cutoff_matches_its_definition_with_ties():
+    gen = torch.Generator().manual_seed(5)
+    rows = (torch.randn(40, 300, generator=gen, dtype=torch.float64) * 2).round(decimals=1)  # many ties
+    temperature = torch.rand(40, generator=gen, dtype=torch.float64) + 0.3
+    top_k = torch.randint(-1, 40, (40,), generator=gen)
+    top_p = torch.rand(40, generator=gen, dtype=torch.float64).clamp(min=0.05)
+    top_p[::4] = 1.0
+    got = top_k_top_p_cutoff(rows, temperature, top_k, top_p)
+    for i in range(40):
+        want = _cutoff_by_definition(rows[i], temperature[i].item(), top_k[i].item(), top_p[i].item())
+        assert got[i].item() == want, (i, top_k[i].item(), top_p[i].item())

@@ -112,7 +112,7 @@ triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 NOISE = r"""
 import torch, triton, triton.language as tl
-from tandem.worker.sampler import uniform_noise
+from tandem.kernels.sampling import uniform_noise
 from tandem.kernels.sampling import _row_key, _uniform
 
 @triton.jit
@@ -132,7 +132,7 @@ print("noise ok")
 
 KERNEL = r"""
 import math, torch
-from tandem.worker.sampler import uniform_noise
+from tandem.kernels.sampling import uniform_noise
 from tandem.kernels.sampling import fused_sample, sample_reference
 
 # per row: temperature, target min_p, top-k cutoff rank (0: none). Greedy rows get a min_p and a

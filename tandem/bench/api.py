@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from tandem.bench.report import decode_check_text, record, table, write_json
-from tandem.bench.runner import Workload, random_prompts, run_benchmark
+from tandem.bench.runner import run_benchmark
+from tandem.bench.workload import BenchRequest, LengthRange, Workload
 from tandem.bench.timeline import draw_timeline, write_trace
 from tandem.llm import LLM
 
@@ -16,28 +17,35 @@ VALID_MODES = ("sync", "async")
 
 
 def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
-          prompt_len: int = 256, max_tokens: int = 1024, temperature: float = 0.0, workload_seed: int = 0,
-          compare_hf: bool = False, hf_modes: list[str] | None = None, json_path: Path | None = None,
-          timeline: Path | None = None, trace: Path | None = None, timeline_steps: int = 8,
-          progress: bool = True, **engine_options: Any) -> dict[str, Any]:
-    """Run the workload through each mode; print a table; return (and optionally save) every figure."""
+          prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
+          workload_seed: int = 0, request_rate: float | None = None, compare_hf: bool = False,
+          hf_modes: list[str] | None = None, json_path: Path | None = None, timeline: Path | None = None,
+          trace: Path | None = None, timeline_steps: int = 8, progress: bool = True,
+          **engine_options: Any) -> dict[str, Any]:
+    """Run the workload through each mode; print a table; return (and optionally save) every figure.
+    ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform)."""
     bad = [m for m in modes if m not in VALID_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
-    w = Workload(num_requests, prompt_len, max_tokens, workload_seed, temperature)
+    if request_rate is not None and not request_rate > 0:
+        raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
+    w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
+                 temperature, request_rate)
+    if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
+        raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
+                         "takes one length for all requests)")
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
-        engine_options["max_model_len"] = prompt_len + max_tokens
+        engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
     llm = LLM(model, **engine_options)
     engine, info = llm.engine, llm.engine.worker.info
     print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {torch.get_num_threads()} torch threads; "
-          f"{num_requests} requests x ({prompt_len} prompt + {max_tokens} new tokens), modes {', '.join(modes)}",
-          flush=True)
-    runs, ceilings = run_benchmark(llm, list(modes), w, use_tqdm=progress)
+          f"{w.describe()}, modes {', '.join(modes)}", flush=True)
+    runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
-    anchors = _hf_anchors(llm, w, hf_modes, token_lists[0]) if compare_hf else None
+    anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
     meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "torch_threads": torch.get_num_threads(),
-            "workload": asdict(w), "max_num_seqs": engine.config.max_num_seqs,
+            "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
             "cuda_graphs": bool(info.graph_batch_sizes),
@@ -50,7 +58,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     print(f"outputs identical across modes: {meta['outputs_identical_across_modes']}")
     if json_path is not None:
         write_json(data, json_path)
-    title = f"{model}, {num_requests} x ({prompt_len} prompt + {max_tokens} new), {meta['device']}"
+    title = f"{model}, {w.describe()}, {meta['device']}"
     if timeline is not None:
         draw_timeline(results, timeline, timeline_steps, title)
     if trace is not None:
@@ -58,10 +66,11 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     return data
 
 
-def _hf_anchors(llm: LLM, w: Workload, hf_modes: list[str] | None, ours: list[list[int]]) -> list[dict]:
+def _hf_anchors(llm: LLM, w: Workload, requests: list[BenchRequest], hf_modes: list[str] | None,
+                ours: list[list[int]]) -> list[dict]:
     from tandem.bench.hf_anchor import run_hf_anchor
 
-    anchors = run_hf_anchor(llm, random_prompts(w, llm.engine.model_config.vocab_size), w, hf_modes)
+    anchors = run_hf_anchor(llm, [r.prompt for r in requests], w, hf_modes)
     for a in anchors:
         ids = a.pop("token_ids", None)
         if ids is not None:  # agreement with our first mode: numerics differ by kernel, so not exact

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tandem.bench.runner import Workload
+from tandem.bench.workload import Workload
 from tandem.llm import LLM
 from tandem.model.llama import ModelWeights
 from tandem.model.model_config import ModelConfig
@@ -80,7 +80,7 @@ def _cb_config(mode: str, w: Workload, block: int = 256):
 
     graphs, async_batching = HF_MODES[mode]
     fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
-    blocks_needed = w.num_requests * (-(-(w.prompt_len + w.max_tokens) // block) + 1)
+    blocks_needed = w.num_requests * (-(-(w.prompt_len.hi + w.max_tokens.hi) // block) + 1)
     wanted = {"page_size" if "page_size" in fields else "block_size": block, "num_blocks": blocks_needed,
               "max_batch_tokens": 8192, "use_cuda_graph": graphs, "use_async_batching": async_batching,
               "auto_switch_to_flash": False}
@@ -90,7 +90,7 @@ def _cb_config(mode: str, w: Workload, block: int = 256):
 def _run_mode(model, prompts: list[list[int]], w: Workload, mode: str) -> dict[str, Any]:
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(max_new_tokens=w.max_tokens, eos_token_id=-1, pad_token_id=0,
+    gen = GenerationConfig(max_new_tokens=w.max_tokens.hi, eos_token_id=-1, pad_token_id=0,
                            do_sample=w.temperature > 0, **({"temperature": w.temperature} if w.temperature else {}))
     t0 = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=_cb_config(mode, w),

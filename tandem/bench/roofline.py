@@ -66,7 +66,7 @@ class FloorModel:
         cfg = self.cfg
         weight_bytes = (self.layer_params + self.head_params + rec.num_tokens * cfg.hidden_size) * self.itemsize
         kv_bytes = (rec.kv_tokens + rec.num_tokens) * self.kv_token_bytes
-        linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_seqs * self.head_params
+        linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_sampled * self.head_params
         attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * rec.attn_pairs
         return StepCost(weight_bytes + kv_bytes, linear + attention)
 

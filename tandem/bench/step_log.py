@@ -16,6 +16,7 @@ class StepRecord:
     num_tokens: int
     num_seqs: int
     num_decode: int  # sequences adding exactly one token with nothing left to prefill
+    num_sampled: int  # sequences whose last token is sampled this step (rows of the LM head)
     kv_tokens: int  # context tokens attention reads, summed over sequences
     attn_pairs: int  # (query, key) pairs attention scores, summed over sequences
     t_begin: float  # host clock when planning started
@@ -34,7 +35,8 @@ class StepLog:
 
     def step_submitted(self, sched: SchedulerOutput, t: SubmitTimes) -> None:
         decode = sum(1 for item in sched.items if item.num_tokens == 1 and item.start >= item.seq.prompt_len)
-        rec = StepRecord(sched.step_id, sched.num_tokens, len(sched.items), decode,
+        sampled = sum(1 for item in sched.items if item.sample)
+        rec = StepRecord(sched.step_id, sched.num_tokens, len(sched.items), decode, sampled,
                          sum(item.start + item.num_tokens for item in sched.items),
                          sum(item.num_tokens * (item.start + item.num_tokens) for item in sched.items), t.begin,
                          t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built)

@@ -2,7 +2,7 @@
 
 The draw is the exponential race written in log space (Gumbel-max): among the eligible tokens take
 the argmax of ``x_i - log(-log u_i)``, where ``x = logits / temperature`` and ``u`` is the
-counter-based noise of ``tandem.worker.sampler.uniform_noise`` (a hash of seed, output index and
+counter-based noise of ``uniform_noise`` below (a hash of seed, output index and
 token id). That draws token i with probability softmax(x)_i restricted to the eligible set, and a
 seeded request draws the same tokens whatever else shares its batch.
 
@@ -163,6 +163,26 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
 # torch reference
 # ---------------------------------------------------------------------------------------------
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash done in int64 with multipliers < 2**31, so no product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x446CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, gen_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, V] float32 uniforms in (0, 1), a pure function of (seed, gen_index, vocab id)."""
+    row = _mix32(_mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32)) ^ (gen_index & _M32))
+    col = (torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32
+    h = _mix32(_mix32(row[:, None] ^ col[None, :]))
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # exact in float32 and float64 alike
+
+
 def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
                      seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
     """The torch definition of ``fused_sample``: any device, float32 or float64 logits (the math runs
@@ -180,9 +200,6 @@ def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, min_p: tor
 
 def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
                  seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
-    # imported here, not at the top: the worker's sampler module may itself import this one
-    from tandem.worker.sampler import uniform_noise
-
     greedy = temperature == 0
     greedy_ids = logits.argmax(dim=-1)
     # a host check (a sync on CUDA, where fused_sample is the path): all-greedy chunks skip the hash

@@ -1,7 +1,7 @@
 """CUDA graphs for decode-shaped steps (one token per sequence, every sequence sampled).
 
-One graph per (padded batch size, sampler variant), captured at start-up into one shared memory
-pool, largest first so smaller graphs reuse its memory. Graph inputs are one static packed buffer
+One graph per (padded batch size, sampler variant: greedy / random / random with top-k or top-p),
+captured at start-up into one shared memory pool, largest first so smaller graphs reuse its memory. Graph inputs are one static packed buffer
 that each step fills with a device-to-device copy on the compute stream; the placeholder gather
 (pending tokens from the next-token table) runs inside the graph. A graph is keyed by everything its
 kernels read as a shape (batch size, block-table width, sampler variant), and replayed only for a
@@ -15,11 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.batch import Padding
-from tandem.engine.step import StepInputs, StepShape
+from tandem.engine.step import SamplerFlags, StepInputs, StepShape
 from tandem.worker.memory import decode_step
 from tandem.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+SAMPLER_VARIANTS = (SamplerFlags(any_random=True, need_sort=True), SamplerFlags(any_random=True, need_sort=False),
+                    SamplerFlags(any_random=False, need_sort=False))
 
 
 def capture_sizes(max_seqs: int) -> tuple[int, ...]:
@@ -40,14 +44,14 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.padding_row = padding_row
         self.sizes = capture_sizes(max_seqs)
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, SamplerFlags], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.static_data = torch.zeros(0, dtype=torch.int64, device=runner.device)
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.runner.device)
-        steps = {(b, r): self._dummy(b, r) for b in reversed(self.sizes) for r in (True, False)}
+        steps = {(b, v): self._dummy(b, v) for b in reversed(self.sizes) for v in SAMPLER_VARIANTS}
         n_words = max(s.data.size for s in steps.values())
         self.static_data = torch.zeros(n_words, dtype=torch.int64, device=self.runner.device)
         with torch.cuda.stream(stream):
@@ -58,8 +62,10 @@ class DecodeGraphs:
                     len(self.graphs), list(self.sizes), time.perf_counter() - t0,
                     (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30)
 
-    def _dummy(self, batch: int, random: bool) -> StepInputs:
-        return decode_step(random, Padding(batch, self.max_blocks, self.padding_row), self.runner.block_size)
+    def _dummy(self, batch: int, variant: SamplerFlags) -> StepInputs:
+        step = decode_step(variant, Padding(batch, self.max_blocks, self.padding_row), self.runner.block_size)
+        assert step.sampler == variant
+        return step
 
     def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
         data = self.static_data[:step.data.size]
@@ -71,7 +77,7 @@ class DecodeGraphs:
         return _Graph(graph, step.shape, tokens)
 
     def lookup(self, step: StepInputs) -> _Graph | None:
-        g = self.graphs.get((step.shape.num_seqs, step.sampler.any_random))
+        g = self.graphs.get((step.shape.num_seqs, step.sampler))
         return g if g is not None and g.shape == step.shape else None
 
     def replay(self, g: _Graph, data: torch.Tensor) -> torch.Tensor:

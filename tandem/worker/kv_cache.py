@@ -23,20 +23,21 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, device
                        device=device, dtype=dtype)
 
 
-def gpu_kv_budget_bytes(device: torch.device, utilization: float, peak_activation_bytes: int) -> int:
-    """Bytes left for KV under ``utilization`` after weights, activations and non-torch use."""
+def gpu_kv_budget_bytes(device: torch.device, utilization: float, reserved_bytes: int) -> int:
+    """Bytes left for KV under ``utilization`` after what is allocated now (weights), what the
+    largest steps will allocate (``reserved_bytes``), and memory held outside torch."""
     free, total = torch.cuda.mem_get_info(device)
     non_torch = total - free - torch.cuda.memory_reserved(device)
     used = torch.cuda.memory_allocated(device)
-    return int(total * utilization) - non_torch - max(used, peak_activation_bytes)
+    return int(total * utilization) - non_torch - used - reserved_bytes
 
 
 def plan_num_blocks(kv_cache_tokens: int | None, block_size: int, utilization: float, cfg: ModelConfig,
-                    device: torch.device, dtype: torch.dtype, peak_activation_bytes: int = 0) -> int:
+                    device: torch.device, dtype: torch.dtype, reserved_bytes: int = 0) -> int:
     if kv_cache_tokens is not None:
         tokens = kv_cache_tokens
     elif device.type == "cuda":
-        tokens = gpu_kv_budget_bytes(device, utilization, peak_activation_bytes) // kv_bytes_per_token(cfg, dtype)
+        tokens = gpu_kv_budget_bytes(device, utilization, reserved_bytes) // kv_bytes_per_token(cfg, dtype)
     else:
         tokens = CPU_DEFAULT_KV_TOKENS
     num_blocks = tokens // block_size + 1  # +1: block 0 is the reserved padding block

@@ -1,33 +1,17 @@
 """Token sampling on the device: greedy, temperature, top-k, top-p, min-p.
 
-Randomness is counter-based: the noise for (request seed, output index, vocab id) is a pure hash of
-the three, so a seeded request draws the same tokens whatever else shares its batch, after a
-preemption, and in the sync and async executors alike, with no generator state to carry."""
+Randomness is counter-based (``tandem.kernels.sampling.uniform_noise``): the noise for (request
+seed, output index, vocab id) is a pure hash of the three, so a seeded request draws the same tokens
+whatever else shares its batch, after a preemption, and in the sync and async executors alike, with
+no generator state to carry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash done in int64 with multipliers < 2**31, so no product overflows."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x446CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, gen_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[S, V] float32 uniforms in (0, 1), a pure function of (seed, gen_index, vocab id)."""
-    row = _mix32(_mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32)) ^ (gen_index & _M32))
-    col = (torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32
-    h = _mix32(_mix32(row[:, None] ^ col[None, :]))
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # exact in float32 and float64 alike
-
+from tandem.kernels import triton_available
+from tandem.kernels.sampling import sample_reference
 
 @dataclass
 class SamplingTensors:
@@ -41,31 +25,57 @@ class SamplingTensors:
     need_sort: bool
 
 
-def _top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """True where a token is filtered out."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    drop_sorted = rank >= k
-    probs = sorted_logits.masked_fill(drop_sorted, float("-inf")).softmax(dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-    # (rows with top_p == 1 skip this: rounding can push the cumulative sum to 1 before the tail)
-    drop_sorted |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+# Rows sorted at once when computing top-k/top-p cutoffs: bounds the sort's temporaries (values,
+# indices, probabilities) to a few times this many elements, whatever the batch.
+_CUTOFF_CHUNK_ELEMENTS = 1 << 22
+
+
+def top_k_top_p_cutoff(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
+    """[S] the smallest raw logit each row keeps under its top-k and top-p (-inf: it keeps all).
+
+    Top-k keeps the logits at least as large as the k-th largest; top-p then keeps the smallest
+    prefix of the remaining ones, by probability at the row's temperature, whose mass reaches
+    top_p (the top token always stays). Ties at the cutoff are all kept. Rows are sorted in chunks."""
+    n_rows, vocab = logits.shape
+    rows_per_chunk = max(1, _CUTOFF_CHUNK_ELEMENTS // vocab)
+    out = torch.empty(n_rows, dtype=logits.dtype, device=logits.device)
+    for start in range(0, n_rows, rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        out[part] = _cutoff_rows(logits[part], temperature[part], top_k[part], top_p[part])
+    return out
+
+
+def _cutoff_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    ranked = logits.sort(dim=-1, descending=True).values
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kept_by_k = ranked >= ranked.gather(1, (k - 1)[:, None])
+    t = torch.where(temperature > 0, temperature, 1.0).to(logits.dtype)
+    probs = (ranked / t[:, None]).masked_fill(~kept_by_k, float("-inf")).softmax(dim=-1)
+    # rows with top_p == 1 skip this: rounding can push the cumulative sum to 1 before the tail
+    kept_by_p = ((probs.cumsum(dim=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    count = (kept_by_k & kept_by_p).sum(dim=-1)  # both are prefixes of the ranking
+    cutoff = ranked.gather(1, (count - 1)[:, None])[:, 0]
+    off = (top_k <= 0) & (top_p >= 1.0)
+    return cutoff.masked_fill(off, float("-inf"))
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits: [S, V] float32 (float64 kept) -> [S] int64 token ids."""
-    greedy = logits.argmax(dim=-1)
+    """logits: [S, V] float32 (float64 kept) -> [S] int64 token ids.
+
+    Greedy rows take the argmax. Random rows race exponential noise (``tandem.kernels.sampling``
+    defines the draw): on CUDA the fused Triton kernel, whose memory is O(rows); elsewhere its torch
+    reference. Top-k / top-p become a per-row logit cutoff, computed only when a row asks for them."""
     if not t.any_random:
-        return greedy
-    temperature = torch.where(t.temperature > 0, t.temperature, 1.0).to(logits.dtype)
-    logits = logits / temperature[:, None]
+        return logits.argmax(dim=-1)
     if t.need_sort:
-        logits = logits.masked_fill(_top_k_top_p_mask(logits, t.top_k, t.top_p), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    probs = probs.masked_fill(probs < t.min_p[:, None].to(probs.dtype) * probs.amax(dim=-1, keepdim=True), 0.0)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
-    exp_noise = -torch.log(uniform_noise(t.seeds, t.gen_index, logits.shape[-1]).to(probs.dtype))
-    sampled = (probs / exp_noise).argmax(dim=-1)
-    return torch.where(t.temperature > 0, sampled, greedy)
+        cutoff = top_k_top_p_cutoff(logits, t.temperature, t.top_k, t.top_p)
+    else:
+        cutoff = torch.full_like(t.temperature, float("-inf"), dtype=logits.dtype)
+    if logits.is_cuda and logits.dtype == torch.float32 and triton_available():
+        from tandem.kernels.sampling import fused_sample
+
+        return fused_sample(logits, t.temperature, t.min_p, cutoff.float(), t.seeds, t.gen_index)
+    return sample_reference(logits, t.temperature, t.min_p, cutoff, t.seeds, t.gen_index)

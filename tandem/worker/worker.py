@@ -17,7 +17,7 @@ from tandem.model.registry import load_model
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
-from tandem.worker.memory import profile_peak_memory
+from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,22 @@ class DeviceWorker:
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         c = self.config
-        peak = 0
+        reserved = 0
         if self.device.type == "cuda":
-            peak = profile_peak_memory(self.model, min(c.max_num_batched_tokens, max_positions), c.block_size)
+            graph_blocks = -(-max_positions // c.block_size) if self._wants_graphs() else None
+            peaks = profile_activations(self.model, c.max_num_batched_tokens, c.max_num_seqs, max_positions,
+                                        c.block_size, graph_blocks)
+            reserved = peaks.total
+            logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB",
+                        peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30)
         return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.config,
-                               self.device, self.dtype, peak)
+                               self.device, self.dtype, reserved)
+
+    def _wants_graphs(self) -> bool:
+        return self.config.use_cuda_graphs and self.device.type == "cuda"
 
     def _capture_graphs(self, max_blocks: int, padding_row: int):
-        if not (self.config.use_cuda_graphs and self.device.type == "cuda"):
+        if not self._wants_graphs():
             return None
         from tandem.worker.cuda_graphs import DecodeGraphs
 

@@ -1,0 +1,81 @@
+"""What a benchmark runs: random prompts from a fixed seed, lengths fixed or drawn uniformly from a
+range, and arrival times (all at once, or a Poisson process at a given rate)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tandem.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class LengthRange:
+    lo: int
+    hi: int
+
+    @classmethod
+    def parse(cls, spec: str | int) -> LengthRange:
+        """``256`` or ``"256"`` (fixed) or ``"16:4096"`` (uniform, both ends included)."""
+        parts = str(spec).split(":")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+        except ValueError:
+            lo = hi = None
+        if lo is None or not 1 <= lo <= hi:
+            raise ValueError(f"a length must be N or MIN:MAX with 1 <= MIN <= MAX, got {spec!r}")
+        return cls(lo, hi)
+
+    @property
+    def fixed(self) -> bool:
+        return self.lo == self.hi
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.fixed else f"{self.lo}:{self.hi}"
+
+
+@dataclass
+class Workload:
+    num_requests: int = 32
+    prompt_len: LengthRange = field(default_factory=lambda: LengthRange(256, 256))
+    max_tokens: LengthRange = field(default_factory=lambda: LengthRange(1024, 1024))
+    seed: int = 0
+    temperature: float = 0.0
+    request_rate: float | None = None  # requests per second, Poisson arrivals; None: all at time 0
+
+    def describe(self) -> str:
+        rate = f", {self.request_rate} req/s" if self.request_rate else ""
+        return f"{self.num_requests} requests x ({self.prompt_len} prompt + {self.max_tokens} new tokens){rate}"
+
+    def record(self) -> dict:
+        return {"num_requests": self.num_requests, "prompt_len": str(self.prompt_len),
+                "max_tokens": str(self.max_tokens), "seed": self.seed, "temperature": self.temperature,
+                "request_rate": self.request_rate}
+
+
+@dataclass
+class BenchRequest:
+    prompt: list[int]
+    max_tokens: int
+    arrival_s: float  # seconds after the start
+
+
+def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
+    gen = torch.Generator().manual_seed(w.seed)
+    n = w.num_requests
+    if w.prompt_len.fixed:  # one draw for all: the prompts of every earlier fixed-length run
+        prompts = torch.randint(0, vocab_size, (n, w.prompt_len.lo), generator=gen).tolist()
+    else:
+        lens = torch.randint(w.prompt_len.lo, w.prompt_len.hi + 1, (n,), generator=gen).tolist()
+        prompts = [torch.randint(0, vocab_size, (k,), generator=gen).tolist() for k in lens]
+    rng = np.random.default_rng(w.seed)
+    outs = rng.integers(w.max_tokens.lo, w.max_tokens.hi + 1, n).tolist()
+    arrivals = np.cumsum(rng.exponential(1.0 / w.request_rate, n)) if w.request_rate else np.zeros(n)
+    return [BenchRequest(p, o, float(a)) for p, o, a in zip(prompts, outs, arrivals)]
+
+
+def bench_params(w: Workload, max_tokens: int) -> SamplingParams:
+    # EOS ignored and no detokenization: every request generates exactly its budget of tokens
+    return SamplingParams(temperature=w.temperature, seed=w.seed if w.temperature > 0 else None,
+                          max_tokens=max_tokens, ignore_eos=True, detokenize=False)
