@@ -43,7 +43,7 @@ def test_mixed_step_fields():
 
 def test_decode_step_padded_to_a_graph_shape():
     a = _seq("1", [1, 2], [3], [5], 1, SamplingParams(temperature=0))
-    step = build_step(SchedulerOutput(0, [ScheduledSeq(a, 2, 1, True, 1)]), 4, Padding(4, 6, padding_row=99))
+    step = build_step(SchedulerOutput(0, [ScheduledSeq(a, 2, 1, True, 1)]), 4, Padding(4, 4, 6, padding_row=99))
     f = unpack(torch.from_numpy(step.data), step.shape)
     assert (step.shape.num_tokens, step.shape.num_seqs, step.shape.num_sampled, step.shape.max_blocks) == (4, 4, 4, 6)
     assert f.input_ids.tolist() == [3, 0, 0, 0] and f.slot_mapping.tolist() == [5 * 4 + 2, 0, 0, 0]
@@ -62,3 +62,16 @@ def test_pack_and_unpack_are_inverse_for_random_fields():
     f = unpack(torch.from_numpy(pack(arrays, shape)), shape)
     for field in STEP_FIELDS:
         assert np.array_equal(f[field.name].numpy(), arrays[field.name]), field.name
+
+
+def test_mixed_step_padded_to_a_token_bucket():
+    """Piecewise graphs pad only the tokens (to the bucket); sequences, samples and tables stay."""
+    a = _seq("1", list(range(10, 20)), [], [7, 3, 9], 5, SamplingParams(temperature=0))
+    b = _seq("2", [1, 2, 3], [44], [2], 0, SamplingParams(temperature=0))
+    items = [ScheduledSeq(a, 4, 6, True, 0), ScheduledSeq(b, 3, 1, True, 1)]
+    step = build_step(SchedulerOutput(1, items), 4, Padding(num_tokens=16))
+    f = unpack(torch.from_numpy(step.data), step.shape)
+    assert (step.shape.num_tokens, step.shape.num_seqs, step.shape.num_sampled) == (16, 2, 2)
+    assert f.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 44] + [0] * 9
+    assert f.slot_mapping.tolist()[7:] == [0] * 9 and f.positions.tolist()[7:] == [0] * 9
+    assert f.query_start.tolist() == [0, 6, 7] and f.logits_indices.tolist() == [5, 6]

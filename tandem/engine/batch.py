@@ -21,19 +21,23 @@ from tandem.engine.worker_api import WorkerInfo
 
 @dataclass(frozen=True)
 class Padding:
-    """Pad a decode step to a captured graph's static shape."""
+    """Pad a step to a captured graph's static shape: a decode graph pads sequences (one token and one
+    sample each) and the block-table width; a piecewise graph of a mixed step pads only its tokens."""
 
-    num_seqs: int
-    max_blocks: int
-    padding_row: int  # next-token table row that padding rows sample into and nothing reads
+    num_tokens: int
+    num_seqs: int | None = None  # None: keep the step's sequences
+    max_blocks: int | None = None
+    padding_row: int = 0  # next-token table row that padding rows sample into and nothing reads
 
 
 def padding_for(sched: SchedulerOutput, info: WorkerInfo) -> Padding | None:
-    """Decode-shaped steps (one token and one sample per sequence) that fit a captured graph."""
-    if not info.graph_batch_sizes or not all(i.num_tokens == 1 and i.sample for i in sched.items):
-        return None
-    size = next((s for s in info.graph_batch_sizes if s >= len(sched.items)), None)
-    return None if size is None else Padding(size, info.graph_max_blocks, info.padding_row)
+    """The graph shape this step fits, if any."""
+    if all(i.num_tokens == 1 and i.sample for i in sched.items):
+        size = next((s for s in info.graph_batch_sizes if s >= len(sched.items)), None)
+        return None if size is None else Padding(size, size, info.graph_max_blocks, info.padding_row)
+    tokens = sched.num_tokens
+    bucket = next((t for t in info.graph_token_buckets if t >= tokens), None)
+    return None if bucket is None else Padding(bucket)
 
 
 def _ragged_rows(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +74,8 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
     blocks = [it.seq.block_ids for it in items]
     n_blocks = np.fromiter(map(len, blocks), np.int64, n)
-    max_blocks = pad.max_blocks if pad else int(n_blocks.max())
-    block_tables = np.zeros((pad.num_seqs if pad else n, max_blocks), dtype=np.int64)
+    max_blocks = pad.max_blocks if pad and pad.max_blocks else int(n_blocks.max())
+    block_tables = np.zeros((pad.num_seqs if pad and pad.num_seqs else n, max_blocks), dtype=np.int64)
     block_tables[_ragged_rows(n_blocks)] = np.fromiter(chain.from_iterable(blocks), np.int64, int(n_blocks.sum()))
 
     max_q = int(counts.max())
@@ -108,12 +112,16 @@ def _add_request_fields(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -
         f[field.name] = floats[:, i]
 
 
-def _pad(f: dict[str, np.ndarray], num_real: int, pad: Padding) -> None:
-    """Append padding rows to a decode step: one token, one sequence and one sample per row."""
-    extra = pad.num_seqs - num_real
+def _pad(f: dict[str, np.ndarray], num_seqs: int, pad: Padding) -> None:
+    """Append padding to every field: tokens up to ``pad.num_tokens``; with ``pad.num_seqs``, also
+    sequences and samples (one token, one sequence and one sample per padding row)."""
     for field in INT_FIELDS + FLOAT_FIELDS:
-        if field.per is Per.TABLE:
+        if field.per is Per.TOKEN:
+            extra = pad.num_tokens - len(f[field.name])
+        elif field.per is Per.TABLE or pad.num_seqs is None:
             continue  # the table is built at its padded size
+        else:
+            extra = pad.num_seqs - num_seqs
         if field.pad == COUNT:
             tail = np.arange(f[field.name][-1] + 1, f[field.name][-1] + 1 + extra)
         else:

@@ -22,7 +22,8 @@ class WorkerInfo:
     num_rows: int  # rows of the next-token table that sequences may hold
     padding_row: int  # the row padding rows sample into
     graph_batch_sizes: tuple[int, ...]  # decode steps of up to these many sequences replay a graph
-    graph_max_blocks: int  # block-table width of graph-replayed steps
+    graph_max_blocks: int  # block-table width of graph-replayed decode steps
+    graph_token_buckets: tuple[int, ...] = ()  # other steps of up to these many tokens replay piecewise graphs
 
 
 @dataclass(frozen=True)

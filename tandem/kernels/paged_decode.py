@@ -96,9 +96,11 @@ def _combine_splits_kernel(part_acc_ptr, part_stats_ptr, out_ptr, NUM_SPLITS: tl
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, page_size: int, scale: float,
-                           sliding_window: int | None = None, num_splits: int = 1) -> torch.Tensor:
+                           sliding_window: int | None = None, num_splits: int = 1, block_n: int = BLOCK_N,
+                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D] (one token per sequence, the last of its seq_lens[b] keys); cache: [2, slots, Hkv, D]
-    -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``)."""
+    -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``); block_n,
+    num_warps and num_stages are the launch's tuning knobs (scripts/decode_sweep.py measures them)."""
     n_seqs, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
@@ -114,8 +116,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         q, cache, block_tables, seq_lens, out, part_acc, part_stats, scale * LOG2E, kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-        PAGE=page_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_SPLIT=MIN_SPLIT_KEYS,
-        PRECISION=dot_precision(q.dtype), num_warps=4)
+        PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=MIN_SPLIT_KEYS,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
     if num_splits > 1:
         _combine_splits_kernel[(n_seqs * n_heads,)](
             part_acc, part_stats, out, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,27 +60,24 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 attn: StepAttention) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
-        eps = self.config.rms_norm_eps
-        hidden = F.embedding(input_ids, self.weights.embed)
-        residual = None
-        for i, layer in enumerate(self.weights.layers):
-            hidden, residual = self._add_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._attention(hidden, layer, positions, kv_cache[i], attn)
-            hidden, residual = self._add_norm(hidden, residual, layer.post_norm, eps)
-            hidden = F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
-        return self._add_norm(hidden, residual, self.weights.norm, eps)[0]
+        hidden, residual = self.embed(input_ids), None
+        for i in range(self.config.num_layers):
+            q, residual = self.before_attention(i, hidden, residual, positions, kv_cache[i], attn.store)
+            hidden, residual = self.after_attention(i, attn.attend(q, kv_cache[i]), residual)
+        return self.final_norm(hidden, residual)
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            rope_ = self._rope_kernel
-            return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
-        cos, sin = self.cos[positions], self.sin[positions]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # The forward in pieces, so that everything between two attentions can be captured as one graph.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weights.embed)
 
-    def _attention(self, x: torch.Tensor, layer: LayerWeights, positions: torch.Tensor,
-                   cache: torch.Tensor, attn: StepAttention) -> torch.Tensor:
-        cfg = self.config
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+    def before_attention(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                         cache: torch.Tensor, store: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i up to its attention: norm (adding the residual), QKV, q/k norms, rotary; K and V
+        go to the cache through ``store``. Returns q [T, Hq, D] and the residual."""
+        layer, cfg = self.weights.layers[i], self.config
+        hidden, residual = self._add_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -88,7 +86,26 @@ class LlamaModel:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         q, k = self._rope(q, k, positions)
-        return F.linear(attn(q, k, v, cache), layer.o)
+        store(k, v, cache)
+        return q, residual
+
+    def after_attention(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rest of layer i: output projection, norm (adding the residual), MLP."""
+        layer = self.weights.layers[i]
+        hidden, residual = self._add_norm(F.linear(attn_out, layer.o), residual, layer.post_norm,
+                                          self.config.rms_norm_eps)
+        return F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down), residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            rope_ = self._rope_kernel
+            return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
+        cos, sin = self.cos[positions], self.sin[positions]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weights.lm_head)

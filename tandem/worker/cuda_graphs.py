@@ -63,7 +63,7 @@ class DecodeGraphs:
                     (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30)
 
     def _dummy(self, batch: int, variant: SamplerFlags) -> StepInputs:
-        step = decode_step(variant, Padding(batch, self.max_blocks, self.padding_row), self.runner.block_size)
+        step = decode_step(variant, Padding(batch, batch, self.max_blocks, self.padding_row), self.runner.block_size)
         assert step.sampler == variant
         return step
 

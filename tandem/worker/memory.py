@@ -68,7 +68,7 @@ def decode_step(variant: SamplerFlags, pad: Padding, block_size: int) -> StepInp
 @dataclass(frozen=True)
 class ActivationPeaks:
     eager_bytes: int  # the worst eager step, beyond what was allocated before it
-    graph_bytes: int  # the largest graph-captured decode step (0 without graphs)
+    graph_bytes: int  # the largest graph-captured steps: decode, and piecewise (0 without graphs)
 
     @property
     def total(self) -> int:
@@ -91,11 +91,16 @@ def _peak_bytes(model: LlamaModel, step: StepInputs, block_size: int) -> int:
 
 
 def profile_activations(model: LlamaModel, max_tokens: int, max_seqs: int, max_len: int, block_size: int,
-                        graph_max_blocks: int | None) -> ActivationPeaks:
-    """Peak activation bytes of the worst eager step and of the largest decode graph's step."""
-    eager = worst_eager_step(max_tokens, max_seqs, max_len, block_size, model.config.vocab_size)
+                        graph_max_blocks: int | None, piecewise_tokens: int = 0) -> ActivationPeaks:
+    """Peak activation bytes of the worst eager step and of the largest graph-captured steps (their
+    pool stays reserved beside eager steps' memory)."""
+    vocab = model.config.vocab_size
+    eager = worst_eager_step(max_tokens, max_seqs, max_len, block_size, vocab)
     graph = 0
     if graph_max_blocks is not None:
-        pad = Padding(max_seqs, graph_max_blocks, padding_row=0)
+        pad = Padding(max_seqs, max_seqs, graph_max_blocks, padding_row=0)
         graph = _peak_bytes(model, decode_step(SamplerFlags(True, True), pad, block_size), block_size)
+    if piecewise_tokens:
+        piecewise = worst_eager_step(piecewise_tokens, max_seqs, max_len, block_size, vocab)
+        graph += _peak_bytes(model, piecewise, block_size)
     return ActivationPeaks(_peak_bytes(model, eager, block_size), graph)

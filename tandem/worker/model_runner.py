@@ -44,14 +44,23 @@ class ModelRunner:
     def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
         """data: the step's packed inputs already on the device -> sampled ids [num_sampled]."""
         f = unpack(data, shape)
-        ids = f.input_ids
-        ids = torch.where(ids < 0, self.next_tokens[(-ids - 1).clamp(min=0)], ids)
-        inputs = AttentionInputs(f.slot_mapping, f.block_tables.view(shape.num_seqs, shape.max_blocks),
-                                 f.query_start, f.seq_lens, f.positions, shape.max_q, self.block_size,
-                                 self.model.scale, self.model.config.sliding_window)
-        hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(inputs))
+        attn = step_attention(self.attention_inputs(f, shape))
+        hidden = self.model.forward(self.resolve_pending(f.input_ids), f.positions, self.kv_cache, attn)
+        return self.sample(hidden, f, shape, flags)
+
+    def resolve_pending(self, ids: torch.Tensor) -> torch.Tensor:
+        """Placeholders -(row + 1) -> the token the previous step sampled for that row."""
+        return torch.where(ids < 0, self.next_tokens[(-ids - 1).clamp(min=0)], ids)
+
+    def attention_inputs(self, f: StepTensors, shape: StepShape) -> AttentionInputs:
+        return AttentionInputs(f.slot_mapping, f.block_tables.view(shape.num_seqs, shape.max_blocks), f.query_start,
+                               f.seq_lens, f.positions, shape.max_q, self.block_size, self.model.scale,
+                               self.model.config.sliding_window)
+
+    def sample(self, hidden: torch.Tensor, f: StepTensors, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
+        """Logits of the sampled rows -> token ids, also written to the next-token table."""
         if shape.num_sampled == 0:
-            return ids.new_empty(0)
+            return f.input_ids.new_empty(0)
         logits = self.model.compute_logits(hidden[f.logits_indices])
         tensors = SamplingTensors(f.temperature, f.top_k, f.top_p, f.min_p, f.seeds, f.gen_index,
                                   flags.any_random, flags.need_sort)

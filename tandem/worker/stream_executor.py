@@ -18,6 +18,7 @@ from tandem.engine.step import StepInputs, StepOutput
 from tandem.engine.worker_api import StepInterval
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.model_runner import ModelRunner
+from tandem.worker.piecewise_graphs import PiecewiseGraphs
 from tandem.worker.timing import CudaStepClock, StepTimes
 
 NUM_BUFFERS = 2
@@ -48,8 +49,9 @@ def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class StreamExecutor:
-    def __init__(self, runner: ModelRunner, blocking: bool, max_sampled: int, graphs: DecodeGraphs | None = None) -> None:
-        self.runner, self.blocking, self.graphs = runner, blocking, graphs
+    def __init__(self, runner: ModelRunner, blocking: bool, max_sampled: int, graphs: DecodeGraphs | None = None,
+                 piecewise: PiecewiseGraphs | None = None) -> None:
+        self.runner, self.blocking, self.graphs, self.piecewise = runner, blocking, graphs, piecewise
         self.device = runner.device
         self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.device) for _ in range(3))
         self.compute.wait_stream(torch.cuda.current_stream(self.device))  # weights and cache are ready
@@ -111,6 +113,9 @@ class StreamExecutor:
         graph = self.graphs.lookup(step) if self.graphs is not None else None
         if graph is not None:
             return self.graphs.replay(graph, data)
+        bucket = self.piecewise.lookup(step) if self.piecewise is not None else None
+        if bucket is not None:
+            return self.piecewise.run(bucket, data, step)
         return self.runner.run(data, step.shape, step.sampler)
 
     def collect(self, handle: _Handle) -> StepOutput:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,10 @@ from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
 from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
+from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
+
+if TYPE_CHECKING:
+    from tandem.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +54,12 @@ class DeviceWorker:
         num_rows = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1)  # +1: padding rows
         graph_max_blocks = -(-max_model_len // config.block_size)
-        self.graphs = self._capture_graphs(graph_max_blocks, num_rows)
+        self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
         self.info = WorkerInfo(
             device=str(self.device), device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len, num_rows=num_rows,
             padding_row=num_rows, graph_batch_sizes=self.graphs.sizes if self.graphs else (),
-            graph_max_blocks=graph_max_blocks)
+            graph_max_blocks=graph_max_blocks, graph_token_buckets=self.piecewise.sizes if self.piecewise else ())
         self._executor = self._make_executor(config.async_batching)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
@@ -61,8 +67,9 @@ class DeviceWorker:
         reserved = 0
         if self.device.type == "cuda":
             graph_blocks = -(-max_positions // c.block_size) if self._wants_graphs() else None
+            piecewise_tokens = min(c.max_num_batched_tokens, TOKEN_BUCKETS[-1]) if graph_blocks else 0
             peaks = profile_activations(self.model, c.max_num_batched_tokens, c.max_num_seqs, max_positions,
-                                        c.block_size, graph_blocks)
+                                        c.block_size, graph_blocks, piecewise_tokens)
             reserved = peaks.total
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB",
                         peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30)
@@ -72,20 +79,26 @@ class DeviceWorker:
     def _wants_graphs(self) -> bool:
         return self.config.use_cuda_graphs and self.device.type == "cuda"
 
-    def _capture_graphs(self, max_blocks: int, padding_row: int):
+    def _capture_graphs(self, max_blocks: int, padding_row: int) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None]:
         if not self._wants_graphs():
-            return None
+            return None, None
         from tandem.worker.cuda_graphs import DecodeGraphs
 
+        stream = torch.cuda.Stream(self.device)
         graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, padding_row)
-        graphs.capture(torch.cuda.Stream(self.device))
-        return graphs
+        graphs.capture(stream)
+        piecewise = None
+        if PiecewiseGraphs.applies(self.device) and os.environ.get("TANDEM_PIECEWISE", "1") != "0":
+            piecewise = PiecewiseGraphs(self.runner, self.config.max_num_batched_tokens, graphs.pool)
+            piecewise.capture(stream)
+        return graphs, piecewise
 
     def _make_executor(self, async_batching: bool) -> Executor:
         if self.device.type == "cuda":
             from tandem.worker.stream_executor import StreamExecutor
 
-            return StreamExecutor(self.runner, not async_batching, self.config.max_num_seqs, self.graphs)
+            return StreamExecutor(self.runner, not async_batching, self.config.max_num_seqs, self.graphs,
+                                  self.piecewise)
         return ThreadExecutor(self.runner) if async_batching else SyncExecutor(self.runner)
 
     # --- the Worker interface ------------------------------------------------------------------

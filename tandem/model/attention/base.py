@@ -53,6 +53,12 @@ class StepAttention:
     inputs: AttentionInputs
     meta: Any
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    def store(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> None:
         self.backend.store_kv(cache, k, v, self.inputs.slot_mapping)
+
+    def attend(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         return self.backend.attend(q, cache, self.meta)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        self.store(k, v, cache)
+        return self.attend(q, cache)
