@@ -15,6 +15,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 SHAPES = {"S: 8B B=32 ctx~768": (32, 32, 8, 128, 768), "M: 1B B=256 ctx~512": (256, 32, 8, 64, 512)}
+# (splits, keys per block, warps, pipeline stages) tried per shape
+GRID = {"S": ((1, 2, 4, 8), (64, 128), (4, 8), (2, 3, 4)), "M": ((1, 2), (32, 64, 128), (4, 8), (2, 3))}
 
 
 def main() -> int:
@@ -34,7 +36,7 @@ def main() -> int:
         q = torch.randn(b, hq, d, dtype=torch.bfloat16, device=dev)
         floor_us = (2 * sum(lens) * hkv * d * 2 + 2 * q.numel() * 2) / bandwidth * 1e6
         rows = []
-        for splits, block_n, warps, stages in itertools.product((1, 2, 4), (32, 64), (4, 8), (2, 3, 4)):
+        for splits, block_n, warps, stages in itertools.product(*GRID[label[0]]):
             fn = lambda: paged_decode_attention(q, cache, tables, seq_lens, page, d ** -0.5, None, splits,  # noqa: E731
                                                 block_n, warps, stages)
             try:

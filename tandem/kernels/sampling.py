@@ -46,7 +46,7 @@ _CHUNK_ELEMENTS = 1 << 21  # sample_reference: rows per chunk so one [rows, V] t
 
 @_jit
 def _mix32(x):
-    # uint32 products wrap mod 2**32: the same values as sampler._mix32's int64 `& 0xFFFFFFFF`
+    # uint32 products wrap mod 2**32: the same values as _mix32_torch's int64 `& 0xFFFFFFFF`
     x ^= x >> 16
     x *= 0x7FEB352D
     x ^= x >> 15
@@ -166,7 +166,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
 _M32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32_torch(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash done in int64 with multipliers < 2**31, so no product overflows."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
@@ -177,9 +177,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform_noise(seeds: torch.Tensor, gen_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[S, V] float32 uniforms in (0, 1), a pure function of (seed, gen_index, vocab id)."""
-    row = _mix32(_mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32)) ^ (gen_index & _M32))
+    row = _mix32_torch(_mix32_torch((seeds & _M32) ^ _mix32_torch((seeds >> 32) & _M32)) ^ (gen_index & _M32))
     col = (torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & _M32
-    h = _mix32(_mix32(row[:, None] ^ col[None, :]))
+    h = _mix32_torch(_mix32_torch(row[:, None] ^ col[None, :]))
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # exact in float32 and float64 alike
 
 
