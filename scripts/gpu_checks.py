@@ -111,12 +111,17 @@ def fused_kernels() -> bool:
     x, res, w = torch.randn(300, 4096, **bf), torch.randn(300, 4096, **bf), 1 + 0.1 * torch.randn(4096, **bf)
     ok = report("add_rms_norm", fused.add_rms_norm(x, res, w, 1e-5)[0], layers.add_rms_norm(x, res, w, 1e-5)[0])
     qkv = torch.randn(300, 48 * 128, **bf)
-    q = qkv[:, :4096].view(300, 32, 128)
+    q, k, v = qkv[:, :4096].view(300, 32, 128), qkv[:, 4096:5120].view(300, 8, 128), qkv[:, 5120:].view(300, 8, 128)
     cos, sin = layers.rope_cos_sin(128, 500000.0, None, 4096, torch.device("cuda"))
     cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     pos = torch.randint(0, 4096, (300,), device="cuda")
+    slots = torch.randperm(1000, device="cuda")[:300]
+    cache, ref_cache = torch.randn(2, 1000, 8, 128, **bf), None
+    ref_cache = cache.clone()
     ref = layers.apply_rope(q, cos[pos], sin[pos])
-    ok &= report("rope", fused.rope_(q, pos, cos, sin), ref)
+    layers.store_kv(ref_cache, layers.apply_rope(k, cos[pos], sin[pos]), v, slots)
+    ok &= report("rope q", fused.rope_store_kv_(q, k, v, pos, cos, sin, cache, slots), ref)
+    ok &= report("rope k + store", cache, ref_cache)
     gu = torch.randn(300, 2 * 14336, **bf)
     ok &= report("silu_mul", fused.silu_mul(gu), layers.silu_mul(gu))
     return ok

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.model.attention import AttentionInputs, step_attention
+from tandem.model.layers import store_kv
 
 
 def _reference(q, k, v, q_pos, window):
@@ -47,7 +48,8 @@ def _check(seq_specs, hq=6, hkv=2, d=16, bs=4, window=None, seed=0):
                              max(q_lens), bs, d ** -0.5, window)
     new_k = torch.cat([k[c:] for (k, _), (c, _) in zip(full_kv, seq_specs)])
     new_v = torch.cat([v[c:] for (_, v), (c, _) in zip(full_kv, seq_specs)])
-    out = step_attention(inputs)(torch.cat(q_all), new_k, new_v, cache)
+    store_kv(cache, new_k, new_v, inputs.slot_mapping)
+    out = step_attention(inputs).attend(torch.cat(q_all), cache)
     refs = [_reference(q, k, v, torch.arange(c, c + n), window)
             for q, (k, v), (c, n) in zip(q_all, full_kv, seq_specs)]
     torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)

@@ -63,15 +63,21 @@ for rows, cols in ((5, 96), (3, 200)):
         out, new_res = fused.add_rms_norm(x, r, w, 1e-5)
         ref_out, ref_res = layers.add_rms_norm(x, r, w, 1e-5)
         errs += [rel(out, ref_out), rel(new_res, ref_res)]
-qkv = torch.randn(7, (6 + 2 + 2) * 24)  # q, k as strided views of one projection, head_dim 24
-q, k = qkv[:, :144].view(7, 6, 24), qkv[:, 144:192].view(7, 2, 24)
+qkv = torch.randn(7, (6 + 2 + 2) * 24)  # q, k, v as strided views of one projection, head_dim 24
+q, k, v = qkv[:, :144].view(7, 6, 24), qkv[:, 144:192].view(7, 2, 24), qkv[:, 192:].view(7, 2, 24)
 cos, sin = layers.rope_cos_sin(24, 10000.0, None, 64, torch.device("cpu"))
 pos = torch.tensor([0, 3, 9, 63, 1, 2, 40])
-ref_q, ref_k = layers.apply_rope(q, cos[pos], sin[pos]), layers.apply_rope(k, cos[pos], sin[pos])
-v_before = qkv[:, 192:].clone()
-fused.rope_(q, pos, cos, sin), fused.rope_(k, pos, cos, sin)
-errs += [rel(q, ref_q), rel(k, ref_k)]
-assert torch.equal(qkv[:, 192:], v_before), "rope wrote outside q and k"
+slots = torch.tensor([5, 17, 2, 30, 11, 8, 23])
+cache, ref_cache = torch.randn(2, 32, 2, 24), None
+ref_cache = cache.clone()
+ref_q = layers.apply_rope(q, cos[pos], sin[pos])
+layers.store_kv(ref_cache, layers.apply_rope(k, cos[pos], sin[pos]), v, slots)
+k_before, v_before = k.clone(), v.clone()
+fused.rope_store_kv_(q, k, v, pos, cos, sin, cache, slots)
+errs += [rel(q, ref_q), rel(cache, ref_cache)]
+assert torch.equal(k, k_before) and torch.equal(v, v_before), "rope wrote into k or v"
+untouched = torch.ones(32, dtype=torch.bool); untouched[slots] = False
+assert torch.equal(cache[:, untouched], ref_cache[:, untouched]), "wrote outside the slots"
 gu = torch.randn(4, 2 * 1500)
 errs.append(rel(fused.silu_mul(gu), layers.silu_mul(gu)))
 assert max(errs) < 1e-6, errs

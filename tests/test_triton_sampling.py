@@ -189,6 +189,9 @@ def check(n_vocab, seed):
     assert torch.equal(out, ref), (n_vocab, out, ref)
     assert out[0] == out[1] == 5  # greedy rows: the first of the tied maxima
     assert out[-1] == logits[-1].argmax()  # a cutoff at the top logit keeps that token (>=)
+    half = logits.bfloat16()  # read as bf16 and widened in the kernel: the draw of the widened row
+    assert torch.equal(fused_sample(half, temperature, min_p, cutoff, seeds, gen_index),
+                       fused_sample(half.float(), temperature, min_p, cutoff, seeds, gen_index))
 
 
 for n_vocab, seed in ((1000, 0), (3001, 1), (2048, 2)):  # one short block; a short third; two full

@@ -33,6 +33,7 @@ class ModeResult:
     roofline_fraction_gpu: float | None = None  # floor / GPU busy time
     decode_step_check: dict | None = None
     largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
+    gc_pauses: dict | None = None  # Python's garbage collector during the run: count, total and longest pause
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
 
 

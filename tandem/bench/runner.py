@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.bench.driver import drive
+from tandem.bench.gc_watch import GcPauses
 from tandem.bench.metrics import ModeResult, summarise
 from tandem.bench.roofline import Ceilings, FloorModel, measure_ceilings
 from tandem.bench.step_log import StepLog
@@ -34,7 +35,8 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     engine.worker.start_timing()
     t0 = time.perf_counter()
     try:
-        token_ids = drive(engine, w, requests, progress)
+        with GcPauses() as pauses:
+            token_ids = drive(engine, w, requests, progress)
     finally:
         wall = time.perf_counter() - t0
         intervals = engine.worker.stop_timing()
@@ -42,6 +44,7 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     result = summarise(mode, wall, log.records, intervals, sum(len(r.prompt) for r in requests),
                        sum(len(t) for t in token_ids), len(requests),
                        engine.core.scheduler.num_preemptions - preempted_before, floor, ceilings)
+    result.gc_pauses = pauses.summary()
     return ModeRun(result, token_ids)
 
 

@@ -41,34 +41,57 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
-def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_tok, stride_head, n_heads,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr):
-    tok = tl.program_id(0)
-    pos = tl.load(pos_ptr + tok)
-    d = tl.arange(0, HALF_PAD)
-    heads = tl.arange(0, HEADS_PAD)
-    ok = (heads[:, None] < n_heads) & (d[None, :] < HALF)
-    # cos/sin tables hold [cos(f), cos(f)] halves alike: the first half serves both
-    cos = tl.load(cos_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
-    base = x_ptr + tok * stride_tok + heads[:, None] * stride_head + d[None, :]
-    x1 = tl.load(base, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+def _rotate(x1, x2, cos, sin):
+    """The reference's rotation: x * cos + rotate_half(x) * sin, each product rounded to the dtype,
+    then the sum (x1, x2: the two halves of each head)."""
     dt = x1.dtype
-    # reference: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum
     o1 = (x1.to(tl.float32) * cos).to(dt).to(tl.float32) + (-x2.to(tl.float32) * sin).to(dt).to(tl.float32)
     o2 = (x2.to(tl.float32) * cos).to(dt).to(tl.float32) + (x1.to(tl.float32) * sin).to(dt).to(tl.float32)
-    tl.store(base, o1.to(dt), mask=ok)
-    tl.store(base + HALF, o2.to(dt), mask=ok)
+    return o1.to(dt), o2.to(dt)
 
 
-def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [T, heads, head_dim] (any token/head strides, unit last stride) in place."""
-    n_tok, n_heads, head_dim = x.shape
-    half = head_dim // 2
-    _rope_kernel[(n_tok,)](x, positions, cos, sin, x.stride(0), x.stride(1), n_heads, HALF=half,
-                           HALF_PAD=triton.next_power_of_2(half), HEADS_PAD=triton.next_power_of_2(n_heads))
-    return x
+@triton.jit
+def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                          stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+                          stride_c_slot, stride_c_head, n_q_heads, n_kv_heads,
+                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr):
+    tok = tl.program_id(0)
+    pos = tl.load(pos_ptr + tok)
+    slot = tl.load(slot_ptr + tok)  # int64: slot * stride stays in range on large caches
+    d = tl.arange(0, HALF_PAD)
+    d_ok = d[None, :] < HALF
+    cos = tl.load(cos_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    qh = tl.arange(0, Q_PAD)[:, None]
+    q_ok = (qh < n_q_heads) & d_ok
+    q_base = q_ptr + tok * stride_q_tok + qh * stride_q_head + d[None, :]
+    o1, o2 = _rotate(tl.load(q_base, mask=q_ok, other=0.0), tl.load(q_base + HALF, mask=q_ok, other=0.0), cos, sin)
+    tl.store(q_base, o1, mask=q_ok)
+    tl.store(q_base + HALF, o2, mask=q_ok)
+    kh = tl.arange(0, KV_PAD)[:, None]
+    kv_ok = (kh < n_kv_heads) & d_ok
+    k_base = k_ptr + tok * stride_k_tok + kh * stride_k_head + d[None, :]
+    c_off = slot * stride_c_slot + kh * stride_c_head + d[None, :]
+    o1, o2 = _rotate(tl.load(k_base, mask=kv_ok, other=0.0), tl.load(k_base + HALF, mask=kv_ok, other=0.0), cos, sin)
+    tl.store(kc_ptr + c_off, o1, mask=kv_ok)
+    tl.store(kc_ptr + c_off + HALF, o2, mask=kv_ok)
+    v_base = v_ptr + tok * stride_v_tok + kh * stride_v_head + d[None, :]
+    tl.store(vc_ptr + c_off, tl.load(v_base, mask=kv_ok, other=0.0), mask=kv_ok)
+    tl.store(vc_ptr + c_off + HALF, tl.load(v_base + HALF, mask=kv_ok, other=0.0), mask=kv_ok)
+
+
+def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """One pass per token: rotate q in place, and write rotated k and v into the layer's cache
+    [2, slots, Hkv, D] at ``slot_mapping`` (q, k, v: strided views of one QKV projection)."""
+    n_tok, n_q, head_dim = q.shape
+    n_kv, half = k.shape[1], head_dim // 2
+    k_cache, v_cache = cache[0], cache[1]
+    _rope_store_kv_kernel[(n_tok,)](
+        q, k, v, positions, slot_mapping, cos, sin, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), n_q, n_kv, HALF=half,
+        HALF_PAD=triton.next_power_of_2(half), Q_PAD=triton.next_power_of_2(n_q), KV_PAD=triton.next_power_of_2(n_kv))
+    return q
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from tandem.kernels.paged_varlen import LOG2E, attend_key_range, dot_precision, kernel_window, padded_head_dim
 
-BLOCK_N = 64
+BLOCK_N = 128  # keys per block: measured best on H100 for 8B and 1B decode shapes (scripts/decode_sweep.py)
 MIN_SPLIT_KEYS = 256  # a split's share of keys: below this, the combine pass costs more than it saves
 MAX_SPLITS = 64
 WAVES = 2  # programs per SM that decode_num_splits aims for, so memory latency overlaps

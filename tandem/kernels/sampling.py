@@ -75,7 +75,7 @@ def _max_allowed_logit(row_ptr, n_vocab, cutoff, BLOCK: tl.constexpr):
     acc = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, n_vocab, BLOCK):
         cols = start + offs
-        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
         acc = tl.maximum(acc, tl.where(logit >= cutoff, logit, float("-inf")))
     return tl.max(acc, axis=0)
 
@@ -115,7 +115,8 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
     best_col = tl.zeros([BLOCK], tl.int32)
     for start in range(0, n_vocab, BLOCK):
         cols = start + offs
-        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        # bf16 / fp16 logits widen exactly to float32: the same draw as converting the whole row first
+        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
         if greedy:  # uniform per program: greedy rows skip the hash and the logs
             score = logit
         else:
@@ -128,14 +129,15 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
     tl.store(out_ptr + row, tl.min(tl.where(best == top, best_col, n_vocab), axis=0).to(tl.int64))
 
 
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ROW_DTYPES = {"temperature": torch.float32, "min_p": torch.float32, "cutoff": torch.float32,
                "seeds": torch.int64, "gen_index": torch.int64}
 
 
 def _check_kernel_inputs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
     # metadata only (no device sync): a wrong dtype or stride would otherwise be read as garbage
-    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be [S, V] float32 with unit column stride, got {logits.dtype} "
+    if logits.dtype not in _LOGIT_DTYPES or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [S, V] float32/bfloat16/float16 with unit column stride, got {logits.dtype} "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
     for name, tensor in rows.items():
         if tensor.dtype != _ROW_DTYPES[name] or tensor.shape != logits.shape[:1] or not tensor.is_contiguous():
@@ -145,7 +147,8 @@ def _check_kernel_inputs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) ->
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
                  seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
-    """[S, V] float32 logits -> [S] int64 token ids, one program per row (see the module docstring).
+    """[S, V] float32 (or bf16/fp16, read as float32) logits -> [S] int64 token ids, one program per
+    row (see the module docstring).
 
     temperature, min_p, cutoff: [S] float32; seeds, gen_index: [S] int64. No host syncs and no
     [S, V] temporaries, so it can be captured in a CUDA graph."""

@@ -56,3 +56,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write this step's K and V ([T, Hkv, D]) into one layer's cache [2, slots, Hkv, D]."""
+    cache[0].index_copy_(0, slot_mapping, k)
+    cache[1].index_copy_(0, slot_mapping, v)

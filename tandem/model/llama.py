@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from tandem.model.attention import StepAttention
 from tandem.kernels import triton_available
 from tandem.model import layers
-from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin
+from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin, store_kv
 from tandem.model.model_config import ModelConfig
 
 
@@ -53,7 +52,7 @@ class LlamaModel:
         if self.fused:
             from tandem.kernels import fused
 
-            self._add_norm, self._silu_mul, self._rope_kernel = fused.add_rms_norm, fused.silu_mul, fused.rope_
+            self._add_norm, self._silu_mul, self._rope_store = fused.add_rms_norm, fused.silu_mul, fused.rope_store_kv_
         else:
             self._add_norm, self._silu_mul = layers.add_rms_norm, layers.silu_mul
 
@@ -62,7 +61,7 @@ class LlamaModel:
         """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
         hidden, residual = self.embed(input_ids), None
         for i in range(self.config.num_layers):
-            q, residual = self.before_attention(i, hidden, residual, positions, kv_cache[i], attn.store)
+            q, residual = self.before_attention(i, hidden, residual, positions, kv_cache[i], attn.inputs.slot_mapping)
             hidden, residual = self.after_attention(i, attn.attend(q, kv_cache[i]), residual)
         return self.final_norm(hidden, residual)
 
@@ -71,10 +70,9 @@ class LlamaModel:
         return F.embedding(input_ids, self.weights.embed)
 
     def before_attention(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                         cache: torch.Tensor, store: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i up to its attention: norm (adding the residual), QKV, q/k norms, rotary; K and V
-        go to the cache through ``store``. Returns q [T, Hq, D] and the residual."""
+        go to the cache at ``slot_mapping``. Returns q [T, Hq, D] and the residual."""
         layer, cfg = self.weights.layers[i], self.config
         hidden, residual = self._add_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
         qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
@@ -85,9 +83,11 @@ class LlamaModel:
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-        q, k = self._rope(q, k, positions)
-        store(k, v, cache)
-        return q, residual
+        if self.fused:  # rotary and the K/V store in one pass
+            return self._rope_store(q, k, v, positions, self.cos, self.sin, cache, slot_mapping), residual
+        cos, sin = self.cos[positions], self.sin[positions]
+        store_kv(cache, apply_rope(k, cos, sin), v, slot_mapping)
+        return apply_rope(q, cos, sin), residual
 
     def after_attention(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,13 +100,7 @@ class LlamaModel:
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            rope_ = self._rope_kernel
-            return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
-        cos, sin = self.cos[positions], self.sin[positions]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weights.lm_head)
-        return logits if logits.dtype == torch.float64 else logits.float()  # float64 kept for exact tests
+        """[rows, V] in the model's dtype: the sampler widens bf16 as it reads (a float32 copy of every
+        row would cost a pass over the logits)."""
+        return F.linear(hidden, self.weights.lm_head)

@@ -54,6 +54,8 @@ class DecodeGraphs:
         steps = {(b, v): self._dummy(b, v) for b in reversed(self.sizes) for v in SAMPLER_VARIANTS}
         n_words = max(s.data.size for s in steps.values())
         self.static_data = torch.zeros(n_words, dtype=torch.int64, device=self.runner.device)
+        # the KV cache and weights were written on the default stream: capture only once they are
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
             for key, step in steps.items():
                 self.graphs[key] = self._capture_one(step, stream)

@@ -58,6 +58,7 @@ class PiecewiseGraphs:
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))  # inputs written on the default stream
         with torch.cuda.stream(stream):
             for tokens in reversed(self.sizes):
                 b = self.buckets[tokens] = self._new_bucket(tokens)
@@ -94,8 +95,7 @@ class PiecewiseGraphs:
         if i == m.config.num_layers:
             b.hidden.copy_(m.final_norm(hidden, residual))
             return
-        store = lambda k, v, cache: select_backend(2, ids.device).store_kv(cache, k, v, slots)  # noqa: E731
-        q, residual = m.before_attention(i, hidden, residual, positions, self.runner.kv_cache[i], store)
+        q, residual = m.before_attention(i, hidden, residual, positions, self.runner.kv_cache[i], slots)
         b.q.copy_(q)
         b.residual.copy_(residual)
 

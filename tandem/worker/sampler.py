@@ -39,7 +39,8 @@ def top_k_top_p_cutoff(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     top_p (the top token always stays). Ties at the cutoff are all kept. Rows are sorted in chunks."""
     n_rows, vocab = logits.shape
     rows_per_chunk = max(1, _CUTOFF_CHUNK_ELEMENTS // vocab)
-    out = torch.empty(n_rows, dtype=logits.dtype, device=logits.device)
+    out = torch.empty(n_rows, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                      device=logits.device)
     for start in range(0, n_rows, rows_per_chunk):
         part = slice(start, start + rows_per_chunk)
         out[part] = _cutoff_rows(logits[part], temperature[part], top_k[part], top_p[part])
@@ -49,6 +50,8 @@ def top_k_top_p_cutoff(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
 def _cutoff_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor) -> torch.Tensor:
     vocab = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # exact: the cutoff is one of the logits, compared widened in the kernel
     ranked = logits.sort(dim=-1, descending=True).values
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     kept_by_k = ranked >= ranked.gather(1, (k - 1)[:, None])
@@ -57,13 +60,15 @@ def _cutoff_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     # rows with top_p == 1 skip this: rounding can push the cumulative sum to 1 before the tail
     kept_by_p = ((probs.cumsum(dim=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1.0)
     count = (kept_by_k & kept_by_p).sum(dim=-1)  # both are prefixes of the ranking
-    cutoff = ranked.gather(1, (count - 1)[:, None])[:, 0]
+    # at least the top token, also for a row of NaN logits: an out-of-range gather would assert on the
+    # device and take the whole process down with it
+    cutoff = ranked.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
     off = (top_k <= 0) & (top_p >= 1.0)
     return cutoff.masked_fill(off, float("-inf"))
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits: [S, V] float32 (float64 kept) -> [S] int64 token ids.
+    """logits: [S, V] in the model's dtype (float64 kept for exact tests) -> [S] int64 token ids.
 
     Greedy rows take the argmax. Random rows race exponential noise (``tandem.kernels.sampling``
     defines the draw): on CUDA the fused Triton kernel, whose memory is O(rows); elsewhere its torch
@@ -73,9 +78,10 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.need_sort:
         cutoff = top_k_top_p_cutoff(logits, t.temperature, t.top_k, t.top_p)
     else:
-        cutoff = torch.full_like(t.temperature, float("-inf"), dtype=logits.dtype)
-    if logits.is_cuda and logits.dtype == torch.float32 and triton_available():
+        cutoff = torch.full_like(t.temperature, float("-inf"), dtype=torch.float32)
+    if logits.is_cuda and logits.dtype != torch.float64 and triton_available():
         from tandem.kernels.sampling import fused_sample
 
         return fused_sample(logits, t.temperature, t.min_p, cutoff.float(), t.seeds, t.gen_index)
-    return sample_reference(logits, t.temperature, t.min_p, cutoff, t.seeds, t.gen_index)
+    wide = logits if logits.dtype == torch.float64 else logits.float()
+    return sample_reference(wide, t.temperature, t.min_p, cutoff.to(wide.dtype), t.seeds, t.gen_index)

@@ -28,17 +28,14 @@ class AttentionInputs:
 
 
 class AttentionBackend(ABC):
-    """One kernel family. ``prepare`` runs once per step, ``attend`` once per layer."""
+    """One kernel family. ``prepare`` runs once per step, ``attend`` once per layer. Backends only read
+    the cache: the layer writes this step's K and V before attending (fused with rotary on CUDA)."""
 
     name: str = "?"
 
     def prepare(self, inputs: AttentionInputs) -> Any:
         """Metadata derived from the step's inputs, on the device, without host synchronisation."""
         return inputs
-
-    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        cache[0].index_copy_(0, slot_mapping, k)
-        cache[1].index_copy_(0, slot_mapping, v)
 
     @abstractmethod
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: Any) -> torch.Tensor:
@@ -53,12 +50,6 @@ class StepAttention:
     inputs: AttentionInputs
     meta: Any
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> None:
-        self.backend.store_kv(cache, k, v, self.inputs.slot_mapping)
-
     def attend(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D] attends the cache (this step's K/V already stored by the layer)."""
         return self.backend.attend(q, cache, self.meta)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        self.store(k, v, cache)
-        return self.attend(q, cache)
