@@ -50,8 +50,18 @@ def largest_gaps(intervals: list[StepInterval], records: dict[int, StepRecord], 
     spans = sorted(intervals, key=lambda i: i.start)
     gaps = [(b.start - a.end, a.step_id, b.step_id) for a, b in zip(spans, spans[1:])]
     return [{"gap_ms": g * 1e3, "after_step": a, "before_step": b,
-             "decode_pair": records[a].num_decode == records[a].num_seqs and records[b].num_decode == records[b].num_seqs}
+             "decode_pair": records[a].num_decode == records[a].num_seqs and records[b].num_decode == records[b].num_seqs,
+             "host_ms": _host_phases(records.get(a), records.get(b))}
             for g, a, b in sorted(gaps, reverse=True)[:n]]
+
+
+def _host_phases(before: StepRecord | None, after: StepRecord | None) -> dict | None:
+    """What the host was doing around a gap: the earlier step's processing, the later one's planning."""
+    if before is None or after is None:
+        return None
+    return {"wait_before": before.wait_s * 1e3, "process_before": before.process_s * 1e3,
+            "schedule_after": after.schedule_s * 1e3, "build_after": after.build_s * 1e3,
+            "submit_after": after.submit_s * 1e3, "num_seqs_after": after.num_seqs, "num_tokens_after": after.num_tokens}
 
 
 def decode_idle_fraction(intervals: list[StepInterval], records: dict[int, StepRecord]) -> float | None:

@@ -19,7 +19,10 @@ import triton.language as tl
 
 from tandem.kernels.paged_varlen import LOG2E, attend_key_range, dot_precision, kernel_window, padded_head_dim
 
-BLOCK_N = 128  # keys per block: measured best on H100 for 8B and 1B decode shapes (scripts/decode_sweep.py)
+# Keys per block, measured on an H100 (scripts/decode_sweep.py, scripts/kernel_bench.py): 128 for
+# whole sequences per program (8B and 1B decode batches), 64 for split-KV's shorter shares.
+BLOCK_N = 128
+SPLIT_BLOCK_N = 64
 MIN_SPLIT_KEYS = 256  # a split's share of keys: below this, the combine pass costs more than it saves
 MAX_SPLITS = 64
 WAVES = 2  # programs per SM that decode_num_splits aims for, so memory latency overlaps
@@ -96,7 +99,7 @@ def _combine_splits_kernel(part_acc_ptr, part_stats_ptr, out_ptr, NUM_SPLITS: tl
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, page_size: int, scale: float,
-                           sliding_window: int | None = None, num_splits: int = 1, block_n: int = BLOCK_N,
+                           sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D] (one token per sequence, the last of its seq_lens[b] keys); cache: [2, slots, Hkv, D]
     -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``); block_n,
@@ -106,6 +109,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     group = n_heads // n_kv
     assert n_heads == group * n_kv and q.stride(2) == 1 and cache.stride(3) == 1 and num_splits >= 1
     out = torch.empty(n_seqs, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    block_n = block_n or (BLOCK_N if num_splits == 1 else SPLIT_BLOCK_N)
     if num_splits == 1:
         part_acc = part_stats = out  # not touched by the single-pass kernel
     else:
