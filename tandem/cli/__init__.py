@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from tandem.cli import bench, generate, serve
+from tandem.cli import bench, bench_serve, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     bench.add_parser(sub)
     serve.add_parser(sub)
+    bench_serve.add_parser(sub)
     return parser
 
 

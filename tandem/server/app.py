@@ -38,8 +38,10 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
+        # max_model_len and vocab_size are ours (bench-serve draws token-id prompts below vocab_size)
         data = [{"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": model_path,
-                 "max_model_len": client.max_model_len} for name in served_names]
+                 "max_model_len": client.max_model_len, "vocab_size": client.model_config.vocab_size}
+                for name in served_names]
         return {"object": "list", "data": data}
 
     @v1.post("/completions")

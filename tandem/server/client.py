@@ -140,8 +140,8 @@ class EngineClient:
     # --- requests ----------------------------------------------------------------------------
     def submit(self, requests: list[EngineRequest], prompts: list[str | None], stream: bool) -> RequestHandle:
         """Queue one API request's engine requests (choice i is ``requests[i]``)."""
-        if self.failure is not None:
-            raise APIError(self.failure.status, self.failure.message)
+        if self.failure is not None:  # shutting down, or the core is gone: unavailable either way
+            raise APIError(503, self.failure.message)
         self._admit(len(requests))
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
