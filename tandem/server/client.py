@@ -13,9 +13,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import zmq
+
 from tandem.config import EngineConfig
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
+from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
 from tandem.outputs import RequestOutput
@@ -25,6 +28,8 @@ from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, S
 from tandem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_WAKEUP = 64  # steps processed together when this process lags behind the core
 
 
 class RequestFailed(Exception):
@@ -182,22 +187,38 @@ class EngineClient:
         socket = self.channel.async_output()
         decoder = self.channel.decoder
         while True:
-            msg = decoder.decode(await socket.recv(copy=False))
-            if isinstance(msg, StepUpdate):
+            frames = [await socket.recv(copy=False)]
+            while len(frames) < MAX_MESSAGES_PER_WAKEUP:  # whatever else has arrived meanwhile
                 try:
-                    self._on_step(msg)
-                except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
-                    log.exception("processing a step from the engine core failed")
-            elif isinstance(msg, Failed):
-                log.error("the engine core failed: %s", msg.message)
-                self._core_failed(f"the engine core failed: {msg.message}")
+                    frames.append(await socket.recv(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            steps = []
+            for frame in frames:
+                msg = decoder.decode(frame.buffer)
+                if isinstance(msg, StepUpdate):
+                    steps.append(msg)
+                elif isinstance(msg, Failed):
+                    log.error("the engine core failed: %s", msg.message)
+                    self._core_failed(f"the engine core failed: {msg.message}")
+            try:
+                self._on_steps(steps)
+            except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
+                log.exception("processing steps from the engine core failed")
 
-    def _on_step(self, msg: StepUpdate) -> None:
+    def _on_steps(self, steps: list[StepUpdate]) -> None:
+        """Process the steps that arrived together as one: when this process falls behind the core,
+        each request gets one output (and its client one event) for all of them."""
+        if not steps:
+            return
         now = time.perf_counter()
-        deltas = msg.deltas
-        ttfts, itls = self._token_times(deltas.token_request_ids, now)
+        ttfts: list[float] = []
+        itls: list[float] = []
+        deltas = steps[0].deltas if len(steps) == 1 else _merge([m.deltas for m in steps])
+        for msg in steps:
+            self._token_times(msg.deltas.token_request_ids, now, ttfts, itls)
         processed = self.output_processor.process(deltas)
-        if processed.stopped:
+        if processed.stopped and self.failure is None:
             self.channel.send(FinishRequests(processed.stopped, "stop"))
         for output in processed.outputs:
             route = self.routes.get(output.request_id)
@@ -207,15 +228,17 @@ class EngineClient:
                 del self.routes[output.request_id]
                 self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival)
             route.handle.queue.put_nowait((route.index, output))
-        for rid, why in msg.rejected.items():
-            self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
-        if msg.stats is not None:
-            self.num_waiting_reported = msg.stats.num_waiting
-            self.metrics.on_stats(msg.stats)
-        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, msg.queue_times)
+        queue_times = []
+        for msg in steps:
+            for rid, why in msg.rejected.items():
+                self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
+            if msg.stats is not None:
+                self.num_waiting_reported = msg.stats.num_waiting
+                self.metrics.on_stats(msg.stats)
+            queue_times += msg.queue_times
+        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, queue_times)
 
-    def _token_times(self, request_ids: list[str], now: float) -> tuple[list[float], list[float]]:
-        ttfts, itls = [], []
+    def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
         routes = self.routes
         for rid in request_ids:
             route = routes.get(rid)
@@ -227,7 +250,6 @@ class EngineClient:
             else:
                 itls.append(now - route.last_token)
             route.last_token = now
-        return ttfts, itls
 
     def _core_exited(self) -> None:
         asyncio.get_running_loop().remove_reader(self.channel.sentinel)
@@ -257,3 +279,13 @@ class EngineClient:
                 self.channel.send(FinishRequests(ids, "abort"))
             except CoreDeadError:
                 pass
+
+
+def _merge(parts: list[StepDeltas]) -> StepDeltas:
+    """Consecutive steps as one: a request's tokens stay in order, and none follows its finish."""
+    merged = StepDeltas()
+    for d in parts:
+        merged.token_request_ids += d.token_request_ids
+        merged.token_ids += d.token_ids
+        merged.finished.update(d.finished)
+    return merged
