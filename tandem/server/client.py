@@ -176,11 +176,15 @@ class EngineClient:
         running = [rid for rid in engine_ids if self.routes.pop(rid, None) is not None]
         for rid in running:
             self.output_processor.abort(rid)
-        if running and self.failure is None:
+        if running:
+            self._finish_in_core(running, "abort")
+
+    def _finish_in_core(self, engine_ids: list[str], reason: str) -> None:
+        if self.alive:
             try:
-                self.channel.send(FinishRequests(running, "abort"))
+                self.channel.send(FinishRequests(engine_ids, reason))
             except CoreDeadError:
-                pass  # nothing left to abort
+                pass  # the core is gone, and its requests with it
 
     # --- from the core -----------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -218,8 +222,8 @@ class EngineClient:
         for msg in steps:
             self._token_times(msg.deltas.token_request_ids, now, ttfts, itls)
         processed = self.output_processor.process(deltas)
-        if processed.stopped and self.failure is None:
-            self.channel.send(FinishRequests(processed.stopped, "stop"))
+        if processed.stopped:
+            self._finish_in_core(processed.stopped, "stop")
         for output in processed.outputs:
             route = self.routes.get(output.request_id)
             if route is None:
@@ -274,11 +278,8 @@ class EngineClient:
         ids = list(self.routes)
         for rid in ids:
             self._fail(rid, error)
-        if ids and self.alive:
-            try:
-                self.channel.send(FinishRequests(ids, "abort"))
-            except CoreDeadError:
-                pass
+        if ids:
+            self._finish_in_core(ids, "abort")
 
 
 def _merge(parts: list[StepDeltas]) -> StepDeltas:

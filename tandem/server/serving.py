@@ -124,7 +124,7 @@ class Serving:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)  # once per prompt, whatever n is
         handle = self.client.submit(requests, texts, stream=body.stream)
         if body.stream:
-            return SSEResponse(_events(meta, handle, prompt_tokens, body.include_usage))
+            return SSEResponse(_events(meta, handle, prompt_tokens, body.include_usage), handle.close)
         try:
             finished, outputs = await unless_disconnected(raw, handle.result())
         except RequestFailed as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -45,16 +45,21 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[boo
 
 
 class SSEResponse(StreamingResponse):
-    """Server-sent events from an async iterator of ready-made ``data: ...`` frames."""
+    """Server-sent events from an async iterator of ready-made ``data: ...`` frames. ``on_close``
+    runs however the response ends, even if the client left before the first event."""
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        pump = asyncio.ensure_future(self._pump(send))
-        await _first_of(pump, asyncio.ensure_future(wait_for_disconnect(receive)))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            await _first_of(pump, asyncio.ensure_future(wait_for_disconnect(receive)))
+        finally:
+            self.on_close()
         if not pump.cancelled() and pump.exception() is not None:
             raise pump.exception()
 
@@ -65,4 +70,4 @@ class SSEResponse(StreamingResponse):
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await events.aclose()  # runs the generator's cleanup (aborting its requests) now
+            await events.aclose()  # runs the generator's cleanup now
