@@ -209,6 +209,9 @@ class EngineClient:
                 self._on_steps(steps)
             except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
                 log.exception("processing steps from the engine core failed")
+            # a recv that finds a message ready does not yield to the event loop: without this, a
+            # core that keeps this task busy would starve the handlers that write the events
+            await asyncio.sleep(0)
 
     def _on_steps(self, steps: list[StepUpdate]) -> None:
         """Process the steps that arrived together as one: when this process falls behind the core,
