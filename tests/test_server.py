@@ -98,6 +98,22 @@ def test_a_stop_token_ends_with_finish_reason_stop(client):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
 
 
+def test_null_fields_take_their_defaults(server):
+    """LangChain and others send null for what they leave unset."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "user", "tools"])
+    headers = {"Authorization": f"Bearer {SERVER_KEY}"}
+    chat = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=30,
+                      json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4, **nulls})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["completion_tokens"] <= 4
+    done = httpx.post(server.url + "/v1/completions", headers=headers, timeout=30,
+                      json={"model": "tiny", "prompt": [5] * 500, "max_tokens": None, "ignore_eos": True,
+                            **{k: v for k, v in nulls.items() if k != "tools"}})
+    assert done.status_code == 200, done.text
+    assert done.json()["usage"]["completion_tokens"] == 12  # null max_tokens: up to the context (512)
+
+
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 @pytest.mark.parametrize("stop", [None, "e"])
 def test_streamed_text_equals_non_streamed(client, kind, stop):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
@@ -43,6 +43,15 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients (LangChain...) send ``null`` for fields they leave unset: the default applies.
+        Not for ``max_tokens``, where null means "up to the context" (as in vLLM)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k == "max_tokens"}
+        return data
 
     @property
     def include_usage(self) -> bool:
