@@ -56,7 +56,8 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
 
     @app.get("/health")
     async def health() -> Response:
-        if client.failure is not None and client.failure.status == 500 or not client.alive:
+        core_failed = client.failure is not None and client.failure.status == 500
+        if core_failed or not client.alive:
             return JSONResponse({"status": "engine core is not running"}, status_code=503)
         return Response(status_code=200)
 

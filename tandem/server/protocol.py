@@ -19,7 +19,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """The fields completions and chat share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -75,7 +75,7 @@ class _SamplingRequest(BaseModel):
 TokenIds = list[StrictInt]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16
     best_of: int | None = None
@@ -124,7 +124,7 @@ class ResponseFormat(BaseModel):
     type: str = "text"
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; still sent

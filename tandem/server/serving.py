@@ -16,7 +16,7 @@ from tandem.sampling_params import SamplingParams
 from tandem.server.client import EngineClient, RequestFailed, RequestHandle
 from tandem.server.errors import APIError, bad_request, error_body
 from tandem.server.fanout import fan_out
-from tandem.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from tandem.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from tandem.server.responses import (DONE, ResponseMeta, chunk, full_response, json_bytes, sse, usage_chunk)
 from tandem.server.streaming import SSEResponse, unless_disconnected
 
@@ -53,8 +53,8 @@ class Serving:
         raise APIError(404, f"the model {requested!r} does not exist; this server serves "
                             f"{', '.join(map(repr, self.served_names))}", "model", "model_not_found")
 
-    def sampling_params(self, body: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
-        """Checked here (each field's type and range) so that n is validated as the API's field."""
+    def sampling_params(self, body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        """SamplingParams checks every field's type and range; its ValueError names the field."""
         try:
             return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs())
         except ValueError as exc:
@@ -118,7 +118,7 @@ class Serving:
         return requests, texts
 
     # --- running -----------------------------------------------------------------------------
-    async def generate(self, meta: ResponseMeta, body: _SamplingRequest, params: SamplingParams,
+    async def generate(self, meta: ResponseMeta, body: SamplingRequest, params: SamplingParams,
                        prompts: list[Prompt], raw: Request, param: str) -> Response:
         requests, texts = self.engine_requests(meta.id, prompts, params, body.n, param)
         prompt_tokens = sum(len(p.token_ids) for p in prompts)  # once per prompt, whatever n is
@@ -163,7 +163,7 @@ async def _events(meta: ResponseMeta, handle: RequestHandle, prompt_tokens: int,
     yield DONE
 
 
-def _refuse_unsupported(body: _SamplingRequest) -> None:
+def _refuse_unsupported(body: SamplingRequest) -> None:
     bad = body.unsupported_fields()
     if bad:
         raise APIError(400, f"{', '.join(bad)}: not supported by this server", bad[0])
