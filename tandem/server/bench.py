@@ -148,9 +148,12 @@ def _metric(text: str, name: str) -> float | None:
 
 
 def _prompts(cfg: BenchServeConfig, num_requests: int, vocab_size: int) -> list[list[int]]:
-    from tandem.bench.runner import Workload, random_prompts  # the offline benchmark's prompts
+    """The offline benchmark's fixed-length prompts for the same seed: one draw of
+    [num_requests, prompt_len] token ids from a torch generator seeded with ``seed``."""
+    import torch
 
-    return random_prompts(Workload(num_requests, cfg.prompt_len, cfg.max_tokens, cfg.seed), vocab_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(0, vocab_size, (num_requests, cfg.prompt_len), generator=gen).tolist()
 
 
 async def _run(cfg: BenchServeConfig, ep: _Endpoint, model: str, prompts: list[list[int]]

@@ -80,6 +80,7 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     """Run until stopped; returns the exit status."""
     sock = bind(options.host, options.port)
     names = options.served_model_names or [config.model]
+    print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
     client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
     try:
         app = create_app(client, names, config.model, options.api_key)
