@@ -81,7 +81,11 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     sock = bind(options.host, options.port)
     names = options.served_model_names or [config.model]
     print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
-    client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
+    try:
+        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = create_app(client, names, config.model, options.api_key)
         uv_config = uvicorn.Config(app, log_level="info" if options.log_level <= logging.INFO else "warning",
