@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -30,9 +31,28 @@ class CoreDeadError(RuntimeError):
     """The engine core process is gone; no request can complete any more."""
 
 
+_DIR_PREFIX = "tandem-core-"
+
+
+def _remove_stale_dirs() -> None:
+    """Socket dirs of API processes that were killed (SIGKILL leaves no chance to clean up)."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(_DIR_PREFIX + "*-*"):
+        pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, someone else's
+
+
 class CoreChannel:
     def __init__(self, config: EngineConfig, log_level: int = logging.WARNING) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="tandem-core-")
+        _remove_stale_dirs()
+        self.tmpdir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self.ctx = zmq.Context()
         self.encoder = input_encoder()
         self.decoder = output_decoder()
