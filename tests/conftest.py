@@ -28,3 +28,16 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 def sharded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The llama checkpoint saved in several safetensors shards with a model.safetensors.index.json."""
     return build_checkpoint("llama", tmp_path_factory.mktemp("ckpt-llama-sharded"), sharded=True)
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint_dir):
+    """One ``tandem serve`` process for the server tests: the llama checkpoint (trained tokenizer and
+    chat template), at most 16 running and 8 waiting requests, an API key."""
+    from server_utils import SERVER_KEY, ServerProcess
+
+    proc = ServerProcess("--model", str(checkpoint_dir("llama")), "--served-model-name", "tiny",
+                         "--max-num-seqs", "16", "--max-num-waiting", "8", "--max-model-len", "512",
+                         "--api-key", SERVER_KEY)
+    yield proc
+    proc.stop()

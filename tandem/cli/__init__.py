@@ -1,15 +1,11 @@
-"""Command line: ``tandem generate|bench|serve``."""
+"""Command line: ``tandem generate|bench|serve|bench-serve``."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from tandem.cli import bench, generate
-
-
-def _serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("`tandem serve` (the OpenAI-compatible server) is not implemented yet")
+from tandem.cli import bench, bench_serve, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     bench.add_parser(sub)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not implemented yet)")
-    serve.set_defaults(func=_serve)
+    serve.add_parser(sub)
+    bench_serve.add_parser(sub)
     return parser
 
 

@@ -1,7 +1,11 @@
 """From the engine core's token deltas to what callers get: text (detokenized incrementally), stop
 strings, and ``RequestOutput`` objects. It runs wherever the tokenizer lives: in-process under
 ``LLMEngine``, or in the API process of the server; requests it stops by their text must then be
-finished in the core (``ProcessedStep.stopped``)."""
+finished in the core (``ProcessedStep.stopped``).
+
+A streamed output never shows text that a stop string could still remove: while a request runs, the
+end of its text that is the beginning of a stop string is held back (the final text is unchanged),
+so each streamed text is a prefix of the next and of the final one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,7 +31,10 @@ class _RequestState:
 
     def output(self) -> RequestOutput:
         done = self.finish_reason is not None
-        completion = CompletionOutput(0, self.text, list(self.token_ids), self.finish_reason)
+        text = self.text
+        if not done and self.params.stop_strings and not self.params.include_stop_str_in_output:
+            text = text[:len(text) - _stop_prefix_len(text, self.params.stop_strings)]
+        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done)
 
 
@@ -113,3 +120,16 @@ def _truncate_at_stop(state: _RequestState, num_new_chars: int) -> bool:
     index, stop = min(hits)
     state.text = state.text[:index + len(stop) if state.params.include_stop_str_in_output else index]
     return True
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is the beginning of a stop string (which later
+    text could complete, and the cut would then remove). With ``include_stop_str_in_output`` the cut
+    falls after the stop string, so nothing needs holding back."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest

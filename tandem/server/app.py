@@ -1,0 +1,106 @@
+"""The FastAPI application: routes, the API key, and the engine client's life cycle.
+
+Only the ``/v1`` routes need the API key (as in vLLM): health checks, metrics scrapers and the
+tokenizer probes of lm-eval work without one."""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+import tandem
+from tandem.server.client import EngineClient
+from tandem.server.errors import APIError, install_handlers
+from tandem.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest)
+from tandem.server.serving import Serving
+from tandem.server.tokenizer_info import tokenize, tokenizer_info
+
+
+def create_app(client: EngineClient, served_names: list[str], model_path: str, api_key: str | None) -> FastAPI:
+    serving = Serving(client, served_names)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        yield
+        await client.close()
+
+    app = FastAPI(title="tandem", version=tandem.__version__, lifespan=lifespan)
+    install_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))])
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        # max_model_len and vocab_size are ours (bench-serve draws token-id prompts below vocab_size)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": model_path,
+                 "max_model_len": client.max_model_len, "vocab_size": client.model_config.vocab_size}
+                for name in served_names]
+        return {"object": "list", "data": data}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await serving.completion(body, raw)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await serving.chat(body, raw)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        core_failed = client.failure is not None and client.failure.status == 500
+        if core_failed or not client.alive:
+            return JSONResponse({"status": "engine core is not running"}, status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tandem.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        serving.model_name(body.model)
+        ids = tokenize(client.tokenizer, body)
+        return {"count": len(ids), "max_model_len": client.max_model_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, str]:
+        serving.model_name(body.model)
+        if client.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        vocab = client.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be ints in [0, {vocab})", "tokens")
+        return {"prompt": client.tokenizer.decode(body.tokens, False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(client.tokenizer, client.max_model_len)
+
+    return app
+
+
+def _key_check(api_key: str | None):
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    return check

@@ -1,0 +1,295 @@
+"""The API process's engine: input processing (validate, tokenize), the channel to the core process,
+output processing (detokenize, stop strings), and one asyncio queue per API request.
+
+One background task receives the core's per-step messages, turns their token deltas into
+``RequestOutput``s and puts each on its request's queue; route handlers only read their queue. Every
+accepted request ends with its outputs or a ``RequestFailed``: the core died, the server is
+shutting down, or the core refused it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import zmq
+
+from tandem.config import EngineConfig
+from tandem.engine.output_processor import OutputProcessor
+from tandem.engine.processor import InputProcessor
+from tandem.engine.scheduler import StepDeltas
+from tandem.engine.sequence import EngineRequest
+from tandem.model.sources import load_tokenizer, resolve_model_config
+from tandem.outputs import RequestOutput
+from tandem.server.channel import CoreChannel, CoreDeadError
+from tandem.server.errors import APIError
+from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
+from tandem.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_WAKEUP = 64  # steps processed together when this process lags behind the core
+
+
+class RequestFailed(Exception):
+    """An accepted request cannot complete; ``status`` is the HTTP status to report it with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Route:
+    """One engine request (a choice of an API request) while it runs."""
+
+    handle: RequestHandle
+    index: int  # its choice index in the API request
+    arrival: float
+    first_token: float | None = None
+    last_token: float = 0.0
+
+
+class RequestHandle:
+    """An API request's view of its engine requests (one per choice)."""
+
+    def __init__(self, client: EngineClient, engine_ids: list[str]) -> None:
+        self.client = client
+        self.engine_ids = engine_ids
+        self.queue: asyncio.Queue[tuple[int, RequestOutput] | RequestFailed] = asyncio.Queue()
+        self.outputs: list[RequestOutput | None] = [None] * len(engine_ids)
+        self.num_finished = 0
+        self.closed = False
+
+    async def updates(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """The newest output of each choice that changed, coalesced over whatever arrived meanwhile
+        (a slow reader gets fewer, larger updates); ends once every choice has finished."""
+        while self.num_finished < len(self.engine_ids):
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            latest: dict[int, RequestOutput] = {}
+            for item in items:
+                if isinstance(item, RequestFailed):
+                    raise item
+                index, output = item
+                latest[index] = output
+                self.outputs[index] = output
+                self.num_finished += output.finished
+            yield sorted(latest.items())
+
+    async def result(self) -> list[RequestOutput]:
+        async for _ in self.updates():
+            pass
+        return list(self.outputs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Abort whatever has not finished (the client went away, or the handler ended). Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.client.abort(self.engine_ids)
+
+
+class EngineClient:
+    """Starts the core process (blocking until it is ready), then serves requests from the event loop
+    once ``start()`` ran there."""
+
+    def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
+                 log_level: int = logging.WARNING) -> None:
+        self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
+        self.channel = CoreChannel(config, log_level)  # the core loads weights while we load the tokenizer
+        try:
+            self.tokenizer = load_tokenizer(config.model)
+            self.info: Ready = self.channel.wait_ready()
+        except BaseException:
+            self.channel.close()
+            raise
+        self.max_model_len = self.info.max_model_len
+        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.metrics = metrics
+        self.max_num_waiting = max_num_waiting
+        self.routes: dict[str, _Route] = {}
+        self.num_waiting_reported = 0
+        self.failure: RequestFailed | None = None  # set once no request can be served any more
+        self.on_core_death: Callable[[], None] | None = None
+        self._receiver: asyncio.Task | None = None
+
+    # --- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.channel.sentinel, self._core_exited)
+        self._receiver = asyncio.ensure_future(self._receive_loop())
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; end in-flight requests with an error and abort them in the core."""
+        if self.failure is None:
+            self.failure = RequestFailed(503, "the server is shutting down; the request was aborted")
+            self._fail_all(self.failure)
+
+    async def close(self) -> None:
+        self.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.channel.sentinel)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        await loop.run_in_executor(None, self.channel.close)
+
+    @property
+    def alive(self) -> bool:
+        return self.channel.process.is_alive() and not self.channel.closed
+
+    # --- requests ----------------------------------------------------------------------------
+    def submit(self, requests: list[EngineRequest], prompts: list[str | None], stream: bool) -> RequestHandle:
+        """Queue one API request's engine requests (choice i is ``requests[i]``)."""
+        if self.failure is not None:  # shutting down, or the core is gone: unavailable either way
+            raise APIError(503, self.failure.message)
+        self._admit(len(requests))
+        handle = RequestHandle(self, [r.request_id for r in requests])
+        now = time.perf_counter()
+        for index, (request, prompt) in enumerate(zip(requests, prompts)):
+            self.processor.assign_seed(request)
+            self.output_processor.add(request.request_id, prompt, request.prompt_token_ids, request.params, stream)
+            self.routes[request.request_id] = _Route(handle, index, now)
+        try:
+            self.channel.send(AddRequests(requests))
+        except CoreDeadError as exc:
+            self.abort(handle.engine_ids)
+            raise APIError(503, str(exc)) from exc
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
+        return handle
+
+    def _admit(self, count: int) -> None:
+        """429 when more than ``max_num_waiting`` requests would wait for a place in the batch: those
+        beyond ``max_num_seqs`` in flight, or the core's last reported queue if longer (KV-bound)."""
+        if self.max_num_waiting is None:
+            return
+        waiting = max(len(self.routes) + count - self.info.max_num_seqs, self.num_waiting_reported)
+        if waiting > self.max_num_waiting:
+            raise APIError(429, f"the server is at capacity: {waiting} requests would be waiting, more than "
+                                f"--max-num-waiting {self.max_num_waiting}; retry later", code="too_many_requests")
+
+    def abort(self, engine_ids: list[str]) -> None:
+        running = [rid for rid in engine_ids if self.routes.pop(rid, None) is not None]
+        for rid in running:
+            self.output_processor.abort(rid)
+        if running:
+            self._finish_in_core(running, "abort")
+
+    def _finish_in_core(self, engine_ids: list[str], reason: str) -> None:
+        if self.alive:
+            try:
+                self.channel.send(FinishRequests(engine_ids, reason))
+            except CoreDeadError:
+                pass  # the core is gone, and its requests with it
+
+    # --- from the core -----------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        socket = self.channel.async_output()
+        decoder = self.channel.decoder
+        while True:
+            frames = [await socket.recv(copy=False)]
+            while len(frames) < MAX_MESSAGES_PER_WAKEUP:  # whatever else has arrived meanwhile
+                try:
+                    frames.append(await socket.recv(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            steps = []
+            for frame in frames:
+                msg = decoder.decode(frame.buffer)
+                if isinstance(msg, StepUpdate):
+                    steps.append(msg)
+                elif isinstance(msg, Failed):
+                    log.error("the engine core failed: %s", msg.message)
+                    self._core_failed(f"the engine core failed: {msg.message}")
+            try:
+                self._on_steps(steps)
+            except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
+                log.exception("processing steps from the engine core failed")
+            # a recv that finds a message ready does not yield to the event loop: without this, a
+            # core that keeps this task busy would starve the handlers that write the events
+            await asyncio.sleep(0)
+
+    def _on_steps(self, steps: list[StepUpdate]) -> None:
+        """Process the steps that arrived together as one: when this process falls behind the core,
+        each request gets one output (and its client one event) for all of them."""
+        if not steps:
+            return
+        now = time.perf_counter()
+        ttfts: list[float] = []
+        itls: list[float] = []
+        deltas = steps[0].deltas if len(steps) == 1 else _merge([m.deltas for m in steps])
+        for msg in steps:
+            self._token_times(msg.deltas.token_request_ids, now, ttfts, itls)
+        processed = self.output_processor.process(deltas)
+        if processed.stopped:
+            self._finish_in_core(processed.stopped, "stop")
+        for output in processed.outputs:
+            route = self.routes.get(output.request_id)
+            if route is None:
+                continue
+            if output.finished:
+                del self.routes[output.request_id]
+                self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival)
+            route.handle.queue.put_nowait((route.index, output))
+        queue_times = []
+        for msg in steps:
+            for rid, why in msg.rejected.items():
+                self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
+            if msg.stats is not None:
+                self.num_waiting_reported = msg.stats.num_waiting
+                self.metrics.on_stats(msg.stats)
+            queue_times += msg.queue_times
+        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, queue_times)
+
+    def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
+        routes = self.routes
+        for rid in request_ids:
+            route = routes.get(rid)
+            if route is None:
+                continue
+            if route.first_token is None:
+                route.first_token = now
+                ttfts.append(now - route.arrival)
+            else:
+                itls.append(now - route.last_token)
+            route.last_token = now
+
+    def _core_exited(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.channel.sentinel)
+        if not self.channel.closed:
+            self.channel.process.join(0.5)  # reap it, for its exit code (it has just ended)
+            self._core_failed(f"the engine core process died (exit code {self.channel.exitcode()})")
+
+    def _core_failed(self, message: str) -> None:
+        first = self.failure is None or self.failure.status != 500
+        self.failure = RequestFailed(500, message)
+        self._fail_all(self.failure)
+        if first and self.on_core_death is not None:
+            self.on_core_death()
+
+    def _fail(self, rid: str, error: RequestFailed) -> None:
+        route = self.routes.pop(rid, None)
+        if route is not None:
+            self.output_processor.abort(rid)
+            route.handle.queue.put_nowait(error)
+
+    def _fail_all(self, error: RequestFailed) -> None:
+        ids = list(self.routes)
+        for rid in ids:
+            self._fail(rid, error)
+        if ids:
+            self._finish_in_core(ids, "abort")
+
+
+def _merge(parts: list[StepDeltas]) -> StepDeltas:
+    """Consecutive steps as one: a request's tokens stay in order, and none follows its finish."""
+    merged = StepDeltas()
+    for d in parts:
+        merged.token_request_ids += d.token_request_ids
+        merged.token_ids += d.token_ids
+        merged.finished.update(d.finished)
+    return merged

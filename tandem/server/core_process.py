@@ -1,0 +1,218 @@
+"""The engine-core process: builds the worker and ``EngineCore``, then runs the step loop alone, so
+HTTP, tokenization and detokenization (in the API process) never take its GIL.
+
+The loop blocks on the input socket only while the core has nothing to do; otherwise it drains
+pending adds and aborts without blocking, runs one ``core.step()`` and sends what changed. The
+process dies with the API process (``PR_SET_PDEATHSIG`` on Linux, and a parent-pid check
+everywhere) and ignores SIGINT: Ctrl-C reaches the whole process group, and it is the API process
+that decides how to shut down."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from tandem.config import EngineConfig
+from tandem.engine.core import EngineCore
+from tandem.engine.observer import ProcessTimes, SubmitTimes
+from tandem.engine.scheduler import SchedulerOutput, StepDeltas
+from tandem.server.messages import (AddRequests, Failed, FinishRequests, InputMessage, Ready, Shutdown, Stats,
+                                    StepUpdate, input_decoder, output_encoder)
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 500  # how long an idle core blocks on its input before checking its parent again
+PARENT_CHECK_S = 1.0  # while busy, how often the parent pid is checked
+STATS_INTERVAL_S = 0.05  # stats cost a sort over the recent step times: not every step
+_PR_SET_PDEATHSIG = 1
+
+
+def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int) -> None:
+    """Entry point of the spawned process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, 0)
+    inp.connect(input_addr)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)  # unbounded: sending never blocks the step loop
+    out.setsockopt(zmq.LINGER, 2000)  # a final Failed message still gets out
+    out.connect(output_addr)
+    encoder = output_encoder()
+    code = 0
+    try:
+        core = _build_core(config)
+    except BaseException as exc:  # noqa: BLE001 - whatever stops start-up is reported, then we exit
+        out.send(encoder.encode(Failed(_describe(exc), during_startup=True)))
+        code = 1
+    else:
+        gc.collect()
+        gc.freeze()  # start-up objects leave the collector's view: collections stay short in the loop
+        info = core.worker.info
+        out.send(encoder.encode(Ready(info.max_model_len, config.max_num_seqs, info.num_kv_blocks,
+                                      info.block_size, info.device, info.device_name, info.dtype)))
+        code = _serve(core, inp, out, parent_pid)
+    inp.close(linger=0)
+    out.close()
+    ctx.term()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter finalization: nothing is left to clean up, and extension modules (Triton's)
+    # print reference-leak noise at exit
+    os._exit(code)
+
+
+def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int) -> int:
+    loop = CoreLoop(core, inp, out, parent_pid)
+    try:
+        loop.run()
+    except Exception as exc:  # noqa: BLE001 - the API process must hear why the core stopped
+        log.exception("engine core loop failed")
+        out.send(output_encoder().encode(Failed(_describe(exc), during_startup=False)))
+        return 1
+    try:
+        core.abort_all()
+        core.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down anyway
+        log.exception("engine core shutdown failed")
+    return 0
+
+
+def _build_core(config: EngineConfig) -> EngineCore:
+    from tandem.model.sources import resolve_model_config
+    from tandem.worker import create_worker
+
+    eos = frozenset(resolve_model_config(config.model).eos_token_ids)
+    return EngineCore(config, create_worker(config), eos)
+
+
+def _describe(exc: BaseException) -> str:
+    # ValueError & co. carry messages written for users (bad option, missing checkpoint)
+    if isinstance(exc, (ValueError, FileNotFoundError, NotImplementedError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # the parent-pid checks in the loop remain
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class CoreLoop:
+    """The step loop of the core process (also a ``StepObserver``, for the queue-time metric)."""
+
+    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int) -> None:
+        self.core = core
+        self.inp = inp
+        self.out = out
+        self.parent_pid = parent_pid
+        self.decoder = input_decoder()
+        self.encoder = output_encoder()
+        self.arrivals: dict[str, float] = {}  # request id -> arrival, until first scheduled
+        self.queue_times: list[float] = []
+        self.rejected: dict[str, str] = {}
+        self.next_stats = 0.0
+        self.next_parent_check = 0.0
+        self.idle_reported = True
+        core.observers.append(self)
+
+    def run(self) -> None:
+        """Returns on a Shutdown message; exits the process if the parent is gone."""
+        while True:
+            if not self.core.has_unfinished_requests():
+                self._report_idle()
+                if not self.inp.poll(IDLE_POLL_MS):
+                    self._check_parent()
+                    continue
+            if not self._drain_input():
+                return
+            if self.core.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        deltas = self.core.step()
+        self.idle_reported = False
+        now = time.perf_counter()
+        stats = None
+        if now >= self.next_stats:
+            stats, self.next_stats = self._stats(), now + STATS_INTERVAL_S
+        if deltas or stats is not None or self.queue_times or self.rejected:
+            self._send(deltas, stats)
+        if now >= self.next_parent_check:
+            self.next_parent_check = now + PARENT_CHECK_S
+            self._check_parent()
+
+    def _report_idle(self) -> None:
+        """Once per idle period: the gauges at rest (nothing running, KV blocks free)."""
+        if not self.idle_reported or self.rejected:
+            self._send(StepDeltas(), self._stats())
+            self.idle_reported = True
+
+    def _send(self, deltas: StepDeltas, stats: Stats | None) -> None:
+        msg = StepUpdate(deltas, stats, self.queue_times, self.rejected)
+        self.queue_times, self.rejected = [], {}
+        self.out.send(self.encoder.encode(msg), copy=False)
+
+    def _stats(self) -> Stats:
+        s = self.core.stats()
+        return Stats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions, s.gpu_idle_fraction)
+
+    def _drain_input(self) -> bool:
+        """Apply every pending message without blocking; False on Shutdown."""
+        while True:
+            try:
+                frame = self.inp.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            if not self._apply(self.decoder.decode(frame.buffer)):
+                return False
+
+    def _apply(self, msg: InputMessage) -> bool:
+        if isinstance(msg, AddRequests):
+            now = time.perf_counter()
+            for request in msg.requests:
+                try:
+                    self.core.add_request(request)
+                except ValueError as exc:
+                    self.rejected[request.request_id] = str(exc)
+                    continue
+                self.arrivals[request.request_id] = now
+        elif isinstance(msg, FinishRequests):
+            self.core.finish_requests(msg.request_ids, msg.reason)
+            for rid in msg.request_ids:
+                self.arrivals.pop(rid, None)
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.parent_pid:
+            log.warning("the API process is gone: exiting")
+            os._exit(1)
+
+    # --- StepObserver ----------------------------------------------------------------------
+    def step_submitted(self, sched: SchedulerOutput, times: SubmitTimes) -> None:
+        if not self.arrivals:
+            return  # every known request has been scheduled: nothing to look for
+        for item in sched.items:
+            if item.start == 0:  # a first chunk; a preempted one's arrival was popped already
+                arrived = self.arrivals.pop(item.seq.request_id, None)
+                if arrived is not None:
+                    self.queue_times.append(times.begin - arrived)
+
+    def step_processed(self, step_id: int, times: ProcessTimes) -> None:
+        pass

@@ -1,0 +1,106 @@
+"""Start the whole server: bind the port, start the engine core, serve with uvicorn, and shut down.
+
+Shutdown (SIGINT or SIGTERM): the port stops accepting, in-flight requests end at once with an error
+(streams get an error event and ``[DONE]``), the core is told to stop and is waited for, and the
+process exits 0. If the core dies instead, requests fail the same way and the exit status is 1."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+
+from tandem.config import EngineConfig
+from tandem.server.app import create_app
+from tandem.server.client import EngineClient
+from tandem.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+DEAD_CORE_LINGER_S = 2.0
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_names: list[str] | None = None
+    max_num_waiting: int | None = None
+    log_level: int = logging.WARNING
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also ends in-flight requests as soon as a signal asks it to stop
+    (uvicorn alone would wait for them to finish) and can be stopped when the core dies."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient) -> None:
+        super().__init__(config)
+        self.client = client
+        self.exit_code = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.loop is not None:  # we run inside a signal handler: hand over to the loop
+            self.loop.call_soon_threadsafe(self.client.begin_shutdown)
+        super().handle_exit(sig, frame)
+
+    def core_died(self) -> None:
+        """Exit 1, after a moment in which /health answers 503 and clients read their errors."""
+        self.exit_code = 1
+        if self.loop is None:
+            self.should_exit = True
+        else:
+            self.loop.call_later(DEAD_CORE_LINGER_S, setattr, self, "should_exit", True)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the (slow) engine start so a taken port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def serve(config: EngineConfig, options: ServeOptions) -> int:
+    """Run until stopped; returns the exit status."""
+    sock = bind(options.host, options.port)
+    names = options.served_model_names or [config.model]
+    print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
+    try:
+        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        app = create_app(client, names, config.model, options.api_key)
+        uv_config = uvicorn.Config(app, log_level="info" if options.log_level <= logging.INFO else "warning",
+                                   access_log=options.log_level <= logging.DEBUG, timeout_graceful_shutdown=10)
+        server = _Server(uv_config, client)
+        client.on_core_death = server.core_died
+        # uvicorn re-raises the signal that stopped it once it is done: make that a no-op, so a
+        # requested shutdown exits 0 instead of dying by the signal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        gc.collect()
+        gc.freeze()  # start-up objects leave the collector's view: collections stay short while serving
+        print(f"tandem: serving {names[0]!r} on http://{options.host}:{sock.getsockname()[1]}", flush=True)
+        server.run(sockets=[sock])
+        return server.exit_code or (0 if server.started else 1)
+    finally:
+        client.channel.close()  # normally done already (lifespan); this covers a failed start
+        sock.close()

@@ -1,0 +1,162 @@
+"""Request bodies of the OpenAI-compatible routes (pydantic: FastAPI validates them, and a type
+error becomes a 400 naming the field). Ranges are checked where the engine checks them
+(``SamplingParams``), so the server and the offline API accept the same values.
+
+Unknown fields are ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own.
+Known fields that we do not implement are refused with a 400 naming them unless they hold their
+neutral value (``unsupported_fields``)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """The fields completions and chat share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    n: int = Field(1, ge=1, le=1024)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients (LangChain...) send ``null`` for fields they leave unset: the default applies.
+        Not for ``max_tokens``, where null means "up to the context" (as in vLLM)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k == "max_tokens"}
+        return data
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """SamplingParams keywords (None = the default), without max_tokens."""
+        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                      seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                      ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+                      skip_special_tokens=self.skip_special_tokens)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def unsupported_fields(self) -> list[str]:
+        neutral = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
+                   "repetition_penalty": (None, 1.0), "min_tokens": (None, 0)}
+        bad = [name for name, ok in neutral.items() if getattr(self, name) not in ok]
+        return bad + (["logit_bias"] if self.logit_bias else [])
+
+
+TokenIds = list[StrictInt]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: int | None = 16
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        bad = super().unsupported_fields()
+        if self.best_of not in (None, 1):
+            bad.append("best_of")
+        if self.echo:
+            bad.append("echo")
+        if self.logprobs is not None:
+            bad.append("logprobs")
+        if self.suffix:
+            bad.append("suffix")
+        return bad
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        """What chat templates expect: content as one string."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "text"
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; still sent
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported_fields(self) -> list[str]:
+        bad = super().unsupported_fields()
+        if self.logprobs or self.top_logprobs:
+            bad.append("logprobs")
+        if self.tools:
+            bad.append("tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            bad.append("response_format")
+        return bad
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: TokenIds
