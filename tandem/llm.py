@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tandem.config import EngineConfig
+from tandem.engine.fanout import fan_in, fan_out
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sequence import EngineRequest
 from tandem.outputs import RequestOutput
@@ -39,9 +40,14 @@ class LLM:
         before any runs, so an invalid one raises ``ValueError`` and nothing is generated."""
         items = _normalise_prompts(prompts)
         params = _normalise_params(sampling_params, len(items))
-        requests = [(self.engine.validate_request(str(next(self._ids)), text, p, ids), text)
-                    for (text, ids), p in zip(items, params)]
-        return self._run(requests, use_tqdm)
+        parents, requests = [], []
+        for (text, ids), p in zip(items, params):
+            children = fan_out(str(next(self._ids)), p)  # n > 1: n requests, one completion each
+            requests += [(self.engine.validate_request(cid, text, cp, ids), text) for cid, cp in children]
+            parents.append([cid for cid, _ in children])
+        results = self._run(requests, use_tqdm)
+        return [results[ids[0]] if len(ids) == 1 else fan_in(ids[0].rsplit("-", 1)[0], [results[c] for c in ids])
+                for ids in parents]
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -53,7 +59,7 @@ class LLM:
         ids = [self.engine.tokenizer.apply_chat_template(conv) for conv in conversations]
         return self.generate(ids, sampling_params, use_tqdm)
 
-    def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool) -> dict[str, RequestOutput]:
         for request, text in requests:
             self.engine.add_validated(request, text)
         results: dict[str, RequestOutput] = {}
@@ -73,7 +79,7 @@ class LLM:
         finally:
             bar.total = bar.n  # requests that stopped early leave the budget unused
             bar.close()
-        return [results[request.request_id] for request, _ in requests]
+        return results
 
 
 def _normalise_prompts(prompts: PromptList) -> list[tuple[str | None, list[int] | None]]:

@@ -5,11 +5,23 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    logprob: float  # natural log, float32 precision
+    rank: int  # 1 for the most likely token of the vocabulary
+    decoded_token: str | None = None
+
+
+# one dict per token: the chosen token's Logprob and the top alternatives', by token id
+TokenLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
 
     @property
     def finished(self) -> bool:
@@ -24,3 +36,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (None for the first)

@@ -1,8 +1,7 @@
 """Per-request sampling parameters, validated on construction (vLLM's shape).
 
 Every field is checked for type and range; a bad value raises ``ValueError`` naming the field, so
-a request from a client fails alone and clearly. Fields that are accepted but not implemented yet
-raise ``NotImplementedError`` naming the field."""
+a request from a client fails alone and clearly."""
 from __future__ import annotations
 
 import math
@@ -10,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (logprobs, prompt_logprobs)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 
 
 @dataclass
@@ -38,6 +39,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +52,7 @@ class SamplingParams:
     def _validate_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):
             _require_int(self, name)
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _require_int(self, name)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -64,6 +67,10 @@ class SamplingParams:
         ids = self.stop_token_ids
         if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)):
             raise _bad(self, "stop_token_ids", "must be a list of ints")
+        bias = self.logit_bias
+        if bias is not None and not (isinstance(bias, dict) and all(
+                _is_int(k) and _is_finite(v) for k, v in bias.items())):
+            raise _bad(self, "logit_bias", "must map token ids (ints) to finite numbers")
 
     def _validate_ranges(self) -> None:
         checks = [
@@ -76,17 +83,20 @@ class SamplingParams:
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
             ("stop", all(self.stop_strings), "must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative ints"),
-            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"must be in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"must be in [0, {MAX_LOGPROBS}]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("logit_bias", all(k >= 0 and abs(v) <= MAX_LOGIT_BIAS for k, v in (self.logit_bias or {}).items()),
+             f"must have token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise _bad(self, name, why)
-        if self.n > 1:
-            raise NotImplementedError("SamplingParams.n > 1 is not supported yet")
-        for name, default in (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                              ("repetition_penalty", 1.0), ("logprobs", None)):
-            if getattr(self, name) != default:
-                raise NotImplementedError(f"SamplingParams.{name} is not supported yet")
 
     @property
     def greedy(self) -> bool:
@@ -102,6 +112,10 @@ class SamplingParams:
         """0 when top-k filtering is off."""
         return max(self.top_k, 0)
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -116,7 +130,10 @@ def _require_int(params: SamplingParams, name: str) -> None:
         raise _bad(params, name, "must be an int")
 
 
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require_number(params: SamplingParams, name: str) -> None:
-    value = getattr(params, name)
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+    if not _is_finite(getattr(params, name)):
         raise _bad(params, name, "must be a finite number")

@@ -22,14 +22,6 @@ def test_invalid_values_raise_value_error_naming_the_field(bad):
         SamplingParams(**bad)
 
 
-@pytest.mark.parametrize("unsupported", [dict(n=2), dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
-                                         dict(frequency_penalty=0.5), dict(min_tokens=3), dict(logprobs=2)])
-def test_unsupported_fields_say_so(unsupported):
-    field = next(iter(unsupported))
-    with pytest.raises(NotImplementedError, match="n > 1" if field == "n" else field):
-        SamplingParams(**unsupported)
-
-
 def test_valid_values_normalise():
     p = SamplingParams(temperature=0, top_k=-1, stop="x", stop_token_ids=(4, 5), seed=-3, max_tokens=None)
     assert p.greedy and p.effective_temperature == 0.0 and p.effective_top_k == 0

@@ -6,8 +6,7 @@ from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import SamplingParams
-from tandem.server.client import _merge
-from tandem.server.fanout import child_seed, fan_in, fan_out
+from tandem.engine.fanout import child_seed, fan_in, fan_out
 from tandem.server.messages import (AddRequests, Stats, StepUpdate, input_decoder, input_encoder, output_decoder,
                                     output_encoder)
 from tandem.server.metrics import BatchHistogram
@@ -48,7 +47,7 @@ def test_batch_histogram_matches_prometheus_histogram():
 
 
 def test_merged_steps_keep_each_requests_tokens_in_order():
-    merged = _merge([StepDeltas(["a", "b"], [1, 2]), StepDeltas(["a"], [3], {"a": "length"}),
+    merged = StepDeltas.merge([StepDeltas(["a", "b"], [1, 2]), StepDeltas(["a"], [3], {"a": "length"}),
                      StepDeltas(["b"], [4], {"b": "stop"})])
     assert merged.token_request_ids == ["a", "b", "a", "b"] and merged.token_ids == [1, 2, 3, 4]
     assert merged.finished == {"a": "length", "b": "stop"}

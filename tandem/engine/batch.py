@@ -83,22 +83,69 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     positions = starts[token_seq] + token_row
     sample_mask = np.fromiter((it.sample for it in items), bool, n)
     sampled = [it for it in items if it.sample]
+    query_start = np.concatenate([[0], np.cumsum(counts)])
     f: dict[str, np.ndarray] = {
         "input_ids": _input_ids(items, max_q), "positions": positions,
         "slot_mapping": block_tables[token_seq, positions // block_size] * block_size + positions % block_size,
-        "query_start": np.concatenate([[0], np.cumsum(counts)]), "seq_lens": starts + counts,
-        "logits_indices": (np.cumsum(counts) - 1)[sample_mask],
+        "query_start": query_start, "seq_lens": starts + counts,
+        "seq_rows": np.fromiter((it.seq.row for it in items), np.int64, n),
+        "logits_indices": (query_start[1:] - 1)[sample_mask],
         "sample_rows": np.fromiter((it.seq.row for it in sampled), np.int64, len(sampled)),
         "gen_index": np.fromiter((it.gen_index for it in sampled), np.int64, len(sampled)),
     }
     _add_request_fields(f, sampled)
-    flags = SamplerFlags(any_random=bool((f["temperature"] > 0).any()),
-                         need_sort=bool(((f["temperature"] > 0) & ((f["top_k"] > 0) | (f["top_p"] < 1.0))).any()))
+    _add_bias_entries(f, sampled)
+    plp_k = _add_prompt_logprob_entries(f, items, query_start)
+    flags = _sampler_flags(f, plp_k)
     if pad:
         _pad(f, n, pad)
     f["block_tables"] = block_tables
-    shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q, max_blocks)
+    shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q, max_blocks,
+                      len(f["bias_sample"]), len(f["prompt_logprob_index"]))
     return StepInputs(sched.step_id, shape, flags, pack(f, shape))
+
+
+def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFlags:
+    random = f["temperature"] > 0
+    penalised = (f["presence_penalty"] != 0) | (f["frequency_penalty"] != 0) | (f["repetition_penalty"] != 1)
+    span = int((f["prompt_lens"] + f["gen_index"])[penalised].max()) if penalised.any() else 0
+    return SamplerFlags(any_random=bool(random.any()),
+                        need_sort=bool((random & ((f["top_k"] > 0) | (f["top_p"] < 1.0))).any()),
+                        penalties=bool(penalised.any()),
+                        logprobs=int(f["logprobs"].max()) if len(f["logprobs"]) else -1,
+                        prompt_logprobs=prompt_logprobs, penalty_span=span)
+
+
+def _add_bias_entries(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -> None:
+    """(sampled row, token, value) entries: a request's logit_bias, and -inf for the stop tokens it
+    may not sample yet (``min_tokens``; the count is the optimistic one, as the step's own)."""
+    rows, tokens, values = [], [], []
+    for j, it in enumerate(sampled):
+        seq = it.seq
+        if not seq.has_bias:
+            continue
+        if seq.bias_ids.size:
+            rows.append(np.full(seq.bias_ids.size, j)), tokens.append(seq.bias_ids), values.append(seq.bias_values)
+        if it.gen_index < seq.params.min_tokens and seq.min_tokens_ban.size:
+            ban = seq.min_tokens_ban
+            rows.append(np.full(ban.size, j)), tokens.append(ban), values.append(np.full(ban.size, -np.inf))
+    f["bias_sample"] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    f["bias_token"] = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    f["bias_value"] = np.concatenate(values) if values else np.zeros(0, np.float64)
+
+
+def _add_prompt_logprob_entries(f: dict[str, np.ndarray], items: list[ScheduledSeq], query_start: np.ndarray) -> int:
+    """For each prompt position p a chunk owes: its flat token (whose logits predict p + 1) and the
+    prompt token at p + 1. Returns the most top logprobs an entry wants (-1: no entries)."""
+    index, target, k = [], [], -1
+    for b, it in enumerate(items):
+        if it.plp_stop > it.plp_start:
+            index.append(np.arange(it.plp_start, it.plp_stop) - it.start + query_start[b])
+            target.append(np.asarray(it.seq.prompt_token_ids[it.plp_start + 1:it.plp_stop + 1], np.int64))
+            k = max(k, it.seq.params.prompt_logprobs)
+    f["prompt_logprob_index"] = np.concatenate(index) if index else np.zeros(0, np.int64)
+    f["prompt_logprob_target"] = np.concatenate(target) if target else np.zeros(0, np.int64)
+    return k
 
 
 def _add_request_fields(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -> None:
@@ -118,8 +165,8 @@ def _pad(f: dict[str, np.ndarray], num_seqs: int, pad: Padding) -> None:
     for field in INT_FIELDS + FLOAT_FIELDS:
         if field.per is Per.TOKEN:
             extra = pad.num_tokens - len(f[field.name])
-        elif field.per is Per.TABLE or pad.num_seqs is None:
-            continue  # the table is built at its padded size
+        elif field.per in (Per.TABLE, Per.BIAS, Per.PROMPT_LOGPROB) or pad.num_seqs is None:
+            continue  # the table is built at its padded size; the lists are not padded
         else:
             extra = pad.num_seqs - num_seqs
         if field.pad == COUNT:

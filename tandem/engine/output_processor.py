@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.logprob_output import LogprobDecoder
 from tandem.engine.scheduler import StepDeltas
-from tandem.outputs import CompletionOutput, RequestOutput
+from tandem.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
 
@@ -28,14 +29,25 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)  # the first token has none
 
     def output(self) -> RequestOutput:
         done = self.finish_reason is not None
         text = self.text
         if not done and self.params.stop_strings and not self.params.include_stop_str_in_output:
             text = text[:len(text) - _stop_prefix_len(text, self.params.stop_strings)]
-        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done)
+        logprobs = None if self.logprobs is None else list(self.logprobs)
+        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs)
+        prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done,
+                             prompt_logprobs=prompt_logprobs)
 
 
 @dataclass
@@ -48,6 +60,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
         self.requests: dict[str, _RequestState] = {}
+        self.logprob_decoder = LogprobDecoder(tokenizer)
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
             stream: bool) -> None:
@@ -58,11 +71,15 @@ class OutputProcessor:
     def process(self, deltas: StepDeltas) -> ProcessedStep:
         touched: dict[str, _RequestState] = {}
         stopped = []
-        for rid, token in zip(deltas.token_request_ids, deltas.token_ids):
+        self._add_prompt_logprobs(deltas)
+        logprob_at = dict(zip(deltas.logprobs.index, range(len(deltas.logprobs))))
+        for i, (rid, token) in enumerate(zip(deltas.token_request_ids, deltas.token_ids)):
             state = self.requests.get(rid)
             if state is None:
                 continue  # ended here already (a stop string) while the core ran ahead
             touched[rid] = state
+            if state.logprobs is not None and i in logprob_at:
+                state.logprobs.append(self.logprob_decoder.entry(deltas.logprobs, logprob_at[i]))
             if self._add_token(state, token):
                 stopped.append(rid)
         for rid, reason in deltas.finished.items():
@@ -78,6 +95,13 @@ class OutputProcessor:
             elif state.stream:
                 outputs.append(state.output())
         return ProcessedStep(outputs, stopped)
+
+    def _add_prompt_logprobs(self, deltas: StepDeltas) -> None:
+        entries = deltas.prompt_logprobs
+        for i, (rid, position) in enumerate(zip(entries.request_ids, entries.index)):
+            state = self.requests.get(rid)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs[position] = self.logprob_decoder.entry(entries, i)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         state = self.requests.pop(request_id, None)

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.sequence import Sequence, SeqStatus
-from tandem.engine.step import StepOutput
+from tandem.engine.step import Logprobs, StepOutput
 
 
 @dataclass(slots=True)
@@ -25,6 +27,8 @@ class ScheduledSeq:
     num_tokens: int
     sample: bool  # the chunk reaches the end of the sequence, so a token is sampled
     gen_index: int  # index in the output of the token sampled (seeds the sampler's noise)
+    plp_start: int = 0  # prompt positions [plp_start, plp_stop) whose next token's logprobs this step returns
+    plp_stop: int = 0
 
 
 @dataclass
@@ -38,15 +42,64 @@ class SchedulerOutput:
 
 
 @dataclass
+class LogprobEntries:
+    """Logprobs of chosen tokens, flat: entry i belongs to ``request_ids[i]``; ``index[i]`` is the
+    entry's place in ``StepDeltas.token_ids`` (sampled tokens) or in the prompt (prompt logprobs)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)
+    rank: list[int] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def add(self, request_id: str, index: int, token: int, found: Logprobs, row: int, k: int) -> None:
+        self.request_ids.append(request_id)
+        self.index.append(index)
+        self.token_ids.append(token)
+        self.logprob.append(float(found.logprob[row]))
+        self.rank.append(int(found.rank[row]))
+        self.top_ids.append(found.top_ids[row, :k].tolist())
+        self.top_logprobs.append(found.top_logprobs[row, :k].tolist())
+
+    def extend(self, other: LogprobEntries, index_offset: int = 0) -> None:
+        self.request_ids += other.request_ids
+        self.index += [i + index_offset for i in other.index]
+        self.token_ids += other.token_ids
+        self.logprob += other.logprob
+        self.rank += other.rank
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass
 class StepDeltas:
     """What a processed step changed, flat and compact (it may cross to another process)."""
 
     token_request_ids: list[str] = field(default_factory=list)  # one entry per new token, with ...
     token_ids: list[int] = field(default_factory=list)  # ... the token
     finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason
+    logprobs: LogprobEntries = field(default_factory=LogprobEntries)  # of new tokens whose requests asked
+    prompt_logprobs: LogprobEntries = field(default_factory=LogprobEntries)
 
     def __bool__(self) -> bool:
-        return bool(self.token_ids or self.finished)
+        return bool(self.token_ids or self.finished or self.prompt_logprobs)
+
+    @classmethod
+    def merge(cls, parts: list[StepDeltas]) -> StepDeltas:
+        """Consecutive steps as one (a reader that fell behind processes them together)."""
+        merged = cls()
+        for d in parts:
+            merged.logprobs.extend(d.logprobs, len(merged.token_ids))
+            merged.prompt_logprobs.extend(d.prompt_logprobs)
+            merged.token_request_ids += d.token_request_ids
+            merged.token_ids += d.token_ids
+            merged.finished.update(d.finished)
+        return merged
 
 
 @dataclass
@@ -77,6 +130,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.params.min_tokens:
+            stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_token_ids))
+            seq.min_tokens_ban = np.array(sorted(stops), np.int64)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -127,7 +183,12 @@ class Scheduler:
     def _take(self, out: SchedulerOutput, seq: Sequence, n: int) -> int:
         self.blocks.grow(seq.block_ids, seq.num_computed + n)
         sample = seq.num_computed + n == seq.num_tokens
-        out.items.append(ScheduledSeq(seq, seq.num_computed, n, sample, seq.num_generated))
+        item = ScheduledSeq(seq, seq.num_computed, n, sample, seq.num_generated)
+        if seq.params.prompt_logprobs is not None:  # owed once per prompt position, also across preemption
+            item.plp_start = max(item.start, seq.prompt_logprobs_next)
+            item.plp_stop = max(item.plp_start, min(item.start + n, seq.prompt_len - 1))
+            seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, item.plp_stop)
+        out.items.append(item)
         seq.num_computed += n
         seq.num_pending += int(sample)
         seq.last_step = out.step_id
@@ -149,12 +210,17 @@ class Scheduler:
         """Step ``sched`` has completed on the device with ``output``: append its tokens, finish
         what is done, and record both in ``deltas``."""
         self._step_done(sched.step_id)
+        if output.prompt_logprobs is not None:
+            self._route_prompt_logprobs(sched, output.prompt_logprobs, deltas)
         sampled = (item.seq for item in sched.items if item.sample)
-        for seq, token in zip(sampled, output.token_ids):
+        for row, (seq, token) in enumerate(zip(sampled, output.token_ids)):
             seq.num_pending -= 1
             if seq.finished:
                 continue  # finished a step earlier: this token was computed speculatively
             seq.output_token_ids.append(token)
+            if seq.params.logprobs is not None:
+                deltas.logprobs.add(seq.request_id, len(deltas.token_ids), token, output.logprobs, row,
+                                    seq.params.logprobs)
             deltas.token_request_ids.append(seq.request_id)
             deltas.token_ids.append(token)
             reason = self._stop_reason(seq, token)
@@ -162,9 +228,22 @@ class Scheduler:
                 self.finish(seq.request_id, reason)
                 deltas.finished[seq.request_id] = reason
 
+    @staticmethod
+    def _route_prompt_logprobs(sched: SchedulerOutput, found: Logprobs, deltas: StepDeltas) -> None:
+        """The step's prompt-logprob entries, in the order the batch builder listed them."""
+        row = 0
+        for item in sched.items:
+            seq = item.seq
+            for position in range(item.plp_start, item.plp_stop):
+                if not seq.finished:
+                    deltas.prompt_logprobs.add(seq.request_id, position + 1, seq.prompt_token_ids[position + 1],
+                                               found, row, seq.params.prompt_logprobs)
+                row += 1
+
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        stops = len(seq.output_token_ids) > p.min_tokens or not p.min_tokens  # EOS is banned before min_tokens
+        if stops and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             return "stop"
         if len(seq.output_token_ids) >= seq.max_new_tokens:
             return "length"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tandem.engine.step import request_values
 from tandem.sampling_params import SamplingParams
 
@@ -46,12 +48,25 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     prompt_len: int = field(init=False)
+    prompt_logprobs_next: int = 0  # prompt positions before this have had their successor's logprobs sent
     #: the constant per-sample step fields of this request (see ``step.request_values``)
     step_values: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False)
+    bias_ids: np.ndarray = field(init=False, repr=False)  # the request's logit_bias, as arrays
+    bias_values: np.ndarray = field(init=False, repr=False)
+    min_tokens_ban: np.ndarray = field(init=False, repr=False)  # stop ids banned before min_tokens (scheduler)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_token_ids)
-        self.step_values = request_values(self.params, self.seed)
+        self.step_values = request_values(self)
+        bias = self.params.logit_bias or {}
+        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
+        self.bias_values = np.fromiter(bias.values(), np.float64, len(bias))
+        self.min_tokens_ban = np.zeros(0, np.int64)
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether its sampled rows may need logit-bias entries (its bias, or min_tokens bans)."""
+        return bool(self.bias_ids.size) or self.params.min_tokens > 0
 
     @classmethod
     def from_request(cls, req: EngineRequest) -> Sequence:

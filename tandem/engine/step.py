@@ -5,14 +5,20 @@ buffer (float32 fields ride along bit for bit, two to a word) so a step's inputs
 device in a single copy; the worker unpacks the same list into tensor views. A new field is one
 line here (plus, for a per-step field, the line in ``batch`` that computes it).
 
-Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, or the block
-table (sequences x max_blocks)."""
+Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, the block
+table (sequences x max_blocks), or one of two variable-length lists: logit-bias entries (a request's
+``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``) and prompt-logprob
+entries. The variable-length fields come last among the ints and the floats, so a captured graph,
+which reads only the leading token / sequence / table fields, finds them at the same offsets.
+
+The step's output comes back the same way: ``output_layout`` says where each returned field sits
+in the one int64 buffer the device copies back."""
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,6 +31,16 @@ class Per(enum.Enum):
     SEQ_EDGE = "seq + 1"
     SAMPLE = "sample"
     TABLE = "seq x max_blocks"
+    BIAS = "logit-bias entry"
+    PROMPT_LOGPROB = "prompt-logprob entry"
+
+
+class RequestLike(Protocol):
+    """What a per-request field reads (a ``Sequence``)."""
+
+    params: SamplingParams
+    seed: int
+    prompt_len: int
 
 
 #: padding markers: continue counting one per padding row; the worker's padding row of next_tokens
@@ -38,12 +54,8 @@ class StepField:
     dtype: type  # np.int64 or np.float32
     pad: int | float | str  # value of a padding row (graph-padded decode steps), or a marker above
     #: per-request constant, read once when the request joins; None: computed per step by the builder
-    from_request: Callable[[SamplingParams, int], int | float] | None = field(default=None, compare=False)
+    from_request: Callable[[RequestLike], int | float] | None = field(default=None, compare=False)
     doc: str = ""
-
-
-def _seed(params: SamplingParams, seed: int) -> int:
-    return seed
 
 
 STEP_FIELDS: tuple[StepField, ...] = (
@@ -52,27 +64,47 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("slot_mapping", Per.TOKEN, np.int64, 0, doc="KV cache slot each token's K/V goes to"),
     StepField("query_start", Per.SEQ_EDGE, np.int64, COUNT, doc="offset of each sequence's first token"),
     StepField("seq_lens", Per.SEQ, np.int64, 1, doc="context length including this step's tokens"),
+    StepField("seq_rows", Per.SEQ, np.int64, PADDING_ROW, doc="each sequence's row of the per-row device state"),
     StepField("block_tables", Per.TABLE, np.int64, 0),
     StepField("logits_indices", Per.SAMPLE, np.int64, COUNT, doc="flat token whose logits are sampled"),
     StepField("sample_rows", Per.SAMPLE, np.int64, PADDING_ROW, doc="next-token table row each sample goes to"),
     StepField("gen_index", Per.SAMPLE, np.int64, 0, doc="output index of the sampled token (seeds its noise)"),
-    StepField("seeds", Per.SAMPLE, np.int64, 0, from_request=_seed),
-    StepField("top_k", Per.SAMPLE, np.int64, 0, from_request=lambda p, s: p.effective_top_k),
-    StepField("temperature", Per.SAMPLE, np.float32, 0.0, from_request=lambda p, s: p.effective_temperature),
-    StepField("top_p", Per.SAMPLE, np.float32, 1.0, from_request=lambda p, s: p.top_p),
-    StepField("min_p", Per.SAMPLE, np.float32, 0.0, from_request=lambda p, s: p.min_p),
+    StepField("seeds", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.seed),
+    StepField("top_k", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.params.effective_top_k),
+    StepField("prompt_lens", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.prompt_len),
+    StepField("logprobs", Per.SAMPLE, np.int64, -1, from_request=lambda r: _or(r.params.logprobs, -1),
+              doc="top logprobs wanted with the sampled token's (-1: none)"),
+    StepField("bias_sample", Per.BIAS, np.int64, 0, doc="sampled row of each logit-bias entry"),
+    StepField("bias_token", Per.BIAS, np.int64, 0),
+    StepField("prompt_logprob_index", Per.PROMPT_LOGPROB, np.int64, 0, doc="flat token whose next-token logprobs"),
+    StepField("prompt_logprob_target", Per.PROMPT_LOGPROB, np.int64, 0, doc="the prompt token that follows it"),
+    StepField("temperature", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.effective_temperature),
+    StepField("top_p", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.top_p),
+    StepField("min_p", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.min_p),
+    StepField("presence_penalty", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.presence_penalty),
+    StepField("frequency_penalty", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.frequency_penalty),
+    StepField("repetition_penalty", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.repetition_penalty),
+    StepField("bias_value", Per.BIAS, np.float32, 0.0, doc="added to that logit (-inf bans the token)"),
 )
+_VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 FIELDS_BY_NAME = {f.name: f for f in STEP_FIELDS}
-INT_FIELDS = tuple(f for f in STEP_FIELDS if f.dtype is np.int64)
-FLOAT_FIELDS = tuple(f for f in STEP_FIELDS if f.dtype is np.float32)
+# packing order: fixed-size ints, variable-length ints, fixed-size floats, variable-length floats
+INT_FIELDS = tuple(sorted((f for f in STEP_FIELDS if f.dtype is np.int64), key=lambda f: f.per in _VARIABLE))
+FLOAT_FIELDS = tuple(sorted((f for f in STEP_FIELDS if f.dtype is np.float32), key=lambda f: f.per in _VARIABLE))
 REQUEST_INT_FIELDS = tuple(f for f in INT_FIELDS if f.from_request is not None)
 REQUEST_FLOAT_FIELDS = tuple(f for f in FLOAT_FIELDS if f.from_request is not None)
 
 
-def request_values(params: SamplingParams, seed: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def request_values(request: RequestLike) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """A request's constant per-sample fields (ints, floats), in field order; cached per request."""
-    return (tuple(int(f.from_request(params, seed)) for f in REQUEST_INT_FIELDS),
-            tuple(float(f.from_request(params, seed)) for f in REQUEST_FLOAT_FIELDS))
+    return (tuple(int(f.from_request(request)) for f in REQUEST_INT_FIELDS),
+            tuple(float(f.from_request(request)) for f in REQUEST_FLOAT_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -82,10 +114,18 @@ class StepShape:
     num_sampled: int
     max_q: int  # longest query chunk of one sequence
     max_blocks: int  # block-table width
+    num_bias: int = 0  # logit-bias entries
+    num_prompt_logprobs: int = 0  # prompt-logprob entries
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
-                Per.SAMPLE: self.num_sampled, Per.TABLE: self.num_seqs * self.max_blocks}[per]
+                Per.SAMPLE: self.num_sampled, Per.TABLE: self.num_seqs * self.max_blocks,
+                Per.BIAS: self.num_bias, Per.PROMPT_LOGPROB: self.num_prompt_logprobs}[per]
+
+    @property
+    def graph_key(self) -> tuple[int, int, int, int, int]:
+        """What a captured graph depends on: the variable-length lists are read after it, eagerly."""
+        return self.num_tokens, self.num_seqs, self.num_sampled, self.max_q, self.max_blocks
 
     @property
     def num_words(self) -> int:
@@ -100,10 +140,14 @@ class StepShape:
 
 @dataclass(frozen=True)
 class SamplerFlags:
-    """What the sampler must do this step; part of a graph's key, since each variant is its own graph."""
+    """What the sampling stage must do this step (it runs after the forward, eagerly)."""
 
     any_random: bool  # some row samples (temperature > 0)
     need_sort: bool  # some random row uses top-k or top-p
+    penalties: bool = False  # some row has presence / frequency / repetition penalties
+    logprobs: int = -1  # most top logprobs a sampled row wants (-1: none wants logprobs)
+    prompt_logprobs: int = -1  # most top logprobs a prompt-logprob entry wants (-1: none)
+    penalty_span: int = 0  # with penalties: the longest prompt + output a penalised row has so far
 
 
 @dataclass
@@ -115,11 +159,73 @@ class StepInputs:
 
 
 @dataclass
+class Logprobs:
+    """Log-probabilities of chosen tokens (sampled ones, or the prompt token at a position) with the
+    most likely alternatives: one row per entry."""
+
+    logprob: np.ndarray  # [N] float32, of the chosen token
+    rank: np.ndarray  # [N] int64, 1 for the most likely token
+    top_ids: np.ndarray  # [N, K] int64, most likely first
+    top_logprobs: np.ndarray  # [N, K] float32
+
+
+@dataclass
 class StepOutput:
-    """What the device returns for one step: one sampled token per sampled row, in schedule order."""
+    """What the device returns for one step: one sampled token per sampled row, in schedule order,
+    and the logprobs the step asked for (rows that did not ask hold values to ignore)."""
 
     step_id: int
     token_ids: list[int]
+    logprobs: Logprobs | None = None  # one row per sampled row
+    prompt_logprobs: Logprobs | None = None  # one row per prompt-logprob entry of the step
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    name: str
+    rows: int
+    cols: int  # 1 for a plain [rows] vector
+    dtype: type
+
+
+def output_layout(shape: StepShape, flags: SamplerFlags) -> tuple[list[OutputPart], list[OutputPart]]:
+    """The returned fields (ints, then floats packed two to a word), as the device packs them."""
+    s, p = shape.num_sampled, shape.num_prompt_logprobs
+    ints, floats = [OutputPart("token_ids", s, 1, np.int64)], []
+    for prefix, rows, k in (("", s, flags.logprobs), ("prompt_", p, flags.prompt_logprobs)):
+        if k >= 0:
+            ints += [OutputPart(prefix + "rank", rows, 1, np.int64), OutputPart(prefix + "top_ids", rows, k, np.int64)]
+            floats += [OutputPart(prefix + "logprob", rows, 1, np.float32),
+                       OutputPart(prefix + "top_logprobs", rows, k, np.float32)]
+    return ints, floats
+
+
+def output_words(shape: StepShape, flags: SamplerFlags) -> int:
+    ints, floats = output_layout(shape, flags)
+    return sum(x.rows * x.cols for x in ints) + -(-sum(x.rows * x.cols for x in floats) // 2)
+
+
+def parse_output(buf: np.ndarray, step_id: int, shape: StepShape, flags: SamplerFlags) -> StepOutput:
+    """The host's reading of the int64 buffer the device returned for one step."""
+    ints, floats = output_layout(shape, flags)
+    values: dict[str, np.ndarray] = {}
+    offset = 0
+    for part in ints:
+        values[part.name] = buf[offset:offset + part.rows * part.cols].reshape(part.rows, part.cols)
+        offset += part.rows * part.cols
+    words = buf[offset:offset + -(-sum(x.rows * x.cols for x in floats) // 2)].view(np.float32)
+    offset = 0
+    for part in floats:
+        values[part.name] = words[offset:offset + part.rows * part.cols].reshape(part.rows, part.cols)
+        offset += part.rows * part.cols
+    return StepOutput(step_id, values["token_ids"][:, 0].tolist(), _logprobs(values, ""), _logprobs(values, "prompt_"))
+
+
+def _logprobs(values: dict[str, np.ndarray], prefix: str) -> Logprobs | None:
+    if prefix + "rank" not in values:
+        return None
+    return Logprobs(values[prefix + "logprob"][:, 0], values[prefix + "rank"][:, 0], values[prefix + "top_ids"],
+                    values[prefix + "top_logprobs"])
 
 
 def pack(arrays: dict[str, np.ndarray], shape: StepShape) -> np.ndarray:

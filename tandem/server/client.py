@@ -221,7 +221,7 @@ class EngineClient:
         now = time.perf_counter()
         ttfts: list[float] = []
         itls: list[float] = []
-        deltas = steps[0].deltas if len(steps) == 1 else _merge([m.deltas for m in steps])
+        deltas = steps[0].deltas if len(steps) == 1 else StepDeltas.merge([m.deltas for m in steps])
         for msg in steps:
             self._token_times(msg.deltas.token_request_ids, now, ttfts, itls)
         processed = self.output_processor.process(deltas)
@@ -284,12 +284,3 @@ class EngineClient:
         if ids:
             self._finish_in_core(ids, "abort")
 
-
-def _merge(parts: list[StepDeltas]) -> StepDeltas:
-    """Consecutive steps as one: a request's tokens stay in order, and none follows its finish."""
-    merged = StepDeltas()
-    for d in parts:
-        merged.token_request_ids += d.token_request_ids
-        merged.token_ids += d.token_ids
-        merged.finished.update(d.finished)
-    return merged

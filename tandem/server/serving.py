@@ -15,7 +15,7 @@ from tandem.engine.sequence import EngineRequest
 from tandem.sampling_params import SamplingParams
 from tandem.server.client import EngineClient, RequestFailed, RequestHandle
 from tandem.server.errors import APIError, bad_request, error_body
-from tandem.server.fanout import fan_out
+from tandem.engine.fanout import fan_out
 from tandem.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from tandem.server.responses import (DONE, ResponseMeta, chunk, full_response, json_bytes, sse, usage_chunk)
 from tandem.server.streaming import SSEResponse, unless_disconnected

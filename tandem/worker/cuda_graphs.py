@@ -1,11 +1,13 @@
 """CUDA graphs for decode-shaped steps (one token per sequence, every sequence sampled).
 
-One graph per (padded batch size, sampler variant: greedy / random / random with top-k or top-p),
-captured at start-up into one shared memory pool, largest first so smaller graphs reuse its memory. Graph inputs are one static packed buffer
-that each step fills with a device-to-device copy on the compute stream; the placeholder gather
-(pending tokens from the next-token table) runs inside the graph. A graph is keyed by everything its
-kernels read as a shape (batch size, block-table width, sampler variant), and replayed only for a
-step of exactly that shape."""
+One graph per padded batch size, captured at start-up into one shared memory pool, largest first so
+smaller graphs reuse its memory. A graph covers the forward up to the sampled rows' logits
+(``ModelRunner.forward_logits``); the sampling stage runs after it eagerly, so what a step asks of
+the sampler (top-k/top-p, penalties, logit bias, logprobs) needs no graph of its own. Graph inputs
+are one static packed buffer that each step fills with a device-to-device copy on the compute
+stream; the placeholder gather (pending tokens from the next-token table) runs inside the graph.
+A graph is keyed by everything its kernels read as a shape (batch size, block-table width) and
+replayed only for a step of exactly that shape."""
 from __future__ import annotations
 
 import logging
@@ -15,15 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.batch import Padding
-from tandem.engine.step import SamplerFlags, StepInputs, StepShape
+from tandem.engine.step import StepInputs, StepShape
 from tandem.worker.memory import decode_step
-from tandem.worker.model_runner import ModelRunner
+from tandem.worker.model_runner import ModelRunner, unpack
 
 logger = logging.getLogger(__name__)
-
-
-SAMPLER_VARIANTS = (SamplerFlags(any_random=True, need_sort=True), SamplerFlags(any_random=True, need_sort=False),
-                    SamplerFlags(any_random=False, need_sort=False))
 
 
 def capture_sizes(max_seqs: int) -> tuple[int, ...]:
@@ -35,7 +33,8 @@ def capture_sizes(max_seqs: int) -> tuple[int, ...]:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     shape: StepShape
-    tokens: torch.Tensor  # static output
+    logits: torch.Tensor  # static outputs
+    ids: torch.Tensor
 
 
 class DecodeGraphs:
@@ -44,46 +43,42 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.padding_row = padding_row
         self.sizes = capture_sizes(max_seqs)
-        self.graphs: dict[tuple[int, SamplerFlags], _Graph] = {}
+        self.graphs: dict[int, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.static_data = torch.zeros(0, dtype=torch.int64, device=runner.device)
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.runner.device)
-        steps = {(b, v): self._dummy(b, v) for b in reversed(self.sizes) for v in SAMPLER_VARIANTS}
+        steps = {b: decode_step(Padding(b, b, self.max_blocks, self.padding_row), self.runner.block_size)
+                 for b in reversed(self.sizes)}
         n_words = max(s.data.size for s in steps.values())
         self.static_data = torch.zeros(n_words, dtype=torch.int64, device=self.runner.device)
         # the KV cache and weights were written on the default stream: capture only once they are
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
-            for key, step in steps.items():
-                self.graphs[key] = self._capture_one(step, stream)
+            for batch, step in steps.items():
+                self.graphs[batch] = self._capture_one(step, stream)
         stream.synchronize()
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s; graph pool holds %.2f GiB",
                     len(self.graphs), list(self.sizes), time.perf_counter() - t0,
                     (torch.cuda.memory_reserved(self.runner.device) - before) / 2**30)
 
-    def _dummy(self, batch: int, variant: SamplerFlags) -> StepInputs:
-        step = decode_step(variant, Padding(batch, batch, self.max_blocks, self.padding_row), self.runner.block_size)
-        assert step.sampler == variant
-        return step
-
     def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
         data = self.static_data[:step.data.size]
         data.copy_(torch.from_numpy(step.data))
-        self.runner.run(data, step.shape, step.sampler)  # warm-up: lazy initialisation stays out of the graph
+        self.runner.forward_logits(data, step.shape)  # warm-up: lazy initialisation stays out of the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            tokens = self.runner.run(data, step.shape, step.sampler)
-        return _Graph(graph, step.shape, tokens)
+            logits, ids = self.runner.forward_logits(data, step.shape)
+        return _Graph(graph, step.shape, logits, ids)
 
     def lookup(self, step: StepInputs) -> _Graph | None:
-        g = self.graphs.get((step.shape.num_seqs, step.sampler))
-        return g if g is not None and g.shape == step.shape else None
+        g = self.graphs.get(step.shape.num_seqs)
+        return g if g is not None and g.shape.graph_key == step.shape.graph_key else None
 
-    def replay(self, g: _Graph, data: torch.Tensor) -> torch.Tensor:
-        """On the current (compute) stream: stage inputs, replay; returns the static output."""
+    def run(self, g: _Graph, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """On the current (compute) stream: stage inputs, replay, then the sampling stage eagerly."""
         self.static_data[:data.numel()].copy_(data)
         g.graph.replay()
-        return g.tokens
+        return self.runner.finish(None, g.ids, unpack(data, step.shape), step.shape, step.sampler, g.logits)

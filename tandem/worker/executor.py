@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tandem.engine.step import StepInputs, StepOutput
+from tandem.engine.step import StepInputs, StepOutput, parse_output
 from tandem.engine.worker_api import StepInterval
 from tandem.worker.model_runner import ModelRunner
 from tandem.worker.timing import StepTimes
@@ -38,9 +38,9 @@ class _HostExecutor:
     def _run(self, step: StepInputs) -> StepOutput:
         start = time.perf_counter()
         data = torch.from_numpy(step.data).to(self.runner.device)
-        tokens = self.runner.run(data, step.shape, step.sampler).tolist()
+        out = self.runner.run(data, step.shape, step.sampler).cpu().numpy()
         self.times.add(StepInterval(step.step_id, start, time.perf_counter()))
-        return StepOutput(step.step_id, tokens)
+        return parse_output(out, step.step_id, step.shape, step.sampler)
 
     def start_timing(self) -> None:
         self.times.start_capture()

@@ -3,7 +3,8 @@ and the decode steps that CUDA graphs are captured from.
 
 The KV cache takes what remains after weights and activations, so the profiled steps must be the
 largest the scheduler can produce: an eager step with the most tokens spread over the most
-sequences, every sequence sampled with top-p (the sampler's largest workspace), and the largest
+sequences, every sequence sampled with top-p, penalties and 20 logprobs (the sampling stage's
+largest workspace), and the largest
 graph-captured decode step, whose memory stays reserved in the graph pool beside it. Attention
 memory is O(tokens) with the Triton kernels, so context lengths do not enlarge either."""
 from __future__ import annotations
@@ -15,13 +16,15 @@ import torch
 from tandem.engine.batch import Padding, build_step
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
-from tandem.engine.step import SamplerFlags, StepInputs, field_offsets
+from tandem.engine.step import StepInputs, field_offsets
 from tandem.model.llama import LlamaModel
 from tandem.sampling_params import SamplingParams
 from tandem.worker.kv_cache import allocate_kv_cache
 from tandem.worker.model_runner import ModelRunner
 
-_TOP_P = SamplingParams(temperature=1.0, top_p=0.9)
+# the most a request asks of the sampling stage: its workspace is part of the worst case
+_WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20, repetition_penalty=1.1,
+                                 frequency_penalty=0.5)
 
 
 def _sequence(rid: str, num_tokens: int, vocab_size: int, params: SamplingParams, first_block: int,
@@ -41,7 +44,7 @@ def worst_eager_step(num_tokens: int, num_seqs: int, max_len: int, block_size: i
     sizes = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     items, block = [], 1
     for i, n in enumerate(sizes):
-        seq = _sequence(f"profile-{i}", n, vocab_size, _TOP_P, block, block_size)
+        seq = _sequence(f"profile-{i}", n, vocab_size, _WORST_SAMPLING, block, block_size)
         block += len(seq.block_ids)
         items.append(ScheduledSeq(seq, 0, n, True, 0))
     return build_step(SchedulerOutput(0, items), block_size)
@@ -53,14 +56,10 @@ def _blocks_used(step: StepInputs) -> int:
     return int(step.data[start:start + size].max()) + 1
 
 
-def decode_step(variant: SamplerFlags, pad: Padding, block_size: int) -> StepInputs:
-    """A decode step of one sequence in reserved block 0, padded to ``pad.num_seqs`` rows (for
-    capture and profiling), whose sampling needs the given sampler variant."""
-    if variant.need_sort:
-        params = SamplingParams(temperature=1.0, top_k=5)
-    else:
-        params = SamplingParams(temperature=1.0 if variant.any_random else 0.0)
-    seq = Sequence("capture", [1], params, seed=0, max_new_tokens=1)
+def decode_step(pad: Padding, block_size: int, params: SamplingParams | None = None) -> StepInputs:
+    """A decode step of one sequence in reserved block 0, padded to ``pad.num_seqs`` rows (graph
+    capture, and the profile of the largest graph with ``params`` asking the most of the sampler)."""
+    seq = Sequence("capture", [1], params or SamplingParams(temperature=0.0), seed=0, max_new_tokens=1)
     seq.block_ids, seq.row = [0], pad.padding_row
     return build_step(SchedulerOutput(-1, [ScheduledSeq(seq, 0, 1, True, 0)]), block_size, pad)
 
@@ -99,7 +98,7 @@ def profile_activations(model: LlamaModel, max_tokens: int, max_seqs: int, max_l
     graph = 0
     if graph_max_blocks is not None:
         pad = Padding(max_seqs, max_seqs, graph_max_blocks, padding_row=0)
-        graph = _peak_bytes(model, decode_step(SamplerFlags(True, True), pad, block_size), block_size)
+        graph = _peak_bytes(model, decode_step(pad, block_size, _WORST_SAMPLING), block_size)
     if piecewise_tokens:
         piecewise = worst_eager_step(piecewise_tokens, max_seqs, max_len, block_size, vocab)
         graph += _peak_bytes(model, piecewise, block_size)

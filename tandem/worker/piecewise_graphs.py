@@ -36,6 +36,7 @@ class _Bucket:
     attn_out: torch.Tensor  # [T, Hq * D]
     residual: torch.Tensor  # [T, H]
     hidden: torch.Tensor  # [T, H] the final norm's output
+    ids: torch.Tensor  # [T] the input ids with pending tokens resolved (the sampling stage records them)
     graphs: list[torch.cuda.CUDAGraph]  # one per segment; empty: segments run eagerly (CPU tests)
 
 
@@ -82,14 +83,16 @@ class PiecewiseGraphs:
                        torch.zeros(tokens, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev),
                        torch.zeros(tokens, cfg.q_size, dtype=dtype, device=dev),
                        torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev),
-                       torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev), [])
+                       torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev),
+                       torch.zeros(tokens, dtype=torch.int64, device=dev), [])
 
     def _segment(self, b: _Bucket, i: int) -> None:
         """Everything between attention i-1 and attention i, on the bucket's static buffers."""
         m, n = self.model, b.tokens
         ids, positions, slots = b.data[:n], b.data[n:2 * n], b.data[2 * n:]
         if i == 0:
-            hidden, residual = m.embed(self.runner.resolve_pending(ids)), None
+            b.ids.copy_(self.runner.resolve_pending(ids))
+            hidden, residual = m.embed(b.ids), None
         else:
             hidden, residual = m.after_attention(i - 1, b.attn_out, b.residual)
         if i == m.config.num_layers:
@@ -115,4 +118,4 @@ class PiecewiseGraphs:
                 self._segment(b, i)
             if i < self.num_segments - 1:
                 b.attn_out.copy_(attn.attend(b.q, runner.kv_cache[i]))
-        return runner.sample(b.hidden, f, shape, step.sampler)
+        return runner.finish(b.hidden, b.ids, f, shape, step.sampler)

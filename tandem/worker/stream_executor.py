@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tandem.engine.step import StepInputs, StepOutput
+from tandem.engine.step import SamplerFlags, StepInputs, StepOutput, StepShape, output_words, parse_output
 from tandem.engine.worker_api import StepInterval
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.model_runner import ModelRunner
@@ -41,7 +41,9 @@ class _Buffer:
 class _Handle:
     step_id: int
     buffer: int
-    num_sampled: int
+    num_words: int  # of the packed output
+    shape: StepShape
+    flags: SamplerFlags
 
 
 def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -67,24 +69,28 @@ class StreamExecutor:
                        torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event(),
                        torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
-    def _fit(self, k: int, n_words: int) -> _Buffer:
-        """Grow buffer k's inputs if this step's inputs do not fit (rare: bigger steps)."""
+    def _fit(self, k: int, n_words: int, n_out: int) -> _Buffer:
+        """Grow buffer k if this step's inputs or outputs do not fit (rare: bigger steps, logprobs).
+        The step that last used the buffer was collected, so its output copy is over; its inputs
+        may still be read, hence the waits."""
         buf = self.buffers[k]
         if buf.host_in.numel() < n_words:
-            buf.h2d_done.synchronize()  # the old inputs may still be copied from or read
+            buf.h2d_done.synchronize()
             buf.compute_done.synchronize()
-            grown = self._new_buffer(max(n_words, 2 * buf.host_in.numel()), buf.dev_out.numel())
-            grown.dev_out, grown.host_out = buf.dev_out, buf.host_out
-            grown.compute_done, grown.d2h_done = buf.compute_done, buf.d2h_done
-            grown.started, grown.ended = buf.started, buf.ended
-            self.buffers[k] = buf = grown
+            size = max(n_words, 2 * buf.host_in.numel())
+            buf.host_in = _pinned(size, torch.int64)
+            buf.dev_in = torch.empty(size, dtype=torch.int64, device=self.device)
+        if buf.host_out.numel() < n_out:
+            size = max(n_out, 2 * buf.host_out.numel())
+            buf.dev_out = torch.empty(size, dtype=torch.int64, device=self.device)
+            buf.host_out = _pinned(size, torch.int64)
         return buf
 
     def submit(self, step: StepInputs) -> _Handle:
         k = self._next
         self._next = (k + 1) % NUM_BUFFERS
-        n_words, n_out = step.data.size, step.shape.num_sampled
-        buf = self._fit(k, n_words)
+        n_words, n_out = step.data.size, output_words(step.shape, step.sampler)
+        buf = self._fit(k, n_words, n_out)
         # The step that last used this buffer (two back) has been collected, so its copy is over; the
         # only per-step host wait stays the one in collect().
         assert buf.h2d_done.query(), "host input buffer reused while its copy is in flight"
@@ -97,8 +103,7 @@ class StreamExecutor:
             self.compute.wait_event(buf.h2d_done)
             self.compute.wait_event(buf.d2h_done)
             buf.started.record(self.compute)
-            tokens = self._run(buf.dev_in[:n_words], step)
-            buf.dev_out[:n_out].copy_(tokens)
+            buf.dev_out[:n_out].copy_(self._run(buf.dev_in[:n_words], step))
             buf.ended.record(self.compute)
             buf.compute_done.record(self.compute)
         with torch.cuda.stream(self.d2h):
@@ -107,12 +112,12 @@ class StreamExecutor:
             buf.d2h_done.record(self.d2h)
         if self.blocking:
             buf.d2h_done.synchronize()
-        return _Handle(step.step_id, k, n_out)
+        return _Handle(step.step_id, k, n_out, step.shape, step.sampler)
 
     def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         graph = self.graphs.lookup(step) if self.graphs is not None else None
         if graph is not None:
-            return self.graphs.replay(graph, data)
+            return self.graphs.run(graph, data, step)
         bucket = self.piecewise.lookup(step) if self.piecewise is not None else None
         if bucket is not None:
             return self.piecewise.run(bucket, data, step)
@@ -122,7 +127,8 @@ class StreamExecutor:
         buf = self.buffers[handle.buffer]
         buf.d2h_done.synchronize()  # the only per-step host wait
         self.times.add(self.clock.interval(handle.step_id, buf.started, buf.ended))
-        return StepOutput(handle.step_id, buf.host_out[:handle.num_sampled].tolist())
+        # a copy: this pinned buffer is rewritten two steps from now
+        return parse_output(buf.host_out[:handle.num_words].numpy().copy(), handle.step_id, handle.shape, handle.flags)
 
     def drain(self) -> None:
         torch.cuda.synchronize(self.device)

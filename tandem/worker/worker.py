@@ -52,7 +52,8 @@ class DeviceWorker:
                                           explicit=config.max_model_len is not None)
         kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size, self.device, self.dtype)
         num_rows = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
-        self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1)  # +1: padding rows
+        self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
+                                  max_model_len)
         graph_max_blocks = -(-max_model_len // config.block_size)
         self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
         self.info = WorkerInfo(

@@ -1,0 +1,27 @@
+"""Logprob entries from the engine core -> the dicts callers get (vLLM's shape: token id ->
+``Logprob``, the chosen token's first, then the most likely alternatives)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tandem.engine.scheduler import LogprobEntries
+from tandem.outputs import Logprob, TokenLogprobs
+from tandem.tokenizer import Tokenizer
+
+
+class LogprobDecoder:
+    """Turns entries into dicts, naming each token as the tokenizer decodes it alone."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._text = lru_cache(maxsize=65536)(self._decode)
+
+    def _decode(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def entry(self, entries: LogprobEntries, i: int) -> TokenLogprobs:
+        out: TokenLogprobs = {entries.token_ids[i]: Logprob(entries.logprob[i], entries.rank[i],
+                                                            self._text(entries.token_ids[i]))}
+        for rank, (token, logprob) in enumerate(zip(entries.top_ids[i], entries.top_logprobs[i]), start=1):
+            out.setdefault(token, Logprob(logprob, rank, self._text(token)))
+        return out
