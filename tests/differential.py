@@ -42,16 +42,24 @@ class Case:
 
 def _params(rng: random.Random) -> SamplingParams:
     greedy = rng.random() < 0.5
+    max_tokens = rng.randint(1, 24)
     return SamplingParams(
         temperature=0.0 if greedy else rng.choice([0.5, 1.0, 1.5]),
         top_k=0 if greedy else rng.choice([0, 0, 5, 50]),
         top_p=1.0 if greedy else rng.choice([1.0, 0.9, 0.5]),
         min_p=0.0 if greedy else rng.choice([0.0, 0.0, 0.1]),
         seed=rng.randrange(2**31),
-        max_tokens=rng.randint(1, 24),
+        max_tokens=max_tokens,
+        min_tokens=rng.choice([0, 0, 0, rng.randint(0, max_tokens)]),
         stop_token_ids=rng.sample(range(VOCAB), rng.choice([0, 10, 30])),
         stop=rng.sample(string.ascii_letters + string.digits, rng.choice([0, 0, 8])) or None,
         ignore_eos=rng.random() < 0.3,
+        presence_penalty=rng.choice([0.0, 0.0, 0.8, -0.5]),
+        frequency_penalty=rng.choice([0.0, 0.0, 0.6]),
+        repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.8]),
+        logit_bias={t: rng.choice([-100.0, -3.0, 2.0, 5.0]) for t in rng.sample(range(VOCAB), rng.choice([0, 0, 3]))},
+        logprobs=rng.choice([None, None, 0, 3]),
+        prompt_logprobs=rng.choice([None, None, None, 2]),
     )
 
 
@@ -74,6 +82,19 @@ class Outcome:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list | None = None  # per token: [(token, logprob, rank), ...] sorted, when asked for
+    prompt_logprobs: list | None = None
+
+    @classmethod
+    def of(cls, out, reason: str | None = None) -> "Outcome":
+        c = out.outputs[0]
+        return cls(c.token_ids, c.text, reason or c.finish_reason, _flat(c.logprobs), _flat(out.prompt_logprobs))
+
+
+def _flat(entries: list | None) -> list | None:
+    if entries is None:
+        return None
+    return [None if e is None else sorted((t, lp.logprob, lp.rank) for t, lp in e.items()) for e in entries]
 
 
 def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str = "float64",
@@ -93,11 +114,11 @@ def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str =
             if r.abort_at == step and r.rid not in results:
                 out = engine.abort_request(r.rid)
                 if out is not None:
-                    results[r.rid] = Outcome(out.outputs[0].token_ids, out.outputs[0].text, "abort")
+                    results[r.rid] = Outcome.of(out, "abort")
         for out in engine.step():
             if out.finished:
                 c = out.outputs[0]
-                results[out.request_id] = Outcome(c.token_ids, c.text, c.finish_reason)
+                results[out.request_id] = Outcome.of(out)
         step += 1
         if step > 10_000:
             raise AssertionError("engine made no progress")
