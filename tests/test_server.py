@@ -306,9 +306,12 @@ def _assert_error_shape(body, code=None):
     ({"model": "tiny", "prompt": [1, 100000]}, "prompt"),
     ({"model": "tiny", "prompt": [1.5, 2]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "best_of": 2}, "best_of"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 1}, "logprobs"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, "echo"),
-    ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),  # the cap is 20
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 2}, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options"),
 ])
 def test_invalid_completion_requests_get_400(server, body, param):

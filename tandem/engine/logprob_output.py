@@ -19,6 +19,11 @@ class LogprobDecoder:
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
 
+    def token_text(self, token: int) -> str:
+        """The token decoded alone (its id as text when there is no tokenizer)."""
+        text = self._text(token)
+        return f"<{token}>" if text is None else text
+
     def entry(self, entries: LogprobEntries, i: int) -> TokenLogprobs:
         out: TokenLogprobs = {entries.token_ids[i]: Logprob(entries.logprob[i], entries.rank[i],
                                                             self._text(entries.token_ids[i]))}

@@ -29,7 +29,7 @@ class InputProcessor:
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         bad_bias = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
         if bad_bias:
-            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
+            raise ValueError(f"SamplingParams.logit_bias has token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
         room = self.max_model_len - len(ids)
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -123,6 +123,12 @@ class EngineClient:
         loop.add_reader(self.channel.sentinel, self._core_exited)
         self._receiver = asyncio.ensure_future(self._receive_loop())
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids (an echoed token-id prompt); ids as text without a tokenizer."""
+        if self.tokenizer is None:
+            return "".join(f"<{t}>" for t in token_ids)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def begin_shutdown(self) -> None:
         """Stop accepting; end in-flight requests with an error and abort them in the core."""
         if self.failure is None:

@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI-compatible routes (pydantic: FastAPI validates them, and a type
 error becomes a 400 naming the field). Ranges are checked where the engine checks them
-(``SamplingParams``), so the server and the offline API accept the same values.
+(``SamplingParams``: logprobs up to 20, penalties, logit bias values), so the server and the offline
+API accept the same values.
 
 Unknown fields are ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own.
 Known fields that we do not implement are refused with a 400 naming them unless they hold their
@@ -58,18 +59,35 @@ class SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """SamplingParams keywords (None = the default), without max_tokens."""
+        """SamplingParams keywords (None = the default), without max_tokens. Raises ValueError
+        naming the field for what SamplingParams cannot check (logit_bias keys are strings here)."""
         values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                       ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-                      skip_special_tokens=self.skip_special_tokens)
+                      skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                      min_tokens=self.min_tokens, logit_bias=self._logit_bias(), **self.logprob_kwargs())
         return {k: v for k, v in values.items() if v is not None}
 
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(token): value for token, value in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError("SamplingParams.logit_bias keys must be token ids (integers as strings), got "
+                             f"{list(self.logit_bias)[:5]!r}") from None
+
+    def logprob_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives a response lists per token (None: no logprobs in the response)."""
+        return None
+
     def unsupported_fields(self) -> list[str]:
-        neutral = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
-                   "repetition_penalty": (None, 1.0), "min_tokens": (None, 0)}
-        bad = [name for name, ok in neutral.items() if getattr(self, name) not in ok]
-        return bad + (["logit_bias"] if self.logit_bias else [])
+        return []
 
 
 TokenIds = list[StrictInt]
@@ -83,14 +101,18 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = None
     suffix: str | None = None
 
+    def logprob_kwargs(self) -> dict[str, Any]:
+        """``echo`` with ``logprobs`` also returns the prompt's (lm-eval's loglikelihood asks so)."""
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
     def unsupported_fields(self) -> list[str]:
         bad = super().unsupported_fields()
         if self.best_of not in (None, 1):
             bad.append("best_of")
-        if self.echo:
-            bad.append("echo")
-        if self.logprobs is not None:
-            bad.append("logprobs")
         if self.suffix:
             bad.append("suffix")
         return bad
@@ -137,10 +159,17 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprob_kwargs(self) -> dict[str, Any]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("SamplingParams.logprobs: top_logprobs needs logprobs: true")
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported_fields(self) -> list[str]:
         bad = super().unsupported_fields()
-        if self.logprobs or self.top_logprobs:
-            bad.append("logprobs")
         if self.tools:
             bad.append("tools")
         if self.response_format is not None and self.response_format.type != "text":

@@ -17,7 +17,8 @@ from tandem.server.client import EngineClient, RequestFailed, RequestHandle
 from tandem.server.errors import APIError, bad_request, error_body
 from tandem.engine.fanout import fan_out
 from tandem.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from tandem.server.responses import (DONE, ResponseMeta, chunk, full_response, json_bytes, sse, usage_chunk)
+from tandem.server.responses import (DONE, ResponseMeta, chunk, full_response, json_bytes, logprobs_of, prompt_text,
+                                     sse, usage_chunk)
 from tandem.server.streaming import SSEResponse, unless_disconnected
 
 
@@ -34,19 +35,24 @@ class Serving:
 
     # --- routes ------------------------------------------------------------------------------
     async def completion(self, body: CompletionRequest, raw: Request) -> Response:
-        meta = ResponseMeta("completion", self.model_name(body.model))
+        meta = self.meta("completion", body, echo=body.echo)
         _refuse_unsupported(body)
         params = self.sampling_params(body, body.max_tokens)
         prompts = self.completion_prompts(body.prompt)
         return await self.generate(meta, body, params, prompts, raw, "prompt")
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        meta = ResponseMeta("chat", self.model_name(body.model))
+        meta = self.meta("chat", body)
         _refuse_unsupported(body)
         params = self.sampling_params(body, body.requested_max_tokens)
         return await self.generate(meta, body, params, [self.chat_prompt(body)], raw, "messages")
 
     # --- checks and inputs ---------------------------------------------------------------------
+    def meta(self, kind: str, body: SamplingRequest, echo: bool = False) -> ResponseMeta:
+        return ResponseMeta(kind, self.model_name(body.model), top_logprobs=body.top_logprobs_wanted, echo=echo,
+                            token_text=self.client.output_processor.logprob_decoder.token_text,
+                            decode=self.client.decode)
+
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested in self.served_names:
             return requested or self.served_names[0]
@@ -141,7 +147,9 @@ async def _events(meta: ResponseMeta, handle: RequestHandle, prompt_tokens: int,
     """The stream of one response: deltas of each choice's text (a streamed text only ever grows, so
     the deltas add up to the final text), the usage chunk if asked for, then [DONE]; an error event
     instead if the request fails on the way."""
-    sent = [0] * len(handle.engine_ids)
+    sent = [0] * len(handle.engine_ids)  # characters of each choice's text sent so far
+    tokens = [0] * len(handle.engine_ids)  # tokens whose logprobs were sent
+    started = [False] * len(handle.engine_ids)
     try:
         if meta.kind == "chat":
             yield b"".join(sse(chunk(meta, i, "", None, role=True)) for i in range(len(sent)))
@@ -150,8 +158,14 @@ async def _events(meta: ResponseMeta, handle: RequestHandle, prompt_tokens: int,
             for index, output in updates:
                 completion = output.outputs[0]
                 delta, sent[index] = completion.text[sent[index]:], len(completion.text)
-                if delta or completion.finish_reason is not None:
-                    frames.append(sse(chunk(meta, index, delta, completion.finish_reason)))
+                echo = meta.echo and not started[index]  # the prompt leads the first chunk
+                prefix = prompt_text(meta, output) if echo else ""
+                if prefix or delta or completion.finish_reason is not None:
+                    # the logprobs of every token since the last frame (text held back included)
+                    logprobs = logprobs_of(meta, output, tokens[index], len(completion.token_ids), echo)
+                    started[index], tokens[index] = True, len(completion.token_ids)
+                    frames.append(sse(chunk(meta, index, prefix + delta, completion.finish_reason,
+                                            logprobs=logprobs)))
             if frames:
                 yield b"".join(frames)
         if include_usage:
