@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=Path, default=None, help="Chrome trace JSON (open in Perfetto)")
     p.add_argument("--timeline-steps", type=int, default=8)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--host-only", action="store_true",
+                   help="measure the host loop alone (a device that returns at once) at --host-batch-sizes")
+    p.add_argument("--host-batch-sizes", default="64,256,1024", help="with --host-only: sequences per step")
     p.set_defaults(func=run)
 
 
@@ -35,6 +38,8 @@ def default_bench_model() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.host_only:
+        return _host_only(args)
     from tandem.bench.api import bench
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -44,4 +49,16 @@ def run(args: argparse.Namespace) -> int:
           hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
           timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
           **engine_options(args, skip=("async_batching",)))
+    return 0
+
+
+def _host_only(args: argparse.Namespace) -> int:
+    from tandem.bench.host_only import host_only
+    from tandem.bench.workload import LengthRange
+
+    prompt, new = LengthRange.parse(args.prompt_len), LengthRange.parse(args.max_tokens)
+    options = engine_options(args, skip=("async_batching", "max_num_seqs"))
+    options["max_model_len"] = options.get("max_model_len") or prompt.hi + new.hi
+    host_only(args.model or "random:llama3.2-1b", [int(b) for b in args.host_batch_sizes.split(",")], prompt.hi,
+              new.hi, **options)
     return 0

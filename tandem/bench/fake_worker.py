@@ -1,0 +1,61 @@
+"""A worker whose device returns at once: the host loop alone, for measuring its cost per step.
+
+It implements the engine's ``Worker`` interface (so the real scheduler, batch builder, submission
+and output processing run) and answers every step immediately with well-formed outputs (tokens
+that never stop a request early, and logprobs of the right shapes where asked)."""
+from __future__ import annotations
+
+import numpy as np
+
+from tandem.config import EngineConfig
+from tandem.engine.step import Logprobs, StepInputs, StepOutput
+from tandem.engine.worker_api import StepInterval, WorkerInfo
+from tandem.model.model_config import requested_max_model_len
+from tandem.model.sources import resolve_model_config
+
+# decode steps are padded as on a GPU with CUDA graphs, so the builder does the same work
+_GRAPH_SIZES = (1, 2, 4, 8)
+
+
+class FakeWorker:
+    def __init__(self, config: EngineConfig, kv_tokens: int = 1 << 24) -> None:
+        model = resolve_model_config(config.model)
+        max_len = requested_max_model_len(model, config.max_model_len, config.allow_long_max_model_len)
+        num_rows = 2 * config.max_num_seqs
+        sizes = tuple(sorted({*(s for s in _GRAPH_SIZES if s < config.max_num_seqs),
+                              *range(16, config.max_num_seqs, 16), config.max_num_seqs}))
+        self.info = WorkerInfo(device="fake", device_name="no device (host loop only)", dtype="bfloat16",
+                               num_kv_blocks=kv_tokens // config.block_size + 1, block_size=config.block_size,
+                               max_model_len=max_len, num_rows=num_rows, padding_row=num_rows,
+                               graph_batch_sizes=sizes, graph_max_blocks=-(-max_len // config.block_size))
+        self.vocab = model.vocab_size
+        self.model_config = model
+
+    def submit(self, step: StepInputs) -> StepOutput:
+        n = step.shape.num_sampled
+        tokens = [(step.step_id * 7919 + i) % self.vocab for i in range(n)]
+        k = step.sampler.logprobs
+        logprobs = None if k < 0 else Logprobs(np.zeros(n, np.float32), np.ones(n, np.int64),
+                                               np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
+        return StepOutput(step.step_id, tokens, logprobs)
+
+    def collect(self, handle: StepOutput) -> StepOutput:
+        return handle
+
+    def set_async(self, enabled: bool) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def start_timing(self) -> None:
+        pass
+
+    def stop_timing(self) -> list[StepInterval]:
+        return []
+
+    def idle_fraction(self) -> float | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass

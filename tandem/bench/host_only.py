@@ -1,0 +1,64 @@
+"""``tandem bench --host-only``: the host loop with a device that returns at once, at several batch
+sizes. What it reports is the host's time per pure-decode step (schedule + build + submit +
+process): the budget asynchronous batching must hide behind each GPU step."""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from statistics import median
+
+from tandem.bench.driver import drive
+from tandem.bench.fake_worker import FakeWorker
+from tandem.bench.gc_watch import GcPauses
+from tandem.bench.step_log import StepLog
+from tandem.bench.workload import LengthRange, Workload, make_requests
+from tandem.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine
+
+
+@dataclass
+class HostFigures:
+    num_seqs: int
+    steps: int  # pure-decode steps measured
+    schedule_ms: float  # medians over those steps
+    build_ms: float
+    submit_ms: float
+    process_ms: float
+    gc: dict
+
+    @property
+    def total_ms(self) -> float:
+        return self.schedule_ms + self.build_ms + self.submit_ms + self.process_ms
+
+
+def measure(model: str, num_seqs: int, prompt_len: int, max_tokens: int, **options) -> HostFigures:
+    config = EngineConfig.from_options(model, max_num_seqs=num_seqs, **options)
+    engine = LLMEngine(config, FakeWorker(config))
+    w = Workload(num_seqs, LengthRange(prompt_len, prompt_len), LengthRange(max_tokens, max_tokens))
+    requests = make_requests(w, engine.model_config.vocab_size)
+    log = StepLog()
+    engine.core.observers.append(log)
+    with GcPauses() as pauses:
+        drive(engine, w, requests, progress=False)
+    full = [r for r in log.records if r.num_decode == r.num_seqs == num_seqs]
+    ms = lambda xs: median(xs) * 1e3 if xs else 0.0  # noqa: E731
+    return HostFigures(num_seqs, len(full), ms([r.schedule_s for r in full]), ms([r.build_s for r in full]),
+                       ms([r.submit_s for r in full]), ms([r.process_s for r in full]), pauses.summary())
+
+
+def host_only(model: str, batch_sizes: list[int], prompt_len: int, max_tokens: int, **options) -> list[HostFigures]:
+    print(f"tandem bench --host-only: {model}, pure-decode steps with a device that returns at once; "
+          f"{prompt_len} prompt + {max_tokens} new tokens per sequence")
+    print(f"{'seqs':>6} {'steps':>6} {'sched ms':>9} {'build ms':>9} {'submit ms':>9} {'process ms':>10} "
+          f"{'host ms':>8} {'gc pauses':>18}")
+    results = []
+    for n in batch_sizes:
+        gc.collect()
+        t0 = time.perf_counter()
+        f = measure(model, n, prompt_len, max_tokens, **options)
+        results.append(f)
+        print(f"{n:>6} {f.steps:>6} {f.schedule_ms:>9.3f} {f.build_ms:>9.3f} {f.submit_ms:>9.3f} {f.process_ms:>10.3f} "
+              f"{f.total_ms:>8.3f} {f.gc['collections']:>4} ({f.gc['max_ms']:.1f} ms max)"
+              f"  [{time.perf_counter() - t0:.1f} s]", flush=True)
+    return results
