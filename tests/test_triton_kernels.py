@@ -114,7 +114,17 @@ for seed in range(6):
     ref = run_case(case, async_batching=True, dtype="float32")
     os.environ["TANDEM_ATTENTION"] = "triton"
     got = run_case(case, async_batching=True, dtype="float32")
-    assert got == ref, (case.describe(), got, ref)
+    assert got.keys() == ref.keys()
+    for rid in ref:  # tokens exactly; logprobs up to float32 rounding of two attention kernels
+        a, b = got[rid], ref[rid]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason), (case.describe(), rid)
+        for la, lb in ((a.logprobs, b.logprobs), (a.prompt_logprobs, b.prompt_logprobs)):
+            assert (la is None) == (lb is None)
+            for ea, eb in zip(la or [], lb or []):
+                assert (ea is None) == (eb is None)
+                if ea is not None:
+                    assert [t for t, _, _ in ea] == [t for t, _, _ in eb]
+                    assert max(abs(x - y) for (_, x, _), (_, y, _) in zip(ea, eb)) < 1e-4
 print("engine ok")
 """
 
