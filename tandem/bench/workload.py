@@ -43,15 +43,17 @@ class Workload:
     seed: int = 0
     temperature: float = 0.0
     request_rate: float | None = None  # requests per second, Poisson arrivals; None: all at time 0
+    logprobs: int | None = None  # every request asks for its tokens' logprobs and this many alternatives
 
     def describe(self) -> str:
         rate = f", {self.request_rate} req/s" if self.request_rate else ""
-        return f"{self.num_requests} requests x ({self.prompt_len} prompt + {self.max_tokens} new tokens){rate}"
+        extra = f", logprobs={self.logprobs}" if self.logprobs is not None else ""
+        return f"{self.num_requests} requests x ({self.prompt_len} prompt + {self.max_tokens} new tokens){rate}{extra}"
 
     def record(self) -> dict:
         return {"num_requests": self.num_requests, "prompt_len": str(self.prompt_len),
                 "max_tokens": str(self.max_tokens), "seed": self.seed, "temperature": self.temperature,
-                "request_rate": self.request_rate}
+                "request_rate": self.request_rate, "logprobs": self.logprobs}
 
 
 @dataclass
@@ -78,4 +80,4 @@ def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
 def bench_params(w: Workload, max_tokens: int) -> SamplingParams:
     # EOS ignored and no detokenization: every request generates exactly its budget of tokens
     return SamplingParams(temperature=w.temperature, seed=w.seed if w.temperature > 0 else None,
-                          max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+                          max_tokens=max_tokens, ignore_eos=True, detokenize=False, logprobs=w.logprobs)
