@@ -37,15 +37,16 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
                          "takes one length for all requests)")
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
         engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
+    threads = torch.get_num_threads()  # before an async CPU executor gives the host thread one
     llm = LLM(model, **engine_options)
     engine, info = llm.engine, llm.engine.worker.info
-    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {torch.get_num_threads()} torch threads; "
+    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {threads} torch threads; "
           f"{w.describe()}, modes {', '.join(modes)}", flush=True)
     runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
     anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
-    meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "torch_threads": torch.get_num_threads(),
+    meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "torch_threads": threads,
             "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
