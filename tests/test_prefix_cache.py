@@ -64,6 +64,8 @@ def test_sequence_hashes_cover_full_blocks_of_known_tokens_only():
     hashes = extend_block_hashes(seq, BS, 99)
     assert len(hashes) == 3 and hashes[2] == block_hash(hashes[1], [8, 9, 10, 11])
     assert extend_block_hashes(seq, BS, 1) == hashes[:1] and seq.block_hashes == hashes  # kept on the sequence
+    whole = _seq(1, list(range(10)) + [10, 11, 12])  # a later prompt = that prompt + its outputs
+    assert extend_block_hashes(whole, BS, 99) == hashes
 
 
 # --- block manager: references, sharing, LRU eviction ---------------------------------------------

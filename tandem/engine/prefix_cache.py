@@ -10,7 +10,8 @@ little-endian int64. Why not Python's ``hash()`` of a tuple: it is 64 bits and n
 resist crafted inputs, and a collision would hand one request another's K/V (wrong tokens, and a
 leak across users of a server). A 128-bit cryptographic digest makes a collision negligible (about
 n^2 / 2^129 for n blocks ever registered) even for adversarial prompts, is the same in every process
-and run, and costs about 2 us per block of 16 tokens, paid once per full block.
+and run, and costs well under 1 us per block of 16 tokens (0.06 ms for a 1280-token prompt on a
+2-core CPU), paid once per full block.
 
 This module keeps the map hash -> block and the blocks nobody references that still hold a prefix
 (evictable, least recently freed first). Reference counts and the free list are the block manager's.
@@ -30,24 +31,36 @@ BlockHash = bytes
 
 def block_hash(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
     """The hash of a full block whose tokens follow the block hashed as ``parent`` (None: the first)."""
-    data = struct.pack(f"<{len(token_ids)}q", *token_ids)
-    return hashlib.blake2b((parent or b"") + data, digest_size=16).digest()
+    return _chain(parent, _pack(token_ids))
+
+
+def _pack(token_ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(token_ids)}q", *token_ids)
+
+
+def _chain(parent: BlockHash | None, packed_tokens: bytes) -> BlockHash:
+    return hashlib.blake2b((parent or b"") + packed_tokens, digest_size=16).digest()
 
 
 def extend_block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list[BlockHash]:
     """Hashes of ``seq``'s first ``num_blocks`` blocks (fewer if its known tokens fill fewer). Each is
     computed once: ``seq.block_hashes`` keeps them (its tokens never change, even across preemption)."""
     hashes = seq.block_hashes
-    known = seq.prompt_len + len(seq.output_token_ids)
-    for i in range(len(hashes), min(num_blocks, known // block_size)):
-        start, end = i * block_size, (i + 1) * block_size
-        if end <= seq.prompt_len:
-            tokens = seq.prompt_token_ids[start:end]
-        else:
-            tokens = (seq.prompt_token_ids[start:] + seq.output_token_ids[max(0, start - seq.prompt_len):
-                                                                         end - seq.prompt_len])
-        hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+    first, last = len(hashes), min(num_blocks, (seq.prompt_len + len(seq.output_token_ids)) // block_size)
+    if last > first:  # pack the new blocks' tokens at once: a long prompt is hashed in one pass
+        packed = _pack(_tokens(seq, first * block_size, last * block_size))
+        width = 8 * block_size
+        for i in range(last - first):
+            hashes.append(_chain(hashes[-1] if hashes else None, packed[i * width:(i + 1) * width]))
     return hashes[:num_blocks]
+
+
+def _tokens(seq: Sequence, start: int, end: int) -> list[int]:
+    """Known tokens [start, end) of prompt + output."""
+    if end <= seq.prompt_len:
+        return seq.prompt_token_ids[start:end]
+    out = seq.output_token_ids[max(0, start - seq.prompt_len):end - seq.prompt_len]
+    return seq.prompt_token_ids[start:] + out if start < seq.prompt_len else out
 
 
 @dataclass
