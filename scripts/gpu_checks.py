@@ -5,6 +5,8 @@
 - nosync: the async step loop runs under torch's sync debug mode without a synchronizing call.
 - smoke: every executor variant (sync/async x eager/graphs) on random:tiny agrees, step by step.
 - differential: the randomized sync-vs-async cases of the CPU test suite, on CUDA with graphs on.
+- prefix: prefix caching on vs off over the CPU suite's shared-prefix cases, on CUDA with graphs on
+  (TANDEM_PREFIX_DTYPE=float64 to rule out a float32 near-tie if one case differs).
 - parity: float32 greedy outputs vs transformers, and bf16 prefill logits within 1e-2 relative error.
 """
 from __future__ import annotations
@@ -127,6 +129,13 @@ def fused_kernels() -> bool:
     return ok
 
 
+def _reported(case, problems: list[str]) -> bool:
+    """Print a differing case with its differences; True if there were any."""
+    if problems:
+        print(case.describe() + "\n" + "\n".join(problems))
+    return bool(problems)
+
+
 def differential(num_cases: int, dtype: str) -> bool:
     from differential import compare, make_case, run_case
 
@@ -135,12 +144,24 @@ def differential(num_cases: int, dtype: str) -> bool:
         case = make_case(seed)
         sync = run_case(case, False, device="cuda", dtype=dtype, cuda_graphs=True)
         asyn = run_case(case, True, device="cuda", dtype=dtype, cuda_graphs=True)
-        problems = compare(case, sync, asyn)
-        if problems:
-            failures += 1
-            print(case.describe() + "\n" + "\n".join(problems))
+        failures += _reported(case, compare(case, sync, asyn))
     print(f"differential ({dtype}, CUDA graphs on): {num_cases - failures}/{num_cases} cases identical "
           f"in {time.time() - t0:.0f} s")
+    return failures == 0
+
+
+def prefix_caching(num_cases: int, dtype: str) -> bool:
+    from differential import compare, make_case, run_case, run_case_with_stats, with_shared_prefixes
+
+    t0, failures, hits = time.time(), 0, 0
+    for seed in range(6000, 6000 + num_cases):
+        case = with_shared_prefixes(make_case(seed))
+        off = run_case(case, False, device="cuda", dtype=dtype, cuda_graphs=True, prefix_caching=False)
+        on, stats = run_case_with_stats(case, bool(seed % 2), device="cuda", dtype=dtype, cuda_graphs=True)
+        hits += stats.prefix_cache_hits
+        failures += _reported(case, compare(case, off, on, names=("off", "on"), aborts_may_differ=True))
+    print(f"prefix caching on == off ({dtype}, CUDA graphs on, sync and async): {num_cases - failures}/{num_cases} "
+          f"cases identical, {hits} prompt tokens from the cache, in {time.time() - t0:.0f} s")
     return failures == 0
 
 
@@ -158,6 +179,9 @@ def main(argv: list[str]) -> int:
             ok &= no_hidden_sync()
         elif name == "differential":
             ok &= differential(int(os.environ.get("TANDEM_DIFF_CASES", "30")), "float32")
+        elif name == "prefix":
+            ok &= prefix_caching(int(os.environ.get("TANDEM_DIFF_CASES", "30")),
+                                 os.environ.get("TANDEM_PREFIX_DTYPE", "float32"))
         elif name == "parity":
             from gpu_parity import parity
 

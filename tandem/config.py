@@ -37,6 +37,9 @@ class EngineConfig:
     seed: int = _opt(0, "engine seed: draws the seeds of requests that give none")
     async_batching: bool = _opt(True, "prepare step N+1 on the host while the device runs step N")
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
+                                             "system prompts, preempted requests): their prefill is skipped; off "
+                                             "for sliding-window models")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,8 +1,11 @@
-"""Randomized sync-vs-async differential cases, shared by the CPU test and the GPU check script.
+"""Randomized differential cases (sync vs async; prefix caching on vs off), shared by the CPU tests
+and the GPU check script.
 
 A case is a seeded script: engine settings (tiny KV caches force preemption, small token budgets
 force chunked prefill) and requests that arrive at given steps, some aborted at a later step, with
-greedy or seeded sampling, stop strings, stop token ids and EOS ending them at different steps."""
+greedy or seeded sampling, stop strings, stop token ids and EOS ending them at different steps.
+``with_shared_prefixes`` makes most prompts start with one of two shared prefixes, and some repeat
+an earlier prompt whole."""
 from __future__ import annotations
 
 import random
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.config import EngineConfig
+from tandem.engine.core import CoreStats
 from tandem.llm import create_engine
 from tandem.sampling_params import SamplingParams
 
@@ -77,6 +81,21 @@ def make_case(seed: int) -> Case:
     return case
 
 
+def with_shared_prefixes(case: Case) -> Case:
+    """The same case (its own random stream is untouched) with prompts that share prefixes, each
+    short enough to fit the case's KV cache with room to generate."""
+    rng = random.Random(f"prefix-{case.seed}")
+    prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(4, 48))] for _ in range(2)]
+    longest = case.engine["kv_cache_tokens"] - 8
+    for i, r in enumerate(case.requests):
+        roll = rng.random()
+        if i and roll < 0.2:
+            r.prompt = list(case.requests[rng.randrange(i)].prompt)
+        elif roll < 0.8:
+            r.prompt = (rng.choice(prefixes) + r.prompt)[:longest]
+    return case
+
+
 @dataclass
 class Outcome:
     token_ids: list[int]
@@ -98,9 +117,15 @@ def _flat(entries: list | None) -> list | None:
 
 
 def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str = "float64",
-             cuda_graphs: bool = False) -> dict[str, Outcome]:
+             cuda_graphs: bool = False, prefix_caching: bool = True) -> dict[str, Outcome]:
+    return run_case_with_stats(case, async_batching, device, dtype, cuda_graphs, prefix_caching)[0]
+
+
+def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", dtype: str = "float64",
+                        cuda_graphs: bool = False, prefix_caching: bool = True) -> tuple[dict[str, Outcome], CoreStats]:
     config = EngineConfig(model=MODEL, device=device, dtype=dtype, async_batching=async_batching,
-                          enforce_eager=not cuda_graphs, seed=case.seed, **case.engine)
+                          enforce_eager=not cuda_graphs, seed=case.seed, enable_prefix_caching=prefix_caching,
+                          **case.engine)
     engine = create_engine(config)
     results: dict[str, Outcome] = {}
     pending = sorted(case.requests, key=lambda r: r.arrive)
@@ -122,18 +147,29 @@ def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str =
         step += 1
         if step > 10_000:
             raise AssertionError("engine made no progress")
+    stats = engine.core.stats()
     engine.shutdown()
-    return results
+    return results, stats
 
 
-def compare(case: Case, sync: dict[str, Outcome], asyn: dict[str, Outcome]) -> list[str]:
-    """Differences, which are bugs: both modes make the same decisions at the same loop steps, so
-    every request (aborted ones too) must end identically."""
+def compare(case: Case, sync: dict[str, Outcome], asyn: dict[str, Outcome], names: tuple[str, str] = ("sync", "async"),
+            aborts_may_differ: bool = False) -> list[str]:
+    """Differences, which are bugs. Sync and async make the same decisions at the same loop steps, so
+    every request (aborted ones too) must end identically. Runs that schedule differently (prefix
+    caching on vs off) get ``aborts_may_differ``: an abort at a given loop step may cut a request at
+    another length, so where either run aborted it, the shorter output must begin the longer."""
     problems = []
     for r in case.requests:
         s, a = sync.get(r.rid), asyn.get(r.rid)
         if s is None or a is None:
-            problems.append(f"{r.rid}: no final output (sync={s}, async={a})")
-        elif s != a:
-            problems.append(f"{r.rid}: sync {s} vs async {a}")
+            problems.append(f"{r.rid}: no final output ({names[0]}={s}, {names[1]}={a})")
+        elif s != a and not (aborts_may_differ and _cut_short_by_abort(s, a)):
+            problems.append(f"{r.rid}: {names[0]} {s} vs {names[1]} {a}")
     return problems
+
+
+def _cut_short_by_abort(x: Outcome, y: Outcome) -> bool:
+    if "abort" not in (x.finish_reason, y.finish_reason):
+        return False
+    short, long = sorted((x.token_ids, y.token_ids), key=len)
+    return long[:len(short)] == short

@@ -9,7 +9,8 @@ from tandem.cli import main
 
 MODE_FIELDS = {"wall_s", "output_tok_per_s", "total_tok_per_s", "num_steps", "mean_schedule_ms", "mean_build_ms",
                "mean_submit_ms", "mean_wait_ms", "mean_process_ms", "mean_gpu_ms", "gpu_idle_fraction",
-               "gpu_idle_fraction_decode", "roofline_fraction", "floor_s", "decode_step_check", "output_tokens"}
+               "gpu_idle_fraction_decode", "roofline_fraction", "floor_s", "decode_step_check", "output_tokens",
+               "prefill_tokens_computed", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate"}
 
 
 def test_bench_cli_on_cpu_writes_every_field(tmp_path, capsys):
@@ -33,6 +34,22 @@ def test_bench_cli_on_cpu_writes_every_field(tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 0
     assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert "n/a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_bench_shared_prefix_shows_the_prefill_saved(tmp_path, caching):
+    out = tmp_path / "run.json"
+    flag = "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"
+    assert main(["bench", "--num-requests", "4", "--prompt-len", "40", "--shared-prefix-len", "32", "--max-tokens",
+                 "3", "--block-size", "16", "--modes", "sync", flag, "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["workload"]["shared_prefix_len"] == 32 and data["prefix_caching"] is caching
+    mode = data["modes"]["sync"]
+    if caching:  # every mode starts cold: the first request computes its prompt, the others 8 tokens each
+        assert (mode["prefix_cache_queries"], mode["prefix_cache_hits"]) == (160, 96)
+        assert mode["prefix_cache_hit_rate"] == pytest.approx(0.6) and mode["prefill_tokens_computed"] == 40 + 3 * 8
+    else:
+        assert mode["prefix_cache_hit_rate"] is None and mode["prefill_tokens_computed"] == 160
 
 
 def test_bench_rejects_unknown_modes(capsys):

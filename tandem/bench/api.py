@@ -19,19 +19,20 @@ VALID_MODES = ("sync", "async")
 def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
           prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
-          compare_hf: bool = False,
-          hf_modes: list[str] | None = None, json_path: Path | None = None, timeline: Path | None = None,
-          trace: Path | None = None, timeline_steps: int = 8, progress: bool = True,
+          shared_prefix_len: int = 0, compare_hf: bool = False, hf_modes: list[str] | None = None,
+          json_path: Path | None = None, timeline: Path | None = None, trace: Path | None = None,
+          timeline_steps: int = 8, progress: bool = True,
           **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure.
-    ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform)."""
+    ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform); every
+    prompt starts with the same ``shared_prefix_len`` tokens."""
     bad = [m for m in modes if m not in VALID_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
     if request_rate is not None and not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
-                 temperature, request_rate, logprobs)
+                 temperature, request_rate, logprobs, shared_prefix_len)
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")
@@ -50,7 +51,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
             "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
-            "cuda_graphs": bool(info.graph_batch_sizes),
+            "cuda_graphs": bool(info.graph_batch_sizes), "prefix_caching": engine.core.prefix_caching,
             "ceilings": None if ceilings is None else asdict(ceilings),
             "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
     data = record(results, meta, anchors)

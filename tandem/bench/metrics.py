@@ -18,6 +18,7 @@ class ModeResult:
     output_tokens: int
     num_steps: int
     num_preemptions: int
+    prefill_tokens_computed: int  # tokens computed other than decodes: prompts less cache hits, recomputes
     output_tok_per_s: float
     total_tok_per_s: float
     mean_schedule_ms: float
@@ -34,7 +35,14 @@ class ModeResult:
     decode_step_check: dict | None = None
     largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
     gc_pauses: dict | None = None  # Python's garbage collector during the run: count, total and longest pause
+    prefix_cache_queries: int | None = None  # tokens looked up in the prefix cache (None: caching off)
+    prefix_cache_hits: int | None = None  # tokens found there, whose prefill was skipped
+    prefix_cache_hit_rate: float | None = None
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
+
+    def set_prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_cache_queries, self.prefix_cache_hits = queries, hits
+        self.prefix_cache_hit_rate = hits / queries if queries else None
 
 
 def idle_fraction(intervals: list[StepInterval]) -> float | None:
@@ -97,6 +105,7 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
     res = ModeResult(
         mode=mode, wall_s=wall_s, num_requests=num_requests, prompt_tokens=prompt_tokens,
         output_tokens=output_tokens, num_steps=len(records), num_preemptions=num_preemptions,
+        prefill_tokens_computed=sum(r.num_tokens - r.num_decode for r in records),
         output_tok_per_s=output_tokens / wall_s, total_tok_per_s=(prompt_tokens + output_tokens) / wall_s,
         mean_schedule_ms=ms([r.schedule_s for r in records]), mean_build_ms=ms([r.build_s for r in records]),
         mean_submit_ms=ms([r.submit_s for r in records]), mean_wait_ms=ms([r.wait_s for r in records]),

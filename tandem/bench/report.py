@@ -16,6 +16,7 @@ from tandem.bench.metrics import ModeResult
 
 COLUMNS = [("wall s", "wall_s", "{:.2f}"), ("out tok/s", "output_tok_per_s", "{:.0f}"),
            ("total tok/s", "total_tok_per_s", "{:.0f}"), ("steps", "num_steps", "{}"),
+           ("prefill tok", "prefill_tokens_computed", "{}"), ("cache hit", "prefix_cache_hit_rate", "{:.1%}"),
            ("sched ms", "mean_schedule_ms", "{:.3f}"), ("build ms", "mean_build_ms", "{:.3f}"),
            ("submit ms", "mean_submit_ms", "{:.3f}"), ("wait ms", "mean_wait_ms", "{:.3f}"),
            ("process ms", "mean_process_ms", "{:.3f}"), ("GPU ms", "mean_gpu_ms", "{:.3f}"),

@@ -29,6 +29,8 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     engine.core.set_async(mode == "async")
     warm = [r.prompt for r in requests[:4]]
     llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    engine.core.reset_prefix_cache()  # each mode starts cold: hits come from the workload alone
+    cache_before = engine.core.stats()
     log = StepLog()
     engine.core.observers.append(log)
     preempted_before = engine.core.scheduler.num_preemptions
@@ -45,6 +47,10 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
                        sum(len(t) for t in token_ids), len(requests),
                        engine.core.scheduler.num_preemptions - preempted_before, floor, ceilings)
     result.gc_pauses = pauses.summary()
+    if engine.core.prefix_caching:
+        cache_after = engine.core.stats()
+        result.set_prefix_cache(cache_after.prefix_cache_queries - cache_before.prefix_cache_queries,
+                                cache_after.prefix_cache_hits - cache_before.prefix_cache_hits)
     return ModeRun(result, token_ids)
 
 

@@ -1,5 +1,6 @@
 """What a benchmark runs: random prompts from a fixed seed, lengths fixed or drawn uniformly from a
-range, and arrival times (all at once, or a Poisson process at a given rate)."""
+range, optionally all starting with the same tokens (a shared system prompt, for prefix caching), and
+arrival times (all at once, or a Poisson process at a given rate)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,16 +45,25 @@ class Workload:
     temperature: float = 0.0
     request_rate: float | None = None  # requests per second, Poisson arrivals; None: all at time 0
     logprobs: int | None = None  # every request asks for its tokens' logprobs and this many alternatives
+    shared_prefix_len: int = 0  # every prompt starts with the same this many tokens
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shared_prefix_len <= self.prompt_len.lo:
+            raise ValueError(f"shared_prefix_len must be in [0, the shortest prompt length {self.prompt_len.lo}], "
+                             f"got {self.shared_prefix_len}")
 
     def describe(self) -> str:
         rate = f", {self.request_rate} req/s" if self.request_rate else ""
+        shared = f", {self.shared_prefix_len} of them shared" if self.shared_prefix_len else ""
         extra = f", logprobs={self.logprobs}" if self.logprobs is not None else ""
-        return f"{self.num_requests} requests x ({self.prompt_len} prompt + {self.max_tokens} new tokens){rate}{extra}"
+        return (f"{self.num_requests} requests x ({self.prompt_len} prompt{shared} + {self.max_tokens} new "
+                f"tokens){rate}{extra}")
 
     def record(self) -> dict:
         return {"num_requests": self.num_requests, "prompt_len": str(self.prompt_len),
                 "max_tokens": str(self.max_tokens), "seed": self.seed, "temperature": self.temperature,
-                "request_rate": self.request_rate, "logprobs": self.logprobs}
+                "request_rate": self.request_rate, "logprobs": self.logprobs,
+                "shared_prefix_len": self.shared_prefix_len}
 
 
 @dataclass
@@ -71,6 +81,9 @@ def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
     else:
         lens = torch.randint(w.prompt_len.lo, w.prompt_len.hi + 1, (n,), generator=gen).tolist()
         prompts = [torch.randint(0, vocab_size, (k,), generator=gen).tolist() for k in lens]
+    shared = prompts[0][:w.shared_prefix_len]  # the others' own draws are the same as without sharing
+    for p in prompts[1:]:
+        p[:len(shared)] = shared
     rng = np.random.default_rng(w.seed)
     outs = rng.integers(w.max_tokens.lo, w.max_tokens.hi + 1, n).tolist()
     arrivals = np.cumsum(rng.exponential(1.0 / w.request_rate, n)) if w.request_rate else np.zeros(n)

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests per second, Poisson arrivals (default: all requests at once)")
     p.add_argument("--logprobs", type=int, default=None, help="every request asks for logprobs with this many "
                    "alternatives per token (0-20)")
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="every prompt starts with the same N random tokens, e.g. a system prompt (default: 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--workload-seed", type=int, default=0)
     p.add_argument("--modes", default="sync,async", help="comma-separated: sync, async")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     bench(args.model or default_bench_model(), modes=modes, num_requests=args.num_requests,
           prompt_len=args.prompt_len, max_tokens=args.max_tokens, temperature=args.temperature,
           workload_seed=args.workload_seed, request_rate=args.request_rate, logprobs=args.logprobs,
-          compare_hf=args.compare_hf,
+          shared_prefix_len=args.shared_prefix_len, compare_hf=args.compare_hf,
           hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
           timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
           **engine_options(args, skip=("async_batching",)))

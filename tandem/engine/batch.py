@@ -96,12 +96,13 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     _add_request_fields(f, sampled)
     _add_bias_entries(f, sampled)
     plp_k = _add_prompt_logprob_entries(f, items, query_start)
+    _add_history_entries(f, items)
     flags = _sampler_flags(f, plp_k)
     if pad:
         _pad(f, n, pad)
     f["block_tables"] = block_tables
     shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q, max_blocks,
-                      len(f["bias_sample"]), len(f["prompt_logprob_index"]))
+                      len(f["bias_sample"]), len(f["prompt_logprob_index"]), len(f["history_row"]))
     return StepInputs(sched.step_id, shape, flags, pack(f, shape))
 
 
@@ -148,6 +149,20 @@ def _add_prompt_logprob_entries(f: dict[str, np.ndarray], items: list[ScheduledS
     return k
 
 
+def _add_history_entries(f: dict[str, np.ndarray], items: list[ScheduledSeq]) -> None:
+    """(row, position, token) of each token a penalised sequence took from the prefix cache: the
+    penalties count them, and the device history has them only from the step that computed them."""
+    rows, positions, tokens = [], [], []
+    for it in items:
+        if it.num_cached and it.seq.params.has_penalties:
+            known = (it.seq.prompt_token_ids + it.seq.output_token_ids)[:it.num_cached]
+            rows.append(np.full(len(known), it.seq.row)), positions.append(np.arange(len(known)))
+            tokens.append(np.asarray(known, np.int64))
+    f["history_row"] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    f["history_pos"] = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    f["history_token"] = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+
+
 def _add_request_fields(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -> None:
     """The per-request constants (seeds, sampling settings), cached on each sequence."""
     ints = np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(len(sampled), len(REQUEST_INT_FIELDS))
@@ -165,7 +180,7 @@ def _pad(f: dict[str, np.ndarray], num_seqs: int, pad: Padding) -> None:
     for field in INT_FIELDS + FLOAT_FIELDS:
         if field.per is Per.TOKEN:
             extra = pad.num_tokens - len(f[field.name])
-        elif field.per in (Per.TABLE, Per.BIAS, Per.PROMPT_LOGPROB) or pad.num_seqs is None:
+        elif field.per in (Per.TABLE, Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY) or pad.num_seqs is None:
             continue  # the table is built at its padded size; the lists are not padded
         else:
             extra = pad.num_seqs - num_seqs

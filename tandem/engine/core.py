@@ -8,6 +8,7 @@ the same batches and the same tokens: the only difference is the overlap. This i
 engine-core process of the server, and in-process under ``LLMEngine``."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -17,9 +18,12 @@ from tandem.config import EngineConfig
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
+from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
 from tandem.engine.worker_api import Worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class CoreStats:
     kv_usage: float  # fraction of usable KV blocks held
     num_preemptions: int  # since start
     gpu_idle_fraction: float | None  # over the most recent steps (None before two steps ran)
+    prefix_cache_queries: int = 0  # since start, in tokens: looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # since start, in tokens: found there (not computed)
 
 
 @dataclass
@@ -40,12 +46,14 @@ class _InFlight:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int],
+                 sliding_window: int | None = None) -> None:
         info = worker.info
         self.worker = worker
         self.block_size = info.block_size
+        cache = PrefixCache() if _use_prefix_caching(config, sliding_window) else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
-                                   BlockManager(info.num_kv_blocks, info.block_size), RowPool(info.num_rows),
+                                   BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
                                    eos_token_ids)
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
@@ -84,7 +92,14 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         s = self.scheduler
-        return CoreStats(s.num_running, s.num_waiting, s.kv_usage(), s.num_preemptions, self.worker.idle_fraction())
+        cached = s.prefix_cache_stats
+        return CoreStats(s.num_running, s.num_waiting, s.kv_usage(), s.num_preemptions, self.worker.idle_fraction(),
+                         cached.queries, cached.hits)
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether prefix caching is on (asked for, and not turned off for the model)."""
+        return self.scheduler.cache is not None
 
     def abort_all(self) -> list[str]:
         """Recover from an interrupted loop: wait for the device, drop what was in flight, end every
@@ -93,7 +108,16 @@ class EngineCore:
         self.in_flight.clear()
         aborted = self.finish_requests(list(self.scheduler.requests))
         self.scheduler.all_steps_done()
+        # an interruption between scheduling a step and submitting it leaves blocks registered that
+        # no step wrote: forget every cached prefix rather than find out which
+        self.scheduler.blocks.reset_cache()
         return aborted
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (a benchmark starts each run cold). Only while idle."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("cannot reset the prefix cache while requests are running")
+        self.scheduler.blocks.reset_cache()
 
     def set_async(self, enabled: bool) -> None:
         if self.has_unfinished_requests():
@@ -105,3 +129,11 @@ class EngineCore:
             self.worker.collect(self.in_flight.popleft().handle)
         self.scheduler.all_steps_done()
         self.worker.shutdown()
+
+
+def _use_prefix_caching(config: EngineConfig, sliding_window: int | None) -> bool:
+    if config.enable_prefix_caching and sliding_window is not None:
+        log.warning("prefix caching is off: the model uses sliding-window attention (window %d tokens), "
+                    "which tandem does not combine with prefix caching yet", sliding_window)
+        return False
+    return config.enable_prefix_caching

@@ -7,7 +7,11 @@ sampling step adds one pending token. Blocks and next-token rows of a sequence t
 are released only once the newest step that includes it has completed.
 
 The scheduler owns every request's state: it appends sampled tokens (``update``), decides when a
-sequence is done (EOS, stop token ids, length), finishes, aborts and preempts."""
+sequence is done (EOS, stop token ids, length), finishes, aborts and preempts.
+
+With prefix caching (``blocks.cache``), a sequence being admitted starts after the longest chain of
+cached full blocks of its tokens, shared with whoever holds them; full blocks are registered in the
+cache as soon as their tokens are known and a launched step computes their K/V."""
 from __future__ import annotations
 
 from collections import deque
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tandem.engine.block_manager import BlockManager, RowPool
+from tandem.engine.prefix_cache import PrefixCacheStats, extend_block_hashes
 from tandem.engine.sequence import Sequence, SeqStatus
 from tandem.engine.step import Logprobs, StepOutput
 
@@ -29,6 +34,9 @@ class ScheduledSeq:
     gen_index: int  # index in the output of the token sampled (seeds the sampler's noise)
     plp_start: int = 0  # prompt positions [plp_start, plp_stop) whose next token's logprobs this step returns
     plp_stop: int = 0
+    #: tokens before ``start`` that no step computes for this admission: the prefix cache had them
+    #: (only on a sequence's first chunk after admission; 0 otherwise)
+    num_cached: int = 0
 
 
 @dataclass
@@ -117,6 +125,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.blocks = blocks
+        self.cache = blocks.cache  # None: prefix caching is off
         self.rows = rows
         self.eos_token_ids = eos_token_ids
         self.requests: dict[str, Sequence] = {}
@@ -169,8 +178,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # a preempted sequence's in-flight token has not come back yet
-            n = min(seq.num_tokens, budget)
-            if not self.blocks.can_grow(seq.block_ids, n):
+            cached = self._cached_prefix(seq)
+            num_cached = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.blocks.can_share_and_grow(cached, num_cached + n):
                 break
             row = self.rows.acquire()
             if row is None:
@@ -178,21 +189,68 @@ class Scheduler:
             self.waiting.popleft()
             seq.row, seq.status = row, SeqStatus.RUNNING
             self.running.append(seq)
-            budget -= self._take(out, seq, n)
+            self._start_after(seq, cached)
+            budget -= self._take(out, seq, n, num_cached)
 
-    def _take(self, out: SchedulerOutput, seq: Sequence, n: int) -> int:
-        self.blocks.grow(seq.block_ids, seq.num_computed + n)
-        sample = seq.num_computed + n == seq.num_tokens
-        item = ScheduledSeq(seq, seq.num_computed, n, sample, seq.num_generated)
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a sequence being admitted may start from: the longest cached chain of its
+        full blocks, short of its last token, which must be computed (its logits are sampled). Whole
+        blocks only, so the first computed token starts a block of its own: a shared block is never
+        written."""
+        if not self._looks_up(seq):
+            return []
+        usable = (seq.num_tokens - 1) // self.blocks.block_size
+        return self.cache.lookup(extend_block_hashes(seq, self.blocks.block_size, usable))
+
+    def _looks_up(self, seq: Sequence) -> bool:
+        # a request that wants prompt logprobs needs every prompt position's logits: nothing is skipped
+        return self.cache is not None and getattr(seq.params, "prompt_logprobs", None) is None
+
+    def _start_after(self, seq: Sequence, cached: list[int]) -> None:
+        """An admitted sequence takes its cached blocks; the cache counts the tokens looked up and found."""
+        self.blocks.share(seq.block_ids, cached)
+        seq.num_computed = len(cached) * self.blocks.block_size
+        if self._looks_up(seq):
+            self.cache.stats.queries += seq.num_tokens
+            self.cache.stats.hits += seq.num_computed
+
+    def _take(self, out: SchedulerOutput, seq: Sequence, n: int, num_cached: int = 0) -> int:
+        start = seq.num_computed
+        self.blocks.grow(seq.block_ids, start + n)
+        sample = start + n == seq.num_tokens
+        item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached)
         if seq.params.prompt_logprobs is not None:  # owed once per prompt position, also across preemption
-            item.plp_start = max(item.start, seq.prompt_logprobs_next)
-            item.plp_stop = max(item.plp_start, min(item.start + n, seq.prompt_len - 1))
+            item.plp_start = max(start, seq.prompt_logprobs_next)
+            item.plp_stop = max(item.plp_start, min(start + n, seq.prompt_len - 1))
             seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, item.plp_stop)
         out.items.append(item)
         seq.num_computed += n
         seq.num_pending += int(sample)
         seq.last_step = out.step_id
+        if self.cache is not None and (start + n) // self.blocks.block_size > start // self.blocks.block_size:
+            self._register_blocks(seq, start, start + n)  # some block became full in this chunk
         return n
+
+    def _register_blocks(self, seq: Sequence, start: int, end: int) -> None:
+        """Put ``seq``'s blocks that fill up within positions [start, end) in the prefix cache, those
+        whose tokens are all known (not pending on the device); K/V up to ``end`` is computed or
+        being computed by a launched step.
+
+        Registering a block as soon as the step that writes it is *scheduled* is safe: steps run in
+        launch order on the device, so any later step reads it after it is written; and within one
+        step every layer stores all of the step's K/V before its attention reads any, so a sequence
+        scheduled later in the same step may read it too. A registered block is never written again
+        (its tokens are full and known; a sharer's first computed token starts a fresh block). It is
+        reused for other content only once its reference count is 0, and references are dropped only
+        after the newest step that uses them has completed (``_release``). A step that is scheduled
+        but never launched (an interruption between the two) leaves registered blocks unwritten:
+        ``EngineCore.abort_all`` clears the cache."""
+        bs = self.blocks.block_size
+        first, last = start // bs, min(end, seq.prompt_len + len(seq.output_token_ids)) // bs
+        if last > first:
+            hashes = extend_block_hashes(seq, bs, last)
+            for i in range(first, last):
+                self.cache.register(seq.block_ids[i], hashes[i])
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the newest end until ``seq`` fits; False if it cannot run this step."""
@@ -213,6 +271,7 @@ class Scheduler:
         if output.prompt_logprobs is not None:
             self._route_prompt_logprobs(sched, output.prompt_logprobs, deltas)
         sampled = (item.seq for item in sched.items if item.sample)
+        bs = self.blocks.block_size
         for row, (seq, token) in enumerate(zip(sampled, output.token_ids)):
             seq.num_pending -= 1
             if seq.finished:
@@ -221,6 +280,9 @@ class Scheduler:
             if seq.params.logprobs is not None:
                 deltas.logprobs.add(seq.request_id, len(deltas.token_ids), token, output.logprobs, row,
                                     seq.params.logprobs)
+            known = seq.prompt_len + len(seq.output_token_ids)
+            if self.cache is not None and known % bs == 0:  # the token filled a block: now it is known
+                self._register_blocks(seq, known - 1, seq.num_computed)
             deltas.token_request_ids.append(seq.request_id)
             deltas.token_ids.append(token)
             reason = self._stop_reason(seq, token)
@@ -310,7 +372,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.cache.stats if self.cache is not None else PrefixCacheStats()
+
     def kv_usage(self) -> float:
-        """Fraction of usable KV blocks held (by requests or by releases still deferred)."""
+        """Fraction of usable KV blocks held (by requests or by releases still deferred); cached blocks
+        nobody holds count as free."""
         usable = self.blocks.num_blocks - 1
         return (usable - self.blocks.num_free) / usable

@@ -42,6 +42,8 @@ class Sequence:
     num_pending: int = 0
     num_computed: int = 0  # tokens whose K/V is written, or will be by a launched step
     block_ids: list[int] = field(default_factory=list)
+    #: prefix caching: hashes of the full blocks of known tokens, computed once (``prefix_cache``)
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
     row: int | None = None  # this sequence's row in the device's next-token table while it runs
     last_step: int = -1  # newest step that includes this sequence
     status: SeqStatus = SeqStatus.WAITING

@@ -6,9 +6,10 @@ device in a single copy; the worker unpacks the same list into tensor views. A n
 line here (plus, for a per-step field, the line in ``batch`` that computes it).
 
 Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, the block
-table (sequences x max_blocks), or one of two variable-length lists: logit-bias entries (a request's
-``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``) and prompt-logprob
-entries. The variable-length fields come last among the ints and the floats, so a captured graph,
+table (sequences x max_blocks), or one of three variable-length lists: logit-bias entries (a request's
+``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``), prompt-logprob
+entries, and history entries (the tokens a penalised request found in the prefix cache, which no
+step computes, so the device's token history learns them this way). The variable-length fields come last among the ints and the floats, so a captured graph,
 which reads only the leading token / sequence / table fields, finds them at the same offsets.
 
 The step's output comes back the same way: ``output_layout`` says where each returned field sits
@@ -33,6 +34,7 @@ class Per(enum.Enum):
     TABLE = "seq x max_blocks"
     BIAS = "logit-bias entry"
     PROMPT_LOGPROB = "prompt-logprob entry"
+    HISTORY = "history entry"
 
 
 class RequestLike(Protocol):
@@ -78,6 +80,9 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("bias_token", Per.BIAS, np.int64, 0),
     StepField("prompt_logprob_index", Per.PROMPT_LOGPROB, np.int64, 0, doc="flat token whose next-token logprobs"),
     StepField("prompt_logprob_target", Per.PROMPT_LOGPROB, np.int64, 0, doc="the prompt token that follows it"),
+    StepField("history_row", Per.HISTORY, np.int64, 0, doc="row of a token the step does not compute (cached)"),
+    StepField("history_pos", Per.HISTORY, np.int64, 0),
+    StepField("history_token", Per.HISTORY, np.int64, 0),
     StepField("temperature", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.effective_temperature),
     StepField("top_p", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.top_p),
     StepField("min_p", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.min_p),
@@ -86,7 +91,7 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("repetition_penalty", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.repetition_penalty),
     StepField("bias_value", Per.BIAS, np.float32, 0.0, doc="added to that logit (-inf bans the token)"),
 )
-_VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB)
+_VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY)
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -116,11 +121,13 @@ class StepShape:
     max_blocks: int  # block-table width
     num_bias: int = 0  # logit-bias entries
     num_prompt_logprobs: int = 0  # prompt-logprob entries
+    num_history: int = 0  # history entries
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
                 Per.SAMPLE: self.num_sampled, Per.TABLE: self.num_seqs * self.max_blocks,
-                Per.BIAS: self.num_bias, Per.PROMPT_LOGPROB: self.num_prompt_logprobs}[per]
+                Per.BIAS: self.num_bias, Per.PROMPT_LOGPROB: self.num_prompt_logprobs,
+                Per.HISTORY: self.num_history}[per]
 
     @property
     def graph_key(self) -> tuple[int, int, int, int, int]:

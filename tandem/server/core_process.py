@@ -91,8 +91,9 @@ def _build_core(config: EngineConfig) -> EngineCore:
     from tandem.model.sources import resolve_model_config
     from tandem.worker import create_worker
 
-    eos = frozenset(resolve_model_config(config.model).eos_token_ids)
-    return EngineCore(config, create_worker(config), eos)
+    model_config = resolve_model_config(config.model)
+    return EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids),
+                      model_config.sliding_window)
 
 
 def _describe(exc: BaseException) -> str:
@@ -169,7 +170,8 @@ class CoreLoop:
 
     def _stats(self) -> Stats:
         s = self.core.stats()
-        return Stats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions, s.gpu_idle_fraction)
+        return Stats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions, s.gpu_idle_fraction,
+                     s.prefix_cache_queries, s.prefix_cache_hits)
 
     def _drain_input(self) -> bool:
         """Apply every pending message without blocking; False on Shutdown."""
@@ -209,7 +211,7 @@ class CoreLoop:
         if not self.arrivals:
             return  # every known request has been scheduled: nothing to look for
         for item in sched.items:
-            if item.start == 0:  # a first chunk; a preempted one's arrival was popped already
+            if item.start == item.num_cached:  # a first chunk; a preempted one's arrival was popped already
                 arrived = self.arrivals.pop(item.seq.request_id, None)
                 if arrived is not None:
                     self.queue_times.append(times.begin - arrived)

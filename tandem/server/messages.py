@@ -56,6 +56,8 @@ class Stats(msgspec.Struct, array_like=True):
     kv_usage: float
     num_preemptions: int
     gpu_idle_fraction: float | None
+    prefix_cache_queries: int = 0  # cumulative, in tokens
+    prefix_cache_hits: int = 0
 
 
 class StepUpdate(msgspec.Struct, tag="step", array_like=True):

@@ -78,6 +78,10 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the engine requests added.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (their KV blocks freed, recomputed).")
+        self.prefix_queries = counter("prefix_cache_queries", "Tokens of admitted requests looked up in the "
+                                                              "prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache (not computed); hit "
+                                                        "rate = hits / queries.")
         self._success = Counter(PREFIX + "request_success", "Engine requests finished, by finish reason.",
                                 names + ["finished_reason"], registry=self.registry)
         self._labels = labels
@@ -87,7 +91,7 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to the last token.", REQUEST_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival in the engine core to first "
                                                                   "scheduled.", REQUEST_BUCKETS)
-        self._preemptions_seen = 0
+        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}  # core totals already counted
         self.gpu_idle.set(math.nan)
 
     def on_stats(self, stats: Stats) -> None:
@@ -95,9 +99,15 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.gpu_idle.set(math.nan if stats.gpu_idle_fraction is None else stats.gpu_idle_fraction)
-        if stats.num_preemptions > self._preemptions_seen:
-            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.num_preemptions
+        self._add_total("preemptions", stats.num_preemptions)
+        self._add_total("prefix_queries", stats.prefix_cache_queries)
+        self._add_total("prefix_hits", stats.prefix_cache_hits)
+
+    def _add_total(self, name: str, total: int) -> None:
+        """The core sends running totals; a Prometheus counter takes increments."""
+        if total > self._seen[name]:
+            getattr(self, name).inc(total - self._seen[name])
+            self._seen[name] = total
 
     def on_step(self, num_tokens: int, ttfts: list[float], itls: list[float], queue_times: list[float]) -> None:
         if num_tokens:

@@ -90,6 +90,8 @@ class ModelRunner:
         """The sampling stage after the forward: record the step's tokens, process and sample the
         logits (``hidden[logits_indices]``, unless given), logprobs, and pack what returns."""
         record_history(self.history, ids, f.positions, f.query_start, f.seq_rows)
+        if shape.num_history:
+            self.history[f.history_row, f.history_pos] = f.history_token.to(self.history.dtype)
         if logits is None:
             logits = self.model.compute_logits(hidden[f.logits_indices])
         parts: dict[str, torch.Tensor] = {}
