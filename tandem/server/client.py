@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from tandem.config import EngineConfig
+from tandem.engine.limits import check_representable
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
 from tandem.engine.scheduler import StepDeltas
@@ -23,7 +25,7 @@ from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
 from tandem.outputs import RequestOutput
 from tandem.server.channel import CoreChannel, CoreDeadError
-from tandem.server.errors import APIError
+from tandem.server.errors import APIError, bad_request
 from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
 from tandem.server.metrics import ServerMetrics
 
@@ -148,19 +150,33 @@ class EngineClient:
         if self.failure is not None:  # shutting down, or the core is gone: unavailable either way
             raise APIError(503, self.failure.message)
         self._admit(len(requests))
+        frame = self._encode(requests)  # before anything is registered: a request that fails here leaves no trace
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
         for index, (request, prompt) in enumerate(zip(requests, prompts)):
-            self.processor.assign_seed(request)
             self.output_processor.add(request.request_id, prompt, request.prompt_token_ids, request.params, stream)
             self.routes[request.request_id] = _Route(handle, index, now)
         try:
-            self.channel.send(AddRequests(requests))
+            self.channel.send_encoded(frame)
         except CoreDeadError as exc:
             self.abort(handle.engine_ids)
             raise APIError(503, str(exc)) from exc
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
         return handle
+
+    def _encode(self, requests: list[EngineRequest]) -> bytes:
+        """Seeds drawn, values checked against what the step contract carries, the message encoded:
+        a value the engine cannot take is this request's 400, never the core's (or a step's) failure."""
+        for request in requests:
+            self.processor.assign_seed(request)
+            try:
+                check_representable(request)
+            except ValueError as exc:
+                raise bad_request(exc) from exc
+        try:
+            return self.channel.encoder.encode(AddRequests(requests))
+        except (msgspec.EncodeError, OverflowError, UnicodeError) as exc:
+            raise APIError(400, f"the request holds a value the engine cannot take ({type(exc).__name__})") from exc
 
     def _admit(self, count: int) -> None:
         """429 when more than ``max_num_waiting`` requests would wait for a place in the batch: those
@@ -218,6 +234,7 @@ class EngineClient:
         each request gets one output (and its client one event) for all of them."""
         if not steps:
             return
+        self._on_step_notices(steps)
         now = time.perf_counter()
         ttfts: list[float] = []
         itls: list[float] = []
@@ -235,15 +252,16 @@ class EngineClient:
                 del self.routes[output.request_id]
                 self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival)
             route.handle.queue.put_nowait((route.index, output))
-        queue_times = []
+        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, [t for msg in steps for t in msg.queue_times])
+
+    def _on_step_notices(self, steps: list[StepUpdate]) -> None:
+        """Refusals, failures and stats: applied before the output processing that could fail."""
         for msg in steps:
             for rid, why in msg.rejected.items():
                 self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
             if msg.stats is not None:
                 self.num_waiting_reported = msg.stats.num_waiting
                 self.metrics.on_stats(msg.stats)
-            queue_times += msg.queue_times
-        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, queue_times)
 
     def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
         routes = self.routes

@@ -78,6 +78,9 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the engine requests added.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (their KV blocks freed, recomputed).")
+        # ours: the API process's per-request state, which must return to 0 when no request is open
+        self.open_routes = gauge("api_open_requests", "Engine requests the API process routes outputs for.")
+        self.open_outputs = gauge("api_output_states", "Engine requests whose text the API process tracks.")
         self._success = Counter(PREFIX + "request_success", "Engine requests finished, by finish reason.",
                                 names + ["finished_reason"], registry=self.registry)
         self._labels = labels
@@ -98,6 +101,10 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+
+    def on_open_requests(self, routes: int, output_states: int) -> None:
+        self.open_routes.set(routes)
+        self.open_outputs.set(output_states)
 
     def on_step(self, num_tokens: int, ttfts: list[float], itls: list[float], queue_times: list[float]) -> None:
         if num_tokens:
