@@ -24,10 +24,12 @@ from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
 from tandem.outputs import RequestOutput
+from tandem.server import fault_injection
 from tandem.server.channel import CoreChannel, CoreDeadError
 from tandem.server.errors import APIError, bad_request
 from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
 from tandem.server.metrics import ServerMetrics
+from tandem.server.watchdog import CoreWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class EngineClient:
     once ``start()`` ran there."""
 
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
-                 log_level: int = logging.WARNING) -> None:
+                 log_level: int = logging.WARNING, core_timeout_s: float = 0.0) -> None:
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
         self.channel = CoreChannel(config, log_level)  # the core loads weights while we load the tokenizer
         try:
@@ -111,6 +113,7 @@ class EngineClient:
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
+        fault_injection.install_api_faults(self.output_processor, fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
         self.max_num_waiting = max_num_waiting
         self.routes: dict[str, _Route] = {}
@@ -118,12 +121,15 @@ class EngineClient:
         self.failure: RequestFailed | None = None  # set once no request can be served any more
         self.on_core_death: Callable[[], None] | None = None
         self._receiver: asyncio.Task | None = None
+        self.last_heard = time.monotonic()  # from the core, or when requests started waiting on it
+        self.watchdog = CoreWatchdog(core_timeout_s, self._silent_for, self._core_stuck)
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.channel.sentinel, self._core_exited)
         self._receiver = asyncio.ensure_future(self._receive_loop())
+        self.watchdog.start()
 
     def begin_shutdown(self) -> None:
         """Stop accepting; end in-flight requests with an error and abort them in the core."""
@@ -135,6 +141,7 @@ class EngineClient:
         self.begin_shutdown()
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.channel.sentinel)
+        await self.watchdog.stop()
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
@@ -151,6 +158,8 @@ class EngineClient:
             raise APIError(503, self.failure.message)
         self._admit(len(requests))
         frame = self._encode(requests)  # before anything is registered: a request that fails here leaves no trace
+        if not self.routes:
+            self.last_heard = time.monotonic()  # the watchdog's clock starts when requests start waiting
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
         for index, (request, prompt) in enumerate(zip(requests, prompts)):
@@ -213,6 +222,7 @@ class EngineClient:
                     frames.append(await socket.recv(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
+            self.last_heard = time.monotonic()
             steps = []
             for frame in frames:
                 msg = decoder.decode(frame.buffer)
@@ -223,8 +233,9 @@ class EngineClient:
                     self._core_failed(f"the engine core failed: {msg.message}")
             try:
                 self._on_steps(steps)
-            except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
+            except Exception as exc:  # noqa: BLE001 - one bad step must not stop the routing of all others
                 log.exception("processing steps from the engine core failed")
+                self._fail_steps(steps, exc)
             # a recv that finds a message ready does not yield to the event loop: without this, a
             # core that keeps this task busy would starve the handlers that write the events
             await asyncio.sleep(0)
@@ -259,9 +270,22 @@ class EngineClient:
         for msg in steps:
             for rid, why in msg.rejected.items():
                 self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
+            for rid, why in msg.errors.items():
+                self._fail(rid, RequestFailed(500, why))
             if msg.stats is not None:
                 self.num_waiting_reported = msg.stats.num_waiting
                 self.metrics.on_stats(msg.stats)
+
+    def _fail_steps(self, steps: list[StepUpdate], exc: Exception) -> None:
+        """Processing these steps raised: their requests' text state is unknown, so they fail (and
+        are aborted in the core); the rest carry on."""
+        ids = {rid for msg in steps for rid in (*msg.deltas.token_request_ids, *msg.deltas.finished)}
+        error = RequestFailed(500, f"the server failed to process this request's output ({type(exc).__name__})")
+        routed = [rid for rid in ids if rid in self.routes]
+        for rid in routed:
+            self._fail(rid, error)
+        if routed:
+            self._finish_in_core(routed, "abort")
 
     def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
         routes = self.routes
@@ -275,6 +299,18 @@ class EngineClient:
             else:
                 itls.append(now - route.last_token)
             route.last_token = now
+
+    def _silent_for(self) -> float:
+        """Seconds the core has kept requests waiting without a word (0 when none wait, or a message is
+        queued that this process has not read yet)."""
+        if not self.routes or self.channel.closed or self.channel.output.poll(0):
+            return 0.0
+        return time.monotonic() - self.last_heard
+
+    def _core_stuck(self, silent_s: float) -> None:
+        log.error("the engine core sent nothing for %.0f s while requests waited: killing it", silent_s)
+        self.channel.process.kill()
+        self._core_failed(f"the engine core stopped responding ({silent_s:.0f} s without progress)")
 
     def _core_exited(self) -> None:
         asyncio.get_running_loop().remove_reader(self.channel.sentinel)

@@ -18,7 +18,7 @@ import uvicorn
 from tandem.config import EngineConfig
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
-from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES
+from tandem.server.defaults import DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from tandem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ServeOptions:
     log_level: int = logging.WARNING
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allowed_origins: list[str] | None = None  # CORS off unless given
+    core_timeout_s: float = DEFAULT_CORE_TIMEOUT_S  # 0: no watchdog
 
 
 class _Server(uvicorn.Server):
@@ -85,7 +86,8 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     names = options.served_model_names or [config.model]
     print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
     try:
-        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
+        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level,
+                              options.core_timeout_s)
     except BaseException:
         sock.close()
         raise
