@@ -4,11 +4,13 @@ process memory, streaming clients with deadlines, and the figures docs/RELIABILI
 Set ``TANDEM_RELIABILITY_LOG=path`` to have each test append its figures there as JSON lines."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,52 @@ def record(name: str, **figures: Any) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": name, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **figures}) + "\n")
+
+
+@dataclass
+class Outcome:
+    """How one streamed completion ended, as its client saw it."""
+
+    status: int  # the HTTP status; 0 if it did not end before its deadline
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None  # the message of an error body or error event
+    done: bool = False  # the stream ended with data: [DONE]
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.done and self.error is None and self.finish_reason is not None
+
+
+async def stream_completion(http: httpx.AsyncClient, body: dict[str, Any], deadline_s: float) -> Outcome:
+    """POST a streamed completion and read it to the end (checking every event's shape), or give up at
+    the deadline: an ``Outcome`` with status 0 is a hang."""
+    start = time.monotonic()
+    try:
+        outcome = await asyncio.wait_for(_read_stream(http, {**body, "stream": True}), deadline_s)
+    except asyncio.TimeoutError:
+        outcome = Outcome(0, error="no end before the deadline")
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+async def _read_stream(http: httpx.AsyncClient, body: dict[str, Any]) -> Outcome:
+    async with http.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode()
+            return Outcome(resp.status_code, error=assert_error_body(text)["error"]["message"])
+        out = Outcome(200)
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                out.done = True
+            elif "error" in (payload := json.loads(data)):
+                out.error = assert_error_body(data)["error"]["message"]
+            else:
+                for choice in payload["choices"]:
+                    out.text += choice["text"]
+                    out.finish_reason = choice["finish_reason"] or out.finish_reason
+        return out
