@@ -25,14 +25,14 @@ KEY = "fuzz-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 1024 * 1024
 EXAMPLES = {"positive": 40, "negative": 40, "steered": 80}
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "best_of",
-               "echo", "logprobs", "top_logprobs", "suffix", "tools", "response_format")
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+               "best_of", "echo", "logprobs", "top_logprobs", "suffix", "tools", "response_format")
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(checkpoint_dir):
-    proc = ServerProcess("--model", str(checkpoint_dir("llama")), "--served-model-name", "tiny", "--max-model-len", "64",
-                         "--max-num-seqs", "4", "--max-num-waiting", "8", "--api-key", KEY,
+    proc = ServerProcess("--model", str(checkpoint_dir("llama")), "--served-model-name", "tiny",
+                         "--max-model-len", "64", "--max-num-seqs", "4", "--max-num-waiting", "8", "--api-key", KEY,
                          "--max-request-bytes", str(MAX_BODY))
     yield proc
     assert proc.stop() == 0, proc.log()
