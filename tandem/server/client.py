@@ -301,9 +301,9 @@ class EngineClient:
             route.last_token = now
 
     def _silent_for(self) -> float:
-        """Seconds the core has kept requests waiting without a word (0 when none wait, or a message is
-        queued that this process has not read yet)."""
-        if not self.routes or self.channel.closed or self.channel.output.poll(0):
+        """Seconds the core has kept requests waiting without a word (0 when none wait). The socket is
+        not polled here: a poll beside the receive task's could swallow the edge that wakes it."""
+        if not self.routes or self.channel.closed:
             return 0.0
         return time.monotonic() - self.last_heard
 
