@@ -13,13 +13,11 @@ import time
 
 import httpx
 import pytest
+import schemathesis  # the test extra has it: a missing install fails here, it does not skip
+from hypothesis import HealthCheck, Phase, given, settings
 
 from reliability_utils import assert_at_rest, assert_error_body, check_response, record
 from server_utils import ServerProcess
-
-schemathesis = pytest.importorskip("schemathesis")  # a test dependency (pyproject: test extra)
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 KEY = "fuzz-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
