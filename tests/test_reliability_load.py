@@ -28,7 +28,7 @@ from tandem import LLM, SamplingParams
 MAX_NUM_SEQS, MAX_NUM_WAITING = 4, 8
 KV_TOKENS, MAX_MODEL_LEN = 160, 128
 BURST = 12 * MAX_NUM_SEQS
-RETRIES, DEADLINE_S = 40, 90
+RETRIES, RETRY_PAUSE_S, DEADLINE_S = 80, 0.25, 90
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +58,13 @@ def reference() -> list[str]:
 
 
 async def _client(http: httpx.AsyncClient, body: dict, refused: list[int]) -> Outcome:
-    """One client: retries a 429 (after a short pause) up to RETRIES times."""
+    """One client: retries a 429 (after RETRY_PAUSE_S) up to RETRIES times."""
     for _ in range(RETRIES):
         outcome = await stream_completion(http, body, DEADLINE_S)
         if outcome.status != 429:
             return outcome
         refused.append(1)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(RETRY_PAUSE_S)
     return outcome
 
 
