@@ -38,6 +38,14 @@ def test_too_long_prompt_is_rejected_and_the_engine_goes_on(tiny_llm):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_value_the_step_cannot_carry_is_rejected_and_the_engine_goes_on(tiny_llm):
+    with pytest.raises(ValueError, match="top_k must fit in a signed 64-bit"):
+        tiny_llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=4), SamplingParams(top_k=2**63)],
+                          use_tqdm=False)
+    out = tiny_llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 def test_engine_rejects_one_request_while_others_run():
     engine = create_engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", max_model_len=32))
     engine.add_request("good", None, SamplingParams(max_tokens=5, ignore_eos=True), prompt_token_ids=[4, 5, 6])

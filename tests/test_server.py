@@ -229,7 +229,7 @@ def test_a_client_that_disconnects_is_aborted(server, stream):
             httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.5)
     assert wait_until(lambda: metric(server.url, "tandem:num_requests_running") == 0, 5)
     assert wait_until(lambda: _settled(server.url), 5)
-    assert metric(server.url, "tandem:generation_tokens_total") - generated < 300  # it did not run to the end
+    assert metric(server.url, "tandem:generation_tokens_total") - generated < 400  # not run to its 480 tokens
 
 
 def test_429_beyond_max_num_waiting(server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from tandem.engine.limits import check_representable
 from tandem.engine.sequence import EngineRequest
 from tandem.model.model_config import ModelConfig
 from tandem.sampling_params import SamplingParams
@@ -34,7 +35,9 @@ class InputProcessor:
         room = self.max_model_len - len(ids)
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = -1 if params.seed is None else params.seed & (2**63 - 1)
-        return EngineRequest(request_id, ids, params, seed, max_new)
+        request = EngineRequest(request_id, ids, params, seed, max_new)
+        check_representable(request)
+        return request
 
     def assign_seed(self, request: EngineRequest) -> None:
         """Unseeded requests draw their seed when added: reproducible for an engine seed and an order."""

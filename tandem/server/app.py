@@ -1,10 +1,10 @@
 """The FastAPI application: routes, the API key, and the engine client's life cycle.
 
 Only the ``/v1`` routes need the API key (as in vLLM): health checks, metrics scrapers and the
-tokenizer probes of lm-eval work without one."""
+tokenizer probes of lm-eval work without one. Every body is size-capped and parsed as strict JSON;
+CORS is off unless origins are given."""
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,15 +14,21 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 import tandem
+from tandem.server.body_limit import BodyLimitMiddleware
 from tandem.server.client import EngineClient
+from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES
 from tandem.server.errors import APIError, install_handlers
 from tandem.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
+from tandem.server.security import api_key_check, install_cors
 from tandem.server.serving import Serving
+from tandem.server.strict_json import StrictJSONRoute
 from tandem.server.tokenizer_info import tokenize, tokenizer_info
 
 
-def create_app(client: EngineClient, served_names: list[str], model_path: str, api_key: str | None) -> FastAPI:
+def create_app(client: EngineClient, served_names: list[str], model_path: str, api_key: str | None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     serving = Serving(client, served_names)
     created = int(time.time())
 
@@ -33,8 +39,11 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
         await client.close()
 
     app = FastAPI(title="tandem", version=tandem.__version__, lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
     install_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))])
+    install_cors(app, allowed_origins)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)  # added last: runs first
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(api_key))], route_class=StrictJSONRoute)
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
@@ -67,6 +76,7 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        client.metrics.on_open_requests(len(client.routes), len(client.output_processor.requests))
         return Response(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
@@ -91,16 +101,3 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
 
     return app
 
-
-def _key_check(api_key: str | None):
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-
-    return check

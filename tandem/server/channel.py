@@ -95,10 +95,14 @@ class CoreChannel:
         return zmq.asyncio.Socket.from_socket(self.output)
 
     def send(self, msg: InputMessage) -> None:
+        self.send_encoded(self.encoder.encode(msg))
+
+    def send_encoded(self, frame: bytes) -> None:
+        """Send a message already encoded (a caller that must know it encodes before acting on it)."""
         if self.closed:
             raise CoreDeadError("the engine core has been shut down")
         try:
-            self.input.send(self.encoder.encode(msg), zmq.NOBLOCK)
+            self.input.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # no peer any more: the core is gone
             raise CoreDeadError(f"cannot reach the engine core ({exc})") from exc
 

@@ -13,19 +13,23 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from tandem.config import EngineConfig
+from tandem.engine.limits import check_representable
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
 from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
 from tandem.outputs import RequestOutput
+from tandem.server import fault_injection
 from tandem.server.channel import CoreChannel, CoreDeadError
-from tandem.server.errors import APIError
+from tandem.server.errors import APIError, bad_request
 from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
 from tandem.server.metrics import ServerMetrics
+from tandem.server.watchdog import CoreWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ class EngineClient:
     once ``start()`` ran there."""
 
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
-                 log_level: int = logging.WARNING) -> None:
+                 log_level: int = logging.WARNING, core_timeout_s: float = 0.0) -> None:
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
         self.channel = CoreChannel(config, log_level)  # the core loads weights while we load the tokenizer
         try:
@@ -109,6 +113,7 @@ class EngineClient:
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
+        fault_injection.install_api_faults(self.output_processor, fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
         self.max_num_waiting = max_num_waiting
         self.routes: dict[str, _Route] = {}
@@ -116,12 +121,15 @@ class EngineClient:
         self.failure: RequestFailed | None = None  # set once no request can be served any more
         self.on_core_death: Callable[[], None] | None = None
         self._receiver: asyncio.Task | None = None
+        self.last_heard = time.monotonic()  # from the core, or when requests started waiting on it
+        self.watchdog = CoreWatchdog(core_timeout_s, self._silent_for, self._core_stuck)
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.channel.sentinel, self._core_exited)
         self._receiver = asyncio.ensure_future(self._receive_loop())
+        self.watchdog.start()
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids (an echoed token-id prompt); ids as text without a tokenizer."""
@@ -139,6 +147,7 @@ class EngineClient:
         self.begin_shutdown()
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.channel.sentinel)
+        await self.watchdog.stop()
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
@@ -154,19 +163,35 @@ class EngineClient:
         if self.failure is not None:  # shutting down, or the core is gone: unavailable either way
             raise APIError(503, self.failure.message)
         self._admit(len(requests))
+        frame = self._encode(requests)  # before anything is registered: a request that fails here leaves no trace
+        if not self.routes:
+            self.last_heard = time.monotonic()  # the watchdog's clock starts when requests start waiting
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
         for index, (request, prompt) in enumerate(zip(requests, prompts)):
-            self.processor.assign_seed(request)
             self.output_processor.add(request.request_id, prompt, request.prompt_token_ids, request.params, stream)
             self.routes[request.request_id] = _Route(handle, index, now)
         try:
-            self.channel.send(AddRequests(requests))
+            self.channel.send_encoded(frame)
         except CoreDeadError as exc:
             self.abort(handle.engine_ids)
             raise APIError(503, str(exc)) from exc
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
         return handle
+
+    def _encode(self, requests: list[EngineRequest]) -> bytes:
+        """Seeds drawn, values checked against what the step contract carries, the message encoded:
+        a value the engine cannot take is this request's 400, never the core's (or a step's) failure."""
+        for request in requests:
+            self.processor.assign_seed(request)
+            try:
+                check_representable(request)
+            except ValueError as exc:
+                raise bad_request(exc) from exc
+        try:
+            return self.channel.encoder.encode(AddRequests(requests))
+        except (msgspec.EncodeError, OverflowError, UnicodeError) as exc:
+            raise APIError(400, f"the request holds a value the engine cannot take ({type(exc).__name__})") from exc
 
     def _admit(self, count: int) -> None:
         """429 when more than ``max_num_waiting`` requests would wait for a place in the batch: those
@@ -203,6 +228,7 @@ class EngineClient:
                     frames.append(await socket.recv(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
+            self.last_heard = time.monotonic()
             steps = []
             for frame in frames:
                 msg = decoder.decode(frame.buffer)
@@ -213,8 +239,9 @@ class EngineClient:
                     self._core_failed(f"the engine core failed: {msg.message}")
             try:
                 self._on_steps(steps)
-            except Exception:  # noqa: BLE001 - one bad step must not stop the routing of all others
+            except Exception as exc:  # noqa: BLE001 - one bad step must not stop the routing of all others
                 log.exception("processing steps from the engine core failed")
+                self._fail_steps(steps, exc)
             # a recv that finds a message ready does not yield to the event loop: without this, a
             # core that keeps this task busy would starve the handlers that write the events
             await asyncio.sleep(0)
@@ -224,6 +251,7 @@ class EngineClient:
         each request gets one output (and its client one event) for all of them."""
         if not steps:
             return
+        self._on_step_notices(steps)
         now = time.perf_counter()
         ttfts: list[float] = []
         itls: list[float] = []
@@ -241,15 +269,29 @@ class EngineClient:
                 del self.routes[output.request_id]
                 self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival)
             route.handle.queue.put_nowait((route.index, output))
-        queue_times = []
+        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, [t for msg in steps for t in msg.queue_times])
+
+    def _on_step_notices(self, steps: list[StepUpdate]) -> None:
+        """Refusals, failures and stats: applied before the output processing that could fail."""
         for msg in steps:
             for rid, why in msg.rejected.items():
                 self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
+            for rid, why in msg.errors.items():
+                self._fail(rid, RequestFailed(500, why))
             if msg.stats is not None:
                 self.num_waiting_reported = msg.stats.num_waiting
                 self.metrics.on_stats(msg.stats)
-            queue_times += msg.queue_times
-        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, queue_times)
+
+    def _fail_steps(self, steps: list[StepUpdate], exc: Exception) -> None:
+        """Processing these steps raised: their requests' text state is unknown, so they fail (and
+        are aborted in the core); the rest carry on."""
+        ids = {rid for msg in steps for rid in (*msg.deltas.token_request_ids, *msg.deltas.finished)}
+        error = RequestFailed(500, f"the server failed to process this request's output ({type(exc).__name__})")
+        routed = [rid for rid in ids if rid in self.routes]
+        for rid in routed:
+            self._fail(rid, error)
+        if routed:
+            self._finish_in_core(routed, "abort")
 
     def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
         routes = self.routes
@@ -263,6 +305,18 @@ class EngineClient:
             else:
                 itls.append(now - route.last_token)
             route.last_token = now
+
+    def _silent_for(self) -> float:
+        """Seconds the core has kept requests waiting without a word (0 when none wait). The socket is
+        not polled here: a poll beside the receive task's could swallow the edge that wakes it."""
+        if not self.routes or self.channel.closed:
+            return 0.0
+        return time.monotonic() - self.last_heard
+
+    def _core_stuck(self, silent_s: float) -> None:
+        log.error("the engine core sent nothing for %.0f s while requests waited: killing it", silent_s)
+        self.channel.process.kill()
+        self._core_failed(f"the engine core stopped responding ({silent_s:.0f} s without progress)")
 
     def _core_exited(self) -> None:
         asyncio.get_running_loop().remove_reader(self.channel.sentinel)

@@ -21,7 +21,9 @@ import zmq
 from tandem.config import EngineConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.observer import ProcessTimes, SubmitTimes
+from tandem.engine.recovery import CoreStateError, recover
 from tandem.engine.scheduler import SchedulerOutput, StepDeltas
+from tandem.server import fault_injection
 from tandem.server.messages import (AddRequests, Failed, FinishRequests, InputMessage, Ready, Shutdown, Stats,
                                     StepUpdate, input_decoder, output_encoder)
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 500  # how long an idle core blocks on its input before checking its parent again
 PARENT_CHECK_S = 1.0  # while busy, how often the parent pid is checked
 STATS_INTERVAL_S = 0.05  # stats cost a sort over the recent step times: not every step
+MAX_CONSECUTIVE_FAULTS = 3  # failed steps with no token delivered between them: the core gives up
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,7 +80,7 @@ def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int) 
         loop.run()
     except Exception as exc:  # noqa: BLE001 - the API process must hear why the core stopped
         log.exception("engine core loop failed")
-        out.send(output_encoder().encode(Failed(_describe(exc), during_startup=False)))
+        out.send(output_encoder().encode(Failed(_loop_failure(exc), during_startup=False)))
         return 1
     try:
         core.abort_all()
@@ -92,8 +95,15 @@ def _build_core(config: EngineConfig) -> EngineCore:
     from tandem.worker import create_worker
 
     model_config = resolve_model_config(config.model)
-    return EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids),
+    core = EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids),
                       model_config.sliding_window)
+    fault_injection.install_core_faults(core, fault_injection.from_env(fault_injection.CORE_SITES))  # test-only
+    return core
+
+
+def _loop_failure(exc: BaseException) -> str:
+    """For clients: our own words, or the exception's type; never its text (paths, internals)."""
+    return str(exc) if isinstance(exc, CoreStateError) else f"the step loop raised {type(exc).__name__}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -126,6 +136,9 @@ class CoreLoop:
         self.arrivals: dict[str, float] = {}  # request id -> arrival, until first scheduled
         self.queue_times: list[float] = []
         self.rejected: dict[str, str] = {}
+        self.errors: dict[str, str] = {}  # request id -> why a failed step ended it
+        self.live: set[str] = set()  # requests the API process waits for: added, not yet reported ended
+        self.consecutive_faults = 0
         self.next_stats = 0.0
         self.next_parent_check = 0.0
         self.idle_reported = True
@@ -145,27 +158,50 @@ class CoreLoop:
                 self._step()
 
     def _step(self) -> None:
-        deltas = self.core.step()
+        try:
+            deltas = self.core.step()
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, not the server
+            deltas = self._recover(exc)
+        if deltas:  # a step that only launches work proves nothing; one that delivers tokens does
+            self.consecutive_faults = 0
+        self.live.difference_update(deltas.finished)
         self.idle_reported = False
         now = time.perf_counter()
         stats = None
         if now >= self.next_stats:
             stats, self.next_stats = self._stats(), now + STATS_INTERVAL_S
-        if deltas or stats is not None or self.queue_times or self.rejected:
+        if deltas or stats is not None or self.queue_times or self.rejected or self.errors:
             self._send(deltas, stats)
         if now >= self.next_parent_check:
             self.next_parent_check = now + PARENT_CHECK_S
             self._check_parent()
 
+    def _recover(self, exc: Exception) -> StepDeltas:
+        """End every request the failed step could have touched, with an error the API process
+        forwards to its client; raises CoreStateError when the core should give up instead."""
+        self.consecutive_faults += 1
+        if self.consecutive_faults >= MAX_CONSECUTIVE_FAULTS:
+            raise CoreStateError(f"{self.consecutive_faults} steps failed with no progress between them "
+                                 f"({type(exc).__name__})") from exc
+        log.exception("a step failed: ending the requests it held; the core serves on")
+        ended = recover(self.core, self.live)
+        message = (f"an internal error ({type(exc).__name__}) in the engine core ended this request; "
+                   "the server is still serving, retry it")
+        for rid in ended:
+            self.errors[rid] = message
+            self.arrivals.pop(rid, None)
+        self.live.difference_update(ended)
+        return StepDeltas()
+
     def _report_idle(self) -> None:
         """Once per idle period: the gauges at rest (nothing running, KV blocks free)."""
-        if not self.idle_reported or self.rejected:
+        if not self.idle_reported or self.rejected or self.errors:
             self._send(StepDeltas(), self._stats())
             self.idle_reported = True
 
     def _send(self, deltas: StepDeltas, stats: Stats | None) -> None:
-        msg = StepUpdate(deltas, stats, self.queue_times, self.rejected)
-        self.queue_times, self.rejected = [], {}
+        msg = StepUpdate(deltas, stats, self.queue_times, self.rejected, self.errors)
+        self.queue_times, self.rejected, self.errors = [], {}, {}
         self.out.send(self.encoder.encode(msg), copy=False)
 
     def _stats(self) -> Stats:
@@ -193,8 +229,10 @@ class CoreLoop:
                     self.rejected[request.request_id] = str(exc)
                     continue
                 self.arrivals[request.request_id] = now
+                self.live.add(request.request_id)
         elif isinstance(msg, FinishRequests):
             self.core.finish_requests(msg.request_ids, msg.reason)
+            self.live.difference_update(msg.request_ids)
             for rid in msg.request_ids:
                 self.arrivals.pop(rid, None)
         elif isinstance(msg, Shutdown):

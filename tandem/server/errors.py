@@ -17,8 +17,8 @@ from starlette.responses import Response
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
-          503: "service_unavailable"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "internal_server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -58,7 +58,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON ({first.get('msg', '')})", None
+        why = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return f"the request body is not valid JSON ({why})", None
     where = ".".join(loc) or "body"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return f"{where}: {first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)

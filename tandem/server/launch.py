@@ -18,6 +18,7 @@ import uvicorn
 from tandem.config import EngineConfig
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
+from tandem.server.defaults import DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from tandem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class ServeOptions:
     served_model_names: list[str] | None = None
     max_num_waiting: int | None = None
     log_level: int = logging.WARNING
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    allowed_origins: list[str] | None = None  # CORS off unless given
+    core_timeout_s: float = DEFAULT_CORE_TIMEOUT_S  # 0: no watchdog
 
 
 class _Server(uvicorn.Server):
@@ -82,12 +86,14 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     names = options.served_model_names or [config.model]
     print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
     try:
-        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level)
+        client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level,
+                              options.core_timeout_s)
     except BaseException:
         sock.close()
         raise
     try:
-        app = create_app(client, names, config.model, options.api_key)
+        app = create_app(client, names, config.model, options.api_key, options.max_request_bytes,
+                         options.allowed_origins)
         uv_config = uvicorn.Config(app, log_level="info" if options.log_level <= logging.INFO else "warning",
                                    access_log=options.log_level <= logging.DEBUG, timeout_graceful_shutdown=10)
         server = _Server(uv_config, client)

@@ -65,6 +65,7 @@ class StepUpdate(msgspec.Struct, tag="step", array_like=True):
     stats: Stats | None = None
     queue_times: list[float] = []  # seconds from arrival in the core to first scheduled, per newly run request
     rejected: dict[str, str] = {}  # request id -> why the core refused it (never expected: the API validates)
+    errors: dict[str, str] = {}  # request id -> why a failed step ended it (the core recovered and serves on)
 
 
 OutputMessage = Ready | Failed | StepUpdate

@@ -82,6 +82,9 @@ class ServerMetrics:
                                                               "prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache (not computed); hit "
                                                         "rate = hits / queries.")
+        # ours: the API process's per-request state, which must return to 0 when no request is open
+        self.open_routes = gauge("api_open_requests", "Engine requests the API process routes outputs for.")
+        self.open_outputs = gauge("api_output_states", "Engine requests whose text the API process tracks.")
         self._success = Counter(PREFIX + "request_success", "Engine requests finished, by finish reason.",
                                 names + ["finished_reason"], registry=self.registry)
         self._labels = labels
@@ -108,6 +111,10 @@ class ServerMetrics:
         if total > self._seen[name]:
             getattr(self, name).inc(total - self._seen[name])
             self._seen[name] = total
+
+    def on_open_requests(self, routes: int, output_states: int) -> None:
+        self.open_routes.set(routes)
+        self.open_outputs.set(output_states)
 
     def on_step(self, num_tokens: int, ttfts: list[float], itls: list[float], queue_times: list[float]) -> None:
         if num_tokens:
