@@ -37,12 +37,15 @@ class EngineConfig:
     seed: int = _opt(0, "engine seed: draws the seeds of requests that give none")
     async_batching: bool = _opt(True, "prepare step N+1 on the host while the device runs step N")
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
+    tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
+                                        "processes over gloo); see docs/tensor_parallel.md")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         checks = [
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("block_size", 1 <= self.block_size <= 256, "must be in [1, 256]"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
