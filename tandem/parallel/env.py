@@ -40,6 +40,15 @@ def is_follower_process() -> bool:
     return env is not None and env.world_size > 1 and env.rank != 0
 
 
+def check_world_matches(tensor_parallel_size: int | None) -> None:
+    """Under torchrun, the command's tensor_parallel_size must be the world size: the followers wait for
+    rank 0's engine, so a rank 0 that would run without them must fail (torchrun then stops them)."""
+    env = rank_env()
+    if env is not None and env.world_size > 1 and tensor_parallel_size != env.world_size:
+        raise ValueError(f"torchrun started {env.world_size} ranks, so pass --tensor-parallel-size "
+                         f"{env.world_size} (got {tensor_parallel_size})")
+
+
 def disable_multicast() -> None:
     """In this process, before NCCL initialises (it reads its environment once)."""
     os.environ.update(MULTICAST_OFF)

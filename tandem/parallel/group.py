@@ -58,10 +58,11 @@ class TPGroup:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return EngineConfig(**box[0])
 
-    def finish(self, timeout_s: float = 60.0) -> None:
+    def finish(self, meet: bool = True, timeout_s: float = 60.0) -> None:
         """Meet every rank once more (nobody tears down while another still sends), then leave."""
         try:
-            dist.barrier(group=self.control, async_op=True).wait(datetime.timedelta(seconds=timeout_s))
+            if meet:
+                dist.barrier(group=self.control, async_op=True).wait(datetime.timedelta(seconds=timeout_s))
         except RuntimeError as exc:
             logger.warning("tensor-parallel rank %d: ranks did not all reach shutdown (%s)", self.rank, exc)
         if self.owns_world and dist.is_initialized():

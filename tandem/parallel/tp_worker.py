@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import weakref
 from typing import Any
 
 import torch
@@ -69,7 +68,7 @@ class TPWorker:
         self.info: WorkerInfo = dataclasses.replace(
             info, device_name=f"{self.group.size} x {info.device_name} (tensor parallel)")
         self._closed = False
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        atexit.register(self._shutdown_at_exit)  # keeps the group alive until shut down or exit
 
     def _abandon(self) -> None:
         """Start-up failed on this rank: the others cannot go on without it."""
@@ -105,21 +104,25 @@ class TPWorker:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._shutdown_at_exit)
         if self.followers is not None:
             self.followers.expect_exit()
-        self.sender.send(Message(Kind.STOP))
-        self.sender.flush()
+        try:
+            self.sender.send(Message(Kind.STOP))
+            self.sender.flush()
+            intact = True
+        except RuntimeError as exc:  # a rank died: clean up this side, stop the rest
+            logger.warning("tensor-parallel group broken at shutdown: %s", exc)
+            intact = False
         self.rank.shutdown()
         self.rank.release_graphs()
-        self.group.finish()
+        self.group.finish(meet=intact)
         if self.followers is not None:
-            self.followers.stop()
+            self.followers.stop(60.0 if intact else 0.0)
 
-
-def _shutdown_at_exit(ref: weakref.ref) -> None:
-    worker = ref()
-    if worker is not None and not worker._closed:
+    def _shutdown_at_exit(self) -> None:
+        """The followers stop cleanly even when the engine was never shut down (a script's end)."""
         try:
-            worker.shutdown()
-        except Exception as exc:  # the interpreter is exiting: report, never hang or raise here
+            self.shutdown()
+        except Exception as exc:  # the interpreter is exiting: report, never raise here
             logger.warning("tensor-parallel shutdown at exit failed: %s", exc)
