@@ -99,3 +99,13 @@ def test_a_model_that_does_not_split_fails_before_any_process_starts():
         LLM("random:tiny", device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="cuda:<its local rank>"):
         LLM("random:tiny", device="cuda:1", tensor_parallel_size=2)
+
+
+def test_bench_runs_a_tp_group_and_records_its_size():
+    from tandem.bench.api import bench
+
+    data = bench("random:tiny", modes=["sync", "async"], num_requests=4, prompt_len=24, max_tokens=12, progress=False,
+                 device="cpu", dtype="float32", tensor_parallel_size=2)
+    assert data["tensor_parallel_size"] == 2 and data["outputs_identical_across_modes"]
+    assert all(m["gpu_idle_fraction"] is not None for m in data["modes"].values())
+    LLM("random:tiny", device="cpu", tensor_parallel_size=2).engine.shutdown()  # bench freed the group

@@ -116,3 +116,20 @@ def test_random_shards_are_slices_of_the_single_device_weights():
     for n in (2, 4):
         check_shards(cfg, full, [draw(TPLayout(r, n)) for r in range(n)])
     assert TPLayout(3, 4).vocab_part(cfg).size == 113 and TPLayout(3, 4).vocab_part(cfg).stop == 450
+
+
+def test_the_roofline_floor_of_a_tp_group_is_one_gpus():
+    """Llama-3-70B decode: its 141 GB of bf16 weights less the embedding table (only looked-up rows are
+    read) is 139 GB per step, over two GPUs 69.5 GB each; KV heads are split (8 over 2) until there are
+    fewer than ranks (8 over 16: one each, replicated)."""
+    from tandem.bench.roofline import FloorModel
+    from tandem.bench.step_log import StepRecord
+
+    cfg, kv = PRESETS["llama3-70b"], 32 * 1000
+    rec = StepRecord(0, num_tokens=32, num_seqs=32, num_decode=32, num_sampled=32, kv_tokens=kv, attn_pairs=kv,
+                     t_begin=0.0, schedule_s=0.0, build_s=0.0, submit_s=0.0)
+    floors = {n: FloorModel(cfg, torch.bfloat16, n) for n in (1, 2, 16)}
+    one, two = floors[1].step_cost(rec), floors[2].step_cost(rec)
+    assert 138.9e9 < one.bytes - (kv + 32) * floors[1].kv_token_bytes < 139.1e9
+    assert two.bytes == pytest.approx(one.bytes / 2) and two.flops == pytest.approx(one.flops / 2)
+    assert floors[16].kv_token_bytes == floors[1].kv_token_bytes // 8

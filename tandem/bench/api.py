@@ -34,6 +34,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")
+    if compare_hf and engine_options.get("tensor_parallel_size", 1) > 1:
+        raise ValueError("--compare-hf runs transformers on one device: not with --tensor-parallel-size")
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
         engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
     llm = LLM(model, **engine_options)
@@ -41,6 +43,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {torch.get_num_threads()} torch threads; "
           f"{w.describe()}, modes {', '.join(modes)}", flush=True)
     runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
+    if engine.config.tensor_parallel_size > 1:
+        engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
     anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
@@ -48,7 +52,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
             "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
-            "cuda_graphs": bool(info.graph_batch_sizes),
+            "cuda_graphs": bool(info.graph_batch_sizes), "tensor_parallel_size": engine.config.tensor_parallel_size,
             "ceilings": None if ceilings is None else asdict(ceilings),
             "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
     data = record(results, meta, anchors)

@@ -90,5 +90,7 @@ def start_local_group(size: int, fatal_on_loss: bool) -> tuple[TPGroup, Follower
         group = join(RankEnv(0, size, 0, "127.0.0.1", store.port, spawned=True), store)
     except BaseException:
         followers.stop(0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise
     return group, followers

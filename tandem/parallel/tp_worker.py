@@ -53,7 +53,12 @@ def _start_group(config: EngineConfig) -> tuple[TPGroup, Followers | None]:
 
 
 class TPWorker:
+    running = 0  # in this process: the default process group is one per process
+
     def __init__(self, config: EngineConfig) -> None:
+        if TPWorker.running:
+            raise ValueError("a tensor-parallel engine is already running in this process: shut it down first "
+                             "(llm.engine.shutdown())")
         config = resolve_group_device(config)
         TPLayout(0, config.tensor_parallel_size).check(resolve_model_config(config.model))  # before any process
         self.group, self.followers = _start_group(config)
@@ -68,6 +73,7 @@ class TPWorker:
         self.info: WorkerInfo = dataclasses.replace(
             info, device_name=f"{self.group.size} x {info.device_name} (tensor parallel)")
         self._closed = False
+        TPWorker.running += 1
         atexit.register(self._shutdown_at_exit)  # keeps the group alive until shut down or exit
 
     def _abandon(self) -> None:
@@ -75,6 +81,7 @@ class TPWorker:
         if self.followers is not None:
             self.followers.expect_exit()
             self.followers.stop(0)
+        self.group.finish(meet=False)
 
     # --- the Worker interface ------------------------------------------------------------------
     def submit(self, step: StepInputs) -> Any:
@@ -104,6 +111,7 @@ class TPWorker:
         if self._closed:
             return
         self._closed = True
+        TPWorker.running -= 1
         atexit.unregister(self._shutdown_at_exit)
         if self.followers is not None:
             self.followers.expect_exit()
