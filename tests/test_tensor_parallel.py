@@ -16,6 +16,7 @@ import shutil
 import pytest
 
 from differential import Case, compare, make_case, run_case
+from tp_cases import mixed_requests
 
 from tandem import LLM, SamplingParams
 
@@ -36,19 +37,8 @@ def windowed_mistral(checkpoint_dir, tmp_path_factory):
     return path
 
 
-def _requests() -> tuple[list[list[int]], list[SamplingParams]]:
-    prompts = [[(7 * i + 3 * j) % 440 + 5 for j in range(n)] for i, n in enumerate((5, 17, 40, 3, 26, 11))]
-    params = [SamplingParams(temperature=0, max_tokens=20),
-              SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=20),
-              SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
-              SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0.7, seed=13, max_tokens=20),
-              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
-    return prompts, params
-
-
 def _tokens(llm: LLM) -> list[list[int]]:
-    prompts, params = _requests()
+    prompts, params = mixed_requests()
     return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
 
 

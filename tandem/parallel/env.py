@@ -12,6 +12,7 @@ from dataclasses import dataclass
 #: NVLink SHARP (multicast) stays off on every rank: the multi-GPU machines here require it.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SPAWNED = "TANDEM_TP_SPAWNED"
+PARENT_PID = "TANDEM_TP_PARENT_PID"  # rank 0's process, for spawned followers
 
 
 @dataclass(frozen=True)

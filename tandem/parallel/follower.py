@@ -6,15 +6,17 @@ stop. Tokens are sampled here too (identically: the logits are all-gathered) and
 rank other than 0 here under torchrun."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
 from collections import deque
 
 import torch
 
 from tandem.parallel.control import ControlReceiver, Kind
-from tandem.parallel.env import rank_env
+from tandem.parallel.env import PARENT_PID, rank_env
 from tandem.parallel.group import join
 from tandem.parallel.rank_worker import RankWorker, rank_config
 
@@ -41,11 +43,22 @@ def serve_steps(worker: RankWorker, receiver: ControlReceiver) -> None:
         worker.collect(in_flight.popleft())
 
 
+def _exit_with_rank0() -> None:
+    """A follower spawned by rank 0's process dies with it (PR_SET_PDEATHSIG): never left waiting in a
+    collective, holding a GPU. (torchrun's agent does this for the ranks it starts.)"""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(os.environ.get(PARENT_PID, os.getppid())):  # rank 0 was gone already
+        os._exit(1)
+
+
 def main() -> int:
     env = rank_env()
     if env is None:
         print("tandem.parallel.follower: RANK and WORLD_SIZE are not set (start it with torchrun)", file=sys.stderr)
         return 2
+    if env.spawned:
+        _exit_with_rank0()
     logging.basicConfig(level=os.environ.get("TANDEM_TP_LOG_LEVEL", "WARNING"),
                         format=f"%(levelname)s rank{env.rank} %(name)s: %(message)s")
     group = join(env)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tandem.parallel.env import MULTICAST_OFF, SPAWNED, RankEnv
+from tandem.parallel.env import MULTICAST_OFF, PARENT_PID, SPAWNED, RankEnv
 from tandem.parallel.group import TPGroup, collective_timeout, join, ready_key
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _follower_env(rank: int, size: int, port: int) -> dict[str, str]:
     path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, **MULTICAST_OFF, "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), SPAWNED: "1",
-            "PYTHONPATH": path}  # the followers run this very tandem, whatever is installed
+            PARENT_PID: str(os.getpid()), "PYTHONPATH": path}  # the followers run this very tandem, whatever is installed
 
 
 class Followers:
