@@ -41,6 +41,7 @@ def allreduce_bench(out: Path) -> None:
     import torch
     import torch.distributed as dist
 
+    from tandem.bench.roofline import _time_ms
     from tandem.model.tp_ops import _all_gather
     from tandem.parallel.env import rank_env
     from tandem.parallel.group import join
@@ -57,7 +58,7 @@ def allreduce_bench(out: Path) -> None:
                 dist.all_reduce(x)
             _all_gather(gathered, logits)
 
-        results[name] = {"collectives": 2 * layers + 2, "graph_ms": _graph_ms(step), "eager_ms": _eager_ms(step)}
+        results[name] = {"collectives": 2 * layers + 2, "graph_ms": _graph_ms(step), "eager_ms": _time_ms(step, 20)}
         if group.rank == 0:
             out.write_text(json.dumps(results, indent=2))
     group.finish()
@@ -66,6 +67,8 @@ def allreduce_bench(out: Path) -> None:
 def _graph_ms(fn, reps: int = 20) -> float:
     import torch
 
+    from tandem.bench.roofline import _time_ms
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -73,23 +76,9 @@ def _graph_ms(fn, reps: int = 20) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             fn()
-    ms = _eager_ms(graph.replay, reps)
+    ms = _time_ms(graph.replay, reps)
     graph.reset()  # before the process group goes: NCCL cannot tear down under a live graph
     return ms
-
-
-def _eager_ms(fn, reps: int = 20) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _generate(llm, prompts, params) -> list[list[int]]:
