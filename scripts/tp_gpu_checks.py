@@ -42,7 +42,7 @@ def allreduce_bench(out: Path) -> None:
     import torch.distributed as dist
 
     from tandem.bench.roofline import _time_ms
-    from tandem.model.tp_ops import _all_gather
+    from tandem.model.tp_ops import all_gather_rows
     from tandem.parallel.env import rank_env
     from tandem.parallel.group import join
 
@@ -56,7 +56,7 @@ def allreduce_bench(out: Path) -> None:
         def step() -> None:
             for _ in range(2 * layers + 1):
                 dist.all_reduce(x)
-            _all_gather(gathered, logits)
+            all_gather_rows(gathered, logits)
 
         results[name] = {"collectives": 2 * layers + 2, "graph_ms": _graph_ms(step), "eager_ms": _time_ms(step, 20)}
         if group.rank == 0:

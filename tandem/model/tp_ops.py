@@ -15,8 +15,12 @@ import torch.nn.functional as F
 from tandem.model.model_config import ModelConfig
 from tandem.model.tp_layout import TPLayout
 
-# all_gather_single replaces all_gather_into_tensor in recent torch; older ones have only the latter
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def all_gather_rows(out: torch.Tensor, local: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank's ``local`` stacked along dim 0 into ``out``. all_gather_single replaces
+    all_gather_into_tensor in recent torch; older ones (2.11) have only the latter."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)
 
 
 class SingleDevice:
@@ -51,6 +55,6 @@ class TensorParallelOps:
         """[S, V'] per rank -> [S, V] on every rank (padding rows of the last shard dropped)."""
         n_rows = local.shape[0]
         out = local.new_empty(self.size * n_rows, self.rows)
-        _all_gather(out, local.contiguous(), group=self.group)
+        all_gather_rows(out, local.contiguous(), self.group)
         full = out.view(self.size, n_rows, self.rows).transpose(0, 1).reshape(n_rows, self.size * self.rows)
         return full[:, :self.vocab_size].contiguous()  # a no-op unless V' * N > V
