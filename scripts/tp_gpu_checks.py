@@ -8,10 +8,10 @@ Steps, each in its own process with a timeout (their whole output goes to OUT_DI
              all-gather, 32 rows), NCCL, captured in a CUDA graph: per-step cost at 8B and 70B shapes
   smoke      tiny checkpoints (llama; qwen3 with its one KV head replicated): tp=N tokens == tp=1, fp32,
              CUDA graphs on, greedy + seeded, sync and async, chunked prefill + preemption
-  fp32       random:llama3-8b, 8 prompts x 32 new tokens, greedy, float32: tp=N tokens == tp=1 (a
-             mismatch is reported with tp=1's top-2 logit gap where the sequences part)
   S70b       tandem bench random:llama3-70b, workload S (32 x (256 + 1024)), tp=N, sync + async, with
              --json and --timeline (141 GB of bf16 weights: each GPU draws only its shards)
+  fp32       random:llama3-8b, 8 prompts x 32 new tokens, greedy, float32: tp=N tokens == tp=1 (a
+             mismatch is reported with tp=1's top-2 logit gap where the sequences part)
   S_tp1/S_tpN  tandem bench random:llama3-8b, workload S, bf16, async, at tp=1 and tp=N
 A summary table is printed last. Files (6): log.txt, summary.json, S70b_tpN.json, S70b_tpN_timeline.png,
 S_tp1.json, S_tpN.json. Every rank runs with NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1."""
@@ -171,9 +171,9 @@ def _steps(out: Path, work: Path, tp: int) -> list[Step]:
            "--json", str(out / f"S70b_tp{tp}.json"), "--timeline", str(out / f"S70b_tp{tp}_timeline.png")]
     s8 = ["--model", "random:llama3-8b", "--modes", "async", *S_ARGS]
     return [Step("allreduce", torchrun + [__file__, "_allreduce", str(work / "allreduce.json")], 90),
-            Step("smoke", me + ["_smoke", str(work / "smoke.json"), str(tp)], 120),
-            Step("fp32", me + ["_fp32", str(work / "fp32.json"), str(tp)], 150),
+            Step("smoke", me + ["_smoke", str(work / "smoke.json"), str(tp)], 100),
             Step("S70b", tandem + s70, 300),
+            Step("fp32", me + ["_fp32", str(work / "fp32.json"), str(tp)], 150),
             Step("S_tp1", tandem + s8 + ["--json", str(out / "S_tp1.json")], 120),
             Step(f"S_tp{tp}", tandem + s8 + ["--tensor-parallel-size", str(tp), "--json", str(out / f"S_tp{tp}.json")],
                  120)]
