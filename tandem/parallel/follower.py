@@ -6,11 +6,11 @@ stop. Tokens are sampled here too (identically: the logits are all-gathered) and
 rank other than 0 here under torchrun."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import sys
+import threading
+import time
 from collections import deque
 
 import torch
@@ -43,13 +43,15 @@ def serve_steps(worker: RankWorker, receiver: ControlReceiver) -> None:
         worker.collect(in_flight.popleft())
 
 
-def _exit_with_rank0() -> None:
-    """A follower spawned by rank 0's process dies with it (PR_SET_PDEATHSIG): never left waiting in a
-    collective, holding a GPU. (torchrun's agent does this for the ranks it starts.)"""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    if os.getppid() != int(os.environ.get(PARENT_PID, os.getppid())):  # rank 0 was gone already
+def _exit_with_rank0(parent: int) -> None:
+    """A follower spawned by rank 0's process dies with it: never left waiting in a collective,
+    holding a GPU. (torchrun's agent does this for the ranks it starts.)"""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
         os._exit(1)
+
+    threading.Thread(target=watch, name="tandem-tp-parent", daemon=True).start()
 
 
 def main() -> int:
@@ -58,7 +60,7 @@ def main() -> int:
         print("tandem.parallel.follower: RANK and WORLD_SIZE are not set (start it with torchrun)", file=sys.stderr)
         return 2
     if env.spawned:
-        _exit_with_rank0()
+        _exit_with_rank0(int(os.environ[PARENT_PID]))
     logging.basicConfig(level=os.environ.get("TANDEM_TP_LOG_LEVEL", "WARNING"),
                         format=f"%(levelname)s rank{env.rank} %(name)s: %(message)s")
     group = join(env)

@@ -96,7 +96,7 @@ class TPWorker:
         self.rank.set_async(enabled)
 
     def drain(self) -> None:
-        self.rank.drain()  # the followers have run every collective rank 0 has: they are as far
+        self.rank.drain()  # rank 0's steps end only once every rank has joined their collectives
 
     def start_timing(self) -> None:
         self.rank.start_timing()
