@@ -133,3 +133,17 @@ def test_the_roofline_floor_of_a_tp_group_is_one_gpus():
     assert 138.9e9 < one.bytes - (kv + 32) * floors[1].kv_token_bytes < 139.1e9
     assert two.bytes == pytest.approx(one.bytes / 2) and two.flops == pytest.approx(one.flops / 2)
     assert floors[16].kv_token_bytes == floors[1].kv_token_bytes // 8
+
+
+def test_a_step_header_carries_every_shape_and_sampler_field():
+    import numpy as np
+
+    from tandem.engine.step import SamplerFlags, StepInputs, StepShape
+    from tandem.parallel.control import Kind, Message
+
+    step = StepInputs(41, StepShape(7, 3, 2, 5, 9), SamplerFlags(True, False), np.arange(13))
+    received = Message.decode(Message.step(step).encode())
+    assert (received.kind, received.step_id, received.shape, received.sampler) == (Kind.STEP, 41, step.shape,
+                                                                                    step.sampler)
+    assert received.step_inputs().data.shape == (13,)
+    assert Message.decode(Message(Kind.SET_ASYNC, num_words=1).encode()).num_words == 1

@@ -4,8 +4,10 @@ shape, sampler variant, buffer length); the packed inputs themselves follow on t
 (``executors``). Rank 0 sends asynchronously: its host never waits for a follower."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +15,10 @@ import torch.distributed as dist
 
 from tandem.engine.step import SamplerFlags, StepInputs, StepShape
 
-HEADER_WORDS = 10
+_SHAPE_WORDS, _FLAG_WORDS = len(dataclasses.fields(StepShape)), len(dataclasses.fields(SamplerFlags))
+#: kind, step id, buffer length, then every field of StepShape and SamplerFlags (ints and bools, in
+#: declaration order: a field added to either travels without a change here)
+HEADER_WORDS = 3 + _SHAPE_WORDS + _FLAG_WORDS
 
 
 class Kind(enum.IntEnum):
@@ -26,27 +31,33 @@ class Kind(enum.IntEnum):
 class Message:
     kind: Kind
     step_id: int = 0
-    shape: StepShape = StepShape(0, 0, 0, 0, 0)
-    sampler: SamplerFlags = SamplerFlags(False, False)
     num_words: int = 0  # STEP: packed buffer length; SET_ASYNC: 1 for async, 0 for sync
+    shape: StepShape | None = None
+    sampler: SamplerFlags | None = None
 
     @classmethod
     def step(cls, step: StepInputs) -> Message:
-        return cls(Kind.STEP, step.step_id, step.shape, step.sampler, step.data.size)
+        return cls(Kind.STEP, step.step_id, step.data.size, step.shape, step.sampler)
 
     def encode(self) -> torch.Tensor:
-        s, f = self.shape, self.sampler
-        return torch.tensor([self.kind, self.step_id, s.num_tokens, s.num_seqs, s.num_sampled, s.max_q, s.max_blocks,
-                             f.any_random, f.need_sort, self.num_words], dtype=torch.int64)
+        shape = dataclasses.astuple(self.shape) if self.shape else (0,) * _SHAPE_WORDS
+        flags = dataclasses.astuple(self.sampler) if self.sampler else (0,) * _FLAG_WORDS
+        return torch.tensor([self.kind, self.step_id, self.num_words, *shape, *flags], dtype=torch.int64)
 
     @classmethod
     def decode(cls, header: torch.Tensor) -> Message:
-        kind, step_id, *shape, any_random, need_sort, num_words = header.tolist()
-        return cls(Kind(kind), step_id, StepShape(*shape), SamplerFlags(bool(any_random), bool(need_sort)), num_words)
+        kind, step_id, num_words, *rest = header.tolist()
+        return cls(Kind(kind), step_id, num_words, _typed(StepShape, rest[:_SHAPE_WORDS]),
+                   _typed(SamplerFlags, rest[_SHAPE_WORDS:]))
 
     def step_inputs(self) -> StepInputs:
         """A follower's copy of the step: the inputs are a fresh buffer the broadcast from rank 0 fills."""
         return StepInputs(self.step_id, self.shape, self.sampler, np.empty(self.num_words, dtype=np.int64))
+
+
+def _typed(cls: type, values: list[int]) -> Any:
+    """A dataclass of int and bool fields from the header's int64 words."""
+    return cls(*(bool(v) if f.type in (bool, "bool") else v for f, v in zip(dataclasses.fields(cls), values)))
 
 
 class ControlSender:
