@@ -147,3 +147,36 @@ def test_a_step_header_carries_every_shape_and_sampler_field():
                                                                                     step.sampler)
     assert received.step_inputs().data.shape == (13,)
     assert Message.decode(Message(Kind.SET_ASYNC, num_words=1).encode()).num_words == 1
+
+
+def test_a_rank_reads_only_slices_of_the_split_tensors(checkpoint_dir, monkeypatch):
+    """Whole tensors are read only where every rank holds all of them (norms): the rest come from
+    safetensors slices, so no rank ever holds another rank's part, even in host memory."""
+    from tandem.model import loader
+
+    whole: list[str] = []
+    real_open = loader._open
+
+    class Recording:
+        def __init__(self, file):
+            self.f = real_open(file)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            whole.append(name)
+            return self.inner.get_tensor(name)
+
+        def get_slice(self, name):
+            return self.inner.get_slice(name)
+
+    path = checkpoint_dir("qwen2")
+    reader = CheckpointReader(path, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(loader, "_open", Recording)
+    assemble_weights(resolve_model_config(str(path)), reader.get, TPLayout(1, 2))
+    assert whole and all("norm" in name for name in whole)
