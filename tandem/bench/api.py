@@ -43,8 +43,6 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {torch.get_num_threads()} torch threads; "
           f"{w.describe()}, modes {', '.join(modes)}", flush=True)
     runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
-    if engine.config.tensor_parallel_size > 1:
-        engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
     anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
@@ -67,6 +65,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         draw_timeline(results, timeline, timeline_steps, title)
     if trace is not None:
         write_trace(results, trace)
+    if engine.config.tensor_parallel_size > 1:
+        engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     return data
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,17 @@ class TPGroup:
         except RuntimeError as exc:
             logger.warning("tensor-parallel rank %d: ranks did not all reach shutdown (%s)", self.rank, exc)
         if self.owns_world and dist.is_initialized():
-            dist.destroy_process_group()
+            _bounded(dist.destroy_process_group, timeout_s)
+
+
+def _bounded(fn: Callable[[], None], timeout_s: float) -> None:
+    """Run ``fn`` in a daemon thread for at most ``timeout_s``: a teardown that hangs (NCCL's has, in
+    some versions) is reported and left behind instead of blocking the engine's shutdown."""
+    worker = threading.Thread(target=fn, name="tandem-tp-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("tensor-parallel process group teardown did not finish in %.0f s; left running", timeout_s)
 
 
 def _backend() -> str:
