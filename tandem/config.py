@@ -40,12 +40,15 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
                                              "system prompts, preempted requests): their prefill is skipped; off "
                                              "for sliding-window models")
+    tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
+                                        "processes over gloo); see docs/tensor_parallel.md")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         checks = [
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("block_size", 1 <= self.block_size <= 256, "must be in [1, 256]"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),

@@ -36,6 +36,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")
+    if compare_hf and engine_options.get("tensor_parallel_size", 1) > 1:
+        raise ValueError("--compare-hf runs transformers on one device: not with --tensor-parallel-size")
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
         engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
     threads = torch.get_num_threads()  # before an async CPU executor gives the host thread one
@@ -52,6 +54,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,
             "cuda_graphs": bool(info.graph_batch_sizes), "prefix_caching": engine.core.prefix_caching,
+            "tensor_parallel_size": engine.config.tensor_parallel_size,
             "ceilings": None if ceilings is None else asdict(ceilings),
             "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
     data = record(results, meta, anchors)
@@ -66,6 +69,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         draw_timeline(results, timeline, timeline_steps, title)
     if trace is not None:
         write_trace(results, trace)
+    if engine.config.tensor_parallel_size > 1:
+        engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     return data
 
 

@@ -2,7 +2,9 @@
 
 Both ceilings are measured on the machine in the same run. Bytes: every weight read once (the
 embedding table only for the rows looked up) plus the KV cache read and written by the step. FLOPs:
-the linear layers for every token, the LM head for sampled rows, and attention's two products."""
+the linear layers for every token, the LM head for sampled rows, and attention's two products.
+Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights and its own KV heads
+(1/N of them, or one where they are replicated) and does 1/N of the FLOPs."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,6 +14,7 @@ import torch
 from tandem.bench.step_log import StepRecord
 from tandem.worker.kv_cache import kv_bytes_per_token
 from tandem.model.model_config import ModelConfig
+from tandem.model.tp_layout import TPLayout
 
 
 @dataclass
@@ -53,21 +56,22 @@ class StepCost:
 
 
 class FloorModel:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> None:
+        self.cfg, self.tp_size = cfg, tp_size
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         h = cfg.hidden_size
-        # all transformer blocks: no embedding, no head
-        self.layer_params = cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        self.head_params = cfg.vocab_size * h
-        self.kv_token_bytes = kv_bytes_per_token(cfg, dtype)
+        # all transformer blocks: no embedding, no head (per GPU)
+        self.layer_params = (cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)) / tp_size
+        self.head_params = cfg.vocab_size * h / tp_size
+        self.kv_token_bytes = kv_bytes_per_token(TPLayout(0, tp_size).local_config(cfg), dtype)
 
     def step_cost(self, rec: StepRecord) -> StepCost:
         cfg = self.cfg
-        weight_bytes = (self.layer_params + self.head_params + rec.num_tokens * cfg.hidden_size) * self.itemsize
+        embed_rows = rec.num_tokens * cfg.hidden_size / self.tp_size
+        weight_bytes = (self.layer_params + self.head_params + embed_rows) * self.itemsize
         kv_bytes = (rec.kv_tokens + rec.num_tokens) * self.kv_token_bytes
         linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_sampled * self.head_params
-        attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * rec.attn_pairs
+        attention = 4 * cfg.num_layers * cfg.num_heads / self.tp_size * cfg.head_dim * rec.attn_pairs
         return StepCost(weight_bytes + kv_bytes, linear + attention)
 
     def describe(self, rec: StepRecord, c: Ceilings, measured_s: float | None) -> dict:

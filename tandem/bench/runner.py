@@ -58,7 +58,7 @@ def run_benchmark(llm: LLM, modes: list[str], w: Workload,
                   progress: bool = True) -> tuple[dict[str, ModeRun], Ceilings | None, list[BenchRequest]]:
     info = llm.engine.worker.info
     ceilings = measure_ceilings(torch.device(info.device)) if info.device.startswith("cuda") else None
-    floor = FloorModel(llm.engine.model_config, getattr(torch, info.dtype))
+    floor = FloorModel(llm.engine.model_config, getattr(torch, info.dtype), llm.engine.config.tensor_parallel_size)
     requests = make_requests(w, llm.engine.model_config.vocab_size)
     runs = {}
     for mode in modes:

@@ -12,6 +12,7 @@ from tandem.kernels import triton_available
 from tandem.model import layers
 from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin, store_kv
 from tandem.model.model_config import ModelConfig
+from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
 
 @dataclass
@@ -36,11 +37,16 @@ class ModelWeights:
 
 
 class LlamaModel:
-    """Stateless apart from weights and rotary tables; the KV cache is passed in."""
+    """Stateless apart from weights and rotary tables; the KV cache is passed in.
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int) -> None:
+    Under tensor parallelism ``config`` is the rank's share (``TPLayout.local_config``: its heads, KV
+    heads and MLP width), the weights are its shards, and ``comm`` holds the collectives."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int,
+                 comm: SingleDevice | TensorParallelOps | None = None) -> None:
         self.config = config
         self.weights = weights
+        self.comm = comm or SingleDevice()
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
         self.max_positions = max_positions
@@ -67,7 +73,7 @@ class LlamaModel:
 
     # The forward in pieces, so that everything between two attentions can be captured as one graph.
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weights.embed)
+        return self.comm.embed(input_ids, self.weights.embed)
 
     def before_attention(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                          cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +99,9 @@ class LlamaModel:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rest of layer i: output projection, norm (adding the residual), MLP."""
         layer = self.weights.layers[i]
-        hidden, residual = self._add_norm(F.linear(attn_out, layer.o), residual, layer.post_norm,
-                                          self.config.rms_norm_eps)
-        return F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down), residual
+        attn = self.comm.reduce(F.linear(attn_out, layer.o))
+        hidden, residual = self._add_norm(attn, residual, layer.post_norm, self.config.rms_norm_eps)
+        return self.comm.reduce(F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)), residual
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]
@@ -103,4 +109,4 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, V] in the model's dtype: the sampler widens bf16 as it reads (a float32 copy of every
         row would cost a pass over the logits)."""
-        return F.linear(hidden, self.weights.lm_head)
+        return self.comm.gather_logits(F.linear(hidden, self.weights.lm_head))

@@ -27,6 +27,13 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": _preset("LlamaForCausalLM", vocab_size=128256, hidden_size=4096, num_layers=32,
                          num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
                          rms_norm_eps=1e-5, rope_theta=500_000.0, max_position_embeddings=8192),
+    # 141 GB in bf16: for tensor parallelism (each rank draws only its shards, on its own GPU)
+    "llama3-70b": _preset("LlamaForCausalLM", vocab_size=128256, hidden_size=8192, num_layers=80,
+                          num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=28672,
+                          rms_norm_eps=1e-5, rope_theta=500_000.0, max_position_embeddings=8192),
+    "qwen3-32b": _preset("Qwen3ForCausalLM", vocab_size=151936, hidden_size=5120, num_layers=64,
+                         num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=25600,
+                         rope_theta=1_000_000.0, max_position_embeddings=40960, qk_norm=True),
 }
 
 PREFIX = "random:"

@@ -6,6 +6,10 @@ from tandem.engine.worker_api import Worker
 
 
 def create_worker(config: EngineConfig) -> Worker:
+    if config.tensor_parallel_size > 1:  # a group of ranks, this process driving as rank 0
+        from tandem.parallel.tp_worker import TPWorker
+
+        return TPWorker(config)
     from tandem.worker.worker import DeviceWorker
 
     return DeviceWorker(config)

@@ -24,6 +24,7 @@ from tandem.worker.model_runner import ModelRunner
 from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
 
 if TYPE_CHECKING:
+    from tandem.model.llama import LlamaModel
     from tandem.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,12 @@ class DeviceWorker:
         self.dtype = resolve_dtype(config.dtype, self.device)
         model_config = resolve_model_config(config.model)
         max_positions = requested_max_model_len(model_config, config.max_model_len, config.allow_long_max_model_len)
-        self.model = load_model(config.model, self.device, self.dtype, max_positions, config.seed)
+        self.model = self._load_model(max_positions)
         num_blocks = self._plan_kv_blocks(max_positions)
         max_model_len = fit_max_model_len(max_positions, (num_blocks - 1) * config.block_size,
                                           explicit=config.max_model_len is not None)
-        kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size, self.device, self.dtype)
+        # the model's own config: under tensor parallelism it holds only this rank's KV heads
+        kv_cache = allocate_kv_cache(self.model.config, num_blocks, config.block_size, self.device, self.dtype)
         num_rows = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
                                   max_model_len)
@@ -62,6 +64,10 @@ class DeviceWorker:
             padding_row=num_rows, graph_batch_sizes=self.graphs.sizes if self.graphs else (),
             graph_max_blocks=graph_max_blocks, graph_token_buckets=self.piecewise.sizes if self.piecewise else ())
         self._executor = self._make_executor(config.async_batching)
+
+    def _load_model(self, max_positions: int) -> LlamaModel:
+        c = self.config
+        return load_model(c.model, self.device, self.dtype, max_positions, c.seed)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         c = self.config
