@@ -19,9 +19,11 @@ import torch
 from tandem.engine.batch import Padding
 from tandem.engine.step import StepInputs, StepShape
 from tandem.worker.memory import decode_step
-from tandem.worker.model_runner import ModelRunner, unpack
+from tandem.worker.model_runner import GraphFields, ModelRunner
 
 logger = logging.getLogger(__name__)
+
+_LIST_WORDS = 1 << 16  # 512 KiB: some 25,000 logit-bias entries
 
 
 def capture_sizes(max_seqs: int) -> tuple[int, ...]:
@@ -35,6 +37,7 @@ class _Graph:
     shape: StepShape
     logits: torch.Tensor  # static outputs
     ids: torch.Tensor
+    fields: GraphFields  # views of its static inputs, made once
 
 
 class DecodeGraphs:
@@ -53,7 +56,8 @@ class DecodeGraphs:
         steps = {b: decode_step(Padding(b, b, self.max_blocks, self.padding_row), self.runner.block_size)
                  for b in reversed(self.sizes)}
         n_words = max(s.data.size for s in steps.values())
-        self.static_data = torch.zeros(n_words, dtype=torch.int64, device=self.runner.device)
+        # room for a step's variable-length lists (logit-bias entries), staged with it
+        self.static_data = torch.zeros(n_words + _LIST_WORDS, dtype=torch.int64, device=self.runner.device)
         # the KV cache and weights were written on the default stream: capture only once they are
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
@@ -71,7 +75,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             logits, ids = self.runner.forward_logits(data, step.shape)
-        return _Graph(graph, step.shape, logits, ids)
+        return _Graph(graph, step.shape, logits, ids, GraphFields(self.static_data, step.shape))
 
     def lookup(self, step: StepInputs) -> _Graph | None:
         g = self.graphs.get(step.shape.num_seqs)
@@ -79,6 +83,6 @@ class DecodeGraphs:
 
     def run(self, g: _Graph, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """On the current (compute) stream: stage inputs, replay, then the sampling stage eagerly."""
-        self.static_data[:data.numel()].copy_(data)
+        fields = g.fields.stage(data, step.shape)
         g.graph.replay()
-        return self.runner.finish(None, g.ids, unpack(data, step.shape), step.shape, step.sampler, g.logits)
+        return self.runner.finish(None, g.ids, fields, step.shape, step.sampler, g.logits)

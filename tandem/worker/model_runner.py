@@ -7,9 +7,13 @@ covers ``forward_logits``; ``finish`` runs after it eagerly, so the variable-len
 (logit bias, prompt logprobs) and the optional stages cost nothing when a step does not use them."""
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
-from tandem.engine.step import FLOAT_FIELDS, INT_FIELDS, SamplerFlags, StepShape, field_offsets, output_layout
+from tandem.engine.step import (FIELDS_BY_NAME, FLOAT_FIELDS, INT_FIELDS, Per, SamplerFlags, StepShape, field_offsets,
+                                output_layout)
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.llama import LlamaModel
 from tandem.worker.logits_processing import apply_logit_bias, apply_penalties, record_history
@@ -18,35 +22,107 @@ from tandem.worker.sampler import SamplingTensors, sample
 
 
 class StepTensors(dict):
-    """Views of one step's packed buffer, one per field of the step contract (``tensors.input_ids``)."""
+    """Views of one step's packed buffer by field of the step contract (``tensors.input_ids``).
 
-    __getattr__ = dict.__getitem__
+    A field not given up front becomes a view on first use: the graph path reads a handful of
+    fields per step, and every view is a torch call the host pays for."""
+
+    def __init__(self, data: torch.Tensor, shape: StepShape, views: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(views or {})
+        self._data, self._shape, self._floats = data, shape, None
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        view = self.get(name)
+        if view is None:
+            view = self[name] = self._view(name)
+        return view
+
+    def _view(self, name: str) -> torch.Tensor:
+        offsets = _offsets(self._shape)
+        if name not in offsets:
+            raise AttributeError(name)
+        start, size = offsets[name]
+        if FIELDS_BY_NAME[name].dtype is np.int64:
+            return self._data[start:start + size]
+        if self._floats is None:
+            self._floats = self._data[:self._shape.num_words].view(torch.float32)
+        return self._floats[start:start + size]
+
+
+# step shapes repeat (graph sizes, steady decode batches): their offsets are computed once
+_offsets = functools.lru_cache(maxsize=1024)(field_offsets)
+_VARIABLE_FIELDS = tuple(f.name for f in INT_FIELDS + FLOAT_FIELDS
+                         if f.per in (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY))
 
 
 def unpack(data: torch.Tensor, shape: StepShape) -> StepTensors:
-    """Views of the packed int64 buffer (see ``tandem.engine.step``): int fields, then float32 fields."""
-    offsets = field_offsets(shape)
-    out = StepTensors()
-    for f in INT_FIELDS:
-        start, size = offsets[f.name]
-        out[f.name] = data[start:start + size]
-    floats = data[:shape.num_words].view(torch.float32)
-    for f in FLOAT_FIELDS:
-        start, size = offsets[f.name]
-        out[f.name] = floats[start:start + size]
+    """Views of every field of the packed int64 buffer (see ``tandem.engine.step``): int fields,
+    then float32 fields."""
+    out = StepTensors(data, shape)
+    for f in INT_FIELDS + FLOAT_FIELDS:
+        getattr(out, f.name)
     return out
+
+
+def has_lists(shape: StepShape) -> bool:
+    """Whether the step has entries in a variable-length list (which also moves the float fields)."""
+    return bool(shape.num_bias or shape.num_prompt_logprobs or shape.num_history)
+
+
+class GraphFields:
+    """The fields of a captured decode graph's static input buffer, as views made once.
+
+    Every step a graph replays has the graph's shape, so its fixed-size int fields (all the graph
+    reads) sit at the same offsets; the float fields and the variable-length lists move with the
+    lists' lengths. A step's whole buffer is staged into the static one (which has room to spare
+    for lists) and its views are kept per step shape: a steady decode batch repeats its shape, so
+    its steps make no views at all. A step too large for the static buffer stages only the fixed
+    ints and takes the rest from its own buffer, one view per field it uses."""
+
+    _MAX_SHAPES = 64  # shapes whose views are kept (bias-list lengths vary; the cache is cleared when full)
+
+    def __init__(self, static: torch.Tensor, shape: StepShape) -> None:
+        assert not has_lists(shape)
+        self.static = static  # shared by the graphs; each reads its prefix
+        self.capture_shape, self.capture = shape, unpack(static, shape)
+        self.ints = {f.name: self.capture[f.name] for f in INT_FIELDS if f.name not in _VARIABLE_FIELDS}
+        self.int_words = sum(v.numel() for v in self.ints.values())
+        # per step shape: the staged prefix of the static buffer, and the fields' views into it
+        self.views: dict[StepShape, tuple[torch.Tensor, StepTensors]] = {shape: (static[:shape.num_words], self.capture)}
+
+    def stage(self, data: torch.Tensor, shape: StepShape) -> StepTensors:
+        """Copy the step's inputs into the static buffer (on the current stream) -> its fields."""
+        if shape.num_words > self.static.numel():
+            self.static[:self.int_words].copy_(data[:self.int_words])
+            return StepTensors(data, shape, self.ints)
+        cached = self.views.get(shape)
+        if cached is None:
+            if len(self.views) >= self._MAX_SHAPES:
+                self.views = {self.capture_shape: self.views[self.capture_shape]}
+            cached = self.views[shape] = (self.static[:shape.num_words], StepTensors(self.static, shape, self.ints))
+        cached[0].copy_(data)
+        return cached[1]
 
 
 def pack_output(parts: dict[str, torch.Tensor], shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
     """The step's returned fields in ``output_layout`` order, as one int64 buffer."""
     ints, floats = output_layout(shape, flags)
-    words = [parts[p.name].reshape(-1).to(torch.int64) for p in ints]
-    if floats:
-        f32 = torch.cat([parts[p.name].reshape(-1).to(torch.float32) for p in floats])
-        if f32.numel() % 2:
-            f32 = torch.cat([f32, f32.new_zeros(1)])
-        words.append(f32.view(torch.int64))
+    if not floats:  # only the sampled ids: already the buffer
+        return parts["token_ids"]
+    words = [_flat(parts[p.name], torch.int64) for p in ints]
+    f32 = [_flat(parts[p.name], torch.float32) for p in floats]
+    if sum(p.rows * p.cols for p in floats) % 2:
+        f32.append(f32[0].new_zeros(1))
+    words.append(torch.cat(f32).view(torch.int64))
     return torch.cat(words)
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # no call at all for what is already flat and of its dtype (the usual case)
+    t = t if t.dim() == 1 else t.reshape(-1)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class ModelRunner:
@@ -64,7 +140,7 @@ class ModelRunner:
 
     def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
         """data: the step's packed inputs already on the device -> the packed output (see ``finish``)."""
-        f = unpack(data, shape)
+        f = StepTensors(data, shape)
         ids = self.resolve_pending(f.input_ids)
         hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(self.attention_inputs(f, shape)))
         return self.finish(hidden, ids, f, shape, flags)
@@ -89,7 +165,10 @@ class ModelRunner:
                flags: SamplerFlags, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The sampling stage after the forward: record the step's tokens, process and sample the
         logits (``hidden[logits_indices]``, unless given), logprobs, and pack what returns."""
-        record_history(self.history, ids, f.positions, f.query_start, f.seq_rows)
+        # the history serves penalised rows only: record it when a sampled row is penalised or some
+        # sequence samples nothing (a prefill chunk of a penalised request may be among them)
+        if flags.penalties or shape.num_sampled < shape.num_seqs:
+            record_history(self.history, ids, f.positions, f.query_start, f.seq_rows)
         if shape.num_history:
             self.history[f.history_row, f.history_pos] = f.history_token.to(self.history.dtype)
         if logits is None:

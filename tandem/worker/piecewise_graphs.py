@@ -21,7 +21,7 @@ import torch
 
 from tandem.engine.step import StepInputs
 from tandem.model.attention import select_backend, step_attention
-from tandem.worker.model_runner import ModelRunner, unpack
+from tandem.worker.model_runner import ModelRunner, StepTensors
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class PiecewiseGraphs:
     def run(self, b: _Bucket, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """On the current (compute) stream: one step through the bucket's graphs -> sampled ids."""
         runner, shape = self.runner, step.shape
-        f = unpack(data, shape)
+        f = StepTensors(data, shape)
         b.data.copy_(data[:3 * b.tokens])
         attn = step_attention(runner.attention_inputs(f, shape))
         for i in range(self.num_segments):

@@ -6,12 +6,23 @@ whatever else shares its batch, after a preemption, and in the sync and async ex
 no generator state to carry."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from tandem.kernels import triton_available
 from tandem.kernels.sampling import sample_reference
+
+def use_kernels(logits: torch.Tensor) -> bool:
+    """Whether the sampling stage's Triton kernels take these logits: on CUDA, except float64 (kept
+    on the torch definitions for exact tests). ``TANDEM_SAMPLER=triton`` forces them elsewhere (on
+    a CPU through Triton's interpreter, for tests), ``torch`` keeps the definitions everywhere."""
+    choice = os.environ.get("TANDEM_SAMPLER", "auto")
+    if choice == "torch" or logits.dtype == torch.float64 or not triton_available():
+        return False
+    return logits.is_cuda or choice == "triton"
+
 
 @dataclass
 class SamplingTensors:
@@ -72,16 +83,21 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
     Greedy rows take the argmax. Random rows race exponential noise (``tandem.kernels.sampling``
     defines the draw): on CUDA the fused Triton kernel, whose memory is O(rows); elsewhere its torch
-    reference. Top-k / top-p become a per-row logit cutoff, computed only when a row asks for them."""
+    reference. Top-k / top-p become a per-row logit cutoff, computed only when a row asks for them:
+    on CUDA by a Triton radix search (``tandem.kernels.top_k_top_p``, one launch for any batch),
+    elsewhere by the sort that defines it."""
     if not t.any_random:
         return logits.argmax(dim=-1)
+    if use_kernels(logits):
+        from tandem.kernels.sampling import fused_sample
+        from tandem.kernels.top_k_top_p import fused_cutoff
+
+        cutoff = (fused_cutoff(logits, t.temperature, t.top_k, t.top_p) if t.need_sort
+                  else torch.full_like(t.temperature, float("-inf")))
+        return fused_sample(logits, t.temperature, t.min_p, cutoff, t.seeds, t.gen_index)
     if t.need_sort:
         cutoff = top_k_top_p_cutoff(logits, t.temperature, t.top_k, t.top_p)
     else:
         cutoff = torch.full_like(t.temperature, float("-inf"), dtype=torch.float32)
-    if logits.is_cuda and logits.dtype != torch.float64 and triton_available():
-        from tandem.kernels.sampling import fused_sample
-
-        return fused_sample(logits, t.temperature, t.min_p, cutoff.float(), t.seeds, t.gen_index)
     wide = logits if logits.dtype == torch.float64 else logits.float()
     return sample_reference(wide, t.temperature, t.min_p, cutoff.to(wide.dtype), t.seeds, t.gen_index)
