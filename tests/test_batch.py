@@ -75,3 +75,32 @@ def test_mixed_step_padded_to_a_token_bucket():
     assert f.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 44] + [0] * 9
     assert f.slot_mapping.tolist()[7:] == [0] * 9 and f.positions.tolist()[7:] == [0] * 9
     assert f.query_start.tolist() == [0, 6, 7] and f.logits_indices.tolist() == [5, 6]
+
+
+def _decode_step(params: list[SamplingParams], pad: Padding):
+    seqs = [_seq(str(i + 1), [1, 2, 3], [4 + i], [5 + i], i, p) for i, p in enumerate(params)]
+    return build_step(SchedulerOutput(0, [ScheduledSeq(s, 3, 1, True, 1) for s in seqs]), 4, pad)
+
+
+def test_graph_fields_are_the_unpacked_step_whatever_its_lists():
+    """A decode graph's views, made once at capture, read every step of its shape like ``unpack``."""
+    from tandem.worker.memory import decode_step
+    from tandem.worker.model_runner import GraphFields
+
+    pad = Padding(4, 4, 6, padding_row=99)
+    capture = decode_step(pad, 4)
+    plain = _decode_step([SamplingParams(temperature=0.5, presence_penalty=0.3)] * 2, pad)
+    biased = _decode_step([SamplingParams(logit_bias={7: 1.5, 9: -2.0}),
+                           SamplingParams(temperature=0.7, logit_bias={3: 0.5})], pad)
+    assert plain.shape.graph_key == biased.shape.graph_key == capture.shape.graph_key and biased.shape.num_bias == 3
+    for static_words in (capture.data.size + 64, capture.data.size):  # room for the lists, or none
+        static = torch.zeros(static_words, dtype=torch.int64)
+        fields = GraphFields(static, capture.shape)
+        for step in (plain, biased, plain, biased):
+            data = torch.from_numpy(step.data)
+            got, want = fields.stage(data, step.shape), unpack(data, step.shape)
+            for field in STEP_FIELDS:
+                assert torch.equal(getattr(got, field.name), want[field.name]), field.name
+            assert torch.equal(static[:fields.int_words], data[:fields.int_words])  # what the graph reads
+        assert fields.stage(torch.from_numpy(plain.data), plain.shape) is fields.stage(torch.from_numpy(plain.data),
+                                                                                        plain.shape)

@@ -74,3 +74,24 @@ def test_history_past_the_known_positions_is_ignored():
     again = logits.clone()
     apply_penalties(again, scrambled, rows, plen, gen, pres, freq, rep, span)
     assert torch.equal(again, got)
+
+
+def test_penalised_request_chunked_among_unpenalised_decodes_sees_its_whole_history():
+    """The token history is recorded only in steps that may need it: a sampled row is penalised, or
+    a sequence samples nothing (a penalised prompt's middle chunks, here beside unpenalised decodes).
+    Reference: the prompt prefilled in one step, which also samples, so its history is all there."""
+    from tandem import LLM, SamplingParams
+
+    gen = torch.Generator().manual_seed(2)  # a prompt whose repetition penalty changes the second token
+    prompt = torch.randint(3, 500, (40,), generator=gen).tolist()
+    penalised = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=2.0,
+                               presence_penalty=1.5, frequency_penalty=1.5)
+    plain = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", kv_cache_tokens=2048, block_size=4, async_batching=False)
+    whole = LLM("random:tiny", max_num_batched_tokens=256, **options)
+    want = whole.generate([prompt], penalised, use_tqdm=False)[0].outputs[0].token_ids
+    assert want != whole.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                  use_tqdm=False)[0].outputs[0].token_ids  # the penalties change something
+    chunked = LLM("random:tiny", max_num_batched_tokens=8, **options)
+    outs = chunked.generate([[5, 6], [7, 8], prompt], [plain, plain, penalised], use_tqdm=False)
+    assert outs[2].outputs[0].token_ids == want

@@ -55,3 +55,16 @@ def test_sampling_and_fused_kernels_compile():
     _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "pos_ptr": "*i64", "slot_ptr": "*i64"},
              dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8))
     _compile(fused._silu_mul_kernel, {"*": "*bf16"}, dict(BLOCK=1024))
+
+
+@pytest.mark.parametrize("logits", ["bf16", "fp32"])
+def test_sampling_stage_kernels_compile(logits):
+    from tandem.kernels import logprobs, penalties, top_k_top_p
+
+    _compile(top_k_top_p._cutoff_kernel, {"logits_ptr": f"*{logits}", "top_k_ptr": "*i64"}, dict(BLOCK=256))
+    _compile(logprobs._logprob_kernel, {"logits_ptr": f"*{logits}", "chosen_ptr": "*i64", "rank_ptr": "*i64"},
+             dict(BLOCK=1024))
+    ints = {"rows_ptr": "*i64", "prompt_lens_ptr": "*i64", "gen_index_ptr": "*i64", "keys_ptr": "*i64"}
+    _compile(penalties._keys_kernel, {**ints, "history_ptr": "*i32"}, dict(BLOCK=1024))
+    _compile(penalties._apply_kernel, ints, dict(BLOCK=1024))
+
