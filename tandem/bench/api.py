@@ -19,7 +19,8 @@ VALID_MODES = ("sync", "async")
 def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
           prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
-          shared_prefix_len: int = 0, compare_hf: bool = False, hf_modes: list[str] | None = None,
+          shared_prefix_len: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+          repetition_penalty: float = 1.0, compare_hf: bool = False, hf_modes: list[str] | None = None,
           json_path: Path | None = None, timeline: Path | None = None, trace: Path | None = None,
           timeline_steps: int = 8, progress: bool = True,
           **engine_options: Any) -> dict[str, Any]:
@@ -32,7 +33,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if request_rate is not None and not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
-                 temperature, request_rate, logprobs, shared_prefix_len)
+                 temperature, request_rate, logprobs, shared_prefix_len, presence_penalty, frequency_penalty,
+                 repetition_penalty)
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")

@@ -15,6 +15,7 @@ class LogprobDecoder:
     def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
         self._text = lru_cache(maxsize=65536)(self._decode)
+        self.text = self._text  # token id -> its text alone (None without a tokenizer), cached
 
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
@@ -27,6 +28,6 @@ class LogprobDecoder:
     def entry(self, entries: LogprobEntries, i: int) -> TokenLogprobs:
         out: TokenLogprobs = {entries.token_ids[i]: Logprob(entries.logprob[i], entries.rank[i],
                                                             self._text(entries.token_ids[i]))}
-        for rank, (token, logprob) in enumerate(zip(entries.top_ids[i], entries.top_logprobs[i]), start=1):
+        for rank, (token, logprob) in enumerate(zip(*entries.top(i)), start=1):
             out.setdefault(token, Logprob(logprob, rank, self._text(token)))
         return out

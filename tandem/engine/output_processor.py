@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.logprob_output import LogprobDecoder
 from tandem.engine.scheduler import StepDeltas
-from tandem.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tandem.outputs import CompletionOutput, LogprobSeries, RequestOutput, TokenLogprobs
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
 
@@ -29,12 +29,10 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: LogprobSeries | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.params.logprobs is not None:
-            self.logprobs = []
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)  # the first token has none
 
@@ -43,7 +41,7 @@ class _RequestState:
         text = self.text
         if not done and self.params.stop_strings and not self.params.include_stop_str_in_output:
             text = text[:len(text) - _stop_prefix_len(text, self.params.stop_strings)]
-        logprobs = None if self.logprobs is None else list(self.logprobs)
+        logprobs = None if self.logprobs is None else self.logprobs.view()
         completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs)
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done,
@@ -66,7 +64,10 @@ class OutputProcessor:
             stream: bool) -> None:
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if params.detokenize and self.tokenizer is not None else None)
-        self.requests[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+        state = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+        if params.logprobs is not None:
+            state.logprobs = LogprobSeries(params.logprobs, self.logprob_decoder.text)
+        self.requests[request_id] = state
 
     def process(self, deltas: StepDeltas) -> ProcessedStep:
         touched: dict[str, _RequestState] = {}
@@ -79,7 +80,8 @@ class OutputProcessor:
                 continue  # ended here already (a stop string) while the core ran ahead
             touched[rid] = state
             if state.logprobs is not None and i in logprob_at:
-                state.logprobs.append(self.logprob_decoder.entry(deltas.logprobs, logprob_at[i]))
+                entries, j = deltas.logprobs, logprob_at[i]
+                state.logprobs.append(entries.token_ids[j], entries.logprob[j], entries.rank[j], *entries.top(j))
             if self._add_token(state, token):
                 stopped.append(rid)
         for rid, reason in deltas.finished.items():
