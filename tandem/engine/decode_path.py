@@ -28,6 +28,8 @@ from tandem.engine.step import Logprobs
 class DecodePath:
     """The scheduler's array-operation paths (a mixin of ``Scheduler``, which defines the rest)."""
 
+    decode_fast_path = True  # False: every step through the per-sequence loop (tests compare the two)
+
     running: list[Sequence]
     state: RunningState
     blocks: BlockManager
@@ -47,6 +49,8 @@ class DecodePath:
         running = self.running
         if not running:
             return []
+        if not self.decode_fast_path:
+            return None
         st, rows = self.state, self.running_rows()
         tokens, computed = st.tokens[rows], st.computed[rows]
         left = tokens - computed

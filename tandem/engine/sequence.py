@@ -32,6 +32,25 @@ class EngineRequest:
     max_new_tokens: int  # max_tokens, capped by the room left under max_model_len
 
 
+class _RowCounter:
+    """A counter kept in the running state's array of the same name while the sequence is attached
+    to it (running), in the sequence's own ``_<name>`` field otherwise."""
+
+    def __init__(self, array: str) -> None:
+        self.array, self.own = array, "_" + array
+
+    def __get__(self, seq: Sequence, owner: type | None = None) -> int:
+        state = seq._state
+        return getattr(seq, self.own) if state is None else int(getattr(state, self.array)[seq.row])
+
+    def __set__(self, seq: Sequence, value: int) -> None:
+        state = seq._state
+        if state is None:
+            setattr(seq, self.own, value)
+        else:
+            getattr(state, self.array)[seq.row] = value
+
+
 @dataclass(eq=False)
 class Sequence:
     """Token bookkeeping is optimistic: a token scheduled for sampling counts as *pending* until
@@ -76,6 +95,9 @@ class Sequence:
         self.min_tokens_ban = np.zeros(0, np.int64)
 
     # --- counters: in the running state while attached --------------------------------------
+    num_computed = _RowCounter("computed")  # type: ignore[assignment]
+    last_step = _RowCounter("last_step")  # type: ignore[assignment]
+
     def attach(self, state: RunningState, row: int) -> None:
         """Start running in ``row``: the counters move to ``state``."""
         self.row = row
@@ -94,17 +116,6 @@ class Sequence:
         self._state = None
 
     @property
-    def num_computed(self) -> int:
-        return self._computed if self._state is None else int(self._state.computed[self.row])
-
-    @num_computed.setter
-    def num_computed(self, value: int) -> None:
-        if self._state is None:
-            self._computed = value
-        else:
-            self._state.computed[self.row] = value
-
-    @property
     def num_pending(self) -> int:
         return self._pending if self._state is None else int(self._state.pending[self.row])
 
@@ -116,17 +127,6 @@ class Sequence:
             state, row = self._state, self.row
             state.tokens[row] += value - state.pending[row]
             state.pending[row] = value
-
-    @property
-    def last_step(self) -> int:
-        return self._last_step if self._state is None else int(self._state.last_step[self.row])
-
-    @last_step.setter
-    def last_step(self, value: int) -> None:
-        if self._state is None:
-            self._last_step = value
-        else:
-            self._state.last_step[self.row] = value
 
     def append_output(self, token: int) -> None:
         """A pending token came back: it is known now (the number of tokens does not change)."""
