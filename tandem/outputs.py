@@ -4,6 +4,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -17,22 +18,30 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]
 
 
-class LogprobSeries(Sequence):
-    """A request's per-token logprobs, stored as flat arrays and turned into ``TokenLogprobs`` dicts
-    only when read: a long generation would otherwise hold millions of small objects, each tracked
-    by the garbage collector, whose full collections would then pause the step loop. Items are only
-    appended, so a view of the first n (``view``) stays valid as the series grows."""
+class LogprobSource(Protocol):
+    """Where a series finds its entries: one step's logprob entries, kept as arrays."""
 
-    def __init__(self, k: int, token_text: Callable[[int], str | None]) -> None:
-        self.k = k  # alternatives per token
+    def entry(self, i: int) -> tuple[int, float, int, list[int], list[float]]:
+        """Entry i: (chosen token, its logprob, its rank, top ids, top logprobs)."""
+
+
+class LogprobSeries(Sequence):
+    """A request's per-token logprobs, kept as references to the steps' entry arrays (shared by every
+    request of a step) and turned into ``TokenLogprobs`` dicts only when read: a long generation
+    would otherwise hold millions of small objects (or lists of numbers), which the garbage
+    collector's full collections would have to walk, pausing the step loop; and taking in a step's
+    entries costs two appends per request. Items are only appended, so a ``view`` of the first n stays valid as the series grows."""
+
+    def __init__(self, token_text: Callable[[int], str | None]) -> None:
         self._text = token_text
-        self._token, self._rank, self._top_ids = array("q"), array("q"), array("q")
-        self._logprob, self._top_logprobs = array("d"), array("d")
+        self._sources: list[LogprobSource] = []
+        self._rows = array("q")
         self._len: int | None = None  # a view's length (None: the whole series)
 
-    def append(self, token: int, logprob: float, rank: int, top_ids: list[int], top_logprobs: list[float]) -> None:
-        self._token.append(token), self._logprob.append(logprob), self._rank.append(rank)
-        self._top_ids.extend(top_ids), self._top_logprobs.extend(top_logprobs)
+    def add(self, source: LogprobSource, row: int) -> None:
+        """The next token's entry is ``source``'s entry ``row``."""
+        self._sources.append(source)
+        self._rows.append(row)
 
     def view(self) -> LogprobSeries:
         """The first ``len(self)`` items, unchanged by later appends."""
@@ -42,7 +51,7 @@ class LogprobSeries(Sequence):
         return out
 
     def __len__(self) -> int:
-        return len(self._token) if self._len is None else self._len
+        return len(self._rows) if self._len is None else self._len
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
@@ -51,10 +60,9 @@ class LogprobSeries(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError("logprob index out of range")
-        token, k = self._token[i], self.k
-        out: TokenLogprobs = {token: Logprob(self._logprob[i], self._rank[i], self._text(token))}
-        ids, values = self._top_ids[i * k:(i + 1) * k], self._top_logprobs[i * k:(i + 1) * k]
-        for rank, (alt, value) in enumerate(zip(ids, values), start=1):
+        token, logprob, rank, top_ids, top_logprobs = self._sources[i].entry(self._rows[i])
+        out: TokenLogprobs = {token: Logprob(logprob, rank, self._text(token))}
+        for rank, (alt, value) in enumerate(zip(top_ids, top_logprobs), start=1):
             out.setdefault(alt, Logprob(value, rank, self._text(alt)))
         return out
 

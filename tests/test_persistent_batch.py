@@ -126,7 +126,7 @@ def test_steady_decodes_take_the_array_path():
     assert second.decode is not None and len(second.decode) == 5 and not second.chunks
 
 
-@pytest.mark.parametrize("pad", [None, Padding(8, 8, 10, padding_row=11)])
+@pytest.mark.parametrize("pad", [None, Padding(8, 8, 10, padding_row=12), Padding(8, 8, 10, padding_row=11)])
 def test_a_decode_block_packs_exactly_like_its_entries_one_by_one(pad):
     s = _scheduler(True, 200, 512)
     for seq in _workload(2, 6):

@@ -66,15 +66,22 @@ class _Part:
     biased: list[tuple[int, Sequence, int]]  # (index among the part's sampled, sequence, gen_index)
 
 
-def _decode_part(d: DecodeBlock) -> _Part:
-    """Everything from the running state's rows: no per-sequence Python."""
-    st, r = d.state, d.rows
-    n = len(d)
-    table = st.block_table[r, :int(st.num_blocks[r].max())]
-    biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[r]).tolist()
+def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
+    """Everything from the running state's rows, no per-sequence Python. A decode-only step padded to
+    a graph's batch takes its padding rows from the state's padding row, in the same gathers."""
+    st, n = d.state, len(d)
+    extra = pad.num_seqs - n if pad and pad.num_seqs else 0
+    g, rows, starts, gen_index, pending = d.rows, d.rows, d.starts, d.gen_index, d.pending
+    if extra > 0:  # g: where the state keeps each row's data; rows: the device rows they sample into
+        g = np.concatenate([g, np.full(extra, st.padding_row)])
+        rows = np.concatenate([rows, np.full(extra, pad.padding_row)])
+        starts, gen_index, pending = (np.concatenate([a, np.zeros(extra, np.int64)]) for a in (starts, gen_index, pending))
+    width = pad.max_blocks if pad and pad.max_blocks else int(st.num_blocks[g].max())
+    biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[d.rows]).tolist()
               if d.seqs[j].has_bias]
-    return _Part(np.where(d.pending > 0, -(r + 1), st.last_token[r]), d.starts, np.ones(n, np.int64), r,
-                 np.ones(n, bool), table, d.gen_index, st.request_ints[r], st.request_floats[r], biased)
+    return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, np.ones(len(g), np.int64), rows,
+                 np.ones(len(g), bool), st.block_table[g, :width], gen_index, st.request_ints[g],
+                 st.request_floats[g], biased)
 
 
 def _chunk_part(items: list[ScheduledSeq]) -> _Part:
@@ -133,11 +140,12 @@ def _block_tables(parts: list[_Part], pad: Padding | None) -> np.ndarray:
 
 
 def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
-    parts = ([_decode_part(sched.decode)] if sched.decode is not None else []) + \
+    decode_only = sched.decode is not None and not sched.chunks
+    parts = ([_decode_part(sched.decode, pad if decode_only else None)] if sched.decode is not None else []) + \
             ([_chunk_part(sched.chunks)] if sched.chunks else [])
-    num_real = len(sched)
-    if pad and pad.num_seqs and pad.num_seqs > num_real:  # last: the offsets of the real rows stay
-        parts.append(_padding_part(pad.num_seqs - num_real, pad.padding_row))
+    num_rows = sum(len(p.starts) for p in parts)
+    if pad and pad.num_seqs and pad.num_seqs > num_rows:  # last: the offsets of the real rows stay
+        parts.append(_padding_part(pad.num_seqs - num_rows, pad.padding_row))
     counts, starts, rows, sample = (_join(parts, name) for name in ("counts", "starts", "rows", "sample"))
     n = len(starts)
     block_tables = _block_tables(parts, pad)

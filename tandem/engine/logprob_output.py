@@ -4,9 +4,29 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 from tandem.engine.scheduler import LogprobEntries
 from tandem.outputs import Logprob, TokenLogprobs
 from tandem.tokenizer import Tokenizer
+
+
+class LogprobChunk:
+    """One step's logprob entries as numpy arrays, which the garbage collector never walks: what the
+    ``LogprobSeries`` of that step's requests refer to."""
+
+    def __init__(self, entries: LogprobEntries) -> None:
+        self.token_ids = np.array(entries.token_ids, np.int64)
+        self.logprob = np.array(entries.logprob, np.float64)
+        self.rank = np.array(entries.rank, np.int64)
+        self.top_start = np.array(entries.top_start, np.int64)
+        self.top_ids = np.array(entries.top_ids, np.int64)
+        self.top_logprobs = np.array(entries.top_logprobs, np.float64)
+
+    def entry(self, i: int) -> tuple[int, float, int, list[int], list[float]]:
+        a, b = self.top_start[i], self.top_start[i + 1]
+        return (int(self.token_ids[i]), float(self.logprob[i]), int(self.rank[i]), self.top_ids[a:b].tolist(),
+                self.top_logprobs[a:b].tolist())
 
 
 class LogprobDecoder:

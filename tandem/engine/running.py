@@ -32,10 +32,13 @@ class Joining(Protocol):
 
 
 class RunningState:
-    """Rows ``0..num_rows-1``; one more row (``num_rows``) stays zero for padding."""
+    """Rows ``0..num_rows-1``; one more row (``num_rows``, the worker's padding row) never holds a
+    sequence: a graph-padded decode step gathers its padding rows from it (block 0, position 0,
+    neutral sampling fields)."""
 
     def __init__(self, num_rows: int, max_blocks: int) -> None:
         n = num_rows + 1
+        self.padding_row = num_rows
         self.computed = np.zeros(n, np.int64)  # tokens whose K/V is written or being written
         self.tokens = np.zeros(n, np.int64)  # prompt + output + pending
         self.pending = np.zeros(n, np.int64)  # sampled on the device, not yet back on the host
@@ -52,6 +55,9 @@ class RunningState:
         self.block_table = np.zeros((n, max(1, max_blocks)), np.int64)
         self.request_ints = np.zeros((n, len(REQUEST_INT_FIELDS)), np.int64)
         self.request_floats = np.zeros((n, len(REQUEST_FLOAT_FIELDS)), np.float64)
+        # the padding row samples with every field at its neutral value (top_p 1, no logprobs...)
+        self.request_ints[num_rows] = [f.pad for f in REQUEST_INT_FIELDS]
+        self.request_floats[num_rows] = [f.pad for f in REQUEST_FLOAT_FIELDS]
         self.request_ids = np.empty(n, object)
         self.append_output = np.empty(n, object)  # each row's ``output_token_ids.append``
         self._next_tag = 0
