@@ -1,6 +1,7 @@
 """The offline Python API, in vLLM's shape: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -20,7 +21,12 @@ PromptList = str | list[str] | list[list[int]]
 
 def create_engine(config: EngineConfig) -> LLMEngine:
     """A device worker for ``config`` and the in-process engine around it."""
-    return LLMEngine(config, create_worker(config))
+    engine = LLMEngine(config, create_worker(config))
+    # start-up objects (weights' metadata, tokenizer, graphs) live as long as the engine: out of the
+    # garbage collector's scans, so the step loop's collections only look at what the loop made
+    gc.collect()
+    gc.freeze()
+    return engine
 
 
 class LLM:

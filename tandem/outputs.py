@@ -1,7 +1,10 @@
 """What callers get back (vLLM's shape)."""
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -15,13 +18,68 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]
 
 
+class LogprobSource(Protocol):
+    """Where a series finds its entries: one step's logprob entries, kept as arrays."""
+
+    def entry(self, i: int) -> tuple[int, float, int, list[int], list[float]]:
+        """Entry i: (chosen token, its logprob, its rank, top ids, top logprobs)."""
+
+
+class LogprobSeries(Sequence):
+    """A request's per-token logprobs, kept as references to the steps' entry arrays (shared by every
+    request of a step) and turned into ``TokenLogprobs`` dicts only when read: a long generation
+    would otherwise hold millions of small objects (or lists of numbers), which the garbage
+    collector's full collections would have to walk, pausing the step loop; and taking in a step's
+    entries costs two appends per request. Items are only appended, so a ``view`` of the first n stays valid as the series grows."""
+
+    def __init__(self, token_text: Callable[[int], str | None]) -> None:
+        self._text = token_text
+        self._sources: list[LogprobSource] = []
+        self._rows = array("q")
+        self._len: int | None = None  # a view's length (None: the whole series)
+
+    def add(self, source: LogprobSource, row: int) -> None:
+        """The next token's entry is ``source``'s entry ``row``."""
+        self._sources.append(source)
+        self._rows.append(row)
+
+    def view(self) -> LogprobSeries:
+        """The first ``len(self)`` items, unchanged by later appends."""
+        out = object.__new__(LogprobSeries)
+        out.__dict__.update(self.__dict__)
+        out._len = len(self)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._rows) if self._len is None else self._len
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("logprob index out of range")
+        token, logprob, rank, top_ids, top_logprobs = self._sources[i].entry(self._rows[i])
+        out: TokenLogprobs = {token: Logprob(logprob, rank, self._text(token))}
+        for rank, (alt, value) in enumerate(zip(top_ids, top_logprobs), start=1):
+            out.setdefault(alt, Logprob(value, rank, self._text(alt)))
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"LogprobSeries({list(self)!r})"
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
-    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
+    logprobs: Sequence[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
 
     @property
     def finished(self) -> bool:

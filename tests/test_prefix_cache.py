@@ -190,21 +190,22 @@ def test_chunked_prefill_registers_each_block_as_its_chunk_is_scheduled():
     check_references(s)
 
 
-def test_blocks_of_generated_tokens_are_registered_once_their_tokens_are_known():
+def test_blocks_of_generated_tokens_are_registered_when_the_sequence_leaves():
+    """Decoding sequences fill a block every few steps each: they are cached in one pass when the
+    sequence finishes (or is preempted), not one by one in the step loop."""
     s = _sched()
     a = _seq(0, range(1, 7), max_new=6)
     s.add(a)
     first = s.schedule()  # prompt 6 tokens; token 6 pending
     second = s.schedule()  # decode of the pending token (position 6), token 7 pending
-    assert s.cache.num_cached == 1  # block 1 (positions 4..7) is not known yet
+    assert s.cache.num_cached == 1  # block 0, computed by the prefill
     _complete(s, first, token=50)
-    assert s.cache.num_cached == 1  # position 7 still pending
-    _complete(s, second, token=51)  # block 1 known; its K/V up to position 6 launched, 7 not yet
-    assert s.cache.num_cached == 1
-    third = s.schedule()  # computes position 7: block 1 now full, known and launched
-    assert s.cache.num_cached == 2
+    _complete(s, second, token=51)
+    third = s.schedule()  # computes position 7: block 1 is full and known, a still runs
     _complete(s, third, token=52)
+    assert s.cache.num_cached == 1
     _run_to_end(s)
+    assert s.cache.num_cached == 2  # a finished: block 1 (positions 4..7) is cached, block 2 is partial
     b = _seq(1, list(range(1, 7)) + [50, 51, 52])
     s.add(b)
     assert s.schedule().items[0].num_cached == 8

@@ -19,20 +19,23 @@ VALID_MODES = ("sync", "async")
 def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
           prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
-          shared_prefix_len: int = 0, compare_hf: bool = False, hf_modes: list[str] | None = None,
+          shared_prefix_len: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+          repetition_penalty: float = 1.0, compare_hf: bool = False, hf_modes: list[str] | None = None,
           json_path: Path | None = None, timeline: Path | None = None, trace: Path | None = None,
-          timeline_steps: int = 8, progress: bool = True,
+          timeline_steps: int = 8, progress: bool = True, llm: LLM | None = None,
           **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure.
     ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform); every
-    prompt starts with the same ``shared_prefix_len`` tokens."""
+    prompt starts with the same ``shared_prefix_len`` tokens. ``llm``: an engine already loaded (its
+    options are used; several workloads then share one model load)."""
     bad = [m for m in modes if m not in VALID_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
     if request_rate is not None and not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
-                 temperature, request_rate, logprobs, shared_prefix_len)
+                 temperature, request_rate, logprobs, shared_prefix_len, presence_penalty, frequency_penalty,
+                 repetition_penalty)
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")
@@ -41,7 +44,9 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
         engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
     threads = torch.get_num_threads()  # before an async CPU executor gives the host thread one
-    llm = LLM(model, **engine_options)
+    owned = llm is None
+    if owned:
+        llm = LLM(model, **engine_options)
     engine, info = llm.engine, llm.engine.worker.info
     print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {threads} torch threads; "
           f"{w.describe()}, modes {', '.join(modes)}", flush=True)
@@ -69,7 +74,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         draw_timeline(results, timeline, timeline_steps, title)
     if trace is not None:
         write_trace(results, trace)
-    if engine.config.tensor_parallel_size > 1:
+    if owned and engine.config.tensor_parallel_size > 1:
         engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     return data
 

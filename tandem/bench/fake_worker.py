@@ -33,7 +33,7 @@ class FakeWorker:
 
     def submit(self, step: StepInputs) -> StepOutput:
         n = step.shape.num_sampled
-        tokens = [(step.step_id * 7919 + i) % self.vocab for i in range(n)]
+        tokens = (step.step_id * 7919 + np.arange(n)) % self.vocab
         k = step.sampler.logprobs
         logprobs = None if k < 0 else Logprobs(np.zeros(n, np.float32), np.ones(n, np.int64),
                                                np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))

@@ -34,11 +34,17 @@ class StepLog:
     by_id: dict[int, StepRecord] = field(default_factory=dict)
 
     def step_submitted(self, sched: SchedulerOutput, t: SubmitTimes) -> None:
-        decode = sum(1 for item in sched.items if item.num_tokens == 1 and item.start >= item.seq.prompt_len)
-        sampled = sum(1 for item in sched.items if item.sample)
-        rec = StepRecord(sched.step_id, sched.num_tokens, len(sched.items), decode, sampled,
-                         sum(item.start + item.num_tokens for item in sched.items),
-                         sum(item.num_tokens * (item.start + item.num_tokens) for item in sched.items), t.begin,
+        chunks, d = sched.chunks, sched.decode
+        decode = sum(1 for item in chunks if item.num_tokens == 1 and item.start >= item.seq.prompt_len)
+        sampled = sum(1 for item in chunks if item.sample)
+        kv = sum(item.start + item.num_tokens for item in chunks)
+        pairs = sum(item.num_tokens * (item.start + item.num_tokens) for item in chunks)
+        if d is not None:  # one token each: as arrays, the step loop's own cost stays O(changes)
+            decode += int((d.starts >= d.state.prompt_len[d.rows]).sum())
+            sampled += len(d)
+            kv += int(d.starts.sum()) + len(d)
+            pairs += int(d.starts.sum()) + len(d)
+        rec = StepRecord(sched.step_id, sched.num_tokens, len(sched), decode, sampled, kv, pairs, t.begin,
                          t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built)
         self.records.append(rec)
         self.by_id[rec.step_id] = rec

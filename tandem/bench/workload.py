@@ -46,6 +46,9 @@ class Workload:
     request_rate: float | None = None  # requests per second, Poisson arrivals; None: all at time 0
     logprobs: int | None = None  # every request asks for its tokens' logprobs and this many alternatives
     shared_prefix_len: int = 0  # every prompt starts with the same this many tokens
+    presence_penalty: float = 0.0  # every request's penalties (the sampling stage's penalty path)
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared_prefix_len <= self.prompt_len.lo:
@@ -56,14 +59,22 @@ class Workload:
         rate = f", {self.request_rate} req/s" if self.request_rate else ""
         shared = f", {self.shared_prefix_len} of them shared" if self.shared_prefix_len else ""
         extra = f", logprobs={self.logprobs}" if self.logprobs is not None else ""
+        if self.penalised:
+            extra += (f", penalties presence={self.presence_penalty} frequency={self.frequency_penalty} "
+                      f"repetition={self.repetition_penalty}")
         return (f"{self.num_requests} requests x ({self.prompt_len} prompt{shared} + {self.max_tokens} new "
                 f"tokens){rate}{extra}")
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def record(self) -> dict:
         return {"num_requests": self.num_requests, "prompt_len": str(self.prompt_len),
                 "max_tokens": str(self.max_tokens), "seed": self.seed, "temperature": self.temperature,
                 "request_rate": self.request_rate, "logprobs": self.logprobs,
-                "shared_prefix_len": self.shared_prefix_len}
+                "shared_prefix_len": self.shared_prefix_len, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass
@@ -93,4 +104,6 @@ def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
 def bench_params(w: Workload, max_tokens: int) -> SamplingParams:
     # EOS ignored and no detokenization: every request generates exactly its budget of tokens
     return SamplingParams(temperature=w.temperature, seed=w.seed if w.temperature > 0 else None,
-                          max_tokens=max_tokens, ignore_eos=True, detokenize=False, logprobs=w.logprobs)
+                          max_tokens=max_tokens, ignore_eos=True, detokenize=False, logprobs=w.logprobs,
+                          presence_penalty=w.presence_penalty, frequency_penalty=w.frequency_penalty,
+                          repetition_penalty=w.repetition_penalty)

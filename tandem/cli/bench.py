@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "alternatives per token (0-20)")
     p.add_argument("--shared-prefix-len", type=int, default=0,
                    help="every prompt starts with the same N random tokens, e.g. a system prompt (default: 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="every request's presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's frequency penalty")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="every request's repetition penalty")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--workload-seed", type=int, default=0)
     p.add_argument("--modes", default="sync,async", help="comma-separated: sync, async")
@@ -50,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     bench(args.model or default_bench_model(), modes=modes, num_requests=args.num_requests,
           prompt_len=args.prompt_len, max_tokens=args.max_tokens, temperature=args.temperature,
           workload_seed=args.workload_seed, request_rate=args.request_rate, logprobs=args.logprobs,
-          shared_prefix_len=args.shared_prefix_len, compare_hf=args.compare_hf,
+          shared_prefix_len=args.shared_prefix_len, presence_penalty=args.presence_penalty,
+          frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+          compare_hf=args.compare_hf,
           hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
           timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
           **engine_options(args, skip=("async_batching",)))
@@ -64,6 +69,9 @@ def _host_only(args: argparse.Namespace) -> int:
     prompt, new = LengthRange.parse(args.prompt_len), LengthRange.parse(args.max_tokens)
     options = engine_options(args, skip=("async_batching", "max_num_seqs"))
     options["max_model_len"] = options.get("max_model_len") or prompt.hi + new.hi
+    sampling = dict(temperature=args.temperature, logprobs=args.logprobs, shared_prefix_len=args.shared_prefix_len,
+                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                    repetition_penalty=args.repetition_penalty)
     host_only(args.model or "random:llama3.2-1b", [int(b) for b in args.host_batch_sizes.split(",")], prompt.hi,
-              new.hi, **options)
+              new.hi, sampling, **options)
     return 0

@@ -4,8 +4,10 @@ packed into one int64 buffer.
 Decode tokens whose value is still pending on the device are written as ``-(row + 1)``: the device
 replaces them from its next-token table before the forward.
 
-This runs on the host every step, in the shadow of the device's previous step, so it does one
-Python pass over the sequences and leaves the per-token work to numpy."""
+This runs on the host every step, in the shadow of the device's previous step. A step's decode block
+is laid out from the scheduler's running state (its rows' block tables and sampling constants,
+written when each sequence joined) with array operations; only its chunks (prefill, few) take a
+Python pass, and the per-token work is numpy's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +15,10 @@ from itertools import chain
 
 import numpy as np
 
-from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
-from tandem.engine.step import (COUNT, FLOAT_FIELDS, INT_FIELDS, PADDING_ROW, REQUEST_FLOAT_FIELDS,
-                                REQUEST_INT_FIELDS, Per, SamplerFlags, StepInputs, StepShape, pack)
+from tandem.engine.plan import DecodeBlock, ScheduledSeq, SchedulerOutput
+from tandem.engine.sequence import Sequence
+from tandem.engine.step import (FLOAT_FIELDS, INT_FIELDS, REQUEST_FLOAT_FIELDS, REQUEST_INT_FIELDS, Per,
+                                SamplerFlags, StepInputs, StepShape, pack)
 from tandem.engine.worker_api import WorkerInfo
 
 
@@ -32,8 +35,8 @@ class Padding:
 
 def padding_for(sched: SchedulerOutput, info: WorkerInfo) -> Padding | None:
     """The graph shape this step fits, if any."""
-    if all(i.num_tokens == 1 and i.sample for i in sched.items):
-        size = next((s for s in info.graph_batch_sizes if s >= len(sched.items)), None)
+    if all(i.num_tokens == 1 and i.sample for i in sched.chunks):
+        size = next((s for s in info.graph_batch_sizes if s >= len(sched)), None)
         return None if size is None else Padding(size, size, info.graph_max_blocks, info.padding_row)
     tokens = sched.num_tokens
     bucket = next((t for t in info.graph_token_buckets if t >= tokens), None)
@@ -47,15 +50,67 @@ def _ragged_rows(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def _input_ids(items: list[ScheduledSeq], max_q: int) -> np.ndarray:
-    if max_q == 1:  # decode: the last token, or a placeholder while it is still on the device
-        return np.fromiter((_one_input_id(it) for it in items), np.int64, len(items))
-    return np.fromiter(chain.from_iterable(_chunk_ids(it) for it in items), np.int64)
+@dataclass
+class _Part:
+    """One part of a step's sequences (its decode block, or its chunks) as arrays."""
+
+    input_ids: np.ndarray  # per token
+    starts: np.ndarray  # per sequence
+    counts: np.ndarray
+    rows: np.ndarray
+    sample: np.ndarray  # bool, per sequence
+    table: np.ndarray  # [sequences, widest block list]
+    gen_index: np.ndarray  # per sampled sequence, as the rest
+    request_ints: np.ndarray
+    request_floats: np.ndarray
+    biased: list[tuple[int, Sequence, int]]  # (index among the part's sampled, sequence, gen_index)
 
 
-def _one_input_id(item: ScheduledSeq) -> int:
-    token = item.seq.token_at(item.start)
-    return -(item.seq.row + 1) if token is None else token
+def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
+    """Everything from the running state's rows, no per-sequence Python. A decode-only step padded to
+    a graph's batch takes its padding rows from the state's padding row, in the same gathers."""
+    st, n = d.state, len(d)
+    extra = pad.num_seqs - n if pad and pad.num_seqs else 0
+    g, rows, starts, gen_index, pending = d.rows, d.rows, d.starts, d.gen_index, d.pending
+    if extra > 0:  # g: where the state keeps each row's data; rows: the device rows they sample into
+        g = np.concatenate([g, np.full(extra, st.padding_row)])
+        rows = np.concatenate([rows, np.full(extra, pad.padding_row)])
+        starts, gen_index, pending = (np.concatenate([a, np.zeros(extra, np.int64)]) for a in (starts, gen_index, pending))
+    width = pad.max_blocks if pad and pad.max_blocks else int(st.num_blocks[g].max())
+    biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[d.rows]).tolist()
+              if d.seqs[j].has_bias]
+    return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, np.ones(len(g), np.int64), rows,
+                 np.ones(len(g), bool), st.block_table[g, :width], gen_index, st.request_ints[g],
+                 st.request_floats[g], biased)
+
+
+def _chunk_part(items: list[ScheduledSeq]) -> _Part:
+    n = len(items)
+    counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
+    blocks = [it.seq.block_ids for it in items]
+    n_blocks = np.fromiter(map(len, blocks), np.int64, n)
+    table = np.zeros((n, int(n_blocks.max())), np.int64)
+    table[_ragged_rows(n_blocks)] = np.fromiter(chain.from_iterable(blocks), np.int64, int(n_blocks.sum()))
+    sampled = [it for it in items if it.sample]
+    k_int, k_float = len(REQUEST_INT_FIELDS), len(REQUEST_FLOAT_FIELDS)
+    return _Part(np.fromiter(chain.from_iterable(_chunk_ids(it) for it in items), np.int64, int(counts.sum())),
+                 np.fromiter((it.start for it in items), np.int64, n), counts,
+                 np.fromiter((it.seq.row for it in items), np.int64, n),
+                 np.fromiter((it.sample for it in items), bool, n), table,
+                 np.fromiter((it.gen_index for it in sampled), np.int64, len(sampled)),
+                 np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(-1, k_int),
+                 np.array([it.seq.step_values[1] for it in sampled], np.float64).reshape(-1, k_float),
+                 [(j, it.seq, it.gen_index) for j, it in enumerate(sampled) if it.seq.has_bias])
+
+
+def _padding_part(num: int, row: int) -> _Part:
+    """Rows that pad a decode step to a captured graph's batch: one token at position 0 of reserved
+    block 0, sampled into a row nothing reads, with every sampling field at its neutral value."""
+    zeros = np.zeros(num, np.int64)
+    ints = np.array([[f.pad for f in REQUEST_INT_FIELDS]] * num, np.int64).reshape(num, len(REQUEST_INT_FIELDS))
+    floats = np.array([[f.pad for f in REQUEST_FLOAT_FIELDS]] * num, np.float64).reshape(num, len(REQUEST_FLOAT_FIELDS))
+    return _Part(zeros, zeros, np.ones(num, np.int64), np.full(num, row), np.ones(num, bool),
+                 np.zeros((num, 1), np.int64), zeros, ints, floats, [])
 
 
 def _chunk_ids(item: ScheduledSeq) -> list[int]:
@@ -67,42 +122,60 @@ def _chunk_ids(item: ScheduledSeq) -> list[int]:
     return ids
 
 
-def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
-    items = sched.items
-    n = len(items)
-    starts = np.fromiter((it.start for it in items), np.int64, n)
-    counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
-    blocks = [it.seq.block_ids for it in items]
-    n_blocks = np.fromiter(map(len, blocks), np.int64, n)
-    max_blocks = pad.max_blocks if pad and pad.max_blocks else int(n_blocks.max())
-    block_tables = np.zeros((pad.num_seqs if pad and pad.num_seqs else n, max_blocks), dtype=np.int64)
-    block_tables[_ragged_rows(n_blocks)] = np.fromiter(chain.from_iterable(blocks), np.int64, int(n_blocks.sum()))
+def _join(parts: list[_Part], name: str) -> np.ndarray:
+    return parts[0].__dict__[name] if len(parts) == 1 else np.concatenate([p.__dict__[name] for p in parts])
 
+
+def _block_tables(parts: list[_Part], pad: Padding | None) -> np.ndarray:
+    """One row per sequence (padding rows included), as wide as the widest, or the graph's width."""
+    width = pad.max_blocks if pad and pad.max_blocks else max(p.table.shape[1] for p in parts)
+    if len(parts) == 1 and parts[0].table.shape[1] == width:
+        return parts[0].table
+    table = np.zeros((sum(len(p.starts) for p in parts), width), np.int64)
+    first = 0
+    for p in parts:
+        table[first:first + len(p.starts), :p.table.shape[1]] = p.table
+        first += len(p.starts)
+    return table
+
+
+def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
+    decode_only = sched.decode is not None and not sched.chunks
+    parts = ([_decode_part(sched.decode, pad if decode_only else None)] if sched.decode is not None else []) + \
+            ([_chunk_part(sched.chunks)] if sched.chunks else [])
+    num_rows = sum(len(p.starts) for p in parts)
+    if pad and pad.num_seqs and pad.num_seqs > num_rows:  # last: the offsets of the real rows stay
+        parts.append(_padding_part(pad.num_seqs - num_rows, pad.padding_row))
+    counts, starts, rows, sample = (_join(parts, name) for name in ("counts", "starts", "rows", "sample"))
+    n = len(starts)
+    block_tables = _block_tables(parts, pad)
     max_q = int(counts.max())
-    token_seq, token_row = _ragged_rows(counts)
-    positions = starts[token_seq] + token_row
-    sample_mask = np.fromiter((it.sample for it in items), bool, n)
-    sampled = [it for it in items if it.sample]
-    query_start = np.concatenate([[0], np.cumsum(counts)])
+    if max_q == 1:
+        token_seq, positions = np.arange(n), starts
+    else:
+        token_seq, token_row = _ragged_rows(counts)
+        positions = starts[token_seq] + token_row
+    query_start = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=query_start[1:])
     f: dict[str, np.ndarray] = {
-        "input_ids": _input_ids(items, max_q), "positions": positions,
+        "input_ids": _join(parts, "input_ids"), "positions": positions,
         "slot_mapping": block_tables[token_seq, positions // block_size] * block_size + positions % block_size,
-        "query_start": query_start, "seq_lens": starts + counts,
-        "seq_rows": np.fromiter((it.seq.row for it in items), np.int64, n),
-        "logits_indices": (query_start[1:] - 1)[sample_mask],
-        "sample_rows": np.fromiter((it.seq.row for it in sampled), np.int64, len(sampled)),
-        "gen_index": np.fromiter((it.gen_index for it in sampled), np.int64, len(sampled)),
+        "query_start": query_start, "seq_lens": starts + counts, "seq_rows": rows,
+        "logits_indices": (query_start[1:] - 1)[sample], "sample_rows": rows[sample],
+        "gen_index": _join(parts, "gen_index"),
     }
-    _add_request_fields(f, sampled)
-    _add_bias_entries(f, sampled)
-    plp_k = _add_prompt_logprob_entries(f, items, query_start)
-    _add_history_entries(f, items)
+    _add_request_fields(f, _join(parts, "request_ints"), _join(parts, "request_floats"))
+    _add_bias_entries(f, parts)
+    first_chunk = len(sched.decode) if sched.decode is not None else 0
+    plp_k = _add_prompt_logprob_entries(f, sched.chunks, query_start[first_chunk:])
+    _add_history_entries(f, sched.chunks)
     flags = _sampler_flags(f, plp_k)
-    if pad:
-        _pad(f, n, pad)
+    if pad and pad.num_seqs is None:
+        _pad_tokens(f, pad.num_tokens)
     f["block_tables"] = block_tables
-    shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q, max_blocks,
-                      len(f["bias_sample"]), len(f["prompt_logprob_index"]), len(f["history_row"]))
+    shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q,
+                      block_tables.shape[1], len(f["bias_sample"]), len(f["prompt_logprob_index"]),
+                      len(f["history_row"]))
     return StepInputs(sched.step_id, shape, flags, pack(f, shape))
 
 
@@ -117,19 +190,20 @@ def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFla
                         prompt_logprobs=prompt_logprobs, penalty_span=span)
 
 
-def _add_bias_entries(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -> None:
+def _add_bias_entries(f: dict[str, np.ndarray], parts: list[_Part]) -> None:
     """(sampled row, token, value) entries: a request's logit_bias, and -inf for the stop tokens it
     may not sample yet (``min_tokens``; the count is the optimistic one, as the step's own)."""
     rows, tokens, values = [], [], []
-    for j, it in enumerate(sampled):
-        seq = it.seq
-        if not seq.has_bias:
-            continue
-        if seq.bias_ids.size:
-            rows.append(np.full(seq.bias_ids.size, j)), tokens.append(seq.bias_ids), values.append(seq.bias_values)
-        if it.gen_index < seq.params.min_tokens and seq.min_tokens_ban.size:
-            ban = seq.min_tokens_ban
-            rows.append(np.full(ban.size, j)), tokens.append(ban), values.append(np.full(ban.size, -np.inf))
+    offset = 0
+    for part in parts:
+        for j, seq, gen_index in part.biased:
+            if seq.bias_ids.size:
+                rows.append(np.full(seq.bias_ids.size, offset + j))
+                tokens.append(seq.bias_ids), values.append(seq.bias_values)
+            if gen_index < seq.params.min_tokens and seq.min_tokens_ban.size:
+                ban = seq.min_tokens_ban
+                rows.append(np.full(ban.size, offset + j)), tokens.append(ban), values.append(np.full(ban.size, -np.inf))
+        offset += len(part.gen_index)
     f["bias_sample"] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     f["bias_token"] = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
     f["bias_value"] = np.concatenate(values) if values else np.zeros(0, np.float64)
@@ -163,29 +237,17 @@ def _add_history_entries(f: dict[str, np.ndarray], items: list[ScheduledSeq]) ->
     f["history_token"] = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
 
 
-def _add_request_fields(f: dict[str, np.ndarray], sampled: list[ScheduledSeq]) -> None:
-    """The per-request constants (seeds, sampling settings), cached on each sequence."""
-    ints = np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(len(sampled), len(REQUEST_INT_FIELDS))
-    floats = np.array([it.seq.step_values[1] for it in sampled], np.float64).reshape(len(sampled),
-                                                                                     len(REQUEST_FLOAT_FIELDS))
+def _add_request_fields(f: dict[str, np.ndarray], ints: np.ndarray, floats: np.ndarray) -> None:
+    """The per-request constants (seeds, sampling settings), one row per sampled sequence."""
     for i, field in enumerate(REQUEST_INT_FIELDS):
         f[field.name] = ints[:, i]
     for i, field in enumerate(REQUEST_FLOAT_FIELDS):
         f[field.name] = floats[:, i]
 
 
-def _pad(f: dict[str, np.ndarray], num_seqs: int, pad: Padding) -> None:
-    """Append padding to every field: tokens up to ``pad.num_tokens``; with ``pad.num_seqs``, also
-    sequences and samples (one token, one sequence and one sample per padding row)."""
+def _pad_tokens(f: dict[str, np.ndarray], num_tokens: int) -> None:
+    """Append tokens that belong to no sequence (a piecewise graph's token count): the attention
+    metadata does not cover them, and their K/V goes to reserved block 0."""
     for field in INT_FIELDS + FLOAT_FIELDS:
         if field.per is Per.TOKEN:
-            extra = pad.num_tokens - len(f[field.name])
-        elif field.per in (Per.TABLE, Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY) or pad.num_seqs is None:
-            continue  # the table is built at its padded size; the lists are not padded
-        else:
-            extra = pad.num_seqs - num_seqs
-        if field.pad == COUNT:
-            tail = np.arange(f[field.name][-1] + 1, f[field.name][-1] + 1 + extra)
-        else:
-            tail = np.full(extra, pad.padding_row if field.pad == PADDING_ROW else field.pad)
-        f[field.name] = np.concatenate([f[field.name], tail])
+            f[field.name] = np.concatenate([f[field.name], np.full(num_tokens - len(f[field.name]), field.pad)])

@@ -61,6 +61,12 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")
         block_ids.extend(self._allocate() for _ in range(need))
 
+    def allocate(self, count: int) -> list[int]:
+        """``count`` blocks at once (one reference each): the decode path's new blocks of a step."""
+        if count > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {count}, {self.num_free} free")
+        return [self._allocate() for _ in range(count)]
+
     def _allocate(self) -> int:
         block = self._free.popleft() if self._free else self.cache.evict()
         self._refs[block] = 1

@@ -54,7 +54,7 @@ class EngineCore:
         cache = PrefixCache() if _use_prefix_caching(config, sliding_window) else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
-                                   eos_token_ids)
+                                   eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size))
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
 
@@ -72,7 +72,7 @@ class EngineCore:
         """Plan and launch one step; return what the step(s) completed meanwhile changed."""
         t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
-        if sched.items:
+        if len(sched):
             t_sched = time.perf_counter()
             step = build_step(sched, self.block_size, padding_for(sched, self.worker.info))
             t_built = time.perf_counter()
@@ -80,7 +80,7 @@ class EngineCore:
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
         deltas = StepDeltas()
-        while self.in_flight and (len(self.in_flight) > 1 or not sched.items):
+        while self.in_flight and (len(self.in_flight) > 1 or not len(sched)):
             done = self.in_flight.popleft()
             t_collect = time.perf_counter()
             output = self.worker.collect(done.handle)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.engine.detokenizer import IncrementalDetokenizer
-from tandem.engine.logprob_output import LogprobDecoder
+from tandem.engine.logprob_output import LogprobChunk, LogprobDecoder
 from tandem.engine.scheduler import StepDeltas
-from tandem.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tandem.outputs import CompletionOutput, LogprobSeries, RequestOutput, TokenLogprobs
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
 
@@ -29,12 +29,10 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: LogprobSeries | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.params.logprobs is not None:
-            self.logprobs = []
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)  # the first token has none
 
@@ -43,7 +41,7 @@ class _RequestState:
         text = self.text
         if not done and self.params.stop_strings and not self.params.include_stop_str_in_output:
             text = text[:len(text) - _stop_prefix_len(text, self.params.stop_strings)]
-        logprobs = None if self.logprobs is None else list(self.logprobs)
+        logprobs = None if self.logprobs is None else self.logprobs.view()
         completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs)
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done,
@@ -66,35 +64,49 @@ class OutputProcessor:
             stream: bool) -> None:
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if params.detokenize and self.tokenizer is not None else None)
-        self.requests[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+        state = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+        if params.logprobs is not None:
+            state.logprobs = LogprobSeries(self.logprob_decoder.text)
+        self.requests[request_id] = state
 
     def process(self, deltas: StepDeltas) -> ProcessedStep:
         touched: dict[str, _RequestState] = {}
         stopped = []
         self._add_prompt_logprobs(deltas)
-        logprob_at = dict(zip(deltas.logprobs.index, range(len(deltas.logprobs))))
-        for i, (rid, token) in enumerate(zip(deltas.token_request_ids, deltas.token_ids)):
-            state = self.requests.get(rid)
+        requests = self.requests
+        for rid, token in zip(deltas.token_request_ids, deltas.token_ids):
+            state = requests.get(rid)
             if state is None:
                 continue  # ended here already (a stop string) while the core ran ahead
             touched[rid] = state
-            if state.logprobs is not None and i in logprob_at:
-                state.logprobs.append(self.logprob_decoder.entry(deltas.logprobs, logprob_at[i]))
-            if self._add_token(state, token):
+            state.token_ids.append(token)
+            if state.detokenizer is not None and self._detokenize(state, token):
                 stopped.append(rid)
+        self._add_logprobs(deltas)
         for rid, reason in deltas.finished.items():
-            state = self.requests.get(rid)
+            state = requests.get(rid)
             if state is not None:
                 touched[rid] = state
                 self._finish(state, reason)
         outputs = []
         for rid, state in touched.items():
             if state.finish_reason is not None:
-                del self.requests[rid]
+                del requests[rid]
                 outputs.append(state.output())
             elif state.stream:
                 outputs.append(state.output())
         return ProcessedStep(outputs, stopped)
+
+    def _add_logprobs(self, deltas: StepDeltas) -> None:
+        """Entries come in token order within each request, as the tokens do."""
+        entries = deltas.logprobs
+        if not len(entries):
+            return
+        chunk = LogprobChunk(entries)
+        for j, rid in enumerate(entries.request_ids):
+            state = self.requests.get(rid)
+            if state is not None and state.logprobs is not None:
+                state.logprobs.add(chunk, j)
 
     def _add_prompt_logprobs(self, deltas: StepDeltas) -> None:
         entries = deltas.prompt_logprobs
@@ -110,11 +122,8 @@ class OutputProcessor:
         self._finish(state, "abort")
         return state.output()
 
-    def _add_token(self, state: _RequestState, token: int) -> bool:
-        """Append a token; True if a stop string ends the request here."""
-        state.token_ids.append(token)
-        if state.detokenizer is None:
-            return False
+    def _detokenize(self, state: _RequestState, token: int) -> bool:
+        """Extend the text by an appended token; True if a stop string ends the request here."""
         new_text = state.detokenizer.add([token])
         state.text += new_text
         if new_text and state.params.stop_strings and _truncate_at_stop(state, len(new_text)):

@@ -1,4 +1,4 @@
-"""Continuous batching: each step, running sequences first (decodes and prefill chunks), then new
+"""Continuous batching: each step, running sequences first (decodes, then prefill chunks), then new
 ones from the queue, under a token budget and the KV blocks available. When blocks run out, the
 newest running sequence is preempted (freed, recomputed later from its tokens).
 
@@ -9,105 +9,33 @@ are released only once the newest step that includes it has completed.
 The scheduler owns every request's state: it appends sampled tokens (``update``), decides when a
 sequence is done (EOS, stop token ids, length), finishes, aborts and preempts.
 
+The steady state costs O(changes), not O(sequences x fields): running sequences keep their counters
+in a ``RunningState`` indexed by row, and when the KV blocks suffice for the step, the decoding ones
+are planned and their tokens taken in with array operations (``decode_path``); per-sequence Python
+runs only for prefill chunks, admissions, blocks filling up, finishes and preemption.
+
 With prefix caching (``blocks.cache``), a sequence being admitted starts after the longest chain of
-cached full blocks of its tokens, shared with whoever holds them; full blocks are registered in the
-cache as soon as their tokens are known and a launched step computes their K/V."""
+cached full blocks of its tokens, shared with whoever holds them. Full prompt blocks are registered
+in the cache as soon as a launched step computes their K/V; blocks its outputs fill are registered
+when it leaves the batch (finished or preempted), in one pass instead of one block every few steps
+of every decoding sequence, so a later request can still start from its answer."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tandem.engine.block_manager import BlockManager, RowPool
+from tandem.engine.decode_path import DecodePath
+from tandem.engine.deltas import LogprobEntries, StepDeltas
+from tandem.engine.plan import ScheduledSeq, SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCacheStats, extend_block_hashes
+from tandem.engine.running import RunningState
 from tandem.engine.sequence import Sequence, SeqStatus
 from tandem.engine.step import Logprobs, StepOutput
 
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    start: int  # first position computed in this step
-    num_tokens: int
-    sample: bool  # the chunk reaches the end of the sequence, so a token is sampled
-    gen_index: int  # index in the output of the token sampled (seeds the sampler's noise)
-    plp_start: int = 0  # prompt positions [plp_start, plp_stop) whose next token's logprobs this step returns
-    plp_stop: int = 0
-    #: tokens before ``start`` that no step computes for this admission: the prefix cache had them
-    #: (only on a sequence's first chunk after admission; 0 otherwise)
-    num_cached: int = 0
-
-
-@dataclass
-class SchedulerOutput:
-    step_id: int
-    items: list[ScheduledSeq]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(item.num_tokens for item in self.items)
-
-
-@dataclass
-class LogprobEntries:
-    """Logprobs of chosen tokens, flat: entry i belongs to ``request_ids[i]``; ``index[i]`` is the
-    entry's place in ``StepDeltas.token_ids`` (sampled tokens) or in the prompt (prompt logprobs)."""
-
-    request_ids: list[str] = field(default_factory=list)
-    index: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprob: list[float] = field(default_factory=list)
-    rank: list[int] = field(default_factory=list)
-    top_ids: list[list[int]] = field(default_factory=list)
-    top_logprobs: list[list[float]] = field(default_factory=list)
-
-    def add(self, request_id: str, index: int, token: int, found: Logprobs, row: int, k: int) -> None:
-        self.request_ids.append(request_id)
-        self.index.append(index)
-        self.token_ids.append(token)
-        self.logprob.append(float(found.logprob[row]))
-        self.rank.append(int(found.rank[row]))
-        self.top_ids.append(found.top_ids[row, :k].tolist())
-        self.top_logprobs.append(found.top_logprobs[row, :k].tolist())
-
-    def extend(self, other: LogprobEntries, index_offset: int = 0) -> None:
-        self.request_ids += other.request_ids
-        self.index += [i + index_offset for i in other.index]
-        self.token_ids += other.token_ids
-        self.logprob += other.logprob
-        self.rank += other.rank
-        self.top_ids += other.top_ids
-        self.top_logprobs += other.top_logprobs
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
-
-
-@dataclass
-class StepDeltas:
-    """What a processed step changed, flat and compact (it may cross to another process)."""
-
-    token_request_ids: list[str] = field(default_factory=list)  # one entry per new token, with ...
-    token_ids: list[int] = field(default_factory=list)  # ... the token
-    finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason
-    logprobs: LogprobEntries = field(default_factory=LogprobEntries)  # of new tokens whose requests asked
-    prompt_logprobs: LogprobEntries = field(default_factory=LogprobEntries)
-
-    def __bool__(self) -> bool:
-        return bool(self.token_ids or self.finished or self.prompt_logprobs)
-
-    @classmethod
-    def merge(cls, parts: list[StepDeltas]) -> StepDeltas:
-        """Consecutive steps as one (a reader that fell behind processes them together)."""
-        merged = cls()
-        for d in parts:
-            merged.logprobs.extend(d.logprobs, len(merged.token_ids))
-            merged.prompt_logprobs.extend(d.prompt_logprobs)
-            merged.token_request_ids += d.token_request_ids
-            merged.token_ids += d.token_ids
-            merged.finished.update(d.finished)
-        return merged
+__all__ = ["LogprobEntries", "ScheduledSeq", "Scheduler", "SchedulerOutput", "StepDeltas"]
 
 
 @dataclass
@@ -119,15 +47,18 @@ class _DeferredRelease:
     row: int | None
 
 
-class Scheduler:
+class Scheduler(DecodePath):
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, rows: RowPool,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), max_blocks_per_seq: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.blocks = blocks
         self.cache = blocks.cache  # None: prefix caching is off
         self.rows = rows
         self.eos_token_ids = eos_token_ids
+        self.eos_array = np.array(sorted(eos_token_ids), np.int64)
+        self.state = RunningState(rows.num_rows, max_blocks_per_seq)
+        self._running_rows: np.ndarray | None = None  # rows of ``running`` in order; None: rebuild
         self.requests: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -150,27 +81,35 @@ class Scheduler:
 
     # --- planning one step ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(self._next_step, [])
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        out = SchedulerOutput(self._next_step)
+        budget = self.max_num_batched_tokens
+        chunked = self.plan_decodes(out)  # the decoding sequences, if blocks suffice for the step
+        if chunked is None:
+            budget = self._schedule_running(out, budget, list(self.running))
+        else:
+            budget = self._schedule_running(out, budget - len(out), chunked)
         self._admit_waiting(out, budget)
-        if out.items:
+        if len(out):
             self._next_step += 1
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+    def running_rows(self) -> np.ndarray:
+        """Rows of the running sequences, in order (rebuilt only after the running set changed)."""
+        if self._running_rows is None:
+            self._running_rows = np.fromiter((s.row for s in self.running), np.int64, len(self.running))
+        return self._running_rows
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int, candidates: list[Sequence]) -> int:
+        """Per sequence, in order: a chunk of each candidate's remaining tokens, making room first."""
+        for seq in candidates:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted to make room for an earlier candidate
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if seq.done_scheduling or n <= 0:
-                i += 1
-                continue
-            if not self._make_room(seq, seq.num_computed + n):
-                if seq.status is SeqStatus.RUNNING:
-                    i += 1  # skipped for one step while a preempted victim's blocks drain
-                continue
+            if seq.done_scheduling or n <= 0 or not self._make_room(seq, seq.num_computed + n):
+                continue  # a sequence that cannot grow now waits while a preempted victim's blocks drain
             budget -= self._take(out, seq, n)
-            i += 1
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -187,9 +126,11 @@ class Scheduler:
             if row is None:
                 break
             self.waiting.popleft()
-            seq.row, seq.status = row, SeqStatus.RUNNING
-            self.running.append(seq)
+            seq.status = SeqStatus.RUNNING
             self._start_after(seq, cached)
+            seq.attach(self.state, row)
+            self.running.append(seq)
+            self._running_rows = None
             budget -= self._take(out, seq, n, num_cached)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -216,22 +157,22 @@ class Scheduler:
 
     def _take(self, out: SchedulerOutput, seq: Sequence, n: int, num_cached: int = 0) -> int:
         start = seq.num_computed
-        self.blocks.grow(seq.block_ids, start + n)
+        self.grow(seq, start + n)
         sample = start + n == seq.num_tokens
         item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached)
         if seq.params.prompt_logprobs is not None:  # owed once per prompt position, also across preemption
             item.plp_start = max(start, seq.prompt_logprobs_next)
             item.plp_stop = max(item.plp_start, min(start + n, seq.prompt_len - 1))
             seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, item.plp_stop)
-        out.items.append(item)
+        out.chunks.append(item)
         seq.num_computed += n
         seq.num_pending += int(sample)
         seq.last_step = out.step_id
         if self.cache is not None and (start + n) // self.blocks.block_size > start // self.blocks.block_size:
-            self._register_blocks(seq, start, start + n)  # some block became full in this chunk
+            self.register_blocks(seq, start, start + n)  # some block became full in this chunk
         return n
 
-    def _register_blocks(self, seq: Sequence, start: int, end: int) -> None:
+    def register_blocks(self, seq: Sequence, start: int, end: int) -> None:
         """Put ``seq``'s blocks that fill up within positions [start, end) in the prefix cache, those
         whose tokens are all known (not pending on the device); K/V up to ``end`` is computed or
         being computed by a launched step.
@@ -252,6 +193,13 @@ class Scheduler:
             for i in range(first, last):
                 self.cache.register(seq.block_ids[i], hashes[i])
 
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """More blocks for a running sequence, recorded in its row's block table."""
+        held = len(seq.block_ids)
+        self.blocks.grow(seq.block_ids, num_tokens)
+        for block in seq.block_ids[held:]:
+            self.state.add_block(seq.row, block)
+
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the newest end until ``seq`` fits; False if it cannot run this step."""
         if num_tokens <= len(seq.block_ids) * self.blocks.block_size:
@@ -270,31 +218,36 @@ class Scheduler:
         self._step_done(sched.step_id)
         if output.prompt_logprobs is not None:
             self._route_prompt_logprobs(sched, output.prompt_logprobs, deltas)
-        sampled = (item.seq for item in sched.items if item.sample)
-        bs = self.blocks.block_size
-        for row, (seq, token) in enumerate(zip(sampled, output.token_ids)):
+        tokens = np.asarray(output.token_ids, np.int64)
+        num_decodes = 0
+        if sched.decode is not None:
+            num_decodes = len(sched.decode)
+            self.accept_decodes(sched.decode, tokens[:num_decodes], output.logprobs, deltas)
+        sampled = [item.seq for item in sched.chunks if item.sample]
+        for row, (seq, token) in enumerate(zip(sampled, tokens[num_decodes:].tolist()), start=num_decodes):
+            self.accept_token(seq, token, output.logprobs, row, deltas)
+
+    def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
+                     deltas: StepDeltas) -> None:
+        """One sampled token (from the step's sampled row ``row``) comes back for ``seq``."""
+        if seq.finished:
             seq.num_pending -= 1
-            if seq.finished:
-                continue  # finished a step earlier: this token was computed speculatively
-            seq.output_token_ids.append(token)
-            if seq.params.logprobs is not None:
-                deltas.logprobs.add(seq.request_id, len(deltas.token_ids), token, output.logprobs, row,
-                                    seq.params.logprobs)
-            known = seq.prompt_len + len(seq.output_token_ids)
-            if self.cache is not None and known % bs == 0:  # the token filled a block: now it is known
-                self._register_blocks(seq, known - 1, seq.num_computed)
-            deltas.token_request_ids.append(seq.request_id)
-            deltas.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.finish(seq.request_id, reason)
-                deltas.finished[seq.request_id] = reason
+            return  # finished a step earlier: this token was computed speculatively
+        seq.append_output(token)
+        if seq.params.logprobs is not None:
+            deltas.logprobs.add(seq.request_id, len(deltas.token_ids), token, logprobs, row, seq.params.logprobs)
+        deltas.token_request_ids.append(seq.request_id)
+        deltas.token_ids.append(token)
+        reason = self.stop_reason(seq, token)
+        if reason is not None:
+            self.finish(seq.request_id, reason)
+            deltas.finished[seq.request_id] = reason
 
     @staticmethod
     def _route_prompt_logprobs(sched: SchedulerOutput, found: Logprobs, deltas: StepDeltas) -> None:
         """The step's prompt-logprob entries, in the order the batch builder listed them."""
         row = 0
-        for item in sched.items:
+        for item in sched.chunks:
             seq = item.seq
             for position in range(item.plp_start, item.plp_stop):
                 if not seq.finished:
@@ -302,7 +255,7 @@ class Scheduler:
                                                found, row, seq.params.prompt_logprobs)
                 row += 1
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         stops = len(seq.output_token_ids) > p.min_tokens or not p.min_tokens  # EOS is banned before min_tokens
         if stops and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
@@ -319,6 +272,7 @@ class Scheduler:
             return False
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._running_rows = None
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
@@ -328,6 +282,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> bool:
         """Back to the queue front, to be recomputed; returns True if its blocks free later."""
         self.running.remove(seq)
+        self._running_rows = None
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -335,6 +290,9 @@ class Scheduler:
         return self._release(seq)
 
     def _release(self, seq: Sequence) -> bool:
+        seq.detach()
+        if self.cache is not None:  # the blocks its outputs filled (prompt blocks were cached as computed)
+            self.register_blocks(seq, seq.prompt_len, seq.num_computed)
         blocks, row = seq.block_ids, seq.row
         seq.block_ids, seq.row = [], None
         if seq.last_step > self._last_done_step:

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tandem.engine.step import request_values
 from tandem.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.engine.running import RunningState
 
 
 class SeqStatus(enum.Enum):
@@ -28,10 +32,33 @@ class EngineRequest:
     max_new_tokens: int  # max_tokens, capped by the room left under max_model_len
 
 
+class _RowCounter:
+    """A counter kept in the running state's array of the same name while the sequence is attached
+    to it (running), in the sequence's own ``_<name>`` field otherwise."""
+
+    def __init__(self, array: str) -> None:
+        self.array, self.own = array, "_" + array
+
+    def __get__(self, seq: Sequence, owner: type | None = None) -> int:
+        state = seq._state
+        return getattr(seq, self.own) if state is None else int(getattr(state, self.array)[seq.row])
+
+    def __set__(self, seq: Sequence, value: int) -> None:
+        state = seq._state
+        if state is None:
+            setattr(seq, self.own, value)
+        else:
+            getattr(state, self.array)[seq.row] = value
+
+
 @dataclass(eq=False)
 class Sequence:
     """Token bookkeeping is optimistic: a token scheduled for sampling counts as *pending* until
-    the step that samples it has been processed, so the next step can be scheduled before then."""
+    the step that samples it has been processed, so the next step can be scheduled before then.
+
+    While it runs, its counters (``num_computed``, ``num_pending``, ``last_step``, ``num_tokens``)
+    live in the scheduler's ``RunningState`` at its row, where a decode step advances a whole batch
+    at once; the properties read and write them wherever they are."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -39,13 +66,10 @@ class Sequence:
     seed: int
     max_new_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
-    num_pending: int = 0
-    num_computed: int = 0  # tokens whose K/V is written, or will be by a launched step
     block_ids: list[int] = field(default_factory=list)
     #: prefix caching: hashes of the full blocks of known tokens, computed once (``prefix_cache``)
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     row: int | None = None  # this sequence's row in the device's next-token table while it runs
-    last_step: int = -1  # newest step that includes this sequence
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
@@ -56,6 +80,11 @@ class Sequence:
     bias_ids: np.ndarray = field(init=False, repr=False)  # the request's logit_bias, as arrays
     bias_values: np.ndarray = field(init=False, repr=False)
     min_tokens_ban: np.ndarray = field(init=False, repr=False)  # stop ids banned before min_tokens (scheduler)
+    # the counters while not attached to a running state
+    _computed: int = field(default=0, init=False, repr=False)  # tokens whose K/V is written or being written
+    _pending: int = field(default=0, init=False, repr=False)
+    _last_step: int = field(default=-1, init=False, repr=False)  # newest step that includes this sequence
+    _state: RunningState | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_token_ids)
@@ -64,6 +93,49 @@ class Sequence:
         self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
         self.bias_values = np.fromiter(bias.values(), np.float64, len(bias))
         self.min_tokens_ban = np.zeros(0, np.int64)
+
+    # --- counters: in the running state while attached --------------------------------------
+    num_computed = _RowCounter("computed")  # type: ignore[assignment]
+    last_step = _RowCounter("last_step")  # type: ignore[assignment]
+
+    def attach(self, state: RunningState, row: int) -> None:
+        """Start running in ``row``: the counters move to ``state``."""
+        self.row = row
+        state.attach(self, row, self._computed, self.prompt_len + len(self.output_token_ids) + self._pending,
+                     self._pending, self._last_step)
+        self._state = state
+
+    def detach(self) -> None:
+        """Stop running: the counters come back here; the row no longer belongs to this sequence."""
+        state, row = self._state, self.row
+        if state is None:
+            return
+        self._computed, self._pending = int(state.computed[row]), int(state.pending[row])
+        self._last_step = int(state.last_step[row])
+        state.tag[row] = 0
+        self._state = None
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending if self._state is None else int(self._state.pending[self.row])
+
+    @num_pending.setter
+    def num_pending(self, value: int) -> None:
+        if self._state is None:
+            self._pending = value
+        else:
+            state, row = self._state, self.row
+            state.tokens[row] += value - state.pending[row]
+            state.pending[row] = value
+
+    def append_output(self, token: int) -> None:
+        """A pending token came back: it is known now (the number of tokens does not change)."""
+        self.output_token_ids.append(token)
+        if self._state is None:
+            self._pending -= 1
+        else:
+            self._state.pending[self.row] -= 1
+            self._state.last_token[self.row] = token
 
     @property
     def has_bias(self) -> bool:
@@ -76,11 +148,14 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return self.prompt_len + len(self.output_token_ids) + self.num_pending
+        """Prompt + output + pending."""
+        if self._state is None:
+            return self.prompt_len + len(self.output_token_ids) + self._pending
+        return int(self._state.tokens[self.row])
 
     @property
     def num_generated(self) -> int:
-        return len(self.output_token_ids) + self.num_pending
+        return self.num_tokens - self.prompt_len
 
     @property
     def done_scheduling(self) -> bool:

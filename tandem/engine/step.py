@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -137,8 +138,7 @@ class StepShape:
     @property
     def num_words(self) -> int:
         """Length of the packed buffer: int fields, then float fields two to a word."""
-        ints = sum(self.size(f.per) for f in INT_FIELDS)
-        return ints + -(-sum(self.size(f.per) for f in FLOAT_FIELDS) // 2)
+        return -(-field_offsets(self)["_end"][0] // 2)
 
     @property
     def is_decode(self) -> bool:
@@ -182,7 +182,7 @@ class StepOutput:
     and the logprobs the step asked for (rows that did not ask hold values to ignore)."""
 
     step_id: int
-    token_ids: list[int]
+    token_ids: np.ndarray  # int64 (a list works too)
     logprobs: Logprobs | None = None  # one row per sampled row
     prompt_logprobs: Logprobs | None = None  # one row per prompt-logprob entry of the step
 
@@ -225,7 +225,7 @@ def parse_output(buf: np.ndarray, step_id: int, shape: StepShape, flags: Sampler
     for part in floats:
         values[part.name] = words[offset:offset + part.rows * part.cols].reshape(part.rows, part.cols)
         offset += part.rows * part.cols
-    return StepOutput(step_id, values["token_ids"][:, 0].tolist(), _logprobs(values, ""), _logprobs(values, "prompt_"))
+    return StepOutput(step_id, values["token_ids"][:, 0], _logprobs(values, ""), _logprobs(values, "prompt_"))
 
 
 def _logprobs(values: dict[str, np.ndarray], prefix: str) -> Logprobs | None:
@@ -236,26 +236,32 @@ def _logprobs(values: dict[str, np.ndarray], prefix: str) -> Logprobs | None:
 
 
 def pack(arrays: dict[str, np.ndarray], shape: StepShape) -> np.ndarray:
-    """Concatenate every field (checked against its size) into the int64 step buffer."""
-    parts = []
+    """Every field (checked against its size) into one int64 step buffer, in field order."""
+    out = np.empty(shape.num_words, np.int64)
+    floats = out.view(np.float32)
+    offsets = field_offsets(shape)
     for f in INT_FIELDS:
-        parts.append(_checked(arrays[f.name], f, shape).astype(np.int64, copy=False))
-    floats = np.concatenate([_checked(arrays[f.name], f, shape) for f in FLOAT_FIELDS]).astype(np.float32)
-    if floats.size % 2:
-        floats = np.append(floats, np.float32(0))
-    parts.append(floats.view(np.int64))
-    return np.concatenate(parts)
+        start, size = offsets[f.name]
+        out[start:start + size] = _checked(arrays[f.name], f, size)
+    for f in FLOAT_FIELDS:
+        start, size = offsets[f.name]
+        floats[start:start + size] = _checked(arrays[f.name], f, size)
+    if offsets["_end"][0] % 2:
+        floats[-1] = 0  # the last word's unused half
+    return out
 
 
-def _checked(a: Any, f: StepField, shape: StepShape) -> np.ndarray:
+def _checked(a: Any, f: StepField, size: int) -> np.ndarray:
     a = np.asarray(a).ravel()
-    if a.size != shape.size(f.per):
-        raise AssertionError(f"step field {f.name} has {a.size} values, the shape needs {shape.size(f.per)}")
+    if a.size != size:
+        raise AssertionError(f"step field {f.name} has {a.size} values, the shape needs {size}")
     return a
 
 
+@lru_cache(maxsize=1024)
 def field_offsets(shape: StepShape) -> dict[str, tuple[int, int]]:
-    """(start, length) of each field in the packed buffer, counted in elements of its own dtype."""
+    """(start, length) of each field in the packed buffer, counted in elements of its own dtype
+    (cached per shape: the steady state repeats a few shapes; treat the result as read-only)."""
     out: dict[str, tuple[int, int]] = {}
     offset = 0
     for f in INT_FIELDS:
@@ -265,4 +271,5 @@ def field_offsets(shape: StepShape) -> dict[str, tuple[int, int]]:
     for f in FLOAT_FIELDS:
         out[f.name] = (offset, shape.size(f.per))
         offset += shape.size(f.per)
+    out["_end"] = (offset, 0)  # where the floats end, in float32 elements
     return out

@@ -248,7 +248,7 @@ class CoreLoop:
     def step_submitted(self, sched: SchedulerOutput, times: SubmitTimes) -> None:
         if not self.arrivals:
             return  # every known request has been scheduled: nothing to look for
-        for item in sched.items:
+        for item in sched.chunks:  # admissions are chunks
             if item.start == item.num_cached:  # a first chunk; a preempted one's arrival was popped already
                 arrived = self.arrivals.pop(item.seq.request_id, None)
                 if arrived is not None:

@@ -1,0 +1,146 @@
+"""The scheduler's steady state with array operations: plan the decoding sequences of a step, and take
+in the tokens a decode block sampled.
+
+A running sequence is *decoding* when exactly one of its tokens is not computed yet (the newest,
+known or still pending on the device) and it may produce more. Planning them all at once is exactly
+what the per-sequence loop would decide when the KV blocks suffice for the step: the decoding
+sequences take one token each (those whose next position starts a new block get one), and the
+sequences with a prefill chunk left come after them in order. When blocks are short (a preemption
+may be due), ``plan`` declines and the scheduler's per-sequence loop decides everything, as before.
+
+Taking in tokens does per sequence only the unavoidable (appending to its output list); stop
+conditions, logprob entries and counters are array operations, and sequences that need more
+(stop token ids, logit bias, a finish) go one by one. (Blocks that decodes fill are registered in
+the prefix cache when their sequence leaves the batch: see ``Scheduler``.)"""
+from __future__ import annotations
+
+import numpy as np
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.deltas import StepDeltas
+from tandem.engine.plan import DecodeBlock, SchedulerOutput
+from tandem.engine.prefix_cache import PrefixCache
+from tandem.engine.running import RunningState
+from tandem.engine.sequence import Sequence
+from tandem.engine.step import Logprobs
+
+
+class DecodePath:
+    """The scheduler's array-operation paths (a mixin of ``Scheduler``, which defines the rest)."""
+
+    decode_fast_path = True  # False: every step through the per-sequence loop (tests compare the two)
+
+    running: list[Sequence]
+    state: RunningState
+    blocks: BlockManager
+    cache: PrefixCache | None
+    max_num_batched_tokens: int
+    eos_array: np.ndarray
+
+    def running_rows(self) -> np.ndarray: ...
+    def stop_reason(self, seq: Sequence, token: int) -> str | None: ...
+    def finish(self, request_id: str, reason: str) -> bool: ...
+    def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
+                     deltas: StepDeltas) -> None: ...
+
+    def plan_decodes(self, out: SchedulerOutput) -> list[Sequence] | None:
+        """Put the decoding sequences in ``out.decode``; returns the other running sequences (prefill
+        chunks to plan one by one), or None if the step may need a preemption (nothing planned)."""
+        running = self.running
+        if not running:
+            return []
+        if not self.decode_fast_path:
+            return None
+        st, rows = self.state, self.running_rows()
+        tokens, computed = st.tokens[rows], st.computed[rows]
+        left = tokens - computed
+        decoding = np.flatnonzero((left == 1) & (tokens < st.max_tokens[rows]))
+        chunked = np.flatnonzero(left > 1)
+        if decoding.size == 0 or decoding.size > self.max_num_batched_tokens:
+            return None
+        r, c = rows[decoding], computed[decoding]
+        bs = self.blocks.block_size
+        grows = np.flatnonzero(c >= st.num_blocks[r] * bs)
+        chunked_seqs = [running[i] for i in chunked.tolist()]
+        if grows.size + self._chunk_blocks(chunked_seqs, decoding.size) > self.blocks.num_free:
+            return None
+        if grows.size:  # their next position starts a block: one new block each
+            self._add_blocks([running[i] for i in decoding[grows].tolist()], r[grows])
+        pending = st.pending[r]
+        st.computed[r] += 1
+        st.tokens[r] += 1
+        st.pending[r] += 1
+        st.last_step[r] = out.step_id
+        seqs = list(running) if decoding.size == len(running) else [running[i] for i in decoding.tolist()]
+        out.decode = DecodeBlock(seqs, r, c, tokens[decoding] - st.prompt_len[r], pending, st.tag[r], st)
+        return chunked_seqs
+
+    def _add_blocks(self, seqs: list[Sequence], rows: np.ndarray) -> None:
+        new = self.blocks.allocate(len(seqs))
+        for seq, block in zip(seqs, new):
+            seq.block_ids.append(block)
+        self.state.add_blocks(rows, np.array(new, np.int64))
+
+    def _chunk_blocks(self, chunked: list[Sequence], num_decodes: int) -> int:
+        """Blocks the prefill chunks after the decodes would take, with the token budget they would get."""
+        budget, need = self.max_num_batched_tokens - num_decodes, 0
+        for seq in chunked:
+            if budget <= 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need += self.blocks.blocks_needed(len(seq.block_ids), seq.num_computed + n)
+            budget -= n
+        return need
+
+    def accept_decodes(self, block: DecodeBlock, tokens: np.ndarray, logprobs: Logprobs | None,
+                       deltas: StepDeltas) -> None:
+        """The tokens a decode block sampled (in its order) come back."""
+        st = self.state
+        live = st.tag[block.rows] == block.tags  # rows still held by the sequence they were planned for
+        if not live.all():  # finished or preempted since: one by one
+            for i in np.flatnonzero(~live).tolist():
+                self.accept_token(block.seqs[i], int(tokens[i]), logprobs, i, deltas)
+            index = np.flatnonzero(live)
+            seqs, rows, tokens = [block.seqs[i] for i in index.tolist()], block.rows[index], tokens[index]
+        else:
+            index, seqs, rows = np.arange(len(block)), block.seqs, block.rows
+        if not seqs:
+            return
+        st.pending[rows] -= 1
+        st.last_token[rows] = tokens
+        token_list = tokens.tolist()
+        for append, token in zip(st.append_output[rows].tolist(), token_list):
+            append(token)
+        first = len(deltas.token_ids)
+        request_ids = st.request_ids[rows].tolist()
+        deltas.token_request_ids += request_ids
+        deltas.token_ids += token_list
+        self._add_logprobs(st.logprobs[rows], request_ids, first, tokens, logprobs, index, deltas)
+        out_len = st.tokens[rows] - st.pending[rows] - st.prompt_len[rows]
+        self._finish_stopped(seqs, rows, tokens, out_len, deltas)
+
+    def _add_logprobs(self, ks: np.ndarray, request_ids: list[str], first: int, tokens: np.ndarray,
+                      logprobs: Logprobs | None, sample_rows: np.ndarray, deltas: StepDeltas) -> None:
+        wants = np.flatnonzero(ks >= 0)
+        if wants.size == 0 or logprobs is None:
+            return
+        ids = request_ids if wants.size == len(request_ids) else [request_ids[i] for i in wants.tolist()]
+        deltas.logprobs.add_rows(ids, first + wants, tokens[wants], logprobs, sample_rows[wants], ks[wants])
+
+    def _finish_stopped(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray,
+                        out_len: np.ndarray, deltas: StepDeltas) -> None:
+        """EOS (once ``min_tokens`` are out) and length as arrays; stop token ids one by one."""
+        st = self.state
+        min_tokens = st.min_tokens[rows]
+        is_eos = np.zeros(len(tokens), bool)
+        for eos_id in self.eos_array.tolist():  # one or a few ids: cheaper than np.isin
+            is_eos |= tokens == eos_id
+        eos = st.stops_on_eos[rows] & is_eos & ((out_len > min_tokens) | (min_tokens == 0))
+        length = out_len + st.prompt_len[rows] >= st.max_tokens[rows]
+        special = st.special[rows]
+        for i in np.flatnonzero(eos | length | special).tolist():
+            seq = seqs[i]
+            reason = self.stop_reason(seq, int(tokens[i]))
+            if reason is not None:
+                self.finish(seq.request_id, reason)
+                deltas.finished[seq.request_id] = reason

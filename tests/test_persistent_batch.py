@@ -1,0 +1,142 @@
+"""The persistent batch (``RunningState``) and the array-operation decode path against the per-sequence
+code they replace in the steady state: the same plans, the same packed steps, the same tokens, and a
+running state that always mirrors the sequences it holds."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tandem.engine.batch import Padding, build_step
+from tandem.engine.block_manager import BlockManager, RowPool
+from tandem.engine.plan import SchedulerOutput
+from tandem.engine.prefix_cache import PrefixCache
+from tandem.engine.scheduler import Scheduler, StepDeltas
+from tandem.engine.sequence import Sequence
+from tandem.engine.step import Logprobs, StepOutput
+from tandem.sampling_params import SamplingParams
+
+EOS = 3
+VOCAB = 40
+
+
+def _params(rng: random.Random) -> SamplingParams:
+    return rng.choice([
+        SamplingParams(max_tokens=64),
+        SamplingParams(max_tokens=64, temperature=0.7, seed=rng.randrange(100), logprobs=rng.randint(0, 3)),
+        SamplingParams(max_tokens=64, ignore_eos=True, stop_token_ids=[5, 6]),
+        SamplingParams(max_tokens=64, min_tokens=rng.randint(1, 4), logit_bias={7: 1.5}),
+        SamplingParams(max_tokens=64, presence_penalty=0.5, repetition_penalty=1.2),
+    ])
+
+
+def _workload(seed: int, n: int) -> list[Sequence]:
+    rng = random.Random(seed)
+    return [Sequence(str(i), [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 30))], _params(rng), seed=i,
+                     max_new_tokens=rng.randint(1, 24)) for i in range(n)]
+
+
+def _scheduler(fast: bool, num_blocks: int, budget: int, caching: bool = False) -> Scheduler:
+    s = Scheduler(6, budget, BlockManager(num_blocks, 4, PrefixCache() if caching else None), RowPool(12),
+                  eos_token_ids=frozenset({EOS}), max_blocks_per_seq=32)
+    s.decode_fast_path = fast
+    return s
+
+
+def _output(sched: SchedulerOutput, step: int) -> StepOutput:
+    """Deterministic fake tokens (EOS now and then) and logprobs for every sampled entry."""
+    ids = [e.seq.request_id for e in sched.items if e.sample]
+    tokens = np.array([(int(rid) * 7 + step * 3) % VOCAB for rid in ids], np.int64)
+    n, k = len(tokens), 3
+    found = Logprobs(-np.arange(n, dtype=np.float32), np.arange(1, n + 1), np.arange(n * k).reshape(n, k) % VOCAB,
+                     -np.ones((n, k), np.float32))
+    return StepOutput(step, tokens, found)
+
+
+def _entries(sched: SchedulerOutput) -> set[tuple]:
+    return {(e.seq.request_id, e.start, e.num_tokens, e.sample, e.gen_index) for e in sched.items}
+
+
+def check_state(s: Scheduler) -> None:
+    """Each running sequence's row in the running state mirrors the sequence."""
+    st = s.state
+    for seq in s.running:
+        r = seq.row
+        assert st.tokens[r] == seq.prompt_len + len(seq.output_token_ids) + seq.num_pending
+        assert st.num_blocks[r] == len(seq.block_ids)
+        assert st.block_table[r, :len(seq.block_ids)].tolist() == seq.block_ids
+        known = seq.prompt_token_ids + seq.output_token_ids
+        assert st.last_token[r] == known[-1] and st.request_ids[r] == seq.request_id
+        assert st.tag[r] > 0 and seq._state is st
+    for seq in s.waiting:
+        assert seq._state is None
+
+
+def _run(fast: bool, seed: int, num_blocks: int, budget: int, caching: bool = False, lag: int = 1):
+    """Run a workload to the end, ``lag`` steps in flight (1: asynchronous batching)."""
+    s = _scheduler(fast, num_blocks, budget, caching)
+    seqs = _workload(seed, 14)
+    for seq in seqs:
+        s.add(seq)
+    plans, in_flight = [], []
+    for step in range(3000):
+        sched = s.schedule()
+        if len(sched):
+            in_flight.append(sched)
+            plans.append(_entries(sched))
+        while in_flight and (len(in_flight) > lag or not len(sched)):
+            done = in_flight.pop(0)
+            deltas = StepDeltas()
+            s.update(done, _output(done, done.step_id), deltas)
+            check_state(s)
+        if not s.has_work() and not in_flight:
+            break
+    outputs = {q.request_id: (q.output_token_ids, q.finish_reason) for q in seqs}
+    return plans, outputs, s
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("lag", [0, 1])
+def test_the_decode_path_plans_what_the_per_sequence_loop_plans(seed, lag):
+    """With blocks and budget to spare (so no policy choice differs), identical steps and outputs."""
+    slow_plans, slow_out, _ = _run(False, seed, num_blocks=200, budget=512, lag=lag)
+    fast_plans, fast_out, s = _run(True, seed, num_blocks=200, budget=512, lag=lag)
+    assert fast_plans == slow_plans and fast_out == slow_out
+    assert s.blocks.num_free == 199 and s.rows.num_free == s.rows.num_rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_under_memory_pressure_and_caching_the_state_stays_true(seed):
+    """Tight blocks force the fallback (preemption) and small budgets chunk prefills; every step's
+    state is checked against the sequences (``check_state``) and everything comes back."""
+    _, out, s = _run(True, seed, num_blocks=24, budget=16, caching=True)
+    assert all(reason is not None for _, reason in out.values())
+    assert s.blocks.num_free == 23 and s.rows.num_free == s.rows.num_rows and not s.requests
+
+
+def test_steady_decodes_take_the_array_path():
+    s = _scheduler(True, 200, 512)
+    for seq in _workload(1, 5):
+        seq.max_new_tokens = 20
+        s.add(seq)
+    first = s.schedule()
+    s.update(first, _output(first, 0), StepDeltas())
+    second = s.schedule()
+    assert second.decode is not None and len(second.decode) == 5 and not second.chunks
+
+
+@pytest.mark.parametrize("pad", [None, Padding(8, 8, 10, padding_row=12), Padding(8, 8, 10, padding_row=11)])
+def test_a_decode_block_packs_exactly_like_its_entries_one_by_one(pad):
+    s = _scheduler(True, 200, 512)
+    for seq in _workload(2, 6):
+        seq.max_new_tokens = 20
+        s.add(seq)
+    for step in range(4):
+        sched = s.schedule()
+        if step >= 2:  # steady decodes, some tokens known, some pending
+            assert sched.decode is not None
+            one_by_one = SchedulerOutput(sched.step_id, sched.items)
+            a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad)
+            assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
+        s.update(sched, _output(sched, step), StepDeltas())
