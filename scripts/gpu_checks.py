@@ -161,30 +161,29 @@ def prefix_caching(num_cases: int, dtype: str) -> bool:
         off = run_case(case, False, device="cuda", dtype=dtype, cuda_graphs=True, prefix_caching=False)
         on, stats = run_case_with_stats(case, bool(seed % 2), device="cuda", dtype=dtype, cuda_graphs=True)
         hits += stats.prefix_cache_hits
-        failures += _reported(case, compare(case, off, on, names=("off", "on"), aborts_may_differ=True))
+        # float32: the cached prefix's KV came from another batch's matmuls, so logits may sit a
+        # rounding apart (tokens may not; TANDEM_PREFIX_DTYPE=float64 makes them exact)
+        atol = 1e-4 if dtype == "float32" else 0.0
+        failures += _reported(case, compare(case, off, on, names=("off", "on"), aborts_may_differ=True,
+                                            logprob_atol=atol))
     print(f"prefix caching on == off ({dtype}, CUDA graphs on, sync and async): {num_cases - failures}/{num_cases} "
           f"cases identical, {hits} prompt tokens from the cache, in {time.time() - t0:.0f} s")
     return failures == 0
 
 
-def _token_differences(ref: dict, out: dict) -> list[str]:
-    """Tokens and finish reasons must match exactly; logprobs up to float32 log-sum-exp rounding."""
-    problems = []
-    for rid, a in ref.items():
-        b = out.get(rid)
-        if b is None or (a.token_ids, a.finish_reason) != (b.token_ids, b.finish_reason):
-            problems.append(f"{rid}: torch {a} vs kernels {b}")
-            continue
-        for la, lb in ((a.logprobs, b.logprobs), (a.prompt_logprobs, b.prompt_logprobs)):
-            for ea, eb in zip(la or [], lb or []):
-                if ea is not None and max((abs(x - y) for (_, x, _), (_, y, _) in zip(ea, eb)), default=0) > 1e-4:
-                    problems.append(f"{rid}: logprobs differ beyond 1e-4: {ea} vs {eb}")
-    return problems
+def _valid_top_p_cutoff(row: torch.Tensor, t: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                        cutoff: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Whether ``cutoff`` keeps a top-k/top-p set in float64 up to ``tol`` of probability mass."""
+    x = row.double()
+    kth = x.sort(descending=True).values[int(k) - 1] if int(k) > 0 else -float("inf")
+    probs = torch.where(x >= kth, x / float(t), -float("inf")).softmax(-1)
+    before, through = probs[x > cutoff].sum().item(), probs[x >= cutoff].sum().item()
+    return bool(cutoff >= kth) and before < float(p) + tol and through >= float(p) - tol
 
 
 def sampling_kernels(num_cases: int) -> bool:
     """Kernels vs definitions on CUDA (float32 logits, Llama 3's vocabulary), then whole runs."""
-    from differential import make_case, run_case
+    from differential import compare, make_case, run_case
 
     from tandem.kernels.top_k_top_p import fused_cutoff
     from tandem.worker.sampler import top_k_top_p_cutoff
@@ -200,7 +199,12 @@ def sampling_kernels(num_cases: int) -> bool:
     want = top_k_top_p_cutoff(logits, temperature, top_k, top_p)
     got = fused_cutoff(logits, temperature, top_k, top_p)
     same = int((got == want).sum().item())
-    print(f"sampling cutoff kernel == sorted definition: {same}/{n} rows (vocab {vocab})")
+    # a row may differ where the mass kept reaches top_p within float32 summation order
+    differing = (got != want).nonzero().flatten().tolist()
+    near = [r for r in differing if _valid_top_p_cutoff(logits[r], temperature[r], top_k[r], top_p[r], got[r])]
+    print(f"sampling cutoff kernel == sorted definition: {same}/{n} rows (vocab {vocab}); of the others, "
+          f"{len(near)} at a top-p boundary within 1e-5 of mass")
+    same += len(near)
     failures = 0
     for seed in range(7000, 7000 + num_cases):
         case = make_case(seed)
@@ -208,7 +212,7 @@ def sampling_kernels(num_cases: int) -> bool:
         ref = run_case(case, False, device="cuda", dtype="float32", cuda_graphs=True)
         os.environ["TANDEM_SAMPLER"] = "auto"
         out = run_case(case, True, device="cuda", dtype="float32", cuda_graphs=True)
-        failures += _reported(case, _token_differences(ref, out))
+        failures += _reported(case, compare(case, ref, out, names=("torch", "kernels"), logprob_atol=1e-4))
     print(f"engine with sampling kernels == with torch definitions: {num_cases - failures}/{num_cases} cases")
     return same == n and failures == 0
 

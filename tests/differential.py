@@ -109,6 +109,30 @@ class Outcome:
         c = out.outputs[0]
         return cls(c.token_ids, c.text, reason or c.finish_reason, _flat(c.logprobs), _flat(out.prompt_logprobs))
 
+    def matches(self, other: "Outcome", logprob_atol: float = 0.0) -> bool:
+        """Equal, except that logprob values may differ by ``logprob_atol`` (runs whose float32
+        math takes other shapes: the same tokens, logits a rounding apart)."""
+        if logprob_atol == 0.0 or self == other:
+            return self == other
+        if (self.token_ids, self.text, self.finish_reason) != (other.token_ids, other.text, other.finish_reason):
+            return False
+        return all(_entries_close(a, b, logprob_atol) for a, b in ((self.logprobs, other.logprobs),
+                                                                   (self.prompt_logprobs, other.prompt_logprobs)))
+
+
+def _entries_close(a: list | None, b: list | None, atol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    if len(a) != len(b):
+        return False
+    for ea, eb in zip(a, b):
+        if (ea is None) != (eb is None):
+            return False
+        if ea is not None and ([(t, r) for t, _, r in ea] != [(t, r) for t, _, r in eb]
+                               or any(abs(x - y) > atol for (_, x, _), (_, y, _) in zip(ea, eb))):
+            return False
+    return True
+
 
 def _flat(entries: list | None) -> list | None:
     if entries is None:
@@ -153,7 +177,7 @@ def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", d
 
 
 def compare(case: Case, sync: dict[str, Outcome], asyn: dict[str, Outcome], names: tuple[str, str] = ("sync", "async"),
-            aborts_may_differ: bool = False) -> list[str]:
+            aborts_may_differ: bool = False, logprob_atol: float = 0.0) -> list[str]:
     """Differences, which are bugs. Sync and async make the same decisions at the same loop steps, so
     every request (aborted ones too) must end identically. Runs that schedule differently (prefix
     caching on vs off) get ``aborts_may_differ``: an abort at a given loop step may cut a request at
@@ -163,7 +187,7 @@ def compare(case: Case, sync: dict[str, Outcome], asyn: dict[str, Outcome], name
         s, a = sync.get(r.rid), asyn.get(r.rid)
         if s is None or a is None:
             problems.append(f"{r.rid}: no final output ({names[0]}={s}, {names[1]}={a})")
-        elif s != a and not (aborts_may_differ and _cut_short_by_abort(s, a)):
+        elif not s.matches(a, logprob_atol) and not (aborts_may_differ and _cut_short_by_abort(s, a)):
             problems.append(f"{r.rid}: {names[0]} {s} vs {names[1]} {a}")
     return problems
 

@@ -36,6 +36,10 @@ def _time_ms(fn, reps: int) -> float:
 
 
 def measure_ceilings(device: torch.device, copy_bytes: int = 2 << 30, gemm_n: int = 8192) -> Ceilings:
+    # the engine holds most of the memory (a KV cache at gpu_memory_utilization): copy what fits,
+    # and at least 256 MiB, which still times the copy at its steady bandwidth
+    free, _ = torch.cuda.mem_get_info(device)
+    copy_bytes = max(256 << 20, min(copy_bytes, (free - (512 << 20)) // 2))
     src = torch.randint(0, 255, (copy_bytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_ms = _time_ms(lambda: dst.copy_(src), 10)
