@@ -21,7 +21,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
           shared_prefix_len: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
           repetition_penalty: float = 1.0, compare_hf: bool = False, hf_modes: list[str] | None = None,
-          json_path: Path | None = None, timeline: Path | None = None, trace: Path | None = None,
+          json_path: str | Path | None = None, timeline: str | Path | None = None,
+          trace: str | Path | None = None,
           timeline_steps: int = 8, progress: bool = True, llm: LLM | None = None,
           **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure.
@@ -68,12 +69,12 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         print(decode_check_text(res))
     print(f"outputs identical across modes: {meta['outputs_identical_across_modes']}")
     if json_path is not None:
-        write_json(data, json_path)
+        write_json(data, Path(json_path))
     title = f"{model}, {w.describe()}, {meta['device']}"
     if timeline is not None:
-        draw_timeline(results, timeline, timeline_steps, title)
+        draw_timeline(results, Path(timeline), timeline_steps, title)
     if trace is not None:
-        write_trace(results, trace)
+        write_trace(results, Path(trace))
     if owned and engine.config.tensor_parallel_size > 1:
         engine.shutdown()  # the other ranks' processes and GPUs are free again when bench() returns
     return data

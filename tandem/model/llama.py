@@ -106,7 +106,12 @@ class LlamaModel:
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[rows, V] in the model's dtype: the sampler widens bf16 as it reads (a float32 copy of every
-        row would cost a pass over the logits)."""
-        return self.comm.gather_logits(F.linear(hidden, self.weights.lm_head))
+        row would cost a pass over the logits). ``out``: where to write them (CUDA graphs share one
+        buffer, so each captured batch size does not keep logits of its own)."""
+        if out is None:
+            return self.comm.gather_logits(F.linear(hidden, self.weights.lm_head))
+        if self.comm.size == 1:
+            return torch.matmul(hidden, self.weights.lm_head.t(), out=out)
+        return out.copy_(self.comm.gather_logits(F.linear(hidden, self.weights.lm_head)))

@@ -58,6 +58,11 @@ class DecodeGraphs:
         n_words = max(s.data.size for s in steps.values())
         # room for a step's variable-length lists (logit-bias entries), staged with it
         self.static_data = torch.zeros(n_words + _LIST_WORDS, dtype=torch.int64, device=self.runner.device)
+        # one logits buffer for every graph: outputs a graph keeps stay allocated in the pool, and
+        # [batch, vocab] per captured size would add up to gigabytes at 1024 sequences
+        model = self.runner.model
+        self.static_logits = torch.empty(max(self.sizes), model.config.vocab_size, dtype=model.dtype,
+                                         device=self.runner.device)
         # the KV cache and weights were written on the default stream: capture only once they are
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
@@ -71,10 +76,11 @@ class DecodeGraphs:
     def _capture_one(self, step: StepInputs, stream: torch.cuda.Stream) -> _Graph:
         data = self.static_data[:step.data.size]
         data.copy_(torch.from_numpy(step.data))
-        self.runner.forward_logits(data, step.shape)  # warm-up: lazy initialisation stays out of the graph
+        out = self.static_logits[:step.shape.num_sampled]
+        self.runner.forward_logits(data, step.shape, out)  # warm-up: lazy initialisation stays out of the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            logits, ids = self.runner.forward_logits(data, step.shape)
+            logits, ids = self.runner.forward_logits(data, step.shape, out)
         return _Graph(graph, step.shape, logits, ids, GraphFields(self.static_data, step.shape))
 
     def lookup(self, step: StepInputs) -> _Graph | None:

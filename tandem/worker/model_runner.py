@@ -145,12 +145,14 @@ class ModelRunner:
         hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(self.attention_inputs(f, shape)))
         return self.finish(hidden, ids, f, shape, flags)
 
-    def forward_logits(self, data: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, torch.Tensor]:
-        """The part of a decode step a CUDA graph captures: logits of the sampled rows, resolved ids."""
+    def forward_logits(self, data: torch.Tensor, shape: StepShape,
+                       logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of a decode step a CUDA graph captures: logits of the sampled rows (into
+        ``logits_out`` when given), resolved ids."""
         f = unpack(data, shape)
         ids = self.resolve_pending(f.input_ids)
         hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(self.attention_inputs(f, shape)))
-        return self.model.compute_logits(hidden[f.logits_indices]), ids
+        return self.model.compute_logits(hidden[f.logits_indices], logits_out), ids
 
     def resolve_pending(self, ids: torch.Tensor) -> torch.Tensor:
         """Placeholders -(row + 1) -> the token the previous step sampled for that row."""
