@@ -138,15 +138,33 @@ def _reported(case, problems: list[str]) -> bool:
     return bool(problems)
 
 
-def differential(num_cases: int, dtype: str) -> bool:
+def _differential_case(seed: int, dtype: str) -> tuple[str, list[str]]:
     from differential import compare, make_case, run_case
 
+    case = make_case(seed)
+    sync = run_case(case, False, device="cuda", dtype=dtype, cuda_graphs=True)
+    asyn = run_case(case, True, device="cuda", dtype=dtype, cuda_graphs=True)
+    return case.describe(), compare(case, sync, asyn)
+
+
+def differential(num_cases: int, dtype: str) -> bool:
+    """Seeds 5000...; ``TANDEM_DIFF_WORKERS`` processes share the GPU (each case builds two small
+    engines, so the host, not the GPU, bounds a case's time)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     t0, failures = time.time(), 0
-    for seed in range(5000, 5000 + num_cases):
-        case = make_case(seed)
-        sync = run_case(case, False, device="cuda", dtype=dtype, cuda_graphs=True)
-        asyn = run_case(case, True, device="cuda", dtype=dtype, cuda_graphs=True)
-        failures += _reported(case, compare(case, sync, asyn))
+    seeds = range(5000, 5000 + num_cases)
+    workers = int(os.environ.get("TANDEM_DIFF_WORKERS", "1"))
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_differential_case, seeds, [dtype] * num_cases))
+    else:
+        results = [_differential_case(seed, dtype) for seed in seeds]
+    for description, problems in results:
+        if problems:
+            print(description + "\n" + "\n".join(problems))
+            failures += 1
     print(f"differential ({dtype}, CUDA graphs on): {num_cases - failures}/{num_cases} cases identical "
           f"in {time.time() - t0:.0f} s")
     return failures == 0

@@ -4,7 +4,8 @@
 #      graphs on, mixed prefill/decode steps, aborts, preemption from a small KV cache, prefix caching
 #      when EngineConfig has enable_prefix_caching), on the random:tiny preset
 #   2. the same under racecheck (fewer requests: racecheck is the slower tool)
-#   3. TANDEM_DIFF_CASES=200 python3 scripts/gpu_checks.py differential (async == sync, graphs on)
+#   3. TANDEM_DIFF_CASES=200 python3 scripts/gpu_checks.py differential (async == sync, graphs on;
+#      DIFF_WORKERS processes, default 6, share the GPU)
 # Logs go to OUTDIR; a short summary is printed last (and kept in OUTDIR/summary.txt).
 # Usage: scripts/sanitizer_run.sh OUTDIR        (COMPUTE_SANITIZER=/path/to/compute-sanitizer to override)
 # Exit status: 0 when every stage is clean, 1 otherwise, 2 when it cannot run here.
@@ -56,7 +57,7 @@ stage memcheck "$MEMCHECK_S" "$SAN" --tool memcheck --error-exitcode 99 --print-
     python3 scripts/sanitizer_workload.py --requests 24 --budget-s $((MEMCHECK_S - 60))
 stage racecheck "$RACECHECK_S" "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 99 --print-limit 50 \
     python3 scripts/sanitizer_workload.py --requests 12 --budget-s $((RACECHECK_S - 60))
-stage differential "$DIFF_S" env TANDEM_DIFF_CASES=200 python3 scripts/gpu_checks.py differential
+stage differential "$DIFF_S" env TANDEM_DIFF_CASES=200 TANDEM_DIFF_WORKERS=${DIFF_WORKERS:-6} python3 scripts/gpu_checks.py differential
 
 python3 scripts/sanitizer_summary.py "$OUT" | tee "$OUT/summary.txt"
 exit "${PIPESTATUS[0]}"
