@@ -44,10 +44,28 @@ def test_held_back_text_is_flushed_at_the_end():
 def test_incremental_text_equals_decoding_everything(tokenizer):
     rng = random.Random(3)
     tok = {"bytes": ByteTokenizer(), "pieces": PieceTokenizer(PIECES), "bpe": make_tokenizer()}[tokenizer]
-    vocab = {"bytes": 258, "pieces": len(PIECES), "bpe": 448}[tokenizer]
+    vocab = {"bytes": 600, "pieces": len(PIECES), "bpe": 448}[tokenizer]  # bytes: BOS/EOS and words too
     for _ in range(300):
         ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
         assert _detok_all(tok, ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_tokens_without_text_do_not_grow_the_window():
+    """Skipped special tokens add no text: they are forgotten, so each step decodes a short window
+    (a stream of them would otherwise cost a decode of everything so far per token)."""
+    tok = PieceTokenizer(PIECES)
+    d = IncrementalDetokenizer(tok, True)
+    texts = [d.add([2])] + [d.add([6]) for _ in range(500)] + [d.add([3]), d.add([4]), d.add([5])]
+    assert len(d.ids) < 10
+    assert "".join(texts) + d.flush() == tok.decode([2] + [6] * 500 + [3, 4, 5]) == "a b中"
+
+
+def test_byte_tokenizer_gives_words_above_the_byte_range():
+    tok = ByteTokenizer()
+    assert tok.decode([104, 105, 256, 257]) == "hi"  # BOS and EOS decode to nothing
+    words = [tok.decode([i]) for i in range(258, 2000)]
+    assert all(w.startswith(" w") and w[2:].isalpha() for w in words) and len(set(words)) == len(words)
+    assert tok.decode([104, 300, 105]) == "h" + tok.decode([300]) + "i"
 
 
 def _run(tokenizer, ids, stop):

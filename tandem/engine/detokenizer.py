@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
         self.extra = 0  # characters emitted beyond that prefix's text while the window was held open
 
     def add(self, token_ids: list[int]) -> str:
+        start = len(self.ids)
         self.ids.extend(token_ids)
         prefix = self._decode(self.prefix_offset, self.read_offset)
         full = self._decode(self.prefix_offset, len(self.ids))
@@ -31,6 +32,10 @@ class IncrementalDetokenizer:
         new = stable[len(prefix) + self.extra:]
         if not pending and len(full) > len(prefix):
             self.prefix_offset, self.read_offset, self.extra = self.read_offset, len(self.ids), 0
+        elif full == prefix and self.extra == 0 and start == self.read_offset:
+            # tokens that add no text (skipped special tokens): forget them, or the window decoded
+            # each step would grow with every one of them
+            del self.ids[start:]
         else:
             self.extra += len(new)
         return new
