@@ -15,6 +15,7 @@ def test_bench_serve_reports_throughput_latencies_and_idle_fraction(server, tmp_
     assert report["num_errors"] == 0 and report["output_tokens"] == 6 * 24 and report["model"] == "tiny"
     assert report["output_tok_per_s"] > 0 and report["ttft"]["p50_ms"] > 0 and report["tpot"]["p99_ms"] > 0
     assert 0.0 <= report["gpu_idle_fraction"]["at_end"] <= 1.0
+    assert 0.0 <= report["gpu_idle_fraction"]["run"] < 1.0  # from the device-time counters
 
 
 def test_bench_serve_errors_exit_2(server, capsys):

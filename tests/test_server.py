@@ -416,9 +416,11 @@ def test_metrics_export_vllm_names_and_the_gpu_idle_fraction(server, client):
                  "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
                  "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_count",
-                 "request_success_total"):
+                 "request_success_total", "gpu_busy_seconds_total", "gpu_idle_seconds_total"):
         assert f"tandem:{name}{{" in text, name
     from server_utils import metric
 
     assert 0.0 <= metric(server.url, "tandem:gpu_idle_fraction") <= 1.0
+    assert metric(server.url, "tandem:gpu_busy_seconds_total") > 0
+    assert metric(server.url, "tandem:gpu_idle_seconds_total") >= 0
     assert metric(server.url, "tandem:time_to_first_token_seconds_count") >= 1

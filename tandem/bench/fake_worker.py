@@ -57,5 +57,11 @@ class FakeWorker:
     def idle_fraction(self) -> float | None:
         return None
 
+    def device_seconds(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def pause_device_clock(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass

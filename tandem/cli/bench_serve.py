@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompts (the same as `tandem bench --workload-seed`)")
     p.add_argument("--model", default=None, help="served model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the unmeasured first round (the same requests with 16-token outputs)")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     p.set_defaults(func=run)
 
@@ -25,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     from tandem.server.bench import BenchServeConfig, bench_serve
 
     cfg = BenchServeConfig(args.url, args.num_clients, args.num_requests, args.prompt_len, args.max_tokens,
-                           args.temperature, args.seed, args.model, args.api_key)
+                           args.temperature, args.seed, args.model, args.api_key, args.warmup)
     report = bench_serve(cfg, args.json)
     return 0 if report["num_errors"] == 0 else 1

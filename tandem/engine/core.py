@@ -37,6 +37,8 @@ class CoreStats:
     gpu_idle_fraction: float | None  # over the most recent steps (None before two steps ran)
     prefix_cache_queries: int = 0  # since start, in tokens: looked up in the prefix cache at admission
     prefix_cache_hits: int = 0  # since start, in tokens: found there (not computed)
+    gpu_busy_s: float = 0.0  # since start: device time in steps
+    gpu_idle_s: float = 0.0  # since start: device time between steps while there was work
 
 
 @dataclass
@@ -93,8 +95,9 @@ class EngineCore:
     def stats(self) -> CoreStats:
         s = self.scheduler
         cached = s.prefix_cache_stats
+        busy, idle = self.worker.device_seconds()
         return CoreStats(s.num_running, s.num_waiting, s.kv_usage(), s.num_preemptions, self.worker.idle_fraction(),
-                         cached.queries, cached.hits)
+                         cached.queries, cached.hits, busy, idle)
 
     @property
     def prefix_caching(self) -> bool:

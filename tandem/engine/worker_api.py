@@ -48,4 +48,9 @@ class Worker(Protocol):
     def stop_timing(self) -> list[StepInterval]: ...
     def idle_fraction(self) -> float | None:
         """Device idle time between the most recent steps, over their span (always measured)."""
+    def device_seconds(self) -> tuple[float, float]:
+        """Since start: (busy, idle) seconds of the device, idle counting only gaps between steps
+        while the engine had work (see ``pause_device_clock``)."""
+    def pause_device_clock(self) -> None:
+        """The engine has no work: the gap until its next step is not counted as idle."""
     def shutdown(self) -> None: ...

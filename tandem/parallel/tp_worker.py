@@ -107,6 +107,12 @@ class TPWorker:
     def idle_fraction(self) -> float | None:
         return self.rank.idle_fraction()
 
+    def device_seconds(self) -> tuple[float, float]:
+        return self.rank.device_seconds()
+
+    def pause_device_clock(self) -> None:
+        self.rank.pause_device_clock()
+
     def shutdown(self) -> None:
         if self._closed:
             return

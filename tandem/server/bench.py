@@ -9,8 +9,11 @@ The client is a minimal HTTP/1.1 reader on asyncio streams rather than an HTTP l
 of streams and tens of thousands of tokens per second, the client's own cost per event must not be
 what is measured. TTFT is the time to the first streamed text; ITL is the time between streamed
 chunks (a chunk may carry several tokens when the server coalesces); TPOT is (latency - TTFT) /
-(tokens - 1) from the exact token count of the usage chunk. The server's GPU idle fraction is read
-from its /metrics every second while requests run."""
+(tokens - 1) from the exact token count of the usage chunk. Before measuring, one request alone and
+(unless ``warmup`` is off) one round of the workload with 16-token outputs run unmeasured: kernels
+compile on their first use of a shape, which a long-running server pays once. The server's GPU idle
+fraction over the run comes from its cumulative device-time counters read before and after; the
+recent-window gauge is also sampled every second while requests run."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ class BenchServeConfig:
     seed: int = 0
     model: str | None = None  # default: the server's first model
     api_key: str | None = None
+    warmup: bool = True  # one round of the workload with 16-token outputs first (kernels compile on first use)
 
 
 @dataclass
@@ -140,6 +144,21 @@ async def _sample_idle(ep: _Endpoint, samples: list[float], stop: asyncio.Event)
             samples.append(value)
 
 
+def _device_seconds(ep: _Endpoint, text: str | None = None) -> tuple[float, float] | None:
+    """The server's cumulative (busy, idle) device seconds; None from a server without them."""
+    text = ep.get_text("/metrics") if text is None else text
+    busy, idle = _metric(text, "tandem:gpu_busy_seconds_total"), _metric(text, "tandem:gpu_idle_seconds_total")
+    return None if busy is None or idle is None else (busy, idle)
+
+
+def _idle_between(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The idle fraction over a window, from the counters at its ends."""
+    if before is None or after is None:
+        return None
+    busy, idle = after[0] - before[0], after[1] - before[1]
+    return idle / (busy + idle) if busy + idle > 0 else None
+
+
 def _metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -221,8 +240,13 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
     num_requests = cfg.num_requests or cfg.num_clients
     prompts = _prompts(cfg, num_requests, int(entry.get("vocab_size") or 256))
     asyncio.run(_run(cfg, ep, entry["id"], prompts[:1]))  # warm-up: one request alone
+    if cfg.warmup:  # the same shapes once, so first-use kernel compilation is not measured
+        asyncio.run(_run(replace(cfg, max_tokens=min(cfg.max_tokens, 16)), ep, entry["id"], prompts))
+    before = _device_seconds(ep)
     results, wall, idle = asyncio.run(_run(cfg, ep, entry["id"], prompts))
-    report = summarise(cfg, results, wall, idle, _metric(ep.get_text("/metrics"), "tandem:gpu_idle_fraction"))
+    metrics = ep.get_text("/metrics")
+    report = summarise(cfg, results, wall, idle, _metric(metrics, "tandem:gpu_idle_fraction"))
+    report["gpu_idle_fraction"]["run"] = _idle_between(before, _device_seconds(ep, metrics))
     report["model"] = entry["id"]
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -237,6 +261,8 @@ def format_report(r: dict[str, Any]) -> str:
     idle = r["gpu_idle_fraction"]
     idle_text = "n/a" if idle["mean"] is None else f"mean {idle['mean']:.2%}, max {idle['max']:.2%} " \
                                                    f"({idle['samples']} samples, last 256 steps each)"
+    if idle.get("run") is not None:
+        idle_text = f"{idle['run']:.2%} over the run; samples {idle_text}"
     return "\n".join([
         f"bench-serve: {r['model']} at {c['url']}: {c['num_clients']} clients, {r['num_requests']} requests x "
         f"({c['prompt_len']} prompt + {c['max_tokens']} new tokens)",

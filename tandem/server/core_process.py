@@ -196,6 +196,7 @@ class CoreLoop:
     def _report_idle(self) -> None:
         """Once per idle period: the gauges at rest (nothing running, KV blocks free)."""
         if not self.idle_reported or self.rejected or self.errors:
+            self.core.worker.pause_device_clock()  # waiting for requests is not the device's idling
             self._send(StepDeltas(), self._stats())
             self.idle_reported = True
 
@@ -207,7 +208,7 @@ class CoreLoop:
     def _stats(self) -> Stats:
         s = self.core.stats()
         return Stats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions, s.gpu_idle_fraction,
-                     s.prefix_cache_queries, s.prefix_cache_hits)
+                     s.prefix_cache_queries, s.prefix_cache_hits, s.gpu_busy_s, s.gpu_idle_s)
 
     def _drain_input(self) -> bool:
         """Apply every pending message without blocking; False on Shutdown."""

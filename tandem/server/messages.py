@@ -58,6 +58,8 @@ class Stats(msgspec.Struct, array_like=True):
     gpu_idle_fraction: float | None
     prefix_cache_queries: int = 0  # cumulative, in tokens
     prefix_cache_hits: int = 0
+    gpu_busy_s: float = 0.0  # cumulative device seconds in steps
+    gpu_idle_s: float = 0.0  # cumulative device seconds between steps while the core had work
 
 
 class StepUpdate(msgspec.Struct, tag="step", array_like=True):

@@ -82,6 +82,9 @@ class ServerMetrics:
                                                               "prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache (not computed); hit "
                                                         "rate = hits / queries.")
+        self.gpu_busy = counter("gpu_busy_seconds", "Device time spent in the core's steps.")
+        self.gpu_gaps = counter("gpu_idle_seconds", "Device time between the core's steps while it had work "
+                                                    "(idle fraction over a window = its increase over both's).")
         # ours: the API process's per-request state, which must return to 0 when no request is open
         self.open_routes = gauge("api_open_requests", "Engine requests the API process routes outputs for.")
         self.open_outputs = gauge("api_output_states", "Engine requests whose text the API process tracks.")
@@ -94,7 +97,9 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to the last token.", REQUEST_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival in the engine core to first "
                                                                   "scheduled.", REQUEST_BUCKETS)
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}  # core totals already counted
+        # core totals already counted
+        self._seen: dict[str, float] = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "gpu_busy": 0.0,
+                                        "gpu_gaps": 0.0}
         self.gpu_idle.set(math.nan)
 
     def on_stats(self, stats: Stats) -> None:
@@ -105,8 +110,10 @@ class ServerMetrics:
         self._add_total("preemptions", stats.num_preemptions)
         self._add_total("prefix_queries", stats.prefix_cache_queries)
         self._add_total("prefix_hits", stats.prefix_cache_hits)
+        self._add_total("gpu_busy", stats.gpu_busy_s)
+        self._add_total("gpu_gaps", stats.gpu_idle_s)
 
-    def _add_total(self, name: str, total: int) -> None:
+    def _add_total(self, name: str, total: float) -> None:
         """The core sends running totals; a Prometheus counter takes increments."""
         if total > self._seen[name]:
             getattr(self, name).inc(total - self._seen[name])

@@ -18,11 +18,23 @@ class StepTimes:
     def __init__(self, window: int = 256) -> None:
         self._recent: deque[StepInterval] = deque(maxlen=window)
         self._captured: list[StepInterval] | None = None
+        # since start: device time in steps, and in gaps between steps while work was queued
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self._last_end: float | None = None  # None: the next gap is not counted (no work before it)
 
     def add(self, interval: StepInterval) -> None:
         self._recent.append(interval)
         if self._captured is not None:
             self._captured.append(interval)
+        self.busy_s += interval.end - interval.start
+        if self._last_end is not None:
+            self.idle_s += max(0.0, interval.start - self._last_end)
+        self._last_end = interval.end
+
+    def pause(self) -> None:
+        """The engine ran out of work: the time until its next step is not the device's idling."""
+        self._last_end = None
 
     def idle_fraction(self) -> float | None:
         """Gaps between consecutive steps over the span of the recent window (None if too few steps)."""

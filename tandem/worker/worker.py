@@ -131,6 +131,13 @@ class DeviceWorker:
     def idle_fraction(self) -> float | None:
         return self._executor.times.idle_fraction()
 
+    def device_seconds(self) -> tuple[float, float]:
+        times = self._executor.times
+        return times.busy_s, times.idle_s
+
+    def pause_device_clock(self) -> None:
+        self._executor.times.pause()
+
     def shutdown(self) -> None:
         self._executor.shutdown()
 
