@@ -99,3 +99,12 @@ def test_bench_runs_a_tp_group_and_records_its_size():
     assert data["tensor_parallel_size"] == 2 and data["outputs_identical_across_modes"]
     assert all(m["gpu_idle_fraction"] is not None for m in data["modes"].values())
     LLM("random:tiny", device="cpu", tensor_parallel_size=2).engine.shutdown()  # bench freed the group
+
+
+def test_one_shot_all_reduce_is_only_taken_on_cuda_and_can_be_turned_off(monkeypatch):
+    """On a CPU (gloo) every all-reduce stays NCCL/gloo's; TANDEM_TP_ALLREDUCE=nccl keeps it so on CUDA."""
+    from tandem.model.symm_allreduce import make_one_shot
+
+    assert make_one_shot(None, torch.device("cpu"), torch.float32) is None
+    monkeypatch.setenv("TANDEM_TP_ALLREDUCE", "nccl")
+    assert make_one_shot(None, torch.device("cuda"), torch.bfloat16) is None

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.model.model_config import ModelConfig
+from tandem.model.symm_allreduce import OneShotAllReduce, make_one_shot
 from tandem.model.tp_layout import TPLayout
 
 
@@ -41,6 +42,12 @@ class TensorParallelOps:
         self.group, self.size = group, layout.size
         self.rows, self.first_row = layout.vocab_rows(cfg), layout.first_vocab_row(cfg)
         self.vocab_size = cfg.vocab_size
+        self.one_shot: OneShotAllReduce | None = None  # small reduces on CUDA (see ``use_one_shot``)
+
+    def use_one_shot(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Small all-reduces (decode steps) through symmetric memory where it works (collective:
+        every rank calls it)."""
+        self.one_shot = make_one_shot(self.group, device, dtype)
 
     def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Rows of ids outside this rank's vocabulary shard are zero before the all-reduce."""
@@ -50,6 +57,8 @@ class TensorParallelOps:
         return self.reduce(rows.masked_fill_(outside[:, None], 0))
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.one_shot is not None and self.one_shot.takes(partial):
+            return self.one_shot(partial)
         dist.all_reduce(partial, group=self.group)
         return partial
 

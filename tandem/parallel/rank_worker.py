@@ -35,6 +35,7 @@ class RankWorker(DeviceWorker):
     def _load_model(self, max_positions: int) -> LlamaModel:
         c, layout = self.config, self.group.layout
         comm = TensorParallelOps(dist.group.WORLD, layout, resolve_model_config(c.model))
+        comm.use_one_shot(self.device, self.dtype)
         return load_model(c.model, self.device, self.dtype, max_positions, c.seed, layout, comm)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
