@@ -14,6 +14,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from differential import Case, compare, make_case, run_case
 from tp_cases import mixed_requests
