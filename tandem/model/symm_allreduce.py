@@ -25,9 +25,6 @@ class OneShotAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # required by older torch, implied by newer
-            enable(self.group_name)
         self.buffer = symm_mem.empty(MAX_BYTES // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
 
@@ -39,10 +36,23 @@ class OneShotAllReduce:
         return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, t, "sum", self.group_name)
 
 
+_used_in_process = False
+
+
 def make_one_shot(group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> OneShotAllReduce | None:
-    """The one-shot all-reduce if this machine supports it and it sums like NCCL; None otherwise."""
+    """The one-shot all-reduce if this machine supports it and it sums like NCCL; None otherwise.
+    Only the first tensor-parallel engine of a process takes it: symmetric memory set up for a
+    group stays bound to it, and a later group (the same ranks' next engine) would wait on the old
+    one; the ranks agree on this before any of them sets anything up."""
+    global _used_in_process
     if device.type != "cuda" or os.environ.get("TANDEM_TP_ALLREDUCE", "auto") == "nccl":
         return None
+    willing = torch.tensor([int(not _used_in_process)], device=device)
+    dist.all_reduce(willing, op=dist.ReduceOp.MIN, group=group)
+    if not willing.item():
+        logger.info("not the first tensor-parallel engine of this process: NCCL for every all-reduce")
+        return None
+    _used_in_process = True
     try:
         op = OneShotAllReduce(group, device, dtype)
         probe = torch.randn(7, 96, device=device, generator=torch.Generator(device).manual_seed(
