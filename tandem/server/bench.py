@@ -11,7 +11,9 @@ what is measured. TTFT is the time to the first streamed text; ITL is the time b
 chunks (a chunk may carry several tokens when the server coalesces); TPOT is (latency - TTFT) /
 (tokens - 1) from the exact token count of the usage chunk. Before measuring, one request alone and
 (unless ``warmup`` is off) one round of the workload with 16-token outputs run unmeasured: kernels
-compile on their first use of a shape, which a long-running server pays once. The server's GPU idle
+compile on their first use of a shape, which a long-running server pays once. Their prompts are
+not the measured ones, so the run starts with none of its prompts in the prefix cache (as each
+mode of ``tandem bench`` does). The server's GPU idle
 fraction over the run comes from its cumulative device-time counters read before and after; the
 recent-window gauge is also sampled every second while requests run."""
 from __future__ import annotations
@@ -239,9 +241,11 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
         raise ValueError(f"the server does not serve {cfg.model!r}; it serves {[m['id'] for m in models]}")
     num_requests = cfg.num_requests or cfg.num_clients
     prompts = _prompts(cfg, num_requests, int(entry.get("vocab_size") or 256))
-    asyncio.run(_run(cfg, ep, entry["id"], prompts[:1]))  # warm-up: one request alone
-    if cfg.warmup:  # the same shapes once, so first-use kernel compilation is not measured
-        asyncio.run(_run(replace(cfg, max_tokens=min(cfg.max_tokens, 16)), ep, entry["id"], prompts))
+    asyncio.run(_run(cfg, ep, entry["id"], [[1] * cfg.prompt_len]))  # warm-up: one request alone
+    if cfg.warmup:  # the same shapes once, so first-use kernel compilation is not measured; other
+        # prompts (the next seed's), or the run would find its prompts in the prefix cache
+        warm = replace(cfg, max_tokens=min(cfg.max_tokens, 16), seed=cfg.seed + 1)
+        asyncio.run(_run(warm, ep, entry["id"], _prompts(warm, num_requests, int(entry.get("vocab_size") or 256))))
     before = _device_seconds(ep)
     results, wall, idle = asyncio.run(_run(cfg, ep, entry["id"], prompts))
     metrics = ep.get_text("/metrics")
