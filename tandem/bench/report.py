@@ -64,11 +64,15 @@ def _commit() -> str | None:
         return None
 
 
+def provenance() -> dict[str, Any]:
+    """What every benchmark file starts with: the command, the date (UTC), the commit."""
+    return {"command": " ".join(["tandem", *sys.argv[1:]]) if sys.argv else None,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit()}
+
+
 def record(results: list[ModeResult], meta: dict[str, Any], anchors: list[dict] | None) -> dict[str, Any]:
     return {
-        "command": " ".join(["tandem", *sys.argv[1:]]) if sys.argv else None,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        **provenance(),
         "torch": torch.__version__,
         **meta,
         "modes": {r.mode: {k: v for k, v in asdict(r).items() if k != "timeline"} for r in results},

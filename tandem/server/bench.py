@@ -31,6 +31,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from tandem.bench.report import provenance
+
 _decode = msgspec.json.decode
 
 
@@ -252,6 +254,7 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
     report = summarise(cfg, results, wall, idle, _metric(metrics, "tandem:gpu_idle_fraction"))
     report["gpu_idle_fraction"]["run"] = _idle_between(before, _device_seconds(ep, metrics))
     report["model"] = entry["id"]
+    report.update(provenance())
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     if not quiet:
