@@ -21,7 +21,17 @@ def test_busy_and_idle_seconds_skip_the_gaps_without_work():
         times.add(StepInterval(step, t, t + length))
         t, busy = t + length, busy + length
     assert abs(times.busy_s - busy) < 1e-9 and abs(times.idle_s - idle) < 1e-9
-    assert times.idle_fraction() is not None  # the recent window is unaffected
+    # the window (the last 4 steps, all after the pause) counts the gaps between them only
+    assert times.idle_fraction() is not None and times.idle_fraction() < 0.5
+
+
+def test_the_recent_window_skips_the_gap_without_work():
+    times = StepTimes(window=8)
+    times.add(StepInterval(0, 0.0, 1.0))
+    times.add(StepInterval(1, 1.5, 2.5))  # 0.5 s idle with work queued
+    times.pause()
+    times.add(StepInterval(2, 100.0, 101.0))  # 97.5 s without requests: not idling
+    assert abs(times.idle_fraction() - 0.5 / 3.5) < 1e-12
 
 
 def test_overlapping_intervals_count_no_negative_gap():

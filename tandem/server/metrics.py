@@ -74,7 +74,7 @@ class ServerMetrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting for a place in the batch.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).")
         self.gpu_idle = gauge("gpu_idle_fraction", "Fraction of time the device sat idle between the core's "
-                                                   "most recent steps (NaN before two steps ran).")
+                                                   "most recent steps while it had work (NaN before two steps ran).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the engine requests added.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (their KV blocks freed, recomputed).")

@@ -16,7 +16,8 @@ from tandem.engine.worker_api import StepInterval
 
 class StepTimes:
     def __init__(self, window: int = 256) -> None:
-        self._recent: deque[StepInterval] = deque(maxlen=window)
+        # each recent step with the device idle time before it (None: the engine had no work then)
+        self._recent: deque[tuple[StepInterval, float | None]] = deque(maxlen=window)
         self._captured: list[StepInterval] | None = None
         # since start: device time in steps, and in gaps between steps while work was queued
         self.busy_s = 0.0
@@ -24,12 +25,12 @@ class StepTimes:
         self._last_end: float | None = None  # None: the next gap is not counted (no work before it)
 
     def add(self, interval: StepInterval) -> None:
-        self._recent.append(interval)
         if self._captured is not None:
             self._captured.append(interval)
+        gap = None if self._last_end is None else max(0.0, interval.start - self._last_end)
+        self._recent.append((interval, gap))
         self.busy_s += interval.end - interval.start
-        if self._last_end is not None:
-            self.idle_s += max(0.0, interval.start - self._last_end)
+        self.idle_s += gap or 0.0
         self._last_end = interval.end
 
     def pause(self) -> None:
@@ -37,12 +38,14 @@ class StepTimes:
         self._last_end = None
 
     def idle_fraction(self) -> float | None:
-        """Gaps between consecutive steps over the span of the recent window (None if too few steps)."""
-        spans = sorted(self._recent, key=lambda i: i.start)
-        if len(spans) < 2:
+        """Idle time between the recent steps (gaps while the engine had work) over that time plus
+        the steps' own (None if too few steps)."""
+        if len(self._recent) < 2:
             return None
-        gaps = sum(max(0.0, b.start - a.end) for a, b in zip(spans, spans[1:]))
-        return gaps / max(spans[-1].end - spans[0].start, 1e-12)
+        recent = list(self._recent)[1:]  # the oldest step's gap lies outside the window
+        gaps = sum(gap or 0.0 for _, gap in recent)
+        busy = sum(i.end - i.start for i, _ in self._recent)
+        return gaps / max(busy + gaps, 1e-12)
 
     def start_capture(self) -> None:
         self._captured = []
