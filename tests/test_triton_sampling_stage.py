@@ -58,15 +58,17 @@ logits[1, ::3] = float("-inf")
 logits[2, 40] = logits[2].max()  # the chosen token ties the maximum: rank 1
 chosen = torch.randint(0, 1500, (7,), generator=g)
 chosen[1], chosen[2] = 1, 40
+# atol 1e-4 (issue 10's tolerance for logprobs): the interpreter's float32 exp is numpy's, whose
+# SIMD and scalar paths round differently, so a row's sum varies by some ulps between processes
 for x in (logits, logits.bfloat16()):
     lse, logprob, rank = logprob_stats(x, chosen)
     ref = _chunk(x, chosen, 4)
-    assert torch.allclose(lse, x.float().logsumexp(-1), rtol=0, atol=1e-5)
-    assert torch.allclose(logprob, ref["logprob"], rtol=0, atol=1e-5)
+    assert torch.allclose(lse, x.float().logsumexp(-1), rtol=0, atol=1e-4)
+    assert torch.allclose(logprob, ref["logprob"], rtol=0, atol=1e-4)
     assert torch.equal(rank, ref["rank"]) and rank[2] == 1
     got = token_logprobs(x, chosen, 4)  # TANDEM_SAMPLER=triton: the kernel path
     assert torch.equal(got["top_ids"], ref["top_ids"])
-    assert torch.allclose(got["top_logprobs"], ref["top_logprobs"], rtol=0, atol=1e-5)
+    assert torch.allclose(got["top_logprobs"], ref["top_logprobs"], rtol=0, atol=1e-4)
 print("logprobs ok")
 """
 
@@ -111,7 +113,7 @@ for seed in (16, 35):  # each with penalties, logit bias, top-k/top-p and logpro
                 assert (ea is None) == (eb is None)
                 if ea is not None:
                     assert [(t, r) for t, _, r in ea] == [(t, r) for t, _, r in eb]
-                    assert max(abs(x - y) for (_, x, _), (_, y, _) in zip(ea, eb)) < 1e-5
+                    assert max(abs(x - y) for (_, x, _), (_, y, _) in zip(ea, eb)) < 1e-4
 print("engine ok")
 """
 
