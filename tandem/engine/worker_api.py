@@ -47,7 +47,8 @@ class Worker(Protocol):
         """Keep the interval of every step collected from now on (a benchmark's device lane)."""
     def stop_timing(self) -> list[StepInterval]: ...
     def idle_fraction(self) -> float | None:
-        """Device idle time between the most recent steps, over their span (always measured)."""
+        """Device idle time between the most recent steps while the engine had work, over that time
+        plus the steps' own (always measured)."""
     def device_seconds(self) -> tuple[float, float]:
         """Since start: (busy, idle) seconds of the device, idle counting only gaps between steps
         while the engine had work (see ``pause_device_clock``)."""

@@ -242,12 +242,13 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
     if entry is None:
         raise ValueError(f"the server does not serve {cfg.model!r}; it serves {[m['id'] for m in models]}")
     num_requests = cfg.num_requests or cfg.num_clients
-    prompts = _prompts(cfg, num_requests, int(entry.get("vocab_size") or 256))
+    vocab = int(entry.get("vocab_size") or 256)
+    prompts = _prompts(cfg, num_requests, vocab)
     asyncio.run(_run(cfg, ep, entry["id"], [[1] * cfg.prompt_len]))  # warm-up: one request alone
     if cfg.warmup:  # the same shapes once, so first-use kernel compilation is not measured; other
         # prompts (the next seed's), or the run would find its prompts in the prefix cache
         warm = replace(cfg, max_tokens=min(cfg.max_tokens, 16), seed=cfg.seed + 1)
-        asyncio.run(_run(warm, ep, entry["id"], _prompts(warm, num_requests, int(entry.get("vocab_size") or 256))))
+        asyncio.run(_run(warm, ep, entry["id"], _prompts(warm, num_requests, vocab)))
     before = _device_seconds(ep)
     results, wall, idle = asyncio.run(_run(cfg, ep, entry["id"], prompts))
     metrics = ep.get_text("/metrics")
