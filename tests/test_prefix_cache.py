@@ -190,25 +190,32 @@ def test_chunked_prefill_registers_each_block_as_its_chunk_is_scheduled():
     check_references(s)
 
 
-def test_blocks_of_generated_tokens_are_registered_when_the_sequence_leaves():
-    """Decoding sequences fill a block every few steps each: they are cached in one pass when the
-    sequence finishes (or is preempted), not one by one in the step loop."""
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_block_that_outputs_fill_is_registered_when_its_last_token_comes_back(fast_path):
+    """Output blocks are registered as they fill (spread over the steps), not all when the sequence
+    leaves, and a later request finds them while the first still runs."""
     s = _sched()
+    s.decode_fast_path = fast_path
     a = _seq(0, range(1, 7), max_new=6)
     s.add(a)
     first = s.schedule()  # prompt 6 tokens; token 6 pending
     second = s.schedule()  # decode of the pending token (position 6), token 7 pending
     assert s.cache.num_cached == 1  # block 0, computed by the prefill
     _complete(s, first, token=50)
-    _complete(s, second, token=51)
+    _complete(s, second, token=51)  # position 7 is known, its K/V is not computed yet
+    assert s.cache.num_cached == 1
     third = s.schedule()  # computes position 7: block 1 is full and known, a still runs
     _complete(s, third, token=52)
-    assert s.cache.num_cached == 1
-    _run_to_end(s)
-    assert s.cache.num_cached == 2  # a finished: block 1 (positions 4..7) is cached, block 2 is partial
+    assert s.cache.num_cached == 2 and a.status is SeqStatus.RUNNING
     b = _seq(1, list(range(1, 7)) + [50, 51, 52])
     s.add(b)
-    assert s.schedule().items[0].num_cached == 8
+    out = s.schedule()
+    assert next(i for i in out.items if i.seq is b).num_cached == 8
+    _complete(s, out)
+    _run_to_end(s)
+    # a's block 2 never had its last K/V computed; b's 17 tokens computed through position 15 fill
+    # its blocks 2 and 3
+    assert s.cache.num_cached == 4
     check_references(s)
 
 

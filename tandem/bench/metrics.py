@@ -34,6 +34,8 @@ class ModeResult:
     roofline_fraction_gpu: float | None = None  # floor / GPU busy time
     decode_step_check: dict | None = None
     largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
+    #: the host thread between steps: wall and CPU ms summed, and how often the OS preempted it
+    host_thread: dict | None = None
     gc_pauses: dict | None = None  # Python's garbage collector during the run: count, total and longest pause
     prefix_cache_queries: int | None = None  # tokens looked up in the prefix cache (None: caching off)
     prefix_cache_hits: int | None = None  # tokens found there, whose prefill was skipped
@@ -69,7 +71,9 @@ def _host_phases(before: StepRecord | None, after: StepRecord | None) -> dict | 
         return None
     return {"wait_before": before.wait_s * 1e3, "process_before": before.process_s * 1e3,
             "schedule_after": after.schedule_s * 1e3, "build_after": after.build_s * 1e3,
-            "submit_after": after.submit_s * 1e3, "num_seqs_after": after.num_seqs, "num_tokens_after": after.num_tokens}
+            "submit_after": after.submit_s * 1e3, "num_seqs_after": after.num_seqs, "num_tokens_after": after.num_tokens,
+            "plan_wall_after": after.plan_wall_s * 1e3, "plan_cpu_after": after.plan_cpu_s * 1e3,
+            "plan_preempted_after": after.plan_preempted, "plan_page_faults_after": after.plan_page_faults}
 
 
 def decode_idle_fraction(intervals: list[StepInterval], records: dict[int, StepRecord]) -> float | None:
@@ -110,6 +114,10 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
         mean_schedule_ms=ms([r.schedule_s for r in records]), mean_build_ms=ms([r.build_s for r in records]),
         mean_submit_ms=ms([r.submit_s for r in records]), mean_wait_ms=ms([r.wait_s for r in records]),
         mean_process_ms=ms([r.process_s for r in records]))
+    res.host_thread = {"plan_wall_ms": sum(r.plan_wall_s for r in records) * 1e3,
+                       "plan_cpu_ms": sum(r.plan_cpu_s for r in records) * 1e3,
+                       "preempted": sum(r.plan_preempted for r in records),
+                       "page_faults": sum(r.plan_page_faults for r in records)}
     res.timeline = {"host": host_lanes(records), "gpu": [(i.step_id, i.start, i.end) for i in intervals],
                     "decode_steps": [r.step_id for r in records if r.num_decode == r.num_seqs]}
     if intervals:

@@ -4,6 +4,8 @@ A ``StepObserver`` the benchmark attaches to the engine core; device times come 
 step timing, matched by step id."""
 from __future__ import annotations
 
+import resource
+import time
 from dataclasses import dataclass, field
 
 from tandem.engine.observer import ProcessTimes, SubmitTimes
@@ -26,12 +28,26 @@ class StepRecord:
     t_collect: float = 0.0  # host clock when it started waiting for this step's result
     wait_s: float = 0.0  # host blocked on the device's result
     process_s: float = 0.0
+    #: this thread's CPU time and involuntary context switches from the previous step's processed
+    #: callback to this one's submitted callback (the host's planning of this step): CPU time well
+    #: under the wall time, or switches, mean the OS took the CPU away; both high, slow execution
+    plan_cpu_s: float = 0.0
+    plan_wall_s: float = 0.0
+    plan_preempted: int = 0
+    plan_page_faults: int = 0  # minor page faults in that interval (kernel time counted as CPU time)
+
+
+def _thread_clock() -> tuple[float, float, int, int]:
+    """(wall, this thread's CPU seconds, its involuntary context switches and minor faults so far)."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return time.perf_counter(), time.thread_time(), usage.ru_nivcsw, usage.ru_minflt
 
 
 @dataclass
 class StepLog:
     records: list[StepRecord] = field(default_factory=list)
     by_id: dict[int, StepRecord] = field(default_factory=dict)
+    _last: tuple[float, float, int, int] | None = None  # the thread clock at the last processed callback
 
     def step_submitted(self, sched: SchedulerOutput, t: SubmitTimes) -> None:
         chunks, d = sched.chunks, sched.decode
@@ -46,9 +62,14 @@ class StepLog:
             pairs += int(d.starts.sum()) + len(d)
         rec = StepRecord(sched.step_id, sched.num_tokens, len(sched), decode, sampled, kv, pairs, t.begin,
                          t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built)
+        now = _thread_clock()
+        if self._last is not None:
+            rec.plan_wall_s, rec.plan_cpu_s = now[0] - self._last[0], now[1] - self._last[1]
+            rec.plan_preempted, rec.plan_page_faults = now[2] - self._last[2], now[3] - self._last[3]
         self.records.append(rec)
         self.by_id[rec.step_id] = rec
 
     def step_processed(self, step_id: int, t: ProcessTimes) -> None:
         rec = self.by_id[step_id]
         rec.t_collect, rec.wait_s, rec.process_s = t.collect, t.collected - t.collect, t.processed - t.collected
+        self._last = _thread_clock()

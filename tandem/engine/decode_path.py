@@ -10,8 +10,8 @@ may be due), ``plan`` declines and the scheduler's per-sequence loop decides eve
 
 Taking in tokens does per sequence only the unavoidable (appending to its output list); stop
 conditions, logprob entries and counters are array operations, and sequences that need more
-(stop token ids, logit bias, a finish) go one by one. (Blocks that decodes fill are registered in
-the prefix cache when their sequence leaves the batch: see ``Scheduler``.)"""
+(stop token ids, logit bias, a finish) go one by one, and so do the sequences whose new token
+filled a block, which the prefix cache registers then (``Scheduler.register_filled``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +42,7 @@ class DecodePath:
     def finish(self, request_id: str, reason: str) -> bool: ...
     def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
                      deltas: StepDeltas) -> None: ...
+    def register_filled(self, seqs: list[Sequence]) -> None: ...
 
     def plan_decodes(self, out: SchedulerOutput) -> list[Sequence] | None:
         """Put the decoding sequences in ``out.decode``; returns the other running sequences (prefill
@@ -117,7 +118,19 @@ class DecodePath:
         deltas.token_ids += token_list
         self._add_logprobs(st.logprobs[rows], request_ids, first, tokens, logprobs, index, deltas)
         out_len = st.tokens[rows] - st.pending[rows] - st.prompt_len[rows]
+        if self.cache is not None:
+            self._register_filled(seqs, rows, out_len)
         self._finish_stopped(seqs, rows, tokens, out_len, deltas)
+
+    def _register_filled(self, seqs: list[Sequence], rows: np.ndarray, out_len: np.ndarray) -> None:
+        """The sequences whose newest token completed a block (known tokens a multiple of the block
+        size; its K/V is computed, or in flight once the next step is launched)."""
+        st = self.state
+        known = out_len + st.prompt_len[rows]
+        full = np.minimum(known, st.computed[rows])
+        filled = np.flatnonzero((full % self.blocks.block_size == 0) & (full > st.prompt_len[rows]))
+        if filled.size:
+            self.register_filled([seqs[i] for i in filled.tolist()])
 
     def _add_logprobs(self, ks: np.ndarray, request_ids: list[str], first: int, tokens: np.ndarray,
                       logprobs: Logprobs | None, sample_rows: np.ndarray, deltas: StepDeltas) -> None:

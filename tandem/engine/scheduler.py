@@ -16,9 +16,10 @@ runs only for prefill chunks, admissions, blocks filling up, finishes and preemp
 
 With prefix caching (``blocks.cache``), a sequence being admitted starts after the longest chain of
 cached full blocks of its tokens, shared with whoever holds them. Full prompt blocks are registered
-in the cache as soon as a launched step computes their K/V; blocks its outputs fill are registered
-when it leaves the batch (finished or preempted), in one pass instead of one block every few steps
-of every decoding sequence, so a later request can still start from its answer."""
+in the cache as soon as a launched step computes their K/V, and so are blocks its outputs fill, when
+the token that fills one comes back (``register_filled``): the work is spread over the steps, so
+a batch that finishes together does not hash every output block in one step, and a later request
+can start from an answer."""
 from __future__ import annotations
 
 from collections import deque
@@ -151,6 +152,7 @@ class Scheduler(DecodePath):
         """An admitted sequence takes its cached blocks; the cache counts the tokens looked up and found."""
         self.blocks.share(seq.block_ids, cached)
         seq.num_computed = len(cached) * self.blocks.block_size
+        seq.num_registered_blocks = len(cached)
         if self._looks_up(seq):
             self.cache.stats.queries += seq.num_tokens
             self.cache.stats.hits += seq.num_computed
@@ -192,6 +194,14 @@ class Scheduler(DecodePath):
             hashes = extend_block_hashes(seq, bs, last)
             for i in range(first, last):
                 self.cache.register(seq.block_ids[i], hashes[i])
+            seq.num_registered_blocks = max(seq.num_registered_blocks, last)
+
+    def register_filled(self, seqs: list[Sequence]) -> None:
+        """Decoding ``seqs`` whose newest known token filled a block (its K/V is computed or in a
+        launched step): register the blocks not registered yet."""
+        bs = self.blocks.block_size
+        for seq in seqs:
+            self.register_blocks(seq, seq.num_registered_blocks * bs, seq.num_computed)
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """More blocks for a running sequence, recorded in its row's block table."""
@@ -234,6 +244,8 @@ class Scheduler(DecodePath):
             seq.num_pending -= 1
             return  # finished a step earlier: this token was computed speculatively
         seq.append_output(token)
+        if self.cache is not None and (seq.prompt_len + len(seq.output_token_ids)) % self.blocks.block_size == 0:
+            self.register_filled([seq])
         if seq.params.logprobs is not None:
             deltas.logprobs.add(seq.request_id, len(deltas.token_ids), token, logprobs, row, seq.params.logprobs)
         deltas.token_request_ids.append(seq.request_id)
@@ -291,8 +303,10 @@ class Scheduler(DecodePath):
 
     def _release(self, seq: Sequence) -> bool:
         seq.detach()
-        if self.cache is not None:  # the blocks its outputs filled (prompt blocks were cached as computed)
-            self.register_blocks(seq, seq.prompt_len, seq.num_computed)
+        if self.cache is not None:  # any block not registered yet (a step planned one by one filled it)
+            self.register_blocks(seq, max(seq.prompt_len, seq.num_registered_blocks * self.blocks.block_size),
+                                 seq.num_computed)
+            seq.num_registered_blocks = 0  # its blocks go; a resumed run counts again from what it finds
         blocks, row = seq.block_ids, seq.row
         seq.block_ids, seq.row = [], None
         if seq.last_step > self._last_done_step:

@@ -69,6 +69,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     #: prefix caching: hashes of the full blocks of known tokens, computed once (``prefix_cache``)
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    #: prefix caching: its leading blocks up to here are registered (or were found) in the cache
+    num_registered_blocks: int = field(default=0, repr=False)
     row: int | None = None  # this sequence's row in the device's next-token table while it runs
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None

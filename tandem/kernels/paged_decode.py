@@ -38,7 +38,9 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
     return 1 if wanted < 2 else 1 << (wanted.bit_length() - 1)
 
 
-@triton.jit
+# The block-table width changes from step to step: specialising on it (== 1, % 16) would compile
+# new variants mid-run, a stall of the whole batch.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_stats_ptr,
                          qk_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
                          stride_bt,

@@ -98,7 +98,9 @@ def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, k_ba
     return m_i, l_i, acc
 
 
-@triton.jit
+# The block-table width changes from step to step: specialising on it (== 1, % 16) would compile
+# new variants mid-run, a stall of the whole batch.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_varlen_kernel(q_ptr, cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
                          qk_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
                          stride_bt, stride_o_tok,

@@ -22,7 +22,8 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-@triton.jit
+# ``span`` changes from step to step: no specialisation on it, so no compile mid-run
+@triton.jit(do_not_specialize=["span"])
 def _keys_kernel(history_ptr, history_stride, rows_ptr, prompt_lens_ptr, gen_index_ptr, keys_ptr, span,
                  BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -51,7 +52,7 @@ def _lower_bound(row_keys, span, target, n_steps):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["span", "n_steps"])
 def _apply_kernel(logits_ptr, logits_stride, n_vocab, keys_ptr, span, n_steps, prompt_lens_ptr, gen_index_ptr,
                   presence_ptr, frequency_ptr, repetition_ptr, BLOCK: tl.constexpr):
     row = tl.program_id(0)

@@ -27,7 +27,7 @@ _WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20, repeti
                                  frequency_penalty=0.5)
 
 
-def _sequence(rid: str, num_tokens: int, vocab_size: int, params: SamplingParams, first_block: int,
+def synthetic_sequence(rid: str, num_tokens: int, vocab_size: int, params: SamplingParams, first_block: int,
               block_size: int) -> Sequence:
     ids = torch.randint(0, vocab_size, (num_tokens,)).tolist()
     seq = Sequence(rid, ids, params, seed=0, max_new_tokens=1)
@@ -44,7 +44,7 @@ def worst_eager_step(num_tokens: int, num_seqs: int, max_len: int, block_size: i
     sizes = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     items, block = [], 1
     for i, n in enumerate(sizes):
-        seq = _sequence(f"profile-{i}", n, vocab_size, _WORST_SAMPLING, block, block_size)
+        seq = synthetic_sequence(f"profile-{i}", n, vocab_size, _WORST_SAMPLING, block, block_size)
         block += len(seq.block_ids)
         items.append(ScheduledSeq(seq, 0, n, True, 0))
     return build_step(SchedulerOutput(0, items), block_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,7 @@ from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
 from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
 from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
+from tandem.worker.warm_up import warm_up_kernels
 
 if TYPE_CHECKING:
     from tandem.model.llama import LlamaModel
@@ -58,6 +60,10 @@ class DeviceWorker:
                                   max_model_len)
         graph_max_blocks = -(-max_model_len // config.block_size)
         self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
+        if self.device.type == "cuda":
+            start = time.perf_counter()
+            warm_up_kernels(self.model, config.block_size)
+            logger.info("kernel warm-up: %.2f s", time.perf_counter() - start)
         self.info = WorkerInfo(
             device=str(self.device), device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len, num_rows=num_rows,
