@@ -104,3 +104,21 @@ def test_graph_fields_are_the_unpacked_step_whatever_its_lists():
             assert torch.equal(static[:fields.int_words], data[:fields.int_words])  # what the graph reads
         assert fields.stage(torch.from_numpy(plain.data), plain.shape) is fields.stage(torch.from_numpy(plain.data),
                                                                                         plain.shape)
+
+
+def test_every_field_starts_16_byte_aligned_whatever_the_sizes():
+    """Kernels read the fields in place, and Triton compiles a variant per pointer alignment: a
+    field's alignment must not depend on the step's sizes."""
+    from tandem.engine.step import FIELDS_BY_NAME, field_offsets
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        t, s, k, q, b, *lists = (int(x) for x in rng.integers(1, 40, 8))
+        shape = StepShape(t, s, k, q, b, *lists)
+        offsets = field_offsets(shape)
+        for name, (start, _) in offsets.items():
+            if name != "_end":
+                assert start * np.dtype(FIELDS_BY_NAME[name].dtype).itemsize % 16 == 0, (name, shape)
+        data = torch.from_numpy(pack({f.name: np.ones(shape.size(f.per), f.dtype) for f in STEP_FIELDS}, shape))
+        views = unpack(data, shape)
+        assert all(views[f.name].data_ptr() % 16 == 0 for f in STEP_FIELDS if shape.size(f.per))

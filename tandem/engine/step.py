@@ -237,7 +237,7 @@ def _logprobs(values: dict[str, np.ndarray], prefix: str) -> Logprobs | None:
 
 def pack(arrays: dict[str, np.ndarray], shape: StepShape) -> np.ndarray:
     """Every field (checked against its size) into one int64 step buffer, in field order."""
-    out = np.empty(shape.num_words, np.int64)
+    out = np.zeros(shape.num_words, np.int64)  # zeros: the alignment gaps are never read
     floats = out.view(np.float32)
     offsets = field_offsets(shape)
     for f in INT_FIELDS:
@@ -246,8 +246,6 @@ def pack(arrays: dict[str, np.ndarray], shape: StepShape) -> np.ndarray:
     for f in FLOAT_FIELDS:
         start, size = offsets[f.name]
         floats[start:start + size] = _checked(arrays[f.name], f, size)
-    if offsets["_end"][0] % 2:
-        floats[-1] = 0  # the last word's unused half
     return out
 
 
@@ -261,14 +259,21 @@ def _checked(a: Any, f: StepField, size: int) -> np.ndarray:
 @lru_cache(maxsize=1024)
 def field_offsets(shape: StepShape) -> dict[str, tuple[int, int]]:
     """(start, length) of each field in the packed buffer, counted in elements of its own dtype
-    (cached per shape: the steady state repeats a few shapes; treat the result as read-only)."""
+    (cached per shape: the steady state repeats a few shapes; treat the result as read-only).
+
+    Each field starts on a 16-byte boundary. Triton compiles a kernel variant per alignment of its
+    pointer arguments, and the kernels read these fields in place: with packed offsets a field's
+    alignment flipped with the step's sizes, and a server met new variants mid-run (a 1-2 s stall
+    of every request, compiling)."""
     out: dict[str, tuple[int, int]] = {}
     offset = 0
     for f in INT_FIELDS:
+        offset += offset % 2  # every field starts 16-byte aligned (see the docstring)
         out[f.name] = (offset, shape.size(f.per))
         offset += shape.size(f.per)
-    offset *= 2  # float32 elements from here on
+    offset = (offset + offset % 2) * 2  # float32 elements from here on
     for f in FLOAT_FIELDS:
+        offset += -offset % 4
         out[f.name] = (offset, shape.size(f.per))
         offset += shape.size(f.per)
     out["_end"] = (offset, 0)  # where the floats end, in float32 elements

@@ -88,7 +88,8 @@ class GraphFields:
         self.static = static  # shared by the graphs; each reads its prefix
         self.capture_shape, self.capture = shape, unpack(static, shape)
         self.ints = {f.name: self.capture[f.name] for f in INT_FIELDS if f.name not in _VARIABLE_FIELDS}
-        self.int_words = sum(v.numel() for v in self.ints.values())
+        offsets = _offsets(shape)  # where the last fixed int field ends (fields start aligned)
+        self.int_words = max(offsets[name][0] + offsets[name][1] for name in self.ints)
         # per step shape: the staged prefix of the static buffer, and the fields' views into it
         self.views: dict[StepShape, tuple[torch.Tensor, StepTensors]] = {shape: (static[:shape.num_words], self.capture)}
 
