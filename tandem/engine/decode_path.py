@@ -40,6 +40,7 @@ class DecodePath:
     def running_rows(self) -> np.ndarray: ...
     def stop_reason(self, seq: Sequence, token: int) -> str | None: ...
     def finish(self, request_id: str, reason: str) -> bool: ...
+    def finish_many(self, ending: list[tuple[Sequence, str]]) -> None: ...
     def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
                      deltas: StepDeltas) -> None: ...
     def register_filled(self, seqs: list[Sequence]) -> None: ...
@@ -151,9 +152,12 @@ class DecodePath:
         eos = st.stops_on_eos[rows] & is_eos & ((out_len > min_tokens) | (min_tokens == 0))
         length = out_len + st.prompt_len[rows] >= st.max_tokens[rows]
         special = st.special[rows]
+        ending = []
         for i in np.flatnonzero(eos | length | special).tolist():
             seq = seqs[i]
             reason = self.stop_reason(seq, int(tokens[i]))
             if reason is not None:
-                self.finish(seq.request_id, reason)
+                ending.append((seq, reason))
                 deltas.finished[seq.request_id] = reason
+        if ending:
+            self.finish_many(ending)
