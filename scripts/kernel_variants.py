@@ -22,6 +22,8 @@ def variants() -> dict[str, int]:
     return out
 
 
+if not torch.cuda.is_available():
+    sys.exit("kernel_variants.py needs a CUDA GPU: on a CPU the engine runs no Triton kernels")
 model = sys.argv[1] if len(sys.argv) > 1 else "random:llama3.2-1b"
 llm = LLM(model, max_num_seqs=256, max_model_len=1024)
 print("after start-up:", {k: v for k, v in variants().items() if v}, flush=True)

@@ -34,7 +34,8 @@ class ModeResult:
     roofline_fraction_gpu: float | None = None  # floor / GPU busy time
     decode_step_check: dict | None = None
     largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
-    #: the host thread between steps: wall and CPU ms summed, and how often the OS preempted it
+    #: the host thread while planning steps: wall and CPU ms summed, involuntary context switches
+    #: and minor page faults (see ``StepRecord``)
     host_thread: dict | None = None
     gc_pauses: dict | None = None  # Python's garbage collector during the run: count, total and longest pause
     prefix_cache_queries: int | None = None  # tokens looked up in the prefix cache (None: caching off)

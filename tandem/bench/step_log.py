@@ -28,9 +28,10 @@ class StepRecord:
     t_collect: float = 0.0  # host clock when it started waiting for this step's result
     wait_s: float = 0.0  # host blocked on the device's result
     process_s: float = 0.0
-    #: this thread's CPU time and involuntary context switches from the previous step's processed
-    #: callback to this one's submitted callback (the host's planning of this step): CPU time well
-    #: under the wall time, or switches, mean the OS took the CPU away; both high, slow execution
+    #: this thread's wall and CPU time and involuntary context switches from the previous step's
+    #: processed callback to this one's submitted callback (the host's planning of this step): CPU
+    #: time well under the wall time, or switches, mean the OS took the CPU away; CPU time equal to a
+    #: long wall time with no switches or faults means the CPU itself ran slowly
     plan_cpu_s: float = 0.0
     plan_wall_s: float = 0.0
     plan_preempted: int = 0

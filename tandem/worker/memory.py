@@ -28,7 +28,7 @@ _WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20, repeti
 
 
 def synthetic_sequence(rid: str, num_tokens: int, vocab_size: int, params: SamplingParams, first_block: int,
-              block_size: int) -> Sequence:
+                       block_size: int) -> Sequence:
     ids = torch.randint(0, vocab_size, (num_tokens,)).tolist()
     seq = Sequence(rid, ids, params, seed=0, max_new_tokens=1)
     seq.block_ids = list(range(first_block, first_block + -(-num_tokens // block_size)))

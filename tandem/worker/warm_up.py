@@ -1,9 +1,10 @@
 """Start-up warm-up: every kernel variant a step may need is compiled before the first request.
 
-Triton compiles a kernel the first time it meets a new combination of its compile-time constants;
-in the middle of serving that is a stall of a second or more for the whole batch (seen as a 2.4 s
-time-to-first-token on the 8B model). The profiled worst-case step and graph capture compile most
-variants; these few tiny eager steps compile the rest: the attention kernel's query-tile sizes
+Triton compiles a kernel the first time it meets a new combination of its compile-time constants
+(and of its arguments' specialisations: see ``engine.step.field_offsets`` for the alignment of the
+step's fields); in the middle of serving that is a stall of a second or more for the whole batch.
+The profiled worst-case step and graph capture compile most variants; these few tiny eager steps
+compile the rest: the attention kernel's query-tile sizes
 (short and long chunks) and the sampling stage's paths (top-k, top-p, min-p, penalties, logprobs,
 prompt logprobs). They run on a private runner with its own small KV cache, so the engine's state
 is untouched."""
