@@ -47,9 +47,11 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # KV heads vary fastest in launch order: the programs of one sequence's heads run together and
+    # read the same cache rows (each head a slice of every slot) while they are open in DRAM.
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
@@ -69,7 +71,7 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
     m_i, l_i, acc = attend_key_range(q, pos, seq_len - 1, seq_len - 1, lo, hi, window, qk_scale, k_base,
                                      k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
                                      dim_ok, PAGE, BLOCK_N, PRECISION, True)
-    flat_heads = seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
+    flat_heads = seq.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads
     if NUM_SPLITS == 1:
         tl.store(out_ptr + flat_heads[:, None] * HEAD_DIM + dims[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -118,7 +120,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         part_acc = torch.empty(n_seqs, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_stats = torch.empty(n_seqs, n_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     dim_pad = padded_head_dim(head_dim)
-    _paged_decode_kernel[(n_seqs, n_kv, num_splits)](
+    _paged_decode_kernel[(n_kv, num_splits, n_seqs)](
         q, cache, block_tables, seq_lens, out, part_acc, part_stats, scale * LOG2E, kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
