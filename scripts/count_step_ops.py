@@ -50,7 +50,8 @@ CASES: dict[str, dict] = {
                         **PENALTIES),
 }
 # the sampling stage's Triton kernels (counted per launch)
-KERNELS = (("tandem.kernels.sampling", "_sample_kernel"), ("tandem.kernels.top_k_top_p", "_cutoff_kernel"),
+KERNELS = (("tandem.kernels.sampling", "_sample_kernel"), ("tandem.kernels.sampling", "_merge_splits_kernel"),
+           ("tandem.kernels.top_k_top_p", "_cutoff_kernel"),
            ("tandem.kernels.logprobs", "_logprob_kernel"), ("tandem.kernels.penalties", "_keys_kernel"),
            ("tandem.kernels.penalties", "_apply_kernel"))
 

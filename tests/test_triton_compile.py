@@ -48,8 +48,9 @@ def test_attention_kernels_compile(dtype):
 def test_sampling_and_fused_kernels_compile():
     from tandem.kernels import fused, sampling
 
-    _compile(sampling._sample_kernel, {"seeds_ptr": "*i64", "gen_index_ptr": "*i64", "out_ptr": "*i64"},
+    _compile(sampling._sample_kernel, {"seeds_ptr": "*i64", "gen_index_ptr": "*i64", "part_col_ptr": "*i32"},
              dict(BLOCK=1024))
+    _compile(sampling._merge_splits_kernel, {"part_col_ptr": "*i32", "out_ptr": "*i64"}, dict(SPLITS_PAD=32))
     for has_res in (True, False):
         _compile(fused._add_rms_norm_kernel, {"*": "*bf16"}, dict(HAS_RES=has_res, BLOCK=4096))
     _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "pos_ptr": "*i64", "slot_ptr": "*i64"},

@@ -187,6 +187,8 @@ def check(n_vocab, seed):
     ref = sample_reference(logits, temperature, min_p, cutoff, seeds, gen_index)
     out = fused_sample(logits, temperature, min_p, cutoff, seeds, gen_index)
     assert torch.equal(out, ref), (n_vocab, out, ref)
+    for splits in (2, 3, 7):  # rows shared out over programs (ties across shares): the same draw
+        assert torch.equal(fused_sample(logits, temperature, min_p, cutoff, seeds, gen_index, splits=splits), ref)
     assert out[0] == out[1] == 5  # greedy rows: the first of the tied maxima
     assert out[-1] == logits[-1].argmax()  # a cutoff at the top logit keeps that token (>=)
     half = logits.bfloat16()  # read as bf16 and widened in the kernel: the draw of the widened row

@@ -19,6 +19,8 @@ rounding of ``log`` (a last-bit difference between libraries) decides a near-tie
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -37,6 +39,9 @@ def _jit(fn):
 # registers and no spills (2048 would need 72), so 5 programs fit on an SM.
 _BLOCK = 1024
 _NUM_WARPS = 8
+_PROGRAMS_PER_SM = 4  # fused_sample's target; 5 programs fit on an SM (above)
+_MIN_SPLIT_BLOCKS = 4  # a share's smallest size in blocks, so the merge stays a small part of the work
+_MAX_SPLITS = 32
 _CHUNK_ELEMENTS = 1 << 21  # sample_reference: rows per chunk so one [rows, V] temporary is ~2M elements
 
 
@@ -90,8 +95,9 @@ def _race_scores(logit, cols, t, cutoff, threshold, key):
 
 @_jit
 def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_ptr, seeds_ptr, gen_index_ptr,
-                   out_ptr, n_vocab, BLOCK: tl.constexpr):
+                   part_score_ptr, part_col_ptr, n_vocab, chunk, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    split = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # rows x vocab can pass 2**31
     temperature = tl.load(temperature_ptr + row)
     greedy = temperature == 0.0
@@ -110,13 +116,16 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
     # Pass 2: each lane keeps its own running best, updated only on a strict improvement so it holds
     # its earliest column; one reduction at the end. Lanes past the vocabulary load -inf, which never
     # beats the initial -inf.
+    # This program's share of the row: [lo, hi), a whole number of blocks.
     offs = tl.arange(0, BLOCK)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_vocab)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_col = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, n_vocab, BLOCK):
+    for start in range(lo, hi, BLOCK):
         cols = start + offs
         # bf16 / fp16 logits widen exactly to float32: the same draw as converting the whole row first
-        logit = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
+        logit = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
         if greedy:  # uniform per program: greedy rows skip the hash and the logs
             score = logit
         else:
@@ -126,7 +135,23 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
         best_col = tl.where(better, cols, best_col)
     # smallest column among the lanes holding the maximum (all -inf: column 0, as torch.argmax)
     top = tl.max(best, axis=0)
-    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_col, n_vocab), axis=0).to(tl.int64))
+    col = tl.min(tl.where(best == top, best_col, n_vocab), axis=0)
+    tl.store(part_score_ptr + row * tl.num_programs(1) + split, top)
+    tl.store(part_col_ptr + row * tl.num_programs(1) + split, col)
+
+
+# One variant for every split count: specialising on it would compile mid-run as batches change.
+@triton.jit(do_not_specialize=["n_splits"]) if triton is not None else (lambda fn: fn)
+def _merge_splits_kernel(part_score_ptr, part_col_ptr, out_ptr, n_vocab, n_splits, SPLITS_PAD: tl.constexpr):
+    """Per row, the best of its shares' winners; a tie goes to the smallest column, as in one pass.
+    Max and min are exact, so the draw does not depend on how the row was shared out."""
+    row = tl.program_id(0)
+    idx = tl.arange(0, SPLITS_PAD)
+    ok = idx < n_splits
+    score = tl.load(part_score_ptr + row * n_splits + idx, mask=ok, other=float("-inf"))
+    col = tl.load(part_col_ptr + row * n_splits + idx, mask=ok, other=n_vocab)
+    top = tl.max(score, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(ok & (score == top), col, n_vocab), axis=0).to(tl.int64))
 
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,10 +170,26 @@ def _check_kernel_inputs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) ->
                              f"got {tensor.dtype} {tuple(tensor.shape)}")
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter on a CPU: any count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def vocab_splits(n_rows: int, n_vocab: int, device: torch.device) -> int:
+    """Programs per row: a program walks its share of the row in dependent steps, so few rows (a
+    small batch) leave the GPU waiting on memory latency. Rows are cut into shares of at least
+    _MIN_SPLIT_BLOCKS blocks until about _PROGRAMS_PER_SM programs per SM are in flight."""
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), max(n_rows, 1))
+    return max(1, min(wanted, n_vocab // (_MIN_SPLIT_BLOCKS * _BLOCK), _MAX_SPLITS))
+
+
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, cutoff: torch.Tensor,
-                 seeds: torch.Tensor, gen_index: torch.Tensor) -> torch.Tensor:
-    """[S, V] float32 (or bf16/fp16, read as float32) logits -> [S] int64 token ids, one program per
-    row (see the module docstring).
+                 seeds: torch.Tensor, gen_index: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """[S, V] float32 (or bf16/fp16, read as float32) logits -> [S] int64 token ids (see the module
+    docstring). Each row is shared out over ``splits`` programs (default ``vocab_splits``) whose
+    winners a second small kernel merges; the draw does not depend on the count.
 
     temperature, min_p, cutoff: [S] float32; seeds, gen_index: [S] int64. No host syncs and no
     [S, V] temporaries, so it can be captured in a CUDA graph."""
@@ -156,9 +197,16 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
                                       gen_index=gen_index))
     n_rows, n_vocab = logits.shape
     out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
-    if n_rows:
-        _sample_kernel[(n_rows,)](logits, logits.stride(0), temperature, min_p, cutoff, seeds, gen_index, out,
-                                  n_vocab, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    if not n_rows:
+        return out
+    splits = min(splits or vocab_splits(n_rows, n_vocab, logits.device), _MAX_SPLITS)
+    chunk = triton.cdiv(triton.cdiv(n_vocab, splits), _BLOCK) * _BLOCK
+    splits = triton.cdiv(n_vocab, chunk)  # no empty shares
+    part_score = torch.empty(n_rows, splits, dtype=torch.float32, device=logits.device)
+    part_col = torch.empty(n_rows, splits, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(n_rows, splits)](logits, logits.stride(0), temperature, min_p, cutoff, seeds, gen_index,
+                                     part_score, part_col, n_vocab, chunk, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    _merge_splits_kernel[(n_rows,)](part_score, part_col, out, n_vocab, splits, SPLITS_PAD=_MAX_SPLITS, num_warps=1)
     return out
 
 
