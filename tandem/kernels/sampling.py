@@ -1,4 +1,5 @@
-"""Token sampling in one pass per row, with memory O(rows) instead of O(rows x vocab).
+"""Token sampling in one pass over each row (shared out over a few programs), with memory O(rows)
+instead of O(rows x vocab).
 
 The draw is the exponential race written in log space (Gumbel-max): among the eligible tokens take
 the argmax of ``x_i - log(-log u_i)``, where ``x = logits / temperature`` and ``u`` is the
