@@ -220,3 +220,13 @@ def test_kernel_noise_is_bit_identical_to_uniform_noise(tmp_path):
 @triton_only
 def test_kernel_draws_the_reference_tokens(tmp_path):
     assert "kernel ok" in _run_interpreted(tmp_path, KERNEL)
+
+
+@triton_only
+def test_vocab_splits_fill_the_gpu_only_where_rows_are_few():
+    cuda_like = torch.device("cpu")  # 8 SMs stand in for a GPU's count (tandem.kernels.num_sms)
+    assert sampling.vocab_splits(1, 128256, cuda_like) == 31  # shares of at least 4 x 1024 entries
+    assert sampling.vocab_splits(1, 256000, cuda_like) == 32  # capped
+    assert sampling.vocab_splits(4, 128256, cuda_like) == 8  # 4 programs per SM x 8 SMs / 4 rows
+    assert sampling.vocab_splits(64, 128256, cuda_like) == 1  # the rows alone fill it
+    assert sampling.vocab_splits(1, 3000, cuda_like) == 1  # shares below 4 blocks are not worth a program

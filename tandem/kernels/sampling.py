@@ -20,9 +20,9 @@ rounding of ``log`` (a last-bit difference between libraries) decides a near-tie
 """
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from tandem.kernels import num_sms
 
 try:
     import triton
@@ -31,9 +31,11 @@ except ImportError:  # CPU-only installs still run sample_reference
     triton = None
 
 
-def _jit(fn):
+def _jit(fn=None, **options):
     # Without Triton the kernels stay plain (never called) functions, so this module still imports.
-    return triton.jit(fn) if triton is not None else fn
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    return triton.jit(fn, **options) if triton is not None else fn
 
 
 # Vocabulary entries per program step: 4 per thread at 8 warps. On sm_90 that compiles to 48
@@ -114,10 +116,10 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
         threshold = x_max + tl.log(min_p)
     key = _row_key(tl.load(seeds_ptr + row), tl.load(gen_index_ptr + row))
 
-    # Pass 2: each lane keeps its own running best, updated only on a strict improvement so it holds
-    # its earliest column; one reduction at the end. Lanes past the vocabulary load -inf, which never
-    # beats the initial -inf.
-    # This program's share of the row: [lo, hi), a whole number of blocks.
+    # Pass 2, over this program's share of the row, [lo, hi) (pass 1 read the whole row: every share
+    # of a min-p row needs the row's maximum). Each lane keeps its own running best, updated only on
+    # a strict improvement so it holds its earliest column; one reduction at the end. Lanes past the
+    # share load -inf, which never beats the initial -inf.
     offs = tl.arange(0, BLOCK)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_vocab)
@@ -142,7 +144,7 @@ def _sample_kernel(logits_ptr, row_stride, temperature_ptr, min_p_ptr, cutoff_pt
 
 
 # One variant for every split count: specialising on it would compile mid-run as batches change.
-@triton.jit(do_not_specialize=["n_splits"]) if triton is not None else (lambda fn: fn)
+@_jit(do_not_specialize=["n_splits"])
 def _merge_splits_kernel(part_score_ptr, part_col_ptr, out_ptr, n_vocab, n_splits, SPLITS_PAD: tl.constexpr):
     """Per row, the best of its shares' winners; a tie goes to the smallest column, as in one pass.
     Max and min are exact, so the draw does not depend on how the row was shared out."""
@@ -171,18 +173,11 @@ def _check_kernel_inputs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) ->
                              f"got {tensor.dtype} {tuple(tensor.shape)}")
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter on a CPU: any count
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def vocab_splits(n_rows: int, n_vocab: int, device: torch.device) -> int:
     """Programs per row: a program walks its share of the row in dependent steps, so few rows (a
     small batch) leave the GPU waiting on memory latency. Rows are cut into shares of at least
     _MIN_SPLIT_BLOCKS blocks until about _PROGRAMS_PER_SM programs per SM are in flight."""
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), max(n_rows, 1))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), max(n_rows, 1))
     return max(1, min(wanted, n_vocab // (_MIN_SPLIT_BLOCKS * _BLOCK), _MAX_SPLITS))
 
 

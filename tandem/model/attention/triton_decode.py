@@ -3,18 +3,10 @@ K/V from the pages in place and needs no mask. At small batch and long contexts 
 sequence's keys over several programs (flash-decoding) so every SM has work."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from tandem.kernels import num_sms
 from tandem.model.attention.base import AttentionBackend, AttentionInputs
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter on a CPU: any count; small so tests exercise splits
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class TritonDecodeBackend(AttentionBackend):
@@ -29,6 +21,6 @@ class TritonDecodeBackend(AttentionBackend):
         # A function of the step's shape only (batch, KV heads, block-table width), so a captured
         # graph and an eager step of the same shape split alike.
         splits = decode_num_splits(q.shape[0], cache.shape[2], meta.block_tables.shape[1] * meta.block_size,
-                                   _num_sms(q.device))
+                                   num_sms(q.device))
         return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, meta.block_size, meta.scale,
                                       meta.sliding_window, splits)
