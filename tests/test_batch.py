@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from tandem.engine.batch import Padding, build_step
+from tandem.engine.batch import Padding, build_step, table_width
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
 from tandem.engine.step import STEP_FIELDS, StepShape, pack
@@ -43,14 +43,40 @@ def test_mixed_step_fields():
 
 def test_decode_step_padded_to_a_graph_shape():
     a = _seq("1", [1, 2], [3], [5], 1, SamplingParams(temperature=0))
-    step = build_step(SchedulerOutput(0, [ScheduledSeq(a, 2, 1, True, 1)]), 4, Padding(4, 4, 6, padding_row=99))
-    f = unpack(torch.from_numpy(step.data), step.shape)
-    assert (step.shape.num_tokens, step.shape.num_seqs, step.shape.num_sampled, step.shape.max_blocks) == (4, 4, 4, 6)
-    assert f.input_ids.tolist() == [3, 0, 0, 0] and f.slot_mapping.tolist() == [5 * 4 + 2, 0, 0, 0]
-    assert f.seq_lens.tolist() == [3, 1, 1, 1] and f.sample_rows.tolist() == [1, 99, 99, 99]
-    assert f.logits_indices.tolist() == [0, 1, 2, 3] and f.query_start.tolist() == [0, 1, 2, 3, 4]
-    assert f.block_tables.view(4, 6)[0].tolist() == [5, 0, 0, 0, 0, 0] and f.temperature.tolist() == [0.0] * 4
-    assert not step.sampler.any_random
+    for pad, width in ((Padding(4, 4, 6, padding_row=99), 1), (Padding(4, 4, 6, padding_row=99, full_table=True), 6)):
+        step = build_step(SchedulerOutput(0, [ScheduledSeq(a, 2, 1, True, 1)]), 4, pad)
+        f = unpack(torch.from_numpy(step.data), step.shape)
+        assert (step.shape.num_tokens, step.shape.num_seqs, step.shape.num_sampled, step.shape.max_blocks) == \
+            (4, 4, 4, width)
+        assert f.input_ids.tolist() == [3, 0, 0, 0] and f.slot_mapping.tolist() == [5 * 4 + 2, 0, 0, 0]
+        assert f.seq_lens.tolist() == [3, 1, 1, 1] and f.sample_rows.tolist() == [1, 99, 99, 99]
+        assert f.logits_indices.tolist() == [0, 1, 2, 3] and f.query_start.tolist() == [0, 1, 2, 3, 4]
+        assert f.block_tables.view(4, width)[:, 0].tolist() == [5, 0, 0, 0] and f.temperature.tolist() == [0.0] * 4
+        assert not f.block_tables.view(4, width)[:, 1:].any() and not step.sampler.any_random
+
+
+def test_graph_padded_steps_ship_only_the_columns_they_use():
+    """Up to the graph's width, a padded step's table is its widest sequence's blocks rounded up to
+    a power of two: few shapes, and no gather of max_model_len columns per sequence every step."""
+    assert [table_width(n, Padding(8, 8, 40)) for n in (1, 2, 3, 5, 16, 17, 33, 40)] == [1, 2, 4, 8, 16, 32, 40, 40]
+    assert table_width(3, Padding(8, 8, 40, full_table=True)) == 40 and table_width(3, None) == 3
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        lens = rng.integers(1, 60, int(rng.integers(1, 6)))  # blocks held by each sequence
+        seqs = [_seq(str(i + 1), [1, 2], [3] * (int(n) * 4 - 3), list(rng.integers(1, 500, int(n))), i,
+                     SamplingParams(temperature=0)) for i, n in enumerate(lens)]
+        items = [ScheduledSeq(s, s.num_tokens - 1, 1, True, 1) for s in seqs]
+        narrow, wide = (build_step(SchedulerOutput(0, items), 4, Padding(8, 8, 128, 99, full)) for full in (False, True))
+        w = narrow.shape.max_blocks
+        assert lens.max() <= w == table_width(int(lens.max()), Padding(8, 8, 128)) < 2 * lens.max()
+        assert narrow.shape.fits_graph(wide.shape) and wide.shape.max_blocks == 128
+        assert not wide.shape.fits_graph(narrow.shape)
+        f, g = (unpack(torch.from_numpy(s.data), s.shape) for s in (narrow, wide))
+        assert torch.equal(f.block_tables.view(8, w), g.block_tables.view(8, 128)[:, :w])
+        assert not g.block_tables.view(8, 128)[:, w:].any()
+        for field in STEP_FIELDS:
+            if field.name != "block_tables":
+                assert torch.equal(f[field.name], g[field.name]), field.name
 
 
 def test_pack_and_unpack_are_inverse_for_random_fields():
@@ -87,7 +113,7 @@ def test_graph_fields_are_the_unpacked_step_whatever_its_lists():
     from tandem.worker.memory import decode_step
     from tandem.worker.model_runner import GraphFields
 
-    pad = Padding(4, 4, 6, padding_row=99)
+    pad = Padding(4, 4, 6, padding_row=99, full_table=True)
     capture = decode_step(pad, 4)
     plain = _decode_step([SamplingParams(temperature=0.5, presence_penalty=0.3)] * 2, pad)
     biased = _decode_step([SamplingParams(logit_bias={7: 1.5, 9: -2.0}),
@@ -104,6 +130,45 @@ def test_graph_fields_are_the_unpacked_step_whatever_its_lists():
             assert torch.equal(static[:fields.int_words], data[:fields.int_words])  # what the graph reads
         assert fields.stage(torch.from_numpy(plain.data), plain.shape) is fields.stage(torch.from_numpy(plain.data),
                                                                                         plain.shape)
+
+
+def test_a_narrower_table_is_staged_where_the_graph_reads_it():
+    """A step that ships fewer table columns than the graph has: the graph's inputs hold what the
+    full-width step would put there, in every column a sequence's length reaches (the rest keep an
+    earlier step's blocks, which no kernel reads), and the sampling stage sees the step's fields."""
+    from tandem.worker.memory import decode_step
+    from tandem.worker.model_runner import GraphFields
+
+    rng = np.random.default_rng(5)
+    bs, graph_width = 4, 64
+    capture = decode_step(Padding(8, 8, graph_width, padding_row=99), bs)
+    for static_words in (capture.data.size + 64, capture.data.size):
+        static = torch.zeros(static_words, dtype=torch.int64)
+        fields = GraphFields(static, capture.shape)
+        for _ in range(12):
+            n = int(rng.integers(1, 9))
+            seqs = [_seq(str(i + 1), [1, 2], [3] * int(rng.integers(0, 100)), [], i,
+                         SamplingParams(temperature=float(rng.random()), logit_bias={5: 1.0} if i == 1 else None))
+                    for i in range(n)]
+            for seq in seqs:
+                seq.block_ids = rng.integers(1, 1000, -(-seq.num_tokens // bs)).tolist()
+            items = [ScheduledSeq(s, s.num_tokens - 1, 1, True, 1) for s in seqs]
+            narrow, wide = (build_step(SchedulerOutput(0, items), bs, Padding(8, 8, graph_width, 99, full))
+                            for full in (False, True))
+            fields.stage(torch.from_numpy(wide.data[::-1].copy()), wide.shape)  # an earlier step, other blocks
+            data = torch.from_numpy(narrow.data)
+            got = fields.stage(data, narrow.shape)
+            for field in STEP_FIELDS:
+                assert torch.equal(getattr(got, field.name), unpack(data, narrow.shape)[field.name]), field.name
+            want = unpack(torch.from_numpy(wide.data), wide.shape)
+            for name, view in fields.ints.items():  # what the graph reads
+                if name != "block_tables":
+                    assert torch.equal(view, want[name]), name
+            used = -(-want.seq_lens // bs)  # the columns a kernel reads, per sequence
+            assert int(used.max()) <= narrow.shape.max_blocks < graph_width
+            table, full = fields.table, want.block_tables.view(8, graph_width)
+            for row, k in enumerate(used.tolist()):
+                assert torch.equal(table[row, :k], full[row, :k])
 
 
 def test_every_field_starts_16_byte_aligned_whatever_the_sizes():

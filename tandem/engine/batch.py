@@ -25,12 +25,28 @@ from tandem.engine.worker_api import WorkerInfo
 @dataclass(frozen=True)
 class Padding:
     """Pad a step to a captured graph's static shape: a decode graph pads sequences (one token and one
-    sample each) and the block-table width; a piecewise graph of a mixed step pads only its tokens."""
+    sample each); a piecewise graph of a mixed step pads only its tokens.
+
+    A decode graph's block table is ``max_blocks`` wide (``max_model_len`` over the block size: 8192
+    columns for a 128K-token model), but a step ships only the columns its longest sequence uses,
+    rounded up to a power of two (few distinct shapes); the device stages them into the graph's
+    table. Shipping the full width cost the host a gather and a copy of sequences x max_model_len
+    entries every step (16 MiB at 256 sequences of a 128K model)."""
 
     num_tokens: int
     num_seqs: int | None = None  # None: keep the step's sequences
-    max_blocks: int | None = None
+    max_blocks: int | None = None  # a decode graph's block-table width: a step ships at most this many
     padding_row: int = 0  # next-token table row that padding rows sample into and nothing reads
+    full_table: bool = False  # ship all ``max_blocks`` columns (the steps a graph is captured from)
+
+
+def table_width(used: int, pad: Padding | None) -> int:
+    """Block-table columns of a step whose widest sequence holds ``used`` blocks."""
+    if pad is None or pad.max_blocks is None:
+        return used
+    if pad.full_table:
+        return pad.max_blocks
+    return min(pad.max_blocks, 1 << (max(used, 1) - 1).bit_length())
 
 
 def padding_for(sched: SchedulerOutput, info: WorkerInfo) -> Padding | None:
@@ -76,7 +92,7 @@ def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
         g = np.concatenate([g, np.full(extra, st.padding_row)])
         rows = np.concatenate([rows, np.full(extra, pad.padding_row)])
         starts, gen_index, pending = (np.concatenate([a, np.zeros(extra, np.int64)]) for a in (starts, gen_index, pending))
-    width = pad.max_blocks if pad and pad.max_blocks else int(st.num_blocks[g].max())
+    width = table_width(int(st.num_blocks[g].max()), pad)
     biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[d.rows]).tolist()
               if d.seqs[j].has_bias]
     return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, np.ones(len(g), np.int64), rows,
@@ -127,8 +143,8 @@ def _join(parts: list[_Part], name: str) -> np.ndarray:
 
 
 def _block_tables(parts: list[_Part], pad: Padding | None) -> np.ndarray:
-    """One row per sequence (padding rows included), as wide as the widest, or the graph's width."""
-    width = pad.max_blocks if pad and pad.max_blocks else max(p.table.shape[1] for p in parts)
+    """One row per sequence (padding rows included), as wide as the widest (see ``table_width``)."""
+    width = table_width(max(p.table.shape[1] for p in parts), pad)
     if len(parts) == 1 and parts[0].table.shape[1] == width:
         return parts[0].table
     table = np.zeros((sum(len(p.starts) for p in parts), width), np.int64)

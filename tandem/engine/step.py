@@ -9,8 +9,11 @@ Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled 
 table (sequences x max_blocks), or one of three variable-length lists: logit-bias entries (a request's
 ``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``), prompt-logprob
 entries, and history entries (the tokens a penalised request found in the prefix cache, which no
-step computes, so the device's token history learns them this way). The variable-length fields come last among the ints and the floats, so a captured graph,
-which reads only the leading token / sequence / table fields, finds them at the same offsets.
+step computes, so the device's token history learns them this way). The variable-length fields
+come last among the ints and the floats, so a captured graph, which reads only the fixed-size int
+fields, finds them at the same offsets; the block table is the last of those, so a step that ships a
+narrower table than the graph's (only the columns its longest sequence uses) still has every other
+fixed field where the graph reads it.
 
 The step's output comes back the same way: ``output_layout`` says where each returned field sits
 in the one int64 buffer the device copies back."""
@@ -68,7 +71,6 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("query_start", Per.SEQ_EDGE, np.int64, COUNT, doc="offset of each sequence's first token"),
     StepField("seq_lens", Per.SEQ, np.int64, 1, doc="context length including this step's tokens"),
     StepField("seq_rows", Per.SEQ, np.int64, PADDING_ROW, doc="each sequence's row of the per-row device state"),
-    StepField("block_tables", Per.TABLE, np.int64, 0),
     StepField("logits_indices", Per.SAMPLE, np.int64, COUNT, doc="flat token whose logits are sampled"),
     StepField("sample_rows", Per.SAMPLE, np.int64, PADDING_ROW, doc="next-token table row each sample goes to"),
     StepField("gen_index", Per.SAMPLE, np.int64, 0, doc="output index of the sampled token (seeds its noise)"),
@@ -77,6 +79,9 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("prompt_lens", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.prompt_len),
     StepField("logprobs", Per.SAMPLE, np.int64, -1, from_request=lambda r: _or(r.params.logprobs, -1),
               doc="top logprobs wanted with the sampled token's (-1: none)"),
+    # the last fixed-size int: a graph-replayed step may ship a narrower table than the graph's, and
+    # every field before it then sits at the graph's offsets (``GraphFields.stage``)
+    StepField("block_tables", Per.TABLE, np.int64, 0, doc="KV blocks of each sequence, as wide as the widest"),
     StepField("bias_sample", Per.BIAS, np.int64, 0, doc="sampled row of each logit-bias entry"),
     StepField("bias_token", Per.BIAS, np.int64, 0),
     StepField("prompt_logprob_index", Per.PROMPT_LOGPROB, np.int64, 0, doc="flat token whose next-token logprobs"),
@@ -131,9 +136,15 @@ class StepShape:
                 Per.HISTORY: self.num_history}[per]
 
     @property
-    def graph_key(self) -> tuple[int, int, int, int, int]:
-        """What a captured graph depends on: the variable-length lists are read after it, eagerly."""
-        return self.num_tokens, self.num_seqs, self.num_sampled, self.max_q, self.max_blocks
+    def graph_key(self) -> tuple[int, int, int, int]:
+        """What a captured graph's kernels read as a shape. The variable-length lists are read after
+        it, eagerly; the block table is staged into the graph's own, wider one (``fits_graph``)."""
+        return self.num_tokens, self.num_seqs, self.num_sampled, self.max_q
+
+    def fits_graph(self, captured: StepShape) -> bool:
+        """Whether a graph captured for ``captured`` can run this step: the same key, and a block
+        table no wider (its kernels read each sequence's columns only up to its length)."""
+        return self.graph_key == captured.graph_key and self.max_blocks <= captured.max_blocks
 
     @property
     def num_words(self) -> int:

@@ -6,8 +6,9 @@ smaller graphs reuse its memory. A graph covers the forward up to the sampled ro
 the sampler (top-k/top-p, penalties, logit bias, logprobs) needs no graph of its own. Graph inputs
 are one static packed buffer that each step fills with a device-to-device copy on the compute
 stream; the placeholder gather (pending tokens from the next-token table) runs inside the graph.
-A graph is keyed by everything its kernels read as a shape (batch size, block-table width) and
-replayed only for a step of exactly that shape."""
+A graph is keyed by everything its kernels read as a shape (batch size; the block-table width is
+the graph's own, ``max_model_len`` over the block size) and replayed only for a step of that key
+whose block table is no wider: the step ships only the columns it uses, staged into the graph's."""
 from __future__ import annotations
 
 import logging
@@ -85,7 +86,7 @@ class DecodeGraphs:
 
     def lookup(self, step: StepInputs) -> _Graph | None:
         g = self.graphs.get(step.shape.num_seqs)
-        return g if g is not None and g.shape.graph_key == step.shape.graph_key else None
+        return g if g is not None and step.shape.fits_graph(g.shape) else None
 
     def run(self, g: _Graph, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """On the current (compute) stream: stage inputs, replay, then the sampling stage eagerly."""

@@ -9,7 +9,7 @@ graph-captured decode step, whose memory stays reserved in the graph pool beside
 memory is O(tokens) with the Triton kernels, so context lengths do not enlarge either."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -58,10 +58,12 @@ def _blocks_used(step: StepInputs) -> int:
 
 def decode_step(pad: Padding, block_size: int, params: SamplingParams | None = None) -> StepInputs:
     """A decode step of one sequence in reserved block 0, padded to ``pad.num_seqs`` rows (graph
-    capture, and the profile of the largest graph with ``params`` asking the most of the sampler)."""
+    capture, and the profile of the largest graph with ``params`` asking the most of the sampler),
+    with the graph's whole block table."""
     seq = Sequence("capture", [1], params or SamplingParams(temperature=0.0), seed=0, max_new_tokens=1)
     seq.block_ids, seq.row = [0], pad.padding_row
-    return build_step(SchedulerOutput(-1, [ScheduledSeq(seq, 0, 1, True, 0)]), block_size, pad)
+    return build_step(SchedulerOutput(-1, [ScheduledSeq(seq, 0, 1, True, 0)]), block_size,
+                      replace(pad, full_table=True))
 
 
 @dataclass(frozen=True)

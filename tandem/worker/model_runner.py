@@ -79,7 +79,13 @@ class GraphFields:
     lists' lengths. A step's whole buffer is staged into the static one (which has room to spare
     for lists) and its views are kept per step shape: a steady decode batch repeats its shape, so
     its steps make no views at all. A step too large for the static buffer stages only the fixed
-    ints and takes the rest from its own buffer, one view per field it uses."""
+    ints and takes the rest from its own buffer, one view per field it uses.
+
+    A step's block table may be narrower than the graph's (``batch.table_width``): it is staged into
+    the first columns of the graph's table, behind the fields before it, which sit at the graph's
+    offsets (the table is the last fixed field); the graph's kernels read a sequence's columns only
+    up to its length, so the columns beyond keep whatever an earlier step left there, unread. The
+    sampling stage then reads the other fields from the step's own buffer."""
 
     _MAX_SHAPES = 64  # shapes whose views are kept (bias-list lengths vary; the cache is cleared when full)
 
@@ -90,11 +96,18 @@ class GraphFields:
         self.ints = {f.name: self.capture[f.name] for f in INT_FIELDS if f.name not in _VARIABLE_FIELDS}
         offsets = _offsets(shape)  # where the last fixed int field ends (fields start aligned)
         self.int_words = max(offsets[name][0] + offsets[name][1] for name in self.ints)
+        self.table_start = offsets["block_tables"][0]
+        assert self.table_start + offsets["block_tables"][1] == self.int_words, "the block table is the last fixed field"
+        self.table = self.capture.block_tables.view(shape.num_seqs, shape.max_blocks)
         # per step shape: the staged prefix of the static buffer, and the fields' views into it
         self.views: dict[StepShape, tuple[torch.Tensor, StepTensors]] = {shape: (static[:shape.num_words], self.capture)}
+        # steps with a narrower table, per (shape, buffer): views of that buffer
+        self.narrow: dict[tuple[StepShape, int], StepTensors] = {}
 
     def stage(self, data: torch.Tensor, shape: StepShape) -> StepTensors:
         """Copy the step's inputs into the static buffer (on the current stream) -> its fields."""
+        if shape.max_blocks != self.capture_shape.max_blocks:
+            return self._stage_narrow(data, shape)
         if shape.num_words > self.static.numel():
             self.static[:self.int_words].copy_(data[:self.int_words])
             return StepTensors(data, shape, self.ints)
@@ -105,6 +118,21 @@ class GraphFields:
             cached = self.views[shape] = (self.static[:shape.num_words], StepTensors(self.static, shape, self.ints))
         cached[0].copy_(data)
         return cached[1]
+
+    def _stage_narrow(self, data: torch.Tensor, shape: StepShape) -> StepTensors:
+        assert shape.fits_graph(self.capture_shape)
+        start, size = _offsets(shape)["block_tables"]
+        assert start == self.table_start
+        self.static[:start].copy_(data[:start])
+        self.table[:, :shape.max_blocks].copy_(data[start:start + size].view(shape.num_seqs, shape.max_blocks))
+        # ``data`` is one of the executor's input buffers (a few, reused): their views are kept
+        key = (shape, data.data_ptr())
+        views = self.narrow.get(key)
+        if views is None:
+            if len(self.narrow) >= self._MAX_SHAPES:
+                self.narrow.clear()
+            views = self.narrow[key] = StepTensors(data, shape)
+        return views
 
 
 def pack_output(parts: dict[str, torch.Tensor], shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
