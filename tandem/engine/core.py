@@ -17,6 +17,7 @@ from typing import Any
 from tandem.config import EngineConfig
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
+from tandem.engine.heap import HeapFreezer
 from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
@@ -59,9 +60,11 @@ class EngineCore:
                                    eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size))
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
+        self.heap = HeapFreezer()
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add(Sequence.from_request(request))
+        self.heap.admitted()
 
     def finish_requests(self, request_ids: list[str], reason: str = "abort") -> list[str]:
         """End these requests now (aborted, or stopped by their text); returns those that were running."""
@@ -90,6 +93,8 @@ class EngineCore:
             self.scheduler.update(done.sched, output, deltas)
             for obs in self.observers:
                 obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
+        if not self.has_unfinished_requests():
+            self.heap.idle()
         return deltas
 
     def stats(self) -> CoreStats:
