@@ -167,6 +167,12 @@ class ModelRunner:
         width = max_model_len or model.max_positions
         self.history = torch.zeros(num_rows, width, dtype=torch.int32, device=self.device)
 
+    @staticmethod
+    def state_bytes(num_rows: int, max_model_len: int) -> int:
+        """Device memory of the per-row state above (the KV cache plan leaves room for it: 1 GiB at
+        1024 sequences of a 128K-token model)."""
+        return num_rows * (8 + 4 * max_model_len)
+
     def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
         """data: the step's packed inputs already on the device -> the packed output (see ``finish``)."""
         f = StepTensors(data, shape)

@@ -55,7 +55,7 @@ class DeviceWorker:
                                           explicit=config.max_model_len is not None)
         # the model's own config: under tensor parallelism it holds only this rank's KV heads
         kv_cache = allocate_kv_cache(self.model.config, num_blocks, config.block_size, self.device, self.dtype)
-        num_rows = 2 * config.max_num_seqs  # sequences that left the batch keep theirs one more step
+        num_rows = self.num_rows
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
                                   max_model_len)
         graph_max_blocks = -(-max_model_len // config.block_size)
@@ -71,6 +71,10 @@ class DeviceWorker:
             graph_max_blocks=graph_max_blocks, graph_token_buckets=self.piecewise.sizes if self.piecewise else ())
         self._executor = self._make_executor(config.async_batching)
 
+    @property
+    def num_rows(self) -> int:
+        return 2 * self.config.max_num_seqs  # sequences that left the batch keep theirs one more step
+
     def _load_model(self, max_positions: int) -> LlamaModel:
         c = self.config
         return load_model(c.model, self.device, self.dtype, max_positions, c.seed)
@@ -83,9 +87,10 @@ class DeviceWorker:
             piecewise_tokens = min(c.max_num_batched_tokens, TOKEN_BUCKETS[-1]) if graph_blocks else 0
             peaks = profile_activations(self.model, c.max_num_batched_tokens, c.max_num_seqs, max_positions,
                                         c.block_size, graph_blocks, piecewise_tokens)
-            reserved = peaks.total
-            logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB",
-                        peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30)
+            rows = ModelRunner.state_bytes(self.num_rows + 1, max_positions)  # allocated after the cache
+            reserved = peaks.total + rows
+            logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
+                        "per-row state %.2f GiB", peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30, rows / 2**30)
         return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.config,
                                self.device, self.dtype, reserved)
 
