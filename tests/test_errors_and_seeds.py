@@ -50,7 +50,10 @@ def test_engine_rejects_one_request_while_others_run():
     engine = create_engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", max_model_len=32))
     engine.add_request("good", None, SamplingParams(max_tokens=5, ignore_eos=True), prompt_token_ids=[4, 5, 6])
     engine.step()
-    for bad_ids, match in (([1] * 40, "max_model_len"), ([], "empty"), ([1, 99999], r"\[0, 512\)")):
+    ids_range = r"\[0, 512\)"
+    for bad_ids, match in (([1] * 40, "max_model_len"), ([], "empty"), ([1, 99999], ids_range), ([3, -1], ids_range),
+                           ([1, True], ids_range), ([2.0], ids_range), ([1, "2"], ids_range), ([2**70], ids_range),
+                           ([1, None], ids_range), ([512], ids_range)):
         with pytest.raises(ValueError, match=match):
             engine.add_request("bad", None, SamplingParams(), prompt_token_ids=bad_ids)
     with pytest.raises(ValueError, match="already in use"):

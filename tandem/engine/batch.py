@@ -130,9 +130,8 @@ def _padding_part(num: int, row: int) -> _Part:
 
 
 def _chunk_ids(item: ScheduledSeq) -> list[int]:
-    seq, start, end = item.seq, item.start, item.start + item.num_tokens
-    ids = (seq.prompt_token_ids[start:end] if end <= seq.prompt_len
-           else (seq.prompt_token_ids + seq.output_token_ids)[start:end])
+    seq = item.seq
+    ids = seq.known_tokens(item.start, item.start + item.num_tokens)
     if len(ids) < item.num_tokens:  # the last position's token is still pending on the device
         ids = ids + [-(seq.row + 1)]
     return ids
@@ -245,7 +244,7 @@ def _add_history_entries(f: dict[str, np.ndarray], items: list[ScheduledSeq]) ->
     rows, positions, tokens = [], [], []
     for it in items:
         if it.num_cached and it.seq.params.has_penalties:
-            known = (it.seq.prompt_token_ids + it.seq.output_token_ids)[:it.num_cached]
+            known = it.seq.known_tokens(0, it.num_cached)
             rows.append(np.full(len(known), it.seq.row)), positions.append(np.arange(len(known)))
             tokens.append(np.asarray(known, np.int64))
     f["history_row"] = np.concatenate(rows) if rows else np.zeros(0, np.int64)

@@ -48,19 +48,11 @@ def extend_block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list
     hashes = seq.block_hashes
     first, last = len(hashes), min(num_blocks, (seq.prompt_len + len(seq.output_token_ids)) // block_size)
     if last > first:  # pack the new blocks' tokens at once: a long prompt is hashed in one pass
-        packed = _pack(_tokens(seq, first * block_size, last * block_size))
+        packed = _pack(seq.known_tokens(first * block_size, last * block_size))
         width = 8 * block_size
         for i in range(last - first):
             hashes.append(_chain(hashes[-1] if hashes else None, packed[i * width:(i + 1) * width]))
     return hashes[:num_blocks]
-
-
-def _tokens(seq: Sequence, start: int, end: int) -> list[int]:
-    """Known tokens [start, end) of prompt + output."""
-    if end <= seq.prompt_len:
-        return seq.prompt_token_ids[start:end]
-    out = seq.output_token_ids[max(0, start - seq.prompt_len):end - seq.prompt_len]
-    return seq.prompt_token_ids[start:] + out if start < seq.prompt_len else out
 
 
 @dataclass

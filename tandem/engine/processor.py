@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from tandem.engine.limits import check_representable
 from tandem.engine.sequence import EngineRequest
 from tandem.model.model_config import ModelConfig
@@ -56,10 +58,21 @@ class InputProcessor:
         ids = list(prompt_token_ids)
         if not ids:
             raise ValueError("prompt is empty")
-        vocab = self.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        if not _valid_token_ids(ids, self.vocab_size):
+            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "no room left to generate")
         return ids
+
+
+def _valid_token_ids(ids: list, vocab: int) -> bool:
+    """Every id an int (not a bool) in [0, vocab). Plain ints, the usual case, are checked in C
+    (a 32K-token prompt took 20 ms element by element); anything else element by element."""
+    if set(map(type, ids)) == {int}:
+        try:
+            arr = np.fromiter(ids, np.int64, len(ids))
+        except OverflowError:
+            return False
+        return bool(arr.min() >= 0 and arr.max() < vocab)
+    return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)

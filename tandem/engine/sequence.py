@@ -168,6 +168,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def known_tokens(self, start: int, end: int) -> list[int]:
+        """Known tokens [start, end) of prompt + output (fewer where they are still pending), without
+        concatenating the two lists: a decode chunk of a long sequence would copy all of it."""
+        p = self.prompt_len
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        out = self.output_token_ids[max(0, start - p):end - p]
+        return self.prompt_token_ids[start:] + out if start < p else out
+
     def token_at(self, index: int) -> int | None:
         """The token at ``index`` of prompt+output, or None while it is still pending on the device."""
         if index < self.prompt_len:
