@@ -13,8 +13,11 @@ from tandem.engine.llm_engine import LLMEngine
 
 @pytest.fixture
 def collector_off():
-    """Cyclic garbage stays where it is while the test runs; found at the end with DEBUG_SAVEALL."""
+    """Cyclic garbage stays where it is while the test runs, to be found with DEBUG_SAVEALL (what
+    earlier tests left, frozen or not, is collected first)."""
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
     gc.disable()
     try:
         yield
@@ -49,6 +52,7 @@ def test_the_step_loop_makes_no_cyclic_garbage(collector_off):
     requests, sync and async; then the whole engine on a CPU model with a stream and an abort."""
     config = EngineConfig.from_options("random:tiny", max_num_seqs=8, max_model_len=96)
     engine = LLMEngine(config, FakeWorker(config, kv_tokens=16 * 12))  # few blocks: preemption happens
+    _cyclic_garbage()  # start-up's, not the loop's
     for i in range(40):
         engine.add_request(str(i), f"prompt {i} " * (i % 7 + 1), _mixed_params(i), stream=i % 3 == 0)
     steps = 0

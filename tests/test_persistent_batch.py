@@ -73,6 +73,17 @@ def check_state(s: Scheduler) -> None:
         assert seq._state is None
 
 
+def _check_layouts_agree(sched: SchedulerOutput) -> None:
+    """Whatever planned the step, laying its one-token entries out by gathers from the running state
+    packs exactly what laying every entry out one by one packs (padded to a graph's shape or not)."""
+    one_by_one = SchedulerOutput(sched.step_id, sched.items)
+    for pad in (None, Padding(8, 8, 32, padding_row=12)):  # 32: the scheduler's max_blocks_per_seq
+        if pad is not None and not all(e.num_tokens == 1 and e.sample for e in one_by_one.chunks):
+            continue
+        a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad, gather_decodes=False)
+        assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
+
+
 def _run(fast: bool, seed: int, num_blocks: int, budget: int, caching: bool = False, lag: int = 1):
     """Run a workload to the end, ``lag`` steps in flight (1: asynchronous batching)."""
     s = _scheduler(fast, num_blocks, budget, caching)
@@ -85,6 +96,7 @@ def _run(fast: bool, seed: int, num_blocks: int, budget: int, caching: bool = Fa
         if len(sched):
             in_flight.append(sched)
             plans.append(_entries(sched))
+            _check_layouts_agree(sched)
         while in_flight and (len(in_flight) > lag or not len(sched)):
             done = in_flight.pop(0)
             deltas = StepDeltas()
@@ -137,6 +149,7 @@ def test_a_decode_block_packs_exactly_like_its_entries_one_by_one(pad):
         if step >= 2:  # steady decodes, some tokens known, some pending
             assert sched.decode is not None
             one_by_one = SchedulerOutput(sched.step_id, sched.items)
-            a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad)
+            a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad, gather_decodes=False)
             assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
+            assert np.array_equal(build_step(one_by_one, 4, pad).data, a.data)  # entries gathered as a block
         s.update(sched, _output(sched, step), StepDeltas())

@@ -87,7 +87,8 @@ class RunningState:
         if n > self.block_table.shape[1]:  # only a caller without a max_model_len bound gets here
             self.block_table = np.pad(self.block_table, ((0, 0), (0, n - self.block_table.shape[1])))
         self.block_table[row, :n] = block_ids
-        self.num_blocks[row] = n
+        self.block_table[row, n:self.num_blocks[row]] = 0  # the row's previous holder's blocks: a step's
+        self.num_blocks[row] = n  # table is gathered as wide as its widest row, zeros past each one's own
 
     def add_blocks(self, rows: np.ndarray, blocks: np.ndarray) -> None:
         """One more block for each of ``rows`` (distinct)."""
