@@ -145,3 +145,23 @@ def test_host_only_benchmark_runs_the_real_loop_without_a_device(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("8", "32")]
     assert [r[0] for r in rows] == ["8", "32"]
     assert all(int(r[1]) >= 8 and float(r[6]) > 0 for r in rows)  # pure-decode steps measured, host time > 0
+
+
+def test_host_only_over_real_traffic_reports_the_tail_of_mixed_and_decode_steps(capsys):
+    """Length ranges: requests of every length through the real loop, a KV cache short enough to
+    preempt; each phase's p50 / p99 / max for mixed and pure-decode steps."""
+    from tandem.bench.host_traffic import measure_traffic
+    from tandem.bench.workload import LengthRange, Workload
+
+    assert main(["bench", "--host-only", "--model", "random:tiny", "--num-requests", "24", "--prompt-len", "4:60",
+                 "--max-tokens", "2:30", "--max-num-seqs", "8", "--kv-cache-tokens", "160"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["mixed"], ["decode"])}
+    assert set(rows) == {"mixed", "decode"} and all(int(r[0]) > 0 for r in rows.values())
+    f = measure_traffic("random:tiny", Workload(24, LengthRange(4, 60), LengthRange(2, 30)), max_num_seqs=8,
+                        kv_cache_tokens=160, max_model_len=90)
+    assert f["preemptions"] > 0 and f["mixed"]["steps"] + f["decode"]["steps"] > 24
+    for kind in ("mixed", "decode"):
+        for phase in ("schedule", "build", "process"):
+            p50, p99, top = f[kind][phase]
+            assert 0 < p50 <= p99 <= top

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeline-steps", type=int, default=8)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--host-only", action="store_true",
-                   help="measure the host loop alone (a device that returns at once) at --host-batch-sizes")
+                   help="measure the host loop alone (a device that returns at once) at --host-batch-sizes; "
+                        "with a MIN:MAX length, over --num-requests of real traffic (tail per phase)")
     p.add_argument("--host-batch-sizes", default="64,256,1024", help="with --host-only: sequences per step")
     p.set_defaults(func=run)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _host_only(args: argparse.Namespace) -> int:
     from tandem.bench.host_only import host_only
-    from tandem.bench.workload import LengthRange
+    from tandem.bench.workload import LengthRange, Workload
 
     prompt, new = LengthRange.parse(args.prompt_len), LengthRange.parse(args.max_tokens)
     options = engine_options(args, skip=("async_batching", "max_num_seqs"))
@@ -72,6 +73,12 @@ def _host_only(args: argparse.Namespace) -> int:
     sampling = dict(temperature=args.temperature, logprobs=args.logprobs, shared_prefix_len=args.shared_prefix_len,
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                     repetition_penalty=args.repetition_penalty)
+    if not (prompt.fixed and new.fixed):  # real traffic: --num-requests of these lengths, --max-num-seqs at once
+        from tandem.bench.host_traffic import host_traffic
+
+        w = Workload(args.num_requests, prompt, new, seed=args.workload_seed, **sampling)
+        host_traffic(args.model or "random:llama3.2-1b", w, max_num_seqs=args.max_num_seqs, **options)
+        return 0
     host_only(args.model or "random:llama3.2-1b", [int(b) for b in args.host_batch_sizes.split(",")], prompt.hi,
               new.hi, sampling, **options)
     return 0
