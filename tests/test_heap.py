@@ -88,6 +88,10 @@ def test_admitted_requests_leave_the_collectors_view():
     seq = engine.core.scheduler.requests["r"]
     tracked = {id(o) for o in gc.get_objects()}  # the young and old generations, not the frozen one
     assert gc.is_tracked(seq.prompt_token_ids) and id(seq.prompt_token_ids) not in tracked and id(seq) not in tracked
+    seq.block_ids = []  # as a preemption leaves it: a new list, filled when the sequence joins the batch again
+    engine.step()
+    tracked = {id(o) for o in gc.get_objects()}
+    assert seq.block_ids and id(seq.block_ids) not in tracked
     while engine.has_unfinished_requests():
         engine.step()
 

@@ -76,7 +76,10 @@ class EngineCore:
     def step(self) -> StepDeltas:
         """Plan and launch one step; return what the step(s) completed meanwhile changed."""
         t_begin = time.perf_counter()
+        admissions = self.scheduler.num_admissions
         sched = self.scheduler.schedule()
+        if self.scheduler.num_admissions != admissions:  # what a running sequence holds: its blocks, its row's state
+            self.heap.admitted()
         if len(sched):
             t_sched = time.perf_counter()
             step = build_step(sched, self.block_size, padding_for(sched, self.worker.info))

@@ -8,9 +8,10 @@ everything alive.
 
 The step loop makes no reference cycles (a whole run leaves no cyclic garbage: ``tests/test_heap.py``
 checks it), so the collector has nothing to free among a request's objects: their reference counts
-free them when the request ends. So the objects alive when requests were admitted are moved out of
-the collector's view as each request is admitted (``gc.freeze()``, a microsecond or two), and
-collections see only what the loop made since: each step's short-lived objects.
+free them when the request ends. So the objects alive when a request arrives, and after a step that
+let sequences join the running batch, are moved out of the collector's view (``gc.freeze()``, a
+microsecond or two), and collections see only what the loop made since: each step's short-lived
+objects.
 
 Freezing is not free of risk: anything frozen that later becomes part of unreachable cycles (an
 exception's traceback kept somewhere, a caller's own objects) is not collected while frozen. So once
@@ -31,8 +32,9 @@ class HeapFreezer:
         self.cleanups = 0
 
     def admitted(self) -> None:
-        """A request joined (long-lived objects, with its token lists): out of the collector's view
-        now, so a burst of arrivals does not pile up in the young generation either."""
+        """A request arrived, or joined the running batch (long-lived objects, with their token and
+        block lists): out of the collector's view now, so a burst of arrivals does not pile up in
+        the young generation either."""
         if self._baseline is None:
             self._baseline = gc.get_freeze_count()
         gc.freeze()

@@ -67,6 +67,7 @@ class Scheduler(DecodePath):
         self._next_step = 0
         self._last_done_step = -1
         self.num_preemptions = 0
+        self.num_admissions = 0  # since start: sequences that joined the running batch (new or resumed)
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -127,6 +128,7 @@ class Scheduler(DecodePath):
             if row is None:
                 break
             self.waiting.popleft()
+            self.num_admissions += 1
             seq.status = SeqStatus.RUNNING
             self._start_after(seq, cached)
             seq.attach(self.state, row)
