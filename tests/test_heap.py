@@ -102,7 +102,8 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
 
     config = EngineConfig.from_options("random:tiny", max_num_seqs=4, max_model_len=64)
     engine = LLMEngine(config, FakeWorker(config))
-    engine.core.heap.cleanup_after = 0
+    heap = engine.core.heap
+    heap.cleanup_after = 10**9  # far more than this test freezes: idle, the engine leaves it frozen
     engine.add_request("r", "a prompt", SamplingParams(max_tokens=3))
     node = Node()
     node.self = node  # a cycle, frozen with the admission below
@@ -111,7 +112,10 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
     del node
     gc.collect()
     assert gone() is not None  # frozen: collections do not see it
-    cleanups = engine.core.heap.cleanups
+    cleanups = heap.cleanups
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.core.heap.cleanups == cleanups + 1 and gone() is None
+    assert heap.cleanups == cleanups and gone() is not None
+    heap.cleanup_after = -(10**9)  # whatever the count: clean up
+    heap.idle()
+    assert heap.cleanups == cleanups + 1 and gone() is None
