@@ -165,3 +165,11 @@ def test_host_only_over_real_traffic_reports_the_tail_of_mixed_and_decode_steps(
         for phase in ("schedule", "build", "process"):
             p50, p99, top = f[kind][phase]
             assert 0 < p50 <= p99 <= top
+
+
+def test_host_only_traffic_refuses_a_kv_cache_its_lengths_cannot_fit(capsys):
+    """As the real worker does: an explicit (here, derived) max_model_len above the KV cache is an
+    error, not a loop waiting forever for blocks that cannot come."""
+    assert main(["bench", "--host-only", "--model", "random:tiny", "--num-requests", "4", "--prompt-len", "4:50",
+                 "--max-tokens", "2:20", "--kv-cache-tokens", "16"]) == 2
+    assert "does not fit the KV cache" in capsys.readouterr().err

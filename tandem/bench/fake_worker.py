@@ -18,9 +18,16 @@ _GRAPH_SIZES = (1, 2, 4, 8)
 
 
 class FakeWorker:
-    def __init__(self, config: EngineConfig, kv_tokens: int = 1 << 24) -> None:
+    def __init__(self, config: EngineConfig, kv_tokens: int | None = None) -> None:
+        """``kv_tokens``: the KV cache's size (default ``config.kv_cache_tokens``, else 16M tokens);
+        ``max_model_len`` is fitted to it as the real worker does (an explicit one that does not fit
+        is an error)."""
+        from tandem.worker.worker import fit_max_model_len
+
         model = resolve_model_config(config.model)
-        max_len = requested_max_model_len(model, config.max_model_len, config.allow_long_max_model_len)
+        kv_tokens = kv_tokens or config.kv_cache_tokens or 1 << 24
+        max_len = fit_max_model_len(requested_max_model_len(model, config.max_model_len, config.allow_long_max_model_len),
+                                    kv_tokens, explicit=config.max_model_len is not None)
         num_rows = 2 * config.max_num_seqs
         sizes = tuple(sorted({*(s for s in _GRAPH_SIZES if s < config.max_num_seqs),
                               *range(16, config.max_num_seqs, 16), config.max_num_seqs}))

@@ -29,8 +29,7 @@ def _percentiles(records: list[StepRecord], phase: str) -> tuple[float, float, f
 def measure_traffic(model: str, w: Workload, **options) -> dict[str, dict]:
     """{"mixed" | "decode": {"steps": n, phase: (p50, p99, max) ms}} plus "preemptions" and "gc"."""
     config = EngineConfig.from_options(model, **options)
-    kv_tokens = options.get("kv_cache_tokens")
-    engine = LLMEngine(config, FakeWorker(config, **({"kv_tokens": kv_tokens} if kv_tokens else {})))
+    engine = LLMEngine(config, FakeWorker(config))
     requests = make_requests(w, engine.model_config.vocab_size)
     log = StepLog()
     engine.core.observers.append(log)

@@ -87,8 +87,10 @@ class RunningState:
         if n > self.block_table.shape[1]:  # only a caller without a max_model_len bound gets here
             self.block_table = np.pad(self.block_table, ((0, 0), (0, n - self.block_table.shape[1])))
         self.block_table[row, :n] = block_ids
-        self.block_table[row, n:self.num_blocks[row]] = 0  # the row's previous holder's blocks: a step's
-        self.num_blocks[row] = n  # table is gathered as wide as its widest row, zeros past each one's own
+        # clear the row's previous holder's blocks: a step gathers rows as wide as its widest one,
+        # and the columns past a row's own blocks read as zeros, as in a table built one by one
+        self.block_table[row, n:self.num_blocks[row]] = 0
+        self.num_blocks[row] = n
 
     def add_blocks(self, rows: np.ndarray, blocks: np.ndarray) -> None:
         """One more block for each of ``rows`` (distinct)."""

@@ -96,8 +96,7 @@ class GraphFields:
         self.ints = {f.name: self.capture[f.name] for f in INT_FIELDS if f.name not in _VARIABLE_FIELDS}
         offsets = _offsets(shape)  # where the last fixed int field ends (fields start aligned)
         self.int_words = max(offsets[name][0] + offsets[name][1] for name in self.ints)
-        self.table_start = offsets["block_tables"][0]
-        assert self.table_start + offsets["block_tables"][1] == self.int_words, "the block table is the last fixed field"
+        assert sum(offsets["block_tables"]) == self.int_words, "the block table is the last fixed field"
         self.table = self.capture.block_tables.view(shape.num_seqs, shape.max_blocks)
         # per step shape: the staged prefix of the static buffer, and the fields' views into it
         self.views: dict[StepShape, tuple[torch.Tensor, StepTensors]] = {shape: (static[:shape.num_words], self.capture)}
@@ -120,9 +119,8 @@ class GraphFields:
         return cached[1]
 
     def _stage_narrow(self, data: torch.Tensor, shape: StepShape) -> StepTensors:
-        assert shape.fits_graph(self.capture_shape)
+        """A step that ``fits_graph``: the fields before its table sit at the graph's offsets."""
         start, size = _offsets(shape)["block_tables"]
-        assert start == self.table_start
         self.static[:start].copy_(data[:start])
         self.table[:, :shape.max_blocks].copy_(data[start:start + size].view(shape.num_seqs, shape.max_blocks))
         # ``data`` is one of the executor's input buffers (a few, reused): their views are kept
