@@ -54,8 +54,10 @@ def _output(sched: SchedulerOutput, step: int) -> StepOutput:
     return StepOutput(step, tokens, found)
 
 
-def _entries(sched: SchedulerOutput) -> set[tuple]:
-    return {(e.seq.request_id, e.start, e.num_tokens, e.sample, e.gen_index) for e in sched.items}
+def _entries(sched: SchedulerOutput, blocks: bool = False) -> list[tuple]:
+    """The step's entries in step order; with ``blocks``, each sequence's block ids after planning."""
+    return [(e.seq.request_id, e.start, e.num_tokens, e.sample, e.gen_index) + ((tuple(e.seq.block_ids),) if blocks else ())
+            for e in sched.items]
 
 
 def check_state(s: Scheduler) -> None:
@@ -85,7 +87,9 @@ def _check_layouts_agree(sched: SchedulerOutput) -> None:
 
 
 def _run(fast: bool, seed: int, num_blocks: int, budget: int, caching: bool = False, lag: int = 1):
-    """Run a workload to the end, ``lag`` steps in flight (1: asynchronous batching)."""
+    """Run a workload to the end, ``lag`` steps in flight (1: asynchronous batching). Block ids are
+    compared only without caching: the array path registers a block its output filled when the token
+    comes back, the loop when it schedules the step, so the cache's eviction order may differ."""
     s = _scheduler(fast, num_blocks, budget, caching)
     seqs = _workload(seed, 14)
     for seq in seqs:
@@ -95,7 +99,7 @@ def _run(fast: bool, seed: int, num_blocks: int, budget: int, caching: bool = Fa
         sched = s.schedule()
         if len(sched):
             in_flight.append(sched)
-            plans.append(_entries(sched))
+            plans.append(_entries(sched, blocks=not caching))
             _check_layouts_agree(sched)
         while in_flight and (len(in_flight) > lag or not len(sched)):
             done = in_flight.pop(0)
@@ -116,6 +120,40 @@ def test_the_decode_path_plans_what_the_per_sequence_loop_plans(seed, lag):
     fast_plans, fast_out, s = _run(True, seed, num_blocks=200, budget=512, lag=lag)
     assert fast_plans == slow_plans and fast_out == slow_out
     assert s.blocks.num_free == 199 and s.rows.num_free == s.rows.num_rows
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("num_blocks,budget,caching", [(12, 512, False), (18, 512, False), (24, 16, False),
+                                                       (24, 16, True), (30, 64, True)])
+def test_with_blocks_short_the_decode_path_still_plans_what_the_loop_plans(lag, num_blocks, budget, caching):
+    """Blocks run out: sequences wait, and the newest are preempted, in the loop's order (the same
+    blocks handed to the same sequences), while the rest of the decodes stay one array block."""
+    preemptions = 0
+    for seed in range(8):
+        slow_plans, slow_out, _ = _run(False, seed, num_blocks, budget, caching, lag)
+        fast_plans, fast_out, s = _run(True, seed, num_blocks, budget, caching, lag)
+        assert fast_plans == slow_plans and fast_out == slow_out
+        assert s.blocks.num_free == num_blocks - 1
+        preemptions += s.num_preemptions
+    assert preemptions > 0
+
+
+def test_a_blocks_short_decode_step_keeps_its_decode_block():
+    """Two of three decoding sequences need a new block and one is free: the first takes it, the
+    second preempts the newest (whose blocks a launched step still reads, so it waits), and the
+    first and the one whose token fits its last block decode as one array block."""
+    s = _scheduler(True, num_blocks=7, budget=512)
+    seqs = [Sequence(str(i), list(range(1, n + 1)), SamplingParams(max_tokens=16), seed=i, max_new_tokens=16)
+            for i, n in enumerate([4, 6, 4])]  # block size 4: the 4-token prompts fill their blocks
+    for seq in seqs:
+        s.add(seq)
+    first = s.schedule()  # 1 + 2 + 1 blocks: two free
+    s.update(first, _output(first, 0), StepDeltas())
+    s.blocks.allocate(1)  # someone else holds one: one left
+    second = s.schedule()  # in flight: nothing it holds is freed before it completes
+    assert second.decode is not None and [q.request_id for q in second.decode.seqs] == ["0", "1"]
+    assert not second.chunks and s.num_preemptions == 1 and seqs[2] in s.waiting
+    assert len(seqs[0].block_ids) == 2 and len(seqs[1].block_ids) == 2
 
 
 @pytest.mark.parametrize("seed", range(6))

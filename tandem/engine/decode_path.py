@@ -5,8 +5,9 @@ A running sequence is *decoding* when exactly one of its tokens is not computed 
 known or still pending on the device) and it may produce more. Planning them all at once is exactly
 what the per-sequence loop would decide when the KV blocks suffice for the step: the decoding
 sequences take one token each (those whose next position starts a new block get one), and the
-sequences with a prefill chunk left come after them in order. When blocks are short (a preemption
-may be due), ``plan`` declines and the scheduler's per-sequence loop decides everything, as before.
+sequences with a prefill chunk left come after them in order. When blocks are short, only the
+decoding sequences that need a new block go one by one, in order, through the loop's own rule
+(preempt from the newest end, or wait); the others' token fits their last block either way.
 
 Taking in tokens does per sequence only the unavoidable (appending to its output list); stop
 conditions, logprob entries and counters are array operations, and sequences that need more
@@ -21,7 +22,7 @@ from tandem.engine.deltas import StepDeltas
 from tandem.engine.plan import DecodeBlock, SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.running import RunningState
-from tandem.engine.sequence import Sequence
+from tandem.engine.sequence import Sequence, SeqStatus
 from tandem.engine.step import Logprobs
 
 
@@ -44,10 +45,13 @@ class DecodePath:
     def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
                      deltas: StepDeltas) -> None: ...
     def register_filled(self, seqs: list[Sequence]) -> None: ...
+    def make_room(self, seq: Sequence, num_tokens: int) -> bool: ...
+    def grow(self, seq: Sequence, num_tokens: int) -> None: ...
 
     def plan_decodes(self, out: SchedulerOutput) -> list[Sequence] | None:
         """Put the decoding sequences in ``out.decode``; returns the other running sequences (prefill
-        chunks to plan one by one), or None if the step may need a preemption (nothing planned)."""
+        chunks to plan one by one), or None to leave the whole step to the per-sequence loop (no
+        decodes, or more than the token budget)."""
         running = self.running
         if not running:
             return []
@@ -61,12 +65,15 @@ class DecodePath:
         if decoding.size == 0 or decoding.size > self.max_num_batched_tokens:
             return None
         r, c = rows[decoding], computed[decoding]
-        bs = self.blocks.block_size
-        grows = np.flatnonzero(c >= st.num_blocks[r] * bs)
+        grows = np.flatnonzero(c >= st.num_blocks[r] * self.blocks.block_size)
         chunked_seqs = [running[i] for i in chunked.tolist()]
-        if grows.size + self._chunk_blocks(chunked_seqs, decoding.size) > self.blocks.num_free:
-            return None
-        if grows.size:  # their next position starts a block: one new block each
+        if grows.size > self.blocks.num_free:  # some must wait, or preempt
+            running = list(running)  # preemption takes sequences off the end of the list
+            decoding = self._grow_in_order(running, decoding, grows)
+            if decoding.size == 0:
+                return chunked_seqs
+            r, c = rows[decoding], computed[decoding]
+        elif grows.size:  # their next position starts a block: one new block each
             self._add_blocks([running[i] for i in decoding[grows].tolist()], r[grows])
         pending = st.pending[r]
         st.computed[r] += 1
@@ -83,16 +90,23 @@ class DecodePath:
             seq.block_ids.append(block)
         self.state.add_blocks(rows, np.array(new, np.int64))
 
-    def _chunk_blocks(self, chunked: list[Sequence], num_decodes: int) -> int:
-        """Blocks the prefill chunks after the decodes would take, with the token budget they would get."""
-        budget, need = self.max_num_batched_tokens - num_decodes, 0
-        for seq in chunked:
-            if budget <= 0:
-                break
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need += self.blocks.blocks_needed(len(seq.block_ids), seq.num_computed + n)
-            budget -= n
-        return need
+    def _grow_in_order(self, running: list[Sequence], decoding: np.ndarray, grows: np.ndarray) -> np.ndarray:
+        """Blocks run short: the decoding sequences that need one ask for it in order, preempting from
+        the newest end as the per-sequence loop does, and those that cannot have one wait. Only they
+        run Python code: the others' one token fits their last block. Returns the decoding positions
+        (in ``running``) that take their token: not preempted, not waiting."""
+        waits = []
+        for j in grows.tolist():
+            seq = running[int(decoding[j])]
+            if seq.status is not SeqStatus.RUNNING:
+                break  # preempted for an earlier one: so is every later sequence
+            if self.make_room(seq, seq.num_computed + 1):
+                self.grow(seq, seq.num_computed + 1)
+            else:
+                waits.append(j)
+        keep = decoding < len(self.running)  # victims leave from the end
+        keep[waits] = False
+        return decoding[keep]
 
     def accept_decodes(self, block: DecodeBlock, tokens: np.ndarray, logprobs: Logprobs | None,
                        deltas: StepDeltas) -> None:

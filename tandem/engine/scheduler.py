@@ -12,7 +12,8 @@ sequence is done (EOS, stop token ids, length), finishes, aborts and preempts.
 The steady state costs O(changes), not O(sequences x fields): running sequences keep their counters
 in a ``RunningState`` indexed by row, and when the KV blocks suffice for the step, the decoding ones
 are planned and their tokens taken in with array operations (``decode_path``); per-sequence Python
-runs only for prefill chunks, admissions, blocks filling up, finishes and preemption.
+runs only for prefill chunks, admissions, blocks filling up, finishes and preemption (when blocks run
+short, for the sequences that need one).
 
 With prefix caching (``blocks.cache``), a sequence being admitted starts after the longest chain of
 cached full blocks of its tokens, shared with whoever holds them. Full prompt blocks are registered
@@ -109,7 +110,7 @@ class Scheduler(DecodePath):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted to make room for an earlier candidate
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if seq.done_scheduling or n <= 0 or not self._make_room(seq, seq.num_computed + n):
+            if seq.done_scheduling or n <= 0 or not self.make_room(seq, seq.num_computed + n):
                 continue  # a sequence that cannot grow now waits while a preempted victim's blocks drain
             budget -= self._take(out, seq, n)
         return budget
@@ -212,7 +213,7 @@ class Scheduler(DecodePath):
         for block in seq.block_ids[held:]:
             self.state.add_block(seq.row, block)
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+    def make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the newest end until ``seq`` fits; False if it cannot run this step."""
         if num_tokens <= len(seq.block_ids) * self.blocks.block_size:
             return True  # the common decode case: its last block has room
