@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from tandem.config import EngineConfig
 from tandem.engine.fanout import fan_in, fan_out
+from tandem.engine.heap import freeze
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sequence import EngineRequest
 from tandem.outputs import RequestOutput
@@ -25,7 +26,7 @@ def create_engine(config: EngineConfig) -> LLMEngine:
     # start-up objects (weights' metadata, tokenizer, graphs) live as long as the engine: out of the
     # garbage collector's scans, so the step loop's collections only look at what the loop made
     gc.collect()
-    gc.freeze()
+    freeze()
     return engine
 
 

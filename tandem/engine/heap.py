@@ -16,13 +16,27 @@ objects.
 Freezing is not free of risk: anything frozen that later becomes part of unreachable cycles (an
 exception's traceback kept somewhere, a caller's own objects) is not collected while frozen. So once
 the engine is idle and much has been frozen since the last clean-up, everything is unfrozen,
-collected and frozen again; idle, the pause costs no GPU time."""
+collected and frozen again; idle, the pause costs no GPU time. At exit everything is unfrozen, so
+the interpreter's last collection still frees what was frozen (extension types that count their live
+objects at shutdown, Triton's among them, would otherwise report them as leaked)."""
 from __future__ import annotations
 
+import atexit
 import gc
 
 #: frozen objects added since the last clean-up that make an idle engine clean up
 CLEANUP_AFTER = 200_000
+
+_unfreeze_at_exit = False
+
+
+def freeze() -> None:
+    """``gc.freeze()``, undone when the interpreter exits."""
+    global _unfreeze_at_exit
+    if not _unfreeze_at_exit:
+        atexit.register(gc.unfreeze)
+        _unfreeze_at_exit = True
+    gc.freeze()
 
 
 class HeapFreezer:
@@ -37,13 +51,13 @@ class HeapFreezer:
         the young generation either."""
         if self._baseline is None:
             self._baseline = gc.get_freeze_count()
-        gc.freeze()
+        freeze()
 
     def idle(self) -> None:
         """No request is left: collect what was frozen since the last clean-up, if it is much."""
         if self._baseline is not None and gc.get_freeze_count() - self._baseline > self.cleanup_after:
             gc.unfreeze()
             gc.collect()
-            gc.freeze()
+            freeze()
             self._baseline = gc.get_freeze_count()
             self.cleanups += 1

@@ -9,6 +9,7 @@ import gc
 
 from tandem.config import EngineConfig
 from tandem.engine.core import EngineCore
+from tandem.engine.heap import freeze
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
 from tandem.engine.sequence import EngineRequest
@@ -31,7 +32,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # over the engine's life (progress bars read it)
         gc.collect()
-        gc.freeze()  # start-up objects leave the collector's view: full collections stay short in the loop
+        freeze()  # start-up objects leave the collector's view: full collections stay short in the loop
 
     # --- requests --------------------------------------------------------------------------
     def validate_request(self, request_id: str, prompt: str | None, params: SamplingParams,

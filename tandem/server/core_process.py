@@ -20,6 +20,7 @@ import zmq
 
 from tandem.config import EngineConfig
 from tandem.engine.core import EngineCore
+from tandem.engine.heap import freeze
 from tandem.engine.observer import ProcessTimes, SubmitTimes
 from tandem.engine.recovery import CoreStateError, recover
 from tandem.engine.scheduler import SchedulerOutput, StepDeltas
@@ -58,7 +59,7 @@ def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pi
         code = 1
     else:
         gc.collect()
-        gc.freeze()  # start-up objects leave the collector's view: collections stay short in the loop
+        freeze()  # start-up objects leave the collector's view: collections stay short in the loop
         info = core.worker.info
         out.send(encoder.encode(Ready(info.max_model_len, config.max_num_seqs, info.num_kv_blocks,
                                       info.block_size, info.device, info.device_name, info.dtype)))

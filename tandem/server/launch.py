@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from tandem.config import EngineConfig
+from tandem.engine.heap import freeze
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
 from tandem.server.defaults import DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
@@ -103,7 +104,7 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
         gc.collect()
-        gc.freeze()  # start-up objects leave the collector's view: collections stay short while serving
+        freeze()  # start-up objects leave the collector's view: collections stay short while serving
         print(f"tandem: serving {names[0]!r} on http://{options.host}:{sock.getsockname()[1]}", flush=True)
         server.run(sockets=[sock])
         return server.exit_code or (0 if server.started else 1)
