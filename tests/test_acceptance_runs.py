@@ -1,0 +1,53 @@
+"""The GPU acceptance runner (``scripts/acceptance_runs.py``) runs on an H100 elsewhere; here its
+plans run in their ``--tiny`` shape on the CPU, a real server included, and its table is checked."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+SCRIPT = ROOT / "scripts" / "acceptance_runs.py"
+
+
+def _run(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), "--tiny", "--port", "8391", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_offline_and_served_plans_run_and_fill_the_table(tmp_path):
+    done = _run(tmp_path, "--plans", "long,serve")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["M_len131072", "offline_64", "serve_64_a", "serve_64_b",
+                                                   "serve_256_a", "serve_256_b"]
+    assert all("sync == async: True" in line for line in lines[:2])
+    assert all(" tok/s" in line and "errors 0" in line for line in lines[2:])
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("rc=0") == 6 and "server exit status 0" in log
+    assert (tmp_path / "summary.txt").read_text().splitlines() == lines
+
+
+def test_a_deadline_skips_what_would_start_late(tmp_path):
+    done = _run(tmp_path, "--plans", "offline,serve", "--deadline-s", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(line.endswith("skipped (deadline or no server)") for line in done.stdout.splitlines())
+    assert "###" not in (tmp_path / "log.txt").read_text()
+
+
+def test_an_unknown_plan_is_refused(tmp_path):
+    done = _run(tmp_path, "--plans", "offline,nonsense")
+    assert done.returncode == 2 and "unknown plan(s) nonsense" in done.stderr
+
+
+def test_a_failed_run_is_marked_failed(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("acceptance_runs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    run = module.plans(tiny=True)["offline"][0]
+    assert "FAILED" in module.summary_row(run, 1, tmp_path)
+    assert "FAILED" in module.summary_row(module.plans(tiny=True)["checks"][0], 3, tmp_path)
+    assert "skipped" in module.summary_row(run, None, tmp_path)
