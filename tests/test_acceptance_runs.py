@@ -2,6 +2,7 @@
 plans run in their ``--tiny`` shape on the CPU, a real server included, and its table is checked."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,14 @@ ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "acceptance_runs.py"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), "--tiny", "--port", "8391", *args],
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), "--tiny", "--port", str(_free_port()), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
