@@ -14,6 +14,9 @@ Plans (the commands of benchmarks/RESULTS.md):
 - long: M at ``max_model_len`` 131072 (block tables as wide as the model allows).
 - traffic: V (512 requests, prompts 16:4096, outputs 16:1024, 8B) at 2048 batched tokens, sync and async.
 - serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
+
+On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
+ran 104 s per mode), serve about 3; three calls of under 10 minutes cover everything.
 """
 from __future__ import annotations
 
