@@ -76,13 +76,13 @@ def check_state(s: Scheduler) -> None:
 
 
 def _check_layouts_agree(sched: SchedulerOutput) -> None:
-    """Whatever planned the step, laying its one-token entries out by gathers from the running state
-    packs exactly what laying every entry out one by one packs (padded to a graph's shape or not)."""
+    """Whatever planned the step, laying its decode block out by gathers from the running state packs
+    exactly what laying every entry out one by one packs (padded to a graph's shape or not)."""
     one_by_one = SchedulerOutput(sched.step_id, sched.items)
     for pad in (None, Padding(8, 8, 32, padding_row=12)):  # 32: the scheduler's max_blocks_per_seq
         if pad is not None and not all(e.num_tokens == 1 and e.sample for e in one_by_one.chunks):
             continue
-        a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad, gather_decodes=False)
+        a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad)
         assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
 
 
@@ -187,7 +187,6 @@ def test_a_decode_block_packs_exactly_like_its_entries_one_by_one(pad):
         if step >= 2:  # steady decodes, some tokens known, some pending
             assert sched.decode is not None
             one_by_one = SchedulerOutput(sched.step_id, sched.items)
-            a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad, gather_decodes=False)
+            a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad)
             assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
-            assert np.array_equal(build_step(one_by_one, 4, pad).data, a.data)  # entries gathered as a block
         s.update(sched, _output(sched, step), StepDeltas())

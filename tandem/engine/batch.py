@@ -100,23 +100,6 @@ def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
                  st.request_floats[g], biased)
 
 
-def _as_decode_block(items: list[ScheduledSeq]) -> DecodeBlock | None:
-    """Chunks that are all one-token decodes of running sequences, as a decode block: the scheduler's
-    per-sequence loop plans such steps when KV blocks are short (a preemption may be due), and the
-    block is laid out by the same gathers from the running state as the array path's, not one by one
-    (1.5-2 ms at 256 sequences). None if any chunk is something else."""
-    st = items[0].seq.running_state
-    if st is None or any(it.num_tokens != 1 or not it.sample or it.num_cached or it.plp_stop > it.plp_start
-                         or it.seq.running_state is not st for it in items):
-        return None
-    n = len(items)
-    rows = np.fromiter((it.seq.row for it in items), np.int64, n)
-    starts = np.fromiter((it.start for it in items), np.int64, n)
-    known = st.tokens[rows] - st.pending[rows]  # prompt + output tokens on the host
-    return DecodeBlock([it.seq for it in items], rows, starts, np.fromiter((it.gen_index for it in items), np.int64, n),
-                       (starts >= known).astype(np.int64), st.tag[rows], st)
-
-
 def _chunk_part(items: list[ScheduledSeq]) -> _Part:
     n = len(items)
     counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
@@ -171,16 +154,10 @@ def _block_tables(parts: list[_Part], pad: Padding | None) -> np.ndarray:
     return table
 
 
-def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None,
-               gather_decodes: bool = True) -> StepInputs:
-    """``gather_decodes=False``: one-token chunks are laid out one by one (tests compare the two)."""
-    decode, chunks = sched.decode, sched.chunks
-    if decode is None and chunks and gather_decodes:
-        decode = _as_decode_block(chunks)
-        chunks = chunks if decode is None else []
-    decode_only = decode is not None and not chunks
-    parts = ([_decode_part(decode, pad if decode_only else None)] if decode is not None else []) + \
-            ([_chunk_part(chunks)] if chunks else [])
+def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
+    decode_only = sched.decode is not None and not sched.chunks
+    parts = ([_decode_part(sched.decode, pad if decode_only else None)] if sched.decode is not None else []) + \
+            ([_chunk_part(sched.chunks)] if sched.chunks else [])
     num_rows = sum(len(p.starts) for p in parts)
     if pad and pad.num_seqs and pad.num_seqs > num_rows:  # last: the offsets of the real rows stay
         parts.append(_padding_part(pad.num_seqs - num_rows, pad.padding_row))
@@ -204,9 +181,9 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     }
     _add_request_fields(f, _join(parts, "request_ints"), _join(parts, "request_floats"))
     _add_bias_entries(f, parts)
-    first_chunk = len(decode) if decode is not None else 0
-    plp_k = _add_prompt_logprob_entries(f, chunks, query_start[first_chunk:])
-    _add_history_entries(f, chunks)
+    first_chunk = len(sched.decode) if sched.decode is not None else 0
+    plp_k = _add_prompt_logprob_entries(f, sched.chunks, query_start[first_chunk:])
+    _add_history_entries(f, sched.chunks)
     flags = _sampler_flags(f, plp_k)
     if pad and pad.num_seqs is None:
         _pad_tokens(f, pad.num_tokens)

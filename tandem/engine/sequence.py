@@ -118,11 +118,6 @@ class Sequence:
         self._state = None
 
     @property
-    def running_state(self) -> RunningState | None:
-        """The running state that holds its counters, block table and sampling fields (None unless running)."""
-        return self._state
-
-    @property
     def num_pending(self) -> int:
         return self._pending if self._state is None else int(self._state.pending[self.row])
 
