@@ -98,11 +98,15 @@ def _normalise_prompts(prompts: PromptList) -> list[tuple[str | None, list[int] 
 
 
 def _normalise_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """Checked copies (fields may have changed since construction) before ``n`` fans them out."""
     if params is None:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
-        return [params] * n
+        return [params.checked_copy()] * n
     params = list(params)
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
-    return params
+    bad = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if bad:
+        raise ValueError(f"sampling_params must be SamplingParams, got {bad[0]}")
+    return [p.checked_copy() for p in params]

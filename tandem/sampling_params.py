@@ -4,6 +4,7 @@ Every field is checked for type and range; a bad value raises ``ValueError`` nam
 a request from a client fails alone and clearly."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (logprobs, prompt_logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # vLLM's range: every seed in it draws its own noise
 
 
 @dataclass
@@ -19,6 +21,10 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``seed`` makes sampling reproducible: the same
     request with the same seed yields the same tokens whatever else shares its batch.
+
+    Fields may be changed after construction: the engine takes a checked copy (``checked_copy``)
+    when a request is added, so a value set later is validated then, and changes made after that
+    do not reach the running request.
     """
 
     n: int = 1
@@ -49,6 +55,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate_ranges()
 
+    def checked_copy(self) -> SamplingParams:
+        """A copy validated afresh (``ValueError`` naming the field), sharing no list or dict with
+        this object."""
+        stop = self.stop if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) else list(self.stop)
+        ids = list(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else self.stop_token_ids
+        bias = dict(self.logit_bias) if isinstance(self.logit_bias, dict) else self.logit_bias
+        return dataclasses.replace(self, stop=stop, stop_token_ids=ids, logit_bias=bias)
+
     def _validate_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):
             _require_int(self, name)
@@ -75,6 +89,8 @@ class SamplingParams:
     def _validate_ranges(self) -> None:
         checks = [
             ("n", self.n >= 1, "must be >= 1"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0 or self.top_k == -1, "must be -1 or 0 (disabled) or a positive integer"),

@@ -28,7 +28,8 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     engine = llm.engine
     engine.core.set_async(mode == "async")
     warm = [r.prompt for r in requests[:4]]
-    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    room = engine.max_model_len - max(len(p) for p in warm)  # a few tokens, within the context
+    llm.generate(warm, SamplingParams(max_tokens=min(8, room), ignore_eos=True, detokenize=False), use_tqdm=False)
     engine.core.reset_prefix_cache()  # each mode starts cold: hits come from the workload alone
     cache_before = engine.core.stats()
     log = StepLog()

@@ -6,8 +6,10 @@ import random
 
 import numpy as np
 
+from tandem.config import EngineConfig
 from tandem.engine.limits import check_representable
 from tandem.engine.sequence import EngineRequest
+from tandem.engine.stop_strings import check_stop_strings
 from tandem.model.model_config import ModelConfig
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
@@ -15,11 +17,13 @@ from tandem.tokenizer import Tokenizer
 
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer | None, max_model_len: int,
-                 seed: int) -> None:
+                 config: EngineConfig) -> None:
         self.vocab_size = model_config.vocab_size
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self._seed_rng = random.Random(seed)
+        self.max_stop_strings = config.max_stop_strings
+        self.max_stop_string_length = config.max_stop_string_length
+        self._seed_rng = random.Random(config.seed)
 
     def process(self, request_id: str, prompt: str | None, params: SamplingParams,
                 prompt_token_ids: list[int] | None = None) -> EngineRequest:
@@ -28,15 +32,19 @@ class InputProcessor:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        params = params.checked_copy()  # fields changed since construction are checked here, once
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
+        check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
         bad_bias = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
         if bad_bias:
             raise ValueError(f"SamplingParams.logit_bias has token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
         room = self.max_model_len - len(ids)
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        seed = -1 if params.seed is None else params.seed & (2**63 - 1)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(context_overflow(self.max_model_len, len(ids), params.max_tokens))
+        max_new = room if params.max_tokens is None else params.max_tokens
+        seed = -1 if params.seed is None else params.seed  # -1: drawn by assign_seed when added
         request = EngineRequest(request_id, ids, params, seed, max_new)
         check_representable(request)
         return request
@@ -64,6 +72,13 @@ class InputProcessor:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "no room left to generate")
         return ids
+
+
+def context_overflow(max_model_len: int, prompt_tokens: int, max_tokens: int) -> str:
+    """The one wording of the context rule, offline and in the server: prompt + max_tokens must fit."""
+    return (f"this model's maximum context length is {max_model_len} tokens, but the request has "
+            f"{prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens; "
+            "shorten the prompt or lower max_tokens")
 
 
 def _valid_token_ids(ids: list, vocab: int) -> bool:

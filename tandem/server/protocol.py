@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+from tandem.sampling_params import SEED_MAX, SEED_MIN
 
 
 class StreamOptions(BaseModel):
@@ -29,7 +29,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
