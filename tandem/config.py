@@ -42,6 +42,10 @@ class EngineConfig:
                                              "for sliding-window models")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
+    max_stop_strings: int = _opt(64, "most stop strings in one request (more is a ValueError, a 400 from the "
+                                     "server)")
+    max_stop_string_length: int = _opt(1024, "most characters in one stop string (longer is a ValueError, a 400 "
+                                             "from the server)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -50,6 +54,8 @@ class EngineConfig:
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("max_stop_strings", self.max_stop_strings >= 1, "must be >= 1"),
+            ("max_stop_string_length", self.max_stop_string_length >= 1, "must be >= 1"),
             ("block_size", 1 <= self.block_size <= 256, "must be in [1, 256]"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
             ("kv_cache_tokens", self.kv_cache_tokens is None or self.kv_cache_tokens >= self.block_size,

@@ -122,7 +122,8 @@ HOSTILE: list[tuple[str, str | bytes | dict, int]] = [
     ("/v1/completions", {"prompt": "x" * (10 * 1024 * 1024)}, 413),  # a 10 MB prompt
     ("/v1/completions", {"prompt": [[7] * 1000] * 2000}, 413),  # 2M token ids
     ("/v1/completions", {"prompt": "the cat " * 20_000, "max_tokens": 2}, 400),  # huge, under the cap
-    ("/v1/completions", {"prompt": "hi", "stop": ["ab"] * 50_000, "max_tokens": 2}, 200),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ab"] * 50_000, "max_tokens": 2}, 400),  # over max_stop_strings
+    ("/v1/completions", {"prompt": "hi", "stop": ["ab" * 512] * 64, "max_tokens": 2}, 200),  # at the caps
     ("/v1/completions", {"prompt": "hi", "user": "u" * 500_000, "max_tokens": 2}, 200),
     ("/v1/completions", _deep(100_000), 400),
     ("/v1/completions", _deep(200), 400),

@@ -26,7 +26,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         self.worker = worker
         self.max_model_len = worker.info.max_model_len
-        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config.seed)
+        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
         self.core = EngineCore(config, worker, frozenset(self.model_config.eos_token_ids),
                                self.model_config.sliding_window)
         self.output_processor = OutputProcessor(self.tokenizer)

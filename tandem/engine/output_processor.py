@@ -5,7 +5,8 @@ finished in the core (``ProcessedStep.stopped``).
 
 A streamed output never shows text that a stop string could still remove: while a request runs, the
 end of its text that is the beginning of a stop string is held back (the final text is unchanged),
-so each streamed text is a prefix of the next and of the final one."""
+so each streamed text is a prefix of the next and of the final one. Stop strings are matched by an
+automaton fed only each step's new characters (``stop_strings``), so a step costs what it adds."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.logprob_output import LogprobChunk, LogprobDecoder
 from tandem.engine.scheduler import StepDeltas
+from tandem.engine.stop_strings import StopScanner, automaton_for
 from tandem.outputs import CompletionOutput, LogprobSeries, RequestOutput, TokenLogprobs
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
@@ -26,6 +28,7 @@ class _RequestState:
     params: SamplingParams
     stream: bool
     detokenizer: IncrementalDetokenizer | None
+    stops: StopScanner | None  # set when the request has stop strings (and a detokenizer)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -36,11 +39,22 @@ class _RequestState:
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)  # the first token has none
 
+    def extend(self, new_text: str) -> bool:
+        """Append text; True if it completes a stop string: the text is cut there and finished."""
+        self.text += new_text
+        hit = self.stops.feed(new_text) if new_text and self.stops is not None else None
+        if hit is None:
+            return False
+        self.text = self.text[:hit.start + hit.length if self.params.include_stop_str_in_output else hit.start]
+        self.finish_reason = "stop"
+        return True
+
     def output(self) -> RequestOutput:
         done = self.finish_reason is not None
         text = self.text
-        if not done and self.params.stop_strings and not self.params.include_stop_str_in_output:
-            text = text[:len(text) - _stop_prefix_len(text, self.params.stop_strings)]
+        if not done and self.stops is not None and not self.params.include_stop_str_in_output:
+            # with the stop string kept in the output, the cut falls after it: nothing to hold back
+            text = text[:len(text) - self.stops.pending]
         logprobs = None if self.logprobs is None else self.logprobs.view()
         completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs)
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
@@ -64,7 +78,8 @@ class OutputProcessor:
             stream: bool) -> None:
         detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                  if params.detokenize and self.tokenizer is not None else None)
-        state = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok)
+        stops = StopScanner(automaton_for(params.stop_strings)) if detok is not None and params.stop_strings else None
+        state = _RequestState(request_id, prompt, prompt_token_ids, params, stream, detok, stops)
         if params.logprobs is not None:
             state.logprobs = LogprobSeries(self.logprob_decoder.text)
         self.requests[request_id] = state
@@ -124,45 +139,11 @@ class OutputProcessor:
 
     def _detokenize(self, state: _RequestState, token: int) -> bool:
         """Extend the text by an appended token; True if a stop string ends the request here."""
-        new_text = state.detokenizer.add([token])
-        state.text += new_text
-        if new_text and state.params.stop_strings and _truncate_at_stop(state, len(new_text)):
-            state.finish_reason = "stop"
-            return True
-        return False
+        return state.extend(state.detokenizer.add([token]))
 
     def _finish(self, state: _RequestState, reason: str) -> None:
         if state.finish_reason is not None:
             return  # a stop string ended it first
         state.finish_reason = reason
         if state.detokenizer is not None:
-            tail = state.detokenizer.flush()
-            state.text += tail
-            if tail and state.params.stop_strings and _truncate_at_stop(state, len(tail)):
-                state.finish_reason = "stop"
-
-
-def _truncate_at_stop(state: _RequestState, num_new_chars: int) -> bool:
-    """Cut ``state.text`` at the first stop string that the newest characters complete."""
-    stops = state.params.stop_strings
-    longest = max(len(s) for s in stops)
-    search_from = max(0, len(state.text) - num_new_chars - longest + 1)
-    hits = [(i, s) for s in stops if (i := state.text.find(s, search_from)) >= 0]
-    if not hits:
-        return False
-    index, stop = min(hits)
-    state.text = state.text[:index + len(stop) if state.params.include_stop_str_in_output else index]
-    return True
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that is the beginning of a stop string (which later
-    text could complete, and the cut would then remove). With ``include_stop_str_in_output`` the cut
-    falls after the stop string, so nothing needs holding back."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
+            state.extend(state.detokenizer.flush())

@@ -111,7 +111,7 @@ class EngineClient:
             self.channel.close()
             raise
         self.max_model_len = self.info.max_model_len
-        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config.seed)
+        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
         self.output_processor = OutputProcessor(self.tokenizer)
         fault_injection.install_api_faults(self.output_processor, fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
