@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from tandem.config import EngineConfig
 from tandem.model.tp_layout import TPLayout
-from tandem.parallel.env import RankEnv, disable_multicast
+from tandem.parallel.env import RankEnv, confine_to_loopback, disable_multicast, meets_on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,12 @@ def _backend() -> str:
 
 
 def join(env: RankEnv, store: dist.Store | None = None) -> TPGroup:
-    """Join (or, on rank 0 of a spawned group, host with ``store``) the group described by ``env``."""
+    """Join (or, on rank 0 of a spawned group, host with ``store``) the group described by ``env``.
+    A spawned group meets on loopback; torchrun's meets at its MASTER_ADDR:MASTER_PORT (``env://``),
+    over the interfaces the user chose unless that address is loopback (one machine)."""
     disable_multicast()
+    if meets_on_loopback(env):
+        confine_to_loopback()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     owns = not dist.is_initialized()

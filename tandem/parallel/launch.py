@@ -1,5 +1,7 @@
 """Single-node launch: rank 0 (the engine's process) hosts the rendezvous store and starts ranks
 1..N-1 as fresh Python processes running ``tandem.parallel.follower``, with torchrun's variables.
+Everything the group listens on is bound to loopback: the store (on a socket bound here to
+127.0.0.1), and gloo's and NCCL's sockets (``confine_to_loopback``).
 
 Fresh interpreters (not multiprocessing's spawn) so that a user's script is never re-imported by a
 follower. A watcher thread reports a follower that dies; on CUDA it also ends the engine's process,
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tandem.parallel.env import MULTICAST_OFF, PARENT_PID, SPAWNED, RankEnv
+from tandem.parallel.env import LOOPBACK, MULTICAST_OFF, PARENT_PID, SPAWNED, RankEnv, confine_to_loopback
 from tandem.parallel.group import TPGroup, collective_timeout, join, ready_key
 
 logger = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds the tandem pac
 def _follower_env(rank: int, size: int, port: int) -> dict[str, str]:
     path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, **MULTICAST_OFF, "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), SPAWNED: "1",
+            "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port), SPAWNED: "1",
             PARENT_PID: str(os.getpid()), "PYTHONPATH": path}  # the followers run this very tandem, whatever is installed
 
 
@@ -78,16 +81,25 @@ class Followers:
                 p.wait()
 
 
+def loopback_store(size: int) -> dist.TCPStore:
+    """The group's rendezvous store, listening on 127.0.0.1 only. torch's TCPStore server binds the
+    wildcard address (``::``) whatever host it is given (both backends, torch 2.13), so it is handed a
+    socket bound here instead (the store owns and closes it)."""
+    sock = socket.create_server((LOOPBACK, 0))
+    return dist.TCPStore(LOOPBACK, sock.getsockname()[1], size, is_master=True, wait_for_workers=False,
+                         timeout=collective_timeout(), master_listen_fd=sock.detach(), use_libuv=True)
+
+
 def start_local_group(size: int, fatal_on_loss: bool) -> tuple[TPGroup, Followers]:
     """Rank 0 of ``size`` ranks on this machine: host the store, start the others, join."""
-    store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
-                          timeout=collective_timeout())
+    confine_to_loopback()  # before the followers inherit the environment
+    store = loopback_store(size)
     procs = [subprocess.Popen([sys.executable, "-m", "tandem.parallel.follower"],
                               env=_follower_env(rank, size, store.port)) for rank in range(1, size)]
     followers = Followers(procs, fatal_on_loss)
     try:
         followers.wait_ready(store, collective_timeout().total_seconds())
-        group = join(RankEnv(0, size, 0, "127.0.0.1", store.port, spawned=True), store)
+        group = join(RankEnv(0, size, 0, LOOPBACK, store.port, spawned=True), store)
     except BaseException:
         followers.stop(0)
         if dist.is_initialized():
