@@ -32,7 +32,7 @@ from tandem.engine.batch import Padding, build_step  # noqa: E402
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from tandem.engine.sequence import Sequence  # noqa: E402
 from tandem.engine.step import StepInputs  # noqa: E402
-from tandem.model.registry import load_model  # noqa: E402
+from tandem.model.loader import load_model  # noqa: E402
 from tandem.sampling_params import SamplingParams  # noqa: E402
 from tandem.worker.kv_cache import allocate_kv_cache  # noqa: E402
 from tandem.worker.cuda_graphs import _LIST_WORDS as LIST_WORDS  # noqa: E402
@@ -92,7 +92,7 @@ def count_triton_launches() -> Counter[str]:
 
 def make_runner(device: torch.device, num_rows: int, max_len: int) -> ModelRunner:
     model = load_model("random:tiny", device, torch.float32, max_len)
-    cache = allocate_kv_cache(model.config, 4, BLOCK, device, torch.float32)
+    cache = allocate_kv_cache(model.kv_spec, 4, BLOCK, device, torch.float32)
     return ModelRunner(model, cache, BLOCK, num_rows, max_len)
 
 

@@ -74,6 +74,7 @@ def kernels() -> bool:
 
     from tandem.kernels.paged_decode import paged_decode_attention
     from tandem.model.attention import AttentionInputs
+    from tandem.model.attention.base import AttentionSpec
     from tandem.model.attention.sdpa import SdpaBackend
 
     ok = True
@@ -85,13 +86,13 @@ def kernels() -> bool:
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
         sdpa = SdpaBackend()
         inputs = AttentionInputs(torch.zeros(b, dtype=torch.long, device="cuda"), bt,
-                                 torch.arange(b + 1, device="cuda"), lens, lens - 1, 1, page, d ** -0.5)
-        meta = sdpa.prepare(inputs)
-        ref = sdpa.attend(q.double(), cache.double(), meta)
+                                 torch.arange(b + 1, device="cuda"), lens, lens - 1, 1, page)
+        meta, spec = sdpa.prepare(inputs), AttentionSpec(d ** -0.5)
+        ref = sdpa.attend(q.double(), cache.double(), meta, spec)
         out = paged_decode_attention(q, cache, bt, lens, page, d ** -0.5)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         t_kernel = triton.testing.do_bench(lambda: paged_decode_attention(q, cache, bt, lens, page, d ** -0.5))
-        t_sdpa = triton.testing.do_bench(lambda: sdpa.attend(q, cache, meta))
+        t_sdpa = triton.testing.do_bench(lambda: sdpa.attend(q, cache, meta, spec))
         kv_bytes = 2 * lens.sum().item() * hkv * d * 2
         print(f"kernel decode B={b} Hq={hq} Hkv={hkv} D={d} mean ctx={lens.float().mean():.0f}: rel err {err:.1e}, "
               f"triton {t_kernel * 1e3:.0f} us ({kv_bytes / (t_kernel * 1e-3) / 1e9:.0f} GB/s of KV), gather+SDPA "
@@ -103,7 +104,7 @@ def kernels() -> bool:
 def fused_kernels() -> bool:
     """Fused add+RMSNorm, rotary and SiLU-mul vs the torch ops they replace, in bf16 on the GPU."""
     from tandem.kernels import fused
-    from tandem.model import layers
+    from tandem.model.layers import kv, mlp, norms, rotary
 
     def report(name, out, ref):
         err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
@@ -113,21 +114,21 @@ def fused_kernels() -> bool:
 
     bf = dict(device="cuda", dtype=torch.bfloat16)
     x, res, w = torch.randn(300, 4096, **bf), torch.randn(300, 4096, **bf), 1 + 0.1 * torch.randn(4096, **bf)
-    ok = report("add_rms_norm", fused.add_rms_norm(x, res, w, 1e-5)[0], layers.add_rms_norm(x, res, w, 1e-5)[0])
+    ok = report("add_rms_norm", fused.add_rms_norm(x, res, w, 1e-5)[0], norms.add_rms_norm(x, res, w, 1e-5)[0])
     qkv = torch.randn(300, 48 * 128, **bf)
     q, k, v = qkv[:, :4096].view(300, 32, 128), qkv[:, 4096:5120].view(300, 8, 128), qkv[:, 5120:].view(300, 8, 128)
-    cos, sin = layers.rope_cos_sin(128, 500000.0, None, 4096, torch.device("cuda"))
+    cos, sin = rotary.rope_cos_sin(128, 500000.0, None, 4096, torch.device("cuda"))
     cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     pos = torch.randint(0, 4096, (300,), device="cuda")
     slots = torch.randperm(1000, device="cuda")[:300]
     cache, ref_cache = torch.randn(2, 1000, 8, 128, **bf), None
     ref_cache = cache.clone()
-    ref = layers.apply_rope(q, cos[pos], sin[pos])
-    layers.store_kv(ref_cache, layers.apply_rope(k, cos[pos], sin[pos]), v, slots)
+    ref = rotary.apply_rope(q, cos[pos], sin[pos])
+    kv.store_kv(ref_cache, rotary.apply_rope(k, cos[pos], sin[pos]), v, slots)
     ok &= report("rope q", fused.rope_store_kv_(q, k, v, pos, cos, sin, cache, slots), ref)
     ok &= report("rope k + store", cache, ref_cache)
     gu = torch.randn(300, 2 * 14336, **bf)
-    ok &= report("silu_mul", fused.silu_mul(gu), layers.silu_mul(gu))
+    ok &= report("silu_mul", fused.silu_mul(gu), mlp.silu_mul(gu))
     return ok
 
 

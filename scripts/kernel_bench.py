@@ -122,6 +122,7 @@ def kernel_fn(num_splits: int | None, x: Inputs) -> Callable[[], torch.Tensor]:
 def sdpa_fn(case: Case, x: Inputs) -> Callable[[], torch.Tensor] | None:
     """The engine's gather + SDPA backend, or None where its padded tensors would not fit."""
     from tandem.model.attention.base import AttentionInputs
+    from tandem.model.attention.base import AttentionSpec
     from tandem.model.attention.sdpa import SdpaBackend
 
     m, n_seqs = case.model, len(case.chunks)
@@ -134,10 +135,10 @@ def sdpa_fn(case: Case, x: Inputs) -> Callable[[], torch.Tensor] | None:
         return None
     positions = torch.cat([torch.arange(n - q, n) for q, n in case.chunks]).to(x.q.device)
     inputs = AttentionInputs(torch.zeros_like(positions), x.block_tables, x.query_start, x.seq_lens, positions,
-                             x.max_q, PAGE, x.scale)
+                             x.max_q, PAGE)
     backend = SdpaBackend()
-    meta = backend.prepare(inputs)
-    return lambda: backend.attend(x.q, x.cache, meta)
+    meta, spec = backend.prepare(inputs), AttentionSpec(x.scale)
+    return lambda: backend.attend(x.q, x.cache, meta, spec)
 
 
 def flex_fn(case: Case, x: Inputs) -> Callable[[], torch.Tensor]:

@@ -93,6 +93,8 @@ def with_shared_prefixes(case: Case) -> Case:
             r.prompt = list(case.requests[rng.randrange(i)].prompt)
         elif roll < 0.8:
             r.prompt = (rng.choice(prefixes) + r.prompt)[:longest]
+        if len(r.prompt) + r.params.max_tokens > case.engine["kv_cache_tokens"]:
+            r.params.max_tokens = None  # the rest of the context (more is refused): it ends at max_model_len
     return case
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tandem.model.attention import AttentionInputs, step_attention
-from tandem.model.registry import load_model
+from tandem.model.loader import load_model
 from tandem.worker.kv_cache import allocate_kv_cache
 
 
@@ -17,12 +17,11 @@ def prefill_logits(path: str, ids: list[int], device: str, dtype: torch.dtype, b
     """Our model's logits [len(ids), vocab] for one sequence prefilled in one step (blocks 1..n)."""
     model = load_model(path, torch.device(device), dtype, max_positions=len(ids) + 1)
     n, blocks = len(ids), -(-len(ids) // block_size)
-    cache = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device(device), dtype)
+    cache = allocate_kv_cache(model.kv_spec, blocks + 1, block_size, torch.device(device), dtype)
     pos = torch.arange(n, device=device)
     inputs = AttentionInputs(slot_mapping=pos + block_size, block_tables=torch.arange(1, blocks + 1, device=device)[None],
                              query_start=torch.tensor([0, n], device=device), seq_lens=torch.tensor([n], device=device),
-                             positions=pos, max_q=n, block_size=block_size, scale=model.scale,
-                             sliding_window=model.config.sliding_window)
+                             positions=pos, max_q=n, block_size=block_size)
     hidden = model.forward(torch.tensor(ids, device=device), pos, cache, step_attention(inputs))
     return model.compute_logits(hidden).float().cpu()
 

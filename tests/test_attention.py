@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from tandem.model.attention import AttentionInputs, step_attention
-from tandem.model.layers import store_kv
+from tandem.model.attention.base import AttentionSpec
+from tandem.model.layers.kv import store_kv
 
 
 def _reference(q, k, v, q_pos, window):
@@ -45,11 +46,11 @@ def _check(seq_specs, hq=6, hkv=2, d=16, bs=4, window=None, seed=0):
     width = max(len(t) for t in tables)
     inputs = AttentionInputs(torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                              torch.tensor([0] + q_lens).cumsum(0), torch.tensor(seq_lens), torch.tensor(positions),
-                             max(q_lens), bs, d ** -0.5, window)
+                             max(q_lens), bs)
     new_k = torch.cat([k[c:] for (k, _), (c, _) in zip(full_kv, seq_specs)])
     new_v = torch.cat([v[c:] for (_, v), (c, _) in zip(full_kv, seq_specs)])
     store_kv(cache, new_k, new_v, inputs.slot_mapping)
-    out = step_attention(inputs).attend(torch.cat(q_all), cache)
+    out = step_attention(inputs).attend(torch.cat(q_all), cache, AttentionSpec(d ** -0.5, window))
     refs = [_reference(q, k, v, torch.arange(c, c + n), window)
             for q, (k, v), (c, n) in zip(q_all, full_kv, seq_specs)]
     torch.testing.assert_close(out, torch.cat(refs), rtol=1e-5, atol=1e-5)

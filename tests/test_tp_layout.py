@@ -8,8 +8,8 @@ import torch
 
 from checkpoints import ARCHS
 
-from tandem.model.llama import ModelWeights
-from tandem.model.loader import CheckpointReader, assemble_weights, random_getter
+from tandem.model.loader import CheckpointReader, random_getter
+from tandem.model.models.llama import ModelWeights, load_weights
 from tandem.model.model_config import ModelConfig
 from tandem.model.presets import PRESETS
 from tandem.model.sources import resolve_model_config
@@ -100,7 +100,7 @@ def _valid_sizes(cfg: ModelConfig) -> list[int]:
 def test_checkpoint_shards_are_slices_of_the_whole(checkpoint_dir, arch):
     path = checkpoint_dir(arch)
     cfg = resolve_model_config(str(path))
-    read = lambda tp: assemble_weights(cfg, CheckpointReader(path, torch.device("cpu"), torch.float32).get, tp)  # noqa: E731
+    read = lambda tp: load_weights(cfg, CheckpointReader(path, torch.device("cpu"), torch.float32).get, tp)  # noqa: E731
     full = read(TPLayout())
     sizes = _valid_sizes(cfg)
     assert 2 in sizes
@@ -111,7 +111,7 @@ def test_checkpoint_shards_are_slices_of_the_whole(checkpoint_dir, arch):
 def test_random_shards_are_slices_of_the_single_device_weights():
     """Vocabulary 450 over 4 ranks: shards of 113 rows, the last one padded with two zero rows."""
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=450, num_kv_heads=1, qk_norm=True, qkv_bias=True)
-    draw = lambda tp: assemble_weights(cfg, random_getter(torch.device("cpu"), torch.float32, 7), tp)  # noqa: E731
+    draw = lambda tp: load_weights(cfg, random_getter(torch.device("cpu"), torch.float32, 7), tp)  # noqa: E731
     full = draw(TPLayout())
     for n in (2, 4):
         check_shards(cfg, full, [draw(TPLayout(r, n)) for r in range(n)])
@@ -178,5 +178,5 @@ def test_a_rank_reads_only_slices_of_the_split_tensors(checkpoint_dir, monkeypat
     path = checkpoint_dir("qwen2")
     reader = CheckpointReader(path, torch.device("cpu"), torch.float32)
     monkeypatch.setattr(loader, "_open", Recording)
-    assemble_weights(resolve_model_config(str(path)), reader.get, TPLayout(1, 2))
+    load_weights(resolve_model_config(str(path)), reader.get, TPLayout(1, 2))
     assert whole and all("norm" in name for name in whole)

@@ -17,6 +17,7 @@ CHECK = r"""
 import random, torch
 from tandem.kernels.paged_decode import paged_decode_attention
 from tandem.model.attention import AttentionInputs
+from tandem.model.attention.base import AttentionSpec
 from tandem.model.attention.sdpa import SdpaBackend
 
 def check(seed, hq, hkv, d, page, lens, window):
@@ -32,8 +33,8 @@ def check(seed, hq, hkv, d, page, lens, window):
     b = len(lens)
     sdpa = SdpaBackend()
     inputs = AttentionInputs(torch.zeros(b, dtype=torch.long), bt, torch.arange(b + 1), seq_lens, seq_lens - 1, 1,
-                             page, d ** -0.5, window)
-    ref = sdpa.attend(q, cache, sdpa.prepare(inputs))
+                             page)
+    ref = sdpa.attend(q, cache, sdpa.prepare(inputs), AttentionSpec(d ** -0.5, window))
     out = paged_decode_attention(q, cache, bt, seq_lens, page, d ** -0.5, window)
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-5, (seed, hq, hkv, d, page, lens, window, err)
@@ -50,7 +51,7 @@ print("max rel err", max(errs))
 FUSED = r"""
 import torch
 from tandem.kernels import fused
-from tandem.model import layers
+from tandem.model.layers import kv, mlp, norms, rotary
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -61,17 +62,17 @@ for rows, cols in ((5, 96), (3, 200)):
     x, res, w = torch.randn(rows, cols), torch.randn(rows, cols), 1 + 0.1 * torch.randn(cols)
     for r in (None, res):
         out, new_res = fused.add_rms_norm(x, r, w, 1e-5)
-        ref_out, ref_res = layers.add_rms_norm(x, r, w, 1e-5)
+        ref_out, ref_res = norms.add_rms_norm(x, r, w, 1e-5)
         errs += [rel(out, ref_out), rel(new_res, ref_res)]
 qkv = torch.randn(7, (6 + 2 + 2) * 24)  # q, k, v as strided views of one projection, head_dim 24
 q, k, v = qkv[:, :144].view(7, 6, 24), qkv[:, 144:192].view(7, 2, 24), qkv[:, 192:].view(7, 2, 24)
-cos, sin = layers.rope_cos_sin(24, 10000.0, None, 64, torch.device("cpu"))
+cos, sin = rotary.rope_cos_sin(24, 10000.0, None, 64, torch.device("cpu"))
 pos = torch.tensor([0, 3, 9, 63, 1, 2, 40])
 slots = torch.tensor([5, 17, 2, 30, 11, 8, 23])
 cache, ref_cache = torch.randn(2, 32, 2, 24), None
 ref_cache = cache.clone()
-ref_q = layers.apply_rope(q, cos[pos], sin[pos])
-layers.store_kv(ref_cache, layers.apply_rope(k, cos[pos], sin[pos]), v, slots)
+ref_q = rotary.apply_rope(q, cos[pos], sin[pos])
+kv.store_kv(ref_cache, rotary.apply_rope(k, cos[pos], sin[pos]), v, slots)
 k_before, v_before = k.clone(), v.clone()
 fused.rope_store_kv_(q, k, v, pos, cos, sin, cache, slots)
 errs += [rel(q, ref_q), rel(cache, ref_cache)]
@@ -79,7 +80,7 @@ assert torch.equal(k, k_before) and torch.equal(v, v_before), "rope wrote into k
 untouched = torch.ones(32, dtype=torch.bool); untouched[slots] = False
 assert torch.equal(cache[:, untouched], ref_cache[:, untouched]), "wrote outside the slots"
 gu = torch.randn(4, 2 * 1500)
-errs.append(rel(fused.silu_mul(gu), layers.silu_mul(gu)))
+errs.append(rel(fused.silu_mul(gu), mlp.silu_mul(gu)))
 assert max(errs) < 1e-6, errs
 print("max rel err", max(errs))
 """

@@ -6,7 +6,7 @@ import torch
 from tandem.engine.batch import build_step
 from tandem.engine.plan import ScheduledSeq, SchedulerOutput
 from tandem.kernels.paged_varlen import _tile_rows
-from tandem.model.registry import load_model
+from tandem.model.loader import load_model
 from tandem.worker.memory import synthetic_sequence
 from tandem.worker.warm_up import WARM_UP_STEPS, warm_up_kernels
 

@@ -13,7 +13,7 @@ import torch
 
 from tandem.bench.workload import Workload
 from tandem.llm import LLM
-from tandem.model.llama import ModelWeights
+from tandem.model.models.llama import ModelWeights
 from tandem.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)

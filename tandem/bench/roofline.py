@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tandem.bench.step_log import StepRecord
-from tandem.worker.kv_cache import kv_bytes_per_token
 from tandem.model.model_config import ModelConfig
 from tandem.model.tp_layout import TPLayout
 
@@ -67,7 +66,8 @@ class FloorModel:
         # all transformer blocks: no embedding, no head (per GPU)
         self.layer_params = (cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)) / tp_size
         self.head_params = cfg.vocab_size * h / tp_size
-        self.kv_token_bytes = kv_bytes_per_token(TPLayout(0, tp_size).local_config(cfg), dtype)
+        local = TPLayout(0, tp_size).local_config(cfg)
+        self.kv_token_bytes = cfg.num_layers * 2 * local.num_kv_heads * cfg.head_dim * self.itemsize
 
     def step_cost(self, rec: StepRecord) -> StepCost:
         cfg = self.cfg

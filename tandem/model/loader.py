@@ -1,5 +1,6 @@
-"""Build model weights from a local Hugging Face checkpoint folder (safetensors, sharded or not), or
-seeded random weights; under tensor parallelism only the rank's part of each tensor (``TPLayout``)."""
+"""Load a model: its family (``registry``) reads its weights from a local Hugging Face checkpoint
+folder (safetensors, sharded or not) or draws seeded random ones; under tensor parallelism only the
+rank's part of each tensor (``TPLayout``)."""
 from __future__ import annotations
 
 import json
@@ -12,15 +13,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tandem.model.llama import LayerWeights, ModelWeights
-from tandem.model.model_config import ModelConfig
+from tandem.model.base import CausalLM, Getter
+from tandem.model.registry import model_class
+from tandem.model.sources import is_preset, resolve_model_config
 from tandem.model.tp_layout import Part, TPLayout
+from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
 logger = logging.getLogger(__name__)
-
-#: (name, full shape, the part to read or None for all of it) -> tensor on the device
-Getter = Callable[[str, tuple[int, ...], "Part | None"], torch.Tensor]
-
 
 def _open(file: Path):
     try:
@@ -51,11 +50,6 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return names
 
 
-# Tensors a checkpoint may carry that the forward rightly ignores: rotary tables some exporters save,
-# and an lm_head that tied embeddings replace.
-_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
 class CheckpointReader:
     """Reads named tensors from a checkpoint's safetensors files and remembers which were used, so
     that tensors the forward does not implement (leftovers) are an error rather than ignored."""
@@ -83,9 +77,9 @@ class CheckpointReader:
         except Exception as exc:  # safetensors raises its own error types for corrupt data
             raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
 
-    def check_all_used(self, tied_embeddings: bool) -> None:
-        left = sorted(n for n in set(self.files) - self.used
-                      if not n.endswith(_IGNORABLE_SUFFIXES) and not (tied_embeddings and n == "lm_head.weight"))
+    def check_all_used(self, ignored_suffixes: tuple[str, ...]) -> None:
+        """ValueError naming tensors nothing read, apart from those the model says it ignores."""
+        left = sorted(n for n in set(self.files) - self.used if not n.endswith(ignored_suffixes))
         if left:
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
             raise ValueError(f"{self.path}: the checkpoint has tensors the model does not use ({shown}); "
@@ -106,45 +100,24 @@ def _padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(pad)], dim=part.dim)
 
 
-def _layer(cfg: ModelConfig, get: Getter, i: int, tp: TPLayout) -> LayerWeights:
-    p = f"model.layers.{i}."
-    h, q, kv, inter, d = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.head_dim
-    q_part, kv_part, mlp_part = tp.q_part(cfg), tp.kv_part(cfg), tp.mlp_part(cfg)
-    qkv = [(f"{p}self_attn.{n}_proj", size, part) for n, size, part in (("q", q, q_part), ("k", kv, kv_part),
-                                                                          ("v", kv, kv_part))]
-    return LayerWeights(
-        input_norm=get(f"{p}input_layernorm.weight", (h,), None),
-        qkv=torch.cat([get(f"{name}.weight", (size, h), part) for name, size, part in qkv]),
-        o=get(f"{p}self_attn.o_proj.weight", (h, q), tp.q_part(cfg, dim=1)),
-        post_norm=get(f"{p}post_attention_layernorm.weight", (h,), None),
-        gate_up=torch.cat([get(f"{p}mlp.gate_proj.weight", (inter, h), mlp_part),
-                           get(f"{p}mlp.up_proj.weight", (inter, h), mlp_part)]),
-        down=get(f"{p}mlp.down_proj.weight", (h, inter), tp.mlp_part(cfg, dim=1)),
-        qkv_bias=torch.cat([get(f"{name}.bias", (size,), part) for name, size, part in qkv]) if cfg.qkv_bias else None,
-        q_norm=get(f"{p}self_attn.q_norm.weight", (d,), None) if cfg.qk_norm else None,
-        k_norm=get(f"{p}self_attn.k_norm.weight", (d,), None) if cfg.qk_norm else None,
-    )
-
-
-def assemble_weights(cfg: ModelConfig, get: Getter, tp: TPLayout = TPLayout()) -> ModelWeights:
-    """``cfg`` is the whole model's config; the weights are rank ``tp.rank``'s parts of it."""
-    vocab = (cfg.vocab_size, cfg.hidden_size)
-    embed = get("model.embed_tokens.weight", vocab, tp.vocab_part(cfg))
-    layers = [_layer(cfg, get, i, tp) for i in range(cfg.num_layers)]
-    norm = get("model.norm.weight", (cfg.hidden_size,), None)
-    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight", vocab, tp.vocab_part(cfg))
-    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
-
-
-def load_checkpoint_weights(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                            tp: TPLayout = TPLayout()) -> ModelWeights:
-    reader = CheckpointReader(path, device, dtype)
-    weights = assemble_weights(cfg, reader.get, tp)
-    reader.check_all_used(cfg.tie_word_embeddings)
+def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int = 0,
+               tp: TPLayout = TPLayout(), comm: SingleDevice | TensorParallelOps | None = None) -> CausalLM:
+    """The model a name refers to, with weights on ``device``; rotary tables cover ``max_positions``
+    positions. Under tensor parallelism (``tp.size > 1``, with ``comm`` the group's collectives) only
+    rank ``tp.rank``'s shards."""
+    config = resolve_model_config(source)
+    tp.check(config)
+    family = model_class(config.architecture)
+    comm = comm or SingleDevice()
+    if is_preset(source):
+        return family.load(config, random_getter(device, dtype, seed), tp, max_positions, comm)
+    reader = CheckpointReader(Path(source), device, dtype)
+    model = family.load(config, reader.get, tp, max_positions, comm)
+    reader.check_all_used(family.ignored_tensors(config))
     shard = f", tensor-parallel shard {tp.rank + 1}/{tp.size}" if tp.size > 1 else ""
-    logger.info("loaded %s (%s, %.2fB params%s) to %s as %s", path, cfg.architecture, cfg.num_params() / 1e9, shard,
-                device, dtype)
-    return weights
+    logger.info("loaded %s (%s, %.2fB params%s) to %s as %s", source, config.architecture,
+                config.num_params() / 1e9, shard, device, dtype)
+    return model
 
 
 def _tensor_seed(seed: int, name: str) -> int:

@@ -1,4 +1,6 @@
-"""Normalise a Hugging Face ``config.json`` of the Llama family into one plain dataclass."""
+"""A Hugging Face ``config.json`` as one plain dataclass: the fields every decoder family shares (and the
+host side needs), plus the whole file (``hf``) for the family's own fields, which its model parses
+and checks when it loads. Torch-free: the API process reads configs too."""
 from __future__ import annotations
 
 import json
@@ -6,13 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# architecture -> features that differ from plain Llama
-ARCHITECTURES: dict[str, dict[str, bool]] = {
-    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
-    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
-    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
-    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
-}
+from tandem.model.registry import family_of
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -37,6 +33,7 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    hf: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read: families parse their own fields
 
     @property
     def q_size(self) -> int:
@@ -84,35 +81,24 @@ def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
     return int(window) if window else None
 
 
-# Settings the forward does not implement, with the value that means "not used". A checkpoint that
-# sets one otherwise would load and silently give wrong tokens, so it is refused instead.
-_MUST_BE_OFF: dict[str, Any] = {"attention_bias": False, "mlp_bias": False, "quantization_config": None,
-                                "partial_rotary_factor": 1.0, "attn_logit_softcapping": None,
-                                "final_logit_softcapping": None}
-_ACTIVATIONS = ("silu", "swish")
+# Settings no family implements yet, with the value that means "not used" (each family refuses its own
+# further ones at load, ``refuse_settings``): a checkpoint that sets one would load and silently give
+# wrong tokens, so it is refused instead.
+_NO_FAMILY_IMPLEMENTS: dict[str, Any] = {"quantization_config": None}
 
 
-def _check_supported(cfg: dict[str, Any]) -> None:
-    for key, off in _MUST_BE_OFF.items():
+def refuse_settings(cfg: dict[str, Any], must_be_off: dict[str, Any]) -> None:
+    """NotImplementedError naming the first setting of ``cfg`` that is not its "off" value."""
+    for key, off in must_be_off.items():
         value = cfg.get(key, off)
         if value != off and not (off is False and value is None):
             raise NotImplementedError(f"config.json sets {key}={value!r}, which tandem does not implement "
                                       f"(supported: {off!r})")
-    act = cfg.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
-        raise NotImplementedError(f"config.json sets hidden_act={act!r}; only {_ACTIVATIONS} are implemented")
-    kinds = set(cfg.get("layer_types") or [])
-    if kinds - {"full_attention"}:
-        raise NotImplementedError(f"config.json sets layer_types {sorted(kinds)}; only full attention per "
-                                  "layer (or one sliding_window for every layer, Mistral-style) is implemented")
 
 
 def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
-    archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(f"unsupported architecture {archs!r}; supported: {sorted(ARCHITECTURES)}")
-    _check_supported(cfg)
+    arch, family = family_of(cfg.get("architectures") or [])
+    refuse_settings(cfg, _NO_FAMILY_IMPLEMENTS)
     heads = int(cfg["num_attention_heads"])
     theta, scaling = _rope(cfg)
     eos = _as_list((generation or {}).get("eos_token_id")) or _as_list(cfg.get("eos_token_id"))
@@ -133,7 +119,8 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
         sliding_window=_sliding_window(cfg, arch),
         eos_token_ids=eos,
         bos_token_id=cfg.get("bos_token_id"),
-        **ARCHITECTURES[arch],
+        hf=cfg,
+        **family.implies,
     )
 
 

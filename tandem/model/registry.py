@@ -1,26 +1,41 @@
-"""One entry point from a model name (checkpoint folder or ``random:<preset>``) to a runnable model."""
+"""Which model family serves each Hugging Face architecture name, and what that architecture implies.
+
+Torch-free: the host side (API process, engine) checks names and reads what a config implies here;
+the worker imports the family's module, lazily, only when it loads weights (``model_class``).
+Adding an architecture is a module under ``tandem/model/models/`` plus one line in ``ARCHITECTURES``
+(docs/architecture.md, "Adding a model")."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from tandem.model.llama import LlamaModel
-from tandem.model.loader import assemble_weights, load_checkpoint_weights, random_getter
-from tandem.model.sources import is_preset, resolve_model_config
-from tandem.model.tp_layout import TPLayout
-from tandem.model.tp_ops import SingleDevice, TensorParallelOps
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
 
 
-def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int,
-               seed: int = 0, tp: TPLayout = TPLayout(), comm: SingleDevice | TensorParallelOps | None = None
-               ) -> LlamaModel:
-    """Weights on ``device``; rotary tables cover ``max_positions`` positions. Under tensor parallelism
-    (``tp.size > 1``, with ``comm`` the group's collectives) only rank ``tp.rank``'s shards."""
-    config = resolve_model_config(source)
-    tp.check(config)
-    if is_preset(source):
-        weights = assemble_weights(config, random_getter(device, dtype, seed), tp)
-    else:
-        weights = load_checkpoint_weights(Path(source), config, device, dtype, tp)
-    return LlamaModel(tp.local_config(config), weights, max_positions, comm)
+@dataclass(frozen=True)
+class Family:
+    module: str  # under tandem.model.models
+    cls: str  # the model class in it (a ``ModelLoader``)
+    implies: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields the architecture fixes
+
+
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama", "LlamaModel"),
+    "MistralForCausalLM": Family("llama", "LlamaModel"),
+    "Qwen2ForCausalLM": Family("llama", "LlamaModel", {"qkv_bias": True}),
+    "Qwen3ForCausalLM": Family("llama", "LlamaModel", {"qk_norm": True}),
+}
+
+
+def family_of(architectures: list[str]) -> tuple[str, Family]:
+    """The first of a config's architectures that tandem implements natively."""
+    for arch in architectures:
+        if arch in ARCHITECTURES:
+            return arch, ARCHITECTURES[arch]
+    raise ValueError(f"unsupported architecture {architectures!r}; supported: {sorted(ARCHITECTURES)}")
+
+
+def model_class(architecture: str) -> Any:
+    """The family's model class: a ``tandem.model.base.ModelLoader`` (not imported here, which would
+    bring torch into the host side)."""
+    family = ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(f"tandem.model.models.{family.module}"), family.cls)

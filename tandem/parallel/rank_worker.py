@@ -11,8 +11,8 @@ import dataclasses
 import torch.distributed as dist
 
 from tandem.config import EngineConfig
-from tandem.model.llama import LlamaModel
-from tandem.model.registry import load_model
+from tandem.model.base import CausalLM
+from tandem.model.loader import load_model
 from tandem.model.sources import resolve_model_config
 from tandem.model.tp_ops import TensorParallelOps
 from tandem.parallel.executors import make_rank_executor
@@ -32,7 +32,7 @@ class RankWorker(DeviceWorker):
         self.group = group
         super().__init__(config)
 
-    def _load_model(self, max_positions: int) -> LlamaModel:
+    def _load_model(self, max_positions: int) -> CausalLM:
         c, layout = self.config, self.group.layout
         comm = TensorParallelOps(dist.group.WORLD, layout, resolve_model_config(c.model))
         comm.use_one_shot(self.device, self.dtype)

@@ -5,21 +5,17 @@ import logging
 
 import torch
 
-from tandem.model.model_config import ModelConfig
+from tandem.model.base import KVSpec
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
+def allocate_kv_cache(spec: KVSpec, num_blocks: int, block_size: int, device: torch.device,
                       dtype: torch.dtype) -> torch.Tensor:
     """[layers, 2 (K, V), num_blocks * block_size, kv_heads, head_dim]."""
-    return torch.zeros(cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim,
+    return torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
                        device=device, dtype=dtype)
 
 
@@ -32,19 +28,19 @@ def gpu_kv_budget_bytes(device: torch.device, utilization: float, reserved_bytes
     return int(total * utilization) - non_torch - used - reserved_bytes
 
 
-def plan_num_blocks(kv_cache_tokens: int | None, block_size: int, utilization: float, cfg: ModelConfig,
+def plan_num_blocks(kv_cache_tokens: int | None, block_size: int, utilization: float, spec: KVSpec,
                     device: torch.device, dtype: torch.dtype, reserved_bytes: int = 0) -> int:
     if kv_cache_tokens is not None:
         tokens = kv_cache_tokens
     elif device.type == "cuda":
-        tokens = gpu_kv_budget_bytes(device, utilization, reserved_bytes) // kv_bytes_per_token(cfg, dtype)
+        tokens = gpu_kv_budget_bytes(device, utilization, reserved_bytes) // spec.bytes_per_token(dtype)
     else:
         tokens = CPU_DEFAULT_KV_TOKENS
     num_blocks = tokens // block_size + 1  # +1: block 0 is the reserved padding block
     if num_blocks < 2:
         raise ValueError(f"no room for a KV cache: {tokens} tokens fit (lower the model size or raise "
                          "gpu_memory_utilization)")
-    size_gib = num_blocks * block_size * kv_bytes_per_token(cfg, dtype) / 2**30
+    size_gib = num_blocks * block_size * spec.bytes_per_token(dtype) / 2**30
     logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks - 1, block_size,
                 (num_blocks - 1) * block_size, size_gib)
     return num_blocks

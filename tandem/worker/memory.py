@@ -17,7 +17,7 @@ from tandem.engine.batch import Padding, build_step
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
 from tandem.engine.step import StepInputs, field_offsets
-from tandem.model.llama import LlamaModel
+from tandem.model.base import CausalLM
 from tandem.sampling_params import SamplingParams
 from tandem.worker.kv_cache import allocate_kv_cache
 from tandem.worker.model_runner import ModelRunner
@@ -76,10 +76,10 @@ class ActivationPeaks:
         return self.eager_bytes + self.graph_bytes
 
 
-def _peak_bytes(model: LlamaModel, step: StepInputs, block_size: int) -> int:
+def _peak_bytes(model: CausalLM, step: StepInputs, block_size: int, max_len: int) -> int:
     device = model.device
-    cache = allocate_kv_cache(model.config, _blocks_used(step), block_size, device, model.dtype)
-    runner = ModelRunner(model, cache, block_size, num_rows=step.shape.num_sampled + 1)
+    cache = allocate_kv_cache(model.kv_spec, _blocks_used(step), block_size, device, model.dtype)
+    runner = ModelRunner(model, cache, block_size, step.shape.num_sampled + 1, max_len)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -91,17 +91,17 @@ def _peak_bytes(model: LlamaModel, step: StepInputs, block_size: int) -> int:
     return peak
 
 
-def profile_activations(model: LlamaModel, max_tokens: int, max_seqs: int, max_len: int, block_size: int,
+def profile_activations(model: CausalLM, max_tokens: int, max_seqs: int, max_len: int, block_size: int,
                         graph_max_blocks: int | None, piecewise_tokens: int = 0) -> ActivationPeaks:
     """Peak activation bytes of the worst eager step and of the largest graph-captured steps (their
     pool stays reserved beside eager steps' memory)."""
-    vocab = model.config.vocab_size
+    vocab = model.config.vocab_size  # the whole vocabulary on every rank: token ids are global
     eager = worst_eager_step(max_tokens, max_seqs, max_len, block_size, vocab)
     graph = 0
     if graph_max_blocks is not None:
         pad = Padding(max_seqs, max_seqs, graph_max_blocks, padding_row=0)
-        graph = _peak_bytes(model, decode_step(pad, block_size, _WORST_SAMPLING), block_size)
+        graph = _peak_bytes(model, decode_step(pad, block_size, _WORST_SAMPLING), block_size, max_len)
     if piecewise_tokens:
         piecewise = worst_eager_step(piecewise_tokens, max_seqs, max_len, block_size, vocab)
-        graph += _peak_bytes(model, piecewise, block_size)
-    return ActivationPeaks(_peak_bytes(model, eager, block_size), graph)
+        graph += _peak_bytes(model, piecewise, block_size, max_len)
+    return ActivationPeaks(_peak_bytes(model, eager, block_size, max_len), graph)

@@ -15,7 +15,7 @@ import torch
 from tandem.engine.step import (FIELDS_BY_NAME, FLOAT_FIELDS, INT_FIELDS, Per, SamplerFlags, StepShape, field_offsets,
                                 output_layout)
 from tandem.model.attention import AttentionInputs, step_attention
-from tandem.model.llama import LlamaModel
+from tandem.model.base import CausalLM
 from tandem.worker.logits_processing import apply_logit_bias, apply_penalties, record_history
 from tandem.worker.logprobs import token_logprobs
 from tandem.worker.sampler import SamplingTensors, sample
@@ -153,8 +153,8 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, num_rows: int,
-                 max_model_len: int | None = None) -> None:
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, num_rows: int,
+                 max_model_len: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -162,8 +162,7 @@ class ModelRunner:
         # last token sampled for each sequence's row; the source of pending decode inputs
         self.next_tokens = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
         # every token of each row's sequence by position, for penalties (the last row takes padding)
-        width = max_model_len or model.max_positions
-        self.history = torch.zeros(num_rows, width, dtype=torch.int32, device=self.device)
+        self.history = torch.zeros(num_rows, max_model_len, dtype=torch.int32, device=self.device)
 
     @staticmethod
     def state_bytes(num_rows: int, max_model_len: int) -> int:
@@ -193,8 +192,7 @@ class ModelRunner:
 
     def attention_inputs(self, f: StepTensors, shape: StepShape) -> AttentionInputs:
         return AttentionInputs(f.slot_mapping, f.block_tables.view(shape.num_seqs, shape.max_blocks), f.query_start,
-                               f.seq_lens, f.positions, shape.max_q, self.block_size, self.model.scale,
-                               self.model.config.sliding_window)
+                               f.seq_lens, f.positions, shape.max_q, self.block_size)
 
     def finish(self, hidden: torch.Tensor, ids: torch.Tensor, f: StepTensors, shape: StepShape,
                flags: SamplerFlags, logits: torch.Tensor | None = None) -> torch.Tensor:

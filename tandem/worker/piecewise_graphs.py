@@ -10,7 +10,8 @@ which matters where the host's launches, not the GPU, set a small model's step t
 
 Static inputs are the step's first three token fields (ids, positions, KV slots: the step contract
 packs them first, so their offsets depend only on the token count); q, the attention output, the
-residual and the final hidden state live in static buffers each segment reads and writes."""
+residual and the final hidden state live in static buffers each segment reads and writes. Only a
+model that offers its forward in those pieces (``LayeredCausalLM``) is captured this way."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,7 @@ import torch
 
 from tandem.engine.step import StepInputs
 from tandem.model.attention import select_backend, step_attention
+from tandem.model.base import CausalLM, LayeredCausalLM
 from tandem.worker.model_runner import ModelRunner, StepTensors
 
 logger = logging.getLogger(__name__)
@@ -44,18 +46,20 @@ class PiecewiseGraphs:
     def __init__(self, runner: ModelRunner, max_tokens: int, pool) -> None:
         self.runner = runner
         self.model = runner.model
+        self.specs = self.model.kv_spec.layers
         self.pool = pool
         self.buckets: dict[int, _Bucket] = {}
         self.sizes = tuple(t for t in TOKEN_BUCKETS if t <= max_tokens)
 
     @staticmethod
-    def applies(device: torch.device) -> bool:
-        """Only where prefill steps take the Triton varlen kernel, which reads padded token batches."""
-        return select_backend(2, device).name == "triton-varlen"
+    def applies(model: CausalLM, device: torch.device) -> bool:
+        """Only for a model split at its attentions, where prefill steps take the Triton varlen kernel
+        (which reads padded token batches)."""
+        return isinstance(model, LayeredCausalLM) and select_backend(2, device).name == "triton-varlen"
 
     @property
     def num_segments(self) -> int:
-        return self.model.config.num_layers + 1
+        return len(self.specs) + 1
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
@@ -95,7 +99,7 @@ class PiecewiseGraphs:
             hidden, residual = m.embed(b.ids), None
         else:
             hidden, residual = m.after_attention(i - 1, b.attn_out, b.residual)
-        if i == m.config.num_layers:
+        if i == len(self.specs):
             b.hidden.copy_(m.final_norm(hidden, residual))
             return
         q, residual = m.before_attention(i, hidden, residual, positions, self.runner.kv_cache[i], slots)
@@ -117,5 +121,5 @@ class PiecewiseGraphs:
             else:
                 self._segment(b, i)
             if i < self.num_segments - 1:
-                b.attn_out.copy_(attn.attend(b.q, runner.kv_cache[i]))
+                b.attn_out.copy_(attn.attend(b.q, runner.kv_cache[i], self.specs[i]))
         return runner.finish(b.hidden, b.ids, f, shape, step.sampler)

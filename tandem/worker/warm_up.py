@@ -14,7 +14,7 @@ import torch
 
 from tandem.engine.batch import build_step
 from tandem.engine.plan import ScheduledSeq, SchedulerOutput
-from tandem.model.llama import LlamaModel
+from tandem.model.base import CausalLM
 from tandem.sampling_params import SamplingParams
 from tandem.worker.kv_cache import allocate_kv_cache
 from tandem.worker.memory import synthetic_sequence
@@ -32,11 +32,11 @@ WARM_UP_STEPS: tuple[tuple[tuple[int, ...], SamplingParams], ...] = (
 )
 
 
-def warm_up_kernels(model: LlamaModel, block_size: int) -> None:
+def warm_up_kernels(model: CausalLM, block_size: int) -> None:
     """Run ``WARM_UP_STEPS`` eagerly on ``model``'s device and wait for them."""
     longest = max(sum(lens) for lens, _ in WARM_UP_STEPS)
     num_blocks = 1 + sum(-(-n // block_size) for lens, _ in WARM_UP_STEPS for n in lens)
-    cache = allocate_kv_cache(model.config, num_blocks, block_size, model.device, model.dtype)
+    cache = allocate_kv_cache(model.kv_spec, num_blocks, block_size, model.device, model.dtype)
     runner = ModelRunner(model, cache, block_size, num_rows=longest + 1, max_model_len=longest)
     for lens, params in WARM_UP_STEPS:
         items, block = [], 1

@@ -16,7 +16,7 @@ from tandem.engine.step import StepInputs, StepOutput
 from tandem.engine.worker_api import StepInterval, WorkerInfo
 from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
-from tandem.model.registry import load_model
+from tandem.model.loader import load_model
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -26,7 +26,7 @@ from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
 from tandem.worker.warm_up import warm_up_kernels
 
 if TYPE_CHECKING:
-    from tandem.model.llama import LlamaModel
+    from tandem.model.base import CausalLM
     from tandem.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class DeviceWorker:
         max_model_len = fit_max_model_len(max_positions, (num_blocks - 1) * config.block_size,
                                           explicit=config.max_model_len is not None)
         # the model's own config: under tensor parallelism it holds only this rank's KV heads
-        kv_cache = allocate_kv_cache(self.model.config, num_blocks, config.block_size, self.device, self.dtype)
+        kv_cache = allocate_kv_cache(self.model.kv_spec, num_blocks, config.block_size, self.device, self.dtype)
         num_rows = self.num_rows
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
                                   max_model_len)
@@ -75,7 +75,7 @@ class DeviceWorker:
     def num_rows(self) -> int:
         return 2 * self.config.max_num_seqs  # sequences that left the batch keep theirs one more step
 
-    def _load_model(self, max_positions: int) -> LlamaModel:
+    def _load_model(self, max_positions: int) -> CausalLM:
         c = self.config
         return load_model(c.model, self.device, self.dtype, max_positions, c.seed)
 
@@ -91,7 +91,7 @@ class DeviceWorker:
             reserved = peaks.total + rows
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
                         "per-row state %.2f GiB", peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30, rows / 2**30)
-        return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.config,
+        return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.kv_spec,
                                self.device, self.dtype, reserved)
 
     def _wants_graphs(self) -> bool:
@@ -106,7 +106,7 @@ class DeviceWorker:
         graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, padding_row)
         graphs.capture(stream)
         piecewise = None
-        if PiecewiseGraphs.applies(self.device) and os.environ.get("TANDEM_PIECEWISE", "1") != "0":
+        if PiecewiseGraphs.applies(self.model, self.device) and os.environ.get("TANDEM_PIECEWISE", "1") != "0":
             piecewise = PiecewiseGraphs(self.runner, self.config.max_num_batched_tokens, graphs.pool)
             piecewise.capture(stream)
         return graphs, piecewise

@@ -7,9 +7,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's attention computes beyond plain causal softmax attention."""
+
+    scale: float  # multiplies q.k before the softmax
+    sliding_window: int | None = None  # a query sees only the last ``sliding_window`` keys (itself included)
+    logit_softcap: float | None = None  # scores become cap * tanh(scores / cap) before the softmax
+
+    @classmethod
+    def default(cls, head_dim: int, sliding_window: int | None = None) -> AttentionSpec:
+        return cls(1.0 / math.sqrt(head_dim), sliding_window)
 
 
 @dataclass
@@ -23,13 +37,12 @@ class AttentionInputs:
     positions: torch.Tensor  # [T] absolute position of each token
     max_q: int  # longest query chunk of one sequence (host value)
     block_size: int
-    scale: float
-    sliding_window: int | None = None
 
 
 class AttentionBackend(ABC):
-    """One kernel family. ``prepare`` runs once per step, ``attend`` once per layer. Backends only read
-    the cache: the layer writes this step's K and V before attending (fused with rotary on CUDA)."""
+    """One kernel family. ``prepare`` runs once per step, ``attend`` once per layer with that layer's
+    ``AttentionSpec`` (scale, sliding window, soft-cap: they may differ between layers). Backends only
+    read the cache: the layer writes this step's K and V before attending (fused with rotary on CUDA)."""
 
     name: str = "?"
 
@@ -38,7 +51,7 @@ class AttentionBackend(ABC):
         return inputs
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: Any) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: Any, spec: AttentionSpec) -> torch.Tensor:
         """q: [T, Hq, D] (this step's K/V already stored) -> [T, Hq * D]."""
 
 
@@ -50,6 +63,12 @@ class StepAttention:
     inputs: AttentionInputs
     meta: Any
 
-    def attend(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D] attends the cache (this step's K/V already stored by the layer)."""
-        return self.backend.attend(q, cache, self.meta)
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """q: [T, Hq, D] attends the cache (this step's K/V already stored by the layer) as ``spec`` says."""
+        return self.backend.attend(q, cache, self.meta, spec)
+
+
+def refuse_softcap(backend: AttentionBackend, spec: AttentionSpec) -> None:
+    """Until a backend implements soft-capping, a layer that needs it must not run there uncapped."""
+    if spec.logit_softcap is not None:
+        raise NotImplementedError(f"attention logit soft-capping is not implemented by the {backend.name} backend")

@@ -5,13 +5,13 @@ Its memory grows with sequences x longest chunk x longest context, so on CUDA it
 no kernel covers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tandem.model.attention.base import AttentionBackend, AttentionInputs
+from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec
 
 # cuDNN's fused attention is left out: compute-sanitizer's racecheck flags hazards inside it (its
 # asynchronous shared-memory copies), and flash / memory-efficient kernels serve these shapes.
@@ -23,10 +23,18 @@ class SdpaMetadata:
     block_tables: torch.Tensor
     token_seq: torch.Tensor  # [T] sequence index of each flat token
     token_row: torch.Tensor  # [T] row of each flat token within its sequence's chunk
-    mask: torch.Tensor  # [B, 1, max_q, max_k] True where a query may attend a key
+    q_positions: torch.Tensor  # [B, max_q] absolute positions (padding entries hold 0)
+    seq_lens: torch.Tensor
     max_q: int
     block_size: int
-    scale: float
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window, built on first use
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, max_q, max_k]: True where a query may attend a key (one per window the layers use)."""
+        if sliding_window not in self.masks:
+            max_k = self.block_tables.shape[1] * self.block_size
+            self.masks[sliding_window] = build_mask(self.q_positions, self.seq_lens, max_k, sliding_window)
+        return self.masks[sliding_window]
 
 
 def build_mask(q_positions: torch.Tensor, seq_lens: torch.Tensor, max_k: int,
@@ -40,6 +48,16 @@ def build_mask(q_positions: torch.Tensor, seq_lens: torch.Tensor, max_k: int,
     return mask[:, None]
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         cap: float) -> torch.Tensor:
+    """Attention with scores cap * tanh(q.k * scale / cap), softmax in float32 (transformers' eager
+    Gemma attention, which no fused SDPA kernel offers)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
@@ -50,12 +68,10 @@ class SdpaBackend(AttentionBackend):
         token_row = flat - inputs.query_start[token_seq]
         q_positions = inputs.positions.new_zeros(n_seqs, inputs.max_q)
         q_positions[token_seq, token_row] = inputs.positions
-        max_k = inputs.block_tables.shape[1] * inputs.block_size
-        mask = build_mask(q_positions, inputs.seq_lens, max_k, inputs.sliding_window)
-        return SdpaMetadata(inputs.block_tables, token_seq, token_row, mask, inputs.max_q, inputs.block_size,
-                            inputs.scale)
+        return SdpaMetadata(inputs.block_tables, token_seq, token_row, q_positions, inputs.seq_lens, inputs.max_q,
+                            inputs.block_size)
 
-    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: SdpaMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: SdpaMetadata, spec: AttentionSpec) -> torch.Tensor:
         n_tokens, n_heads, head_dim = q.shape
         n_seqs = meta.block_tables.shape[0]
         n_kv = cache.shape[2]
@@ -67,8 +83,11 @@ class SdpaBackend(AttentionBackend):
         q_pad = q_pad.reshape(n_seqs, n_kv, group * meta.max_q, head_dim)
         pages = cache.view(2, -1, meta.block_size, n_kv, head_dim)[:, meta.block_tables]
         k, v = pages.flatten(2, 3).permute(0, 1, 3, 2, 4)  # each [B, Hkv, max_k, D]
-        mask = meta.mask.expand(-1, group, -1, -1).reshape(n_seqs, 1, group * meta.max_q, -1)
-        with sdpa_kernel(_SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask, scale=meta.scale)
+        mask = meta.mask(spec.sliding_window).expand(-1, group, -1, -1).reshape(n_seqs, 1, group * meta.max_q, -1)
+        if spec.logit_softcap is not None:
+            out = softcapped_attention(q_pad, k, v, mask, spec.scale, spec.logit_softcap)
+        else:
+            with sdpa_kernel(_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask, scale=spec.scale)
         out = out.view(n_seqs, n_kv, group, meta.max_q, head_dim).permute(0, 3, 1, 2, 4)
         return out[meta.token_seq, meta.token_row].reshape(n_tokens, n_heads * head_dim)

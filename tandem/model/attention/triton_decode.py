@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels import num_sms
-from tandem.model.attention.base import AttentionBackend, AttentionInputs
+from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec, refuse_softcap
 
 
 class TritonDecodeBackend(AttentionBackend):
@@ -15,12 +15,13 @@ class TritonDecodeBackend(AttentionBackend):
     def prepare(self, inputs: AttentionInputs) -> AttentionInputs:
         return inputs
 
-    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionInputs) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionInputs, spec: AttentionSpec) -> torch.Tensor:
         from tandem.kernels.paged_decode import decode_num_splits, paged_decode_attention
 
         # A function of the step's shape only (batch, KV heads, block-table width), so a captured
         # graph and an eager step of the same shape split alike.
         splits = decode_num_splits(q.shape[0], cache.shape[2], meta.block_tables.shape[1] * meta.block_size,
                                    num_sms(q.device))
-        return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, meta.block_size, meta.scale,
-                                      meta.sliding_window, splits)
+        refuse_softcap(self, spec)
+        return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, meta.block_size, spec.scale,
+                                      spec.sliding_window, splits)

@@ -1,30 +1,11 @@
-"""Small numeric building blocks of the Llama family: RMSNorm, rotary embedding, SiLU-mul."""
+"""Rotary position embeddings: cos/sin tables per position (non-interleaved, rotate-half layout)
+and their application to q and k."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32, as the reference does, then scale in the input dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual); the first layer has no residual yet."""
-    residual = x if residual is None else x + residual
-    return rms_norm(residual, weight, eps), residual
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -56,9 +37,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write this step's K and V ([T, Hkv, D]) into one layer's cache [2, slots, Hkv, D]."""
-    cache[0].index_copy_(0, slot_mapping, k)
-    cache[1].index_copy_(0, slot_mapping, v)

@@ -1,18 +1,41 @@
-"""The Llama-family forward (Llama 2/3, Mistral, Qwen2, Qwen3) over one flat token batch."""
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): pre-norm decoder layers with GQA attention
+(optional q/k/v bias, optional per-head q/k RMSNorm), rotary embeddings and a SiLU-gated MLP."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tandem.model.attention import StepAttention
 from tandem.kernels import triton_available
-from tandem.model import layers
-from tandem.model.layers import apply_rope, rms_norm, rope_cos_sin, store_kv
-from tandem.model.model_config import ModelConfig
+from tandem.model.attention.base import AttentionSpec
+from tandem.model.base import Getter, KVSpec, LayeredForward
+from tandem.model.layers.kv import store_kv
+from tandem.model.layers.mlp import silu_mul
+from tandem.model.layers.norms import add_rms_norm, rms_norm
+from tandem.model.layers.rotary import apply_rope, rope_cos_sin
+from tandem.model.model_config import ModelConfig, refuse_settings
+from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
+
+# What this forward does not implement, with the value that means "not used"
+_MUST_BE_OFF: dict[str, Any] = {"attention_bias": False, "mlp_bias": False, "partial_rotary_factor": 1.0,
+                                "attn_logit_softcapping": None, "final_logit_softcapping": None}
+_ACTIVATIONS = ("silu", "swish")
+
+
+def check_config(cfg: ModelConfig) -> None:
+    refuse_settings(cfg.hf, _MUST_BE_OFF)
+    act = cfg.hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise NotImplementedError(f"config.json sets hidden_act={act!r}; only {_ACTIVATIONS} are implemented "
+                                  f"for {cfg.architecture}")
+    kinds = set(cfg.hf.get("layer_types") or [])
+    if kinds - {"full_attention"}:
+        raise NotImplementedError(f"config.json sets layer_types {sorted(kinds)}; {cfg.architecture} runs full "
+                                  "attention per layer (or one sliding_window for every layer, Mistral-style)")
 
 
 @dataclass
@@ -36,11 +59,52 @@ class ModelWeights:
     lm_head: torch.Tensor  # the embedding itself when tied
 
 
-class LlamaModel:
+def _layer(cfg: ModelConfig, get: Getter, i: int, tp: TPLayout) -> LayerWeights:
+    p = f"model.layers.{i}."
+    h, q, kv, inter, d = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.head_dim
+    q_part, kv_part, mlp_part = tp.q_part(cfg), tp.kv_part(cfg), tp.mlp_part(cfg)
+    qkv = [(f"{p}self_attn.{n}_proj", size, part) for n, size, part in (("q", q, q_part), ("k", kv, kv_part),
+                                                                          ("v", kv, kv_part))]
+    return LayerWeights(
+        input_norm=get(f"{p}input_layernorm.weight", (h,), None),
+        qkv=torch.cat([get(f"{name}.weight", (size, h), part) for name, size, part in qkv]),
+        o=get(f"{p}self_attn.o_proj.weight", (h, q), tp.q_part(cfg, dim=1)),
+        post_norm=get(f"{p}post_attention_layernorm.weight", (h,), None),
+        gate_up=torch.cat([get(f"{p}mlp.gate_proj.weight", (inter, h), mlp_part),
+                           get(f"{p}mlp.up_proj.weight", (inter, h), mlp_part)]),
+        down=get(f"{p}mlp.down_proj.weight", (h, inter), tp.mlp_part(cfg, dim=1)),
+        qkv_bias=torch.cat([get(f"{name}.bias", (size,), part) for name, size, part in qkv]) if cfg.qkv_bias else None,
+        q_norm=get(f"{p}self_attn.q_norm.weight", (d,), None) if cfg.qk_norm else None,
+        k_norm=get(f"{p}self_attn.k_norm.weight", (d,), None) if cfg.qk_norm else None,
+    )
+
+
+def load_weights(cfg: ModelConfig, get: Getter, tp: TPLayout = TPLayout()) -> ModelWeights:
+    """``cfg`` is the whole model's config; the weights are rank ``tp.rank``'s parts of it."""
+    vocab = (cfg.vocab_size, cfg.hidden_size)
+    embed = get("model.embed_tokens.weight", vocab, tp.vocab_part(cfg))
+    layers = [_layer(cfg, get, i, tp) for i in range(cfg.num_layers)]
+    norm = get("model.norm.weight", (cfg.hidden_size,), None)
+    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight", vocab, tp.vocab_part(cfg))
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+class LlamaModel(LayeredForward):
     """Stateless apart from weights and rotary tables; the KV cache is passed in.
 
     Under tensor parallelism ``config`` is the rank's share (``TPLayout.local_config``: its heads, KV
     heads and MLP width), the weights are its shards, and ``comm`` holds the collectives."""
+
+    @classmethod
+    def load(cls, config: ModelConfig, get: Getter, tp: TPLayout, max_positions: int,
+             comm: SingleDevice | TensorParallelOps) -> LlamaModel:
+        check_config(config)
+        return cls(tp.local_config(config), load_weights(config, get, tp), max_positions, comm)
+
+    @staticmethod
+    def ignored_tensors(config: ModelConfig) -> tuple[str, ...]:
+        """Rotary tables some exporters save, and an lm_head that tied embeddings replace."""
+        return ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int,
                  comm: SingleDevice | TensorParallelOps | None = None) -> None:
@@ -52,7 +116,8 @@ class LlamaModel:
         self.max_positions = max_positions
         cos, sin = rope_cos_sin(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
-        self.scale = 1.0 / math.sqrt(config.head_dim)
+        spec = AttentionSpec(1.0 / math.sqrt(config.head_dim), config.sliding_window)
+        self.kv_spec = KVSpec(config.num_kv_heads, config.head_dim, (spec,) * config.num_layers)
         # fused Triton kernels on CUDA; the torch ops they reproduce everywhere else
         self.fused = device.type == "cuda" and triton_available()
         if self.fused:
@@ -60,18 +125,10 @@ class LlamaModel:
 
             self._add_norm, self._silu_mul, self._rope_store = fused.add_rms_norm, fused.silu_mul, fused.rope_store_kv_
         else:
-            self._add_norm, self._silu_mul = layers.add_rms_norm, layers.silu_mul
+            self._add_norm, self._silu_mul = add_rms_norm, silu_mul
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                attn: StepAttention) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, H]."""
-        hidden, residual = self.embed(input_ids), None
-        for i in range(self.config.num_layers):
-            q, residual = self.before_attention(i, hidden, residual, positions, kv_cache[i], attn.inputs.slot_mapping)
-            hidden, residual = self.after_attention(i, attn.attend(q, kv_cache[i]), residual)
-        return self.final_norm(hidden, residual)
-
-    # The forward in pieces, so that everything between two attentions can be captured as one graph.
+    # The forward in pieces (``LayeredCausalLM``), so that everything between two attentions can be
+    # captured as one graph; ``LayeredForward.forward`` chains them.
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.comm.embed(input_ids, self.weights.embed)
 

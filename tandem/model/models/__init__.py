@@ -1,0 +1,1 @@
+"""One module per model family; ``tandem/model/registry.py`` maps architecture names to them."""
