@@ -90,6 +90,7 @@ class Outcome:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None  # the message of an error body or error event
+    error_type: str | None = None  # its type: "service_unavailable" for a 503, "internal_server_error" for a 500
     done: bool = False  # the stream ended with data: [DONE]
     seconds: float = 0.0
 
@@ -114,7 +115,8 @@ async def _read_stream(http: httpx.AsyncClient, body: dict[str, Any]) -> Outcome
     async with http.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             text = (await resp.aread()).decode()
-            return Outcome(resp.status_code, error=assert_error_body(text)["error"]["message"])
+            error = assert_error_body(text)["error"]
+            return Outcome(resp.status_code, error=error["message"], error_type=error["type"])
         out = Outcome(200)
         async for line in resp.aiter_lines():
             if not line.startswith("data: "):
@@ -123,7 +125,8 @@ async def _read_stream(http: httpx.AsyncClient, body: dict[str, Any]) -> Outcome
             if data == "[DONE]":
                 out.done = True
             elif "error" in (payload := json.loads(data)):
-                out.error = assert_error_body(data)["error"]["message"]
+                error = assert_error_body(data)["error"]
+                out.error, out.error_type = error["message"], error["type"]
             else:
                 for choice in payload["choices"]:
                     out.text += choice["text"]

@@ -5,7 +5,7 @@ process; a core whose steps keep failing; a core that hangs; a core killed outri
 Each affected request ends with a clear error event and ``[DONE]``, never a hang. A fault in one
 step is recovered from: the other requests finish with exactly the text a fault-free run gives, the
 server stays healthy and ends at rest. A core that cannot go on is declared dead: every request
-ends with an error, ``/health`` answers 503 and the server exits 1."""
+ends with an error (503 once the core is gone), ``/health`` answers 503 and the server exits 1."""
 from __future__ import annotations
 
 import asyncio
@@ -99,6 +99,7 @@ def test_a_hung_core_is_declared_dead_by_the_watchdog():
         outcomes = asyncio.run(_burst(server.url, _bodies(4)))
         assert time.monotonic() - start < 15
         _assert_declared_dead(server, outcomes, "stopped responding")
+        assert all(out.error_type == "service_unavailable" for out in outcomes)  # 503: the core is gone
         assert wait_until(lambda: not pid_alive(core), 5)
     finally:
         server.kill()
@@ -119,9 +120,12 @@ def test_a_core_killed_under_load_fails_every_request_and_the_server_exits_1():
 
         outcomes, plain = asyncio.run(asyncio.wait_for(run(), DEADLINE_S))
         _assert_declared_dead(server, outcomes, "engine core process died")
+        for out in outcomes:  # streams: an error event of a 503, then [DONE]
+            assert out.completed or out.done and out.error_type == "service_unavailable", out
         for resp in plain:  # a plain request that finished before the kill has its full output
             assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 200 \
-                or resp.status_code in (500, 503) and "engine core" in resp.json()["error"]["message"], resp.text
+                or resp.status_code == 503 and "engine core" in resp.json()["error"]["message"], resp.text
+        assert any(resp.status_code == 503 for resp in plain)  # queued behind 8 streams: in flight at the kill
     finally:
         server.kill()
     failed = sum(not o.completed for o in outcomes) + sum(r.status_code != 200 for r in plain)

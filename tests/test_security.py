@@ -118,6 +118,9 @@ class _StubClient:
     output_processor = SimpleNamespace(requests={})
     metrics = ServerMetrics("stub")
 
+    def health_problem(self) -> None:
+        return None
+
     @property
     def model_config(self):
         raise RuntimeError(f"cannot read {Path(__file__).resolve()} (a path that must not reach a client)")

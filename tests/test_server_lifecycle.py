@@ -77,6 +77,7 @@ def test_a_dead_core_fails_requests_and_the_server_exits_1():
         os.kill(server.core_pid(), signal.SIGKILL)
         thread.join(10)
         _assert_ended_with_an_error_event(lines, "engine core process died")
+        assert '"type":"service_unavailable"' in lines[-2]  # a 503, as for any request once the core is gone
         health = httpx.get(server.url + "/health", timeout=2)  # before the server exits
         assert health.status_code == 503
         refused = httpx.post(server.url + "/v1/completions", json=BODY, timeout=5)

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from tandem.cli.engine_args import add_engine_args, engine_options
-from tandem.server.defaults import DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from tandem.server.defaults import DEFAULT_CORE_HEARTBEAT_TIMEOUT_S, DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--core-timeout", type=float, default=DEFAULT_CORE_TIMEOUT_S,
                    help="seconds the engine core may stay silent while requests wait before it is declared "
                         f"dead (503, exit 1) (default: {DEFAULT_CORE_TIMEOUT_S:.0f}; 0: never)")
+    p.add_argument("--core-heartbeat-timeout", type=float, default=DEFAULT_CORE_HEARTBEAT_TIMEOUT_S,
+                   help="seconds without the engine core's heartbeat (its process stopped) before /health answers "
+                        f"503 until it runs again (default: {DEFAULT_CORE_HEARTBEAT_TIMEOUT_S:g}; 0: never)")
     p.set_defaults(func=run)
 
 
@@ -42,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not args.core_timeout >= 0:  # also refuses NaN
         raise ValueError(f"--core-timeout must be >= 0, got {args.core_timeout}")
+    if not args.core_heartbeat_timeout >= 0:
+        raise ValueError(f"--core-heartbeat-timeout must be >= 0, got {args.core_heartbeat_timeout}")
     config = EngineConfig.from_options(args.model, **engine_options(args))
     level = logging.INFO if args.verbose else logging.WARNING
     options = ServeOptions(args.host, args.port, args.api_key, args.served_model_name, args.max_num_waiting, level,
-                           args.max_request_bytes, args.allowed_origins, args.core_timeout)
+                           args.max_request_bytes, args.allowed_origins, args.core_timeout,
+                           core_heartbeat_timeout_s=args.core_heartbeat_timeout)
     return serve(config, options)

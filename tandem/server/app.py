@@ -65,9 +65,9 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
 
     @app.get("/health")
     async def health() -> Response:
-        core_failed = client.failure is not None and client.failure.status == 500
-        if core_failed or not client.alive:
-            return JSONResponse({"status": "engine core is not running"}, status_code=503)
+        problem = client.health_problem()  # reads the core's stamps: a stopped core shows within seconds
+        if problem is not None:
+            return JSONResponse({"status": problem}, status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")

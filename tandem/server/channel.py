@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from tandem.config import EngineConfig
 from tandem.server.core_process import core_main
+from tandem.server.liveness import CoreStamps
 from tandem.server.messages import (Failed, InputMessage, Ready, Shutdown, input_encoder, output_decoder)
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class CoreChannel:
         self.output.setsockopt(zmq.LINGER, 0)
         self.output.bind(output_addr)
         spawn = multiprocessing.get_context("spawn")
+        self.stamps = CoreStamps(spawn)  # the core's heartbeat and progress, for the watchdog
         self.process = spawn.Process(target=core_main, name="tandem-core", daemon=True,
-                                     args=(config, input_addr, output_addr, os.getpid(), log_level))
+                                     args=(config, input_addr, output_addr, os.getpid(), log_level, self.stamps))
         self.process.start()
         self.closed = False
 

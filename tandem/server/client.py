@@ -3,8 +3,9 @@ output processing (detokenize, stop strings), and one asyncio queue per API requ
 
 One background task receives the core's per-step messages, turns their token deltas into
 ``RequestOutput``s and puts each on its request's queue; route handlers only read their queue. Every
-accepted request ends with its outputs or a ``RequestFailed``: the core died, the server is
-shutting down, or the core refused it."""
+accepted request ends with its outputs or a ``RequestFailed``: the core died or was declared dead
+(503, as for a new request then), the server is shutting down (503), or the core refused it or one
+of its steps failed and the core served on (500). How the core's health is judged: ``watchdog``."""
 from __future__ import annotations
 
 import asyncio
@@ -101,7 +102,8 @@ class EngineClient:
     once ``start()`` ran there."""
 
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
-                 log_level: int = logging.WARNING, core_timeout_s: float = 0.0) -> None:
+                 log_level: int = logging.WARNING, core_timeout_s: float = 0.0,
+                 core_heartbeat_timeout_s: float = 0.0) -> None:
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
         self.channel = CoreChannel(config, log_level)  # the core loads weights while we load the tokenizer
         try:
@@ -113,16 +115,19 @@ class EngineClient:
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
         self.output_processor = OutputProcessor(self.tokenizer)
-        fault_injection.install_api_faults(self.output_processor, fault_injection.from_env(fault_injection.API_SITES))
+        fault_injection.install_api_faults(self.output_processor, self.channel,
+                                           fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
         self.max_num_waiting = max_num_waiting
         self.routes: dict[str, _Route] = {}
         self.num_waiting_reported = 0
         self.failure: RequestFailed | None = None  # set once no request can be served any more
+        self.core_dead = False  # the core died, or was declared dead
         self.on_core_death: Callable[[], None] | None = None
         self._receiver: asyncio.Task | None = None
-        self.last_heard = time.monotonic()  # from the core, or when requests started waiting on it
-        self.watchdog = CoreWatchdog(core_timeout_s, self._silent_for, self._core_stuck)
+        self.waiting_since = time.monotonic()  # when requests last started waiting on the core
+        self.watchdog = CoreWatchdog(self.channel.stamps, core_timeout_s, core_heartbeat_timeout_s,
+                                     self._waiting_since, self._core_stuck)
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -157,6 +162,14 @@ class EngineClient:
     def alive(self) -> bool:
         return self.channel.process.is_alive() and not self.channel.closed
 
+    def health_problem(self) -> str | None:
+        """Why ``/health`` must answer 503, or None."""
+        if self.core_dead or not self.alive:
+            return "engine core is not running"
+        if not self.watchdog.responsive():
+            return "engine core is not responding"
+        return None
+
     # --- requests ----------------------------------------------------------------------------
     def submit(self, requests: list[EngineRequest], prompts: list[str | None], stream: bool) -> RequestHandle:
         """Queue one API request's engine requests (choice i is ``requests[i]``)."""
@@ -165,7 +178,7 @@ class EngineClient:
         self._admit(len(requests))
         frame = self._encode(requests)  # before anything is registered: a request that fails here leaves no trace
         if not self.routes:
-            self.last_heard = time.monotonic()  # the watchdog's clock starts when requests start waiting
+            self.waiting_since = time.monotonic()  # the watchdog's clock starts when requests start waiting
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
         for index, (request, prompt) in enumerate(zip(requests, prompts)):
@@ -228,7 +241,6 @@ class EngineClient:
                     frames.append(await socket.recv(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
-            self.last_heard = time.monotonic()
             steps = []
             for frame in frames:
                 msg = decoder.decode(frame.buffer)
@@ -306,15 +318,12 @@ class EngineClient:
                 itls.append(now - route.last_token)
             route.last_token = now
 
-    def _silent_for(self) -> float:
-        """Seconds the core has kept requests waiting without a word (0 when none wait). The socket is
-        not polled here: a poll beside the receive task's could swallow the edge that wakes it."""
-        if not self.routes or self.channel.closed:
-            return 0.0
-        return time.monotonic() - self.last_heard
+    def _waiting_since(self) -> float | None:
+        return self.waiting_since if self.routes and not self.channel.closed else None
 
     def _core_stuck(self, silent_s: float) -> None:
-        log.error("the engine core sent nothing for %.0f s while requests waited: killing it", silent_s)
+        why = "its step loop is stuck" if self.watchdog.responsive() else "its process does not run"
+        log.error("the engine core made no progress for %.0f s while requests waited (%s): killing it", silent_s, why)
         self.channel.process.kill()
         self._core_failed(f"the engine core stopped responding ({silent_s:.0f} s without progress)")
 
@@ -325,8 +334,10 @@ class EngineClient:
             self._core_failed(f"the engine core process died (exit code {self.channel.exitcode()})")
 
     def _core_failed(self, message: str) -> None:
-        first = self.failure is None or self.failure.status != 500
-        self.failure = RequestFailed(500, message)
+        """The core is gone: every request fails with 503, now and from now on (docs/serving.md)."""
+        first = not self.core_dead
+        self.core_dead = True
+        self.failure = RequestFailed(503, message)
         self._fail_all(self.failure)
         if first and self.on_core_death is not None:
             self.on_core_death()

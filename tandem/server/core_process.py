@@ -5,7 +5,12 @@ The loop blocks on the input socket only while the core has nothing to do; other
 pending adds and aborts without blocking, runs one ``core.step()`` and sends what changed. The
 process dies with the API process (``PR_SET_PDEATHSIG`` on Linux, and a parent-pid check
 everywhere) and ignores SIGINT: Ctrl-C reaches the whole process group, and it is the API process
-that decides how to shut down."""
+that decides how to shut down.
+
+Messages say nothing about liveness: an idle core sends one idle report and then nothing, a busy
+one sends stats at most every ``STATS_INTERVAL_S`` and nothing while a step runs. Liveness is in
+shared memory instead (``tandem.server.liveness``): a heartbeat thread stamps the time every
+``HEARTBEAT_INTERVAL_S`` and the loop stamps each of its turns."""
 from __future__ import annotations
 
 import ctypes
@@ -25,6 +30,7 @@ from tandem.engine.observer import ProcessTimes, SubmitTimes
 from tandem.engine.recovery import CoreStateError, recover
 from tandem.engine.scheduler import SchedulerOutput, StepDeltas
 from tandem.server import fault_injection
+from tandem.server.liveness import CoreStamps
 from tandem.server.messages import (AddRequests, Failed, FinishRequests, InputMessage, Ready, Shutdown, Stats,
                                     StepUpdate, input_decoder, output_encoder)
 
@@ -37,10 +43,12 @@ MAX_CONSECUTIVE_FAULTS = 3  # failed steps with no token delivered between them:
 _PR_SET_PDEATHSIG = 1
 
 
-def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int) -> None:
+def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int,
+              stamps: CoreStamps) -> None:
     """Entry point of the spawned process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    stamps.start_heartbeat()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -63,7 +71,7 @@ def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pi
         info = core.worker.info
         out.send(encoder.encode(Ready(info.max_model_len, config.max_num_seqs, info.num_kv_blocks,
                                       info.block_size, info.device, info.device_name, info.dtype)))
-        code = _serve(core, inp, out, parent_pid)
+        code = _serve(core, inp, out, parent_pid, stamps)
     inp.close(linger=0)
     out.close()
     ctx.term()
@@ -75,8 +83,8 @@ def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pi
     os._exit(code)
 
 
-def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int) -> int:
-    loop = CoreLoop(core, inp, out, parent_pid)
+def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int, stamps: CoreStamps) -> int:
+    loop = CoreLoop(core, inp, out, parent_pid, stamps)
     try:
         loop.run()
     except Exception as exc:  # noqa: BLE001 - the API process must hear why the core stopped
@@ -127,8 +135,10 @@ def _die_with_parent(parent_pid: int) -> None:
 class CoreLoop:
     """The step loop of the core process (also a ``StepObserver``, for the queue-time metric)."""
 
-    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int) -> None:
+    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int,
+                 stamps: CoreStamps) -> None:
         self.core = core
+        self.stamps = stamps
         self.inp = inp
         self.out = out
         self.parent_pid = parent_pid
@@ -148,6 +158,7 @@ class CoreLoop:
     def run(self) -> None:
         """Returns on a Shutdown message; exits the process if the parent is gone."""
         while True:
+            self.stamps.progressed()  # each turn: after a step, or at least every IDLE_POLL_MS while idle
             if not self.core.has_unfinished_requests():
                 self._report_idle()
                 if not self.inp.poll(IDLE_POLL_MS):

@@ -7,3 +7,5 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: seconds the engine core may stay silent while requests wait on it; a step this long is a hang on
 #: any device this engine targets
 DEFAULT_CORE_TIMEOUT_S = 600.0
+#: seconds without the engine core's heartbeat (its process stopped running) before /health answers 503
+DEFAULT_CORE_HEARTBEAT_TIMEOUT_S = 5.0

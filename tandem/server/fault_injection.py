@@ -3,19 +3,24 @@ tests can prove that a fault ends the affected requests with an error and never 
 
 Unset (the default), nothing is wrapped and nothing costs anything. Set, it is a comma-separated
 list of ``SITE@N`` (raise on the N-th call of that site, once), ``SITE@N+`` (on every call from the
-N-th on) or ``SITE@N:hang`` (block forever on the N-th call: a stuck device). Sites:
+N-th on), ``SITE@N:hang`` (block forever on the N-th call: a stuck device) or ``SITE@N:stallS``
+(block S seconds, then go on without an error: in the API process, an event loop held up). Sites:
 
 - ``schedule``: planning a step (``Scheduler.schedule``, in the engine-core process)
 - ``device``: collecting a step from the device (``Worker.collect``, after the real collect)
 - ``update``: applying a step's sampled tokens to request state (``Scheduler.update``)
 - ``output``: the API process's output processing (detokenization, stop strings)
+- ``send``: the API process sending a message to the core (requests, aborts), on its event loop;
+  ``:stallS`` only
 
 Calls are counted only while the engine has work, so ``device@5`` fails the 5th step collected."""
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +29,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "TANDEM_FAULT_INJECT"
 CORE_SITES = ("schedule", "device", "update")
-API_SITES = ("output",)
+API_SITES = ("output", "send")
+_MODE = re.compile(r"|hang|stall(\d+(?:\.\d*)?)")
 
 
 class InjectedFault(RuntimeError):
@@ -37,20 +43,24 @@ class Fault:
     at: int  # 1-based call number
     persistent: bool = False  # every call from ``at`` on
     hang: bool = False
+    stall_s: float = 0.0  # block this long, then carry on (no error)
 
 
 def parse(spec: str) -> list[Fault]:
-    """``"device@5,schedule@9+,update@3:hang"`` -> faults; ValueError on anything else."""
+    """``"device@5,schedule@9+,update@3:hang,send@2:stall4"`` -> faults; ValueError on anything else."""
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         site, _, rest = item.partition("@")
         rest, _, mode = rest.partition(":")
         persistent = rest.endswith("+")
         count = rest.rstrip("+")
-        if site not in CORE_SITES + API_SITES or not count.isdigit() or int(count) < 1 or mode not in ("", "hang"):
-            raise ValueError(f"{ENV_VAR}: cannot read {item!r} (SITE@N, SITE@N+ or SITE@N:hang; "
-                             f"sites {CORE_SITES + API_SITES})")
-        faults.append(Fault(site, int(count), persistent, mode == "hang"))
+        known = _MODE.fullmatch(mode)
+        stall_s = float(known.group(1) or 0) if known else 0.0
+        if (site not in CORE_SITES + API_SITES or not count.isdigit() or int(count) < 1 or known is None
+                or mode.startswith("stall") and stall_s <= 0 or site == "send" and not stall_s):
+            raise ValueError(f"{ENV_VAR}: cannot read {item!r} (SITE@N, SITE@N+, SITE@N:hang or SITE@N:stallS; "
+                             f"sites {CORE_SITES + API_SITES}; send takes :stallS only)")
+        faults.append(Fault(site, int(count), persistent, mode == "hang", stall_s))
     return faults
 
 
@@ -81,7 +91,11 @@ def _wrap(owner: Any, attr: str, faults: list[Fault], before: bool) -> Callable[
 
 
 def _trigger(fault: Fault, call: int) -> None:
-    log.warning("injecting a fault at %s call %d (%s)", fault.site, call, "hang" if fault.hang else "raise")
+    what = "hang" if fault.hang else f"stall {fault.stall_s:g} s" if fault.stall_s else "raise"
+    log.warning("injecting a fault at %s call %d (%s)", fault.site, call, what)
+    if fault.stall_s:
+        time.sleep(fault.stall_s)
+        return
     if fault.hang:
         threading.Event().wait()
     raise InjectedFault(f"injected fault at {fault.site} call {call}")
@@ -89,8 +103,18 @@ def _trigger(fault: Fault, call: int) -> None:
 
 def install_core_faults(core: Any, faults: list[Fault]) -> Callable[[], None]:
     """Wrap the engine core's sites named in ``faults`` (an ``EngineCore``); returns the undo."""
-    targets = {"schedule": (core.scheduler, "schedule", True), "device": (core.worker, "collect", False),
-               "update": (core.scheduler, "update", True)}
+    return _install({"schedule": (core.scheduler, "schedule", True), "device": (core.worker, "collect", False),
+                     "update": (core.scheduler, "update", True)}, faults)
+
+
+def install_api_faults(output_processor: Any, channel: Any, faults: list[Fault]) -> Callable[[], None]:
+    """Wrap the API process's output processing (an ``OutputProcessor``) and its sends to the core
+    (a ``CoreChannel``); returns the undo."""
+    return _install({"output": (output_processor, "process", True), "send": (channel, "send_encoded", True)}, faults)
+
+
+def _install(targets: dict[str, tuple[Any, str, bool]], faults: list[Fault]) -> Callable[[], None]:
+    """``targets``: site -> (owner, attribute, fail before the call)."""
     undo = [_wrap(owner, attr, chosen, before) for site, (owner, attr, before) in targets.items()
             if (chosen := [f for f in faults if f.site == site])]
 
@@ -99,10 +123,3 @@ def install_core_faults(core: Any, faults: list[Fault]) -> Callable[[], None]:
             u()
 
     return remove
-
-
-def install_api_faults(output_processor: Any, faults: list[Fault]) -> None:
-    """Wrap the API process's output processing (an ``OutputProcessor``)."""
-    chosen = [f for f in faults if f.site == "output"]
-    if chosen:
-        _wrap(output_processor, "process", chosen, True)

@@ -19,7 +19,7 @@ from tandem.config import EngineConfig
 from tandem.engine.heap import freeze
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
-from tandem.server.defaults import DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from tandem.server.defaults import DEFAULT_CORE_HEARTBEAT_TIMEOUT_S, DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from tandem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class ServeOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allowed_origins: list[str] | None = None  # CORS off unless given
     core_timeout_s: float = DEFAULT_CORE_TIMEOUT_S  # 0: no watchdog
+    core_heartbeat_timeout_s: float = DEFAULT_CORE_HEARTBEAT_TIMEOUT_S  # 0: /health ignores the heartbeat
 
 
 class _Server(uvicorn.Server):
@@ -88,7 +89,7 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
     try:
         client = EngineClient(config, ServerMetrics(names[0]), options.max_num_waiting, options.log_level,
-                              options.core_timeout_s)
+                              options.core_timeout_s, options.core_heartbeat_timeout_s)
     except BaseException:
         sock.close()
         raise
