@@ -179,24 +179,32 @@ def main() -> int:
 
 
 def run_plan(runs: list[Run], args: argparse.Namespace, log, start: float) -> list[str]:
+    """The plan's own runs first, then its served runs against one server: an offline run beside the
+    server would find the GPU's memory already taken by it (its KV cache sizes to what is free)."""
+    own = [r for r in runs if r.kind != "serve"]
+    served = [r for r in runs if r.kind == "serve"]
+    lines = [_execute_or_skip(run, args, log, start, None) for run in own]
+    if not served:
+        return lines
     server = None
     try:
-        if any(r.kind == "serve" for r in runs) and time.monotonic() - start < args.deadline_s:
+        if time.monotonic() - start < args.deadline_s:
             server = Server(_server_argv(args.tiny, args.port), args.port, log)
             if not server.wait_ready(600):
                 log.write("the server did not become ready\n")
                 server.stop()
                 server = None
-        lines = []
-        for run in runs:
-            late = time.monotonic() - start >= args.deadline_s
-            rc = None if late or (run.kind == "serve" and server is None) else execute(
-                run, args.out_dir, log, server.url if server else None)
-            lines.append(summary_row(run, rc, args.out_dir))
-        return lines
+        return lines + [_execute_or_skip(run, args, log, start, server) for run in served]
     finally:
         if server is not None:
             log.write(f"server exit status {server.stop()}\n")
+
+
+def _execute_or_skip(run: Run, args: argparse.Namespace, log, start: float, server: Server | None) -> str:
+    late = time.monotonic() - start >= args.deadline_s
+    rc = None if late or (run.kind == "serve" and server is None) else execute(
+        run, args.out_dir, log, server.url if server else None)
+    return summary_row(run, rc, args.out_dir)
 
 
 if __name__ == "__main__":
