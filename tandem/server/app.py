@@ -16,20 +16,22 @@ from starlette.responses import JSONResponse, Response
 import tandem
 from tandem.server.body_limit import BodyLimitMiddleware
 from tandem.server.client import EngineClient
-from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES
-from tandem.server.errors import APIError, install_handlers
+from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_READ_TIMEOUT_S
+from tandem.server.errors import install_handlers
 from tandem.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
+from tandem.server.request_limits import RequestLimits
 from tandem.server.security import api_key_check, install_cors
 from tandem.server.serving import Serving
 from tandem.server.strict_json import StrictJSONRoute
-from tandem.server.tokenizer_info import tokenize, tokenizer_info
+from tandem.server.tokenizer_info import detokenize_response, tokenize_response, tokenize_size, tokenizer_info
 
 
 def create_app(client: EngineClient, served_names: list[str], model_path: str, api_key: str | None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               allowed_origins: list[str] | None = None) -> FastAPI:
-    serving = Serving(client, served_names)
+               allowed_origins: list[str] | None = None, limits: RequestLimits | None = None,
+               read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S) -> FastAPI:
+    serving = Serving(client, served_names, limits)
     created = int(time.time())
 
     @asynccontextmanager
@@ -37,12 +39,13 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
         await client.start()
         yield
         await client.close()
+        serving.offload.close()
 
     app = FastAPI(title="tandem", version=tandem.__version__, lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
     install_handlers(app)
     install_cors(app, allowed_origins)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)  # added last: runs first
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes, timeout_s=read_timeout_s)  # runs first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(api_key))], route_class=StrictJSONRoute)
 
     @v1.get("/models")
@@ -80,20 +83,16 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
         return Response(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/tokenize")
-    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize_route(body: TokenizeRequest) -> Response:
         serving.model_name(body.model)
-        ids = tokenize(client.tokenizer, body)
-        return {"count": len(ids), "max_model_len": client.max_model_len, "tokens": ids, "token_strs": None}
+        return await serving.offload.run(tokenize_response, client.tokenizer, body, client.max_model_len,
+                                         size=tokenize_size(body))
 
     @app.post("/detokenize")
-    async def detokenize_route(body: DetokenizeRequest) -> dict[str, str]:
+    async def detokenize_route(body: DetokenizeRequest) -> Response:
         serving.model_name(body.model)
-        if client.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer")
-        vocab = client.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"tokens must be ints in [0, {vocab})", "tokens")
-        return {"prompt": client.tokenizer.decode(body.tokens, False)}
+        return await serving.offload.run(detokenize_response, client.tokenizer, body,
+                                         client.model_config.vocab_size, size=len(body.tokens))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_route() -> dict[str, Any]:

@@ -1,23 +1,36 @@
-"""A cap on request body size (``--max-request-bytes``), answered with 413 in OpenAI's error shape.
+"""Caps on the request body, answered in OpenAI's error shape: its size (``--max-request-bytes``, 413)
+and the time the client takes to send it (``--request-read-timeout``, 408, and the connection is
+closed: a client that trickles its body in must not hold a connection and its buffer for ever).
 
-Tokenizing a prompt runs on the event loop (about a second per megabyte of text here), so the cap is
-also what bounds how long one hostile request can hold every other client up. A declared
-``Content-Length`` over the cap is refused before a byte of the body is read; a chunked body is
-counted as it arrives and refused as soon as it crosses the cap."""
+A declared ``Content-Length`` over the size cap is refused before a byte of the body is read; a
+chunked body is counted as it arrives and refused as soon as it crosses the cap. The deadline runs
+from the moment the headers are in (the ASGI call) until the last body chunk; reads after that (the
+disconnect watch of a streaming response) wait as long as they need."""
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tandem.server.defaults import DEFAULT_REQUEST_READ_TIMEOUT_S
 from tandem.server.errors import error_response
 
 
-class BodyTooLarge(HTTPException):
+class BodyRefused(HTTPException):
     """Raised from ``receive`` mid-body; FastAPI re-raises HTTPExceptions met while reading a body,
-    and the app's handler answers it in the error shape."""
+    and the app's handler answers it in the error shape (with these headers)."""
 
+
+class BodyTooLarge(BodyRefused):
     def __init__(self, limit: int) -> None:
         super().__init__(413, too_large_message(limit))
+
+
+class BodyTooSlow(BodyRefused):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within this server's limit of {timeout_s:g} s "
+                              "(--request-read-timeout)", headers={"Connection": "close"})
 
 
 def too_large_message(limit: int) -> str:
@@ -25,9 +38,10 @@ def too_large_message(limit: int) -> str:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,25 +58,33 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, self._counting(receive), tracking_send)
-        except BodyTooLarge:
+            await self.app(scope, self._guarded(receive), tracking_send)
+        except BodyRefused as exc:
             if started:
                 raise
-            await error_response(413, too_large_message(self.max_bytes))(scope, receive, send)
+            await error_response(exc.status_code, exc.detail, headers=exc.headers)(scope, receive, send)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _guarded(self, receive: Receive) -> Receive:
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        return counted
+        return guarded
 
 
 def _declared_length(scope: Scope) -> int:

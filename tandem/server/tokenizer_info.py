@@ -1,20 +1,18 @@
-"""``/tokenize`` and ``/tokenizer_info``: what clients that tokenize on the server's side need
-(lm-eval's ``local-completions`` probes both, then reads ``eos_token`` and the chat template).
-
-``add_special_tokens=False`` and the special-token strings need the Hugging Face tokenizer itself,
-which ``tandem.tokenizer.HFTokenizer`` wraps as ``_tok``: reached here, in one place, rather than
-widening the engine's ``Tokenizer`` protocol for the server alone."""
+"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info``: what clients that tokenize on the server's
+side need (lm-eval's ``local-completions`` probes them, then reads ``eos_token`` and the chat
+template). ``tokenize_response`` and ``detokenize_response`` do all of a request's work, the response
+encoded included, so that a large one runs whole on a worker thread (``tandem.server.offload``)."""
 from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import Response
+
 from tandem.server.errors import APIError
-from tandem.server.protocol import TokenizeRequest
+from tandem.server.protocol import DetokenizeRequest, TokenizeRequest
+from tandem.server.responses import json_bytes
+from tandem.server.tokenizing import chat_ids, encode_text, hf_of
 from tandem.tokenizer import Tokenizer
-
-
-def _hf(tokenizer: Tokenizer | None) -> Any | None:
-    return getattr(tokenizer, "_tok", None)
 
 
 def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest) -> list[int]:
@@ -24,17 +22,38 @@ def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest) -> list[int]:
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
         try:
-            return tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+            return chat_ids(tokenizer, [m.as_template_input() for m in body.messages])
         except Exception as exc:  # noqa: BLE001 - templates raise what they like
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-    hf = _hf(tokenizer)
-    if hf is not None:
-        return list(hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-    return tokenizer.encode(body.prompt)  # the presets' byte tokenizer adds no special tokens
+    return encode_text(tokenizer, body.prompt, body.add_special_tokens)
+
+
+def tokenize_size(body: TokenizeRequest) -> int:
+    """Characters to tokenize (the measure ``Offload.run`` takes)."""
+    if body.messages is not None:
+        return sum(len(m.as_template_input()["content"]) for m in body.messages)
+    return len(body.prompt or "")
+
+
+def tokenize_response(tokenizer: Tokenizer | None, body: TokenizeRequest, max_model_len: int) -> Response:
+    ids = tokenize(tokenizer, body)
+    return _json({"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None})
+
+
+def detokenize_response(tokenizer: Tokenizer | None, body: DetokenizeRequest, vocab_size: int) -> Response:
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    if any(not 0 <= t < vocab_size for t in body.tokens):
+        raise APIError(400, f"tokens must be ints in [0, {vocab_size})", "tokens")
+    return _json({"prompt": tokenizer.decode(body.tokens, False)})
+
+
+def _json(payload: dict[str, Any]) -> Response:
+    return Response(json_bytes(payload), media_type="application/json")
 
 
 def tokenizer_info(tokenizer: Tokenizer | None, max_model_len: int) -> dict[str, Any]:
-    hf = _hf(tokenizer)
+    hf = hf_of(tokenizer)
     info: dict[str, Any] = {"tokenizer_class": type(hf if hf is not None else tokenizer).__name__,
                             "model_max_length": max_model_len, "bos_token": None, "eos_token": None,
                             "pad_token": None, "unk_token": None, "chat_template": None}
