@@ -58,9 +58,8 @@ def test_the_api_key_is_compared_in_constant_time(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(security.hmac, "compare_digest", spy)
-    expected = hashlib.sha256(b"Bearer secret-key").digest()
-    given = [b"Bearer secret-key", b"Bearer secret-kez", b"Bearer secret", b"Bearer secret-key-and-more", b"",
-             b"x" * 10_000]
+    expected = hashlib.sha256(b"secret-key").digest()
+    given = [b"secret-key", b"secret-kez", b"secret", b"secret-key-and-more", b"", b"x" * 10_000]
     assert [security.keys_match(g, expected) for g in given] == [True] + [False] * 5
     assert calls == [(32, 32)] * len(given)  # fixed-length digests: no length or prefix shortcut
 
@@ -126,11 +125,11 @@ class _StubClient:
         raise RuntimeError(f"cannot read {Path(__file__).resolve()} (a path that must not reach a client)")
 
 
-def _call(app, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+def _call(app, method: str, path: str, headers: dict[str, str], content: bytes | None = None) -> httpx.Response:
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-            return await http.request(method, path, headers=headers)
+            return await http.request(method, path, headers=headers, content=content)
 
     return asyncio.run(go())
 
@@ -160,3 +159,35 @@ def test_a_missing_or_wrong_key_gets_401(key):
     app = create_app(_StubClient(), ["stub"], "/models/stub", "k")
     resp = _call(app, "GET", "/v1/models", {} if key is None else {"Authorization": f"Bearer {key}"})
     assert resp.status_code == 401 and assert_error_body(resp.text)["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("header, status", [
+    ("Bearer k", 400), ("bearer k", 400), ("BEARER k", 400), ("bEaReR  k", 400),  # the scheme's case is free
+    ("Bearer K", 401), ("Bearer k ", 401), ("Basic k", 401), ("Bearerk", 401), ("k", 401), ("", 401)])
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(header, status):
+    app = create_app(_StubClient(), ["stub"], "/models/stub", "k")
+    resp = _call(app, "POST", "/v1/completions", {"Authorization": header, "Content-Type": "application/json"},
+                 b'{"prompt": ')  # malformed: a request that gets past the key is answered 400
+    assert resp.status_code == status, resp.text
+    assert_error_body(resp.text)
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": ', b"\xff\xfe", b'{"prompt": "x", "stream": "yes"}', b"x" * 2_000_000])
+def test_a_v1_request_without_the_key_gets_401_whatever_its_body(body):
+    """The key is checked before the body is read: malformed, wrongly typed or oversized, no key is 401."""
+    app = create_app(_StubClient(), ["stub"], "/models/stub", "k", max_request_bytes=1_000_000)
+    headers = {"Content-Type": "application/json"}
+    resp = _call(app, "POST", "/v1/completions", headers, body)
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    assert assert_error_body(resp.text)["error"]["code"] == "invalid_api_key"
+    with_key = _call(app, "POST", "/v1/completions", {**headers, "Authorization": "Bearer k"}, body)
+    assert with_key.status_code == (413 if len(body) > 1_000_000 else 400)
+    assert _call(app, "POST", "/v1/anything", headers, body).status_code == 401  # unknown /v1 routes too
+
+
+def test_the_live_server_takes_a_lowercase_bearer(server):
+    resp = httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {SERVER_KEY}"}, timeout=10)
+    assert resp.status_code == 200 and resp.json()["data"][0]["id"] == "tiny"
+    refused = httpx.post(server.url + "/v1/completions", content=b"{", timeout=10,
+                         headers={"Content-Type": "application/json"})
+    assert refused.status_code == 401

@@ -325,7 +325,7 @@ def test_invalid_completion_requests_get_400(server, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": "tiny", "messages": []}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user"}], "max_completion_tokens": -1}, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user"}], "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"model": "tiny", "messages": [{"content": "hi"}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
      "messages"),

@@ -36,9 +36,11 @@ class InputProcessor:
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
-        bad_bias = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
-        if bad_bias:
-            raise ValueError(f"SamplingParams.logit_bias has token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if t >= self.vocab_size]  # a stop id is banned until min_tokens: an index
+            if outside:
+                raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {self.vocab_size}): "
+                                 f"{outside[:5]}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
         room = self.max_model_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
