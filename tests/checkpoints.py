@@ -102,6 +102,23 @@ ARCHS: dict[str, dict] = {
 }
 
 
+def _llama_with_rope(**rope: Any) -> dict:
+    """The llama entry with another rope scaling: same shapes and weights (same seed), other frequencies."""
+    return dict(ARCHS["llama"], config=dict(ARCHS["llama"]["config"], rope_parameters=rope))
+
+
+# yarn: the ramp falls between dims 2.1 and 3.9 of 12 (beta_fast=4, not truncated), the rest divided by 8,
+# and cos/sin times 0.1 ln 8 + 1. longrope: the short factors (every sequence is within
+# original_max_position_embeddings=256, where tandem runs it), the derived factor 1024/256 giving cos/sin
+# times sqrt(1 + ln 4 / ln 256).
+ARCHS["llama-yarn"] = _llama_with_rope(rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=4.0,
+                                       beta_slow=1.0, truncate=False, original_max_position_embeddings=128)
+ARCHS["llama-longrope"] = _llama_with_rope(
+    rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=256,
+    short_factor=[1.0, 1.1, 1.3, 1.2, 1.7, 2.0, 2.6, 2.4, 3.1, 3.9, 4.2, 5.0],
+    long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 19.0, 27.0, 38.0, 52.0, 70.0])
+
+
 def make_config(arch: str) -> transformers.PreTrainedConfig:
     """The transformers config object of one ARCHS entry."""
     spec = ARCHS[arch]

@@ -10,7 +10,10 @@ from typing import Any
 
 from tandem.model.registry import family_of
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# Types whose frequencies transformers recomputes from each sequence's length: tandem runs them only
+# within the length where they are fixed (layers/rotary.py says why)
+POSITION_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 
 
 @dataclass
@@ -63,13 +66,56 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or (params if params.get("rope_type") not in (None, "default") else None)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise NotImplementedError(
-                f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
-        scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
-    return theta, scaling
+    return theta, None if scaling is None else _resolved_scaling(scaling, cfg)
+
+
+def _resolved_scaling(scaling: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope dict with its type checked and the values transformers derives when they are missing
+    filled in, so that the rotary tables need nothing else from the config; None for plain rope."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # 4.x files may say "type"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(
+            f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    if rope_type == "default":
+        return None
+    scaling = {**scaling, "rope_type": rope_type}
+    max_positions = int(cfg.get("max_position_embeddings", 4096))
+    if rope_type == "dynamic":  # transformers' dynamic NTK counts from max_position_embeddings, whatever is set
+        scaling["original_max_position_embeddings"] = max_positions
+    elif rope_type in ("llama3", "yarn", "longrope"):  # a top-level value (Phi-3 keeps it there) wins, as in 5.x
+        original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(original or max_positions)
+    if rope_type in ("yarn", "longrope") and scaling.get("factor") is None:
+        scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+def rope_position_limit(scaling: dict[str, Any] | None) -> int | None:
+    """How many positions fixed rotary tables reproduce transformers for: the original length for the
+    position-dependent types, None (no limit) for the others."""
+    if scaling is None or scaling["rope_type"] not in POSITION_DEPENDENT_ROPE_TYPES:
+        return None
+    return scaling["original_max_position_embeddings"]
+
+
+def check_rope_positions(scaling: dict[str, Any] | None, max_positions: int) -> None:
+    """ValueError when ``max_positions`` is past ``rope_position_limit``."""
+    limit = rope_position_limit(scaling)
+    if limit is not None and max_positions > limit:
+        raise ValueError(
+            f"max_model_len={max_positions} is past what rope_type {scaling['rope_type']!r} runs exactly: "
+            f"{limit} positions (original_max_position_embeddings). transformers changes this type's "
+            "frequencies with each sequence's length beyond it, which keys already rotated into the paged "
+            f"KV cache cannot follow; set max_model_len <= {limit}")
+
+
+def rotary_dim(cfg: ModelConfig) -> int:
+    """How many dims of each head rotate: head_dim x partial_rotary_factor (top level in 4.x files,
+    in ``rope_parameters`` in 5.x ones, which wins as in transformers)."""
+    params = cfg.hf.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", cfg.hf.get("partial_rotary_factor"))
+    return int(cfg.head_dim * (1.0 if factor is None else float(factor)))
+
 
 
 def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
@@ -126,8 +172,10 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
 
 def requested_max_model_len(cfg: ModelConfig, max_model_len: int | None, allow_long: bool) -> int:
     """What the user asked for, checked against the positions the model was trained for."""
+    limit = rope_position_limit(cfg.rope_scaling)
     if max_model_len is None:
-        return cfg.max_position_embeddings
+        return cfg.max_position_embeddings if limit is None else min(limit, cfg.max_position_embeddings)
+    check_rope_positions(cfg.rope_scaling, max_model_len)  # allow_long does not lift this one
     if max_model_len > cfg.max_position_embeddings and not allow_long:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}; set allow_long_max_model_len=True "
