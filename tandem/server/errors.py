@@ -1,7 +1,7 @@
 """Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, for every failure:
 our own (``APIError``), FastAPI's request validation (422 remapped to 400, malformed JSON included),
 Starlette's (unknown route, wrong method) and anything unexpected (500, with no traceback or file
-path in the body: those go to the log)."""
+path in the body: those go to the log). ``ErrorBody`` is that shape as a model, for the OpenAPI schema."""
 from __future__ import annotations
 
 import logging

@@ -2,12 +2,15 @@
 server does.
 
 - Validation errors are 400 (OpenAI's behaviour; ``errors.py`` remaps FastAPI's 422): 422 is dropped.
-- The bounds that depend on the served model (``protocol.LIMIT_KEY`` marks) are filled in from the
-  engine's ``InputProcessor``, the object that enforces them: token ids below the vocabulary size,
-  ``max_tokens`` and token-id prompts within the context, the stop-string limits, the model names.
+- The bounds that depend on the served model and the server's options (``protocol.LIMIT_KEY``
+  marks) are filled in from the objects that enforce them, the engine's ``InputProcessor`` and the
+  per-request limits: token ids below the vocabulary size, ``max_tokens`` and token-id prompts within
+  the context, the stop-string caps, ``n`` and prompts per request, the model names.
+- Integer bounds stay exact (FastAPI's own pass would turn ``2**63 - 1`` into ``2**63``).
 - With an API key, the ``/v1`` operations require it (HTTP bearer) and document the 401.
 
-Routes declare the rest themselves (``error_responses``, ``GENERATION_200``)."""
+Routes declare their own codes and media types (``GENERATION_RESPONSES``, ``TOKENIZER_RESPONSES``,
+``HEALTH_RESPONSES``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from tandem.server.errors import ErrorBody
 from tandem.server.protocol import (LIMIT_KEY, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -42,10 +46,10 @@ _GENERATION_200 = {"description": "the completion; a stream of server-sent event
                    "content": {"application/json": {"schema": {"type": "object"}},
                                "text/event-stream": {"schema": SSE_EVENT}}}
 
+_HEALTH_503 = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 HEALTH_RESPONSES = {200: {"description": "the engine core is alive and making progress (no body)"},
                     503: {"description": "it is not: the reason",
-                          "content": {"application/json": {"schema": {
-                              "type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}}}}}
+                          "content": {"application/json": {"schema": _HEALTH_503}}}}
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -121,15 +125,20 @@ def _fill_limits(node: Any, bounds: dict[str, dict[str, Any]]) -> None:
             _fill_limits(value, bounds)
 
 
+def _write_model(components: dict[str, Any], model: type[BaseModel], only_present: bool) -> None:
+    """``model``'s schema (and those of the models it holds) as components, straight from pydantic."""
+    body = model.model_json_schema(ref_template=REF_TEMPLATE)
+    for name, sub in {**body.pop("$defs", {}), model.__name__: body}.items():
+        if name in components or not only_present:
+            components[name] = sub
+
+
 def _exact_components(schema: dict[str, Any]) -> None:
     """FastAPI passes the schema through its own OpenAPI models, which hold every bound as a float:
-    ``2**63 - 1`` comes out as ``2**63``. The models' components are written again from pydantic, exact."""
+    ``2**63 - 1`` comes out as ``2**63``. The models' components are written again, exact."""
     components = schema.get("components", {}).get("schemas", {})
     for model in _MODELS:
-        body = model.model_json_schema(ref_template=REF_TEMPLATE)
-        for name, sub in {**body.pop("$defs", {}), model.__name__: body}.items():
-            if name in components:
-                components[name] = sub
+        _write_model(components, model, only_present=True)
 
 
 def _operations(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -147,10 +156,7 @@ def _validation_is_400(schema: dict[str, Any]) -> None:
 def _require_bearer(schema: dict[str, Any]) -> None:
     schema.setdefault("components", {}).setdefault("securitySchemes", {})["api_key"] = {
         "type": "http", "scheme": "bearer", "description": "Authorization: Bearer <--api-key>"}
-    components = schema["components"].setdefault("schemas", {})
-    body = ErrorBody.model_json_schema(ref_template=REF_TEMPLATE)
-    components.update(body.pop("$defs", {}))
-    components.setdefault("ErrorBody", body)
+    _write_model(schema["components"].setdefault("schemas", {}), ErrorBody, only_present=False)
     for path, op in _operations(schema):
         if needs_key(path):
             op["security"] = [{"api_key": []}]

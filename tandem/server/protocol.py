@@ -1,14 +1,16 @@
 """Request bodies of the OpenAI-compatible routes (pydantic: FastAPI validates them, a failure
 becomes a 400 naming the field, and the OpenAPI schema is generated from these same models).
 
-Parsing is strict: an integer field takes a JSON integer only, a boolean field ``true`` or ``false``
-only, a string field a string only (no ``"5"`` read as 5, no ``"yes"`` as true). Ranges are the
-engine's own (``SamplingParams``: logprobs up to 20, penalties, logit bias values), so the server,
-the offline API and the schema agree.
+Parsing is strict: an integer field takes a JSON number with no fraction only (``5`` or ``5.0``: JSON
+has one number type, and JSON Schema calls both integers), a boolean field ``true`` or ``false`` only,
+a string field a string only (no ``"5"`` read as 5, no ``"yes"`` as true), a ``logit_bias`` key ASCII
+decimal digits only (no ``"5_0"``, no ``"\u0663"``). Ranges are the engine's own (``SamplingParams``:
+logprobs up to 20, penalties, logit bias values), so the server, the offline API and the schema agree.
 
-Limits that depend on the served model (vocabulary size, context length, stop-string limits, model
-names) are checked by the engine's ``InputProcessor``; the fields they apply to carry a ``LIMIT_KEY``
-mark, which ``tandem.server.openapi`` fills in per app with that processor's numbers.
+Limits that depend on the served model or the server's options (vocabulary size, context length,
+stop-string caps, ``n`` and prompts per request, model names) are checked by the engine's
+``InputProcessor`` and the per-request limits; the fields they apply to carry a ``LIMIT_KEY`` mark,
+which ``tandem.server.openapi`` fills in per app with the numbers those objects enforce.
 
 Unknown fields are ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own.
 Known fields that we do not implement are refused (400 naming them) unless they hold their neutral
@@ -21,8 +23,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tandem.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from tandem.server.request_limits import PROTOCOL_MAX_N
 
-MAX_N = 1024  # choices per prompt, whatever --max-n says
 INT64_MAX = 2**63 - 1  # what the step contract carries (top_k, min_tokens, stop token ids)
 LIMIT_KEY = "x-tandem-limit"  # marks a schema node whose bound depends on the served model
 STRICT = ConfigDict(extra="ignore", strict=True)
@@ -114,7 +116,7 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    n: Annotated[int, Field(ge=1, le=MAX_N, json_schema_extra=_limit("n")), _INTEGRAL] = 1
+    n: Annotated[int, Field(ge=1, le=PROTOCOL_MAX_N, json_schema_extra=_limit("n")), _INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
@@ -206,14 +208,15 @@ class ResponseFormat(BaseModel):
     type: Annotated[Literal["text"], _unsupported("text")] = "text"
 
 
-# top_logprobs (an integer, not null) asks for logprobs: true
-_TOP_LOGPROBS_NEED_LOGPROBS = {
-    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
-    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
+def _chat_schema(schema: dict[str, Any]) -> None:
+    _null_means_default(schema)
+    # top_logprobs (an integer, not null) asks for logprobs: true
+    schema["if"] = {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}}
+    schema["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
 
 
 class ChatCompletionRequest(SamplingRequest):
-    model_config = ConfigDict(json_schema_extra=lambda schema: _chat_schema(schema))
+    model_config = ConfigDict(json_schema_extra=_chat_schema)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = None  # deprecated by OpenAI in favour of max_completion_tokens; still sent
@@ -241,11 +244,6 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def _chat_schema(schema: dict[str, Any]) -> None:
-    _null_means_default(schema)
-    schema.update(_TOP_LOGPROBS_NEED_LOGPROBS)
-
-
 class TokenizeRequest(BaseModel):
     """Exactly one of ``prompt`` and ``messages`` (``null`` counts as absent)."""
 
@@ -268,7 +266,6 @@ class DetokenizeRequest(BaseModel):
     model_config = STRICT
     model: ModelName | None = None
     tokens: TokenIdList
-
 
 
 class TokenizeResponse(BaseModel):
