@@ -158,10 +158,6 @@ class SamplingRequest(BaseModel):
         """How many alternatives a response lists per token (None: no logprobs in the response)."""
         return None
 
-    def unsupported_fields(self) -> list[str]:
-        """None left by now: validation refuses every unsupported field that is not neutral."""
-        return []
-
 
 class CompletionRequest(SamplingRequest):
     prompt: NonEmptyStr | PromptList[NonEmptyStr] | TokenIds | PromptList[TokenIds]

@@ -56,7 +56,6 @@ class Serving:
     # --- routes ------------------------------------------------------------------------------
     async def completion(self, body: CompletionRequest, raw: Request) -> Response:
         meta = self.meta("completion", body, echo=body.echo)
-        _refuse_unsupported(body)
         params = self.sampling_params(body, body.max_tokens)
         items = prompt_items(body.prompt)
         self.admit(len(items), body.n)
@@ -66,7 +65,6 @@ class Serving:
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         meta = self.meta("chat", body)
-        _refuse_unsupported(body)
         params = self.sampling_params(body, body.requested_max_tokens)
         self.admit(1, body.n)
         if self.client.tokenizer is None:
@@ -229,9 +227,3 @@ def prompt_items(prompt: str | list) -> list[str | list[int]]:
     if not items:
         raise APIError(400, "prompt must not be an empty list", "prompt")
     return items
-
-
-def _refuse_unsupported(body: SamplingRequest) -> None:
-    bad = body.unsupported_fields()
-    if bad:
-        raise APIError(400, f"{', '.join(bad)}: not supported by this server", bad[0])
