@@ -28,15 +28,15 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tandem.engine.batch import Padding, build_step  # noqa: E402
+from tandem.contract.step import Padding, StepInputs  # noqa: E402
+from tandem.engine.batch import build_step  # noqa: E402
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from tandem.engine.sequence import Sequence  # noqa: E402
-from tandem.engine.step import StepInputs  # noqa: E402
+from tandem.engine.startup_steps import decode_step as graph_capture_step  # noqa: E402
 from tandem.model.loader import load_model  # noqa: E402
 from tandem.sampling_params import SamplingParams  # noqa: E402
-from tandem.worker.kv_cache import allocate_kv_cache  # noqa: E402
 from tandem.worker.cuda_graphs import _LIST_WORDS as LIST_WORDS  # noqa: E402
-from tandem.worker.memory import decode_step as graph_capture_step  # noqa: E402
+from tandem.worker.kv_cache import allocate_kv_cache  # noqa: E402
 from tandem.worker.model_runner import GraphFields, ModelRunner  # noqa: E402
 
 BLOCK = 16

@@ -14,8 +14,8 @@ from tandem.engine.heap import freeze
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.sequence import EngineRequest
 from tandem.outputs import RequestOutput
+from tandem.runtime import create_worker
 from tandem.sampling_params import SamplingParams
-from tandem.worker import create_worker
 
 PromptList = str | list[str] | list[list[int]]
 

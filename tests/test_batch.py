@@ -2,10 +2,10 @@
 import numpy as np
 import torch
 
-from tandem.engine.batch import Padding, build_step, table_width
+from tandem.contract.step import STEP_FIELDS, Padding, StepShape, pack
+from tandem.engine.batch import build_step, table_width
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
-from tandem.engine.step import STEP_FIELDS, StepShape, pack
 from tandem.sampling_params import SamplingParams
 from tandem.worker.model_runner import unpack
 
@@ -110,7 +110,7 @@ def _decode_step(params: list[SamplingParams], pad: Padding):
 
 def test_graph_fields_are_the_unpacked_step_whatever_its_lists():
     """A decode graph's views, made once at capture, read every step of its shape like ``unpack``."""
-    from tandem.worker.memory import decode_step
+    from tandem.engine.startup_steps import decode_step
     from tandem.worker.model_runner import GraphFields
 
     pad = Padding(4, 4, 6, padding_row=99, full_table=True)
@@ -136,7 +136,7 @@ def test_a_narrower_table_is_staged_where_the_graph_reads_it():
     """A step that ships fewer table columns than the graph has: the graph's inputs hold what the
     full-width step would put there, in every column a sequence's length reaches (the rest keep an
     earlier step's blocks, which no kernel reads), and the sampling stage sees the step's fields."""
-    from tandem.worker.memory import decode_step
+    from tandem.engine.startup_steps import decode_step
     from tandem.worker.model_runner import GraphFields
 
     rng = np.random.default_rng(5)
@@ -174,7 +174,7 @@ def test_a_narrower_table_is_staged_where_the_graph_reads_it():
 def test_every_field_starts_16_byte_aligned_whatever_the_sizes():
     """Kernels read the fields in place, and Triton compiles a variant per pointer alignment: a
     field's alignment must not depend on the step's sizes."""
-    from tandem.engine.step import FIELDS_BY_NAME, field_offsets
+    from tandem.contract.step import FIELDS_BY_NAME, field_offsets
 
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from tandem.bench.metrics import decode_idle_fraction, idle_fraction
-from tandem.engine.worker_api import StepInterval as Interval
 from tandem.cli import main
+from tandem.contract.worker import StepInterval as Interval
 
 MODE_FIELDS = {"wall_s", "output_tok_per_s", "total_tok_per_s", "num_steps", "mean_schedule_ms", "mean_build_ms",
                "mean_submit_ms", "mean_wait_ms", "mean_process_ms", "mean_gpu_ms", "gpu_idle_fraction",

@@ -3,9 +3,9 @@ read per request through ``LogprobSeries``: the dicts read back are the entries 
 not see later tokens, and mixed numbers of alternatives per request stay apart."""
 import numpy as np
 
+from tandem.contract.step import Logprobs
 from tandem.engine.deltas import LogprobEntries
 from tandem.engine.logprob_output import LogprobChunk
-from tandem.engine.step import Logprobs
 from tandem.outputs import Logprob, LogprobSeries
 
 

@@ -8,13 +8,13 @@ import random
 import numpy as np
 import pytest
 
-from tandem.engine.batch import Padding, build_step
+from tandem.contract.step import Logprobs, Padding, StepOutput
+from tandem.engine.batch import build_step
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.plan import SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, StepDeltas
 from tandem.engine.sequence import Sequence
-from tandem.engine.step import Logprobs, StepOutput
 from tandem.sampling_params import SamplingParams
 
 EOS = 3

@@ -5,11 +5,11 @@ from collections import Counter, deque
 
 import pytest
 
+from tandem.contract.step import StepOutput
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.prefix_cache import PrefixCache, block_hash, extend_block_hashes
 from tandem.engine.scheduler import Scheduler, StepDeltas
 from tandem.engine.sequence import Sequence, SeqStatus
-from tandem.engine.step import StepOutput
 from tandem.sampling_params import SamplingParams
 
 BS = 4

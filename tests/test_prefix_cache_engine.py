@@ -8,8 +8,8 @@ import pytest
 from tandem import LLM, SamplingParams
 from tandem.bench.workload import LengthRange, Workload, make_requests
 from tandem.config import EngineConfig
+from tandem.contract.worker import WorkerInfo
 from tandem.engine.core import EngineCore
-from tandem.engine.worker_api import WorkerInfo
 from tandem.server.messages import Stats
 from tandem.server.metrics import ServerMetrics
 

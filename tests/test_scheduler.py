@@ -2,10 +2,10 @@ import random
 
 import pytest
 
+from tandem.contract.step import StepOutput
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.scheduler import Scheduler, StepDeltas
 from tandem.engine.sequence import Sequence, SeqStatus
-from tandem.engine.step import StepOutput
 from tandem.sampling_params import SamplingParams
 
 

@@ -2,7 +2,7 @@
 only while the engine had work."""
 import random
 
-from tandem.engine.worker_api import StepInterval
+from tandem.contract.worker import StepInterval
 from tandem.worker.timing import StepTimes
 
 

@@ -138,7 +138,7 @@ def test_the_roofline_floor_of_a_tp_group_is_one_gpus():
 def test_a_step_header_carries_every_shape_and_sampler_field():
     import numpy as np
 
-    from tandem.engine.step import SamplerFlags, StepInputs, StepShape
+    from tandem.contract.step import SamplerFlags, StepInputs, StepShape
     from tandem.parallel.control import Kind, Message
 
     step = StepInputs(41, StepShape(7, 3, 2, 5, 9), SamplerFlags(True, False), np.arange(13))

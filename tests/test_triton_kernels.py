@@ -137,17 +137,18 @@ def test_engine_with_triton_kernels_matches_sdpa_reference():
 PIECEWISE = r"""
 import torch
 from tandem.config import EngineConfig
-from tandem.engine.batch import Padding, build_step
+from tandem.contract.step import Padding
+from tandem.engine.batch import build_step
 from tandem.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
+from tandem.runtime import create_worker
 from tandem.sampling_params import SamplingParams
 from tandem.worker.piecewise_graphs import PiecewiseGraphs
-from tandem.worker.worker import DeviceWorker
 
 # The piecewise path (segments between attentions on static buffers, a token-padded step) against
 # the plain forward, on a mixed step: the same tokens sampled and the same K/V written.
 torch.manual_seed(0)
-worker = DeviceWorker(EngineConfig("random:tiny", dtype="float32", device="cpu", kv_cache_tokens=512, block_size=4))
+worker = create_worker(EngineConfig("random:tiny", dtype="float32", device="cpu", kv_cache_tokens=512, block_size=4))
 runner = worker.runner
 gen = torch.Generator().manual_seed(3)
 seqs, items, block = [], [], 1

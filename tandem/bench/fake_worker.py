@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from tandem.config import EngineConfig
-from tandem.engine.step import Logprobs, StepInputs, StepOutput
-from tandem.engine.worker_api import StepInterval, WorkerInfo
+from tandem.contract.step import Logprobs, StepInputs, StepOutput
+from tandem.contract.worker import StepInterval, WorkerInfo
 from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
 

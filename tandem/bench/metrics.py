@@ -6,7 +6,7 @@ from statistics import fmean
 
 from tandem.bench.roofline import Ceilings, FloorModel
 from tandem.bench.step_log import StepRecord
-from tandem.engine.worker_api import StepInterval
+from tandem.contract.worker import StepInterval
 
 
 @dataclass

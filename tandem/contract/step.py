@@ -1,9 +1,10 @@
 """The step contract between the host and the device: one declarative list of per-step fields.
 
-The batch builder fills each field as a flat array and packs them, in this order, into one int64
-buffer (float32 fields ride along bit for bit, two to a word) so a step's inputs cross to the
-device in a single copy; the worker unpacks the same list into tensor views. A new field is one
-line here (plus, for a per-step field, the line in ``batch`` that computes it).
+The batch builder (``engine.batch``) fills each field as a flat array and packs them, in this
+order, into one int64 buffer (float32 fields ride along bit for bit, two to a word) so a step's
+inputs cross to the device in a single copy; the worker unpacks the same list into tensor views. A
+new field is one line here (plus, for a per-step field, the line in ``engine.batch`` that computes
+it).
 
 Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, the block
 table (sequences x max_blocks), or one of three variable-length lists: logit-bias entries (a request's
@@ -166,6 +167,24 @@ class SamplerFlags:
     logprobs: int = -1  # most top logprobs a sampled row wants (-1: none wants logprobs)
     prompt_logprobs: int = -1  # most top logprobs a prompt-logprob entry wants (-1: none)
     penalty_span: int = 0  # with penalties: the longest prompt + output a penalised row has so far
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Pad a step to a captured graph's static shape: a decode graph pads sequences (one token and one
+    sample each); a piecewise graph of a mixed step pads only its tokens.
+
+    A decode graph's block table is ``max_blocks`` wide (``max_model_len`` over the block size: 8192
+    columns for a 128K-token model), but a step ships only the columns its longest sequence uses,
+    rounded up to a power of two (few distinct shapes); the device stages them into the graph's
+    table. Shipping the full width cost the host a gather and a copy of sequences x max_model_len
+    entries every step (16 MiB at 256 sequences of a 128K model)."""
+
+    num_tokens: int
+    num_seqs: int | None = None  # None: keep the step's sequences
+    max_blocks: int | None = None  # a decode graph's block-table width: a step ships at most this many
+    padding_row: int = 0  # next-token table row that padding rows sample into and nothing reads
+    full_table: bool = False  # ship all ``max_blocks`` columns (the steps a graph is captured from)
 
 
 @dataclass

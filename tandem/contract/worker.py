@@ -1,12 +1,13 @@
 """The one interface between the engine (host) and the worker (device): submit a packed step,
-collect a typed output. A single-device worker implements it today; a group of tensor-parallel
-ranks or an engine core in another process implements the same calls."""
+collect a typed output. A single-device worker (``worker.worker.DeviceWorker``) and a group of
+tensor-parallel ranks (``parallel.tp_worker.TPWorker``) implement it; ``tandem.runtime`` chooses
+which, and hands it the start-up steps (``contract.startup``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tandem.engine.step import StepInputs, StepOutput
+from tandem.contract.step import StepInputs, StepOutput
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The batch builder: a scheduled step -> the flat arrays of the step contract (``step.STEP_FIELDS``),
+"""The batch builder: a scheduled step -> the flat arrays of the step contract (``contract.step.STEP_FIELDS``),
 packed into one int64 buffer.
 
 Decode tokens whose value is still pending on the device are written as ``-(row + 1)``: the device
@@ -15,29 +15,11 @@ from itertools import chain
 
 import numpy as np
 
+from tandem.contract.step import (FLOAT_FIELDS, INT_FIELDS, REQUEST_FLOAT_FIELDS, REQUEST_INT_FIELDS, Padding, Per,
+                                  SamplerFlags, StepInputs, StepShape, pack)
+from tandem.contract.worker import WorkerInfo
 from tandem.engine.plan import DecodeBlock, ScheduledSeq, SchedulerOutput
 from tandem.engine.sequence import Sequence
-from tandem.engine.step import (FLOAT_FIELDS, INT_FIELDS, REQUEST_FLOAT_FIELDS, REQUEST_INT_FIELDS, Per,
-                                SamplerFlags, StepInputs, StepShape, pack)
-from tandem.engine.worker_api import WorkerInfo
-
-
-@dataclass(frozen=True)
-class Padding:
-    """Pad a step to a captured graph's static shape: a decode graph pads sequences (one token and one
-    sample each); a piecewise graph of a mixed step pads only its tokens.
-
-    A decode graph's block table is ``max_blocks`` wide (``max_model_len`` over the block size: 8192
-    columns for a 128K-token model), but a step ships only the columns its longest sequence uses,
-    rounded up to a power of two (few distinct shapes); the device stages them into the graph's
-    table. Shipping the full width cost the host a gather and a copy of sequences x max_model_len
-    entries every step (16 MiB at 256 sequences of a 128K model)."""
-
-    num_tokens: int
-    num_seqs: int | None = None  # None: keep the step's sequences
-    max_blocks: int | None = None  # a decode graph's block-table width: a step ships at most this many
-    padding_row: int = 0  # next-token table row that padding rows sample into and nothing reads
-    full_table: bool = False  # ship all ``max_blocks`` columns (the steps a graph is captured from)
 
 
 def table_width(used: int, pad: Padding | None) -> int:

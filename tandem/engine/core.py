@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tandem.config import EngineConfig
+from tandem.contract.worker import Worker
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.heap import HeapFreezer
@@ -22,7 +23,6 @@ from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
-from tandem.engine.worker_api import Worker
 
 log = logging.getLogger(__name__)
 

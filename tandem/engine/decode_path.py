@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from tandem.contract.step import Logprobs
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.deltas import StepDeltas
 from tandem.engine.plan import DecodeBlock, SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.running import RunningState
 from tandem.engine.sequence import Sequence, SeqStatus
-from tandem.engine.step import Logprobs
 
 
 class DecodePath:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.engine.step import Logprobs
+from tandem.contract.step import Logprobs
 
 
 @dataclass

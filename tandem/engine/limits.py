@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from tandem.contract.step import REQUEST_INT_FIELDS, request_values
 from tandem.engine.sequence import EngineRequest
-from tandem.engine.step import REQUEST_INT_FIELDS, request_values
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _PARAM_OF_FIELD = {"seeds": "seed"}  # step field -> the SamplingParams field it comes from

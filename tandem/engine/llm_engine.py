@@ -8,12 +8,12 @@ from __future__ import annotations
 import gc
 
 from tandem.config import EngineConfig
+from tandem.contract.worker import Worker
 from tandem.engine.core import EngineCore
 from tandem.engine.heap import freeze
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.processor import InputProcessor
 from tandem.engine.sequence import EngineRequest
-from tandem.engine.worker_api import Worker
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.model.sources import load_tokenizer, resolve_model_config

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem.engine.step import REQUEST_FLOAT_FIELDS, REQUEST_INT_FIELDS
+from tandem.contract.step import REQUEST_FLOAT_FIELDS, REQUEST_INT_FIELDS
 from tandem.sampling_params import SamplingParams
 
 

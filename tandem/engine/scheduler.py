@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tandem.contract.step import Logprobs, StepOutput
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.decode_path import DecodePath
 from tandem.engine.deltas import LogprobEntries, StepDeltas
@@ -35,7 +36,6 @@ from tandem.engine.plan import ScheduledSeq, SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCacheStats, extend_block_hashes
 from tandem.engine.running import RunningState
 from tandem.engine.sequence import Sequence, SeqStatus
-from tandem.engine.step import Logprobs, StepOutput
 
 __all__ = ["LogprobEntries", "ScheduledSeq", "Scheduler", "SchedulerOutput", "StepDeltas"]
 

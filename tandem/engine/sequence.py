@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tandem.engine.step import request_values
+from tandem.contract.step import request_values
 from tandem.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

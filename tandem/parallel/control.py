@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tandem.engine.step import SamplerFlags, StepInputs, StepShape
+from tandem.contract.step import SamplerFlags, StepInputs, StepShape
 
 _SHAPE_WORDS, _FLAG_WORDS = len(dataclasses.fields(StepShape)), len(dataclasses.fields(SamplerFlags))
 #: kind, step id, buffer length, then every field of StepShape and SamplerFlags (ints and bools, in

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tandem.engine.step import SamplerFlags, StepInputs, StepShape
+from tandem.contract.step import SamplerFlags, StepInputs, StepShape
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.model_runner import ModelRunner

@@ -1,6 +1,7 @@
-"""Ranks 1..N-1: join the group, take rank 0's config, build this rank's worker, then replay every
-step rank 0 announces, exactly as rank 0 runs it (same executor, graphs, collectives), until told to
-stop. Tokens are sampled here too (identically: the logits are all-gathered) and dropped.
+"""Ranks 1..N-1: join the group, take rank 0's config and builder of start-up steps, build this
+rank's worker (the same start-up steps as rank 0), then replay every step rank 0 announces, exactly
+as rank 0 runs it (same executor, graphs, collectives), until told to stop. Tokens are sampled here
+too (identically: the logits are all-gathered) and dropped.
 
 ``python -m tandem.parallel.follower`` with torchrun's variables set; the ``tandem`` CLI routes any
 rank other than 0 here under torchrun."""
@@ -64,10 +65,11 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("TANDEM_TP_LOG_LEVEL", "WARNING"),
                         format=f"%(levelname)s rank{env.rank} %(name)s: %(message)s")
     group = join(env)
-    config = rank_config(group.share_config(None), env.local_rank)
+    config, startup = group.share_start(None, None)
+    config = rank_config(config, env.local_rank)
     if config.device == "cpu":  # the ranks of one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.world_size)))
-    worker = RankWorker(config, group)
+    worker = RankWorker(config, group, startup)
     try:
         serve_steps(worker, ControlReceiver(group.control))
     except RuntimeError as exc:  # rank 0 went away: its connections closed

@@ -3,8 +3,8 @@
 Two groups, because two threads issue collectives: the *world* (NCCL for CUDA tensors, gloo for CPU
 ones) carries the forward's collectives and each step's packed inputs, issued where the device runs
 the step (the compute stream, or the CPU worker thread); the *control* group (gloo, CPU tensors)
-carries what rank 0's host thread sends: the engine config at start, the agreed KV cache size, and
-one small header per step."""
+carries what rank 0's host thread sends: the engine config and the start-up steps' builder at
+start, the agreed KV cache size, and one small header per step."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tandem.config import EngineConfig
+from tandem.contract.startup import StartupSteps
 from tandem.model.tp_layout import TPLayout
 from tandem.parallel.env import RankEnv, confine_to_loopback, disable_multicast, meets_on_loopback
 
@@ -54,11 +55,16 @@ class TPGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
-    def share_config(self, config: EngineConfig | None) -> EngineConfig:
-        """Rank 0's config, on every rank (followers pass None)."""
-        box = [dataclasses.asdict(config) if config is not None else None]
+    def share_start(self, config: EngineConfig | None,
+                    startup: StartupSteps | None) -> tuple[EngineConfig, StartupSteps]:
+        """Rank 0's config and builder of start-up steps, on every rank (followers pass None): every
+        rank must run the same synthetic steps, since they hold collectives. The builder travels
+        pickled, as a reference to its class (it holds no state): a follower imports the host's
+        builder when it unpickles it, while ``parallel/`` itself imports nothing of the engine."""
+        box = [(dataclasses.asdict(config), startup) if config is not None else None]
         dist.broadcast_object_list(box, src=0, group=self.control)
-        return EngineConfig(**box[0])
+        fields, startup = box[0]
+        return EngineConfig(**fields), startup
 
     def finish(self, meet: bool = True, timeout_s: float = 60.0) -> None:
         """Meet every rank once more (nobody tears down while another still sends), then leave."""

@@ -2,8 +2,9 @@
 on the KV cache size, and runs steps through executors that receive each step from rank 0.
 
 Every rank runs the same start-up in the same order (load, profile, size the cache, capture graphs),
-since the profiled steps and the graph warm-ups contain collectives. The KV cache size is the minimum
-over ranks, so every rank derives the same block count and max_model_len."""
+since the profiled steps and the graph warm-ups contain collectives; the steps come from the same
+builder on every rank (rank 0's, shared with the config: ``TPGroup.share_start``). The KV cache
+size is the minimum over ranks, so every rank derives the same block count and max_model_len."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ import dataclasses
 import torch.distributed as dist
 
 from tandem.config import EngineConfig
+from tandem.contract.startup import StartupSteps
 from tandem.model.base import CausalLM
 from tandem.model.loader import load_model
 from tandem.model.sources import resolve_model_config
@@ -28,9 +30,9 @@ def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
 
 
 class RankWorker(DeviceWorker):
-    def __init__(self, config: EngineConfig, group: TPGroup) -> None:
+    def __init__(self, config: EngineConfig, group: TPGroup, startup: StartupSteps) -> None:
         self.group = group
-        super().__init__(config)
+        super().__init__(config, startup)
 
     def _load_model(self, max_positions: int) -> CausalLM:
         c, layout = self.config, self.group.layout

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig
-from tandem.engine.step import StepInputs, StepOutput
-from tandem.engine.worker_api import StepInterval, WorkerInfo
+from tandem.contract.startup import StartupSteps
+from tandem.contract.step import StepInputs, StepOutput
+from tandem.contract.worker import StepInterval, WorkerInfo
 from tandem.model.sources import resolve_model_config
 from tandem.model.tp_layout import TPLayout
 from tandem.parallel.control import ControlSender, Kind, Message
@@ -55,7 +56,7 @@ def _start_group(config: EngineConfig) -> tuple[TPGroup, Followers | None]:
 class TPWorker:
     running = 0  # in this process: the default process group is one per process
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, startup: StartupSteps) -> None:
         if TPWorker.running:
             raise ValueError("a tensor-parallel engine is already running in this process: shut it down first "
                              "(llm.engine.shutdown())")
@@ -63,8 +64,8 @@ class TPWorker:
         TPLayout(0, config.tensor_parallel_size).check(resolve_model_config(config.model))  # before any process
         self.group, self.followers = _start_group(config)
         try:
-            self.group.share_config(config)
-            self.rank = RankWorker(rank_config(config, self.group.local_rank), self.group)
+            self.group.share_start(config, startup)
+            self.rank = RankWorker(rank_config(config, self.group.local_rank), self.group, startup)
         except BaseException:
             self._abandon()
             raise

@@ -101,7 +101,7 @@ def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int, 
 
 def _build_core(config: EngineConfig) -> EngineCore:
     from tandem.model.sources import resolve_model_config
-    from tandem.worker import create_worker
+    from tandem.runtime import create_worker
 
     model_config = resolve_model_config(config.model)
     core = EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids),

@@ -1,15 +1,3 @@
-"""The device side: model weights, KV cache, CUDA graphs, executors, the model runner, the sampler."""
-from __future__ import annotations
-
-from tandem.config import EngineConfig
-from tandem.engine.worker_api import Worker
-
-
-def create_worker(config: EngineConfig) -> Worker:
-    if config.tensor_parallel_size > 1:  # a group of ranks, this process driving as rank 0
-        from tandem.parallel.tp_worker import TPWorker
-
-        return TPWorker(config)
-    from tandem.worker.worker import DeviceWorker
-
-    return DeviceWorker(config)
+"""The device side: model weights, KV cache, CUDA graphs, executors, the model runner, the sampler.
+It imports the contract (``tandem.contract``), the model and the kernels, never the engine; which
+worker runs (one device, or a tensor-parallel group) is chosen above both, in ``tandem.runtime``."""

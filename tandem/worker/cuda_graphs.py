@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.batch import Padding
-from tandem.engine.step import StepInputs, StepShape
-from tandem.worker.memory import decode_step
+from tandem.contract.startup import StartupSteps
+from tandem.contract.step import Padding, StepInputs, StepShape
 from tandem.worker.model_runner import GraphFields, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -51,10 +50,11 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.static_data = torch.zeros(0, dtype=torch.int64, device=runner.device)
 
-    def capture(self, stream: torch.cuda.Stream) -> None:
+    def capture(self, stream: torch.cuda.Stream, startup: StartupSteps) -> None:
+        """Capture one graph per size from the host's capture steps (``startup.graph_decode``)."""
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.runner.device)
-        steps = {b: decode_step(Padding(b, b, self.max_blocks, self.padding_row), self.runner.block_size)
+        steps = {b: startup.graph_decode(Padding(b, b, self.max_blocks, self.padding_row), self.runner.block_size)
                  for b in reversed(self.sizes)}
         n_words = max(s.data.size for s in steps.values())
         # room for a step's variable-length lists (logit-bias entries), staged with it

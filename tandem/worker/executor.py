@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from tandem.engine.step import StepInputs, StepOutput, parse_output
-from tandem.engine.worker_api import StepInterval
+from tandem.contract.step import StepInputs, StepOutput, parse_output
+from tandem.contract.worker import StepInterval
 from tandem.worker.model_runner import ModelRunner
 from tandem.worker.timing import StepTimes
 

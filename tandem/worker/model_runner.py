@@ -12,8 +12,8 @@ import functools
 import numpy as np
 import torch
 
-from tandem.engine.step import (FIELDS_BY_NAME, FLOAT_FIELDS, INT_FIELDS, Per, SamplerFlags, StepShape, field_offsets,
-                                output_layout)
+from tandem.contract.step import (FIELDS_BY_NAME, FLOAT_FIELDS, INT_FIELDS, Per, SamplerFlags, StepShape,
+                                  field_offsets, output_layout)
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.base import CausalLM
 from tandem.worker.logits_processing import apply_logit_bias, apply_penalties, record_history
@@ -58,7 +58,7 @@ _VARIABLE_FIELDS = tuple(f.name for f in INT_FIELDS + FLOAT_FIELDS
 
 
 def unpack(data: torch.Tensor, shape: StepShape) -> StepTensors:
-    """Views of every field of the packed int64 buffer (see ``tandem.engine.step``): int fields,
+    """Views of every field of the packed int64 buffer (see ``tandem.contract.step``): int fields,
     then float32 fields."""
     out = StepTensors(data, shape)
     for f in INT_FIELDS + FLOAT_FIELDS:

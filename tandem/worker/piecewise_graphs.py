@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.step import StepInputs
+from tandem.contract.step import StepInputs
 from tandem.model.attention import select_backend, step_attention
 from tandem.model.base import CausalLM, LayeredCausalLM
 from tandem.worker.model_runner import ModelRunner, StepTensors

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tandem.engine.step import SamplerFlags, StepInputs, StepOutput, StepShape, output_words, parse_output
-from tandem.engine.worker_api import StepInterval
+from tandem.contract.step import SamplerFlags, StepInputs, StepOutput, StepShape, output_words, parse_output
+from tandem.contract.worker import StepInterval
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.model_runner import ModelRunner
 from tandem.worker.piecewise_graphs import PiecewiseGraphs

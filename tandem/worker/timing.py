@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-from tandem.engine.worker_api import StepInterval
+from tandem.contract.worker import StepInterval
 
 
 class StepTimes:

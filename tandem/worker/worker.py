@@ -1,6 +1,7 @@
 """The device side of the engine on one device: loads the model, sizes and allocates the KV cache,
-captures CUDA graphs, and runs steps through an executor (sync or async). Implements the engine's
-``Worker`` interface."""
+captures CUDA graphs, and runs steps through an executor (sync or async). Implements the ``Worker``
+interface (``contract.worker``); the synthetic steps of its start-up come from the host's builder
+(``contract.startup``), which ``tandem.runtime`` hands to it."""
 from __future__ import annotations
 
 import gc
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.config import EngineConfig
-from tandem.engine.step import StepInputs, StepOutput
-from tandem.engine.worker_api import StepInterval, WorkerInfo
+from tandem.contract.startup import StartupSteps
+from tandem.contract.step import StepInputs, StepOutput
+from tandem.contract.worker import StepInterval, WorkerInfo
 from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
 from tandem.model.loader import load_model
@@ -43,8 +45,9 @@ def fit_max_model_len(requested: int, kv_tokens: int, explicit: bool) -> int:
 
 
 class DeviceWorker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, startup: StartupSteps) -> None:
         self.config = config
+        self.startup = startup
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         model_config = resolve_model_config(config.model)
@@ -62,7 +65,7 @@ class DeviceWorker:
         self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
         if self.device.type == "cuda":
             start = time.perf_counter()
-            warm_up_kernels(self.model, config.block_size)
+            warm_up_kernels(self.model, startup, config.block_size)
             logger.info("kernel warm-up: %.2f s", time.perf_counter() - start)
         self.info = WorkerInfo(
             device=str(self.device), device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
@@ -85,8 +88,8 @@ class DeviceWorker:
         if self.device.type == "cuda":
             graph_blocks = -(-max_positions // c.block_size) if self._wants_graphs() else None
             piecewise_tokens = min(c.max_num_batched_tokens, TOKEN_BUCKETS[-1]) if graph_blocks else 0
-            peaks = profile_activations(self.model, c.max_num_batched_tokens, c.max_num_seqs, max_positions,
-                                        c.block_size, graph_blocks, piecewise_tokens)
+            peaks = profile_activations(self.model, self.startup, c.max_num_batched_tokens, c.max_num_seqs,
+                                        max_positions, c.block_size, graph_blocks, piecewise_tokens)
             rows = ModelRunner.state_bytes(self.num_rows + 1, max_positions)  # allocated after the cache
             reserved = peaks.total + rows
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
@@ -104,7 +107,7 @@ class DeviceWorker:
 
         stream = torch.cuda.Stream(self.device)
         graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, padding_row)
-        graphs.capture(stream)
+        graphs.capture(stream, self.startup)
         piecewise = None
         if PiecewiseGraphs.applies(self.model, self.device) and os.environ.get("TANDEM_PIECEWISE", "1") != "0":
             piecewise = PiecewiseGraphs(self.runner, self.config.max_num_batched_tokens, graphs.pool)
