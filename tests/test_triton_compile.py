@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-FLOATS = {"eps", "qk_scale"}
+FLOATS = {"eps", "qk_scale", "cap"}
 
 
 def _compile(fn, pointers: dict[str, str], constexprs: dict) -> None:
@@ -35,14 +35,16 @@ def test_attention_kernels_compile(dtype):
     io = {"*": f"*{dtype}", "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_ptr": "*i64",
           "part_acc_ptr": "*fp32", "part_stats_ptr": "*fp32"}
     precision = "ieee" if dtype == "fp32" else "tf32"
-    for splits in (1, 4):
-        _compile(paged_decode._paged_decode_kernel, io,
-                 dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, DIM_PAD=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=splits,
-                      MIN_SPLIT=256, PRECISION=precision))
+    for softcap in (False, True):  # Gemma 2's soft-capped scores
+        for splits in (1, 4):
+            _compile(paged_decode._paged_decode_kernel, io,
+                     dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, DIM_PAD=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=splits,
+                          MIN_SPLIT=256, SOFTCAP=softcap, PRECISION=precision))
+        _compile(paged_varlen._paged_varlen_kernel, io,
+                 dict(GROUP=4, HEAD_DIM=80, DIM_PAD=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, SOFTCAP=softcap,
+                      PRECISION=precision))
     _compile(paged_decode._combine_splits_kernel, {"out_ptr": f"*{dtype}"},
              dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, DIM_PAD=128))
-    _compile(paged_varlen._paged_varlen_kernel, io,
-             dict(GROUP=4, HEAD_DIM=80, DIM_PAD=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PRECISION=precision))
 
 
 def test_sampling_and_fused_kernels_compile():

@@ -139,6 +139,53 @@ assert all(n > 1 and n & (n - 1) == 0 for n in wide) and wide == sorted(wide, re
 print("max rel err", max(errs), "splits", wide)
 """
 
+SOFTCAP = r"""
+import itertools, torch
+from test_triton_varlen import make_paged_cache, rel_err
+from tandem.kernels.paged_decode import paged_decode_attention
+from tandem.kernels.paged_varlen import paged_varlen_attention
+from tandem.model.attention import AttentionInputs
+from tandem.model.attention.base import AttentionSpec
+from tandem.model.attention.sdpa import SdpaBackend
+
+def check(seed, hq, hkv, d, page, chunks, window, cap, splits=()):
+    # Soft-capped scores (Gemma 2) through both kernels against the SDPA backend's capped path, with
+    # scores of several units so that the cap bends them; the uncapped kernel must differ.
+    torch.manual_seed(seed)
+    q_lens, lens = [c[0] for c in chunks], [c[1] for c in chunks]
+    cache, bt = make_paged_cache(lens, page, hkv, d)
+    cache *= 3
+    query_start = torch.tensor([0, *itertools.accumulate(q_lens)])
+    positions = torch.cat([torch.arange(n - m, n) for m, n in zip(q_lens, lens)])
+    q, seq_lens = 3 * torch.randn(len(positions), hq, d), torch.tensor(lens)
+    spec = AttentionSpec(0.8 * d ** -0.5, window, cap)
+    sdpa = SdpaBackend()
+    inputs = AttentionInputs(torch.zeros(len(positions), dtype=torch.long), bt, query_start, seq_lens, positions,
+                             max(q_lens), page)
+    ref = sdpa.attend(q, cache, sdpa.prepare(inputs), spec)
+    args = (cache, bt, query_start, seq_lens, page, spec.scale, window, max(q_lens))
+    errs = [rel_err(paged_varlen_attention(q, *args, softcap=cap), ref)]
+    uncapped = rel_err(paged_varlen_attention(q, *args), ref)
+    for n in splits:  # decode steps (one token per sequence): the decode kernel too, split or not
+        out = paged_decode_attention(q, cache, bt, seq_lens, page, spec.scale, window, num_splits=n, softcap=cap)
+        errs.append(rel_err(out, ref))
+    assert max(errs) < 1e-5 and uncapped > 1e-2, (seed, hq, hkv, d, page, chunks, window, cap, errs, uncapped)
+    return max(errs)
+
+errs = [
+    # group 4, window 6, one-token and longer chunks over cached context, 3-slot pages
+    check(20, 8, 2, 16, 3, [(1, 1), (1, 40), (7, 7), (5, 33), (37, 100)], 6, 5.0),
+    # group 1, no window, a first chunk over two tiles, one-slot pages, a mild cap
+    check(21, 2, 2, 24, 1, [(70, 70), (9, 50)], None, 20.0),
+    # group 3 (rows not a multiple of it), window across key blocks with mask-free blocks inside, Gemma 2's cap
+    check(22, 6, 2, 24, 16, [(20, 150), (40, 430), (13, 13)], 150, 50.0),
+    # decode steps: windows inside and across split shares, GQA 2 and 4
+    check(23, 4, 2, 32, 8, [(1, 5), (1, 300), (1, 700), (1, 1)], None, 10.0, splits=(1, 4)),
+    check(24, 8, 2, 16, 4, [(1, 600), (1, 37), (1, 1000)], 300, 30.0, splits=(1, 3)),
+]
+print("max rel err", max(errs))
+"""
+
 
 def _run_interpreted(script: str) -> str:
     root = Path(__file__).parents[1]
@@ -148,6 +195,6 @@ def _run_interpreted(script: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("script", [VARLEN, DECODE], ids=["varlen", "decode_split_kv"])
+@pytest.mark.parametrize("script", [VARLEN, DECODE, SOFTCAP], ids=["varlen", "decode_split_kv", "softcap"])
 def test_paged_kernels_match_reference(script: str) -> None:
     assert "max rel err" in _run_interpreted(script)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_varlen import LOG2E, attend_key_range, dot_precision, kernel_window, padded_head_dim
+from tandem.kernels.paged_varlen import attend_key_range, dot_precision, kernel_window, padded_head_dim, score_scales
 
 # Keys per block, measured on an H100 (scripts/decode_sweep.py, scripts/kernel_bench.py): 128 for
 # whole sequences per program (8B and 1B decode batches), 64 for split-KV's shorter shares.
@@ -42,11 +42,12 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
 # new variants mid-run, a stall of the whole batch.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_stats_ptr,
-                         qk_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
-                         stride_bt,
+                         qk_scale, cap, window, stride_q_tok, stride_q_head, stride_kv, stride_slot,
+                         stride_head, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
+                         PRECISION: tl.constexpr):
     # KV heads vary fastest in launch order: the programs of one sequence's heads run together and
     # read the same cache rows (each head a slice of every slot) while they are open in DRAM.
     kv_head = tl.program_id(0)
@@ -68,9 +69,9 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
     hi = tl.minimum(lo + share, seq_len)
     pos = tl.zeros([GROUP_PAD], tl.int32) + seq_len - 1
     k_base = cache_ptr + kv_head * stride_head
-    m_i, l_i, acc = attend_key_range(q, pos, seq_len - 1, seq_len - 1, lo, hi, window, qk_scale, k_base,
+    m_i, l_i, acc = attend_key_range(q, pos, seq_len - 1, seq_len - 1, lo, hi, window, qk_scale, cap, k_base,
                                      k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
-                                     dim_ok, PAGE, BLOCK_N, PRECISION, True)
+                                     dim_ok, PAGE, BLOCK_N, PRECISION, True, SOFTCAP)
     flat_heads = seq.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads
     if NUM_SPLITS == 1:
         tl.store(out_ptr + flat_heads[:, None] * HEAD_DIM + dims[None, :],
@@ -104,10 +105,12 @@ def _combine_splits_kernel(part_acc_ptr, part_stats_ptr, out_ptr, NUM_SPLITS: tl
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, page_size: int, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """q: [B, Hq, D] (one token per sequence, the last of its seq_lens[b] keys); cache: [2, slots, Hkv, D]
     -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``); block_n,
-    num_warps and num_stages are the launch's tuning knobs (scripts/decode_sweep.py measures them)."""
+    num_warps and num_stages are the launch's tuning knobs (scripts/decode_sweep.py measures them);
+    softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2)."""
     n_seqs, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
@@ -121,11 +124,13 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         part_stats = torch.empty(n_seqs, n_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     dim_pad = padded_head_dim(head_dim)
     _paged_decode_kernel[(n_kv, num_splits, n_seqs)](
-        q, cache, block_tables, seq_lens, out, part_acc, part_stats, scale * LOG2E, kernel_window(sliding_window),
+        q, cache, block_tables, seq_lens, out, part_acc, part_stats, *score_scales(scale, softcap),
+        kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=MIN_SPLIT_KEYS,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
+        SOFTCAP=softcap is not None, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}))
     if num_splits > 1:
         _combine_splits_kernel[(n_seqs * n_heads,)](
             part_acc, part_stats, out, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),

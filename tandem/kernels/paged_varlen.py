@@ -37,6 +37,22 @@ def kernel_window(sliding_window: int | None) -> int:
     return NO_WINDOW if sliding_window is None else sliding_window
 
 
+def score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, cap) as the kernels take them: scores in log2 units are q.k * qk_scale, or with a
+    soft-cap c, c * tanh(q.k * scale / c) * LOG2E = cap * tanh(q.k * qk_scale)."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    return scale / softcap, softcap * LOG2E
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 of a non-positive argument (no overflow); Triton has no portable tanh."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
 @triton.jit
 def _softmax_update(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """One online-softmax step over a key block; s: [M, N] scores in log2 units, hidden keys -inf."""
@@ -62,10 +78,11 @@ def _key_slots(bt_row, block, hi, keys, key_ok, PAGE: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _attend_blocks(q, pos, m_i, l_i, acc, start, stop, hi, window, qk_scale, k_base, v_base, bt_row,
+def _attend_blocks(q, pos, m_i, l_i, acc, start, stop, hi, window, qk_scale, cap, k_base, v_base, bt_row,
                    stride_slot, dims, dim_ok, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Key blocks starting at start, start + BLOCK_N, ... below stop; keys at or past hi are never read."""
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Key blocks starting at start, start + BLOCK_N, ... below stop; keys at or past hi are never read.
+    Scores are soft-capped (``score_scales``) before the mask and the softmax when SOFTCAP."""
     for block in range(start, stop, BLOCK_N):
         keys = block + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
@@ -74,6 +91,8 @@ def _attend_blocks(q, pos, m_i, l_i, acc, start, stop, hi, window, qk_scale, k_b
         k = tl.load(k_base + offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offsets, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            s = _tanh(s) * cap
         if MASKED:
             ahead = pos[:, None] - keys[None, :]
             s = tl.where((ahead >= 0) & (ahead < window) & key_ok[None, :], s, float("-inf"))
@@ -82,9 +101,9 @@ def _attend_blocks(q, pos, m_i, l_i, acc, start, stop, hi, window, qk_scale, k_b
 
 
 @triton.jit
-def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, k_base, v_base, bt_row,
+def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, cap, k_base, v_base, bt_row,
                      stride_slot, dims, dim_ok, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PRECISION: tl.constexpr, MASK_ALL: tl.constexpr):
+                     PRECISION: tl.constexpr, MASK_ALL: tl.constexpr, SOFTCAP: tl.constexpr):
     """Rows q ([M, DIM_PAD], row r at absolute position pos[r], all within [pos_first, pos_last])
     attend the keys of [lo, hi) that are causal and inside the window; lo is a multiple of BLOCK_N.
     Returns the unnormalised (max, sum, acc) of the online softmax, in log2 units.
@@ -96,16 +115,16 @@ def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, k_ba
     l_i = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
     if MASK_ALL:
-        return _attend_blocks(q, pos, m_i, l_i, acc, lo, hi, hi, window, qk_scale, k_base, v_base, bt_row,
-                              stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, PRECISION)
+        return _attend_blocks(q, pos, m_i, l_i, acc, lo, hi, hi, window, qk_scale, cap, k_base, v_base, bt_row,
+                              stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, SOFTCAP, PRECISION)
     full_lo = tl.minimum(tl.maximum(tl.cdiv(pos_last - window + 1, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum(tl.minimum((pos_first + 1) // BLOCK_N, hi // BLOCK_N) * BLOCK_N, full_lo)
-    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, lo, full_lo, hi, window, qk_scale, k_base, v_base,
-                                   bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, PRECISION)
-    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, full_lo, full_hi, hi, window, qk_scale, k_base, v_base,
-                                   bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, False, PRECISION)
-    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, full_hi, hi, hi, window, qk_scale, k_base, v_base,
-                                   bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, PRECISION)
+    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, lo, full_lo, hi, window, qk_scale, cap, k_base, v_base,
+                                   bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, SOFTCAP, PRECISION)
+    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, full_lo, full_hi, hi, window, qk_scale, cap, k_base,
+                                   v_base, bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, False, SOFTCAP, PRECISION)
+    m_i, l_i, acc = _attend_blocks(q, pos, m_i, l_i, acc, full_hi, hi, hi, window, qk_scale, cap, k_base, v_base,
+                                   bt_row, stride_slot, dims, dim_ok, PAGE, BLOCK_N, True, SOFTCAP, PRECISION)
     return m_i, l_i, acc
 
 
@@ -113,11 +132,11 @@ def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, k_ba
 # new variants mid-run, a stall of the whole batch.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_varlen_kernel(q_ptr, cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
-                         qk_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
+                         qk_scale, cap, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
                          stride_bt, stride_o_tok,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     # Later tiles of a chunk see more keys: starting them first keeps long programs off the tail.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -147,9 +166,9 @@ def _paged_varlen_kernel(q_ptr, cache_ptr, block_tables_ptr, query_start_ptr, se
                 mask=io_mask, other=0.0)
     k_base = cache_ptr + kv_head * stride_head
     lo = tl.maximum(pos_first - window + 1, 0) // BLOCK_N * BLOCK_N
-    m_i, l_i, acc = attend_key_range(q, pos, pos_first, pos_last, lo, pos_last + 1, window, qk_scale, k_base,
+    m_i, l_i, acc = attend_key_range(q, pos, pos_first, pos_last, lo, pos_last + 1, window, qk_scale, cap, k_base,
                                      k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
-                                     dim_ok, PAGE, BLOCK_N, PRECISION, False)
+                                     dim_ok, PAGE, BLOCK_N, PRECISION, False, SOFTCAP)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (flat_tok * stride_o_tok + heads * HEAD_DIM)[:, None] + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -163,7 +182,7 @@ def _tile_rows(max_q: int, group: int) -> int:
 
 def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            query_start: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
-                           sliding_window: int | None, max_q: int) -> torch.Tensor:
+                           sliding_window: int | None, max_q: int, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of a flat batch of query chunks over their paged context.
 
     q: [T, Hq, D], the K/V of these tokens already in the cache (its last dim contiguous; token and
@@ -171,7 +190,8 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     block_tables: [B, max_blocks] int64; query_start: [B + 1] int64 (seq b owns q[query_start[b]:
     query_start[b + 1]], possibly empty); seq_lens: [B] int64, context length including this step's
     tokens, which are the sequence's last ones; max_q: host bound on the longest chunk (sizes the
-    grid; a smaller value silently drops tokens). Returns [T, Hq * D] in q's dtype."""
+    grid; a smaller value silently drops tokens); softcap: scores become softcap * tanh(scores /
+    softcap) before the softmax (Gemma 2). Returns [T, Hq * D] in q's dtype."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
@@ -183,8 +203,10 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     block_m = _tile_rows(max_q, group)
     n_tiles = triton.cdiv(max_q, block_m // group)
     _paged_varlen_kernel[(n_tiles, n_kv, n_seqs)](
-        q, cache, block_tables, query_start, seq_lens, out, scale * LOG2E, kernel_window(sliding_window),
+        q, cache, block_tables, query_start, seq_lens, out, *score_scales(scale, softcap),
+        kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         out.stride(0), GROUP=group, HEAD_DIM=head_dim, DIM_PAD=padded_head_dim(head_dim), PAGE=page_size,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype), num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, SOFTCAP=softcap is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=4)
     return out

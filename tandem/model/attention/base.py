@@ -67,8 +67,3 @@ class StepAttention:
         """q: [T, Hq, D] attends the cache (this step's K/V already stored by the layer) as ``spec`` says."""
         return self.backend.attend(q, cache, self.meta, spec)
 
-
-def refuse_softcap(backend: AttentionBackend, spec: AttentionSpec) -> None:
-    """Until a backend implements soft-capping, a layer that needs it must not run there uncapped."""
-    if spec.logit_softcap is not None:
-        raise NotImplementedError(f"attention logit soft-capping is not implemented by the {backend.name} backend")

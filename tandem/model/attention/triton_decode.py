@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels import num_sms
-from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec, refuse_softcap
+from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec
 
 
 class TritonDecodeBackend(AttentionBackend):
@@ -22,6 +22,5 @@ class TritonDecodeBackend(AttentionBackend):
         # graph and an eager step of the same shape split alike.
         splits = decode_num_splits(q.shape[0], cache.shape[2], meta.block_tables.shape[1] * meta.block_size,
                                    num_sms(q.device))
-        refuse_softcap(self, spec)
         return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, meta.block_size, spec.scale,
-                                      spec.sliding_window, splits)
+                                      spec.sliding_window, splits, softcap=spec.logit_softcap)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec, refuse_softcap
+from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec
 
 
 class TritonVarlenBackend(AttentionBackend):
@@ -13,6 +13,5 @@ class TritonVarlenBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionInputs, spec: AttentionSpec) -> torch.Tensor:
         from tandem.kernels.paged_varlen import paged_varlen_attention
 
-        refuse_softcap(self, spec)
         return paged_varlen_attention(q, cache, meta.block_tables, meta.query_start, meta.seq_lens, meta.block_size,
-                                      spec.scale, spec.sliding_window, meta.max_q)
+                                      spec.scale, spec.sliding_window, meta.max_q, spec.logit_softcap)
