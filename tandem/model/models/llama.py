@@ -17,6 +17,8 @@ from tandem.model.layers.mlp import silu_mul
 from tandem.model.layers.norms import add_rms_norm, rms_norm
 from tandem.model.layers.rotary import apply_rope, rope_cos_sin
 from tandem.model.model_config import ModelConfig, refuse_settings
+from tandem.model.models.decoder_parts import (ModelWeights, attention_weights, embedding_and_head,
+                                               ignored_tensors, lm_logits, mlp_weights)
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -51,41 +53,25 @@ class LayerWeights:
     k_norm: torch.Tensor | None = None
 
 
-@dataclass
-class ModelWeights:
-    embed: torch.Tensor
-    layers: list[LayerWeights]
-    norm: torch.Tensor
-    lm_head: torch.Tensor  # the embedding itself when tied
-
-
 def _layer(cfg: ModelConfig, get: Getter, i: int, tp: TPLayout) -> LayerWeights:
     p = f"model.layers.{i}."
-    h, q, kv, inter, d = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.head_dim
-    q_part, kv_part, mlp_part = tp.q_part(cfg), tp.kv_part(cfg), tp.mlp_part(cfg)
-    qkv = [(f"{p}self_attn.{n}_proj", size, part) for n, size, part in (("q", q, q_part), ("k", kv, kv_part),
-                                                                          ("v", kv, kv_part))]
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv, o, qkv_bias = attention_weights(cfg, get, p, tp, bias=cfg.qkv_bias)
+    gate_up, down = mlp_weights(cfg, get, p, tp)
     return LayerWeights(
-        input_norm=get(f"{p}input_layernorm.weight", (h,), None),
-        qkv=torch.cat([get(f"{name}.weight", (size, h), part) for name, size, part in qkv]),
-        o=get(f"{p}self_attn.o_proj.weight", (h, q), tp.q_part(cfg, dim=1)),
-        post_norm=get(f"{p}post_attention_layernorm.weight", (h,), None),
-        gate_up=torch.cat([get(f"{p}mlp.gate_proj.weight", (inter, h), mlp_part),
-                           get(f"{p}mlp.up_proj.weight", (inter, h), mlp_part)]),
-        down=get(f"{p}mlp.down_proj.weight", (h, inter), tp.mlp_part(cfg, dim=1)),
-        qkv_bias=torch.cat([get(f"{name}.bias", (size,), part) for name, size, part in qkv]) if cfg.qkv_bias else None,
+        input_norm=get(f"{p}input_layernorm.weight", (h,), None), qkv=qkv, o=o,
+        post_norm=get(f"{p}post_attention_layernorm.weight", (h,), None), gate_up=gate_up, down=down,
+        qkv_bias=qkv_bias,
         q_norm=get(f"{p}self_attn.q_norm.weight", (d,), None) if cfg.qk_norm else None,
         k_norm=get(f"{p}self_attn.k_norm.weight", (d,), None) if cfg.qk_norm else None,
     )
 
 
-def load_weights(cfg: ModelConfig, get: Getter, tp: TPLayout = TPLayout()) -> ModelWeights:
+def load_weights(cfg: ModelConfig, get: Getter, tp: TPLayout = TPLayout()) -> ModelWeights[LayerWeights]:
     """``cfg`` is the whole model's config; the weights are rank ``tp.rank``'s parts of it."""
-    vocab = (cfg.vocab_size, cfg.hidden_size)
-    embed = get("model.embed_tokens.weight", vocab, tp.vocab_part(cfg))
+    embed, lm_head = embedding_and_head(cfg, get, tp)
     layers = [_layer(cfg, get, i, tp) for i in range(cfg.num_layers)]
     norm = get("model.norm.weight", (cfg.hidden_size,), None)
-    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight", vocab, tp.vocab_part(cfg))
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
@@ -101,12 +87,9 @@ class LlamaModel(LayeredForward):
         check_config(config)
         return cls(tp.local_config(config), load_weights(config, get, tp), max_positions, comm)
 
-    @staticmethod
-    def ignored_tensors(config: ModelConfig) -> tuple[str, ...]:
-        """Rotary tables some exporters save, and an lm_head that tied embeddings replace."""
-        return ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
+    ignored_tensors = staticmethod(ignored_tensors)
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int,
+    def __init__(self, config: ModelConfig, weights: ModelWeights[LayerWeights], max_positions: int,
                  comm: SingleDevice | TensorParallelOps | None = None) -> None:
         self.config = config
         self.weights = weights
@@ -164,11 +147,4 @@ class LlamaModel(LayeredForward):
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[rows, V] in the model's dtype: the sampler widens bf16 as it reads (a float32 copy of every
-        row would cost a pass over the logits). ``out``: where to write them (CUDA graphs share one
-        buffer, so each captured batch size does not keep logits of its own)."""
-        if out is None:
-            return self.comm.gather_logits(F.linear(hidden, self.weights.lm_head))
-        if self.comm.size == 1:
-            return torch.matmul(hidden, self.weights.lm_head.t(), out=out)
-        return out.copy_(self.comm.gather_logits(F.linear(hidden, self.weights.lm_head)))
+        return lm_logits(hidden, self.weights.lm_head, self.comm, out)
