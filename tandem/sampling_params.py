@@ -47,6 +47,12 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    # --- token restrictions (issue 23): never sampled / the only ones that may be ---
+    bad_words: list[str] | None = None  # each word, alone or after a space, is never generated
+    allowed_token_ids: list[int] | None = None  # a row samples only these (the device masks the rest)
+    #: the token sequences ``bad_words`` stand for: set by the engine's InputProcessor (its tokenizer)
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
+    # --- end of the token restrictions ---
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +67,7 @@ class SamplingParams:
         stop = self.stop if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) else list(self.stop)
         ids = list(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else self.stop_token_ids
         bias = dict(self.logit_bias) if isinstance(self.logit_bias, dict) else self.logit_bias
-        return dataclasses.replace(self, stop=stop, stop_token_ids=ids, logit_bias=bias)
+        return dataclasses.replace(self, stop=stop, stop_token_ids=ids, logit_bias=bias, **self._restriction_copies())
 
     def _validate_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):
@@ -85,6 +91,7 @@ class SamplingParams:
         if bias is not None and not (isinstance(bias, dict) and all(
                 _is_int(k) and _is_finite(v) for k, v in bias.items())):
             raise _bad(self, "logit_bias", "must map token ids (ints) to finite numbers")
+        self._validate_restriction_types()
 
     def _validate_ranges(self) -> None:
         checks = [
@@ -110,9 +117,43 @@ class SamplingParams:
             ("logit_bias", all(k >= 0 and abs(v) <= MAX_LOGIT_BIAS for k, v in (self.logit_bias or {}).items()),
              f"must have token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
-        for name, ok, why in checks:
+        for name, ok, why in checks + self._restriction_checks():
             if not ok:
                 raise _bad(self, name, why)
+
+    # --- token restrictions ---------------------------------------------------------------------
+    def _validate_restriction_types(self) -> None:
+        if self.bad_words is not None and not (isinstance(self.bad_words, (list, tuple))
+                                               and all(isinstance(w, str) for w in self.bad_words)):
+            raise _bad(self, "bad_words", "must be a list of strings")
+        if self.allowed_token_ids is not None and not _int_list(self.allowed_token_ids):
+            raise _bad(self, "allowed_token_ids", "must be a list of ints")
+        seqs = self.bad_words_token_ids
+        if seqs is not None and not (isinstance(seqs, (list, tuple)) and all(_int_list(s) for s in seqs)):
+            raise _bad(self, "bad_words_token_ids", "must be a list of lists of ints")
+
+    def _restriction_checks(self) -> list[tuple[str, bool, str]]:
+        allowed, seqs = self.allowed_token_ids, self.bad_words_token_ids or []
+        return [("bad_words", all(w.strip() for w in self.bad_words or []), "must be words (not empty or blank)"),
+                ("allowed_token_ids", allowed is None or (len(allowed) > 0 and min(allowed) >= 0),
+                 "must be a non-empty list of token ids >= 0"),
+                ("bad_words_token_ids", all(s and min(s) >= 0 for s in seqs), "must be non-empty lists of ids >= 0")]
+
+    def _restriction_copies(self) -> dict[str, Any]:
+        def copied(value: Any) -> Any:
+            return [list(v) if isinstance(v, (list, tuple)) else v for v in value] \
+                if isinstance(value, (list, tuple)) else value
+        return {name: copied(getattr(self, name)) for name in ("bad_words", "allowed_token_ids", "bad_words_token_ids")}
+
+    def bias_entries(self) -> tuple[list[int], list[float]]:
+        """The (token, value) entries the device adds to this request's logits at each sampled token:
+        ``logit_bias``; -inf for each bad word of one token; +inf marking each allowed token (a row
+        with such marks samples only those tokens: the device bans the rest, ``apply_logit_bias``).
+        Bad words of several tokens are refused by the InputProcessor, so none is left out here."""
+        ids, values = list((self.logit_bias or {}).keys()), [float(v) for v in (self.logit_bias or {}).values()]
+        banned = sorted({s[0] for s in self.bad_words_token_ids or [] if len(s) == 1})
+        allowed = sorted(set(self.allowed_token_ids or ()))
+        return ids + banned + allowed, values + [-math.inf] * len(banned) + [math.inf] * len(allowed)
 
     @property
     def greedy(self) -> bool:
@@ -135,6 +176,10 @@ class SamplingParams:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
 
 
 def _bad(params: SamplingParams, name: str, why: str) -> ValueError:

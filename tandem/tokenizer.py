@@ -2,16 +2,46 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 BYTE_BOS, BYTE_EOS = 256, 257
 
+#: names a chat template's extra keywords may not take: transformers' own parameters of the call, and
+#: the variables the template is rendered with
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation becomes a prompt (vLLM's chat request fields of the same names)."""
+
+    add_generation_prompt: bool = True  # open the assistant's turn after the messages
+    continue_final_message: bool = False  # leave the last message open: the model continues it
+    chat_template: str | None = None  # a Jinja template instead of the checkpoint's
+    documents: list[dict[str, str]] | None = None  # for templates that take retrieved documents
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the template
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.template_kwargs))
+        if reserved:
+            raise ValueError(f"chat template keywords may not set {', '.join(reserved)}")
+
+
+DEFAULT_CHAT = ChatOptions()
+
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> list[int]: ...
+    def render_chat(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> str: ...
 
 
 class ByteTokenizer:
@@ -19,8 +49,8 @@ class ByteTokenizer:
     nothing); each larger id decodes to a short word of its own (`` w`` and the id in base 26), so a
     random model over a large vocabulary streams text at about a real tokenizer's rate."""
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # adds no special tokens either way
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if all(0 <= i < 256 for i in ids):
@@ -34,9 +64,17 @@ class ByteTokenizer:
                 run = bytearray()
         return "".join(parts) + run.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        return self.encode(text)
+    def apply_chat_template(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> list[int]:
+        return self.encode(self.render_chat(messages, options))
+
+    def render_chat(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> str:
+        """Its own fixed format (the template keywords have no template to reach)."""
+        if options.chat_template is not None:
+            raise ValueError("the byte tokenizer has a fixed chat format: it takes no chat_template")
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        if options.continue_final_message:
+            text = text[:-1]  # the last message stays open
+        return text + ("<|assistant|>\n" if options.add_generation_prompt else "")
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -58,15 +96,20 @@ class HFTokenizer:
             raise ValueError(f"{path}: cannot load tokenizer ({exc}); pass token-id prompts or add "
                              "tokenizer files") from exc
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not getattr(self._tok, "chat_template", None):
+    def apply_chat_template(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> list[int]:
+        return self._tok.encode(self.render_chat(messages, options), add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT) -> str:
+        """The prompt text (the template writes the special tokens it wants, so encode it without more)."""
+        if options.chat_template is None and not getattr(self._tok, "chat_template", None):
             raise ValueError("this checkpoint's tokenizer has no chat template; use generate() instead")
-        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        # transformers 5 returns a BatchEncoding where 4.x returned a list
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return self._tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, chat_template=options.chat_template,
+            documents=options.documents, **options.template_kwargs)

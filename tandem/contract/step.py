@@ -96,7 +96,8 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("presence_penalty", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.presence_penalty),
     StepField("frequency_penalty", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.frequency_penalty),
     StepField("repetition_penalty", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.repetition_penalty),
-    StepField("bias_value", Per.BIAS, np.float32, 0.0, doc="added to that logit (-inf bans the token)"),
+    StepField("bias_value", Per.BIAS, np.float32, 0.0,
+              doc="added to that logit (-inf bans the token); +inf: the row samples only its +inf tokens"),
 )
 _VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY)
 
@@ -167,6 +168,7 @@ class SamplerFlags:
     logprobs: int = -1  # most top logprobs a sampled row wants (-1: none wants logprobs)
     prompt_logprobs: int = -1  # most top logprobs a prompt-logprob entry wants (-1: none)
     penalty_span: int = 0  # with penalties: the longest prompt + output a penalised row has so far
+    allowed_tokens: bool = False  # some bias entry is +inf: its row may sample only such tokens
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,8 @@ def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFla
                         need_sort=bool((random & ((f["top_k"] > 0) | (f["top_p"] < 1.0))).any()),
                         penalties=bool(penalised.any()),
                         logprobs=int(f["logprobs"].max()) if len(f["logprobs"]) else -1,
-                        prompt_logprobs=prompt_logprobs, penalty_span=span)
+                        prompt_logprobs=prompt_logprobs, penalty_span=span,
+                        allowed_tokens=bool(len(f["bias_value"]) and np.isposinf(f["bias_value"]).any()))
 
 
 def _add_bias_entries(f: dict[str, np.ndarray], parts: list[_Part]) -> None:

@@ -36,7 +36,10 @@ class InputProcessor:
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
-        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        self._tokenize_bad_words(params)
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
+                          ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words", [t for s in params.bad_words_token_ids or () for t in s])):
             outside = [t for t in ids if t >= self.vocab_size]  # a stop id is banned until min_tokens: an index
             if outside:
                 raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {self.vocab_size}): "
@@ -50,6 +53,27 @@ class InputProcessor:
         request = EngineRequest(request_id, ids, params, seed, max_new)
         check_representable(request)
         return request
+
+    def _tokenize_bad_words(self, params: SamplingParams) -> None:
+        """``bad_words`` as token sequences, on the request's own copy. Each word is banned alone and
+        after a space (how a tokenizer writes a word inside a text). The device bans single tokens
+        only: a form of several tokens is covered when its last token is banned anyway (a byte
+        tokenizer's space, then the word's one token), and refused otherwise, never left unbanned."""
+        if not params.bad_words:
+            params.bad_words_token_ids = None
+            return
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs a model with a tokenizer")
+        forms = {form: self.tokenizer.encode(form, add_special_tokens=False)
+                 for word in params.bad_words for form in (word.lstrip(), " " + word.lstrip())}
+        singles = {ids[0] for ids in forms.values() if len(ids) == 1}
+        for form, ids in forms.items():
+            if len(ids) != 1 and (not ids or ids[-1] not in singles):
+                raise ValueError(f"SamplingParams.bad_words: {form!r} is {len(ids)} tokens {ids[:8]}; only words "
+                                 "of one token (alone and after a space) are supported yet")
+        params.bad_words_token_ids = [[t] for t in sorted(singles)]
+        if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= singles:
+            raise ValueError("SamplingParams.bad_words bans every token of allowed_token_ids")
 
     def assign_seed(self, request: EngineRequest) -> None:
         """Unseeded requests draw their seed when added: reproducible for an engine seed and an order."""

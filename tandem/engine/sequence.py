@@ -79,7 +79,7 @@ class Sequence:
     prompt_logprobs_next: int = 0  # prompt positions before this have had their successor's logprobs sent
     #: the constant per-sample step fields of this request (see ``step.request_values``)
     step_values: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False)
-    bias_ids: np.ndarray = field(init=False, repr=False)  # the request's logit_bias, as arrays
+    bias_ids: np.ndarray = field(init=False, repr=False)  # its SamplingParams.bias_entries(), as arrays
     bias_values: np.ndarray = field(init=False, repr=False)
     min_tokens_ban: np.ndarray = field(init=False, repr=False)  # stop ids banned before min_tokens (scheduler)
     # the counters while not attached to a running state
@@ -91,9 +91,9 @@ class Sequence:
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_token_ids)
         self.step_values = request_values(self)
-        bias = self.params.logit_bias or {}
-        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
-        self.bias_values = np.fromiter(bias.values(), np.float64, len(bias))
+        ids, values = self.params.bias_entries()  # logit_bias, banned (-inf) and allowed (+inf) tokens
+        self.bias_ids = np.array(ids, np.int64)
+        self.bias_values = np.array(values, np.float64)
         self.min_tokens_ban = np.zeros(0, np.int64)
 
     # --- counters: in the running state while attached --------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.tokenizer import Tokenizer
+from tandem.tokenizer import DEFAULT_CHAT, ChatOptions, Tokenizer
 
 
 def hf_of(tokenizer: Tokenizer | None) -> Any | None:
@@ -48,11 +48,16 @@ def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
     return encode([text], add_special_tokens=add_special_tokens)[0].ids
 
 
-def chat_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
-    """``tokenizer.apply_chat_template(messages)``: the template rendered (Python, which yields the
-    GIL), then its text encoded as transformers does (no special tokens added: the template has them)."""
-    hf = hf_of(tokenizer)
-    if hf is None or _backend(hf) is None or not getattr(hf, "chat_template", None):
-        return tokenizer.apply_chat_template(messages)
-    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return encode_text(tokenizer, text, add_special_tokens=False)
+def chat_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT,
+             add_special_tokens: bool = False) -> list[int]:
+    """``tokenizer.apply_chat_template(messages, options)``."""
+    return chat_prompt(tokenizer, messages, options, add_special_tokens)[1]
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT,
+                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+    """The prompt text and ids of a conversation: the template rendered (Python, which yields the
+    GIL), then its text encoded as transformers does (no special tokens added unless asked: the
+    template writes them)."""
+    text = tokenizer.render_chat(messages, options)
+    return text, encode_text(tokenizer, text, add_special_tokens=add_special_tokens)

@@ -7,8 +7,8 @@ token sampled on the device counts in the next step without coming back to the h
   divided by the penalty, a negative one multiplied;
 - presence and frequency (OpenAI's): over output tokens, ``logit -= presence * (count > 0) +
   frequency * count``.
-Logit bias entries (the request's ``logit_bias``, and -inf for the stop tokens a request may not
-sample before ``min_tokens``) are added last.
+Logit bias entries (the request's ``logit_bias``, -inf for its bad words and for the stop tokens it
+may not sample before ``min_tokens``, +inf marks for its ``allowed_token_ids``) are applied last.
 
 Penalties touch only the tokens in a row's history, so they work on [rows, span] tensors, never
 [rows, vocab] ones, in a constant number of ops whatever the batch (each eager op costs the host
@@ -85,9 +85,28 @@ def _output_counts(history: torch.Tensor, prompt_lens: torch.Tensor,
     return keys >> 1, torch.searchsorted(keys, (keys | 1) + 1) - first_output
 
 
-def apply_logit_bias(logits: torch.Tensor, samples: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
-    """In place: logits[samples[i], tokens[i]] += values[i] (-inf bans)."""
+def apply_logit_bias(logits: torch.Tensor, samples: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor,
+                     allowed_tokens: bool = False) -> None:
+    """In place: logits[samples[i], tokens[i]] += values[i] (-inf bans). With ``allowed_tokens`` (the
+    host saw a +inf entry in the step), a +inf entry adds nothing but marks its token allowed, and a
+    row with any such mark gets -inf on every token it does not mark (``allowed_token_ids``)."""
+    if allowed_tokens:
+        allowed = torch.isposinf(values)
+        _keep_only_allowed(logits, samples, tokens, allowed)
+        values = values.masked_fill(allowed, 0.0)
     logits.index_put_((samples, tokens), values.to(logits.dtype), accumulate=True)
+
+
+def _keep_only_allowed(logits: torch.Tensor, samples: torch.Tensor, tokens: torch.Tensor,
+                       allowed: torch.Tensor) -> None:
+    """Without a sync (no boolean selection): entries that mark nothing write to a spare column, and
+    every write stores True, so repeated (row, token) pairs need no ordering."""
+    n_rows, vocab = logits.shape
+    marked = torch.zeros(n_rows, vocab + 1, dtype=torch.bool, device=logits.device)
+    marked[samples, torch.where(allowed, tokens, vocab)] = True
+    restricted = torch.zeros(n_rows, 2, dtype=torch.bool, device=logits.device)
+    restricted[samples, allowed.long()] = True
+    logits.masked_fill_(restricted[:, 1:] & ~marked[:, :vocab], float("-inf"))
 
 
 def record_history(history: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, query_start: torch.Tensor,

@@ -231,5 +231,5 @@ class ModelRunner:
             apply_penalties(logits, self.history, f.sample_rows, f.prompt_lens, f.gen_index, f.presence_penalty,
                             f.frequency_penalty, f.repetition_penalty, flags.penalty_span)
         if shape.num_bias:
-            apply_logit_bias(logits, f.bias_sample, f.bias_token, f.bias_value)
+            apply_logit_bias(logits, f.bias_sample, f.bias_token, f.bias_value, flags.allowed_tokens)
         return logits
