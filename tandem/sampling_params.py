@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.structured_outputs import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (logprobs, prompt_logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
@@ -53,6 +55,9 @@ class SamplingParams:
     #: the token sequences ``bad_words`` stand for: set by the engine's InputProcessor (its tokenizer)
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     # --- end of the token restrictions ---
+    #: the output must match this (a JSON schema, regex, choice, EBNF grammar or any JSON object;
+    #: ``tandem.structured_outputs``); enforced by a grammar mask at every sampled token
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +72,11 @@ class SamplingParams:
         stop = self.stop if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) else list(self.stop)
         ids = list(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else self.stop_token_ids
         bias = dict(self.logit_bias) if isinstance(self.logit_bias, dict) else self.logit_bias
-        return dataclasses.replace(self, stop=stop, stop_token_ids=ids, logit_bias=bias, **self._restriction_copies())
+        structured = self.structured_outputs
+        if isinstance(structured, StructuredOutputsParams):
+            structured = structured.copied()  # validated afresh too
+        return dataclasses.replace(self, stop=stop, stop_token_ids=ids, logit_bias=bias, structured_outputs=structured,
+                                   **self._restriction_copies())
 
     def _validate_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):
@@ -92,6 +101,8 @@ class SamplingParams:
                 _is_int(k) and _is_finite(v) for k, v in bias.items())):
             raise _bad(self, "logit_bias", "must map token ids (ints) to finite numbers")
         self._validate_restriction_types()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad(self, "structured_outputs", "must be a StructuredOutputsParams (tandem.structured_outputs)")
 
     def _validate_ranges(self) -> None:
         checks = [
@@ -117,6 +128,9 @@ class SamplingParams:
             ("logit_bias", all(k >= 0 and abs(v) <= MAX_LOGIT_BIAS for k, v in (self.logit_bias or {}).items()),
              f"must have token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
+        # a grammar that may only end (EOS) where min_tokens bans EOS would leave no token to sample
+        checks.append(("min_tokens", not (self.min_tokens and self.structured_outputs is not None),
+                       "must be 0 with structured_outputs (not supported together yet)"))
         for name, ok, why in checks + self._restriction_checks():
             if not ok:
                 raise _bad(self, name, why)

@@ -36,6 +36,8 @@ class InputProcessor:
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
+        if params.structured_outputs is not None:  # the engine's grammar masks land next (issue 23)
+            raise ValueError("SamplingParams.structured_outputs is not implemented yet")
         self._tokenize_bad_words(params)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                           ("allowed_token_ids", params.allowed_token_ids or ()),
