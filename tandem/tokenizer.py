@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ class ChatOptions:
     continue_final_message: bool = False  # leave the last message open: the model continues it
     chat_template: str | None = None  # a Jinja template instead of the checkpoint's
     documents: list[dict[str, str]] | None = None  # for templates that take retrieved documents
+    tools: list[dict[str, Any]] | None = None  # the request's tools, in OpenAI's shape (templates render them)
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the template
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class ByteTokenizer:
         if options.chat_template is not None:
             raise ValueError("the byte tokenizer has a fixed chat format: it takes no chat_template")
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        if options.tools:
+            text = f"<|tools|>\n{json.dumps(options.tools, ensure_ascii=False)}\n" + text
         if options.continue_final_message:
             text = text[:-1]  # the last message stays open
         return text + ("<|assistant|>\n" if options.add_generation_prompt else "")
@@ -112,4 +116,4 @@ class HFTokenizer:
         return self._tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, chat_template=options.chat_template,
-            documents=options.documents, **options.template_kwargs)
+            documents=options.documents, tools=options.tools, **options.template_kwargs)

@@ -1,0 +1,80 @@
+"""The request fields of tool calling, in OpenAI's shapes (pydantic; strict as the rest of
+``tandem.server.protocol``): the tool definitions, ``tool_choice``, and the calls of an assistant
+message sent back in a conversation."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(extra="ignore", strict=True)
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.\-]{1,64}$")]  # OpenAI's rule (and dots)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: any object
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message of the conversation (what a previous response returned)."""
+
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_input(self) -> dict[str, Any]:
+        """Chat templates (transformers' convention) take the arguments as an object, not JSON text;
+        arguments that are not a JSON object are passed as the text they are."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
+def message_tool_fields(tool_calls: list[MessageToolCall] | None, tool_call_id: str | None,
+                        reasoning_content: str | None) -> dict[str, Any]:
+    """The tool (and reasoning) keys of one chat-template message, only those present."""
+    fields: dict[str, Any] = {}
+    if tool_calls:
+        fields["tool_calls"] = [call.as_template_input() for call in tool_calls]
+    if tool_call_id is not None:
+        fields["tool_call_id"] = tool_call_id
+    if reasoning_content is not None:
+        fields["reasoning_content"] = reasoning_content
+    return fields
