@@ -5,9 +5,12 @@ A case is a seeded script: engine settings (tiny KV caches force preemption, sma
 force chunked prefill) and requests that arrive at given steps, some aborted at a later step, with
 greedy or seeded sampling, stop strings, stop token ids and EOS ending them at different steps.
 ``with_shared_prefixes`` makes most prompts start with one of two shared prefixes, and some repeat
-an earlier prompt whole."""
+an earlier prompt whole. ``with_constraints`` (part of every case) gives some requests structured
+output (a JSON schema, a regex, a choice, an EBNF grammar or any JSON object), some of them as the
+n > 1 samples of one prompt."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from dataclasses import dataclass, field
@@ -16,8 +19,9 @@ import torch
 
 from tandem.config import EngineConfig
 from tandem.engine.core import CoreStats
+from tandem.engine.fanout import child_seed
 from tandem.llm import create_engine
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import SamplingParams, StructuredOutputsParams
 
 MODEL = "random:tiny"
 VOCAB = 512
@@ -78,6 +82,38 @@ def make_case(seed: int) -> Case:
         abort_at = arrive + rng.randint(0, 15) if rng.random() < 0.15 else None
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
         case.requests.append(Request(f"r{i}", prompt, _params(rng), arrive, abort_at))
+    return with_constraints(case)
+
+
+# over the byte tokenizer: bounded ones end by their grammar, the others run to max_tokens
+_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 300},
+                                            "ok": {"type": "boolean"}, "tag": {"enum": ["a", "bc", "d e"]}},
+           "required": ["n", "ok"], "additionalProperties": False}
+SPECS = (
+    StructuredOutputsParams(choice=["yes", "no", "maybe", "n/a"]),
+    StructuredOutputsParams(regex=r"[a-z]{1,5}( [a-z]{1,5}){0,3}\."),
+    StructuredOutputsParams(regex=r"[0-9a-f ]*"),
+    StructuredOutputsParams(json=_SCHEMA),
+    StructuredOutputsParams(json=_SCHEMA, disable_any_whitespace=True),
+    StructuredOutputsParams(grammar='root ::= "(" num ("," num){0,2} ")" | "[" [a-z]* "]"\nnum ::= [0-9]{1,3}'),
+    StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
+)
+
+
+def with_constraints(case: Case, share: float = 0.3) -> Case:
+    """The same case (its own random stream is untouched) with about ``share`` of its requests
+    constrained by one of ``SPECS``, a third of those with one or two more samples of the same
+    prompt (as ``n`` > 1 fans out: seeds seed + i)."""
+    rng = random.Random(f"grammar-{case.seed}")
+    siblings = []
+    for r in list(case.requests):
+        if rng.random() >= share or r.params.structured_outputs is not None:
+            continue
+        r.params = dataclasses.replace(r.params, min_tokens=0, structured_outputs=rng.choice(SPECS))
+        for j in range(1, 1 + (rng.randint(1, 2) if rng.random() < 0.33 else 0)):
+            params = dataclasses.replace(r.params, seed=child_seed(r.params.seed, j))
+            siblings.append(Request(f"{r.rid}-{j}", list(r.prompt), params, r.arrive, r.abort_at))
+    case.requests += siblings
     return case
 
 
@@ -153,6 +189,10 @@ def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", d
                           enforce_eager=not cuda_graphs, seed=case.seed, enable_prefix_caching=prefix_caching,
                           **case.engine)
     engine = create_engine(config)
+    for spec in {r.params.structured_outputs.key(): r.params.structured_outputs for r in case.requests
+                 if r.params.structured_outputs is not None}.values():
+        # compiled before the run: a request joins the queue when it arrives, in both runs alike
+        engine.core.grammars.compiler.compile(spec).result()
     results: dict[str, Outcome] = {}
     pending = sorted(case.requests, key=lambda r: r.arrive)
     step = 0

@@ -9,7 +9,7 @@ import torch
 
 from tandem.bench.report import decode_check_text, record, table, write_json
 from tandem.bench.runner import run_benchmark
-from tandem.bench.workload import BenchRequest, LengthRange, Workload
+from tandem.bench.workload import BenchRequest, LengthRange, Workload, bench_params
 from tandem.bench.timeline import draw_timeline, write_trace
 from tandem.llm import LLM
 
@@ -20,7 +20,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
           shared_prefix_len: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-          repetition_penalty: float = 1.0, compare_hf: bool = False, hf_modes: list[str] | None = None,
+          repetition_penalty: float = 1.0, structured_output: str | None = None, compare_hf: bool = False,
+          hf_modes: list[str] | None = None,
           json_path: str | Path | None = None, timeline: str | Path | None = None,
           trace: str | Path | None = None,
           timeline_steps: int = 8, progress: bool = True, llm: LLM | None = None,
@@ -36,7 +37,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
                  temperature, request_rate, logprobs, shared_prefix_len, presence_penalty, frequency_penalty,
-                 repetition_penalty)
+                 repetition_penalty, structured_output)
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")
@@ -49,6 +50,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if owned:
         llm = LLM(model, **engine_options)
     engine, info = llm.engine, llm.engine.worker.info
+    if w.structured_output:  # compile the schema (and read the vocabulary) before anything is timed
+        engine.core.grammars.compiler.compile(bench_params(w, 1).structured_outputs).result()
     print(f"tandem bench: {model} on {info.device_name} ({info.dtype}), {threads} torch threads; "
           f"{w.describe()}, modes {', '.join(modes)}", flush=True)
     runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)

@@ -2,13 +2,15 @@
 
 It implements the engine's ``Worker`` interface (so the real scheduler, batch builder, submission
 and output processing run) and answers every step immediately with well-formed outputs (tokens
-that never stop a request early, and logprobs of the right shapes where asked)."""
+that never stop a request early, and logprobs of the right shapes where asked). A grammar-
+constrained row takes a token its mask allows (not an EOS while anything else is allowed), picked
+by a hash of the step and row, so the host's grammar work is real too."""
 from __future__ import annotations
 
 import numpy as np
 
 from tandem.config import EngineConfig
-from tandem.contract.step import Logprobs, StepInputs, StepOutput
+from tandem.contract.step import Logprobs, StepInputs, StepOutput, field_offsets
 from tandem.contract.worker import StepInterval, WorkerInfo
 from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
@@ -37,6 +39,7 @@ class FakeWorker:
                                graph_batch_sizes=sizes, graph_max_blocks=-(-max_len // config.block_size))
         self.vocab = model.vocab_size
         self.model_config = model
+        self._awaiting: tuple[StepInputs, StepOutput] | None = None  # a step waiting for its grammar mask
 
     def submit(self, step: StepInputs) -> StepOutput:
         n = step.shape.num_sampled
@@ -44,7 +47,33 @@ class FakeWorker:
         k = step.sampler.logprobs
         logprobs = None if k < 0 else Logprobs(np.zeros(n, np.float32), np.ones(n, np.int64),
                                                np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
-        return StepOutput(step.step_id, tokens, logprobs)
+        out = StepOutput(step.step_id, tokens, logprobs)
+        if step.shape.num_masked:
+            self._awaiting = step, out
+        return out
+
+    def provide_mask(self, step_id: int, mask: np.ndarray) -> None:
+        step, out = self._awaiting
+        self._awaiting = None
+        start, size = field_offsets(step.shape)["mask_sample"]
+        rows = step.data[start:start + size]
+        for i, row in enumerate(rows.tolist()):
+            out.token_ids[row] = self._allowed_token(mask[i], step_id * 7919 + row)
+
+    def _allowed_token(self, row: np.ndarray, salt: int) -> int:
+        """An allowed token of one mask row, from a word picked by ``salt``: no unpacking of the whole
+        row (this device's time should stay small next to the host's)."""
+        bits = row.view(np.uint32).copy()
+        for eos in self.model_config.eos_token_ids:
+            bits[eos // 32] &= np.uint32(~(1 << eos % 32) & 0xFFFFFFFF)
+        if self.vocab % 32:  # the last word's bits past the vocabulary
+            bits[-1] &= np.uint32((1 << self.vocab % 32) - 1)
+        words = np.flatnonzero(bits)
+        if words.size == 0:  # only an EOS is allowed
+            return min(self.model_config.eos_token_ids)
+        word = int(words[salt % words.size])
+        set_bits = [b for b in range(32) if int(bits[word]) >> b & 1]
+        return word * 32 + set_bits[salt % len(set_bits)]
 
     def collect(self, handle: StepOutput) -> StepOutput:
         return handle

@@ -2,7 +2,9 @@
 sizes. What it reports is the host's time per pure-decode step (schedule + build + submit +
 process): the budget asynchronous batching must hide behind each GPU step; and the whole turn of
 the offline loop (``loop ms``: those phases plus turning tokens into outputs, which the server does
-in its API process instead)."""
+in its API process instead). With structured output (``--structured-output json``) processing
+includes the grammar work: advancing each request's matcher and filling the next step's mask, whose
+median alone is ``mask ms``."""
 from __future__ import annotations
 
 import gc
@@ -29,6 +31,7 @@ class HostFigures:
     process_ms: float
     loop_ms: float  # a whole turn of the loop: the phases, output processing (LLMEngine) and the rest
     gc: dict
+    mask_ms: float = 0.0  # structured output: filling one step's grammar masks (part of process_ms)
 
     @property
     def total_ms(self) -> float:
@@ -45,13 +48,17 @@ def measure(model: str, num_seqs: int, prompt_len: int, max_tokens: int, samplin
     requests = make_requests(w, engine.model_config.vocab_size)
     log = StepLog()
     engine.core.observers.append(log)
+    if w.structured_output:
+        engine.core.grammars.fill_times = []
     with GcPauses() as pauses:
         drive(engine, w, requests, progress=False)
     full = [r for r in log.records if r.num_decode == r.num_seqs == num_seqs]
+    fills = engine.core.structured.fill_times if engine.core.structured is not None else None
     ms = lambda xs: median(xs) * 1e3 if xs else 0.0  # noqa: E731
     turns = [b.t_begin - a.t_begin for a, b in zip(full, full[1:]) if b.step_id == a.step_id + 1]
     return HostFigures(num_seqs, len(full), ms([r.schedule_s for r in full]), ms([r.build_s for r in full]),
-                       ms([r.submit_s for r in full]), ms([r.process_s for r in full]), ms(turns), pauses.summary())
+                       ms([r.submit_s for r in full]), ms([r.process_s for r in full]), ms(turns), pauses.summary(),
+                       ms(fills or []))
 
 
 def host_only(model: str, batch_sizes: list[int], prompt_len: int, max_tokens: int, sampling: dict | None = None,
@@ -61,7 +68,7 @@ def host_only(model: str, batch_sizes: list[int], prompt_len: int, max_tokens: i
           f"{w.describe().replace('1 requests x ', '')} per sequence; prefix caching "
           f"{'on' if options.get('enable_prefix_caching', True) else 'off'}")
     print(f"{'seqs':>6} {'steps':>6} {'sched ms':>9} {'build ms':>9} {'submit ms':>9} {'process ms':>10} "
-          f"{'host ms':>8} {'loop ms':>8} {'gc pauses':>18}")
+          f"{'host ms':>8} {'loop ms':>8} {'mask ms':>8} {'gc pauses':>18}")
     results = []
     for n in batch_sizes:
         gc.collect()
@@ -69,6 +76,6 @@ def host_only(model: str, batch_sizes: list[int], prompt_len: int, max_tokens: i
         f = measure(model, n, prompt_len, max_tokens, sampling, **options)
         results.append(f)
         print(f"{n:>6} {f.steps:>6} {f.schedule_ms:>9.3f} {f.build_ms:>9.3f} {f.submit_ms:>9.3f} {f.process_ms:>10.3f} "
-              f"{f.total_ms:>8.3f} {f.loop_ms:>8.3f} {f.gc['collections']:>4} ({f.gc['max_ms']:.1f} ms max)"
+              f"{f.total_ms:>8.3f} {f.loop_ms:>8.3f} {f.mask_ms:>8.3f} {f.gc['collections']:>4} ({f.gc['max_ms']:.1f} ms max)"
               f"  [{time.perf_counter() - t0:.1f} s]", flush=True)
     return results

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import SamplingParams, StructuredOutputsParams
+
+#: ``--structured-output json``: every request's output follows this schema (a record whose free
+#: text lets a random model's output run on: the host's mask work is measured on long outputs)
+BENCH_JSON_SCHEMA = {"type": "object",
+                     "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                                    "tags": {"type": "array", "items": {"type": "string"}},
+                                    "active": {"type": "boolean"}},
+                     "required": ["id", "name", "tags", "active"]}
+STRUCTURED_OUTPUTS = ("json",)  # what --structured-output takes
 
 
 @dataclass(frozen=True)
@@ -49,11 +58,14 @@ class Workload:
     presence_penalty: float = 0.0  # every request's penalties (the sampling stage's penalty path)
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    structured_output: str | None = None  # "json": every request constrained by BENCH_JSON_SCHEMA
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared_prefix_len <= self.prompt_len.lo:
             raise ValueError(f"shared_prefix_len must be in [0, the shortest prompt length {self.prompt_len.lo}], "
                              f"got {self.shared_prefix_len}")
+        if self.structured_output not in (None, *STRUCTURED_OUTPUTS):
+            raise ValueError(f"structured_output must be one of {STRUCTURED_OUTPUTS}, got {self.structured_output!r}")
 
     def describe(self) -> str:
         rate = f", {self.request_rate} req/s" if self.request_rate else ""
@@ -62,6 +74,8 @@ class Workload:
         if self.penalised:
             extra += (f", penalties presence={self.presence_penalty} frequency={self.frequency_penalty} "
                       f"repetition={self.repetition_penalty}")
+        if self.structured_output:
+            extra += f", structured output {self.structured_output} (a fixed schema)"
         return (f"{self.num_requests} requests x ({self.prompt_len} prompt{shared} + {self.max_tokens} new "
                 f"tokens){rate}{extra}")
 
@@ -74,7 +88,8 @@ class Workload:
                 "max_tokens": str(self.max_tokens), "seed": self.seed, "temperature": self.temperature,
                 "request_rate": self.request_rate, "logprobs": self.logprobs,
                 "shared_prefix_len": self.shared_prefix_len, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "structured_output": self.structured_output}
 
 
 @dataclass
@@ -102,8 +117,10 @@ def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
 
 
 def bench_params(w: Workload, max_tokens: int) -> SamplingParams:
-    # EOS ignored and no detokenization: every request generates exactly its budget of tokens
+    # EOS ignored and no detokenization: every request generates exactly its budget of tokens (with
+    # structured output, unless its grammar completes first: a complete grammar ends the request)
+    structured = StructuredOutputsParams(json=BENCH_JSON_SCHEMA) if w.structured_output == "json" else None
     return SamplingParams(temperature=w.temperature, seed=w.seed if w.temperature > 0 else None,
                           max_tokens=max_tokens, ignore_eos=True, detokenize=False, logprobs=w.logprobs,
                           presence_penalty=w.presence_penalty, frequency_penalty=w.frequency_penalty,
-                          repetition_penalty=w.repetition_penalty)
+                          repetition_penalty=w.repetition_penalty, structured_outputs=structured)

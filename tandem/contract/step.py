@@ -7,10 +7,12 @@ new field is one line here (plus, for a per-step field, the line in ``engine.bat
 it).
 
 Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, the block
-table (sequences x max_blocks), or one of three variable-length lists: logit-bias entries (a request's
+table (sequences x max_blocks), or one of four variable-length lists: logit-bias entries (a request's
 ``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``), prompt-logprob
-entries, and history entries (the tokens a penalised request found in the prefix cache, which no
-step computes, so the device's token history learns them this way). The variable-length fields
+entries, history entries (the tokens a penalised request found in the prefix cache, which no
+step computes, so the device's token history learns them this way), and grammar-mask rows (the
+sampled rows structured output constrains; the bitmask itself follows the step, see
+``contract.worker.Worker.provide_mask``). The variable-length fields
 come last among the ints and the floats, so a captured graph, which reads only the fixed-size int
 fields, finds them at the same offsets; the block table is the last of those, so a step that ships a
 narrower table than the graph's (only the columns its longest sequence uses) still has every other
@@ -40,6 +42,7 @@ class Per(enum.Enum):
     BIAS = "logit-bias entry"
     PROMPT_LOGPROB = "prompt-logprob entry"
     HISTORY = "history entry"
+    MASK = "grammar-mask row"
 
 
 class RequestLike(Protocol):
@@ -90,6 +93,9 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("history_row", Per.HISTORY, np.int64, 0, doc="row of a token the step does not compute (cached)"),
     StepField("history_pos", Per.HISTORY, np.int64, 0),
     StepField("history_token", Per.HISTORY, np.int64, 0),
+    # structured output: the step's grammar-constrained sampled rows; their bitmask comes after
+    # submission (``Worker.provide_mask``), once the host knows the tokens before them
+    StepField("mask_sample", Per.MASK, np.int64, 0, doc="sampled row of each grammar-mask row, ascending"),
     StepField("temperature", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.effective_temperature),
     StepField("top_p", Per.SAMPLE, np.float32, 1.0, from_request=lambda r: r.params.top_p),
     StepField("min_p", Per.SAMPLE, np.float32, 0.0, from_request=lambda r: r.params.min_p),
@@ -99,7 +105,7 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("bias_value", Per.BIAS, np.float32, 0.0,
               doc="added to that logit (-inf bans the token); +inf: the row samples only its +inf tokens"),
 )
-_VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY)
+_VARIABLE = (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY, Per.MASK)
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -130,12 +136,13 @@ class StepShape:
     num_bias: int = 0  # logit-bias entries
     num_prompt_logprobs: int = 0  # prompt-logprob entries
     num_history: int = 0  # history entries
+    num_masked: int = 0  # grammar-constrained sampled rows (their mask is provided after submission)
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
                 Per.SAMPLE: self.num_sampled, Per.TABLE: self.num_seqs * self.max_blocks,
                 Per.BIAS: self.num_bias, Per.PROMPT_LOGPROB: self.num_prompt_logprobs,
-                Per.HISTORY: self.num_history}[per]
+                Per.HISTORY: self.num_history, Per.MASK: self.num_masked}[per]
 
     @property
     def graph_key(self) -> tuple[int, int, int, int]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from tandem.contract.step import StepInputs, StepOutput
 
 
@@ -40,10 +42,18 @@ class Worker(Protocol):
     info: WorkerInfo
 
     def submit(self, step: StepInputs) -> Any: ...
+    def provide_mask(self, step_id: int, mask: np.ndarray) -> None:
+        """The grammar bitmask of the newest submitted step (``step.shape.num_masked`` > 0): int32
+        [num_masked, ceil(vocab / 32)], row i for the step's sampled row ``mask_sample[i]``; bit t of
+        a row (word t // 32, bit t % 32) set where token t is allowed. Given after ``submit``, before
+        the next ``submit`` and before ``collect``: the device may run the step's forward meanwhile,
+        and only its sampling waits for the mask. The host never writes ``mask`` again (a new
+        array per step), so the worker may read it until the step is collected."""
     def collect(self, handle: Any) -> StepOutput: ...
     def set_async(self, enabled: bool) -> None: ...
     def drain(self) -> None:
-        """Wait until every submitted step has finished on the device (results may be dropped)."""
+        """Wait until every submitted step has finished on the device (results may be dropped); a
+        step still waiting for its grammar mask samples without one (its tokens are dropped)."""
     def start_timing(self) -> None:
         """Keep the interval of every step collected from now on (a benchmark's device lane)."""
     def stop_timing(self) -> list[StepInterval]: ...

@@ -136,7 +136,9 @@ def _block_tables(parts: list[_Part], pad: Padding | None) -> np.ndarray:
     return table
 
 
-def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None) -> StepInputs:
+def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = None,
+               mask_sample: np.ndarray | None = None) -> StepInputs:
+    """``mask_sample``: the step's grammar-constrained sampled rows (``engine.structured``), if any."""
     decode_only = sched.decode is not None and not sched.chunks
     parts = ([_decode_part(sched.decode, pad if decode_only else None)] if sched.decode is not None else []) + \
             ([_chunk_part(sched.chunks)] if sched.chunks else [])
@@ -166,14 +168,18 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     first_chunk = len(sched.decode) if sched.decode is not None else 0
     plp_k = _add_prompt_logprob_entries(f, sched.chunks, query_start[first_chunk:])
     _add_history_entries(f, sched.chunks)
+    f["mask_sample"] = _NO_ENTRIES if mask_sample is None else mask_sample
     flags = _sampler_flags(f, plp_k)
     if pad and pad.num_seqs is None:
         _pad_tokens(f, pad.num_tokens)
     f["block_tables"] = block_tables
     shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q,
                       block_tables.shape[1], len(f["bias_sample"]), len(f["prompt_logprob_index"]),
-                      len(f["history_row"]))
+                      len(f["history_row"]), len(f["mask_sample"]))
     return StepInputs(sched.step_id, shape, flags, pack(f, shape))
+
+
+_NO_ENTRIES = np.zeros(0, np.int64)
 
 
 def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFlags:

@@ -5,14 +5,19 @@ asynchronous batching the device runs step N+1 while the host processes step N a
 synchronous mode the worker finishes each step before ``submit`` returns, so the host and the device
 take turns. Both modes make the same scheduling decisions from the same information, so they give
 the same batches and the same tokens: the only difference is the overlap. This is what runs in the
-engine-core process of the server, and in-process under ``LLMEngine``."""
+engine-core process of the server, and in-process under ``LLMEngine``.
+
+Structured output (``engine.structured``) keeps this order: a step's grammar mask needs the token
+its previous step samples, so the core hands the mask of the newest step to the worker once every
+step before it has been processed (``_provide_mask``); the device runs that step's forward
+meanwhile, and only its sampling waits for the mask."""
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem.config import EngineConfig
 from tandem.contract.worker import Worker
@@ -23,6 +28,9 @@ from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
+
+if TYPE_CHECKING:
+    from tandem.engine.structured.manager import MaskedRows, StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ class CoreStats:
 class _InFlight:
     sched: SchedulerOutput
     handle: Any  # the worker's handle to collect the step's output with
+    masked: MaskedRows | None = None  # its grammar-constrained rows, whose mask follows the submission
 
 
 class EngineCore:
@@ -61,44 +70,84 @@ class EngineCore:
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
         self.heap = HeapFreezer()
+        self._model, self._eos_token_ids = config.model, eos_token_ids
+        self.structured: StructuredOutputs | None = None  # made for the first constrained request
+
+    @property
+    def grammars(self) -> StructuredOutputs:
+        """Structured output's side of the loop (loads xgrammar, so only once a request needs it)."""
+        if self.structured is None:
+            from tandem.engine.structured.manager import StructuredOutputs
+
+            self.structured = StructuredOutputs(self._model, self._eos_token_ids)
+        return self.structured
 
     def add_request(self, request: EngineRequest) -> None:
-        self.scheduler.add(Sequence.from_request(request))
+        seq = Sequence.from_request(request)
+        if seq.params.structured_outputs is not None:
+            self.grammars.hold(seq, self.scheduler)  # queued once its grammar is compiled
+        else:
+            if self.structured is not None and seq.request_id in self.structured.held:
+                raise ValueError(f"request id {seq.request_id!r} is already in use")
+            self.scheduler.add(seq)
         self.heap.admitted()
 
     def finish_requests(self, request_ids: list[str], reason: str = "abort") -> list[str]:
-        """End these requests now (aborted, or stopped by their text); returns those that were running."""
-        return [rid for rid in request_ids if self.scheduler.finish(rid, reason)]
+        """End these requests now (aborted, or stopped by their text); returns those that were running
+        (or waiting for their grammar)."""
+        ended = [rid for rid in request_ids if self.scheduler.finish(rid, reason)]
+        if self.structured is not None:
+            ended += [rid for rid in request_ids if self.structured.drop(rid)]
+        return ended
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self.in_flight)
+        return self.scheduler.has_work() or bool(self.in_flight) or bool(self.structured and self.structured.held)
 
     def step(self) -> StepDeltas:
         """Plan and launch one step; return what the step(s) completed meanwhile changed."""
         t_begin = time.perf_counter()
+        deltas = StepDeltas()
+        grammars = self.structured
+        if grammars is not None and grammars.held:
+            grammars.release(self.scheduler, deltas)  # compiled: into the queue (or failed: ended)
         admissions = self.scheduler.num_admissions
         sched = self.scheduler.schedule()
         if self.scheduler.num_admissions != admissions:  # what a running sequence holds: its blocks, its row's state
             self.heap.admitted()
         if len(sched):
             t_sched = time.perf_counter()
-            step = build_step(sched, self.block_size, padding_for(sched, self.worker.info))
+            masked = grammars.masked_rows(sched) if grammars is not None else None
+            step = build_step(sched, self.block_size, padding_for(sched, self.worker.info),
+                              None if masked is None else masked.sample_index)
             t_built = time.perf_counter()
-            self.in_flight.append(_InFlight(sched, self.worker.submit(step)))
+            self.in_flight.append(_InFlight(sched, self.worker.submit(step), masked))
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
-        deltas = StepDeltas()
+        self._provide_mask()  # nothing was in flight before it: its mask is known now
         while self.in_flight and (len(self.in_flight) > 1 or not len(sched)):
             done = self.in_flight.popleft()
             t_collect = time.perf_counter()
             output = self.worker.collect(done.handle)
             t_collected = time.perf_counter()
             self.scheduler.update(done.sched, output, deltas)
+            if done.masked is not None:
+                grammars.advance(done.masked, self.scheduler, deltas)
+            self._provide_mask()
             for obs in self.observers:
                 obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
+        if grammars is not None and grammars.held and not self.in_flight and not len(sched):
+            grammars.wait(0.01)  # only compilations are left: wait for one rather than spin
         if not self.has_unfinished_requests():
             self.heap.idle()
         return deltas
+
+    def _provide_mask(self) -> None:
+        """The grammar mask of the newest step, once it is the only one in flight: every step before it
+        has been processed, so each constrained request's matcher has all the tokens before its row."""
+        if len(self.in_flight) == 1:
+            newest = self.in_flight[0]
+            if newest.masked is not None and not newest.masked.provided:
+                self.worker.provide_mask(newest.sched.step_id, self.structured.fill(newest.masked))
 
     def stats(self) -> CoreStats:
         s = self.scheduler
@@ -118,6 +167,8 @@ class EngineCore:
         self.worker.drain()
         self.in_flight.clear()
         aborted = self.finish_requests(list(self.scheduler.requests))
+        if self.structured is not None:
+            aborted += self.structured.drop_all()
         self.scheduler.all_steps_done()
         # an interruption between scheduling a step and submitting it leaves blocks registered that
         # no step wrote: forget every cached prefix rather than find out which
@@ -139,6 +190,8 @@ class EngineCore:
         while self.in_flight:
             self.worker.collect(self.in_flight.popleft().handle)
         self.scheduler.all_steps_done()
+        if self.structured is not None:
+            self.structured.shutdown()
         self.worker.shutdown()
 
 

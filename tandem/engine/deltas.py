@@ -74,6 +74,7 @@ class StepDeltas:
     finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason
     logprobs: LogprobEntries = field(default_factory=LogprobEntries)  # of new tokens whose requests asked
     prompt_logprobs: LogprobEntries = field(default_factory=LogprobEntries)
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed (finished "error")
 
     def __bool__(self) -> bool:
         return bool(self.token_ids or self.finished or self.prompt_logprobs)
@@ -88,4 +89,5 @@ class StepDeltas:
             merged.token_request_ids += d.token_request_ids
             merged.token_ids += d.token_ids
             merged.finished.update(d.finished)
+            merged.errors.update(d.errors)
         return merged

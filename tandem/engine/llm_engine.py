@@ -74,6 +74,8 @@ class LLMEngine:
         deltas = self.core.step()
         self.num_generated_tokens += len(deltas.token_ids)
         processed = self.output_processor.process(deltas)
+        if deltas.errors:  # a request the core could not run (a grammar that does not compile) fails the call
+            raise ValueError("; ".join(f"request {rid!r}: {why}" for rid, why in deltas.errors.items()))
         if processed.stopped:
             self.core.finish_requests(processed.stopped, "stop")
         return processed.outputs

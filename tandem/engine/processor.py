@@ -23,6 +23,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_stop_strings = config.max_stop_strings
         self.max_stop_string_length = config.max_stop_string_length
+        self.tensor_parallel_size = config.tensor_parallel_size
         self._seed_rng = random.Random(config.seed)
 
     def process(self, request_id: str, prompt: str | None, params: SamplingParams,
@@ -36,8 +37,10 @@ class InputProcessor:
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
-        if params.structured_outputs is not None:  # the engine's grammar masks land next (issue 23)
-            raise ValueError("SamplingParams.structured_outputs is not implemented yet")
+        if params.structured_outputs is not None:  # a bad spec fails here; it compiles in the engine core
+            from tandem.engine.structured.compiler import check_request
+
+            check_request(params.structured_outputs, self.tokenizer is not None, self.tensor_parallel_size)
         self._tokenize_bad_words(params)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                           ("allowed_token_ids", params.allowed_token_ids or ()),

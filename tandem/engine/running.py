@@ -50,6 +50,7 @@ class RunningState:
         self.stops_on_eos = np.zeros(n, bool)  # not ignore_eos
         self.logprobs = np.full(n, -1, np.int64)  # top logprobs a sampled token brings (-1: none)
         self.special = np.zeros(n, bool)  # logit bias, min_tokens bans or stop ids: per-sequence work
+        self.structured = np.zeros(n, bool)  # structured output: its sampled rows take a grammar mask
         self.tag = np.zeros(n, np.int64)  # which admission holds the row (a step's rows are checked)
         self.num_blocks = np.zeros(n, np.int64)
         self.block_table = np.zeros((n, max(1, max_blocks)), np.int64)
@@ -77,6 +78,7 @@ class RunningState:
         self.stops_on_eos[row] = not p.ignore_eos
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         self.special[row] = seq.has_bias or bool(p.stop_token_ids)
+        self.structured[row] = p.structured_outputs is not None
         self.request_ids[row] = seq.request_id
         self.append_output[row] = seq.output_token_ids.append
         self.request_ints[row], self.request_floats[row] = seq.step_values

@@ -89,6 +89,11 @@ class TPWorker:
         self.sender.send(Message.step(step))  # first: the followers launch while rank 0 does
         return self.rank.submit(step)
 
+    def provide_mask(self, step_id: int, mask: Any) -> None:
+        # the InputProcessor refuses structured output at tensor_parallel_size > 1, so no step asks
+        raise NotImplementedError("grammar masks (structured output) are not implemented yet under tensor "
+                                  "parallelism: the ranks would need the mask too")
+
     def collect(self, handle: Any) -> StepOutput:
         return self.rank.collect(handle)
 

@@ -3,7 +3,7 @@
 One graph per padded batch size, captured at start-up into one shared memory pool, largest first so
 smaller graphs reuse its memory. A graph covers the forward up to the sampled rows' logits
 (``ModelRunner.forward_logits``); the sampling stage runs after it eagerly, so what a step asks of
-the sampler (top-k/top-p, penalties, logit bias, logprobs) needs no graph of its own. Graph inputs
+the sampler (top-k/top-p, penalties, logit bias, grammar masks, logprobs) needs no graph of its own. Graph inputs
 are one static packed buffer that each step fills with a device-to-device copy on the compute
 stream; the placeholder gather (pending tokens from the next-token table) runs inside the graph.
 A graph is keyed by everything its kernels read as a shape (batch size; the block-table width is
@@ -19,7 +19,7 @@ import torch
 
 from tandem.contract.startup import StartupSteps
 from tandem.contract.step import Padding, StepInputs, StepShape
-from tandem.worker.model_runner import GraphFields, ModelRunner
+from tandem.worker.model_runner import Forwarded, GraphFields, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,13 @@ class DecodeGraphs:
 
     def run(self, g: _Graph, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """On the current (compute) stream: stage inputs, replay, then the sampling stage eagerly."""
+        return self.runner.finish_forwarded(self.forward(g, data, step), step.shape, step.sampler)
+
+    def forward(self, g: _Graph, data: torch.Tensor, step: StepInputs) -> Forwarded:
+        """Stage inputs and replay: the step up to its sampling stage. A step with grammar-constrained
+        rows samples later, once its mask is on the device (``StreamExecutor.provide_mask``): the graph
+        holds no sampler, so it replays for those steps too. Its outputs (logits, ids) and staged
+        inputs stay untouched until the next replay, which the compute stream runs after that sampling."""
         fields = g.fields.stage(data, step.shape)
         g.graph.replay()
-        return self.runner.finish(None, g.ids, fields, step.shape, step.sampler, g.logits)
+        return Forwarded(None, g.ids, fields, g.logits)

@@ -1,5 +1,5 @@
 """The device side of one step: unpack inputs, resolve pending tokens, forward, then the sampling
-stage (history, penalties and logit bias, sampling, logprobs) and the packed output.
+stage (history, penalties and logit bias, the grammar mask, sampling, logprobs) and the packed output.
 
 Shared by every executor; it only enqueues device work (no host synchronisation), so the async
 executor can run it on its own stream while the host prepares the next step. A captured graph
@@ -8,6 +8,7 @@ covers ``forward_logits``; ``finish`` runs after it eagerly, so the variable-len
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from tandem.contract.step import (FIELDS_BY_NAME, FLOAT_FIELDS, INT_FIELDS, Per,
                                   field_offsets, output_layout)
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.base import CausalLM
+from tandem.worker.grammar_mask import apply_grammar_mask
 from tandem.worker.logits_processing import apply_logit_bias, apply_penalties, record_history
 from tandem.worker.logprobs import token_logprobs
 from tandem.worker.sampler import SamplingTensors, sample
@@ -54,7 +56,7 @@ class StepTensors(dict):
 # step shapes repeat (graph sizes, steady decode batches): their offsets are computed once
 _offsets = functools.lru_cache(maxsize=1024)(field_offsets)
 _VARIABLE_FIELDS = tuple(f.name for f in INT_FIELDS + FLOAT_FIELDS
-                         if f.per in (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY))
+                         if f.per in (Per.BIAS, Per.PROMPT_LOGPROB, Per.HISTORY, Per.MASK))
 
 
 def unpack(data: torch.Tensor, shape: StepShape) -> StepTensors:
@@ -68,7 +70,7 @@ def unpack(data: torch.Tensor, shape: StepShape) -> StepTensors:
 
 def has_lists(shape: StepShape) -> bool:
     """Whether the step has entries in a variable-length list (which also moves the float fields)."""
-    return bool(shape.num_bias or shape.num_prompt_logprobs or shape.num_history)
+    return bool(shape.num_bias or shape.num_prompt_logprobs or shape.num_history or shape.num_masked)
 
 
 class GraphFields:
@@ -152,6 +154,17 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+@dataclass
+class Forwarded:
+    """A step between its forward and its sampling stage (``ModelRunner.finish_forwarded``): a step
+    with grammar-constrained rows waits here for its mask."""
+
+    hidden: torch.Tensor | None  # None where a graph computed the sampled rows' ``logits`` itself
+    ids: torch.Tensor  # resolved input ids
+    fields: StepTensors
+    logits: torch.Tensor | None = None
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, num_rows: int,
                  max_model_len: int) -> None:
@@ -170,12 +183,21 @@ class ModelRunner:
         1024 sequences of a 128K-token model)."""
         return num_rows * (8 + 4 * max_model_len)
 
-    def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
+    def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
         """data: the step's packed inputs already on the device -> the packed output (see ``finish``)."""
+        return self.finish_forwarded(self.forward(data, shape), shape, flags, mask)
+
+    def forward(self, data: torch.Tensor, shape: StepShape) -> Forwarded:
+        """The step up to its sampling stage, eagerly."""
         f = StepTensors(data, shape)
         ids = self.resolve_pending(f.input_ids)
         hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(self.attention_inputs(f, shape)))
-        return self.finish(hidden, ids, f, shape, flags)
+        return Forwarded(hidden, ids, f)
+
+    def finish_forwarded(self, fw: Forwarded, shape: StepShape, flags: SamplerFlags,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.finish(fw.hidden, fw.ids, fw.fields, shape, flags, fw.logits, mask)
 
     def forward_logits(self, data: torch.Tensor, shape: StepShape,
                        logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +217,12 @@ class ModelRunner:
                                f.seq_lens, f.positions, shape.max_q, self.block_size)
 
     def finish(self, hidden: torch.Tensor, ids: torch.Tensor, f: StepTensors, shape: StepShape,
-               flags: SamplerFlags, logits: torch.Tensor | None = None) -> torch.Tensor:
+               flags: SamplerFlags, logits: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """The sampling stage after the forward: record the step's tokens, process and sample the
-        logits (``hidden[logits_indices]``, unless given), logprobs, and pack what returns."""
+        logits (``hidden[logits_indices]``, unless given), logprobs, and pack what returns.
+        ``mask``: the grammar bitmask of the rows ``mask_sample`` (None: sample them unconstrained,
+        only for a step whose tokens are dropped, see ``Worker.drain``)."""
         # the history serves penalised rows only: record it when a sampled row is penalised or some
         # sequence samples nothing (a prefill chunk of a penalised request may be among them)
         if flags.penalties or shape.num_sampled < shape.num_seqs:
@@ -208,7 +233,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[f.logits_indices])
         parts: dict[str, torch.Tensor] = {}
         if shape.num_sampled:
-            logits = self._process(logits, f, shape, flags)
+            logits = self._process(logits, f, shape, flags, mask)
             tokens = sample(logits, SamplingTensors(f.temperature, f.top_k, f.top_p, f.min_p, f.seeds,
                                                     f.gen_index, flags.any_random, flags.need_sort))
             self.next_tokens.index_copy_(0, f.sample_rows, tokens)
@@ -223,13 +248,15 @@ class ModelRunner:
             parts.update({"prompt_" + name: value for name, value in found.items()})
         return pack_output(parts, shape, flags)
 
-    def _process(self, logits: torch.Tensor, f: StepTensors, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
-        if not flags.penalties and not shape.num_bias:
-            return logits
-        logits = logits.float() if logits.dtype != torch.float64 else logits.clone()
-        if flags.penalties:
-            apply_penalties(logits, self.history, f.sample_rows, f.prompt_lens, f.gen_index, f.presence_penalty,
-                            f.frequency_penalty, f.repetition_penalty, flags.penalty_span)
-        if shape.num_bias:
-            apply_logit_bias(logits, f.bias_sample, f.bias_token, f.bias_value, flags.allowed_tokens)
+    def _process(self, logits: torch.Tensor, f: StepTensors, shape: StepShape, flags: SamplerFlags,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if flags.penalties or shape.num_bias:
+            logits = logits.float() if logits.dtype != torch.float64 else logits.clone()
+            if flags.penalties:
+                apply_penalties(logits, self.history, f.sample_rows, f.prompt_lens, f.gen_index, f.presence_penalty,
+                                f.frequency_penalty, f.repetition_penalty, flags.penalty_span)
+            if shape.num_bias:
+                apply_logit_bias(logits, f.bias_sample, f.bias_token, f.bias_value, flags.allowed_tokens)
+        if mask is not None:  # last: in place (the logits of this step alone, or a graph's output buffer)
+            apply_grammar_mask(logits, f.mask_sample, mask)
         return logits

@@ -23,7 +23,7 @@ import torch
 from tandem.contract.step import StepInputs
 from tandem.model.attention import select_backend, step_attention
 from tandem.model.base import CausalLM, LayeredCausalLM
-from tandem.worker.model_runner import ModelRunner, StepTensors
+from tandem.worker.model_runner import Forwarded, ModelRunner, StepTensors
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class PiecewiseGraphs:
 
     def run(self, b: _Bucket, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """On the current (compute) stream: one step through the bucket's graphs -> sampled ids."""
+        return self.runner.finish_forwarded(self.forward(b, data, step), step.shape, step.sampler)
+
+    def forward(self, b: _Bucket, data: torch.Tensor, step: StepInputs) -> Forwarded:
+        """The step up to its sampling stage (the bucket's buffers hold its hidden states until the
+        bucket's next step, which the compute stream runs after this one's sampling)."""
         runner, shape = self.runner, step.shape
         f = StepTensors(data, shape)
         b.data.copy_(data[:3 * b.tokens])
@@ -122,4 +127,4 @@ class PiecewiseGraphs:
                 self._segment(b, i)
             if i < self.num_segments - 1:
                 b.attn_out.copy_(attn.attend(b.q, runner.kv_cache[i], self.specs[i]))
-        return runner.finish(b.hidden, b.ids, f, shape, step.sampler)
+        return Forwarded(b.hidden, b.ids, f)

@@ -6,10 +6,19 @@ Before a buffer is reused, the events of the step that last used it fence it:
   - device inputs of buffer k: overwritten only after the compute that read them is done (``compute_done``);
   - device outputs of buffer k: overwritten only after their previous D2H copy is done (``d2h_done``).
 Asynchronous: the host plans step N+1 while the device runs step N. Synchronous (``blocking``): the
-same work, with the host waiting for each step's output at the end of ``submit`` (the baseline)."""
+same work, with the host waiting for each step's output at the end of ``submit`` (the baseline).
+
+A step with grammar-constrained rows (``shape.num_masked``) is enqueued in two parts. ``submit``
+enqueues its H2D copy and forward (a graph replay where one fits: graphs hold no sampler). The host
+then processes the previous step, fills the mask and calls ``provide_mask``, which copies the mask
+on the H2D stream (``mask_done``; pinned and device mask buffers per buffer k, fenced like the
+inputs) and enqueues the sampling stage behind a wait on that event, then the step's output copy. So
+the forward overlaps the host's work and only sampling waits; the next ``submit`` comes after
+``provide_mask``, so the compute stream keeps the steps' order. (A blocking executor waits for the
+output at the end of ``provide_mask`` instead.)"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +26,7 @@ import torch
 from tandem.contract.step import SamplerFlags, StepInputs, StepOutput, StepShape, output_words, parse_output
 from tandem.contract.worker import StepInterval
 from tandem.worker.cuda_graphs import DecodeGraphs
-from tandem.worker.model_runner import ModelRunner
+from tandem.worker.model_runner import Forwarded, ModelRunner
 from tandem.worker.piecewise_graphs import PiecewiseGraphs
 from tandem.worker.timing import CudaStepClock, StepTimes
 
@@ -35,6 +44,10 @@ class _Buffer:
     d2h_done: torch.cuda.Event
     started: torch.cuda.Event  # timing events around the step on the compute stream, read at collect
     ended: torch.cuda.Event
+    # grammar masks (made on first use): pinned int32 host rows, their device copy, and its event
+    host_mask: torch.Tensor | None = None
+    dev_mask: torch.Tensor | None = None
+    mask_done: torch.cuda.Event = field(default_factory=torch.cuda.Event)
 
 
 @dataclass
@@ -44,6 +57,15 @@ class _Handle:
     num_words: int  # of the packed output
     shape: StepShape
     flags: SamplerFlags
+
+
+@dataclass
+class _Awaiting:
+    """A submitted step whose forward is enqueued and whose sampling waits for its grammar mask."""
+
+    handle: _Handle
+    step: StepInputs
+    forwarded: Forwarded
 
 
 def _pinned(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -61,6 +83,7 @@ class StreamExecutor:
         self._next = 0
         self.clock = CudaStepClock(self.compute)
         self.times = StepTimes()
+        self._awaiting: _Awaiting | None = None
 
     def _new_buffer(self, n_words: int, n_out: int) -> _Buffer:
         dev = self.device
@@ -87,6 +110,8 @@ class StreamExecutor:
         return buf
 
     def submit(self, step: StepInputs) -> _Handle:
+        if self._awaiting is not None:  # its sampling must come first on the compute stream
+            raise RuntimeError(f"step {self._awaiting.handle.step_id} is still waiting for its grammar mask")
         k = self._next
         self._next = (k + 1) % NUM_BUFFERS
         n_words, n_out = step.data.size, output_words(step.shape, step.sampler)
@@ -99,11 +124,21 @@ class StreamExecutor:
             self.h2d.wait_event(buf.compute_done)
             buf.dev_in[:n_words].copy_(buf.host_in[:n_words], non_blocking=True)  # the step's one H2D copy
             buf.h2d_done.record(self.h2d)
+        handle = _Handle(step.step_id, k, n_out, step.shape, step.sampler)
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(buf.h2d_done)
             self.compute.wait_event(buf.d2h_done)
             buf.started.record(self.compute)
+            if step.shape.num_masked:  # sampling and the output copy come with the mask
+                self._awaiting = _Awaiting(handle, step, self._forward(buf.dev_in[:n_words], step))
+                return handle
             buf.dev_out[:n_out].copy_(self._run(buf.dev_in[:n_words], step))
+        self._complete(buf, n_out)
+        return handle
+
+    def _complete(self, buf: _Buffer, n_out: int) -> None:
+        """After the step's output is in ``dev_out`` on the compute stream: its events and the D2H copy."""
+        with torch.cuda.stream(self.compute):
             buf.ended.record(self.compute)
             buf.compute_done.record(self.compute)
         with torch.cuda.stream(self.d2h):
@@ -112,18 +147,53 @@ class StreamExecutor:
             buf.d2h_done.record(self.d2h)
         if self.blocking:
             buf.d2h_done.synchronize()
-        return _Handle(step.step_id, k, n_out, step.shape, step.sampler)
 
-    def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def provide_mask(self, step_id: int, mask: np.ndarray | None) -> None:
+        """The awaiting step's mask (None: sample unconstrained, its tokens are dropped): copy it, then
+        enqueue the step's sampling stage behind the copy."""
+        waiting, self._awaiting = self._awaiting, None
+        if waiting is None or waiting.handle.step_id != step_id:
+            raise RuntimeError(f"a grammar mask for step {step_id}, which is not waiting for one")
+        buf, step = self.buffers[waiting.handle.buffer], waiting.step
+        dev_mask = None if mask is None else self._copy_mask(buf, mask)
+        with torch.cuda.stream(self.compute):
+            if dev_mask is not None:
+                self.compute.wait_event(buf.mask_done)  # the only wait: right before the sampler
+            out = self.runner.finish_forwarded(waiting.forwarded, step.shape, step.sampler, dev_mask)
+            buf.dev_out[:waiting.handle.num_words].copy_(out)
+        self._complete(buf, waiting.handle.num_words)
+
+    def _copy_mask(self, buf: _Buffer, mask: np.ndarray) -> torch.Tensor:
+        """The mask into buffer k's pinned rows, then to the device on the H2D stream (``mask_done``)."""
+        n = mask.size
+        if buf.host_mask is None or buf.host_mask.numel() < n:
+            # the step that last used this buffer was collected: its mask copy and sampling are over
+            size = max(n, 2 * (0 if buf.host_mask is None else buf.host_mask.numel()))
+            buf.host_mask = _pinned(size, torch.int32)
+            buf.dev_mask = torch.empty(size, dtype=torch.int32, device=self.device)
+        assert buf.mask_done.query(), "pinned mask buffer reused while its copy is in flight"
+        np.copyto(buf.host_mask[:n].numpy(), mask.reshape(-1))
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_event(buf.compute_done)  # the buffer's previous step has read its device mask
+            buf.dev_mask[:n].copy_(buf.host_mask[:n], non_blocking=True)
+            buf.mask_done.record(self.h2d)
+        return buf.dev_mask[:n].view(mask.shape)
+
+    def _forward(self, data: torch.Tensor, step: StepInputs) -> Forwarded:
         graph = self.graphs.lookup(step) if self.graphs is not None else None
         if graph is not None:
-            return self.graphs.run(graph, data, step)
+            return self.graphs.forward(graph, data, step)
         bucket = self.piecewise.lookup(step) if self.piecewise is not None else None
         if bucket is not None:
-            return self.piecewise.run(bucket, data, step)
-        return self.runner.run(data, step.shape, step.sampler)
+            return self.piecewise.forward(bucket, data, step)
+        return self.runner.forward(data, step.shape)
+
+    def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        return self.runner.finish_forwarded(self._forward(data, step), step.shape, step.sampler)
 
     def collect(self, handle: _Handle) -> StepOutput:
+        if self._awaiting is not None and self._awaiting.handle is handle:  # its output copy is not even enqueued
+            raise RuntimeError(f"step {handle.step_id} was collected before its grammar mask was provided")
         buf = self.buffers[handle.buffer]
         buf.d2h_done.synchronize()  # the only per-step host wait
         self.times.add(self.clock.interval(handle.step_id, buf.started, buf.ended))
@@ -131,6 +201,8 @@ class StreamExecutor:
         return parse_output(buf.host_out[:handle.num_words].numpy().copy(), handle.step_id, handle.shape, handle.flags)
 
     def drain(self) -> None:
+        if self._awaiting is not None:  # its tokens are dropped: it samples unconstrained
+            self.provide_mask(self._awaiting.handle.step_id, None)
         torch.cuda.synchronize(self.device)
 
     def start_timing(self) -> None:
@@ -140,4 +212,4 @@ class StreamExecutor:
         return self.times.stop_capture()
 
     def shutdown(self) -> None:
-        torch.cuda.synchronize(self.device)
+        self.drain()

@@ -126,6 +126,9 @@ class DeviceWorker:
     def submit(self, step: StepInputs):
         return self._executor.submit(step)
 
+    def provide_mask(self, step_id: int, mask) -> None:
+        self._executor.provide_mask(step_id, mask)
+
     def collect(self, handle) -> StepOutput:
         return self._executor.collect(handle)
 

@@ -1,0 +1,165 @@
+"""Structured output in the step loop: what ``EngineCore`` asks of the grammars.
+
+The mask of step N+1 depends on the token step N samples, which the host learns only after it has
+submitted N+1 (asynchronous batching). So the loop is:
+
+1. A constrained request waits here, out of the scheduler, while its grammar compiles
+   (``GrammarCompiler``, off the loop); the other requests keep stepping. Once compiled it gets a
+   matcher and joins the scheduler's queue (at once if its spec was compiled before); a spec that
+   fails to compile ends it with an error (``StepDeltas.errors``).
+2. Planning step N+1, ``masked_rows`` lists its constrained sampled rows (the ``mask_sample`` step
+   field): the device runs N+1's forward while the host works on.
+3. After processing step N, ``advance`` feeds each constrained request of N its new tokens (the
+   step's deltas, as the scheduler appended them; never placeholders); a matcher that accepted a
+   stop token ends its request ("stop").
+4. Then ``fill`` writes N+1's mask rows from the matchers, now in the state after N's tokens, and the
+   core hands them to the worker (``Worker.provide_mask``); only N+1's sampling waited for them.
+
+A row's mask is filled only when its matcher has accepted exactly the tokens before the row's output
+index (checked), and rows of requests that ended meanwhile allow everything (their token is dropped)."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.engine.deltas import StepDeltas
+from tandem.engine.plan import SchedulerOutput
+from tandem.engine.scheduler import Scheduler
+from tandem.engine.sequence import Sequence
+from tandem.engine.structured.compiler import GrammarCompiler, clean_message
+from tandem.engine.structured.matcher import RequestGrammar
+from tandem.engine.structured.vocab import tokenizer_info
+from tandem.model.sources import resolve_model_config
+
+
+@dataclass
+class MaskedRows:
+    """A step's grammar-constrained sampled rows, ascending; its mask's row i is for ``seqs[i]``."""
+
+    sample_index: np.ndarray  # int64: which of the step's sampled rows (the ``mask_sample`` field)
+    seqs: list[Sequence]
+    gen_index: list[int]  # the output index each row samples: its matcher must have accepted that many
+    provided: bool = False  # the mask went to the worker
+
+
+class StructuredOutputs:
+    def __init__(self, model: str, eos_token_ids: frozenset[int], threads: int = 2) -> None:
+        vocab_size = resolve_model_config(model).vocab_size
+        self.words = -(-vocab_size // 32)  # int32 words per mask row
+        self.stop_ids = sorted(eos_token_ids)
+        self.compiler = GrammarCompiler(lambda: tokenizer_info(model, vocab_size, eos_token_ids), threads)
+        self.held: dict[str, tuple[Sequence, Future]] = {}  # waiting for their grammar, in arrival order
+        self.fill_times: list[float] | None = None  # a list: seconds of each fill (the benchmark reads them)
+
+    # --- requests waiting for their grammar ----------------------------------------------------------
+    def hold(self, seq: Sequence, scheduler: Scheduler) -> None:
+        """Take a constrained request: into the scheduler if its grammar is ready, else held until it is."""
+        if seq.request_id in self.held or seq.request_id in scheduler.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        future = self.compiler.compile(seq.params.structured_outputs)
+        if future.done() and future.exception() is None:  # compiled before: it runs like any other request
+            self._start(seq, future, scheduler)
+        else:
+            self.held[seq.request_id] = (seq, future)
+
+    def release(self, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        """Held requests whose compilation ended: into the scheduler's queue, or ended with its error."""
+        for rid in [rid for rid, (_, future) in self.held.items() if future.done()]:
+            seq, future = self.held.pop(rid)
+            error = future.exception()
+            if error is None:
+                self._start(seq, future, scheduler)
+            else:
+                deltas.finished[rid] = "error"
+                deltas.errors[rid] = str(error) if isinstance(error, ValueError) else \
+                    f"SamplingParams.structured_outputs cannot be compiled: {clean_message(error)}"
+
+    def _start(self, seq: Sequence, future: Future, scheduler: Scheduler) -> None:
+        seq.grammar = RequestGrammar(future.result(), self.stop_ids)
+        scheduler.add(seq)
+
+    def wait(self, timeout: float) -> None:
+        """Block until some held grammar is ready (or ``timeout``): for a loop with nothing else to do."""
+        wait([future for _, future in self.held.values()], timeout, return_when=FIRST_COMPLETED)
+
+    def drop(self, request_id: str) -> bool:
+        """End a held request (aborted); False if it is not held."""
+        return self.held.pop(request_id, None) is not None
+
+    def drop_all(self) -> list[str]:
+        ids = list(self.held)
+        self.held.clear()
+        return ids
+
+    # --- the step loop -----------------------------------------------------------------------------------
+    def masked_rows(self, sched: SchedulerOutput) -> MaskedRows | None:
+        """The step's sampled rows of constrained requests: the decode block's first (their running
+        state's flag), then its sampled chunks, in the step's sampled-row order."""
+        index: list[int] = []
+        seqs: list[Sequence] = []
+        gen: list[int] = []
+        first = 0
+        d = sched.decode
+        if d is not None:
+            hits = np.flatnonzero(d.state.structured[d.rows])
+            if hits.size:
+                index = hits.tolist()
+                seqs = [d.seqs[i] for i in index]
+                gen = d.gen_index[hits].tolist()
+            first = len(d)
+        for item in sched.chunks:
+            if item.sample:
+                if item.seq.params.structured_outputs is not None:
+                    index.append(first)
+                    seqs.append(item.seq)
+                    gen.append(item.gen_index)
+                first += 1
+        return MaskedRows(np.array(index, np.int64), seqs, gen) if seqs else None
+
+    def advance(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        """Step ``masked`` was processed: feed its constrained requests their new tokens."""
+        for seq in masked.seqs:
+            grammar = seq.grammar
+            if grammar is None:
+                continue
+            if seq.finished:  # by its tokens (EOS, length, a stop id) or an abort: done with the grammar
+                seq.grammar = None
+                continue
+            rejected = grammar.advance(seq.output_token_ids)
+            if rejected is not None:  # the mask forbade it: an engine fault, this request's alone
+                self._end(seq, "error", scheduler, deltas)
+                deltas.errors[seq.request_id] = (f"the grammar rejected token {rejected} at output index "
+                                                 f"{grammar.num_accepted} (an engine fault)")
+            elif grammar.terminated:  # it took a stop token (with ignore_eos the scheduler went on)
+                self._end(seq, "stop", scheduler, deltas)
+
+    @staticmethod
+    def _end(seq: Sequence, reason: str, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        seq.grammar = None
+        scheduler.finish(seq.request_id, reason)
+        deltas.finished[seq.request_id] = reason
+
+    def fill(self, masked: MaskedRows) -> np.ndarray:
+        """The step's mask, int32 [rows, words]: a new array (the worker may read it until the step
+        is collected)."""
+        start = time.perf_counter()
+        mask = np.empty((len(masked.seqs), self.words), np.int32)
+        for i, (seq, gen_index) in enumerate(zip(masked.seqs, masked.gen_index)):
+            grammar = seq.grammar
+            if grammar is None or seq.finished:
+                mask[i] = -1  # it ended since the step was planned: its token is dropped
+                continue
+            if grammar.num_accepted != gen_index:
+                raise RuntimeError(f"request {seq.request_id!r}: its matcher has accepted {grammar.num_accepted} "
+                                   f"tokens, but the step samples its output index {gen_index}")
+            grammar.fill(mask, i)
+        masked.provided = True
+        if self.fill_times is not None:
+            self.fill_times.append(time.perf_counter() - start)
+        return mask
+
+    def shutdown(self) -> None:
+        self.compiler.shutdown()

@@ -1,0 +1,43 @@
+"""Structured output on the device: a step's grammar bitmask applied to its logits.
+
+The host fills one int32 row per constrained sampled row (xgrammar's layout: bit ``t % 32`` of word
+``t // 32`` is set where token ``t`` is allowed) and hands it over after the step was submitted
+(``Worker.provide_mask``). Just before sampling (after penalties and logit bias, before temperature,
+top-k, top-p and min-p) every other token's logit becomes -inf, so the sampler draws from the
+constrained distribution and the logprobs describe it.
+
+Plain torch: no host synchronisation, any logits dtype (float64 in the exact tests). Rows go in
+chunks so the temporaries stay a few tens of MB whatever the batch; xgrammar's own Triton kernel
+(``apply_token_bitmask_inplace``, in place, one launch) is the faster choice on a GPU once measured."""
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMENTS = 1 << 22  # vocabulary entries unpacked at once
+_BITS: dict[torch.device, torch.Tensor] = {}  # per device: byte value -> its 8 bits, least significant first
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    table = _BITS.get(device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int32)
+        table = _BITS[device] = ((values[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+    return table
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [rows, words] -> bool [rows, vocab]: which tokens each row allows."""
+    rows = bitmask.shape[0]
+    as_bytes = bitmask.contiguous().view(torch.uint8).int()  # little-endian: byte k of a word holds bits 8k..8k+7
+    return _bit_table(bitmask.device)[as_bytes].view(rows, -1)[:, :vocab]
+
+
+def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[rows[i], t] = -inf`` for every token ``t`` that ``bitmask[i]`` does not allow."""
+    n, vocab = bitmask.shape[0], logits.shape[1]
+    per_chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    for start in range(0, n, per_chunk):
+        part = slice(start, start + per_chunk)
+        allowed = allowed_tokens(bitmask[part], vocab)
+        chosen = rows[part]
+        logits.index_copy_(0, chosen, logits.index_select(0, chosen).masked_fill_(~allowed, float("-inf")))
