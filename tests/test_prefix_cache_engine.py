@@ -1,15 +1,11 @@
 """Prefix caching through the whole engine: prefill saved, outputs unchanged, the option, recovery
 after an interruption, sliding-window models, and the counters that reach /metrics and the bench."""
-import logging
 import random
 
 import pytest
 
 from tandem import LLM, SamplingParams
 from tandem.bench.workload import LengthRange, Workload, make_requests
-from tandem.config import EngineConfig
-from tandem.contract.worker import WorkerInfo
-from tandem.engine.core import EngineCore
 from tandem.server.messages import Stats
 from tandem.server.metrics import ServerMetrics
 
@@ -70,21 +66,29 @@ def test_an_interrupted_step_leaves_nothing_cached():
     assert len(out[0].outputs[0].token_ids) == 2 and core.stats().prefix_cache_hits == 0
 
 
-def _info() -> WorkerInfo:
-    return WorkerInfo("cpu", "cpu", "float32", 65, 16, 1024, 8, 8, (), 0)
+def test_sliding_window_models_keep_prefix_caching(checkpoint_dir, tmp_path):
+    """Nothing frees a sequence's blocks that fall out of its window, so a cached block stays what its
+    prefix computed: a Mistral with a window of 8 gives the same tokens with caching on (prefills
+    skipped) as off (tests/test_gemma.py does the same for per-layer windows on random workloads)."""
+    import json
+    import shutil
 
-
-def test_sliding_window_models_turn_prefix_caching_off_and_say_so(caplog):
-    config = EngineConfig(model="random:tiny")
-
-    class Worker:
-        info = _info()
-
-    with caplog.at_level(logging.WARNING):
-        core = EngineCore(config, Worker(), frozenset(), sliding_window=4096)
-    assert not core.prefix_caching
-    assert "prefix caching is off" in caplog.text and "sliding-window" in caplog.text
-    assert EngineCore(config, Worker(), frozenset()).prefix_caching
+    path = tmp_path / "mistral-window"
+    shutil.copytree(checkpoint_dir("mistral"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 8}))
+    rng = random.Random(3)
+    prefix = [rng.randrange(448) for _ in range(30)]
+    prompts = [prefix + [rng.randrange(448) for _ in range(n)] for n in (2, 9, 0, 5)] + [prefix + [7, 8]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for caching in (False, True):
+        llm = LLM(str(path), device="cpu", dtype="float32", block_size=8, max_num_seqs=2,
+                  enable_prefix_caching=caching)
+        assert llm.engine.core.prefix_caching == caching
+        outs[caching] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert llm.engine.core.stats().prefix_cache_hits >= 4 * 24
+    assert outs[True] == outs[False]
 
 
 def test_metrics_export_prefix_cache_counters():

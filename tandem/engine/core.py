@@ -58,12 +58,13 @@ class _InFlight:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int],
-                 sliding_window: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int]) -> None:
         info = worker.info
         self.worker = worker
         self.block_size = info.block_size
-        cache = PrefixCache() if _use_prefix_caching(config, sliding_window) else None
+        # Sliding-window models too: their blocks are never freed early (the kernels read a context's
+        # block table whole and mask by window), so a cached block stays what its prefix computed
+        cache = PrefixCache() if config.enable_prefix_caching else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
                                    eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size))
@@ -193,11 +194,3 @@ class EngineCore:
         if self.structured is not None:
             self.structured.shutdown()
         self.worker.shutdown()
-
-
-def _use_prefix_caching(config: EngineConfig, sliding_window: int | None) -> bool:
-    if config.enable_prefix_caching and sliding_window is not None:
-        log.warning("prefix caching is off: the model uses sliding-window attention (window %d tokens), "
-                    "which tandem does not combine with prefix caching yet", sliding_window)
-        return False
-    return config.enable_prefix_caching

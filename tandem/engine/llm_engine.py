@@ -27,8 +27,7 @@ class LLMEngine:
         self.worker = worker
         self.max_model_len = worker.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
-        self.core = EngineCore(config, worker, frozenset(self.model_config.eos_token_ids),
-                               self.model_config.sliding_window)
+        self.core = EngineCore(config, worker, frozenset(self.model_config.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # over the engine's life (progress bars read it)
         gc.collect()

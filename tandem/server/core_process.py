@@ -104,8 +104,7 @@ def _build_core(config: EngineConfig) -> EngineCore:
     from tandem.runtime import create_worker
 
     model_config = resolve_model_config(config.model)
-    core = EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids),
-                      model_config.sliding_window)
+    core = EngineCore(config, create_worker(config), frozenset(model_config.eos_token_ids))
     fault_injection.install_core_faults(core, fault_injection.from_env(fault_injection.CORE_SITES))  # test-only
     return core
 
