@@ -80,6 +80,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: Sequence[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)
 
     @property
     def finished(self) -> bool:

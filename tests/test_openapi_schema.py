@@ -18,7 +18,7 @@ from server_utils import SERVER_KEY
 from tandem.sampling_params import SamplingParams
 from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES
 from tandem.server.openapi import decimal_below
-from tandem.server.protocol import CompletionRequest
+from tandem.server.protocol import ChatCompletionRequest, CompletionRequest
 
 AUTH = {"Authorization": f"Bearer {SERVER_KEY}"}
 COMPONENT = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
@@ -47,7 +47,8 @@ AGREEMENT = [
     ("/v1/chat/completions", {"messages": CHAT, "tools": [], "max_tokens": 2}, None),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 2, "max_tokens": 2}, None),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "text"}, "max_tokens": 2}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 2}, None),
     ("/tokenize", {}, None),  # refused, naming no one field: exactly one of prompt and messages
     ("/tokenize", {"prompt": "hi", "messages": CHAT}, None),
     ("/tokenize", {"prompt": "hi", "messages": None}, None),
@@ -84,6 +85,26 @@ AGREEMENT = [
     ("/v1/completions", {"prompt": ["hi", 5]}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
     ("/tokenize", {"prompt": "hi", "add_special_tokens": "no"}, "add_special_tokens"),
+    # issue 23: the fields of OpenAI's and vLLM's schemas, implemented or refused
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 scores the prompt: it needs echo
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0, "echo": True}, None),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": -1, "max_tokens": 1}, None),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [VOCAB_SIZE]}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1}, "priority"),
+    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template": "{{ x }}"}, "chat_template"),  # not trusted here
+    ("/v1/chat/completions", {"messages": CHAT, "add_generation_prompt": True, "continue_final_message": True},
+     "continue_final_message"),
+    ("/v1/chat/completions", {"messages": CHAT, "continue_final_message": True, "max_tokens": 2}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"x": 1}, "max_tokens": 2}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "store": True}, "store"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream_options": {"include_obfuscation": True}}, "stream_options"),
+    ("/tokenize", {"messages": CHAT, "add_generation_prompt": True, "continue_final_message": True},
+     "continue_final_message"),
+    ("/tokenize", {"prompt": "hi", "return_token_strs": True}, None),
 ]
 
 
@@ -201,7 +222,10 @@ def _edges(bound: float, keyword: str, integer: bool) -> tuple[float, float]:
 
 @pytest.mark.parametrize("field, keyword", ENGINE_BOUNDS, ids=[f"{f}-{k}" for f, k in ENGINE_BOUNDS])
 def test_the_schema_bounds_are_the_engines(field, keyword):
-    prop = CompletionRequest.model_json_schema()["properties"][field]["anyOf"][0]
+    # completions take max_tokens 0 with echo (scoring: the server generates one token and shows none),
+    # so the engine's bound is chat's
+    model = ChatCompletionRequest if field == "max_tokens" else CompletionRequest
+    prop = model.model_json_schema()["properties"][field]["anyOf"][0]
     if field == "logit_bias":
         prop = prop["additionalProperties"]
     value, integer = prop[keyword], prop["type"] == "integer"

@@ -5,12 +5,16 @@ schema-invalid ones refused; the API key enforced where the schema says so. Then
 bodies. Every error has OpenAI's shape with no traceback or path, and the server stays healthy and ends
 at rest (nothing running, no KV block held, no per-request state left in the API process).
 
-Three rules of the server no JSON schema can state are applied to the positive cases before they are
+Rules of the server no JSON schema can state are applied to the positive cases before they are
 sent (``_fit``): a prompt's tokens plus ``max_tokens`` fit the context (a schema cannot count a
 string's tokens), ``min_tokens`` is at most ``max_tokens``, and prompts x ``n`` is at most what the
 server can hold (a schema cannot compare or multiply two fields). ``max_tokens``, ``min_tokens`` and
 ``n`` are lowered within their documented ranges to fit; a case whose prompt alone fills the context
-is left out. The cases stay schema-valid, and the checks are all on.
+is left out. Fields whose validity is another program's to judge are dropped: ``bad_words`` (each
+must be one token: the tokenizer decides) and the constraints xgrammar must parse (JSON schemas,
+regexes, grammars); of the constraints that always parse (``guided_choice``, a ``json_object``
+response format) one is kept, without ``min_tokens``, ``allowed_token_ids`` or ``bad_words`` (not
+supported with a constraint yet). The cases stay schema-valid, and the checks are all on.
 
 Bounded: a fixed number of examples per operation and mode (derandomized, so CI runs the same cases
 every time), max_model_len 64 and --max-n 4 so no generation takes long, and a deadline on the whole run."""
@@ -69,9 +73,29 @@ def _prompt_lengths(server: ServerProcess, path: str, body: dict) -> list[int] |
     return lengths
 
 
+_PARSED = ("bad_words", "guided_json", "guided_regex", "guided_grammar", "structured_outputs")
+
+
+def _drop_parsed_fields(body: dict) -> None:
+    """The fields another program judges (see the module's doc), and what a constraint refuses beside it."""
+    for name in _PARSED:
+        body.pop(name, None)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        del body["response_format"]
+    json_object = isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_object"
+    if json_object and body.get("guided_choice") is not None:
+        del body["guided_choice"]
+    if json_object or body.get("guided_choice") is not None:
+        body.pop("allowed_token_ids", None)
+        if body.get("min_tokens"):
+            body["min_tokens"] = 0
+
+
 def _fit(server: ServerProcess, path: str, body: dict) -> dict | None:
     """``body`` with max_tokens, min_tokens and n lowered to fit the context and the server's capacity;
     None if its prompt alone fills the context."""
+    _drop_parsed_fields(body)
     lengths = _prompt_lengths(server, path, body)
     if lengths is None or max(lengths) >= MAX_MODEL_LEN:
         return None

@@ -54,6 +54,9 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="max_tokens of a request that gives none (chat, or null on completions): the rest of "
                         "the context, capped at this (default: no cap)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template in chat and /tokenize requests (off: a Jinja template from a "
+                        "client is code the server runs, sandboxed but unbounded in time)")
     p.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
                    help=f"refuse larger request lines plus headers (431) (default: {DEFAULT_MAX_HEADER_BYTES})")
     p.add_argument("--request-read-timeout", type=float, default=DEFAULT_REQUEST_READ_TIMEOUT_S,
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.request_read_timeout > 0:
         raise ValueError(f"--request-read-timeout must be > 0, got {args.request_read_timeout}")
     limits = RequestLimits(args.max_prompts_per_request, args.max_n, args.max_seqs_per_request,
-                           args.default_max_tokens)
+                           args.default_max_tokens, args.trust_request_chat_template)
     config = EngineConfig.from_options(args.model, **engine_options(args))
     level = logging.INFO if args.verbose else logging.WARNING
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

@@ -32,6 +32,7 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: LogprobSeries | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
@@ -45,6 +46,7 @@ class _RequestState:
         hit = self.stops.feed(new_text) if new_text and self.stops is not None else None
         if hit is None:
             return False
+        self.stop_reason = self.text[hit.start:hit.start + hit.length]
         self.text = self.text[:hit.start + hit.length if self.params.include_stop_str_in_output else hit.start]
         self.finish_reason = "stop"
         return True
@@ -56,7 +58,7 @@ class _RequestState:
             # with the stop string kept in the output, the cut falls after it: nothing to hold back
             text = text[:len(text) - self.stops.pending]
         logprobs = None if self.logprobs is None else self.logprobs.view()
-        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs)
+        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs, self.stop_reason)
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done,
                              prompt_logprobs=prompt_logprobs)
@@ -145,5 +147,7 @@ class OutputProcessor:
         if state.finish_reason is not None:
             return  # a stop string ended it first
         state.finish_reason = reason
+        if reason == "stop" and state.token_ids and state.token_ids[-1] in state.params.stop_token_ids:
+            state.stop_reason = state.token_ids[-1]  # a stop token (EOS, unless listed, leaves None)
         if state.detokenizer is not None:
             state.extend(state.detokenizer.flush())

@@ -25,6 +25,7 @@ class InputProcessor:
         self.max_stop_string_length = config.max_stop_string_length
         self.tensor_parallel_size = config.tensor_parallel_size
         self._seed_rng = random.Random(config.seed)
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
 
     def process(self, request_id: str, prompt: str | None, params: SamplingParams,
                 prompt_token_ids: list[int] | None = None) -> EngineRequest:
@@ -42,6 +43,7 @@ class InputProcessor:
 
             check_request(params.structured_outputs, self.tokenizer is not None, self.tensor_parallel_size)
         self._tokenize_bad_words(params)
+        self._check_allowed_tokens(params)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                           ("allowed_token_ids", params.allowed_token_ids or ()),
                           ("bad_words", [t for s in params.bad_words_token_ids or () for t in s])):
@@ -79,6 +81,21 @@ class InputProcessor:
         params.bad_words_token_ids = [[t] for t in sorted(singles)]
         if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= singles:
             raise ValueError("SamplingParams.bad_words bans every token of allowed_token_ids")
+
+    def _check_allowed_tokens(self, params: SamplingParams) -> None:
+        """A row must keep a token it may sample: before min_tokens, the stop tokens (and EOS) are
+        banned too, so allowed tokens that are all stops would leave none; a grammar's mask with the
+        restrictions could leave none too (which tokens a grammar allows is known only as it runs)."""
+        if params.structured_outputs is not None and (params.allowed_token_ids is not None or params.bad_words):
+            name = "allowed_token_ids" if params.allowed_token_ids is not None else "bad_words"
+            raise ValueError(f"SamplingParams.{name} with structured_outputs is not supported yet (the two "
+                             "together could leave no token to sample)")
+        if params.allowed_token_ids is None or not params.min_tokens:
+            return
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if set(params.allowed_token_ids) <= stops:
+            raise ValueError("SamplingParams.allowed_token_ids are all stop tokens, which min_tokens bans: "
+                             "no token would be left to sample")
 
     def assign_seed(self, request: EngineRequest) -> None:
         """Unseeded requests draw their seed when added: reproducible for an engine seed and an order."""

@@ -91,7 +91,7 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
     async def tokenize_route(body: TokenizeRequest) -> Response:
         serving.model_name(body.model)
         return await serving.offload.run(tokenize_response, client.tokenizer, body, client.max_model_len,
-                                         size=tokenize_size(body))
+                                         serving.limits.trust_request_chat_template, size=tokenize_size(body))
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES)
     async def detokenize_route(body: DetokenizeRequest) -> Response:

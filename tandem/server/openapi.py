@@ -5,7 +5,8 @@ server does.
 - The bounds that depend on the served model and the server's options (``protocol.LIMIT_KEY``
   marks) are filled in from the objects that enforce them, the engine's ``InputProcessor`` and the
   per-request limits: token ids below the vocabulary size, ``max_tokens`` and token-id prompts within
-  the context, the stop-string caps, ``n`` and prompts per request, the model names.
+  the context, the stop-string caps, ``n`` and prompts per request, the model names, and whether a
+  request may bring its own ``chat_template``.
 - Integer bounds stay exact (FastAPI's own pass would turn ``2**63 - 1`` into ``2**63``).
 - With an API key, the ``/v1`` operations require it (HTTP bearer) and document the 401.
 
@@ -73,6 +74,7 @@ class ServerLimits:
     served_names: tuple[str, ...]
     max_n: int  # choices per prompt
     max_prompts: int  # prompts per request
+    trust_chat_template: bool = False  # --trust-request-chat-template: requests may bring a chat_template
 
     @classmethod
     def of(cls, serving: Serving) -> ServerLimits:
@@ -84,7 +86,7 @@ class ServerLimits:
         most = limits.max_seqs if capacity is None else min(limits.max_seqs, capacity)
         return cls(processor.vocab_size, processor.max_model_len, processor.max_stop_strings,
                    processor.max_stop_string_length, tuple(serving.served_names), min(limits.max_n, most),
-                   min(limits.max_prompts, most))
+                   min(limits.max_prompts, most), limits.trust_request_chat_template)
 
     def schema_bounds(self) -> dict[str, dict[str, Any]]:
         """JSON Schema keywords for each ``LIMIT_KEY`` mark. A prompt leaves at least one token of
@@ -94,7 +96,8 @@ class ServerLimits:
                 "max_tokens": {"maximum": room}, "stop_string": {"maxLength": self.max_stop_string_length},
                 "stop_list": {"maxItems": self.max_stop_strings},
                 "bias_token": {"pattern": decimal_below(self.vocab_size)}, "model": {"enum": list(self.served_names)},
-                "n": {"maximum": self.max_n}, "prompt_list": {"maxItems": self.max_prompts}}
+                "n": {"maximum": self.max_n}, "prompt_list": {"maxItems": self.max_prompts},
+                "chat_template": {} if self.trust_chat_template else {"not": {}}}  # untrusted: only null
 
 
 def decimal_below(limit: int) -> str:

@@ -12,111 +12,64 @@ stop-string caps, ``n`` and prompts per request, model names) are checked by the
 ``InputProcessor`` and the per-request limits; the fields they apply to carry a ``LIMIT_KEY`` mark,
 which ``tandem.server.openapi`` fills in per app with the numbers those objects enforce.
 
-Unknown fields are ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own.
-Known fields that we do not implement are refused (400 naming them) unless they hold their neutral
-value, and the schema allows only that value. ``null`` in a field of a completion or chat request
-means its default (clients send it for fields they leave unset), and the schema says so."""
+Every request field of OpenAI's and vLLM's completion and chat schemas is known here: implemented,
+or refused (400 naming it) unless it holds its neutral value (``protocol_extras``), and the schema
+allows only that value; ``tests/test_api_fields.py`` walks both lists. Truly unknown fields are
+ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own. ``null`` in a field of a
+completion or chat request means its default (clients send it for fields they leave unset), and the
+schema says so. Output constraints (``response_format``, ``structured_outputs``, ``guided_*``) are
+``tandem.server.constraints``'."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tandem.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from tandem.sampling_params import SEED_MAX, SEED_MIN
+from tandem.server.constraints import GuidedFields
+from tandem.server.protocol_extras import (InformationalFields, RefusedChatFields, RefusedCompletionFields,
+                                           RefusedVLLMFields)
+from tandem.server.protocol_types import (INT64_MAX, INTEGRAL, LIMIT_KEY, STRICT, AllowedTokens, Int64Count,
+                                          LogitBias, Logprobs, ModelName, NonEmptyStr, OnlyFalse, Penalty, PromptList, StopString,
+                                          StopStrings, TokenIdList, TokenIds, TruncateTokens, Words, limit,
+                                          null_means_default, refused)
 from tandem.server.request_limits import PROTOCOL_MAX_N
+from tandem.tokenizer import RESERVED_TEMPLATE_KWARGS
 
-INT64_MAX = 2**63 - 1  # what the step contract carries (top_k, min_tokens, stop token ids)
-LIMIT_KEY = "x-tandem-limit"  # marks a schema node whose bound depends on the served model
-STRICT = ConfigDict(extra="ignore", strict=True)
-T = TypeVar("T")
+__all__ = ["LIMIT_KEY", "SamplingRequest", "CompletionRequest", "ChatCompletionRequest", "ChatMessage",
+           "TokenizeRequest", "DetokenizeRequest", "TokenizeResponse", "DetokenizeResponse", "StreamOptions"]
 
-
-def _limit(name: str) -> dict[str, str]:
-    return {LIMIT_KEY: name}
-
-
-def _unsupported(*neutral: Any) -> BeforeValidator:
-    """A field we do not implement: only its neutral values pass (the schema says which)."""
-
-    def check(value: Any) -> Any:
-        if not any(type(value) is type(n) and value == n for n in neutral):
-            raise ValueError("not supported by this server")
-        return value
-
-    return BeforeValidator(check)
-
-
-def _keys_as_property_names(schema: dict[str, Any]) -> None:
-    """pydantic writes a dict's key pattern as ``patternProperties``, which lets other keys through;
-    ``propertyNames`` says that every key must match, which is what validation does."""
-    for branch in schema.get("anyOf", [schema]):
-        if "patternProperties" in branch:
-            ((pattern, values),) = branch.pop("patternProperties").items()
-            branch["propertyNames"] = {"pattern": pattern, **_limit("bias_token")}
-            branch["additionalProperties"] = values
-
-
-def _null_means_default(schema: dict[str, Any]) -> None:
-    """In the schema: every optional field also takes ``null`` (``SamplingRequest._drop_nulls``)."""
-    required = set(schema.get("required", ()))
-    for name, prop in schema.get("properties", {}).items():
-        branches = prop.get("anyOf", [prop])
-        if name in required or {"type": "null"} in branches:
-            continue
-        outer = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
-        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **outer}
-
-
-def _integral(value: Any) -> Any:
-    """JSON has one kind of number: 5.0 is the integer 5 (JSON Schema agrees), "5" and true are not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _integral_items(value: Any) -> Any:
-    if isinstance(value, list) and float in set(map(type, value)):  # set(map(...)) runs in C: long prompts
-        return [_integral(v) for v in value]
-    return value
-
-
-_INTEGRAL = BeforeValidator(_integral)
-TokenId = Annotated[int, Field(ge=0, json_schema_extra=_limit("token_id"))]
-TokenIdList = Annotated[list[TokenId], BeforeValidator(_integral_items)]
-TokenIds = Annotated[TokenIdList, Field(min_length=1, json_schema_extra=_limit("prompt_ids"))]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-ModelName = Annotated[str, Field(json_schema_extra=_limit("model"))]
-MaxTokens = Annotated[int, Field(ge=1, json_schema_extra=_limit("max_tokens")), _INTEGRAL]
-StopString = Annotated[str, Field(min_length=1, json_schema_extra=_limit("stop_string"))]
-StopStrings = Annotated[list[StopString], Field(json_schema_extra=_limit("stop_list"))]
-LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)$")],
-                           Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
-                      Field(json_schema_extra=_keys_as_property_names)]
-PromptList = Annotated[list[T], Field(min_length=1, json_schema_extra=_limit("prompt_list"))]  # a batch of prompts
-Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _INTEGRAL]
-Int64Count = Annotated[int, Field(ge=0, le=INT64_MAX), _INTEGRAL]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, Field(ge=1, json_schema_extra=limit("max_tokens")), INTEGRAL]
+# completions: 0 with echo scores the prompt without generating (the schema's if/then says so)
+CompletionMaxTokens = Annotated[int, Field(ge=0, json_schema_extra=limit("max_tokens")), INTEGRAL]
+TemplateKwargs = Annotated[dict[str, Any], Field(json_schema_extra={
+    "propertyNames": {"not": {"enum": sorted(RESERVED_TEMPLATE_KWARGS)}}})]
+ChatTemplate = Annotated[str, Field(min_length=1, json_schema_extra=limit("chat_template"))]
 
 
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+    include_obfuscation: OnlyFalse | None = None  # OpenAI's padding field: never sent here
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(InformationalFields, RefusedVLLMFields, GuidedFields):
     """The fields completions and chat share."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_null_means_default)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=null_means_default)
     model: ModelName | None = None
     temperature: Annotated[float, Field(ge=0.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), _INTEGRAL] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), INTEGRAL] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), _INTEGRAL] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), INTEGRAL] | None = None
     stop: StopString | StopStrings | None = None
     stop_token_ids: TokenIdList | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    n: Annotated[int, Field(ge=1, le=PROTOCOL_MAX_N, json_schema_extra=_limit("n")), _INTEGRAL] = 1
+    n: Annotated[int, Field(ge=1, le=PROTOCOL_MAX_N, json_schema_extra=limit("n")), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
@@ -124,7 +77,15 @@ class SamplingRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     logit_bias: LogitBias | None = None
     min_tokens: Int64Count | None = None
-    user: str | None = None
+    bad_words: Words | None = None
+    allowed_token_ids: AllowedTokens | None = None
+    prompt_logprobs: Logprobs | None = None  # vLLM's: each prompt token's logprob and this many alternatives
+    truncate_prompt_tokens: TruncateTokens | None = None  # keep this many prompt tokens (-1: the context's)
+    truncation_side: Literal["left", "right"] | None = None  # which end goes (default left: keep the last)
+    echo: bool = False
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
+    return_token_ids: bool | None = None  # the prompt's and each choice's token ids in the response
+    request_id: NonEmptyStr | None = None  # the response's id (after "cmpl-" / "chatcmpl-")
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +100,10 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
     def sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams keywords (None = the default), without max_tokens."""
         bias = None if self.logit_bias is None else {int(k): v for k, v in self.logit_bias.items()}
@@ -147,11 +112,18 @@ class SamplingRequest(BaseModel):
                       ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
                       skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                      min_tokens=self.min_tokens, logit_bias=bias, **self.logprob_kwargs())
+                      min_tokens=self.min_tokens, logit_bias=bias, bad_words=self.bad_words,
+                      allowed_token_ids=self.allowed_token_ids, **self.logprob_kwargs())
         return {k: v for k, v in values.items() if v is not None}
 
     def logprob_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def engine_prompt_logprobs(self, echoed: int | None) -> int | None:
+        """The engine's prompt_logprobs: enough for ``prompt_logprobs`` and for an echo that lists
+        the prompt's logprobs with ``echoed`` alternatives."""
+        wanted = [k for k in (self.prompt_logprobs, echoed) if k is not None]
+        return max(wanted) if wanted else None
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -159,21 +131,36 @@ class SamplingRequest(BaseModel):
         return None
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, RefusedCompletionFields):
+    model_config = ConfigDict(json_schema_extra=lambda s: _completion_schema(s))
     prompt: NonEmptyStr | PromptList[NonEmptyStr] | TokenIds | PromptList[TokenIds]
-    max_tokens: MaxTokens | None = 16
-    best_of: Annotated[Literal[1], _unsupported(1), _INTEGRAL] | None = None
-    echo: bool = False
+    max_tokens: CompletionMaxTokens | None = 16
+    best_of: Annotated[Literal[1], refused(1), INTEGRAL] | None = None
     logprobs: Logprobs | None = None
-    suffix: Annotated[str, Field(max_length=0), _unsupported("")] | None = None
+    suffix: Annotated[str, Field(max_length=0), refused("")] | None = None
+    add_special_tokens: bool = True  # the tokenizer's BOS (and the like) before a text prompt
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_needs_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens 0 generates nothing: it needs echo (to score the prompt)")
+        return value
 
     def logprob_kwargs(self) -> dict[str, Any]:
         """``echo`` with ``logprobs`` also returns the prompt's (lm-eval's loglikelihood asks so)."""
-        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
+        return {"logprobs": self.logprobs,
+                "prompt_logprobs": self.engine_prompt_logprobs(self.logprobs if self.echo else None)}
 
     @property
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+
+def _completion_schema(schema: dict[str, Any]) -> None:
+    null_means_default(schema)
+    schema["if"] = {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}}
+    schema["then"] = {"required": ["echo"], "properties": {"echo": {"const": True}}}
 
 
 class TextPart(BaseModel):
@@ -188,38 +175,59 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @property
+    def text(self) -> str:
+        content = self.content
+        return "".join(part.text for part in content) if isinstance(content, list) else (content or "")
+
     def as_template_input(self) -> dict[str, Any]:
         """What chat templates expect: content as one string."""
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.name:
             message["name"] = self.name
         return message
 
 
-class ResponseFormat(BaseModel):
-    model_config = STRICT
-    type: Annotated[Literal["text"], _unsupported("text")] = "text"
-
-
 def _chat_schema(schema: dict[str, Any]) -> None:
-    _null_means_default(schema)
+    null_means_default(schema)
     # top_logprobs (an integer, not null) asks for logprobs: true
     schema["if"] = {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}}
     schema["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    _one_way_to_end(schema)
 
 
-class ChatCompletionRequest(SamplingRequest):
+def _one_way_to_end(schema: dict[str, Any]) -> None:
+    """add_generation_prompt and continue_final_message are not both true."""
+    schema["not"] = {"required": ["add_generation_prompt", "continue_final_message"], "properties": {
+        "add_generation_prompt": {"const": True}, "continue_final_message": {"const": True}}}
+
+
+def _tokenize_schema(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                       {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]
+    _one_way_to_end(schema)
+
+
+class ChatTemplateFields(BaseModel):
+    """How the conversation becomes the prompt (vLLM's fields; ``tandem.tokenizer.ChatOptions``)."""
+
+    # default: true, unless continue_final_message (the two exclude each other)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: ChatTemplate | None = None  # refused unless --trust-request-chat-template
+    chat_template_kwargs: TemplateKwargs | None = None
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields, RefusedChatFields):
     model_config = ConfigDict(json_schema_extra=_chat_schema)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = None  # deprecated by OpenAI in favour of max_completion_tokens; still sent
     logprobs: bool = False
     top_logprobs: Logprobs | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0), _unsupported([])] | None = None
-    response_format: ResponseFormat | None = None
+    add_special_tokens: bool = False  # the template writes the special tokens it wants
+    return_prompt_text: bool = False  # vLLM's: the rendered prompt in the response
 
     @field_validator("top_logprobs")
     @classmethod
@@ -233,23 +241,25 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def logprob_kwargs(self) -> dict[str, Any]:
-        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+                "prompt_logprobs": self.prompt_logprobs}
 
     @property
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """Exactly one of ``prompt`` and ``messages`` (``null`` counts as absent)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"oneOf": [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_tokenize_schema)
     model: ModelName | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template's)
+    return_token_strs: bool = False  # each token's text too
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0), refused([])] | None = None
+    mm_processor_kwargs: Annotated[dict[str, Any], Field(max_length=0), refused({})] | None = None
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> TokenizeRequest:

@@ -18,6 +18,7 @@ class RequestLimits:
     max_n: int = DEFAULT_MAX_N  # --max-n
     max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST  # --max-seqs-per-request: prompts x n
     default_max_tokens: int | None = None  # --default-max-tokens; None: the rest of the context (vLLM's rule)
+    trust_request_chat_template: bool = False  # --trust-request-chat-template: requests may bring a template
 
     def __post_init__(self) -> None:
         for flag, value in (("--max-prompts-per-request", self.max_prompts), ("--max-n", self.max_n),

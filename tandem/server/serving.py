@@ -4,35 +4,40 @@ from their outputs to a JSON response or an event stream.
 Everything that can be wrong with a request is found here, before anything is queued: a bad
 request fails alone with a 400 and never reaches the engine core. The order bounds what a request
 costs: its counts (prompts x n) are checked against the per-request limits and the server's capacity
-first (400 / 429), and only then are its prompts tokenized and its choices built, on a worker thread
-when they are large (``Offload``), so the event loop keeps serving other clients meanwhile."""
+first (400 / 429), and only then are its output constraint parsed and its prompts tokenized and its
+choices built, on a worker thread when they are large (``Offload``), so the event loop keeps serving
+other clients meanwhile."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tandem.engine.fanout import fan_out
 from tandem.engine.sequence import EngineRequest
 from tandem.sampling_params import SamplingParams
-from tandem.server.client import EngineClient, RequestFailed, RequestHandle
-from tandem.server.errors import APIError, bad_request, error_body
-from tandem.engine.fanout import fan_out
+from tandem.server import constraints
+from tandem.server.constraints import Constraint
+from tandem.server.client import EngineClient, RequestFailed
+from tandem.server.errors import APIError, bad_request
 from tandem.server.offload import Offload
+from tandem.server.prompts import Shaping, chat_options, echoed, response_role, shaping
 from tandem.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from tandem.server.request_limits import RequestLimits
-from tandem.server.responses import (DONE, ResponseMeta, chunk, full_response, json_bytes, logprobs_of, prompt_text,
-                                     sse, usage_chunk)
+from tandem.server.responses import ResponseMeta, full_response, json_bytes
+from tandem.server.stream_events import events
 from tandem.server.streaming import SSEResponse, unless_disconnected
-from tandem.server.tokenizing import chat_ids, encode_text
+from tandem.server.tokenizing import chat_prompt, encode_text
+from tandem.tokenizer import ChatOptions
 
 
 @dataclass
 class Prompt:
-    text: str | None  # None for token-id prompts and chat (the text is not what the model reads)
+    text: str | None  # None for token-id prompts, chat, and cut prompts (the text is not what the model reads)
     token_ids: list[int]
 
 
@@ -43,43 +48,61 @@ class Prepared:
     requests: list[EngineRequest]
     texts: list[str | None]  # each choice's prompt text
     prompt_tokens: int  # once per prompt, whatever n is
+    prompt_text: str | None = None  # chat: the rendered template
 
 
 class Serving:
     def __init__(self, client: EngineClient, served_names: list[str], limits: RequestLimits | None = None,
-                 offload: Offload | None = None) -> None:
+                 offload: Offload | None = None, chat_parsing: Any = None) -> None:
         self.client = client
         self.served_names = served_names
         self.limits = limits or RequestLimits()
         self.offload = offload or Offload()
+        # tool calls and reasoning (``tandem.server.chat_output.ChatParsing``): how a chat choice's text is
+        # read is set per request as ``ResponseMeta.chat_output``, which responses and streams honour
+        self.chat_parsing = chat_parsing
 
     # --- routes ------------------------------------------------------------------------------
     async def completion(self, body: CompletionRequest, raw: Request) -> Response:
-        meta = self.meta("completion", body, echo=body.echo)
-        params = self.sampling_params(body, body.max_tokens)
+        score_only = body.max_tokens == 0  # echo scores the prompt: one token is generated and not shown
+        if score_only and body.min_tokens:
+            raise APIError(400, "min_tokens must be 0 when max_tokens is 0", "min_tokens")
+        meta = self.meta("completion", body, echo=body.echo, score_only=score_only)
+        constraint = constraints.requested_constraint(body)
+        params = self.sampling_params(body, 1 if score_only else body.max_tokens, constraint)
         items = prompt_items(body.prompt)
         self.admit(len(items), body.n)
-        prepared = await self.offload.run(self.prepare, meta.id, items, params, body.n,
-                                          size=sum(map(len, items)) * body.n)
+        prepared = await self.offload.run(self.prepare, items, shaping(body), params, body.n, constraint,
+                                          size=(sum(map(len, items)) + _size(constraint)) * body.n)
         return await self.generate(meta, body, prepared, raw)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        meta = self.meta("chat", body)
-        params = self.sampling_params(body, body.requested_max_tokens)
+        options = chat_options(body, self.limits.trust_request_chat_template)
+        role = response_role(body.messages, options)
+        meta = self.meta("chat", body, role=role, chat_echo=echoed(body, role))
+        constraint = constraints.requested_constraint(body)
+        params = self.sampling_params(body, body.requested_max_tokens, constraint)
         self.admit(1, body.n)
         if self.client.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions "
                                 "with token ids", "messages")
         messages = [m.as_template_input() for m in body.messages]
-        prepared = await self.offload.run(self.prepare_chat, meta.id, messages, params, body.n,
-                                          size=sum(len(m["content"]) for m in messages) * body.n)
+        size = sum(len(m["content"]) for m in messages) + len(options.chat_template or "") + _size(constraint)
+        prepared = await self.offload.run(self.prepare_chat, messages, options, shaping(body), params, body.n,
+                                          constraint, size=size * body.n)
+        if body.return_prompt_text:
+            meta.prompt_text = prepared.prompt_text
         return await self.generate(meta, body, prepared, raw)
 
     # --- checks and inputs ---------------------------------------------------------------------
-    def meta(self, kind: str, body: SamplingRequest, echo: bool = False) -> ResponseMeta:
-        return ResponseMeta(kind, self.model_name(body.model), top_logprobs=body.top_logprobs_wanted, echo=echo,
-                            token_text=self.client.output_processor.logprob_decoder.token_text,
-                            decode=self.client.decode)
+    def meta(self, kind: str, body: SamplingRequest, **fields: Any) -> ResponseMeta:
+        token_text = self.client.output_processor.logprob_decoder.token_text
+        if body.return_tokens_as_token_ids:
+            token_text = _token_id_text
+        return ResponseMeta(kind, self.model_name(body.model), id=body.request_id or "",
+                            top_logprobs=body.top_logprobs_wanted, token_text=token_text, decode=self.client.decode,
+                            prompt_logprobs=body.prompt_logprobs, token_ids=bool(body.return_token_ids),
+                            continuous_usage=body.continuous_usage, **fields)
 
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested in self.served_names:
@@ -87,12 +110,16 @@ class Serving:
         raise APIError(404, f"the model {requested!r} does not exist; this server serves "
                             f"{', '.join(map(repr, self.served_names))}", "model", "model_not_found")
 
-    def sampling_params(self, body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, body: SamplingRequest, max_tokens: int | None,
+                        constraint: Constraint | None) -> SamplingParams:
         """SamplingParams checks every field's type and range; its ValueError names the field."""
+        kwargs = body.sampling_kwargs()
+        if constraint is not None:
+            kwargs.update(constraints.engine_kwargs(constraint))
         try:
-            return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs())
+            return SamplingParams(max_tokens=max_tokens, **kwargs)
         except ValueError as exc:
-            raise bad_request(exc) from exc
+            raise _named(bad_request(exc), constraint) from exc
 
     def admit(self, prompts: int, n: int) -> None:
         """Before any per-prompt or per-choice work: 400 over a per-request limit, 429 over capacity
@@ -105,28 +132,37 @@ class Serving:
         return None if waiting is None else self.client.info.max_num_seqs + waiting
 
     # --- preparation: on a worker thread when large (reads the client, changes nothing) ----------
-    def prepare(self, request_id: str, items: list[str | list[int]], params: SamplingParams, n: int) -> Prepared:
-        return self.prepared(request_id, [self._encode(p) for p in items], params, n, "prompt")
+    def prepare(self, items: list[str | list[int]], shape: Shaping, params: SamplingParams, n: int,
+                constraint: Constraint | None) -> Prepared:
+        return self.prepared([self._encode(p, shape) for p in items], params, n, "prompt", constraint)
 
-    def prepare_chat(self, request_id: str, messages: list[dict[str, Any]], params: SamplingParams,
-                     n: int) -> Prepared:
+    def prepare_chat(self, messages: list[dict[str, Any]], options: ChatOptions, shape: Shaping,
+                     params: SamplingParams, n: int, constraint: Constraint | None) -> Prepared:
         try:
-            ids = chat_ids(self.client.tokenizer, messages)
+            text, ids = chat_prompt(self.client.tokenizer, messages, options, shape.add_special_tokens)
         except Exception as exc:  # noqa: BLE001 - a template raises what it likes on bad conversations
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-        return self.prepared(request_id, [self._encode(ids, "messages")], params, n, "messages")
+        prepared = self.prepared([self._encode(ids, shape, "messages")], params, n, "messages", constraint)
+        prepared.prompt_text = text
+        return prepared
 
-    def prepared(self, request_id: str, prompts: list[Prompt], params: SamplingParams, n: int,
-                 param: str) -> Prepared:
-        requests, texts = self.engine_requests(request_id, prompts, params, n, param)
+    def prepared(self, prompts: list[Prompt], params: SamplingParams, n: int, param: str,
+                 constraint: Constraint | None) -> Prepared:
+        try:
+            requests, texts = self.engine_requests(uuid.uuid4().hex, prompts, params, n, param)
+        except APIError as exc:
+            raise _named(exc, constraint) from exc
         return Prepared(requests, texts, sum(len(p.token_ids) for p in prompts))
 
-    def _encode(self, prompt: str | list[int], param: str = "prompt") -> Prompt:
+    def _encode(self, prompt: str | list[int], shape: Shaping, param: str = "prompt") -> Prompt:
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
         if text is not None and self.client.tokenizer is not None:
-            ids = encode_text(self.client.tokenizer, text)
-        if ids is not None and len(ids) >= self.client.max_model_len:
-            raise self.context_error(len(ids), 0, param)
+            ids = encode_text(self.client.tokenizer, text, shape.add_special_tokens)
+        if ids is not None:
+            ids, cut = shape.apply(ids, self.client.max_model_len)
+            text = None if cut else text  # an echo shows what the model read
+            if len(ids) >= self.client.max_model_len:
+                raise self.context_error(len(ids), 0, param)
         try:
             return Prompt(text, self.client.processor.encode_prompt(text, ids))
         except ValueError as exc:
@@ -169,7 +205,7 @@ class Serving:
         handle = self.client.submit(prepared.requests, prepared.texts, stream=body.stream)
         prompt_tokens = prepared.prompt_tokens
         if body.stream:
-            return SSEResponse(_events(meta, handle, prompt_tokens, body.include_usage), handle.close)
+            return SSEResponse(events(meta, handle, prompt_tokens, body.include_usage), handle.close)
         try:
             finished, outputs = await unless_disconnected(raw, handle.result())
         except RequestFailed as exc:
@@ -181,39 +217,20 @@ class Serving:
         return Response(json_bytes(full_response(meta, outputs, prompt_tokens)), media_type="application/json")
 
 
-async def _events(meta: ResponseMeta, handle: RequestHandle, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """The stream of one response: deltas of each choice's text (a streamed text only ever grows, so
-    the deltas add up to the final text), the usage chunk if asked for, then [DONE]; an error event
-    instead if the request fails on the way."""
-    sent = [0] * len(handle.engine_ids)  # characters of each choice's text sent so far
-    tokens = [0] * len(handle.engine_ids)  # tokens whose logprobs were sent
-    started = [False] * len(handle.engine_ids)
-    try:
-        if meta.kind == "chat":
-            yield b"".join(sse(chunk(meta, i, "", None, role=True)) for i in range(len(sent)))
-        async for updates in handle.updates():
-            frames = []
-            for index, output in updates:
-                completion = output.outputs[0]
-                delta, sent[index] = completion.text[sent[index]:], len(completion.text)
-                echo = meta.echo and not started[index]  # the prompt leads the first chunk
-                prefix = prompt_text(meta, output) if echo else ""
-                if prefix or delta or completion.finish_reason is not None:
-                    # the logprobs of every token since the last frame (text held back included)
-                    logprobs = logprobs_of(meta, output, tokens[index], len(completion.token_ids), echo)
-                    started[index], tokens[index] = True, len(completion.token_ids)
-                    frames.append(sse(chunk(meta, index, prefix + delta, completion.finish_reason,
-                                            logprobs=logprobs)))
-            if frames:
-                yield b"".join(frames)
-        if include_usage:
-            yield sse(usage_chunk(meta, prompt_tokens, handle.outputs))
-    except RequestFailed as exc:
-        yield sse(error_body(exc.status, exc.message))
-    finally:
-        handle.close()
-    yield DONE
+def _named(error: APIError, constraint: Constraint | None) -> APIError:
+    """An engine error about the output constraint, named after the request field that asked for it."""
+    if constraint is None or error.param != "structured_outputs" or constraint.param == "structured_outputs":
+        return error
+    return APIError(error.status, f"{constraint.field}: {error.message}", constraint.param, error.code)
+
+
+def _size(constraint: Constraint | None) -> int:
+    return 0 if constraint is None else constraint.size
+
+
+def _token_id_text(token: int) -> str:
+    """``return_tokens_as_token_ids``: a token named by its id, whatever its bytes."""
+    return f"token_id:{token}"
 
 
 def prompt_items(prompt: str | list) -> list[str | list[int]]:

@@ -9,35 +9,48 @@ from typing import Any
 from starlette.responses import Response
 
 from tandem.server.errors import APIError
+from tandem.server.prompts import chat_options
 from tandem.server.protocol import DetokenizeRequest, TokenizeRequest
 from tandem.server.responses import json_bytes
 from tandem.server.tokenizing import chat_ids, encode_text, hf_of
 from tandem.tokenizer import Tokenizer
 
 
-def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest) -> list[int]:
+def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest, trusted_templates: bool = False) -> list[int]:
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        try:
-            return chat_ids(tokenizer, [m.as_template_input() for m in body.messages])
+        options = chat_options(body, trusted_templates)
+        try:  # vLLM's default for a conversation: no special tokens beyond what the template writes
+            return chat_ids(tokenizer, [m.as_template_input() for m in body.messages], options,
+                            bool(body.add_special_tokens))
         except Exception as exc:  # noqa: BLE001 - templates raise what they like
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-    return encode_text(tokenizer, body.prompt, body.add_special_tokens)
+    return encode_text(tokenizer, body.prompt, body.add_special_tokens is not False)
 
 
 def tokenize_size(body: TokenizeRequest) -> int:
     """Characters to tokenize (the measure ``Offload.run`` takes)."""
     if body.messages is not None:
-        return sum(len(m.as_template_input()["content"]) for m in body.messages)
+        return sum(len(m.text) for m in body.messages) + len(body.chat_template or "")
     return len(body.prompt or "")
 
 
-def tokenize_response(tokenizer: Tokenizer | None, body: TokenizeRequest, max_model_len: int) -> Response:
-    ids = tokenize(tokenizer, body)
-    return _json({"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None})
+def tokenize_response(tokenizer: Tokenizer | None, body: TokenizeRequest, max_model_len: int,
+                      trusted_templates: bool = False) -> Response:
+    ids = tokenize(tokenizer, body, trusted_templates)
+    strs = token_strs(tokenizer, ids) if body.return_token_strs else None
+    return _json({"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs})
+
+
+def token_strs(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each token as the vocabulary writes it (``Ġthe``, ``<s>``); a byte tokenizer's, decoded alone."""
+    hf = hf_of(tokenizer)
+    if hf is not None:
+        return [t if isinstance(t, str) else "" for t in hf.convert_ids_to_tokens(ids)]
+    return [tokenizer.decode([t], False) for t in ids]
 
 
 def detokenize_response(tokenizer: Tokenizer | None, body: DetokenizeRequest, vocab_size: int) -> Response:
