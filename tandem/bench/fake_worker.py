@@ -4,10 +4,13 @@ It implements the engine's ``Worker`` interface (so the real scheduler, batch bu
 and output processing run) and answers every step immediately with well-formed outputs (tokens
 that never stop a request early, and logprobs of the right shapes where asked). A grammar-
 constrained row takes a token its mask allows (not an EOS while anything else is allowed), picked
-by a hash of the step and row, so the host's grammar work is real too."""
+by a hash of the step and row, so the host's grammar work is real too; the time that picking takes
+is the device's, not the host's (``mask_device_s``, which the host-only figures leave out)."""
 from __future__ import annotations
 
 import numpy as np
+
+import time
 
 from tandem.config import EngineConfig
 from tandem.contract.step import Logprobs, StepInputs, StepOutput, field_offsets
@@ -40,6 +43,7 @@ class FakeWorker:
         self.vocab = model.vocab_size
         self.model_config = model
         self._awaiting: tuple[StepInputs, StepOutput] | None = None  # a step waiting for its grammar mask
+        self.mask_device_s: dict[int, float] = {}  # step id -> seconds this device spent on its mask
 
     def submit(self, step: StepInputs) -> StepOutput:
         n = step.shape.num_sampled
@@ -53,12 +57,14 @@ class FakeWorker:
         return out
 
     def provide_mask(self, step_id: int, mask: np.ndarray) -> None:
+        began = time.perf_counter()
         step, out = self._awaiting
         self._awaiting = None
         start, size = field_offsets(step.shape)["mask_sample"]
         rows = step.data[start:start + size]
         for i, row in enumerate(rows.tolist()):
             out.token_ids[row] = self._allowed_token(mask[i], step_id * 7919 + row)
+        self.mask_device_s[step_id] = time.perf_counter() - began
 
     def _allowed_token(self, row: np.ndarray, salt: int) -> int:
         """An allowed token of one mask row, from a word picked by ``salt``: no unpacking of the whole

@@ -25,9 +25,9 @@ class RequestGrammar:
     def advance(self, output_token_ids: list[int]) -> int | None:
         """Feed the tokens it has not seen; returns the first one the grammar rejects (then it stops
         there), or None."""
-        for token in output_token_ids[self.num_accepted:]:
-            if not self.matcher.accept_token(token):
-                return token
+        for i in range(self.num_accepted, len(output_token_ids)):  # (no slice: no list made per step)
+            if not self.matcher.accept_token(output_token_ids[i]):
+                return output_token_ids[i]
             self.num_accepted += 1
         return None
 
