@@ -41,11 +41,12 @@ class Case:
     seed: int
     engine: dict
     requests: list[Request] = field(default_factory=list)
+    model: str = MODEL  # a preset over the byte tokenizer's VOCAB
 
     def describe(self) -> str:
         reqs = "\n".join(f"  {r.rid}: prompt_len={len(r.prompt)} arrive={r.arrive} abort_at={r.abort_at} "
                          f"{r.params}" for r in self.requests)
-        return f"case seed={self.seed} engine={self.engine}\n{reqs}"
+        return f"case seed={self.seed} model={self.model} engine={self.engine}\n{reqs}"
 
 
 def _params(rng: random.Random) -> SamplingParams:
@@ -71,12 +72,12 @@ def _params(rng: random.Random) -> SamplingParams:
     )
 
 
-def make_case(seed: int) -> Case:
+def make_case(seed: int, model: str = MODEL) -> Case:
     rng = random.Random(seed)
     block_size = rng.choice([4, 8, 16])
     engine = {"kv_cache_tokens": rng.choice([64, 96, 160, 1024]), "block_size": block_size,
               "max_num_batched_tokens": rng.choice([8, 16, 32, 256]), "max_num_seqs": rng.choice([2, 4, 8])}
-    case = Case(seed, engine)
+    case = Case(seed, engine, model=model)
     for i in range(rng.randint(1, 8)):
         arrive = rng.choice([0, 0, rng.randint(0, 12)])
         abort_at = arrive + rng.randint(0, 15) if rng.random() < 0.15 else None
@@ -185,7 +186,7 @@ def run_case(case: Case, async_batching: bool, device: str = "cpu", dtype: str =
 
 def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", dtype: str = "float64",
                         cuda_graphs: bool = False, prefix_caching: bool = True) -> tuple[dict[str, Outcome], CoreStats]:
-    config = EngineConfig(model=MODEL, device=device, dtype=dtype, async_batching=async_batching,
+    config = EngineConfig(model=case.model, device=device, dtype=dtype, async_batching=async_batching,
                           enforce_eager=not cuda_graphs, seed=case.seed, enable_prefix_caching=prefix_caching,
                           **case.engine)
     engine = create_engine(config)
