@@ -66,6 +66,7 @@ _SERVER = "test_server.py::"
 _FIELDS = "test_server_fields.py::"
 _SAMPLING = "test_server_sampling.py::"
 _CONSTRAINED = "test_server_constraints.py::"
+_TOOLS = "test_chat_parsing_server.py::"
 SHARED_IMPLEMENTED = {
     "model": _SERVER + "test_unknown_model_is_404", "n": _SERVER + "test_n_samples_count_the_prompt_once",
     "temperature": _SERVER + "test_completion_matches_offline_with_exact_usage",
@@ -118,7 +119,11 @@ CHAT_IMPLEMENTED = {
     "chat_template_kwargs": _FIELDS + "test_chat_template_kwargs_and_documents_reach_the_template",
     "return_prompt_text": _FIELDS + "test_chat_echo_and_continue_final_message",
     "service_tier": _FIELDS + "test_informational_fields_are_accepted",
-    "modalities": _FIELDS + "test_informational_fields_are_accepted"}
+    "modalities": _FIELDS + "test_informational_fields_are_accepted",
+    "tools": _TOOLS + "test_auto_tool_calls_in_the_response_and_the_stream",
+    "tool_choice": _TOOLS + "test_required_and_named_tool_choice",
+    "parallel_tool_calls": _TOOLS + "test_parallel_tool_calls_false_keeps_one_call",
+    "include_reasoning": _TOOLS + "test_include_reasoning_false_and_a_malformed_call_left_as_content"}
 STREAM_OPTIONS_IMPLEMENTED = {"include_usage": _SERVER + "test_usage_is_streamed_only_when_asked",
                               "continuous_usage_stats": _FIELDS + "test_continuous_usage_stats"}
 STRUCTURED_IMPLEMENTED = {kind: _CONSTRAINED + "test_each_constraint_field_reaches_the_engine"
@@ -133,11 +138,10 @@ COMPLETION_REFUSED = {**SHARED_REFUSED, "suffix": "the end", "prompt_embeds": "A
                       "max_repetition_pattern_size": 2, "min_repetition_pattern_size": 2, "repetition_min_count": 2}
 CHAT_REFUSED = {
     **SHARED_REFUSED, "audio": {"voice": "alloy", "format": "wav"}, "function_call": "auto",
-    "functions": [{"name": "f"}], "moderation": {"model": "x"}, "parallel_tool_calls": False,
+    "functions": [{"name": "f"}], "moderation": {"model": "x"},
     "prediction": {"type": "content", "content": "x"}, "prompt_cache_options": {"a": 1},
     "prompt_cache_retention": "24h", "reasoning_effort": "low", "store": True, "verbosity": "low",
-    "web_search_options": {}, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
-    "thinking_token_budget": 10, "include_reasoning": False, "watermarking": True, "logprob_token_ids": [1],
+    "web_search_options": {}, "thinking_token_budget": 10, "watermarking": True, "logprob_token_ids": [1],
     "media_io_kwargs": {"image": {}}, "mm_processor_kwargs": {"a": 1}, "ec_transfer_params": {"a": 1},
     "routed_experts_prompt_start": 1, "return_token_offsets": True, "return_mm_kwargs": False,
     "repetition_detection": {"n": 2}, "stream_interval": 2}

@@ -246,3 +246,19 @@ def test_server_options_are_checked_at_start():
     for bad in [ChatParsing("nope"), ChatParsing(None, True), ChatParsing(None, False, "nope")]:
         with pytest.raises(ValueError):
             bad.check()
+
+
+def test_the_request_gets_one_constraint():
+    from tandem.server.constraints import Constraint
+    from tandem.server.tools.protocol import ToolFields
+
+    parsing = ChatParsing("hermes", True)
+    tools = [t.model_dump() for t in TOOLS]
+    required = parsing.request(ToolFields.model_validate({"tools": tools, "tool_choice": "required"}), None)
+    assert required.constraint.kind == "json" and required.constraint.param == "tool_choice"
+    assert required.constraint.value == required.use.schema and required.tools == required.use.tools
+    own = Constraint("regex", "a+", "guided_regex")
+    assert parsing.request(ToolFields.model_validate({"tools": tools}), own).constraint is own  # auto: the request's
+    with pytest.raises(APIError) as err:
+        parsing.request(ToolFields.model_validate({"tools": tools, "tool_choice": "required"}), own)
+    assert err.value.param == "tool_choice" and "guided_regex" in err.value.message

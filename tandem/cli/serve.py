@@ -39,7 +39,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds without the engine core's heartbeat (its process stopped) before /health answers "
                         f"503 until it runs again (default: {DEFAULT_CORE_HEARTBEAT_TIMEOUT_S:g}; 0: never)")
     _add_limit_args(p)
+    _add_chat_parsing_args(p)
     p.set_defaults(func=run)
+
+
+def _add_chat_parsing_args(p: argparse.ArgumentParser) -> None:
+    """How chat outputs are read: tool calls and reasoning (vLLM's flags and parser names)."""
+    from tandem.server.reasoning.registry import REASONING_PARSERS
+    from tandem.server.tools.registry import TOOL_PARSERS
+
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto" (the default when a request has tools): the model decides '
+                        "whether to call, and its calls are read with --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="the model family's tool-call format: hermes (Hermes, Qwen 2.5 and 3), llama3_json "
+                        "(Llama 3.x), mistral")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="return a <think> model's reasoning as reasoning_content, apart from content: "
+                        "deepseek_r1 (R1 and its distills), qwen3")
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +83,7 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tandem.config import EngineConfig
+    from tandem.server.chat_output import ChatParsing
     from tandem.server.launch import ServeOptions, serve
     from tandem.server.request_limits import RequestLimits
 
@@ -87,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-read-timeout must be > 0, got {args.request_read_timeout}")
     limits = RequestLimits(args.max_prompts_per_request, args.max_n, args.max_seqs_per_request,
                            args.default_max_tokens, args.trust_request_chat_template)
+    chat_parsing = ChatParsing(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+    chat_parsing.check()
     config = EngineConfig.from_options(args.model, **engine_options(args))
     level = logging.INFO if args.verbose else logging.WARNING
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     options = ServeOptions(args.host, args.port, api_key, args.served_model_name, args.max_num_waiting, level,
                            args.max_request_bytes, args.allowed_origins, args.core_timeout,
                            core_heartbeat_timeout_s=args.core_heartbeat_timeout, limits=limits,
-                           max_header_bytes=args.max_header_bytes, request_read_timeout_s=args.request_read_timeout)
+                           max_header_bytes=args.max_header_bytes, request_read_timeout_s=args.request_read_timeout,
+                           chat_parsing=chat_parsing)
     return serve(config, options)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import tandem
 from tandem.server.body_limit import BodyLimitMiddleware
+from tandem.server.chat_output import ChatParsing
 from tandem.server.client import EngineClient
 from tandem.server.defaults import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_READ_TIMEOUT_S
 from tandem.server.errors import install_handlers
@@ -32,8 +33,9 @@ from tandem.server.tokenizer_info import detokenize_response, tokenize_response,
 def create_app(client: EngineClient, served_names: list[str], model_path: str, api_key: str | None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_origins: list[str] | None = None, limits: RequestLimits | None = None,
-               read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S) -> FastAPI:
-    serving = Serving(client, served_names, limits)
+               read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S,
+               chat_parsing: ChatParsing | None = None) -> FastAPI:
+    serving = Serving(client, served_names, limits, chat_parsing=chat_parsing)
     created = int(time.time())
 
     @asynccontextmanager

@@ -11,10 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.server.constraints import Constraint
+from tandem.server.errors import APIError
 from tandem.server.reasoning import ReasoningParser, ReasoningStream, reasoning_parser
 from tandem.server.tools import ToolCallStream, ToolParser, tool_parser
 from tandem.server.tools.forced import NamedCallStream, RequiredToolParser
-from tandem.server.tools.request import ToolUse
+from tandem.server.tools.protocol import ToolFields
+from tandem.server.tools.request import ToolUse, tool_use
+from tandem.tokenizer import Tokenizer
 
 PROMPT_TAIL_TOKENS = 16  # where a template leaves <think> open: the end of the generation prompt
 
@@ -40,6 +44,19 @@ class ChatParsing:
     def auto_parser(self) -> str | None:
         return self.tool_call_parser if self.enable_auto_tool_choice else None
 
+    def request(self, body: ToolFields, constraint: Constraint | None) -> ChatRequestParsing:
+        """One chat request's tool fields checked (400 naming the field), and the output constraint it
+        gets: the request's own, or the one tool_choice "required" or a named function needs (both: 400)."""
+        use = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.auto_parser)
+        if use.schema is not None:
+            if constraint is not None:
+                raise APIError(400, f"tool_choice {use.mode!r} constrains the output to tool calls, and "
+                                    f"{constraint.field} asks for another constraint; a request may have one",
+                               "tool_choice")
+            # compact JSON (", " and ": " only): a model cannot pad a call with whitespace forever
+            constraint = Constraint("json", use.schema, "tool_choice", disable_any_whitespace=True)
+        return ChatRequestParsing(self, use, constraint, body.include_reasoning)
+
     def output(self, tools: ToolUse, include_reasoning: bool, prompt_tail: str) -> ChatOutput | None:
         """How one request's choices are read; None when their text is simply their content."""
         reasoning = None if self.reasoning_parser is None else reasoning_parser(self.reasoning_parser)
@@ -49,6 +66,34 @@ class ChatParsing:
         parser = {"auto": lambda: tool_parser(self.tool_call_parser or ""),
                   "required": RequiredToolParser}.get(tools.mode, lambda: None)()
         return ChatOutput(reasoning, in_reasoning, include_reasoning, parser, tools.named, tools.parallel)
+
+
+@dataclass
+class ChatRequestParsing:
+    """What serving needs of one chat request: the template's tools, the output constraint, and
+    (once its prompt is known) how its choices are read."""
+
+    parsing: ChatParsing
+    use: ToolUse
+    constraint: Constraint | None  # the output constraint, the request's or tool_choice's
+    include_reasoning: bool
+
+    @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        return self.use.tools
+
+    def output(self, tokenizer: Tokenizer | None, prompt_ids: list[int]) -> ChatOutput | None:
+        """How the choices are read, given the prompt (400 where reasoning and a constraint would meet)."""
+        reads_prompt = tokenizer is not None and self.parsing.reasoning_parser is not None
+        tail = tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], False) if reads_prompt else ""
+        output = self.parsing.output(self.use, self.include_reasoning, tail)
+        if output is not None and output.in_reasoning and self.constraint is not None:
+            raise APIError(400, f"{self.constraint.field} with --reasoning-parser is not implemented yet: the "
+                                "prompt leaves the output inside the reasoning, and the constraint would have to "
+                                "start after </think>, which the grammar engine cannot do yet; turn thinking off "
+                                '(chat_template_kwargs: {"enable_thinking": false}) or drop the constraint',
+                           self.constraint.param)
+        return output
 
 
 @dataclass

@@ -18,6 +18,7 @@ import uvicorn
 from tandem.config import EngineConfig
 from tandem.engine.heap import freeze
 from tandem.server.app import create_app
+from tandem.server.chat_output import ChatParsing
 from tandem.server.client import EngineClient
 from tandem.server.defaults import (DEFAULT_CORE_HEARTBEAT_TIMEOUT_S, DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
                                    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_READ_TIMEOUT_S, default_max_num_waiting)
@@ -45,6 +46,7 @@ class ServeOptions:
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     request_read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S  # for the headers, then for the body
+    chat_parsing: ChatParsing = field(default_factory=ChatParsing)  # tool-call and reasoning parsers
 
 
 class _Server(uvicorn.Server):
@@ -103,7 +105,8 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         raise
     try:
         app = create_app(client, names, config.model, options.api_key, options.max_request_bytes,
-                         options.allowed_origins, options.limits, options.request_read_timeout_s)
+                         options.allowed_origins, options.limits, options.request_read_timeout_s,
+                         options.chat_parsing)
         uv_config = uvicorn.Config(app, log_level="info" if options.log_level <= logging.INFO else "warning",
                                    access_log=options.log_level <= logging.DEBUG, timeout_graceful_shutdown=10,
                                    http=limited_protocol(options.max_header_bytes, options.request_read_timeout_s))

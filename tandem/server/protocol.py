@@ -34,6 +34,7 @@ from tandem.server.protocol_types import (INT64_MAX, INTEGRAL, LIMIT_KEY, STRICT
                                           StopStrings, TokenIdList, TokenIds, TruncateTokens, Words, limit,
                                           null_means_default, refused)
 from tandem.server.request_limits import PROTOCOL_MAX_N
+from tandem.server.tools.protocol import ChatTool, MessageToolFields, ToolFields
 from tandem.tokenizer import RESERVED_TEMPLATE_KWARGS
 
 __all__ = ["LIMIT_KEY", "SamplingRequest", "CompletionRequest", "ChatCompletionRequest", "ChatMessage",
@@ -169,7 +170,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(MessageToolFields):
     model_config = STRICT
     role: str
     content: str | list[TextPart] | None = None
@@ -185,6 +186,7 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.name:
             message["name"] = self.name
+        message.update(self.tool_template_fields())  # tool calls, tool results, reasoning
         return message
 
 
@@ -219,7 +221,7 @@ class ChatTemplateFields(BaseModel):
     chat_template_kwargs: TemplateKwargs | None = None
 
 
-class ChatCompletionRequest(SamplingRequest, ChatTemplateFields, RefusedChatFields):
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields, ToolFields, RefusedChatFields):
     model_config = ConfigDict(json_schema_extra=_chat_schema)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
@@ -258,7 +260,7 @@ class TokenizeRequest(ChatTemplateFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template's)
     return_token_strs: bool = False  # each token's text too
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0), refused([])] | None = None
+    tools: list[ChatTool] | None = None  # rendered by the chat template, as in a chat request
     mm_processor_kwargs: Annotated[dict[str, Any], Field(max_length=0), refused({})] | None = None
 
     @model_validator(mode="after")

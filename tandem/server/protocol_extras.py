@@ -60,7 +60,7 @@ class RefusedCompletionFields(BaseModel):
 class RefusedChatFields(BaseModel):
     """OpenAI's chat fields for features this server does not have (audio, web search, stored
     completions, predicted outputs, service tiers), vLLM's multimodal and render-only options, and
-    what the tool-call and reasoning work (issue 23, points 3 and 4) has not landed yet."""
+    the reasoning controls a reasoning parser does not give (an effort level, a thinking budget)."""
 
     audio: Null = None
     modalities: Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)] | None = None
@@ -81,10 +81,5 @@ class RefusedChatFields(BaseModel):
     return_mm_kwargs: OnlyTrue | None = None
     # reasoning (point 4)
     reasoning_effort: Null = None
-    include_reasoning: OnlyTrue | None = None
     thinking_token_budget: Null = None
-    # tool calls (point 3)
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0), refused([])] | None = None
-    tool_choice: Annotated[Literal["none"], refused("none")] | None = None
-    parallel_tool_calls: OnlyTrue | None = None
 

@@ -21,6 +21,7 @@ from tandem.engine.fanout import fan_out
 from tandem.engine.sequence import EngineRequest
 from tandem.sampling_params import SamplingParams
 from tandem.server import constraints
+from tandem.server.chat_output import ChatParsing
 from tandem.server.constraints import Constraint
 from tandem.server.client import EngineClient, RequestFailed
 from tandem.server.errors import APIError, bad_request
@@ -53,14 +54,14 @@ class Prepared:
 
 class Serving:
     def __init__(self, client: EngineClient, served_names: list[str], limits: RequestLimits | None = None,
-                 offload: Offload | None = None, chat_parsing: Any = None) -> None:
+                 offload: Offload | None = None, chat_parsing: ChatParsing | None = None) -> None:
         self.client = client
         self.served_names = served_names
         self.limits = limits or RequestLimits()
         self.offload = offload or Offload()
         # tool calls and reasoning (``tandem.server.chat_output.ChatParsing``): how a chat choice's text is
         # read is set per request as ``ResponseMeta.chat_output``, which responses and streams honour
-        self.chat_parsing = chat_parsing
+        self.chat_parsing = chat_parsing or ChatParsing()
 
     # --- routes ------------------------------------------------------------------------------
     async def completion(self, body: CompletionRequest, raw: Request) -> Response:
@@ -80,7 +81,8 @@ class Serving:
         options = chat_options(body, self.limits.trust_request_chat_template)
         role = response_role(body.messages, options)
         meta = self.meta("chat", body, role=role, chat_echo=echoed(body, role))
-        constraint = constraints.requested_constraint(body)
+        parsing = self.chat_parsing.request(body, constraints.requested_constraint(body))  # tools, reasoning
+        constraint, options = parsing.constraint, dataclasses.replace(options, tools=parsing.tools)
         params = self.sampling_params(body, body.requested_max_tokens, constraint)
         self.admit(1, body.n)
         if self.client.tokenizer is None:
@@ -92,6 +94,7 @@ class Serving:
                                           constraint, size=size * body.n)
         if body.return_prompt_text:
             meta.prompt_text = prepared.prompt_text
+        meta.chat_output = parsing.output(self.client.tokenizer, prepared.requests[0].prompt_token_ids)
         return await self.generate(meta, body, prepared, raw)
 
     # --- checks and inputs ---------------------------------------------------------------------

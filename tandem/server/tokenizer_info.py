@@ -4,11 +4,13 @@ template). ``tokenize_response`` and ``detokenize_response`` do all of a request
 encoded included, so that a large one runs whole on a worker thread (``tandem.server.offload``)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from starlette.responses import Response
 
 from tandem.server.errors import APIError
+from tandem.server.tools.protocol import template_tools
 from tandem.server.prompts import chat_options
 from tandem.server.protocol import DetokenizeRequest, TokenizeRequest
 from tandem.server.responses import json_bytes
@@ -22,7 +24,7 @@ def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest, trusted_templat
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        options = chat_options(body, trusted_templates)
+        options = dataclasses.replace(chat_options(body, trusted_templates), tools=template_tools(body.tools))
         try:  # vLLM's default for a conversation: no special tokens beyond what the template writes
             return chat_ids(tokenizer, [m.as_template_input() for m in body.messages], options,
                             bool(body.add_special_tokens))

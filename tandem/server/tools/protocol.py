@@ -67,14 +67,34 @@ class MessageToolCall(BaseModel):
                 "function": {"name": self.function.name, "arguments": arguments}}
 
 
-def message_tool_fields(tool_calls: list[MessageToolCall] | None, tool_call_id: str | None,
-                        reasoning_content: str | None) -> dict[str, Any]:
-    """The tool (and reasoning) keys of one chat-template message, only those present."""
-    fields: dict[str, Any] = {}
-    if tool_calls:
-        fields["tool_calls"] = [call.as_template_input() for call in tool_calls]
-    if tool_call_id is not None:
-        fields["tool_call_id"] = tool_call_id
-    if reasoning_content is not None:
-        fields["reasoning_content"] = reasoning_content
-    return fields
+class ToolFields(BaseModel):
+    """The chat request's tool and reasoning fields (``ChatCompletionRequest`` inherits them)."""
+
+    tools: list[ChatTool] | None = None  # an empty list is no tools
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True  # false: at most one call
+    include_reasoning: bool = True  # vLLM's: false drops reasoning_content (--reasoning-parser)
+
+
+class MessageToolFields(BaseModel):
+    """What a chat message may carry besides its content (``ChatMessage`` inherits them)."""
+
+    tool_calls: list[MessageToolCall] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant message's reasoning (templates may render it)
+
+    def tool_template_fields(self) -> dict[str, Any]:
+        """The keys of these fields for the chat template, only those present."""
+        fields: dict[str, Any] = {}
+        if self.tool_calls:
+            fields["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            fields["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            fields["reasoning_content"] = self.reasoning_content
+        return fields
+
+
+def template_tools(tools: list[ChatTool] | None) -> list[dict[str, Any]] | None:
+    """The tools as chat templates take them (OpenAI's shape, unset keys left out); None for none."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None

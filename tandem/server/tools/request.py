@@ -8,7 +8,7 @@ from typing import Any
 
 from tandem.server.errors import APIError
 from tandem.server.tools.forced import parameters_schema, required_schema
-from tandem.server.tools.protocol import ChatTool, NamedToolChoice
+from tandem.server.tools.protocol import ChatTool, NamedToolChoice, template_tools
 
 
 @dataclass
@@ -27,7 +27,7 @@ def tool_use(tools: list[ChatTool] | None, tool_choice: str | NamedToolChoice | 
         if tool_choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools: the request lists none", "tool_choice")
         return ToolUse(None)
-    dicts = [t.model_dump(exclude_none=True) for t in tools]
+    dicts = template_tools(tools) or []
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise APIError(400, "tools: two tools have the same function name", "tools")
