@@ -89,7 +89,9 @@ class Serving:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions "
                                 "with token ids", "messages")
         messages = [m.as_template_input() for m in body.messages]
-        size = sum(len(m["content"]) for m in messages) + len(options.chat_template or "") + _size(constraint)
+        size = sum(len(m["content"]) for m in messages) + _size(constraint)
+        if options.chat_template is not None:  # a request's own template: its cost is not its length
+            size = max(size, self.offload.inline_size + 1)
         prepared = await self.offload.run(self.prepare_chat, messages, options, shaping(body), params, body.n,
                                           constraint, size=size * body.n)
         if body.return_prompt_text:

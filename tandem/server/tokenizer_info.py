@@ -10,10 +10,11 @@ from typing import Any
 from starlette.responses import Response
 
 from tandem.server.errors import APIError
-from tandem.server.tools.protocol import template_tools
+from tandem.server.offload import INLINE_SIZE
 from tandem.server.prompts import chat_options
 from tandem.server.protocol import DetokenizeRequest, TokenizeRequest
 from tandem.server.responses import json_bytes
+from tandem.server.tools.protocol import template_tools
 from tandem.server.tokenizing import chat_ids, encode_text, hf_of
 from tandem.tokenizer import Tokenizer
 
@@ -34,9 +35,11 @@ def tokenize(tokenizer: Tokenizer | None, body: TokenizeRequest, trusted_templat
 
 
 def tokenize_size(body: TokenizeRequest) -> int:
-    """Characters to tokenize (the measure ``Offload.run`` takes)."""
+    """Characters to tokenize (the measure ``Offload.run`` takes); a request's own chat template always
+    goes to a worker thread (its cost is not its length)."""
     if body.messages is not None:
-        return sum(len(m.text) for m in body.messages) + len(body.chat_template or "")
+        size = sum(len(m.text) for m in body.messages)
+        return size if body.chat_template is None else max(size, INLINE_SIZE + 1)
     return len(body.prompt or "")
 
 
