@@ -154,6 +154,9 @@ def test_continuous_usage_stats(client):
                             stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [ch.usage.completion_tokens for ch in chunks if ch.choices]
     assert counts == sorted(counts) and counts[-1] == 6 and chunks[-1].usage.completion_tokens == 6
+    alone = list(_complete(client, prompt=PROMPT, max_tokens=3, stream=True,  # vLLM's rule: only with include_usage
+                           stream_options={"continuous_usage_stats": True}))
+    assert all(ch.usage is None for ch in alone)
 
 
 def test_informational_fields_are_accepted(client):

@@ -51,7 +51,7 @@ ChatTemplate = Annotated[str, Field(min_length=1, json_schema_extra=limit("chat_
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
     include_obfuscation: OnlyFalse | None = None  # OpenAI's padding field: never sent here
 
 
@@ -103,7 +103,8 @@ class SamplingRequest(InformationalFields, RefusedVLLMFields, GuidedFields):
 
     @property
     def continuous_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+        """vLLM's rule: usage in every chunk when both include_usage and continuous_usage_stats are on."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams keywords (None = the default), without max_tokens."""
