@@ -308,3 +308,40 @@ def test_host_only_bench_with_json_masks():
     plain = measure(MODEL, 8, 8, 48)
     masked = measure(MODEL, 8, 8, 48, {"structured_output": "json"})
     assert masked.steps > 0 and masked.mask_ms > 0 and plain.mask_ms == 0
+
+
+_STREAMS = """
+import sys
+sys.path.insert(0, "tests")
+import cuda_stub
+cuda_stub.install()
+import differential
+from differential import compare, make_case, run_case, with_constraints
+from tandem.worker.stream_executor import StreamExecutor
+
+calls = []
+real_provide, real_create = StreamExecutor.provide_mask, differential.create_engine
+StreamExecutor.provide_mask = lambda self, step_id, mask: (calls.append(step_id), real_provide(self, step_id, mask))
+for seed in (301, 302, 303):
+    case = with_constraints(make_case(seed), 1.0)
+    differential.create_engine = real_create
+    reference = run_case(case, True)  # the thread executor's outputs
+    differential.create_engine = lambda config: cuda_stub.with_stream_executor(real_create(config))
+    for async_batching in (False, True):
+        problems = compare(case, reference, run_case(case, async_batching), names=("thread", "streams"))
+        assert not problems, case.describe() + "\\n".join(problems)
+assert len(calls) > 20, calls
+print("ok", len(calls))
+"""
+
+
+def test_the_cuda_executor_path_with_masks_on_cpu_stubs():
+    """``StreamExecutor`` (the CUDA executor) with its streams and events stubbed out on a CPU: its
+    two-part submission of constrained steps gives the thread executor's outputs, sync and async."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _STREAMS], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
