@@ -14,7 +14,9 @@ is left out. Fields whose validity is another program's to judge are dropped: ``
 must be one token: the tokenizer decides) and the constraints xgrammar must parse (JSON schemas,
 regexes, grammars); of the constraints that always parse (``guided_choice``, a ``json_object``
 response format) one is kept, without ``min_tokens``, ``allowed_token_ids`` or ``bad_words`` (not
-supported with a constraint yet). The cases stay schema-valid, and the checks are all on.
+supported with a constraint yet). ``tools`` and ``tool_choice`` are dropped too: what they may be
+depends on each other (a named function must be among the tools) and on the server's
+``--enable-auto-tool-choice``. The cases stay schema-valid, and the checks are all on.
 
 Bounded: a fixed number of examples per operation and mode (derandomized, so CI runs the same cases
 every time), max_model_len 64 and --max-n 4 so no generation takes long, and a deadline on the whole run."""
@@ -73,7 +75,7 @@ def _prompt_lengths(server: ServerProcess, path: str, body: dict) -> list[int] |
     return lengths
 
 
-_PARSED = ("bad_words", "guided_json", "guided_regex", "guided_grammar", "structured_outputs")
+_PARSED = ("bad_words", "guided_json", "guided_regex", "guided_grammar", "structured_outputs", "tools", "tool_choice")
 
 
 def _drop_parsed_fields(body: dict) -> None:
