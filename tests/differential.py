@@ -72,7 +72,8 @@ def _params(rng: random.Random) -> SamplingParams:
     )
 
 
-def make_case(seed: int, model: str = MODEL) -> Case:
+def make_case(seed: int, model: str = MODEL, constrained: float = 0.3) -> Case:
+    """``constrained``: the share of requests with structured output (``with_constraints``)."""
     rng = random.Random(seed)
     block_size = rng.choice([4, 8, 16])
     engine = {"kv_cache_tokens": rng.choice([64, 96, 160, 1024]), "block_size": block_size,
@@ -83,7 +84,7 @@ def make_case(seed: int, model: str = MODEL) -> Case:
         abort_at = arrive + rng.randint(0, 15) if rng.random() < 0.15 else None
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
         case.requests.append(Request(f"r{i}", prompt, _params(rng), arrive, abort_at))
-    return with_constraints(case)
+    return with_constraints(case, constrained)
 
 
 # over the byte tokenizer: bounded ones end by their grammar, the others run to max_tokens
