@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.model.registry import MODEL_IMPLS
+
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
 
 
@@ -21,6 +23,9 @@ def _opt(default: Any, help: str) -> Any:
 class EngineConfig:
     model: str = field(metadata={"help": "a local Hugging Face checkpoint folder, or random:<preset> "
                                          "(random weights with a real model's shapes; see the README)"})
+    model_impl: str = _opt("auto", "which forward runs the model: auto (tandem's native one where it has one, "
+                                   "else transformers'), tandem (native only), transformers (transformers' "
+                                   "modeling code through tandem's paged attention, even where a native one exists)")
     dtype: str = _opt("auto", "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                               "bfloat16, float16, float64")
     device: str | None = _opt(None, "cuda, cuda:N or cpu (default: cuda when available)")
@@ -38,8 +43,7 @@ class EngineConfig:
     async_batching: bool = _opt(True, "prepare step N+1 on the host while the device runs step N")
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
-                                             "system prompts, preempted requests): their prefill is skipped; off "
-                                             "for sliding-window models")
+                                             "system prompts, preempted requests): their prefill is skipped")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
     max_stop_strings: int = _opt(64, "most stop strings in one request (more is a ValueError, a 400 from the "
@@ -62,6 +66,7 @@ class EngineConfig:
              "must be >= block_size"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
             ("dtype", self.dtype in DTYPE_NAMES, f"must be one of {DTYPE_NAMES}"),
+            ("model_impl", self.model_impl in MODEL_IMPLS, f"must be one of {MODEL_IMPLS}"),
             ("model", bool(self.model), "must name a checkpoint folder or random:<preset>"),
         ]
         for name, ok, why in checks:

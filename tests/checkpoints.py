@@ -99,8 +99,84 @@ ARCHS: dict[str, dict] = {
             rope_parameters=dict(rope_type="default", rope_theta=10000.0),
         ),
     ),
+    # Gemma: windows of 8 (shorter than the prompts) on the sliding layers, global layers between
+    # them; query_pre_attn_scalar != head_dim; soft-caps small enough to bend the scores and logits.
+    # Untied (real Gemmas tie; the random:tiny-gemma presets do): a tied table scaled by sqrt(hidden)
+    # swamps these tiny models, whose greedy outputs then mostly repeat a few tokens
+    "gemma2": dict(
+        model_cls="Gemma2ForCausalLM", config_cls="Gemma2Config", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            intermediate_size=128, tie_word_embeddings=False, query_pre_attn_scalar=32, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
+    "gemma3": dict(
+        model_cls="Gemma3ForCausalLM", config_cls="Gemma3TextConfig", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+            intermediate_size=128, tie_word_embeddings=False, query_pre_attn_scalar=48, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                             "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0)},
+        ),
+    ),
 }
 
+
+# Through the transformers backend (no native family): each with what sets it apart from Llama.
+ARCHS.update({
+    # fused qkv_proj / gate_up_proj, half the head dims rotated
+    "phi3": dict(
+        model_cls="Phi3ForCausalLM", config_cls="Phi3Config", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            tie_word_embeddings=False, sliding_window=None,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+    ),
+    # q/k RMSNorm over the whole projection, norms after attention and MLP instead of before
+    "olmo2": dict(
+        model_cls="Olmo2ForCausalLM", config_cls="Olmo2Config", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+        ),
+    ),
+    # muP multipliers: embeddings, residual branches, attention scale (not 1/sqrt(head_dim)), logits
+    "granite": dict(
+        model_cls="GraniteForCausalLM", config_cls="GraniteConfig", tie=True,
+        config=dict(
+            _COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, intermediate_size=128,
+            tie_word_embeddings=True, embedding_multiplier=1.5, residual_multiplier=0.8,
+            attention_multiplier=0.3, logits_scaling=2.5,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
+    # LayerNorm with bias, per-head q/k LayerNorm, QKV bias, a quarter of the head dims rotated
+    "stablelm": dict(
+        model_cls="StableLmForCausalLM", config_cls="StableLmConfig", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            tie_word_embeddings=False, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=False,
+            layer_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                      partial_rotary_factor=0.25),
+        ),
+    ),
+    # per-layer sliding windows of 8 (shorter than the prompts) with a global layer without rotary
+    # between them; parallel attention + MLP block, LayerNorm, logits times logit_scale
+    "cohere2": dict(
+        model_cls="Cohere2ForCausalLM", config_cls="Cohere2Config", tie=True,
+        config=dict(
+            _COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            tie_word_embeddings=True, sliding_window=8, logit_scale=0.5, layer_norm_eps=1e-5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
+})
 
 def _llama_with_rope(**rope: Any) -> dict:
     """The llama entry with another rope scaling: same shapes and weights (same seed), other frequencies."""
@@ -172,10 +248,10 @@ def _randomize(model: torch.nn.Module, seed: int, scales: str = "parity") -> Non
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied lm_head is the same tensor: visited once
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if "norm" in name:
-                scale, offset = norm_std, 1.0
-            elif name.endswith("bias"):
+            if name.endswith("bias"):  # LayerNorm biases too: near 1 they swamp the hidden state
                 scale, offset = bias_std, 0.0
+            elif "norm" in name:
+                scale, offset = norm_std, 1.0
             elif "embed_tokens" in name or "lm_head" in name:
                 scale, offset = embed_std, 0.0
             else:

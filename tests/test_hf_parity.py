@@ -124,3 +124,80 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, checkpoints):
     full = prefill_logits(str(path), ids, "cpu", torch.float32)
     assert relative_error(full, hf_prefill_logits(path, ids)) < 1e-5
     assert relative_error(full, prefill_logits(str(checkpoints["mistral"]), ids, "cpu", torch.float32)) > 1e-2
+
+
+def _windowed_mistral(src, dst):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["sliding_window"] = 8
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["mistral-window", "gemma2", "gemma3"])
+def test_prefix_caching_with_sliding_windows_matches_transformers(checkpoints, tmp_path, arch):
+    """Prompts sharing a prefix longer than the window and several blocks, one repeated whole: cached
+    blocks are reused (prefill skipped) and every output is still transformers' (sliding windows keep
+    prefix caching on, as nothing frees a block that falls out of a window)."""
+    path = _windowed_mistral(checkpoints["mistral"], tmp_path / arch) if arch == "mistral-window" else checkpoints[arch]
+    gen = torch.Generator().manual_seed(41)
+    prefix = torch.randint(0, 448, (27,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(0, 448, (n,), generator=gen).tolist() for n in (3, 11, 0)]
+    prompts.append(list(prompts[1]))
+    llm = LLM(str(path), dtype="float32", device="cpu", block_size=8, max_num_seqs=1)
+    assert llm.engine.core.prefix_caching
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 12)
+    assert llm.engine.core.stats().prefix_cache_hits >= 3 * 24
+
+
+def test_gemma_windows_and_softcaps_change_the_logits(checkpoints, tmp_path):
+    """The parity checks above are not vacuous: without its windows or its soft-caps the tiny Gemma 2
+    computes other logits (the window is shorter than the prompt, the caps bend scores and logits).
+    Tied to its embedding (as real Gemmas are), the head is the unscaled table, as in transformers."""
+    import json
+    import shutil
+
+    import safetensors.torch
+
+    ids = torch.randint(0, 448, (33,), generator=torch.Generator().manual_seed(3)).tolist()
+    base = prefill_logits(str(checkpoints["gemma2"]), ids, "cpu", torch.float32)
+    for change in ({"sliding_window": 4096}, {"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
+                   {"tie_word_embeddings": True}):
+        path = tmp_path / next(iter(change))
+        shutil.copytree(checkpoints["gemma2"], path)
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, **change}))
+        if "tie_word_embeddings" in change:  # a tied checkpoint saves no head
+            weights = safetensors.torch.load_file(path / "model.safetensors")
+            del weights["lm_head.weight"]
+            safetensors.torch.save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        ours = prefill_logits(str(path), ids, "cpu", torch.float32)
+        assert relative_error(ours, hf_prefill_logits(path, ids)) < 1e-5
+        assert relative_error(ours, base) > 1e-2, change
+
+
+def test_gemma3_transformers4_config_layout_loads(checkpoints, tmp_path):
+    """Gemma 3 hub files written before transformers 5: rope_theta + rope_scaling (global layers),
+    rope_local_base_freq (sliding layers), sliding_window_pattern instead of layer_types."""
+    import json
+    import shutil
+
+    path = tmp_path / "gemma3-legacy"
+    shutil.copytree(checkpoints["gemma3"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    for key in ("layer_types", "_sliding_window_pattern"):
+        cfg.pop(key, None)
+    glob = dict(rope["full_attention"])
+    cfg.update(rope_theta=glob.pop("rope_theta"), rope_scaling=glob, sliding_window_pattern=3,
+               rope_local_base_freq=rope["sliding_attention"]["rope_theta"])
+    (path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 448, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    ours = prefill_logits(str(path), ids, "cpu", torch.float32)
+    assert relative_error(ours, hf_prefill_logits(path, ids)) < 1e-5
+    assert relative_error(ours, prefill_logits(str(checkpoints["gemma3"]), ids, "cpu", torch.float32)) < 1e-6

@@ -21,9 +21,10 @@ from tp_cases import mixed_requests
 
 from tandem import LLM, SamplingParams
 
-# the tiny checkpoint of each architecture (qwen3's single KV head is replicated on both ranks;
-# mistral gets a sliding window shorter than the prompts)
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+# the tiny checkpoint of each architecture (qwen3's and gemma3's single KV head is replicated on both
+# ranks; mistral gets a sliding window shorter than the prompts, the Gemmas have theirs on their
+# sliding layers, and gemma2 soft-caps)
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
 SETTINGS = dict(device="cpu", dtype="float64", max_num_batched_tokens=16, kv_cache_tokens=96, block_size=8,
                 max_model_len=96)
 

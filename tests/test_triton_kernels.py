@@ -148,7 +148,7 @@ from tandem.worker.piecewise_graphs import PiecewiseGraphs
 # The piecewise path (segments between attentions on static buffers, a token-padded step) against
 # the plain forward, on a mixed step: the same tokens sampled and the same K/V written.
 torch.manual_seed(0)
-worker = create_worker(EngineConfig("random:tiny", dtype="float32", device="cpu", kv_cache_tokens=512, block_size=4))
+worker = create_worker(EngineConfig(MODEL, dtype="float32", device="cpu", kv_cache_tokens=512, block_size=4))
 runner = worker.runner
 gen = torch.Generator().manual_seed(3)
 seqs, items, block = [], [], 1
@@ -179,5 +179,7 @@ print("piecewise ok", got.tolist())
 """
 
 
-def test_piecewise_segments_match_the_plain_forward():
-    assert "piecewise ok" in _run_interpreted("import os; os.environ['TANDEM_ATTENTION'] = 'triton'\n" + PIECEWISE)
+@pytest.mark.parametrize("model", ["random:tiny", "random:tiny-gemma2"])  # Gemma: its own pieces, windows, soft-caps
+def test_piecewise_segments_match_the_plain_forward(model):
+    prefix = f"import os; os.environ['TANDEM_ATTENTION'] = 'triton'\nMODEL = {model!r}\n"
+    assert "piecewise ok" in _run_interpreted(prefix + PIECEWISE)

@@ -4,9 +4,11 @@ Both ceilings are measured on the machine in the same run. Bytes: every weight r
 embedding table only for the rows looked up) plus the KV cache read and written by the step. FLOPs:
 the linear layers for every token, the LM head for sampled rows, and attention's two products.
 Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights and its own KV heads
-(1/N of them, or one where they are replicated) and does 1/N of the FLOPs."""
+(1/N of them, or one where they are replicated) and does 1/N of the FLOPs. A sliding-window layer
+reads (and scores) at most its window's keys per query (``StepRecord.windowed``)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,15 +69,27 @@ class FloorModel:
         self.layer_params = (cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)) / tp_size
         self.head_params = cfg.vocab_size * h / tp_size
         local = TPLayout(0, tp_size).local_config(cfg)
-        self.kv_token_bytes = cfg.num_layers * 2 * local.num_kv_heads * cfg.head_dim * self.itemsize
+        self.layer_token_bytes = 2 * local.num_kv_heads * cfg.head_dim * self.itemsize  # one layer's K and V
+        self.kv_token_bytes = cfg.num_layers * self.layer_token_bytes
+        self.layers_by_window = Counter(cfg.windows)  # window (None: full attention) -> layers
+        self.windows = tuple(sorted(w for w in self.layers_by_window if w is not None))
+
+    def _per_layer_sums(self, rec: StepRecord) -> tuple[int, int]:
+        """(KV tokens read, query-key pairs scored) summed over the layers."""
+        kv = pairs = 0
+        for window, layers in self.layers_by_window.items():
+            read, scored = (rec.kv_tokens, rec.attn_pairs) if window is None else rec.windowed[window]
+            kv, pairs = kv + layers * read, pairs + layers * scored
+        return kv, pairs
 
     def step_cost(self, rec: StepRecord) -> StepCost:
         cfg = self.cfg
         embed_rows = rec.num_tokens * cfg.hidden_size / self.tp_size
         weight_bytes = (self.layer_params + self.head_params + embed_rows) * self.itemsize
-        kv_bytes = (rec.kv_tokens + rec.num_tokens) * self.kv_token_bytes
+        kv_read, pairs = self._per_layer_sums(rec)
+        kv_bytes = (kv_read + cfg.num_layers * rec.num_tokens) * self.layer_token_bytes
         linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_sampled * self.head_params
-        attention = 4 * cfg.num_layers * cfg.num_heads / self.tp_size * cfg.head_dim * rec.attn_pairs
+        attention = 4 * cfg.num_heads / self.tp_size * cfg.head_dim * pairs
         return StepCost(weight_bytes + kv_bytes, linear + attention)
 
     def describe(self, rec: StepRecord, c: Ceilings, measured_s: float | None) -> dict:

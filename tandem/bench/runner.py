@@ -32,7 +32,7 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     llm.generate(warm, SamplingParams(max_tokens=min(8, room), ignore_eos=True, detokenize=False), use_tqdm=False)
     engine.core.reset_prefix_cache()  # each mode starts cold: hits come from the workload alone
     cache_before = engine.core.stats()
-    log = StepLog()
+    log = StepLog(floor.windows if floor is not None else ())
     engine.core.observers.append(log)
     preempted_before = engine.core.scheduler.num_preemptions
     engine.worker.start_timing()

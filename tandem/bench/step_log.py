@@ -8,6 +8,8 @@ import resource
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tandem.engine.observer import ProcessTimes, SubmitTimes
 from tandem.engine.scheduler import SchedulerOutput
 
@@ -36,6 +38,9 @@ class StepRecord:
     plan_wall_s: float = 0.0
     plan_preempted: int = 0
     plan_page_faults: int = 0  # minor page faults in that interval (kernel time counted as CPU time)
+    #: per sliding window of the model's layers: (kv_tokens, attn_pairs) when each query sees at most
+    #: that many keys (the window's own tokens included)
+    windowed: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def _thread_clock() -> tuple[float, float, int, int]:
@@ -44,8 +49,25 @@ def _thread_clock() -> tuple[float, float, int, int]:
     return time.perf_counter(), time.thread_time(), usage.ru_nivcsw, usage.ru_minflt
 
 
+def _windowed_pairs(start: int, n: int, window: int) -> int:
+    """sum over p in [start, start + n) of min(p + 1, window): the scores of a chunk's queries."""
+    below = max(0, min(start + n, window - 1) - start)  # queries that see fewer than window keys
+    return below * (2 * start + below + 1) // 2 + (n - below) * window
+
+
+def windowed_reads(sched: SchedulerOutput, window: int) -> tuple[int, int]:
+    """(kv_tokens, attn_pairs) of a step under a sliding window."""
+    kv = sum(min(item.start + item.num_tokens, item.num_tokens + window - 1) for item in sched.chunks)
+    pairs = sum(_windowed_pairs(item.start, item.num_tokens, window) for item in sched.chunks)
+    if sched.decode is not None:
+        seen = int(np.minimum(sched.decode.starts + 1, window).sum())
+        kv, pairs = kv + seen, pairs + seen
+    return kv, pairs
+
+
 @dataclass
 class StepLog:
+    windows: tuple[int, ...] = ()  # the model's distinct sliding windows (the floor model counts their reads)
     records: list[StepRecord] = field(default_factory=list)
     by_id: dict[int, StepRecord] = field(default_factory=dict)
     _last: tuple[float, float, int, int] | None = None  # the thread clock at the last processed callback
@@ -62,7 +84,8 @@ class StepLog:
             kv += int(d.starts.sum()) + len(d)
             pairs += int(d.starts.sum()) + len(d)
         rec = StepRecord(sched.step_id, sched.num_tokens, len(sched), decode, sampled, kv, pairs, t.begin,
-                         t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built)
+                         t.scheduled - t.begin, t.built - t.scheduled, t.submitted - t.built,
+                         windowed={w: windowed_reads(sched, w) for w in self.windows})
         now = _thread_clock()
         if self._last is not None:
             rec.plan_wall_s, rec.plan_cpu_s = now[0] - self._last[0], now[1] - self._last[1]

@@ -101,13 +101,14 @@ def _padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int = 0,
-               tp: TPLayout = TPLayout(), comm: SingleDevice | TensorParallelOps | None = None) -> CausalLM:
+               tp: TPLayout = TPLayout(), comm: SingleDevice | TensorParallelOps | None = None,
+               model_impl: str = "auto") -> CausalLM:
     """The model a name refers to, with weights on ``device``; rotary tables cover ``max_positions``
     positions. Under tensor parallelism (``tp.size > 1``, with ``comm`` the group's collectives) only
-    rank ``tp.rank``'s shards."""
+    rank ``tp.rank``'s shards. ``model_impl``: which implementation runs it (``registry.implementation``)."""
     config = resolve_model_config(source)
     tp.check(config)
-    family = model_class(config.architecture)
+    family = model_class(config.architecture, model_impl)
     comm = comm or SingleDevice()
     if is_preset(source):
         return family.load(config, random_getter(device, dtype, seed), tp, max_positions, comm)

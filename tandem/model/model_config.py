@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.model.registry import family_of
+from tandem.model.registry import Family, family_of
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # Types whose frequencies transformers recomputes from each sequence's length: tandem runs them only
@@ -33,7 +33,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that slide (all of them unless layer_windows)
+    layer_windows: tuple[int | None, ...] | None = None  # per layer, where layers differ (None: full attention)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     hf: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read: families parse their own fields
@@ -45,6 +46,11 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        return self.layer_windows if self.layer_windows is not None else (self.sliding_window,) * self.num_layers
 
     def num_params(self) -> int:
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
@@ -61,9 +67,13 @@ def _as_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` + ``rope_scaling``."""
+def rope_of(cfg: dict[str, Any], layer_type: str = "full_attention") -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling or None). transformers 5 writes ``rope_parameters``, per layer type for models
+    whose layer types differ (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``);
+    4.x writes ``rope_theta`` + ``rope_scaling``."""
     params = cfg.get("rope_parameters") or {}
+    if layer_type in params:
+        params = params[layer_type] or {}
     scaling = cfg.get("rope_scaling") or (params if params.get("rope_type") not in (None, "default") else None)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     return theta, None if scaling is None else _resolved_scaling(scaling, cfg)
@@ -117,7 +127,6 @@ def rotary_dim(cfg: ModelConfig) -> int:
     return int(cfg.head_dim * (1.0 if factor is None else float(factor)))
 
 
-
 def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
     if arch.startswith("Qwen"):
         if cfg.get("use_sliding_window"):
@@ -125,6 +134,22 @@ def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
         return None
     window = cfg.get("sliding_window")
     return int(window) if window else None
+
+
+def _layer_windows(cfg: dict[str, Any], family: Family, num_layers: int,
+                   window: int | None) -> tuple[int | None, ...] | None:
+    """Per-layer windows from ``layer_types`` (transformers 5 writes them), else from the pattern the
+    architecture implies (every n-th layer global); None where neither says anything. Layer kinds
+    other than sliding are left to the family to accept or refuse."""
+    kinds = cfg.get("layer_types")
+    period = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or family.sliding_pattern
+    if not kinds and period:
+        kinds = ["sliding_attention" if (i + 1) % int(period) else "full_attention" for i in range(num_layers)]
+    if not kinds:
+        return None
+    if len(kinds) != num_layers:
+        raise ValueError(f"config.json lists {len(kinds)} layer_types for {num_layers} layers")
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
 
 
 # Settings no family implements yet, with the value that means "not used" (each family refuses its own
@@ -146,13 +171,15 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
     arch, family = family_of(cfg.get("architectures") or [])
     refuse_settings(cfg, _NO_FAMILY_IMPLEMENTS)
     heads = int(cfg["num_attention_heads"])
-    theta, scaling = _rope(cfg)
+    theta, scaling = rope_of(cfg)
+    layers = int(cfg["num_hidden_layers"])
+    window = _sliding_window(cfg, arch)
     eos = _as_list((generation or {}).get("eos_token_id")) or _as_list(cfg.get("eos_token_id"))
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
@@ -162,7 +189,8 @@ def model_config_from_dict(cfg: dict[str, Any], generation: dict[str, Any] | Non
         rope_scaling=scaling,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        sliding_window=_sliding_window(cfg, arch),
+        sliding_window=window,
+        layer_windows=_layer_windows(cfg, family, layers, window),
         eos_token_ids=eos,
         bos_token_id=cfg.get("bos_token_id"),
         hf=cfg,

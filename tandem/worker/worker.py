@@ -80,7 +80,7 @@ class DeviceWorker:
 
     def _load_model(self, max_positions: int) -> CausalLM:
         c = self.config
-        return load_model(c.model, self.device, self.dtype, max_positions, c.seed)
+        return load_model(c.model, self.device, self.dtype, max_positions, c.seed, model_impl=c.model_impl)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         c = self.config
@@ -98,7 +98,9 @@ class DeviceWorker:
                                self.device, self.dtype, reserved)
 
     def _wants_graphs(self) -> bool:
-        return self.config.use_cuda_graphs and self.device.type == "cuda"
+        # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly
+        return (self.config.use_cuda_graphs and self.device.type == "cuda"
+                and getattr(self.model, "supports_cuda_graphs", True))
 
     def _capture_graphs(self, max_blocks: int, padding_row: int) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None]:
         if not self._wants_graphs():
