@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-import math
 from typing import Any
 
 import torch
@@ -20,10 +19,6 @@ class AttentionSpec:
     scale: float  # multiplies q.k before the softmax
     sliding_window: int | None = None  # a query sees only the last ``sliding_window`` keys (itself included)
     logit_softcap: float | None = None  # scores become cap * tanh(scores / cap) before the softmax
-
-    @classmethod
-    def default(cls, head_dim: int, sliding_window: int | None = None) -> AttentionSpec:
-        return cls(1.0 / math.sqrt(head_dim), sliding_window)
 
 
 @dataclass
