@@ -13,6 +13,10 @@ Plans (the commands of benchmarks/RESULTS.md):
 - offline: M (sync and async), M at 1024 sequences, S (sync and async).
 - long: M at ``max_model_len`` 131072 (block tables as wide as the model allows).
 - traffic: V (512 requests, prompts 16:4096, outputs 16:1024, 8B) at 2048 batched tokens, sync and async.
+- structured: the structured-output GPU checks (scripts/gpu_structured.py), then M with every request
+  constrained by a JSON schema (sync and async) beside M unconstrained, in one call for the cost.
+- seam: the models of the model seam: Gemma 3 1B at M's shape and 4B at S's (sync and async), and the
+  transformers backend against the native model at 32 x (256 + 512).
 - serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
 
 On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
@@ -51,6 +55,7 @@ def _bench(name: str, model: str, n: int, prompt: str, out: str, *extra: str) ->
 
 def plans(tiny: bool) -> dict[str, list[Run]]:
     one_b, eight_b = ("random:tiny", "random:tiny") if tiny else (ONE_B, EIGHT_B)
+    gemma_1b, gemma_4b = ("random:tiny-gemma3",) * 2 if tiny else ("random:gemma3-1b", "random:gemma3-4b")
     n = (lambda k: min(k, 8)) if tiny else (lambda k: k)
     ln = (lambda k: str(min(int(k), 16))) if tiny else str
     checks = ["smoke"] if tiny else ["smoke", "differential", "prefix", "nosync"]
@@ -66,6 +71,17 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                         else "512", "--modes", "async")],
         "traffic": [_bench("V_2048", eight_b, n(512), "16:" + ln(4096), "16:" + ln(1024), "--max-model-len",
                            "8192" if not tiny else "256", "--max-num-batched-tokens", "2048")],
+        "structured": ([] if tiny else [  # the checks need CUDA
+            Run("structured_checks", [sys.executable, "scripts/gpu_checks.py", "structured"], {}, "check")]) + [
+            _bench("M_json", one_b, n(256), ln(256), ln(512), "--structured-output", "json"),
+            _bench("M_free", one_b, n(256), ln(256), ln(512), "--modes", "async"),
+        ],
+        "seam": [
+            _bench("G1", gemma_1b, n(256), ln(256), ln(512)),
+            _bench("G4", gemma_4b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32))),
+            _bench("TB_native", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--modes", "async"),
+            _bench("TB", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--model-impl", "transformers"),
+        ],
         "serve": [_bench("offline_64", one_b, n(64), ln(256), ln(512), "--max-num-seqs", str(n(256)),
                          "--max-model-len", "768", "--modes", "async")]
         + [Run(f"serve_{c}_{k}", CLI + ["bench-serve", "--num-clients", str(n(c)), "--prompt-len", ln(256),

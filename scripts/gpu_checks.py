@@ -9,6 +9,8 @@
   (TANDEM_PREFIX_DTYPE=float64 to rule out a float32 near-tie if one case differs).
 - sampling: the sampling stage's Triton kernels (top-k/top-p cutoff, penalties) vs their torch
   definitions at a real vocabulary, and the engine with them vs the engine with the definitions.
+- structured: grammar-constrained outputs on CUDA (scripts/gpu_structured.py: the constrained
+  differential, specs accepted in bf16, no hidden sync with masks, the host's mask fill times).
 - parity: float32 greedy outputs vs transformers, and bf16 prefill logits within 1e-2 relative error.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
 
 def smoke() -> bool:
@@ -255,6 +257,10 @@ def main(argv: list[str]) -> int:
                                  os.environ.get("TANDEM_PREFIX_DTYPE", "float32"))
         elif name == "sampling":
             ok &= sampling_kernels(int(os.environ.get("TANDEM_DIFF_CASES", "30")))
+        elif name == "structured":
+            from gpu_structured import structured
+
+            ok &= structured()
         elif name == "parity":
             from gpu_parity import parity
 

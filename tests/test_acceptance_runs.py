@@ -60,3 +60,13 @@ def test_a_failed_run_is_marked_failed(tmp_path):
     assert "FAILED" in module.summary_row(run, 1, tmp_path)
     assert "FAILED" in module.summary_row(module.plans(tiny=True)["checks"][0], 3, tmp_path)
     assert "skipped" in module.summary_row(run, None, tmp_path)
+
+
+def test_the_structured_and_seam_plans_run(tmp_path):
+    done = _run(tmp_path, "--plans", "structured,seam")
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split()[0] for line in done.stdout.splitlines()]
+    assert names == ["M_json", "M_json", "M_free", "G1", "G1", "G4", "G4", "TB_native", "TB", "TB"]
+    assert done.stdout.count("sync == async: True") == 6
+    log = (tmp_path / "log.txt").read_text()
+    assert "--structured-output json" in log and "--model-impl transformers" in log
