@@ -1,0 +1,47 @@
+"""Mixture-of-experts: routing and the experts' gated MLPs, in plain PyTorch.
+
+This is the reference: what the CPU runs, and the oracle of the fused Triton kernel
+(``tandem/kernels/fused_moe.py``) in its tests. Layouts (transformers 5's fused expert weights):
+
+- ``w13``: [E, 2 * I, H], the gate projection's I rows then the up projection's, per expert;
+- ``w2``: [E, H, I], the down projection, per expert;
+- routing: ``topk_ids`` [T, k] (int) and ``topk_weights`` [T, k] (float32) for T tokens.
+
+A token's output is ``sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x))`` over its k experts
+``e = topk_ids[t, j]``; experts no token routes to are never read."""
+from __future__ import annotations
+
+import torch
+
+from tandem.model.layers.mlp import gelu_tanh_mul, silu_mul
+
+ACTIVATIONS = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing: (weights [T, k] float32, ids [T, k] int32), the top-k experts of each token.
+
+    ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``, always so for Mixtral) rescales the k weights
+    to sum to one; the softmax runs in float32 whatever the logits' dtype, as transformers does."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """[T, H] -> [T, H]: each expert's tokens through its gated MLP, weighted and summed per token.
+
+    The weighted sum runs in float32 and is cast back once (transformers sums in the hidden dtype: the
+    same in float32; in bf16 one rounding instead of k)."""
+    act = ACTIVATIONS[activation]
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    flat_ids = topk_ids.long()
+    for expert in torch.unique(flat_ids).tolist():
+        token, slot = torch.nonzero(flat_ids == expert, as_tuple=True)
+        x = hidden[token]
+        y = act(x @ w13[expert].t()) @ w2[expert].t()
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(hidden.dtype)
