@@ -45,3 +45,10 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         y = act(x @ w13[expert].t()) @ w2[expert].t()
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(hidden.dtype)
+
+
+def experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The MoE layer's experts, as the model calls them: the reference for now; on CUDA the fused
+    Triton kernel takes over (tandem/kernels/fused_moe.py, in progress)."""
+    return experts_reference(hidden, w13, w2, topk_weights, topk_ids, activation)
