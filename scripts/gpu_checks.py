@@ -48,24 +48,30 @@ def smoke() -> bool:
 
 def no_hidden_sync() -> bool:
     """The async step loop must not synchronise behind our back (.item(), .tolist(), .cpu(), ...)."""
-    import warnings
-
     from tandem import LLM, SamplingParams
 
     llm = LLM("random:llama3.2-1b", max_num_seqs=16, max_model_len=256)
     prompts = [torch.randint(0, 128000, (n,)).tolist() for n in (30, 70, 120, 9)]
     params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, ignore_eos=True, detokenize=False)
-    llm.generate(prompts, params, use_tqdm=False)  # warm-up: lazy initialisation may synchronise once
+    syncs = hidden_syncs(lambda: llm.generate(prompts, params, use_tqdm=False))
+    print(f"no_hidden_sync: {len(syncs)} synchronizing calls in the async loop" + "".join(f"\n  {m}" for m in syncs[:5]))
+    return not syncs
+
+
+def hidden_syncs(run) -> list[str]:
+    """The synchronising calls of ``run()`` under torch's sync debug mode, after one warm-up run
+    (lazy initialisation may synchronise once)."""
+    import warnings
+
+    run()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            llm.generate(prompts, params, use_tqdm=False)
+            run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    print(f"no_hidden_sync: {len(syncs)} synchronizing calls in the async loop" + "".join(f"\n  {m}" for m in syncs[:5]))
-    return not syncs
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 def kernels() -> bool:

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import time
-import warnings
 
 import torch
 
@@ -66,16 +65,12 @@ def no_hidden_sync_with_masks() -> bool:
     params = [SamplingParams(max_tokens=48, temperature=0.7, seed=i, ignore_eos=True, detokenize=False,
                              structured_outputs=StructuredOutputsParams(json=schema) if i % 2
                              else StructuredOutputsParams(regex="[a-z ]{10,60}")) for i in range(4)]
-    llm.generate(prompts, params, use_tqdm=False)  # warm-up: lazy initialisation may synchronise once
-    torch.cuda.set_sync_debug_mode("warn")
+    from gpu_checks import hidden_syncs
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            llm.generate(prompts, params, use_tqdm=False)
+        syncs = hidden_syncs(lambda: llm.generate(prompts, params, use_tqdm=False))
     finally:
-        torch.cuda.set_sync_debug_mode("default")
         llm.engine.shutdown()
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     print(f"no hidden sync with grammar masks: {len(syncs)} synchronizing calls"
           + "".join(f"\n  {m}" for m in syncs[:5]), flush=True)
     return not syncs
