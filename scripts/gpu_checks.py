@@ -12,6 +12,9 @@
 - structured: grammar-constrained outputs on CUDA (scripts/gpu_structured.py: the constrained
   differential, specs accepted in bf16, no hidden sync with masks, the host's mask fill times).
 - parity: float32 greedy outputs vs transformers, and bf16 prefill logits within 1e-2 relative error.
+- moe: the fused MoE kernel vs its reference in bf16 at Qwen3-30B-A3B's and Mixtral 8x7B's shapes
+  (error, NaN, peak workspace within the memory plan's), no hidden sync, a CUDA graph replaying it
+  with new routing (scripts/moe_bench.py).
 """
 from __future__ import annotations
 
@@ -267,6 +270,10 @@ def main(argv: list[str]) -> int:
             from gpu_structured import structured
 
             ok &= structured()
+        elif name == "moe":
+            from moe_bench import check
+
+            ok &= check()
         elif name == "parity":
             from gpu_parity import parity
 

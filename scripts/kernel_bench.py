@@ -1,6 +1,7 @@
 """Paged attention kernels on a CUDA GPU: time, bandwidth floor and error, one table.
 
 Usage: python scripts/kernel_bench.py [--no-flex] [--cpu-smoke]
+       python scripts/kernel_bench.py moe [--cpu-smoke]   (the fused MoE kernel: scripts/moe_bench.py)
 
 For Llama-3-8B and Llama-3.2-1B attention shapes (page 16, bf16), each row times one kernel with
 triton.testing.do_bench (median) on one case: the varlen kernel on a mixed step and on a pure
@@ -267,6 +268,10 @@ def bench_case(case: Case, dtype: torch.dtype, device: torch.device, bandwidth: 
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["moe"]:
+        from moe_bench import bench
+
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny float32 shapes on CPU, Triton interpreted")

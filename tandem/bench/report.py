@@ -46,7 +46,9 @@ def decode_check_text(res: ModeResult) -> str:
     c = res.decode_step_check
     if c is None:
         return "floor check: n/a (no device timings)"
-    return (f"floor check ({res.mode}, decode step {c['step_id']}: {c['num_seqs']} seqs, {c['kv_tokens']} KV tokens): "
+    experts = f", {c['experts_read']:.1f} experts read per MoE layer" if c.get("experts_read") else ""
+    return (f"floor check ({res.mode}, decode step {c['step_id']}: {c['num_seqs']} seqs, {c['kv_tokens']} KV tokens"
+            f"{experts}): "
             f"{c['bytes'] / 1e9:.3f} GB moved, {c['flops'] / 1e12:.3f} TFLOP; memory floor "
             f"{c['memory_floor_ms']:.3f} ms, compute floor {c['compute_floor_ms']:.3f} ms, "
             f"measured {c['measured_gpu_ms']:.3f} ms "

@@ -5,7 +5,13 @@ embedding table only for the rows looked up) plus the KV cache read and written 
 the linear layers for every token, the LM head for sampled rows, and attention's two products.
 Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights and its own KV heads
 (1/N of them, or one where they are replicated) and does 1/N of the FLOPs. A sliding-window layer
-reads (and scores) at most its window's keys per query (``StepRecord.windowed``)."""
+reads (and scores) at most its window's keys per query (``StepRecord.windowed``).
+
+Mixture-of-experts models (``model/moe_shape.py``): their dense parts (attention, norms, dense-layer
+MLPs, routers, shared experts) count fully, their routed experts only for the experts a step's
+tokens touch, E * (1 - (1 - k/E)^T) per sparse layer for T tokens, the expectation under uniform
+routing (``MoEShape.expected_distinct_experts`` says why that and not the real routing); FLOPs
+count k experts per token. Under tensor parallelism each expert's width is split like a dense MLP's."""
 from __future__ import annotations
 
 from collections import Counter
@@ -15,6 +21,7 @@ import torch
 
 from tandem.bench.step_log import StepRecord
 from tandem.model.model_config import ModelConfig
+from tandem.model.moe_shape import moe_shape
 from tandem.model.tp_layout import TPLayout
 
 
@@ -68,6 +75,12 @@ class FloorModel:
         # all transformer blocks: no embedding, no head (per GPU)
         self.layer_params = (cfg.num_params() - cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)) / tp_size
         self.head_params = cfg.vocab_size * h / tp_size
+        self.moe = moe_shape(cfg)
+        self.expert_params = 0.0  # one expert over all sparse layers (per GPU): read once per distinct expert
+        if self.moe is not None:  # num_params counted one dense MLP of intermediate_size per layer
+            dense_mlps = cfg.num_layers * 3 * h * cfg.intermediate_size
+            self.layer_params += (self.moe.always_read_params - dense_mlps) / tp_size
+            self.expert_params = len(self.moe.sparse_layers) * self.moe.expert_params / tp_size
         local = TPLayout(0, tp_size).local_config(cfg)
         self.layer_token_bytes = 2 * local.num_kv_heads * cfg.head_dim * self.itemsize  # one layer's K and V
         self.kv_token_bytes = cfg.num_layers * self.layer_token_bytes
@@ -82,20 +95,27 @@ class FloorModel:
             kv, pairs = kv + layers * read, pairs + layers * scored
         return kv, pairs
 
+    def experts_read(self, num_tokens: int) -> float:
+        """Distinct experts a step of ``num_tokens`` tokens reads per sparse layer (0: dense model)."""
+        return 0.0 if self.moe is None else self.moe.expected_distinct_experts(num_tokens)
+
     def step_cost(self, rec: StepRecord) -> StepCost:
         cfg = self.cfg
         embed_rows = rec.num_tokens * cfg.hidden_size / self.tp_size
-        weight_bytes = (self.layer_params + self.head_params + embed_rows) * self.itemsize
+        experts = self.experts_read(rec.num_tokens) * self.expert_params
+        weight_bytes = (self.layer_params + self.head_params + embed_rows + experts) * self.itemsize
         kv_read, pairs = self._per_layer_sums(rec)
         kv_bytes = (kv_read + cfg.num_layers * rec.num_tokens) * self.layer_token_bytes
-        linear = 2 * rec.num_tokens * self.layer_params + 2 * rec.num_sampled * self.head_params
+        routed = rec.num_tokens * (self.moe.top_k if self.moe is not None else 0) * self.expert_params
+        linear = 2 * (rec.num_tokens * self.layer_params + routed) + 2 * rec.num_sampled * self.head_params
         attention = 4 * cfg.num_heads / self.tp_size * cfg.head_dim * pairs
         return StepCost(weight_bytes + kv_bytes, linear + attention)
 
     def describe(self, rec: StepRecord, c: Ceilings, measured_s: float | None) -> dict:
         cost = self.step_cost(rec)
         return {"step_id": rec.step_id, "num_seqs": rec.num_seqs, "num_tokens": rec.num_tokens,
-                "kv_tokens": rec.kv_tokens, "bytes": cost.bytes, "flops": cost.flops,
+                "kv_tokens": rec.kv_tokens, "experts_read": self.experts_read(rec.num_tokens),
+                "bytes": cost.bytes, "flops": cost.flops,
                 "memory_floor_ms": cost.bytes / c.copy_bytes_per_s * 1e3,
                 "compute_floor_ms": cost.flops / c.gemm_flops_per_s * 1e3,
                 "measured_gpu_ms": None if measured_s is None else measured_s * 1e3, "ceilings": asdict(c)}

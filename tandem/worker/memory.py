@@ -3,7 +3,12 @@ cache must leave room for.
 
 The steps themselves are the host's (``contract.startup``: the largest eager step the scheduler can
 produce, and the largest graph-captured decode step, whose memory stays reserved in the graph pool
-beside it); here each runs once on a private runner with a KV cache just big enough for it."""
+beside it); here each runs once on a private runner with a KV cache just big enough for it.
+
+A mixture-of-experts model's worst step also holds the fused MoE kernel's workspace (its
+per-slot activations and outputs and the expert alignment, ``moe_align.workspace_bytes``): the
+measured peak includes it, and the plan never reserves less than it for the eager step, whichever
+experts path the profiled step took."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +17,10 @@ import torch
 
 from tandem.contract.startup import StartupSteps
 from tandem.contract.step import Padding, StepInputs, field_offsets
+from tandem.kernels.moe_align import workspace_bytes
 from tandem.model.base import CausalLM
+from tandem.model.model_config import ModelConfig
+from tandem.model.moe_shape import moe_shape
 from tandem.worker.kv_cache import allocate_kv_cache
 from tandem.worker.model_runner import ModelRunner
 
@@ -48,6 +56,15 @@ def _peak_bytes(model: CausalLM, step: StepInputs, block_size: int, max_len: int
     return peak
 
 
+def moe_workspace_bytes(cfg: ModelConfig, max_tokens: int, dtype: torch.dtype) -> int:
+    """The fused MoE kernel's workspace for a step of ``max_tokens`` tokens (0 for a dense model)."""
+    shape = moe_shape(cfg)
+    if shape is None:
+        return 0
+    return workspace_bytes(max_tokens, shape.top_k, shape.num_experts, shape.hidden_size, shape.expert_intermediate,
+                           torch.empty(0, dtype=dtype).element_size())
+
+
 def profile_activations(model: CausalLM, steps: StartupSteps, max_tokens: int, max_seqs: int, max_len: int,
                         block_size: int, graph_max_blocks: int | None, piecewise_tokens: int = 0) -> ActivationPeaks:
     """Peak activation bytes of the worst eager step and of the largest graph-captured steps (their
@@ -61,4 +78,6 @@ def profile_activations(model: CausalLM, steps: StartupSteps, max_tokens: int, m
     if piecewise_tokens:
         piecewise = steps.worst_eager(piecewise_tokens, max_seqs, max_len, block_size, vocab)
         graph += _peak_bytes(model, piecewise, block_size, max_len)
-    return ActivationPeaks(_peak_bytes(model, eager, block_size, max_len), graph)
+    eager_peak = max(_peak_bytes(model, eager, block_size, max_len),
+                     moe_workspace_bytes(model.config, max_tokens, model.dtype))
+    return ActivationPeaks(eager_peak, graph)

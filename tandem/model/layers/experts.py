@@ -11,8 +11,11 @@ A token's output is ``sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x)
 ``e = topk_ids[t, j]``; experts no token routes to are never read."""
 from __future__ import annotations
 
+import os
+
 import torch
 
+from tandem.kernels import triton_available
 from tandem.model.layers.mlp import gelu_tanh_mul, silu_mul
 
 ACTIVATIONS = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
@@ -47,8 +50,23 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(hidden.dtype)
 
 
+def use_fused_kernel(device: torch.device) -> bool:
+    """The fused Triton kernel on CUDA, the reference elsewhere. ``TANDEM_MOE=reference`` forces the
+    reference (to compare on a GPU); ``triton`` forces the kernel even on a CPU, where it runs
+    through Triton's interpreter (tests set ``TRITON_INTERPRET=1``)."""
+    choice = os.environ.get("TANDEM_MOE", "auto")
+    if choice not in ("auto", "reference", "triton"):
+        raise ValueError(f"TANDEM_MOE={choice!r}: expected auto, reference or triton")
+    return (choice == "triton" or (choice == "auto" and device.type == "cuda")) and triton_available()
+
+
 def experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """The MoE layer's experts, as the model calls them: the reference for now; on CUDA the fused
-    Triton kernel takes over (tandem/kernels/fused_moe.py, in progress)."""
+    """The MoE layer's experts, as the model calls them: the fused Triton kernel on CUDA
+    (``tandem/kernels/fused_moe.py``: no host sync, capturable in a CUDA graph), the reference
+    elsewhere (it reads the routed experts back to the host)."""
+    if use_fused_kernel(hidden.device):
+        from tandem.kernels.fused_moe import fused_experts  # imports Triton: only where it runs
+
+        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, activation)
     return experts_reference(hidden, w13, w2, topk_weights, topk_ids, activation)

@@ -1,0 +1,201 @@
+"""The fused mixture-of-experts MLP: one grouped-GEMM Triton kernel, launched twice per layer.
+
+The (token, slot) pairs are first sorted by expert, so each tile of ``block_m`` rows belongs to one
+expert and reads only that expert's weights; experts no token routes to are never read, and tiles
+past the rows in use exit at once. The sort is one single-program Triton launch (``align``), exactly
+``moe_align.align_tokens``'s result (its torch definition, some thirty small launches). Then:
+
+1. gate-up: rows of ``hidden`` (slot // k) times the expert's ``w13`` [2I, H]; each program
+   computes the gate tile and the matching up tile together and writes act(gate) * up, so the
+   [T*k, 2I] product is never stored, only [T*k, I];
+2. down: those rows times ``w2`` [H, I], the routing weight of the slot applied in the epilogue,
+   written per slot [T*k, H];
+3. the k slots of each token are summed in float32, in slot order (no atomics: the result does
+   not depend on which other tokens share the step), and rounded once.
+
+Accumulation is float32. Each product is rounded to the model dtype where the reference
+(``tandem.model.layers.experts.experts_reference``) rounds it, so bf16 results stay within a
+last-bit difference of it. Every shape is static and nothing is read back to the host, so a
+routed decode step can be captured in a CUDA graph."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.kernels.moe_align import MoEAlignment, MoEBlocks, max_blocks, moe_blocks
+from tandem.kernels.paged_varlen import _tanh, dot_precision
+
+ACT_CODES = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+
+# Arguments that change with the step's token count are not specialised on (Triton would compile
+# a variant for 1 and for multiples of 16): the variants are then the tile tiers only, which the
+# start-up's steps (worst case, graph captures, warm-up) can all meet before the first request.
+@triton.jit(do_not_specialize=["num_slots", "num_rows"])
+def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_slots, num_experts, num_rows,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: count slots per expert, lay the padded groups out (cumsum), mark padding rows
+    and each tile's expert, then place every slot at its group's start plus its rank (the slots of
+    its expert before it). Padding rows and real rows are disjoint, so no write order matters."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for first in range(0, num_slots, CHUNK):
+        slots = first + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for first in range(0, num_rows, CHUNK):
+        rows = first + tl.arange(0, CHUNK)
+        group = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)  # E_PAD past the last group
+        real_end = tl.sum(tl.where(experts[None, :] == group[:, None], (starts + counts)[None, :], 0), axis=1)
+        tl.store(sorted_ids_ptr + rows, num_slots, mask=(rows >= real_end) & (rows < num_rows))
+        tile_first = (rows % BLOCK_M == 0) & (rows < num_rows)
+        tl.store(expert_ids_ptr + rows // BLOCK_M, tl.minimum(group, num_experts - 1), mask=tile_first)
+    placed = tl.zeros((E_PAD,), dtype=tl.int32)  # slots of each expert placed by earlier chunks
+    for first in range(0, num_slots, CHUNK):
+        slots = first + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit  # same-expert slots earlier in this chunk
+        dest = tl.sum(hit * (before + (starts + placed)[None, :]), axis=1)
+        tl.store(sorted_ids_ptr + dest, slots, mask=slots < num_slots)
+        placed += tl.sum(hit, axis=0)
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
+    """``moe_align.align_tokens`` in one launch (same buffers, same contents)."""
+    n = topk_ids.numel()
+    rows = max_blocks(n, num_experts, block_m) * block_m
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=topk_ids.device)
+    expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=topk_ids.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=topk_ids.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](topk_ids.contiguous(), sorted_ids, expert_ids, num_padded, n, num_experts, rows,
+                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(128, 8192 // e_pad)), num_warps=8)
+    return MoEAlignment(sorted_ids, expert_ids, num_padded, block_m)
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return x / (1.0 + tl.exp(-x))  # silu
+    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # gelu, tanh form
+
+
+@triton.jit(do_not_specialize=["num_slots", "num_blocks"])
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+                         n_out, k_in, num_slots, a_row_div, num_blocks, up_offset, stride_am, stride_be,
+                         stride_bn, stride_bk, stride_cm, GATED: tl.constexpr, ACT: tl.constexpr,
+                         MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """C[slot, n] = epilogue(sum_k A[slot // a_row_div, k] * B[expert, n, k]) for the slots of one
+    row tile and a band of output columns. GATED: B also holds the up rows ``up_offset`` elements
+    further, and the epilogue is act(gate) * up."""
+    pid = tl.program_id(0)
+    bands = tl.cdiv(n_out, BLOCK_N)
+    per_group = GROUP_M * bands
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # a tile past the rows in use: buffers have their worst-case size
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + rows).to(tl.int64)
+    row_ok = slot < num_slots  # the sentinel (num_slots) pads each expert's group
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (slot // a_row_div)[:, None] * stride_am + ks[None, :]
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(k_in, BLOCK_K)):
+        k_ok = ks < k_in - kk * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+        if GATED:
+            acc_up = tl.dot(a, tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0), acc_up,
+                            input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    dt = c_ptr.dtype.element_ty
+    out = acc.to(dt).to(tl.float32)  # the reference's matmul output, in the model dtype
+    if GATED:
+        out = _activation(out, ACT).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)
+    if MUL_WEIGHT:
+        out = out * tl.load(weights_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + slot[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, out.to(dt), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_slots_kernel(per_slot_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_j per_slot[t * k + j] in float32, slot by slot: the same order whatever the batch."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(per_slot_ptr + (token * TOP_K + j) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alignment: MoEAlignment,
+                  blocks: MoEBlocks, n_out: int, a_row_div: int, weights: torch.Tensor | None,
+                  act: int | None) -> None:
+    """One launch over every row tile (those past ``alignment.num_padded`` exit) and column band."""
+    grid = (alignment.num_blocks * triton.cdiv(n_out, blocks.block_n),)
+    _grouped_gemm_kernel[grid](
+        a, b, out, weights if weights is not None else out, alignment.sorted_ids, alignment.expert_ids,
+        alignment.num_padded, n_out, b.shape[2], out.shape[0], a_row_div, alignment.num_blocks,
+        n_out * b.stride(1), a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0), GATED=act is not None,
+        ACT=act or 0,
+        MUL_WEIGHT=weights is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+        GROUP_M=blocks.group_m, PRECISION=dot_precision(a.dtype), num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages)
+
+
+def _check(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+           topk_ids: torch.Tensor, activation: str) -> None:
+    if activation not in ACT_CODES:
+        raise ValueError(f"fused MoE: activation {activation!r} is not implemented (supported: {sorted(ACT_CODES)})")
+    (n_exp, two_i, h), (t, k) = w13.shape, topk_ids.shape
+    if hidden.shape != (t, h) or w2.shape != (n_exp, h, two_i // 2) or topk_weights.shape != (t, k):
+        raise ValueError(f"fused MoE: shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}, topk_weights {tuple(topk_weights.shape)}, topk_ids {(t, k)}")
+    if not (hidden.dtype == w13.dtype == w2.dtype):
+        raise ValueError(f"fused MoE: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share one dtype")
+    if w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused MoE: expert weights must be contiguous in their last dimension")
+
+
+def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str = "silu", blocks: MoEBlocks | None = None) -> torch.Tensor:
+    """[T, H] -> [T, H], as ``experts_reference`` (same arguments and layouts); ``blocks`` overrides
+    the tile table (tests, tuning)."""
+    _check(hidden, w13, w2, topk_weights, topk_ids, activation)
+    (t, k), (n_exp, two_i, h) = topk_ids.shape, w13.shape
+    inter = two_i // 2
+    if t == 0:
+        return hidden.new_empty(0, h)
+    blocks = blocks or moe_blocks(t, k, n_exp)
+    alignment = align(topk_ids, n_exp, blocks.block_m)
+    hidden = hidden.contiguous()
+    act_out = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(hidden, w13, act_out, alignment, blocks, inter, k, None, ACT_CODES[activation])
+    per_slot = torch.empty(t * k, h, dtype=hidden.dtype, device=hidden.device)
+    weights = topk_weights.reshape(-1).float().contiguous()
+    _grouped_gemm(act_out, w2, per_slot, alignment, blocks, h, 1, weights, None)
+    if k == 1:
+        return per_slot
+    out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    block = min(1024, triton.next_power_of_2(h))
+    _sum_slots_kernel[(t, triton.cdiv(h, block))](per_slot, out, h, TOP_K=k, BLOCK=block)
+    return out
