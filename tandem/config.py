@@ -46,6 +46,9 @@ class EngineConfig:
                                              "system prompts, preempted requests): their prefill is skipped")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
+    enable_expert_parallel: bool = _opt(False, "mixture-of-experts models: place whole experts on the "
+                                               "tensor_parallel_size ranks (E/N each) instead of a slice of "
+                                               "every expert on each; refused for a model without experts")
     max_stop_strings: int = _opt(64, "most stop strings in one request (more is a ValueError, a 400 from the "
                                      "server)")
     max_stop_string_length: int = _opt(1024, "most characters in one stop string (longer is a ValueError, a 400 "

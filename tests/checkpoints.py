@@ -126,6 +126,40 @@ ARCHS: dict[str, dict] = {
 }
 
 
+# Mixtures of experts (E experts, k per token, even E for expert parallelism over 2 ranks): Qwen3-MoE
+# with a dense layer (mlp_only_layers) and renormalised top-k; Qwen2-MoE with a shared expert, dense
+# layers between sparse ones (decoder_sparse_step) and raw top-k weights; Mixtral. transformers 5
+# saves their experts one tensor per expert (tests/test_moe_models.py writes the fused layout too).
+ARCHS.update({
+    "qwen3_moe": dict(
+        model_cls="Qwen3MoeForCausalLM", config_cls="Qwen3MoeConfig", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+            norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False, use_sliding_window=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
+    "qwen2_moe": dict(
+        model_cls="Qwen2MoeForCausalLM", config_cls="Qwen2MoeConfig", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+            norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=False, use_sliding_window=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
+    "mixtral": dict(
+        model_cls="MixtralForCausalLM", config_cls="MixtralConfig", tie=False,
+        config=dict(
+            _COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+            sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
+})
+
+
 # Through the transformers backend (no native family): each with what sets it apart from Llama.
 ARCHS.update({
     # fused qkv_proj / gate_up_proj, half the head dims rotated
@@ -280,6 +314,17 @@ def build_checkpoint(arch: str, path: Path, *, seed: int = 0, sharded: bool = Fa
     if legacy_rope:
         _rewrite_rope_legacy(path / "config.json")
     return path
+
+
+def edited_copy(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` with ``changes`` made to its config.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 def _rewrite_rope_legacy(config_json: Path) -> None:

@@ -6,13 +6,13 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from checkpoints import edited_copy as _edited
 from differential import compare, make_case, run_case, run_case_with_stats, with_shared_prefixes
 
 from tandem import LLM
@@ -69,14 +69,6 @@ def test_triton_kernels_end_to_end_match_sdpa():
     proc = subprocess.run([sys.executable, "-c", ENGINE], capture_output=True, text=True, env=env, timeout=900,
                           cwd=root)
     assert proc.returncode == 0 and "engine ok" in proc.stdout, proc.stdout + proc.stderr
-
-
-def _edited(src: Path, dst: Path, **changes) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 @pytest.mark.parametrize("arch, change, named", [

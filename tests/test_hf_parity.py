@@ -103,13 +103,14 @@ def test_legacy_rope_config_layout_loads(tmp_path):
     assert relative_error(ours, hf_prefill_logits(path, ids)) < 1e-5
 
 
-def test_mistral_sliding_window_matches_transformers(tmp_path, checkpoints):
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_mistral_sliding_window_matches_transformers(tmp_path, checkpoints, arch):
     """A window much shorter than the prompts, so attention really is windowed in prefill and decode."""
     import json
     import shutil
 
-    path = tmp_path / "mistral-window"
-    shutil.copytree(checkpoints["mistral"], path)
+    path = tmp_path / f"{arch}-window"
+    shutil.copytree(checkpoints[arch], path)
     cfg = json.loads((path / "config.json").read_text())
     cfg["sliding_window"] = 8
     (path / "config.json").write_text(json.dumps(cfg))
@@ -123,7 +124,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, checkpoints):
     ids = prompts[2]
     full = prefill_logits(str(path), ids, "cpu", torch.float32)
     assert relative_error(full, hf_prefill_logits(path, ids)) < 1e-5
-    assert relative_error(full, prefill_logits(str(checkpoints["mistral"]), ids, "cpu", torch.float32)) > 1e-2
+    assert relative_error(full, prefill_logits(str(checkpoints[arch]), ids, "cpu", torch.float32)) > 1e-2
 
 
 def _windowed_mistral(src, dst):
@@ -137,12 +138,13 @@ def _windowed_mistral(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("arch", ["mistral-window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral-window", "mixtral-window", "gemma2", "gemma3"])
 def test_prefix_caching_with_sliding_windows_matches_transformers(checkpoints, tmp_path, arch):
     """Prompts sharing a prefix longer than the window and several blocks, one repeated whole: cached
     blocks are reused (prefill skipped) and every output is still transformers' (sliding windows keep
     prefix caching on, as nothing frees a block that falls out of a window)."""
-    path = _windowed_mistral(checkpoints["mistral"], tmp_path / arch) if arch == "mistral-window" else checkpoints[arch]
+    windowed = arch.endswith("-window")
+    path = _windowed_mistral(checkpoints[arch.removesuffix("-window")], tmp_path / arch) if windowed else checkpoints[arch]
     gen = torch.Generator().manual_seed(41)
     prefix = torch.randint(0, 448, (27,), generator=gen).tolist()
     prompts = [prefix + torch.randint(0, 448, (n,), generator=gen).tolist() for n in (3, 11, 0)]

@@ -26,8 +26,13 @@ from tandem.model.model_config import ModelConfig
 from tandem.model.tp_layout import Part, TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
-#: (checkpoint tensor name, its full shape, the part this rank reads or None for all) -> tensor on the device
+#: (checkpoint tensor name, its full shape, the part this rank reads or None for all) -> tensor on the device;
+#: raises ``MissingWeight`` for a name the checkpoint lacks (a family may then try another layout)
 Getter = Callable[[str, tuple[int, ...], "Part | None"], torch.Tensor]
+
+
+class MissingWeight(ValueError):
+    """A checkpoint has no tensor of that name."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tandem.model.base import CausalLM, Getter
+from tandem.model.base import CausalLM, Getter, MissingWeight
 from tandem.model.registry import model_class
 from tandem.model.sources import is_preset, resolve_model_config
 from tandem.model.tp_layout import Part, TPLayout
@@ -62,7 +62,7 @@ class CheckpointReader:
     def get(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
         """The tensor, or only its ``part``: a slice reads just those bytes of the file."""
         if name not in self.files:
-            raise ValueError(f"{self.path}: weight {name!r} is missing from the checkpoint")
+            raise MissingWeight(f"{self.path}: weight {name!r} is missing from the checkpoint")
         with _open(self.files[name]) as f:
             found = tuple(self._read(name, lambda: f.get_slice(name).get_shape()))
             if found != shape:

@@ -27,6 +27,11 @@ _GEMMA3 = dict(rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window_patt
                tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
                attn_logit_softcapping=None)
 
+# Mixtures of experts (config.json fields, as their families read them from ``hf``)
+_QWEN3_MOE = dict(rms_norm_eps=1e-6, hidden_act="silu", decoder_sparse_step=1, mlp_only_layers=[],
+                  norm_topk_prob=True, tie_word_embeddings=False, use_sliding_window=False)
+_MIXTRAL = dict(rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _preset("LlamaForCausalLM", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-5,
@@ -67,6 +72,28 @@ PRESETS: dict[str, ModelConfig] = {
                             sliding_window=16, max_position_embeddings=4096,
                             rope_scaling={"rope_type": "linear", "factor": 2.0},
                             **dict(_GEMMA3, sliding_window_pattern=3, query_pre_attn_scalar=24)),
+    # Qwen3-30B-A3B's published shapes: 48 layers of 128 experts (8 per token) of width 768, 30.5B
+    # parameters, 3.3B of them active per token (61 GB in bf16: one H100)
+    "qwen3-30b-a3b": _from_hf("Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                              num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, rope_theta=1e6,
+                              max_position_embeddings=40960, **_QWEN3_MOE),
+    # Mixtral-8x7B's published shapes: 32 layers of 8 experts (2 per token) of width 14336, 46.7B
+    # parameters (93 GB in bf16): for tensor_parallel_size=2 or larger, or one H200
+    "mixtral-8x7b": _from_hf("MixtralForCausalLM", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+                             num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                             max_position_embeddings=32768, **_MIXTRAL),
+    # Tiny mixtures of experts for tests (the byte tokenizer's vocabulary): a dense layer between
+    # sparse ones (Qwen3's mlp_only_layers), Mixtral's window shorter than the prompts
+    "tiny-qwen3-moe": _from_hf("Qwen3MoeForCausalLM", vocab_size=512, hidden_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                               num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, rope_theta=1e6,
+                               max_position_embeddings=4096, **dict(_QWEN3_MOE, mlp_only_layers=[1])),
+    "tiny-mixtral": _from_hf("MixtralForCausalLM", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                             num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, sliding_window=16,
+                             max_position_embeddings=4096, **_MIXTRAL),
     "qwen3-32b": _preset("Qwen3ForCausalLM", vocab_size=151936, hidden_size=5120, num_layers=64,
                          num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=25600,
                          rope_theta=1_000_000.0, max_position_embeddings=40960, qk_norm=True),

@@ -34,6 +34,10 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen3ForCausalLM": Family("llama", "LlamaModel", {"qk_norm": True}),
     "Gemma2ForCausalLM": Family("gemma", "GemmaModel", sliding_pattern=2),
     "Gemma3ForCausalLM": Family("gemma", "GemmaModel", {"qk_norm": True}, sliding_pattern=6),
+    # mixtures of experts (models/moe_block.py)
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", "QwenMoeModel", {"qk_norm": True}),
+    "Qwen2MoeForCausalLM": Family("qwen3_moe", "QwenMoeModel", {"qkv_bias": True}),
+    "MixtralForCausalLM": Family("mixtral", "MixtralModel"),
 }
 
 # transformers' modeling code for the architecture, run through tandem's paged attention

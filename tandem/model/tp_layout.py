@@ -5,13 +5,19 @@ replicated when there are fewer than ranks: each rank then holds the one its que
 [r*I/N, (r+1)*I/N) of the MLP's gate and up projections, the matching columns of o_proj and
 down_proj (row-parallel: each rank's product is a partial sum the model all-reduces), and rows
 [r*V', (r+1)*V') of the embedding and LM head, V' = ceil(V/N) (the last shard is zero-padded).
-Norms are replicated. With N = 1 every part is the whole tensor."""
+Norms are replicated. With N = 1 every part is the whole tensor.
+
+Mixture-of-experts layers (``moe_shape``): the router is replicated; every expert's intermediate
+dimension is split as a dense MLP's is (rows of its gate and up projections, columns of its down
+projection), or, under expert parallelism (``expert_parallel``), rank r holds whole experts
+[r*E/N, (r+1)*E/N). Dense MLP layers and shared experts are split as dense MLPs either way."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
 from tandem.model.model_config import ModelConfig
+from tandem.model.moe_shape import MoEShape, moe_shape
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class Part:
 class TPLayout:
     rank: int = 0
     size: int = 1
+    expert_parallel: bool = False  # whole experts per rank instead of a slice of every expert
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse a model this many ranks cannot split evenly (before any process starts)."""
@@ -37,10 +44,31 @@ class TPLayout:
             problems.append(f"its {cfg.num_heads} attention heads are not a multiple of {n}")
         if kv % n and n % kv:
             problems.append(f"its {kv} KV heads are neither a multiple nor a divisor of {n}")
-        if cfg.intermediate_size % n:
-            problems.append(f"its intermediate size {cfg.intermediate_size} is not a multiple of {n}")
+        moe = moe_shape(cfg)
+        if moe is None:
+            if self.expert_parallel:
+                raise ValueError(f"enable_expert_parallel is set, but {cfg.architecture} is not a "
+                                 "mixture-of-experts model: it has no experts to place on ranks")
+            widths = [("intermediate size", cfg.intermediate_size)]
+        else:
+            widths = self._moe_widths(moe)
+            if self.expert_parallel and moe.num_experts % n:
+                problems.append(f"its {moe.num_experts} experts are not a multiple of {n} (expert parallelism "
+                                "places whole experts, the same number on every rank)")
+        problems += [f"its {what} {size} is not a multiple of {n}" for what, size in widths if size % n]
         if problems:
-            raise ValueError(f"tensor_parallel_size={n} cannot split this {cfg.architecture}: " + "; ".join(problems))
+            raise ValueError(f"tensor_parallel_size={n}{' with expert parallelism' if self.expert_parallel else ''} "
+                             f"cannot split this {cfg.architecture}: " + "; ".join(problems))
+
+    def _moe_widths(self, moe: MoEShape) -> list[tuple[str, int]]:
+        """The MLP widths tensor parallelism splits: every expert's unless whole experts are placed,
+        the shared expert's and the dense layers' always."""
+        widths = [] if self.expert_parallel else [("expert intermediate size", moe.expert_intermediate)]
+        if moe.shared_intermediate:
+            widths.append(("shared expert intermediate size", moe.shared_intermediate))
+        if moe.dense_layers:
+            widths.append(("intermediate size", moe.dense_intermediate))
+        return widths
 
     # --- local sizes ---------------------------------------------------------------------------
     def heads(self, cfg: ModelConfig) -> int:
@@ -82,6 +110,30 @@ class TPLayout:
         """gate_proj / up_proj rows; down_proj columns with ``dim=1``."""
         per = cfg.intermediate_size // self.size
         return self._span(dim, self.rank * per, per)
+
+    def experts(self, num_experts: int) -> range:
+        """The experts whose weights this rank holds (all of them unless expert-parallel)."""
+        if not self.expert_parallel:
+            return range(num_experts)
+        per = num_experts // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    def experts_part(self, num_experts: int) -> Part | None:
+        """Dim 0 of fused expert tensors ([E, ...]): this rank's experts."""
+        local = self.experts(num_experts)
+        return self._span(0, local.start, len(local)) if self.expert_parallel else None
+
+    def width_part(self, width: int, dim: int, offset: int = 0) -> Part | None:
+        """A gated MLP of intermediate size ``width`` (a shared expert, an expert): its gate or up
+        rows (``offset`` where they start along ``dim``) or its down columns: this rank's slice."""
+        per = width // self.size
+        return self._span(dim, offset + self.rank * per, per)
+
+    def expert_mlp_part(self, width: int, dim: int, offset: int = 0) -> Part | None:
+        """An expert's gate or up rows (dim 0 of its own tensor, dim 1 of the fused [E, 2I, H] with
+        ``offset`` I for up) or its down columns (dim 1, or 2 of the fused [E, H, I]): this rank's
+        slice of the intermediate dimension, or all of it under expert parallelism."""
+        return None if self.expert_parallel else self.width_part(width, dim, offset)
 
     def vocab_part(self, cfg: ModelConfig) -> Part | None:
         """embed_tokens / lm_head rows, padded to the same count on every rank."""

@@ -35,7 +35,8 @@ class RankWorker(DeviceWorker):
         super().__init__(config, startup)
 
     def _load_model(self, max_positions: int) -> CausalLM:
-        c, layout = self.config, self.group.layout
+        c = self.config
+        layout = dataclasses.replace(self.group.layout, expert_parallel=c.enable_expert_parallel)
         comm = TensorParallelOps(dist.group.WORLD, layout, resolve_model_config(c.model))
         comm.use_one_shot(self.device, self.dtype)
         return load_model(c.model, self.device, self.dtype, max_positions, c.seed, layout, comm, c.model_impl)

@@ -61,7 +61,8 @@ class TPWorker:
             raise ValueError("a tensor-parallel engine is already running in this process: shut it down first "
                              "(llm.engine.shutdown())")
         config = resolve_group_device(config)
-        TPLayout(0, config.tensor_parallel_size).check(resolve_model_config(config.model))  # before any process
+        layout = TPLayout(0, config.tensor_parallel_size, config.enable_expert_parallel)
+        layout.check(resolve_model_config(config.model))  # before any process
         self.group, self.followers = _start_group(config)
         try:
             self.group.share_start(config, startup)

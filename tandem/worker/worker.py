@@ -19,6 +19,7 @@ from tandem.contract.worker import StepInterval, WorkerInfo
 from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
 from tandem.model.loader import load_model
+from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -80,7 +81,8 @@ class DeviceWorker:
 
     def _load_model(self, max_positions: int) -> CausalLM:
         c = self.config
-        return load_model(c.model, self.device, self.dtype, max_positions, c.seed, model_impl=c.model_impl)
+        return load_model(c.model, self.device, self.dtype, max_positions, c.seed,
+                          TPLayout(expert_parallel=c.enable_expert_parallel), model_impl=c.model_impl)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         c = self.config
