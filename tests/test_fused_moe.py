@@ -102,26 +102,29 @@ def compare(x, w13, w2, w, ids, act, blocks, what):
     assert out.shape == ref.shape and not torch.isnan(out).any() and err < 1e-5, (what, err)
     return err
 
-# the one-launch alignment equals its torch definition, buffer for buffer
+# the one-launch alignment equals its torch definition over the rows in use
 from tandem.kernels.fused_moe import align
 from tandem.kernels.moe_align import align_tokens
 rng = random.Random(1)
-for case in range(20):
-    n_exp, block_m = rng.choice([8, 16, 32, 64, 128, 100]), rng.choice([16, 32, 64])
+for case in range(8):
+    n_exp, block_m = (100 if case == 1 else rng.choice([8, 16, 32, 64, 128])), rng.choice([16, 32, 64])
     k = rng.randint(1, min(8, n_exp))
     tokens = rng.choice([1, 2, 5, 17, 64, 300, 512])
-    ids = torch.stack([torch.randperm(n_exp)[:k] for _ in range(tokens)]).int()
+    ids = torch.stack([torch.randperm(n_exp)[:k] for _ in range(tokens)])  # int64 ids are taken too
+    ids = ids if case == 2 else ids.int()
     if case % 5 == 0:
         ids = ids % 3  # crowded: three experts take every slot
     got, want = align(ids, n_exp, block_m), align_tokens(ids, n_exp, block_m)
-    for name in ("sorted_ids", "expert_ids", "num_padded"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), (name, tokens, n_exp, k, block_m)
+    used = int(want.num_padded)  # past it the kernel's buffers are never read, so left unwritten
+    assert torch.equal(got.num_padded, want.num_padded), (tokens, n_exp, k, block_m)
+    assert torch.equal(got.sorted_ids[:used], want.sorted_ids[:used]), (tokens, n_exp, k, block_m)
+    assert torch.equal(got.expert_ids[:used // block_m], want.expert_ids[:used // block_m])
 
 errs, rng = [], random.Random(0)
-for case in range(10):  # random shapes: tokens 1-512 (log-uniform), experts 8-128, top-k 1-8
+for case in range(8):  # random shapes: tokens 1-512 (log-uniform), experts 8-128, top-k 1-8
     g = torch.Generator().manual_seed(case)
-    n_exp = rng.choice([8, 16, 32, 64, 128])
-    k = rng.randint(1, min(8, n_exp))
+    n_exp = 128 if case == 5 else rng.choice([8, 16, 32, 64, 128])
+    k = 1 if case == 3 else rng.randint(1, min(8, n_exp))  # k = 1: the per-slot output is the result
     tokens = min(512, int(math.exp(rng.uniform(0, math.log(512)))) + (case == 0) * 511)
     hidden, inter = rng.choice([16, 24, 32, 64]), rng.choice([16, 40, 64])
     act = rng.choice(["silu", "gelu_pytorch_tanh"])

@@ -2,8 +2,8 @@
 
 The (token, slot) pairs are first sorted by expert, so each tile of ``block_m`` rows belongs to one
 expert and reads only that expert's weights; experts no token routes to are never read, and tiles
-past the rows in use exit at once. The sort is one single-program Triton launch (``align``), exactly
-``moe_align.align_tokens``'s result (its torch definition, some thirty small launches). Then:
+past the rows in use exit at once. The sort is one Triton launch (``align``, a program per
+expert), ``moe_align.align_tokens``'s result (its torch definition, some thirty small launches). Then:
 
 1. gate-up: rows of ``hidden`` (slot // k) times the expert's ``w13`` [2I, H]; each program
    computes the gate tile and the matching up tile together and writes act(gate) * up, so the
@@ -32,50 +32,54 @@ ACT_CODES = {"silu": 0, "gelu_pytorch_tanh": 1}
 # Arguments that change with the step's token count are not specialised on (Triton would compile
 # a variant for 1 and for multiples of 16): the variants are then the tile tiers only, which the
 # start-up's steps (worst case, graph captures, warm-up) can all meet before the first request.
-@triton.jit(do_not_specialize=["num_slots", "num_rows"])
-def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_slots, num_experts, num_rows,
-                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """One program: count slots per expert, lay the padded groups out (cumsum), mark padding rows
-    and each tile's expert, then place every slot at its group's start plus its rank (the slots of
-    its expert before it). Padding rows and real rows are disjoint, so no write order matters."""
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+@triton.jit(do_not_specialize=["num_slots"])
+def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_slots, num_experts,
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Program e: count every expert's slots (a histogram; each program counts them all, which is
+    cheaper than a second launch), find its group's padded start (cumsum), write its tiles' expert
+    ids and its padding sentinels, then place its slots in order (an exclusive cumsum of its hits).
+    Rows past the padded total are left unwritten: the GEMM's tiles there exit before reading."""
+    e = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    counts = tl.zeros((BINS,), dtype=tl.int32)
     for first in range(0, num_slots, CHUNK):
         slots = first + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=num_experts)  # a spare bin
+        counts += tl.histogram(ids.to(tl.int32), BINS)
+    counts = tl.where(bins < num_experts, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
-    for first in range(0, num_rows, CHUNK):
-        rows = first + tl.arange(0, CHUNK)
-        group = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)  # E_PAD past the last group
-        real_end = tl.sum(tl.where(experts[None, :] == group[:, None], (starts + counts)[None, :], 0), axis=1)
-        tl.store(sorted_ids_ptr + rows, num_slots, mask=(rows >= real_end) & (rows < num_rows))
-        tile_first = (rows % BLOCK_M == 0) & (rows < num_rows)
-        tl.store(expert_ids_ptr + rows // BLOCK_M, tl.minimum(group, num_experts - 1), mask=tile_first)
-    placed = tl.zeros((E_PAD,), dtype=tl.int32)  # slots of each expert placed by earlier chunks
+    starts = tl.cumsum(padded, axis=0) - padded
+    start = tl.sum(tl.where(bins == e, starts, 0), axis=0)
+    count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    tiles = (count + BLOCK_M - 1) // BLOCK_M
+    if e == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    pad = start + count + tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + pad, num_slots, mask=pad < start + tiles * BLOCK_M)
+    for first in range(0, tiles, CHUNK):
+        tile = first + tl.arange(0, CHUNK)
+        tl.store(expert_ids_ptr + start // BLOCK_M + tile, e, mask=tile < tiles)
+    placed = 0  # slots of expert e placed by earlier chunks
     for first in range(0, num_slots, CHUNK):
         slots = first + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
-        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
-        before = tl.cumsum(hit, axis=0) - hit  # same-expert slots earlier in this chunk
-        dest = tl.sum(hit * (before + (starts + placed)[None, :]), axis=1)
-        tl.store(sorted_ids_ptr + dest, slots, mask=slots < num_slots)
+        hit = (tl.load(ids_ptr + slots, mask=slots < num_slots, other=num_experts) == e).to(tl.int32)
+        rank = placed + tl.cumsum(hit, axis=0) - hit
+        tl.store(sorted_ids_ptr + start + rank, slots, mask=hit != 0)
         placed += tl.sum(hit, axis=0)
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
-    """``moe_align.align_tokens`` in one launch (same buffers, same contents)."""
+    """``moe_align.align_tokens`` in one launch of one program per expert: the same buffers, equal
+    up to the rows in use (``num_padded``, and the tiles holding them); the rest is unspecified."""
     n = topk_ids.numel()
     rows = max_blocks(n, num_experts, block_m) * block_m
     sorted_ids = torch.empty(rows, dtype=torch.int32, device=topk_ids.device)
     expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=topk_ids.device)
     num_padded = torch.empty(1, dtype=torch.int32, device=topk_ids.device)
-    e_pad = triton.next_power_of_2(num_experts)
-    _align_kernel[(1,)](topk_ids.contiguous(), sorted_ids, expert_ids, num_padded, n, num_experts, rows,
-                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(128, 8192 // e_pad)), num_warps=8)
+    chunk = min(1024, max(16, triton.next_power_of_2(n)))
+    _align_kernel[(num_experts,)](topk_ids.contiguous(), sorted_ids, expert_ids, num_padded, n, num_experts,
+                                  BLOCK_M=block_m, BINS=triton.next_power_of_2(num_experts + 1), CHUNK=chunk,
+                                  num_warps=4 if chunk <= 256 else 8)
     return MoEAlignment(sorted_ids, expert_ids, num_padded, block_m)
 
 

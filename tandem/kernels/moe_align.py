@@ -59,7 +59,9 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
 class MoEAlignment:
     """``sorted_ids`` [max_blocks * block_m] int32: slot indices t * k + j grouped by expert, each
     group padded with the sentinel T*k; ``expert_ids`` [max_blocks] int32: the expert of each row
-    tile; ``num_padded`` [1] int32 (on the device): rows in use, the tiles past it hold nothing."""
+    tile; ``num_padded`` [1] int32 (on the device): rows in use. Past it the contents are
+    unspecified (``align_tokens`` fills sentinels, the Triton kernel writes nothing): no one reads
+    them, the GEMM's tiles there exit first."""
 
     sorted_ids: torch.Tensor
     expert_ids: torch.Tensor
