@@ -128,9 +128,6 @@ class SamplingParams:
             ("logit_bias", all(k >= 0 and abs(v) <= MAX_LOGIT_BIAS for k, v in (self.logit_bias or {}).items()),
              f"must have token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
-        # a grammar that may only end (EOS) where min_tokens bans EOS would leave no token to sample
-        checks.append(("min_tokens", not (self.min_tokens and self.structured_outputs is not None),
-                       "must be 0 with structured_outputs (not supported together yet)"))
         for name, ok, why in checks + self._restriction_checks():
             if not ok:
                 raise _bad(self, name, why)
@@ -163,11 +160,17 @@ class SamplingParams:
         """The (token, value) entries the device adds to this request's logits at each sampled token:
         ``logit_bias``; -inf for each bad word of one token; +inf marking each allowed token (a row
         with such marks samples only those tokens: the device bans the rest, ``apply_logit_bias``).
-        Bad words of several tokens are refused by the InputProcessor, so none is left out here."""
+        Bad words of several tokens depend on the tokens before: the host bans them (``host_masked``)."""
         ids, values = list((self.logit_bias or {}).keys()), [float(v) for v in (self.logit_bias or {}).values()]
         banned = sorted({s[0] for s in self.bad_words_token_ids or [] if len(s) == 1})
         allowed = sorted(set(self.allowed_token_ids or ()))
         return ids + banned + allowed, values + [-math.inf] * len(banned) + [math.inf] * len(allowed)
+
+    @property
+    def host_masked(self) -> bool:
+        """Sampled through a host-filled mask (``engine.structured``): a grammar, or a bad word of
+        several tokens (whether it is banned depends on the tokens before)."""
+        return self.structured_outputs is not None or any(len(s) > 1 for s in self.bad_words_token_ids or ())
 
     @property
     def greedy(self) -> bool:

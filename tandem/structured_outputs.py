@@ -15,6 +15,12 @@ Set exactly one kind:
 ``": "``) and no other whitespace, instead of allowing any whitespace between its tokens (a
 model may otherwise pad with whitespace forever).
 
+Reasoning models (``reasoning_end``, e.g. ``"</think>"``): the constraint applies to the output after
+its reasoning. With ``reasoning_end`` alone the output starts inside the reasoning (the prompt
+opened it) and is free text until the first ``reasoning_end``; with ``reasoning_start`` too (one
+token, e.g. ``"<think>"``) the output may open its reasoning with that token as its first, and is
+constrained from its start otherwise. ``tandem serve --reasoning-parser`` sets both from the prompt.
+
 The engine enforces the constraint with a token mask at every sampled token: the output stops
 early only at the end of the grammar (EOS is allowed only where the grammar may end, and a
 grammar that is complete ends the request with finish reason ``"stop"``), or at ``max_tokens``
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import json as _json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -38,6 +44,11 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    reasoning_start: str | None = None
+    reasoning_end: str | None = None
+    #: the reasoning tags as tokens (start, end), set by the engine's InputProcessor
+    reasoning_ids: tuple[int | None, tuple[int, ...]] | None = field(default=None, init=False, repr=False,
+                                                                      compare=False)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -66,8 +77,18 @@ class StructuredOutputsParams:
             bad = "json_object", "must be a bool"
         elif not isinstance(self.disable_any_whitespace, bool):
             bad = "disable_any_whitespace", "must be a bool"
+        bad = bad or self._reasoning_problem()
         if bad is not None:
             raise ValueError(f"SamplingParams.structured_outputs.{bad[0]} {bad[1]}, got {getattr(self, bad[0])!r}")
+
+    def _reasoning_problem(self) -> tuple[str, str] | None:
+        for name in ("reasoning_start", "reasoning_end"):
+            tag = getattr(self, name)
+            if tag is not None and not (isinstance(tag, str) and tag):
+                return name, "must be a non-empty string"
+        if self.reasoning_start is not None and self.reasoning_end is None:
+            return "reasoning_start", "needs reasoning_end"
+        return None
 
     @property
     def kind(self) -> str:
@@ -95,4 +116,5 @@ class StructuredOutputsParams:
         """A checked copy sharing no dict or list with this one."""
         return StructuredOutputsParams(copy.deepcopy(self.json), self.regex,
                                        list(self.choice) if isinstance(self.choice, (list, tuple)) else self.choice,
-                                       self.grammar, self.json_object, self.disable_any_whitespace)
+                                       self.grammar, self.json_object, self.disable_any_whitespace,
+                                       self.reasoning_start, self.reasoning_end)

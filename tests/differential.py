@@ -109,9 +109,15 @@ def with_constraints(case: Case, share: float = 0.3) -> Case:
     rng = random.Random(f"grammar-{case.seed}")
     siblings = []
     for r in list(case.requests):
+        if rng.random() < 0.2:  # bad words of several tokens: the host mask without a grammar
+            r.params = dataclasses.replace(r.params, bad_words_token_ids=[
+                [rng.randrange(VOCAB) for _ in range(rng.randint(2, 3))] for _ in range(rng.randint(1, 4))])
         if rng.random() >= share or r.params.structured_outputs is not None:
             continue
-        r.params = dataclasses.replace(r.params, min_tokens=0, structured_outputs=rng.choice(SPECS))
+        spec = rng.choice(SPECS)
+        if rng.random() < 0.25:  # the grammar after a reasoning that ends with one of a few letters
+            spec = dataclasses.replace(spec, reasoning_end=rng.choice("aeiou"))
+        r.params = dataclasses.replace(r.params, min_tokens=0, structured_outputs=spec)
         for j in range(1, 1 + (rng.randint(1, 2) if rng.random() < 0.33 else 0)):
             params = dataclasses.replace(r.params, seed=child_seed(r.params.seed, j))
             siblings.append(Request(f"{r.rid}-{j}", list(r.prompt), params, r.arrive, r.abort_at))

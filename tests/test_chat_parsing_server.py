@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from checkpoints import make_tokenizer
 from chunking import chunkings
@@ -63,8 +65,16 @@ def tool_checkpoint(checkpoint_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt-tools")
     shutil.copytree(checkpoint_dir("qwen3"), path, dirs_exist_ok=True)
     tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])  # plain tokens, as in Qwen3's tokenizer
     tokenizer.chat_template = TOOL_TEMPLATE
     tokenizer.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # their rows: those of a common token (so a logit bias makes them likely)
+        common = tokenizer.encode("the", add_special_tokens=False)[0]
+        for table in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            table[-2:] = table[common]
+    model.save_pretrained(path)
     return path
 
 
@@ -333,9 +343,18 @@ def test_served_required_and_named(tool_server, choice):
         assert json.loads(arguments) == json.loads(call.function.arguments)
 
 
-def test_served_constraint_inside_reasoning_is_refused(tool_server):
-    """The template leaves the output inside <think>: a constraint cannot start after it yet."""
-    resp = httpx.post(tool_server.url + "/v1/chat/completions", timeout=30, json={
-        "messages": HISTORY[:1], "tools": [CITY_TOOL], "tool_choice": "required"})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice", resp.text
-    assert "not implemented yet" in resp.json()["error"]["message"]
+def test_served_constraint_after_reasoning(tool_server):
+    """The template leaves the output inside <think>: the model reasons freely, and the call's grammar
+    starts after its </think> (pushed by a logit bias so that a random model writes it soon)."""
+    end = httpx.post(tool_server.url + "/tokenize", json={"prompt": "</think>", "add_special_tokens": False},
+                     timeout=30).json()["tokens"]
+    assert len(end) == 1
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    kw = dict(model="tiny", messages=HISTORY[:1], tools=[CITY_TOOL], tool_choice="required", max_tokens=120,
+              temperature=1.0, logit_bias={str(end[0]): 9.0}, parallel_tool_calls=False)
+    for seed in range(3):
+        choice = client.chat.completions.create(seed=seed, **kw).choices[0]
+        assert choice.message.model_extra["reasoning_content"], choice
+        (call,) = choice.message.tool_calls
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo", "Zürich")
+        assert choice.finish_reason == "tool_calls"

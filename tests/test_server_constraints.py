@@ -103,7 +103,7 @@ async def _one(aclient, spec: StructuredOutputsParams, rng: random.Random, strea
 
 def test_random_specs_give_accepted_outputs_sampled_and_greedy_whole_and_streamed(aclient):
     rng = random.Random(23)
-    specs = [random_spec(rng) for _ in range(40)]
+    specs = [random_spec(rng) for _ in range(200)]
     streams = [i % 2 == 1 for i in range(len(specs))]
 
     async def run():
@@ -113,7 +113,7 @@ def test_random_specs_give_accepted_outputs_sampled_and_greedy_whole_and_streame
             async with slots:
                 return await _one(aclient, spec, rng, stream)
 
-        return await asyncio.wait_for(asyncio.gather(*(bounded(s, st) for s, st in zip(specs, streams))), 300)
+        return await asyncio.wait_for(asyncio.gather(*(bounded(s, st) for s, st in zip(specs, streams))), 900)
 
     results = asyncio.run(run())
     bad = [(s, text, reason) for s, (text, reason) in zip(specs, results) if reason != "stop" or not accepts(s, text)]
@@ -139,3 +139,17 @@ def test_constraints_that_cannot_be_served_get_a_400_naming_the_field(server, fi
             create(model="tiny", max_tokens=4, extra_body=fields, **base)
         error = err.value.response.json()["error"]
         assert error["param"] == param and ".cc" not in error["message"], error
+
+
+def test_a_grammar_that_meets_min_tokens_with_no_token_left_is_a_400(server):
+    """Three letters complete the grammar, which then allows only EOS, which min_tokens rules out: the
+    request ends with a 400 saying so (whole), or an error event (streamed), and the server serves on."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=SERVER_KEY, max_retries=0, timeout=60)
+    kw = dict(model="tiny", prompt="hi", max_tokens=20, temperature=0.0,
+              extra_body={"min_tokens": 8, "structured_outputs": {"regex": "[a-f]{1,3}"}})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**kw)
+    assert "no token is left to sample at output index 3" in err.value.response.json()["error"]["message"]
+    with pytest.raises(openai.APIError, match="no token is left"):
+        list(client.completions.create(stream=True, **kw))
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices[0].finish_reason == "length"

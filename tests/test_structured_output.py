@@ -43,13 +43,13 @@ def test_exactly_one_kind_and_each_field_checked():
                        ({"choice": []}, "structured_outputs.choice"), ({"choice": ["a", ""]}, "structured_outputs.choice"),
                        ({"regex": ""}, "structured_outputs.regex"), ({"json": 3}, "structured_outputs.json"),
                        ({"grammar": " "}, "structured_outputs.grammar"), ({"json_object": False}, "sets no kind"),
-                       ({"regex": "a", "disable_any_whitespace": 1}, "disable_any_whitespace")]:
+                       ({"regex": "a", "disable_any_whitespace": 1}, "disable_any_whitespace"),
+                       ({"regex": "a", "reasoning_start": "<think>"}, "reasoning_start needs reasoning_end"),
+                       ({"regex": "a", "reasoning_end": ""}, "reasoning_end must be a non-empty string")]:
         with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
             S(**bad)
     with pytest.raises(ValueError, match="SamplingParams.structured_outputs must be"):
         SamplingParams(structured_outputs={"json": {}})
-    with pytest.raises(ValueError, match="SamplingParams.min_tokens must be 0 with structured_outputs"):
-        SamplingParams(min_tokens=2, structured_outputs=S(regex="a+"))
     params = SamplingParams(structured_outputs=S(json={"type": "object", "properties": {}}, choice=None))
     copy = params.checked_copy()
     assert copy.structured_outputs == params.structured_outputs

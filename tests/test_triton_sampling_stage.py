@@ -90,6 +90,27 @@ for seed in range(4):
 print("penalties ok")
 """
 
+GRAMMAR_MASK = r"""
+import torch
+from tandem.worker import grammar_mask
+
+for seed, (rows_total, vocab) in enumerate([(7, 100), (5, 4096 + 33), (3, 9000)]):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows_total, vocab, generator=g)
+    rows = torch.randperm(rows_total, generator=g)[: rows_total - 1]
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[0] = -1  # a row that allows everything
+    bitmask[-1, 1:] = 0  # one that allows only its first 32 tokens' set bits
+    want = logits.clone()
+    allowed = grammar_mask.allowed_tokens(bitmask, vocab)
+    want[rows] = want[rows].masked_fill(~allowed, float("-inf"))
+    got = logits.clone()
+    grammar_mask.apply_grammar_mask(got, rows, bitmask)  # TANDEM_SAMPLER=triton: the kernel, interpreted
+    assert torch.equal(got, want), seed
+print("grammar mask ok")
+"""
+
 ENGINE = r"""
 import os, sys
 sys.path.insert(0, "tests")
@@ -141,6 +162,10 @@ def test_logprob_kernel_matches_the_torch_definition(tmp_path):
 
 def test_penalty_kernels_match_the_bincount_reference(tmp_path):
     assert "penalties ok" in _run_interpreted(tmp_path, PENALTIES)
+
+
+def test_grammar_mask_kernel_matches_the_torch_unpacking(tmp_path):
+    assert "grammar mask ok" in _run_interpreted(tmp_path, GRAMMAR_MASK)
 
 
 def test_engine_with_sampling_kernels_matches_torch_definitions(tmp_path):

@@ -85,8 +85,8 @@ class EngineCore:
 
     def add_request(self, request: EngineRequest) -> None:
         seq = Sequence.from_request(request)
-        if seq.params.structured_outputs is not None:
-            self.grammars.hold(seq, self.scheduler)  # queued once its grammar is compiled
+        if seq.params.host_masked:
+            self.grammars.hold(seq, self.scheduler)  # queued once its grammar (if any) is compiled
         else:
             if self.structured is not None and seq.request_id in self.structured.held:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
@@ -124,7 +124,7 @@ class EngineCore:
             self.in_flight.append(_InFlight(sched, self.worker.submit(step), masked))
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
-        self._provide_mask()  # nothing was in flight before it: its mask is known now
+        self._provide_mask(deltas)  # nothing was in flight before it: its mask is known now
         while self.in_flight and (len(self.in_flight) > 1 or not len(sched)):
             done = self.in_flight.popleft()
             t_collect = time.perf_counter()
@@ -133,7 +133,7 @@ class EngineCore:
             self.scheduler.update(done.sched, output, deltas)
             if done.masked is not None:
                 grammars.advance(done.masked, self.scheduler, deltas)
-            self._provide_mask()
+            self._provide_mask(deltas)
             for obs in self.observers:
                 obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
         if grammars is not None and grammars.held and not self.in_flight and not len(sched):
@@ -142,13 +142,14 @@ class EngineCore:
             self.heap.idle()
         return deltas
 
-    def _provide_mask(self) -> None:
+    def _provide_mask(self, deltas: StepDeltas) -> None:
         """The grammar mask of the newest step, once it is the only one in flight: every step before it
         has been processed, so each constrained request's matcher has all the tokens before its row."""
         if len(self.in_flight) == 1:
             newest = self.in_flight[0]
             if newest.masked is not None and not newest.masked.provided:
-                self.worker.provide_mask(newest.sched.step_id, self.structured.fill(newest.masked))
+                mask = self.structured.fill(newest.masked, self.scheduler, deltas)
+                self.worker.provide_mask(newest.sched.step_id, mask)
 
     def stats(self) -> CoreStats:
         s = self.scheduler

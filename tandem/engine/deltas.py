@@ -75,6 +75,8 @@ class StepDeltas:
     logprobs: LogprobEntries = field(default_factory=LogprobEntries)  # of new tokens whose requests asked
     prompt_logprobs: LogprobEntries = field(default_factory=LogprobEntries)
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed (finished "error")
+    #: request id -> the error's HTTP status: 400 where the request's own fields conflict, else 500
+    error_status: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.token_ids or self.finished or self.prompt_logprobs)
@@ -90,4 +92,5 @@ class StepDeltas:
             merged.token_ids += d.token_ids
             merged.finished.update(d.finished)
             merged.errors.update(d.errors)
+            merged.error_status.update(d.error_status)
         return merged

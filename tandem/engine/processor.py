@@ -43,6 +43,7 @@ class InputProcessor:
 
             check_request(params.structured_outputs, self.tokenizer is not None, self.tensor_parallel_size)
         self._tokenize_bad_words(params)
+        self._tokenize_reasoning(params)
         self._check_allowed_tokens(params)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                           ("allowed_token_ids", params.allowed_token_ids or ()),
@@ -62,34 +63,45 @@ class InputProcessor:
         return request
 
     def _tokenize_bad_words(self, params: SamplingParams) -> None:
-        """``bad_words`` as token sequences, on the request's own copy. Each word is banned alone and
-        after a space (how a tokenizer writes a word inside a text). The device bans single tokens
-        only: a form of several tokens is covered when its last token is banned anyway (a byte
-        tokenizer's space, then the word's one token), and refused otherwise, never left unbanned."""
+        """``bad_words`` as token sequences, on the request's own copy: each word alone and after a
+        space (how a tokenizer writes a word inside a text). A word of one token is banned by the
+        device; one of several tokens by the host mask, where the output ends with the rest of it."""
         if not params.bad_words:
-            params.bad_words_token_ids = None
             return
         if self.tokenizer is None:
             raise ValueError("SamplingParams.bad_words needs a model with a tokenizer")
-        forms = {form: self.tokenizer.encode(form, add_special_tokens=False)
+        forms = {tuple(self.tokenizer.encode(form, add_special_tokens=False))
                  for word in params.bad_words for form in (word.lstrip(), " " + word.lstrip())}
-        singles = {ids[0] for ids in forms.values() if len(ids) == 1}
-        for form, ids in forms.items():
-            if len(ids) != 1 and (not ids or ids[-1] not in singles):
-                raise ValueError(f"SamplingParams.bad_words: {form!r} is {len(ids)} tokens {ids[:8]}; only words "
-                                 "of one token (alone and after a space) are supported yet")
-        params.bad_words_token_ids = [[t] for t in sorted(singles)]
+        forms |= {tuple(s) for s in params.bad_words_token_ids or ()}
+        singles = {ids[0] for ids in forms if len(ids) == 1}
+        # a longer form ending in a banned token is banned already (" e" when "e" is one token)
+        params.bad_words_token_ids = [list(ids) for ids in sorted(forms) if ids and (len(ids) == 1
+                                                                                    or ids[-1] not in singles)]
         if params.allowed_token_ids is not None and set(params.allowed_token_ids) <= singles:
             raise ValueError("SamplingParams.bad_words bans every token of allowed_token_ids")
 
+    def _tokenize_reasoning(self, params: SamplingParams) -> None:
+        """The reasoning tags of ``structured_outputs`` as tokens: the opening one must be one token
+        (it is allowed as the output's first token), the closing one any tokens."""
+        spec = params.structured_outputs
+        if spec is None or spec.reasoning_end is None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.structured_outputs.reasoning_end needs a model with a tokenizer")
+        end = self.tokenizer.encode(spec.reasoning_end, add_special_tokens=False)
+        start = None
+        if spec.reasoning_start is not None:
+            ids = self.tokenizer.encode(spec.reasoning_start, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"SamplingParams.structured_outputs.reasoning_start {spec.reasoning_start!r} is "
+                                 f"{len(ids)} tokens {ids[:8]}; it must be one token")
+            start = ids[0]
+        spec.reasoning_ids = (start, tuple(end))
+
     def _check_allowed_tokens(self, params: SamplingParams) -> None:
         """A row must keep a token it may sample: before min_tokens, the stop tokens (and EOS) are
-        banned too, so allowed tokens that are all stops would leave none; a grammar's mask with the
-        restrictions could leave none too (which tokens a grammar allows is known only as it runs)."""
-        if params.structured_outputs is not None and (params.allowed_token_ids is not None or params.bad_words):
-            name = "allowed_token_ids" if params.allowed_token_ids is not None else "bad_words"
-            raise ValueError(f"SamplingParams.{name} with structured_outputs is not supported yet (the two "
-                             "together could leave no token to sample)")
+        banned too, so allowed tokens that are all stops would leave none. (With a grammar, which
+        tokens it allows is known only as it runs: the host ends a request left with none.)"""
         if params.allowed_token_ids is None or not params.min_tokens:
             return
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))

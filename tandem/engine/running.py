@@ -78,7 +78,7 @@ class RunningState:
         self.stops_on_eos[row] = not p.ignore_eos
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         self.special[row] = seq.has_bias or bool(p.stop_token_ids)
-        self.structured[row] = p.structured_outputs is not None
+        self.structured[row] = p.host_masked
         self.request_ids[row] = seq.request_id
         self.append_output[row] = seq.output_token_ids.append
         self.request_ints[row], self.request_floats[row] = seq.step_values

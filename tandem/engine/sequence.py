@@ -82,8 +82,8 @@ class Sequence:
     bias_ids: np.ndarray = field(init=False, repr=False)  # its SamplingParams.bias_entries(), as arrays
     bias_values: np.ndarray = field(init=False, repr=False)
     min_tokens_ban: np.ndarray = field(init=False, repr=False)  # stop ids banned before min_tokens (scheduler)
-    #: structured output: its grammar matcher (``engine.structured.matcher.RequestGrammar``) while it may sample
-    grammar: Any = field(default=None, init=False, repr=False)
+    #: host-masked requests (``SamplingParams.host_masked``): their ``engine.structured.rules.TokenRules``
+    rules: Any = field(default=None, init=False, repr=False)
     # the counters while not attached to a running state
     _computed: int = field(default=0, init=False, repr=False)  # tokens whose K/V is written or being written
     _pending: int = field(default=0, init=False, repr=False)

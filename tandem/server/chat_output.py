@@ -8,8 +8,11 @@ A request that needs none of this (no reasoning parser, no tools to parse) gets 
 and keeps the plain path: its text is its content."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from tandem.sampling_params import SamplingParams
 
 from tandem.server.constraints import Constraint
 from tandem.server.errors import APIError
@@ -83,17 +86,26 @@ class ChatRequestParsing:
         return self.use.tools
 
     def output(self, tokenizer: Tokenizer | None, prompt_ids: list[int]) -> ChatOutput | None:
-        """How the choices are read, given the prompt (400 where reasoning and a constraint would meet)."""
+        """How the choices are read, given the prompt."""
         reads_prompt = tokenizer is not None and self.parsing.reasoning_parser is not None
         tail = tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], False) if reads_prompt else ""
         output = self.parsing.output(self.use, self.include_reasoning, tail)
-        if output is not None and output.in_reasoning and self.constraint is not None:
-            raise APIError(400, f"{self.constraint.field} with --reasoning-parser is not implemented yet: the "
-                                "prompt leaves the output inside the reasoning, and the constraint would have to "
-                                "start after </think>, which the grammar engine cannot do yet; turn thinking off "
-                                '(chat_template_kwargs: {"enable_thinking": false}) or drop the constraint',
-                           self.constraint.param)
+        if output is not None:
+            output.thinking_off = output.reasoning is not None and output.reasoning.prompt_closed(tail)
         return output
+
+    def after_reasoning(self, params: SamplingParams, output: ChatOutput | None,
+                        tokenizer: Tokenizer | None) -> SamplingParams:
+        """The output constraint starts after the reasoning: from the first ``</think>`` where the
+        prompt opened it; where the model may open it (its ``<think>`` one token), after it if it does."""
+        spec = params.structured_outputs
+        if spec is None or output is None or output.reasoning is None or output.thinking_off:
+            return params
+        start = None if output.in_reasoning else output.reasoning.start
+        if start is not None and len(tokenizer.encode(start, add_special_tokens=False)) != 1:
+            return params  # the model cannot open it with one token: the constraint applies from the start
+        tags = dataclasses.replace(spec, reasoning_start=start, reasoning_end=output.reasoning.end)
+        return dataclasses.replace(params, structured_outputs=tags)
 
 
 @dataclass
@@ -106,6 +118,7 @@ class ChatOutput:
     tools: ToolParser | None  # the format calls are read in (auto, required)
     named: str | None = None  # tool_choice names this function: the content is its arguments
     parallel: bool = True
+    thinking_off: bool = False  # the prompt closed an empty think block (enable_thinking: false)
 
     def stream(self) -> ChatChoiceStream:
         return ChatChoiceStream(self)

@@ -290,6 +290,8 @@ class EngineClient:
                 self._fail(rid, RequestFailed(500, f"the engine core refused the request: {why}"))
             for rid, why in msg.errors.items():
                 self._fail(rid, RequestFailed(500, why))
+            for rid, why in msg.deltas.errors.items():  # a request the core ended with an error
+                self._fail(rid, RequestFailed(msg.deltas.error_status.get(rid, 500), why))
             if msg.stats is not None:
                 self.num_waiting_reported = msg.stats.num_waiting
                 self.metrics.on_stats(msg.stats)

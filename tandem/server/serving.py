@@ -21,7 +21,7 @@ from tandem.engine.fanout import fan_out
 from tandem.engine.sequence import EngineRequest
 from tandem.sampling_params import SamplingParams
 from tandem.server import constraints
-from tandem.server.chat_output import ChatParsing
+from tandem.server.chat_output import ChatOutput, ChatParsing, ChatRequestParsing
 from tandem.server.constraints import Constraint
 from tandem.server.client import EngineClient, RequestFailed
 from tandem.server.errors import APIError, bad_request
@@ -50,6 +50,7 @@ class Prepared:
     texts: list[str | None]  # each choice's prompt text
     prompt_tokens: int  # once per prompt, whatever n is
     prompt_text: str | None = None  # chat: the rendered template
+    chat_output: ChatOutput | None = None  # chat: how its choices are read
 
 
 class Serving:
@@ -93,10 +94,10 @@ class Serving:
         if options.chat_template is not None:  # a request's own template: its cost is not its length
             size = max(size, self.offload.inline_size + 1)
         prepared = await self.offload.run(self.prepare_chat, messages, options, shaping(body), params, body.n,
-                                          constraint, size=size * body.n)
+                                          parsing, size=size * body.n)
         if body.return_prompt_text:
             meta.prompt_text = prepared.prompt_text
-        meta.chat_output = parsing.output(self.client.tokenizer, prepared.requests[0].prompt_token_ids)
+        meta.chat_output = prepared.chat_output
         return await self.generate(meta, body, prepared, raw)
 
     # --- checks and inputs ---------------------------------------------------------------------
@@ -142,13 +143,16 @@ class Serving:
         return self.prepared([self._encode(p, shape) for p in items], params, n, "prompt", constraint)
 
     def prepare_chat(self, messages: list[dict[str, Any]], options: ChatOptions, shape: Shaping,
-                     params: SamplingParams, n: int, constraint: Constraint | None) -> Prepared:
+                     params: SamplingParams, n: int, parsing: ChatRequestParsing) -> Prepared:
         try:
             text, ids = chat_prompt(self.client.tokenizer, messages, options, shape.add_special_tokens)
         except Exception as exc:  # noqa: BLE001 - a template raises what it likes on bad conversations
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-        prepared = self.prepared([self._encode(ids, shape, "messages")], params, n, "messages", constraint)
-        prepared.prompt_text = text
+        prompt = self._encode(ids, shape, "messages")
+        output = parsing.output(self.client.tokenizer, prompt.token_ids)
+        params = parsing.after_reasoning(params, output, self.client.tokenizer)
+        prepared = self.prepared([prompt], params, n, "messages", parsing.constraint)
+        prepared.prompt_text, prepared.chat_output = text, output
         return prepared
 
     def prepared(self, prompts: list[Prompt], params: SamplingParams, n: int, param: str,

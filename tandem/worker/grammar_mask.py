@@ -6,12 +6,14 @@ The host fills one int32 row per constrained sampled row (xgrammar's layout: bit
 top-k, top-p and min-p) every other token's logit becomes -inf, so the sampler draws from the
 constrained distribution and the logprobs describe it.
 
-Plain torch: no host synchronisation, any logits dtype (float64 in the exact tests). Rows go in
-chunks so the temporaries stay a few tens of MB whatever the batch; xgrammar's own Triton kernel
-(``apply_token_bitmask_inplace``, in place, one launch) is the faster choice on a GPU once measured."""
+On CUDA one Triton launch does it (``tandem.kernels.grammar_mask``: it writes only the banned
+logits). Elsewhere plain torch: no host synchronisation, any logits dtype (float64 in the exact
+tests); rows go in chunks so the temporaries stay a few tens of MB whatever the batch."""
 from __future__ import annotations
 
 import torch
+
+from tandem.worker.sampler import use_kernels
 
 _CHUNK_ELEMENTS = 1 << 22  # vocabulary entries unpacked at once
 _BITS: dict[torch.device, torch.Tensor] = {}  # per device: byte value -> its 8 bits, least significant first
@@ -34,6 +36,11 @@ def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """In place: ``logits[rows[i], t] = -inf`` for every token ``t`` that ``bitmask[i]`` does not allow."""
+    if use_kernels(logits) and logits.stride(1) == 1:
+        from tandem.kernels.grammar_mask import fused_grammar_mask
+
+        fused_grammar_mask(logits, rows, bitmask)
+        return
     n, vocab = bitmask.shape[0], logits.shape[1]
     per_chunk = max(1, _CHUNK_ELEMENTS // vocab)
     for start in range(0, n, per_chunk):
