@@ -177,7 +177,7 @@ def bench(argv: list[str]) -> int:
     row = sweep_row if "--sweep" in argv else bench_row
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
-        device, dtype, plan = torch.device("cpu"), torch.float32, [(TINY, (1, 7, 64))]
+        device, dtype, plan = torch.device("cpu"), torch.float32, [(TINY, (1, 64))]
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         plan = [(QWEN3_30B_A3B, TOKENS), (MIXTRAL_8X7B, TOKENS)]
