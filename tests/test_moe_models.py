@@ -25,6 +25,7 @@ from gpu_parity import prefill_logits, relative_error
 from test_triton_kernels import _run_interpreted as run_interpreted
 
 from tandem import LLM, SamplingParams
+from tandem.model.models.moe_block import load_weights
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 PRESETS = ["random:tiny-qwen3-moe", "random:tiny-mixtral"]
@@ -185,3 +186,27 @@ def test_expert_parallel_routes_through_the_fused_kernel(monkeypatch):
     """(The models end to end through the kernel: tests/test_fused_moe.py.)"""
     monkeypatch.setenv("TANDEM_MOE", "triton")
     assert "expert parallel ok" in run_interpreted(EXPERT_PARALLEL)
+
+
+@pytest.mark.parametrize("preset, total, active", [("qwen3-30b-a3b", 30.5e9, 3.3e9), ("mixtral-8x7b", 46.7e9, 12.9e9)])
+def test_presets_have_the_published_parameter_counts(preset, total, active):
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active per token (its model card); Mixtral-8x7B: 46.7B,
+    12.9B active (both count the embedding and the head whole). Counted from the weights the family
+    loads (shapes only, on the meta device)."""
+    from tandem.model.models.moe_block import MoEDecoder
+    from tandem.model.presets import PRESETS as CONFIGS
+    from tandem.model.registry import model_class
+
+    cfg = CONFIGS[preset]
+    family: type[MoEDecoder] = model_class(cfg.architecture)
+    settings = family.family_settings(cfg)
+    weights = load_weights(cfg, lambda name, shape, part: torch.empty(shape, device="meta"), settings, names=family.names)
+    tensors = [weights.embed, weights.norm] + ([] if cfg.tie_word_embeddings else [weights.lm_head])
+    for layer in weights.layers:
+        tensors += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        tensors += [t for t in vars(layer.experts).values() if isinstance(t, torch.Tensor)]
+    count = sum(t.numel() for t in tensors)
+    per_expert = sum(layer.experts.w13[0].numel() + layer.experts.w2[0].numel() for layer in weights.layers)
+    unused = (settings.num_experts - settings.top_k) * per_expert  # the experts a token does not route to
+    assert round(count / 1e9, 1) == total / 1e9
+    assert abs((count - unused) - active) < 0.06e9  # the cards round 3.35B down, 12.88B up
