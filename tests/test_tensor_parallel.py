@@ -64,8 +64,10 @@ def test_tp2_gives_the_tokens_of_tp1(checkpoint_dir, windowed_mistral, arch):
 
 @pytest.mark.parametrize("seed", [1000, 1003])
 def test_tp2_randomized_cases_match_tp1(seed):
-    """random:tiny: every rank draws only its shards of the seeded preset, equal to tp=1's weights."""
-    case = make_case(seed, constrained=0.0)  # structured output is refused under tensor parallelism, for now
+    """random:tiny: every rank draws only its shards of the seeded preset, equal to tp=1's weights;
+    half the requests constrained (every rank samples through rank 0's grammar masks)."""
+    case = make_case(seed, constrained=0.5)
+    assert any(r.params.host_masked for r in case.requests)
     expected = run_case(case, async_batching=False)
     tp_case = Case(case.seed, {**case.engine, "tensor_parallel_size": 2}, case.requests)
     for async_batching in (False, True):

@@ -23,7 +23,6 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_stop_strings = config.max_stop_strings
         self.max_stop_string_length = config.max_stop_string_length
-        self.tensor_parallel_size = config.tensor_parallel_size
         self._seed_rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
 
@@ -41,7 +40,7 @@ class InputProcessor:
         if params.structured_outputs is not None:  # a bad spec fails here; it compiles in the engine core
             from tandem.engine.structured.compiler import check_request
 
-            check_request(params.structured_outputs, self.tokenizer is not None, self.tensor_parallel_size)
+            check_request(params.structured_outputs, self.tokenizer is not None)
         self._tokenize_bad_words(params)
         self._tokenize_reasoning(params)
         self._check_allowed_tokens(params)

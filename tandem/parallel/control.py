@@ -1,7 +1,10 @@
 """What rank 0's host tells the other ranks: one fixed-size int64 header per message over the
 control group. A step's header carries what the followers' hosts need to launch it (step id,
 shape, sampler variant, buffer length); the packed inputs themselves follow on the device
-(``executors``). Rank 0 sends asynchronously: its host never waits for a follower."""
+(``executors``). A step's grammar mask (structured output, host token rules) follows its header on
+the control group itself: every rank samples, and the tokens must be the same everywhere (each
+rank's next step reads its own sampled tokens). Rank 0 sends asynchronously: its host never waits
+for a follower."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +28,7 @@ class Kind(enum.IntEnum):
     STEP = 1
     SET_ASYNC = 2
     STOP = 3
+    MASK = 4  # num_words: the payload's length (the mask's words per row, then its rows)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class ControlSender:
         self.headers = [torch.zeros(HEADER_WORDS, dtype=torch.int64) for _ in range(self.RING)]
         self.works: list[dist.Work | None] = [None] * self.RING
         self.sent = 0
+        self.masks: list[tuple[dist.Work, torch.Tensor]] = []  # in flight, with their buffers
 
     def send(self, message: Message) -> None:
         k = self.sent % self.RING
@@ -80,8 +85,15 @@ class ControlSender:
         self.headers[k].copy_(message.encode())
         self.works[k] = dist.broadcast(self.headers[k], src=0, group=self.group, async_op=True)
 
+    def send_mask(self, step_id: int, mask: np.ndarray) -> None:
+        """A step's mask [rows, words] int32: its header, then the words (kept until sent)."""
+        payload = torch.from_numpy(np.concatenate([np.array([mask.shape[1]], np.int32), mask.ravel()]))
+        self.send(Message(Kind.MASK, step_id, payload.numel()))
+        self.masks = [(w, p) for w, p in self.masks if not w.is_completed()]
+        self.masks.append((dist.broadcast(payload, src=0, group=self.group, async_op=True), payload))
+
     def flush(self) -> None:
-        for work in self.works:
+        for work in self.works + [w for w, _ in self.masks]:
             if work is not None:
                 work.wait()
 
@@ -94,3 +106,10 @@ class ControlReceiver:
     def recv(self) -> Message:
         dist.broadcast(self.header, src=0, group=self.group)
         return Message.decode(self.header)
+
+    def recv_mask(self, message: Message) -> np.ndarray:
+        """The mask a MASK header announced, [rows, words] int32."""
+        payload = torch.empty(message.num_words, dtype=torch.int32)
+        dist.broadcast(payload, src=0, group=self.group)
+        words = int(payload[0])
+        return payload[1:].numpy().reshape(-1, words)

@@ -8,6 +8,8 @@ the same path (graph replay, piecewise graphs or eager) on identical inputs; the
 of the inputs is only a buffer for the broadcast to fill."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -34,6 +36,14 @@ class _ReceivingRunner:
     def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
         receive_step(data)
         return self.runner.run(data, shape, flags)
+
+    def forward(self, data: torch.Tensor, shape: StepShape) -> Any:
+        """A step with a grammar mask: its forward now, its sampling once the mask is here."""
+        receive_step(data)
+        return self.runner.forward(data, shape)
+
+    def finish_forwarded(self, *args: Any) -> torch.Tensor:
+        return self.runner.finish_forwarded(*args)
 
 
 class TPStreamExecutor(StreamExecutor):

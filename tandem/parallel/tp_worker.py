@@ -91,9 +91,8 @@ class TPWorker:
         return self.rank.submit(step)
 
     def provide_mask(self, step_id: int, mask: Any) -> None:
-        # the InputProcessor refuses structured output at tensor_parallel_size > 1, so no step asks
-        raise NotImplementedError("grammar masks (structured output) are not implemented yet under tensor "
-                                  "parallelism: the ranks would need the mask too")
+        self.sender.send_mask(step_id, mask)  # every rank samples the same tokens
+        self.rank.provide_mask(step_id, mask)
 
     def collect(self, handle: Any) -> StepOutput:
         return self.rank.collect(handle)

@@ -34,12 +34,10 @@ _PARSED: OrderedDict[tuple, None] = OrderedDict()  # specs that parsed (a server
 _PARSED_LOCK = threading.Lock()  # a server may check requests on several threads
 
 
-def check_request(spec: StructuredOutputsParams, has_tokenizer: bool, tensor_parallel_size: int) -> None:
+def check_request(spec: StructuredOutputsParams, has_tokenizer: bool) -> None:
     """What the InputProcessor refuses up front (``ValueError``), before anything runs."""
     if not has_tokenizer:
         raise ValueError("SamplingParams.structured_outputs needs a model with a tokenizer (its vocabulary)")
-    if tensor_parallel_size > 1:
-        raise ValueError("SamplingParams.structured_outputs is not implemented yet with tensor_parallel_size > 1")
     key = spec.key()
     with _PARSED_LOCK:
         if key in _PARSED:  # a JSON schema takes about a millisecond to parse
