@@ -10,6 +10,9 @@ Set exactly one kind:
 - ``grammar``: an EBNF grammar in xgrammar's dialect (GBNF-like: ``name ::= ...`` rules, string
   literals, character classes, ``* + ? {m,n}``; the start rule is ``root``).
 - ``json_object=True``: any JSON object.
+- ``structural_tag``: xgrammar's structural tag (a dict, or its JSON text): free text with tagged
+  regions that follow their own formats, e.g. tool calls whose arguments follow their schemas once a
+  trigger such as ``<tool_call>`` appears (``tandem serve`` builds these for ``strict`` tools).
 
 ``disable_any_whitespace`` (the JSON kinds): JSON is written with fixed separators (``", "`` and
 ``": "``) and no other whitespace, instead of allowing any whitespace between its tokens (a
@@ -33,7 +36,7 @@ import json as _json
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object")
+KINDS = ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    structural_tag: dict[str, Any] | str | None = None
     reasoning_start: str | None = None
     reasoning_end: str | None = None
     #: the reasoning tags as tokens (start, end), set by the engine's InputProcessor
@@ -73,6 +77,9 @@ class StructuredOutputsParams:
         elif self.choice is not None and not (isinstance(self.choice, (list, tuple)) and self.choice
                                               and all(isinstance(c, str) and c for c in self.choice)):
             bad = "choice", "must be a non-empty list of non-empty strings"
+        elif self.structural_tag is not None and not (isinstance(self.structural_tag, dict) or (
+                isinstance(self.structural_tag, str) and self.structural_tag)):
+            bad = "structural_tag", "must be xgrammar's structural tag (a dict, or its JSON text)"
         elif self.json_object is not None and not isinstance(self.json_object, bool):
             bad = "json_object", "must be a bool"
         elif not isinstance(self.disable_any_whitespace, bool):
@@ -117,4 +124,4 @@ class StructuredOutputsParams:
         return StructuredOutputsParams(copy.deepcopy(self.json), self.regex,
                                        list(self.choice) if isinstance(self.choice, (list, tuple)) else self.choice,
                                        self.grammar, self.json_object, self.disable_any_whitespace,
-                                       self.reasoning_start, self.reasoning_end)
+                                       copy.deepcopy(self.structural_tag), self.reasoning_start, self.reasoning_end)

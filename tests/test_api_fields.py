@@ -106,6 +106,7 @@ SHARED_IMPLEMENTED = {
     "guided_choice": _CONSTRAINED + "test_each_constraint_field_reaches_the_engine",
     "guided_grammar": _CONSTRAINED + "test_each_constraint_field_reaches_the_engine",
     "guided_decoding_backend": _CONSTRAINED + "test_each_constraint_field_reaches_the_engine",
+    "structural_tag": _CONSTRAINED + "test_structural_tags_reach_the_engine_and_shape_the_output",
 }
 COMPLETION_IMPLEMENTED = {**SHARED_IMPLEMENTED, "prompt": _SERVER + "test_token_id_and_batched_prompts"}
 CHAT_IMPLEMENTED = {
@@ -128,12 +129,13 @@ STREAM_OPTIONS_IMPLEMENTED = {"include_usage": _SERVER + "test_usage_is_streamed
                               "continuous_usage_stats": _FIELDS + "test_continuous_usage_stats"}
 STRUCTURED_IMPLEMENTED = {kind: _CONSTRAINED + "test_each_constraint_field_reaches_the_engine"
                           for kind in ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")}
+STRUCTURED_IMPLEMENTED["structural_tag"] = _CONSTRAINED + "test_structural_tags_reach_the_engine_and_shape_the_output"
 
 # --- refused: a value other than the neutral one, which must get a 400 naming the field --------------
 SHARED_REFUSED = {
     "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "spaces_between_special_tokens": False,
     "priority": 1, "logits_processors": ["my.Processor"], "cache_salt": "salt", "kv_transfer_params": {"a": 1},
-    "vllm_xargs": {"a": 1}, "guided_whitespace_pattern": " ", "structural_tag": "{}"}
+    "vllm_xargs": {"a": 1}, "guided_whitespace_pattern": " "}
 COMPLETION_REFUSED = {**SHARED_REFUSED, "suffix": "the end", "prompt_embeds": "AAAA",
                       "max_repetition_pattern_size": 2, "min_repetition_pattern_size": 2, "repetition_min_count": 2}
 CHAT_REFUSED = {
@@ -146,8 +148,7 @@ CHAT_REFUSED = {
     "routed_experts_prompt_start": 1, "return_token_offsets": True, "return_mm_kwargs": False,
     "repetition_detection": {"n": 2}, "stream_interval": 2}
 STREAM_OPTIONS_REFUSED = {"include_obfuscation": True}
-STRUCTURED_REFUSED = {"disable_fallback": True, "disable_additional_properties": True, "whitespace_pattern": " ",
-                      "structural_tag": "{}"}
+STRUCTURED_REFUSED = {"disable_fallback": True, "disable_additional_properties": True, "whitespace_pattern": " "}
 
 ROUTES = {  # route: (the schemas' fields, implemented, refused, the request model, a minimal valid body)
     "/v1/completions": (OPENAI_COMPLETION | VLLM_COMPLETION, COMPLETION_IMPLEMENTED, COMPLETION_REFUSED,

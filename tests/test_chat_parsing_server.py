@@ -248,7 +248,7 @@ def test_no_tools_and_no_parser_keep_the_plain_path(stub):
                                                                              "function": {"name": "other"}}},
      "tool_choice"),
     (ChatParsing("hermes", True), {"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
-    (ChatParsing("hermes", True), {"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]},
+    (ChatParsing("mistral", True), {"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]},
      "tools"),
 ])
 def test_refusals_name_the_field(stub, parsing, kw, param):

@@ -128,7 +128,8 @@ def test_random_specs_give_accepted_outputs_sampled_and_greedy_whole_and_streame
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_decoding_backend": "outlines", "guided_regex": "a"}, "guided_decoding_backend"),
-    ({"response_format": {"type": "structural_tag"}}, "response_format"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "nonsense"}}}, "response_format"),
+    ({"structural_tag": "{not json"}, "structural_tag"),
     ({"guided_regex": "a", "structured_outputs": {"choice": ["b"]}}, "structured_outputs"),
 ])
 def test_constraints_that_cannot_be_served_get_a_400_naming_the_field(server, fields, param):
@@ -153,3 +154,30 @@ def test_a_grammar_that_meets_min_tokens_with_no_token_left_is_a_400(server):
     with pytest.raises(openai.APIError, match="no token is left"):
         list(client.completions.create(stream=True, **kw))
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices[0].finish_reason == "length"
+
+
+# a number in <n>...</n>: free text around it, at least one tag (so even a random model writes one)
+TAG = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<n>"], "at_least_one": True,
+                                            "stop_after_first": True, "tags": [
+                                                {"type": "tag", "begin": "<n>", "end": "</n>", "content": {
+                                                    "type": "json_schema", "json_schema": {"enum": [7, 42]}}}]}}
+LEGACY = {"type": "structural_tag", "structures": [{"begin": "<n>", "schema": {"enum": [7, 42]}, "end": "</n>"}],
+          "triggers": ["<n>"]}
+
+
+def test_structural_tags_reach_the_engine_and_shape_the_output(server):
+    """vLLM's three ways (structured_outputs.structural_tag, the older structural_tag text, a
+    structural_tag response format, current or legacy shape) become the engine's structural tag."""
+    for fields in ({"structured_outputs": {"structural_tag": TAG}}, {"structural_tag": json.dumps(TAG)},
+                   {"response_format": {"type": "structural_tag", "format": TAG["format"]}},
+                   {"response_format": LEGACY}):
+        c = requested_constraint(CompletionRequest.model_validate({"prompt": "hi", **fields}))
+        assert c.kind == "structural_tag" and c.value["format"]["tags"][0]["begin"] == "<n>"
+        assert SamplingParams(**engine_kwargs(c)).structured_outputs.kind == "structural_tag"
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=SERVER_KEY, max_retries=0, timeout=60)
+    for seed in range(3):
+        text = client.completions.create(model="tiny", prompt="x", max_tokens=60, temperature=1.0, seed=seed,
+                                         extra_body={"structured_outputs": {"structural_tag": TAG}}).choices[0].text
+        head, _, rest = text.partition("<n>")
+        value, _, tail = rest.partition("</n>")
+        assert "<n>" in text and json.loads(value) in (7, 42) and "<n>" not in head + tail, text

@@ -170,8 +170,8 @@ def test_a_named_function_constrains_the_output_to_its_arguments():
     ([], "auto", "hermes", "tool_choice"),
     (TOOLS, {"type": "function", "function": {"name": "missing"}}, "hermes", "tool_choice"),
     (TOOLS + TOOLS[:1], "required", "hermes", "tools"),
-    ([ChatTool.model_validate({"type": "function", "function": {"name": "f", "strict": True}})], "auto", "hermes",
-     "tools"),
+    ([ChatTool.model_validate({"type": "function", "function": {"name": "f", "strict": True}})], "auto", "mistral",
+     "tools"),  # strict under auto: mistral's calls have no text trigger
 ])
 def test_tool_choice_refusals_name_the_field(tools, choice, auto_parser, param):
     if isinstance(choice, dict):
@@ -262,3 +262,37 @@ def test_the_request_gets_one_constraint():
     with pytest.raises(APIError) as err:
         parsing.request(ToolFields.model_validate({"tools": tools, "tool_choice": "required"}), own)
     assert err.value.param == "tool_choice" and "guided_regex" in err.value.message
+
+
+STRICT_TOOLS = [ChatTool.model_validate({"type": "function", "function": {
+    "name": "get_weather", "strict": True, "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"], "additionalProperties": False}}}),
+    ChatTool.model_validate({"type": "function", "function": {"name": "loose"}})]
+
+
+@pytest.mark.parametrize("parser, call, bad_call", [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+     '{"name": "get_weather", "parameters": {"town": "Paris"}}'),
+])
+def test_strict_tools_under_auto_constrain_the_calls_the_model_starts(parser, call, bad_call):
+    """The structural tag the server sends for strict tools under "auto": free text, then calls in the
+    parser's own format whose arguments follow the strict tool's schema (any object for the others);
+    the parser reads what the grammar lets through."""
+    import xgrammar as xgr
+
+    use = tool_use(STRICT_TOOLS, "auto", True, parser)
+    assert use.mode == "auto" and use.structural_tag is not None
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([chr(c) for c in range(32, 127)] + ["\n"])).compile_structural_tag(
+        json.dumps(use.structural_tag))
+
+    def accepts(text: str) -> bool:
+        return xgr.GrammarMatcher(compiled).accept_string(text)
+
+    assert accepts("Let me check. " + call + " Done.") and accepts("No call needed.")
+    assert not accepts("Sure: " + bad_call)  # a strict tool's arguments must follow its schema
+    assert not accepts(call.replace("get_weather", "unknown"))  # only the request's functions
+    assert accepts(call.replace("get_weather", "loose").replace('"Oslo"', "1").replace('"Paris"', "1"))
+    (parsed,) = parse_tool_calls(tool_parser(parser), call)[1]
+    assert parsed.name == "get_weather" and json.loads(parsed.arguments)["city"] in ("Paris", "Oslo")

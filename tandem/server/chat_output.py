@@ -51,14 +51,17 @@ class ChatParsing:
         """One chat request's tool fields checked (400 naming the field), and the output constraint it
         gets: the request's own, or the one tool_choice "required" or a named function needs (both: 400)."""
         use = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.auto_parser)
+        tools_constraint = None
         if use.schema is not None:
-            if constraint is not None:
-                raise APIError(400, f"tool_choice {use.mode!r} constrains the output to tool calls, and "
-                                    f"{constraint.field} asks for another constraint; a request may have one",
-                               "tool_choice")
             # compact JSON (", " and ": " only): a model cannot pad a call with whitespace forever
-            constraint = Constraint("json", use.schema, "tool_choice", disable_any_whitespace=True)
-        return ChatRequestParsing(self, use, constraint, body.include_reasoning)
+            tools_constraint = Constraint("json", use.schema, "tool_choice", disable_any_whitespace=True)
+        elif use.structural_tag is not None:
+            tools_constraint = Constraint("structural_tag", use.structural_tag, "tools")
+        if tools_constraint is not None and constraint is not None:
+            raise APIError(400, f"{tools_constraint.field} constrains the output to tool calls, and "
+                                f"{constraint.field} asks for another constraint; a request may have one",
+                           tools_constraint.param)
+        return ChatRequestParsing(self, use, tools_constraint or constraint, body.include_reasoning)
 
     def output(self, tools: ToolUse, include_reasoning: bool, prompt_tail: str) -> ChatOutput | None:
         """How one request's choices are read; None when their text is simply their content."""

@@ -52,7 +52,19 @@ class JsonSchemaFormat(BaseModel):
     json_schema: JsonSchemaSpec
 
 
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+class StructuralTagFormat(BaseModel):
+    """vLLM's: xgrammar's structural tag in its current shape (``format``) or its older one
+    (``structures`` of begin / schema / end, and ``triggers``)."""
+
+    model_config = STRICT
+    type: Literal["structural_tag"]
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | StructuralTagFormat,
+                           Field(discriminator="type")]
 
 
 class StructuredOutputs(BaseModel):
@@ -69,7 +81,7 @@ class StructuredOutputs(BaseModel):
     disable_any_whitespace: bool | None = None  # JSON with fixed separators, no free whitespace
     disable_additional_properties: OnlyFalse | None = None
     whitespace_pattern: Annotated[None, refused_any()] = None
-    structural_tag: Annotated[None, refused_any()] = None
+    structural_tag: JsonSchema | None = None  # xgrammar's structural tag (or its text)
 
 
 class GuidedFields(BaseModel):
@@ -82,13 +94,13 @@ class GuidedFields(BaseModel):
     guided_grammar: NonEmptyStr | None = None
     guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
     guided_whitespace_pattern: Annotated[None, refused_any()] = None
-    structural_tag: Annotated[None, refused_any()] = None
+    structural_tag: JsonSchema | None = None  # vLLM's older field: the structural tag's JSON text
     response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True)
 class Constraint:
-    kind: str  # "json" | "json_object" | "regex" | "grammar" | "choice" (the engine's names)
+    kind: str  # "json" | "json_object" | "regex" | "grammar" | "choice" | "structural_tag" (the engine's names)
     value: Any  # a schema (dict or JSON text), True, a pattern, a grammar, a list of choices
     field: str  # the request field that asked for it (errors name it)
     disable_any_whitespace: bool = False
@@ -109,7 +121,9 @@ def requested_constraint(body: GuidedFields) -> Constraint | None:
     found = [*_from_response_format(body.response_format), *_from_structured(body.structured_outputs),
              *(Constraint(kind, value, f"guided_{kind}") for kind, value in (
                  ("json", body.guided_json), ("regex", body.guided_regex), ("choice", body.guided_choice),
-                 ("grammar", body.guided_grammar)) if value is not None)]
+                 ("grammar", body.guided_grammar)) if value is not None),
+             *([] if body.structural_tag is None else [Constraint("structural_tag", structural_tag(
+                 body.structural_tag, "structural_tag"), "structural_tag")])]
     if len(found) > 1:
         names = " and ".join(c.field for c in found)
         raise APIError(400, f"{names} each ask for an output constraint; a request may have one", found[0].param)
@@ -122,14 +136,35 @@ def _from_response_format(fmt: Any) -> list[Constraint]:
     if isinstance(fmt, JsonSchemaFormat):
         schema = fmt.json_schema.schema_
         return [Constraint("json", {} if schema is None else schema, "response_format")]
+    if isinstance(fmt, StructuralTagFormat):
+        return [Constraint("structural_tag", structural_tag(fmt.model_dump(exclude_none=True), "response_format"),
+                           "response_format")]
     return []
+
+
+def structural_tag(value: dict[str, Any] | str, field: str) -> dict[str, Any]:
+    """xgrammar's current structural tag from either shape vLLM takes (its JSON text too)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise APIError(400, f"{field} is not valid JSON: {exc}", field.split(".")[0]) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{field} must be a JSON object (a structural tag)", field.split(".")[0])
+    if "structures" not in value:
+        return value
+    tags = [{"type": "tag", "begin": s.get("begin"), "end": s.get("end"),
+             "content": {"type": "json_schema", "json_schema": s.get("schema", True)}} for s in value["structures"]]
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": value.get("triggers") or [],
+                                                 "tags": tags}}
 
 
 def _from_structured(so: StructuredOutputs | None) -> list[Constraint]:
     if so is None:
         return []
+    tag = None if so.structural_tag is None else structural_tag(so.structural_tag, "structured_outputs.structural_tag")
     kinds = (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar),
-             ("json_object", True if so.json_object else None))
+             ("structural_tag", tag), ("json_object", True if so.json_object else None))
     found = [Constraint(kind, value, f"structured_outputs.{kind}", bool(so.disable_any_whitespace))
              for kind, value in kinds if value is not None]
     if not found and so.disable_any_whitespace:  # an option with no constraint to apply it to

@@ -66,7 +66,13 @@ def parse(spec: StructuredOutputsParams) -> xgrammar.Grammar:
             return xgr.Grammar.from_json_schema(text, **options)
         if kind == "regex":
             return xgr.Grammar.from_regex(value)
+        if kind == "structural_tag":
+            return xgr.Grammar.from_structural_tag(_text(value))
         return xgr.Grammar.from_ebnf(_ebnf(spec))
+
+
+def _text(value: dict[str, Any] | str) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _schema(spec: StructuredOutputsParams) -> tuple[str, dict[str, bool]]:
@@ -74,8 +80,7 @@ def _schema(spec: StructuredOutputsParams) -> tuple[str, dict[str, bool]]:
     options = {"any_whitespace": not spec.disable_any_whitespace, "strict_mode": spec.kind == "json"}
     if spec.kind == "json_object":  # not strict: an object with any properties
         return _ANY_OBJECT, options
-    value = spec.json
-    return (value if isinstance(value, str) else json.dumps(value)), options
+    return _text(spec.json), options
 
 
 def _ebnf(spec: StructuredOutputsParams) -> str:
@@ -147,4 +152,6 @@ def compile_spec(compiler: xgrammar.GrammarCompiler, spec: StructuredOutputsPara
             return compiler.compile_json_schema(text, **options)
         if spec.kind == "regex":
             return compiler.compile_regex(spec.regex)
+        if spec.kind == "structural_tag":
+            return compiler.compile_structural_tag(_text(spec.structural_tag))
         return compiler.compile_grammar(_ebnf(spec))

@@ -15,6 +15,10 @@ from __future__ import annotations
 import secrets
 import string
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.server.tools.strict import StrictFormat
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -46,6 +50,7 @@ class ToolParser:
     starts: tuple[str, ...] = ()  # markers that open a call region
     end: str | None = None  # the marker that closes a region; None: it runs to the next start or the end
     bare_start: str | None = None  # an output whose first non-blank character is this opens a region
+    strict_format: StrictFormat | None = None  # how a call is written, for strict tools under "auto"
 
     def decode(self, body: str) -> list[tuple[str, str]] | None:
         """(name, arguments JSON) of each call in one region's body; None if it is not well formed.

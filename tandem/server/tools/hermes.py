@@ -7,12 +7,14 @@ import json
 
 from tandem.server.tools.base import ToolParser
 from tandem.server.tools.json_calls import call_of
+from tandem.server.tools.strict import StrictFormat
 
 
 class HermesToolParser(ToolParser):
     name = "hermes"
     starts = ("<tool_call>",)
     end = "</tool_call>"
+    strict_format = StrictFormat("<tool_call>", '<tool_call>\n{"name": "{name}", "arguments": ', "}\n</tool_call>")
 
     def decode(self, body: str) -> list[tuple[str, str]] | None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tandem.server.tools.base import ToolParser
 from tandem.server.tools.json_calls import calls_of, json_values
+from tandem.server.tools.strict import StrictFormat
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -13,6 +14,7 @@ class Llama3JsonToolParser(ToolParser):
     starts = ("<|python_tag|>",)
     end = None
     bare_start = "{"
+    strict_format = StrictFormat('{"name": ', '{"name": "{name}", "parameters": ', "}")
 
     def decode(self, body: str) -> list[tuple[str, str]] | None:
         values = json_values(body, separators=";")

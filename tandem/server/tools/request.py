@@ -9,6 +9,8 @@ from typing import Any
 from tandem.server.errors import APIError
 from tandem.server.tools.forced import parameters_schema, required_schema
 from tandem.server.tools.protocol import ChatTool, NamedToolChoice, template_tools
+from tandem.server.tools.registry import tool_parser
+from tandem.server.tools.strict import structural_tag
 
 
 @dataclass
@@ -18,6 +20,7 @@ class ToolUse:
     named: str | None = None  # the function of a named tool_choice
     parallel: bool = True
     schema: dict[str, Any] | None = None  # the JSON schema the output must follow (required, named)
+    structural_tag: dict[str, Any] | None = None  # auto with strict tools: calls follow their schemas
 
 
 def tool_use(tools: list[ChatTool] | None, tool_choice: str | NamedToolChoice | None, parallel: bool,
@@ -50,8 +53,12 @@ def _auto(tools: list[ChatTool], dicts: list[dict[str, Any]], parallel: bool, au
         raise APIError(400, 'tool_choice "auto" (the default with tools) needs the server started with '
                             "--enable-auto-tool-choice and --tool-call-parser NAME; or send tool_choice "
                             '"none", "required" or a named function', "tool_choice")
-    if any(t.function.strict for t in tools):
-        raise APIError(400, 'tools: "strict": true is not implemented yet with tool_choice "auto" (the '
-                            "arguments of a call the model chooses to make are not constrained); use "
-                            'tool_choice "required" or a named function, or strict: false', "tools")
-    return ToolUse(dicts, "auto", parallel=parallel)
+    strict = [bool(t.function.strict) for t in tools]
+    if not any(strict):
+        return ToolUse(dicts, "auto", parallel=parallel)
+    fmt = tool_parser(auto_parser).strict_format
+    if fmt is None:
+        raise APIError(400, f'tools: "strict": true under tool_choice "auto" is not implemented for the '
+                            f"{auto_parser!r} tool-call parser (its calls cannot be told from text by one "
+                            'trigger); use tool_choice "required" or a named function, or strict: false', "tools")
+    return ToolUse(dicts, "auto", parallel=parallel, structural_tag=structural_tag(fmt, dicts, strict, parallel))
