@@ -345,3 +345,14 @@ def test_the_cuda_executor_path_with_masks_on_cpu_stubs():
     done = subprocess.run([sys.executable, "-c", _STREAMS], cwd=Path(__file__).parents[1], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_the_memory_plan_reserves_the_largest_mask_a_step_carries():
+    from tandem.engine.structured.manager import StructuredOutputs
+    from tandem.worker.memory import grammar_mask_bytes
+
+    manager = StructuredOutputs("random:tiny", frozenset({257}))  # 512 tokens: 16 int32 words a row
+    try:
+        assert grammar_mask_bytes(7, 512) == 7 * manager.words * np.dtype(np.int32).itemsize == 7 * 16 * 4
+    finally:
+        manager.shutdown()

@@ -8,7 +8,8 @@ beside it); here each runs once on a private runner with a KV cache just big eno
 A mixture-of-experts model's worst step also holds the fused MoE kernel's workspace (its
 per-slot activations and outputs and the expert alignment, ``moe_align.workspace_bytes``): the
 measured peak includes it, and the plan never reserves less than it for the eager step, whichever
-experts path the profiled step took."""
+experts path the profiled step took. The plan adds the largest grammar mask a step can carry
+(structured output), which the profiled steps do not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,4 +81,10 @@ def profile_activations(model: CausalLM, steps: StartupSteps, max_tokens: int, m
         graph += _peak_bytes(model, piecewise, block_size, max_len)
     eager_peak = max(_peak_bytes(model, eager, block_size, max_len),
                      moe_workspace_bytes(model.config, max_tokens, model.dtype))
-    return ActivationPeaks(eager_peak, graph)
+    return ActivationPeaks(eager_peak + grammar_mask_bytes(max_seqs, vocab), graph)
+
+
+def grammar_mask_bytes(max_seqs: int, vocab: int) -> int:
+    """A step's grammar mask on the device (structured output: one int32 word per 32 tokens of each
+    sampled row), copied in beside the step's logits; the profiled steps carry none."""
+    return max_seqs * -(-vocab // 32) * 4
