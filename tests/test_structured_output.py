@@ -70,11 +70,7 @@ def test_a_bad_spec_is_refused_before_anything_runs(llm, spec, named):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_refused_without_a_tokenizer_or_under_tensor_parallelism():
-    config = EngineConfig(MODEL, tensor_parallel_size=2)
-    processor = InputProcessor(resolve_model_config(MODEL), ByteTokenizer(), 512, config)
-    with pytest.raises(ValueError, match="not implemented yet with tensor_parallel_size > 1"):
-        processor.process("a", "hi", SamplingParams(structured_outputs=S(regex="a")))
+def test_refused_without_a_tokenizer():
     processor = InputProcessor(resolve_model_config(MODEL), None, 512, EngineConfig(MODEL))
     with pytest.raises(ValueError, match="needs a model with a tokenizer"):
         processor.process("a", None, SamplingParams(structured_outputs=S(regex="a")), prompt_token_ids=[1])
