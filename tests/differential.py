@@ -110,8 +110,8 @@ def with_constraints(case: Case, share: float = 0.3) -> Case:
     siblings = []
     for r in list(case.requests):
         if rng.random() < 0.2:  # bad words of several tokens: the host mask without a grammar
-            r.params = dataclasses.replace(r.params, bad_words_token_ids=[
-                [rng.randrange(VOCAB) for _ in range(rng.randint(2, 3))] for _ in range(rng.randint(1, 4))])
+            r.params = dataclasses.replace(r.params, bad_words_token_ids=[  # byte ids: in every test vocabulary
+                [rng.randrange(256) for _ in range(rng.randint(2, 3))] for _ in range(rng.randint(1, 4))])
         if rng.random() >= share or r.params.structured_outputs is not None:
             continue
         spec = rng.choice(SPECS)

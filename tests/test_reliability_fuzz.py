@@ -10,11 +10,12 @@ sent (``_fit``): a prompt's tokens plus ``max_tokens`` fit the context (a schema
 string's tokens), ``min_tokens`` is at most ``max_tokens``, and prompts x ``n`` is at most what the
 server can hold (a schema cannot compare or multiply two fields). ``max_tokens``, ``min_tokens`` and
 ``n`` are lowered within their documented ranges to fit; a case whose prompt alone fills the context
-is left out. Fields whose validity is another program's to judge are dropped: ``bad_words`` (each
-must be one token: the tokenizer decides) and the constraints xgrammar must parse (JSON schemas,
-regexes, grammars); of the constraints that always parse (``guided_choice``, a ``json_object``
-response format) one is kept, without ``min_tokens``, ``allowed_token_ids`` or ``bad_words`` (not
-supported with a constraint yet). ``tools`` and ``tool_choice`` are dropped too: what they may be
+is left out. Fields whose validity is another program's to judge are dropped: ``bad_words`` (their
+tokens must be in the model's vocabulary: the tokenizer decides) and the constraints xgrammar must
+parse (JSON schemas, regexes, grammars, structural tags); of the constraints that always parse
+(``guided_choice``, a ``json_object`` response format) one is kept, without ``min_tokens``,
+``allowed_token_ids`` or ``bad_words`` (with a constraint they may leave no token to sample, which
+ends the request with a 400 while it generates). ``tools`` and ``tool_choice`` are dropped too: what they may be
 depends on each other (a named function must be among the tools) and on the server's
 ``--enable-auto-tool-choice``. The cases stay schema-valid, and the checks are all on.
 
@@ -75,7 +76,8 @@ def _prompt_lengths(server: ServerProcess, path: str, body: dict) -> list[int] |
     return lengths
 
 
-_PARSED = ("bad_words", "guided_json", "guided_regex", "guided_grammar", "structured_outputs", "tools", "tool_choice")
+_PARSED = ("bad_words", "guided_json", "guided_regex", "guided_grammar", "structured_outputs", "structural_tag", "tools",
+           "tool_choice")
 
 
 def _drop_parsed_fields(body: dict) -> None:
@@ -83,7 +85,7 @@ def _drop_parsed_fields(body: dict) -> None:
     for name in _PARSED:
         body.pop(name, None)
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "structural_tag"):
         del body["response_format"]
     json_object = isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_object"
     if json_object and body.get("guided_choice") is not None:

@@ -15,10 +15,6 @@ from __future__ import annotations
 import secrets
 import string
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tandem.server.tools.strict import StrictFormat
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -41,6 +37,15 @@ class ToolDelta:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)  # calls that start here (sent whole, but see below)
     arguments: str = ""  # more arguments of the last call already started (a named function's stream)
+
+
+@dataclass(frozen=True)
+class StrictFormat:
+    """How a parser's calls are written, for strict tools under "auto" (``tools.strict``)."""
+
+    trigger: str  # where a call region begins: text before it is free
+    begin: str  # a call's text before its arguments, with "{name}" for the JSON-escaped name
+    end: str  # a call's text after its arguments
 
 
 class ToolParser:

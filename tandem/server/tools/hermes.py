@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from tandem.server.tools.base import ToolParser
+from tandem.server.tools.base import StrictFormat, ToolParser
 from tandem.server.tools.json_calls import call_of
-from tandem.server.tools.strict import StrictFormat
 
 
 class HermesToolParser(ToolParser):

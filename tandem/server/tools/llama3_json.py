@@ -4,9 +4,8 @@ text with ``skip_special_tokens: false``). Text before a call is content; an out
 ``{`` but is not a list of calls stays content."""
 from __future__ import annotations
 
-from tandem.server.tools.base import ToolParser
+from tandem.server.tools.base import StrictFormat, ToolParser
 from tandem.server.tools.json_calls import calls_of, json_values
-from tandem.server.tools.strict import StrictFormat
 
 
 class Llama3JsonToolParser(ToolParser):

@@ -9,17 +9,10 @@ function's name, JSON-escaped) and end around the arguments object."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from tandem.server.tools.base import StrictFormat
 from tandem.server.tools.forced import ANY_OBJECT, parameters_schema
-
-
-@dataclass(frozen=True)
-class StrictFormat:
-    trigger: str  # where a call region begins: text before it is free
-    begin: str  # a call's text before its arguments, with "{name}" for the JSON-escaped name
-    end: str  # a call's text after its arguments
 
 
 def structural_tag(fmt: StrictFormat, tools: list[dict[str, Any]], strict: list[bool],
