@@ -56,6 +56,7 @@ class StructuredOutputs:
         self.words = -(-vocab_size // 32)  # int32 words per mask row
         self.stop_ids = sorted(eos_token_ids)
         self.eos_token_ids = eos_token_ids
+        self.stop_set = frozenset(self.stop_ids)  # the matchers' stop tokens
         self.compiler = GrammarCompiler(lambda: tokenizer_info(model, vocab_size, eos_token_ids), threads)
         self.held: dict[str, tuple[Sequence, Future]] = {}  # waiting for their grammar, in arrival order
         self.fill_times: list[float] | None = None  # a list: seconds of each fill (the benchmark reads them)
@@ -152,14 +153,22 @@ class StructuredOutputs:
             else:
                 self._checked(seq, rules.advance(seq.output_token_ids), scheduler, deltas)
         if batch:
-            import xgrammar as xgr
+            self._advance_plain(batch, scheduler, deltas)
 
-            tokens = [seq.output_token_ids[-1] for seq in batch]
-            taken = xgr.BatchGrammarMatcher.batch_accept_token([seq.rules.grammar.matcher for seq in batch], tokens)
-            for seq, ok, token in zip(batch, taken, tokens):
-                if ok:
-                    seq.rules.accepted()
-                self._checked(seq, None if ok else token, scheduler, deltas)
+    def _advance_plain(self, batch: list[Sequence], scheduler: Scheduler, deltas: StepDeltas) -> None:
+        """One new token each, in one call; a grammar can only terminate by taking a stop token."""
+        import xgrammar as xgr
+
+        tokens = [seq.output_token_ids[-1] for seq in batch]
+        taken = xgr.BatchGrammarMatcher.batch_accept_token([seq.rules.grammar.matcher for seq in batch], tokens)
+        stops = self.stop_set
+        for seq, ok, token in zip(batch, taken, tokens):
+            if ok:
+                seq.rules.num_accepted += 1
+                if token in stops or not stops:
+                    self._checked(seq, None, scheduler, deltas)
+            else:
+                self._checked(seq, token, scheduler, deltas)
 
     def _checked(self, seq: Sequence, rejected: int | None, scheduler: Scheduler, deltas: StepDeltas) -> None:
         if rejected is not None:  # the mask forbade it: an engine fault, this request's alone

@@ -50,25 +50,23 @@ class TokenRules:
     reasoning_end: tuple[int, ...] = ()  # the tokens that close it
     num_accepted: int = 0  # output tokens seen
     state: str = field(init=False)
+    #: only a grammar, already constraining, nothing else of the host's: the batched path (``manager``:
+    #: one call accepts a step's tokens, one fills its rows); kept as the state changes (read per row)
+    plain: bool = field(init=False)
     _output: list[int] = field(init=False, default_factory=list)  # the last tokens, for bad words and the gate
 
     def __post_init__(self) -> None:
         if self.grammar is None:
-            self.state = FREE
+            state = FREE
         elif self.reasoning_end:
-            self.state = OPENING if self.reasoning_start is not None else REASONING
+            state = OPENING if self.reasoning_start is not None else REASONING
         else:
-            self.state = CONSTRAINED
+            state = CONSTRAINED
+        self._set_state(state)
 
-    @property
-    def plain(self) -> bool:
-        """Only a grammar, already constraining, and nothing else of the host's: the batched path
-        (``manager``: one call accepts a step's tokens, one fills its rows)."""
-        return self.state == CONSTRAINED and not self.bad_sequences and self.fixed.plain
-
-    def accepted(self) -> None:
-        """A plain rule's grammar accepted its next token through the batched path."""
-        self.num_accepted += 1
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.plain = state == CONSTRAINED and not self.bad_sequences and self.fixed.plain
 
     @property
     def terminated(self) -> bool:
@@ -80,11 +78,11 @@ class TokenRules:
         for i in range(self.num_accepted, len(output_token_ids)):
             token = output_token_ids[i]
             if self.state == OPENING:
-                self.state = REASONING if token == self.reasoning_start else CONSTRAINED
+                self._set_state(REASONING if token == self.reasoning_start else CONSTRAINED)
             elif self.state == REASONING:
                 self._output.append(token)
                 if self._ends_with(self.reasoning_end):
-                    self.state = CONSTRAINED
+                    self._set_state(CONSTRAINED)
                 self.num_accepted += 1
                 continue
             if self.state == CONSTRAINED and not self.grammar.matcher.accept_token(token):
