@@ -318,6 +318,8 @@ from tandem.worker.stream_executor import StreamExecutor
 calls = []
 real_provide, real_create = StreamExecutor.provide_mask, differential.create_engine
 StreamExecutor.provide_mask = lambda self, step_id, mask: (calls.append(step_id), real_provide(self, step_id, mask))
+in_place, real_buffer = [], StreamExecutor.mask_buffer  # the host fills the pinned rows themselves
+StreamExecutor.mask_buffer = lambda self, *a: (lambda b: (in_place.append(b is not None), b)[1])(real_buffer(self, *a))
 for seed in (301, 302, 303):
     case = with_constraints(make_case(seed), 1.0)
     differential.create_engine = real_create
@@ -326,7 +328,7 @@ for seed in (301, 302, 303):
     for async_batching in (False, True):
         problems = compare(case, reference, run_case(case, async_batching), names=("thread", "streams"))
         assert not problems, case.describe() + "\\n".join(problems)
-assert len(calls) > 20, calls
+assert len(calls) > 20 and len(in_place) == len(calls) and all(in_place), (calls, in_place)
 print("ok", len(calls))
 """
 

@@ -56,6 +56,9 @@ class FakeWorker:
             self._awaiting = step, out
         return out
 
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> np.ndarray | None:
+        return None
+
     def provide_mask(self, step_id: int, mask: np.ndarray) -> None:
         began = time.perf_counter()
         step, out = self._awaiting

@@ -42,6 +42,12 @@ class Worker(Protocol):
     info: WorkerInfo
 
     def submit(self, step: StepInputs) -> Any: ...
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> np.ndarray | None:
+        """Where the host may fill the newest step's mask (int32 [rows, words]) so that
+        ``provide_mask`` need not copy it: memory the device copies from (pinned), or None (the
+        host allocates its own)."""
+        ...
+
     def provide_mask(self, step_id: int, mask: np.ndarray) -> None:
         """The grammar bitmask of the newest submitted step (``step.shape.num_masked`` > 0): int32
         [num_masked, ceil(vocab / 32)], row i for the step's sampled row ``mask_sample[i]``; bit t of

@@ -148,8 +148,9 @@ class EngineCore:
         if len(self.in_flight) == 1:
             newest = self.in_flight[0]
             if newest.masked is not None and not newest.masked.provided:
-                mask = self.structured.fill(newest.masked, self.scheduler, deltas)
-                self.worker.provide_mask(newest.sched.step_id, mask)
+                step_id, masked = newest.sched.step_id, newest.masked
+                out = self.worker.mask_buffer(step_id, len(masked.seqs), self.structured.words)
+                self.worker.provide_mask(step_id, self.structured.fill(masked, self.scheduler, deltas, out))
 
     def stats(self) -> CoreStats:
         s = self.scheduler

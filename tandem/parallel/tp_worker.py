@@ -90,6 +90,9 @@ class TPWorker:
         self.sender.send(Message.step(step))  # first: the followers launch while rank 0 does
         return self.rank.submit(step)
 
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> Any:
+        return None  # the mask also goes to the other ranks: the host's own array
+
     def provide_mask(self, step_id: int, mask: Any) -> None:
         self.sender.send_mask(step_id, mask)  # every rank samples the same tokens
         self.rank.provide_mask(step_id, mask)

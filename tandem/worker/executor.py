@@ -27,6 +27,7 @@ from tandem.worker.timing import StepTimes
 
 class Executor(Protocol):
     def submit(self, step: StepInputs) -> Any: ...
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> np.ndarray | None: ...
     def provide_mask(self, step_id: int, mask: np.ndarray) -> None: ...
     def collect(self, handle: Any) -> StepOutput: ...
     def drain(self) -> None: ...
@@ -73,6 +74,9 @@ class _HostExecutor:
 
     def start_timing(self) -> None:
         self.times.start_capture()
+
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> np.ndarray | None:
+        return None  # the host's own array: these executors read it where it is
 
     def stop_timing(self) -> list[StepInterval]:
         self.drain()

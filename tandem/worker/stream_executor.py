@@ -163,16 +163,31 @@ class StreamExecutor:
             buf.dev_out[:waiting.handle.num_words].copy_(out)
         self._complete(buf, waiting.handle.num_words)
 
-    def _copy_mask(self, buf: _Buffer, mask: np.ndarray) -> torch.Tensor:
-        """The mask into buffer k's pinned rows, then to the device on the H2D stream (``mask_done``)."""
-        n = mask.size
+    def mask_buffer(self, step_id: int, rows: int, words: int) -> np.ndarray | None:
+        """The awaiting step's pinned mask rows: the host fills them in place (no copy in ``provide_mask``)."""
+        waiting = self._awaiting
+        if waiting is None or waiting.handle.step_id != step_id:
+            return None
+        buf = self.buffers[waiting.handle.buffer]
+        self._reserve_mask(buf, rows * words)
+        return buf.host_mask[:rows * words].numpy().reshape(rows, words)
+
+    def _reserve_mask(self, buf: _Buffer, n: int) -> None:
         if buf.host_mask is None or buf.host_mask.numel() < n:
             # the step that last used this buffer was collected: its mask copy and sampling are over
             size = max(n, 2 * (0 if buf.host_mask is None else buf.host_mask.numel()))
             buf.host_mask = _pinned(size, torch.int32)
             buf.dev_mask = torch.empty(size, dtype=torch.int32, device=self.device)
         assert buf.mask_done.query(), "pinned mask buffer reused while its copy is in flight"
-        np.copyto(buf.host_mask[:n].numpy(), mask.reshape(-1))
+
+    def _copy_mask(self, buf: _Buffer, mask: np.ndarray) -> torch.Tensor:
+        """The mask into buffer k's pinned rows (unless the host filled them there: ``mask_buffer``),
+        then to the device on the H2D stream (``mask_done``)."""
+        n = mask.size
+        self._reserve_mask(buf, n)
+        pinned = buf.host_mask[:n].numpy()
+        if not np.shares_memory(pinned, mask):
+            np.copyto(pinned, mask.reshape(-1))
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(buf.compute_done)  # the buffer's previous step has read its device mask
             buf.dev_mask[:n].copy_(buf.host_mask[:n], non_blocking=True)

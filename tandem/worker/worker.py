@@ -130,6 +130,9 @@ class DeviceWorker:
     def submit(self, step: StepInputs):
         return self._executor.submit(step)
 
+    def mask_buffer(self, step_id: int, rows: int, words: int):
+        return self._executor.mask_buffer(step_id, rows, words)
+
     def provide_mask(self, step_id: int, mask) -> None:
         self._executor.provide_mask(step_id, mask)
 

@@ -187,11 +187,13 @@ class StructuredOutputs:
             deltas.errors[seq.request_id] = error
             deltas.error_status[seq.request_id] = status
 
-    def fill(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas) -> np.ndarray:
-        """The step's mask, int32 [rows, words]: a new array (the worker may read it until the step
-        is collected). A request whose rules leave no token ends here with an error."""
+    def fill(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """The step's mask, int32 [rows, words]: into ``out`` (the worker's buffer) or a new array
+        (the worker may read it until the step is collected). A request whose rules leave no token
+        ends here with an error."""
         start = time.perf_counter()
-        mask = np.empty((len(masked.seqs), self.words), np.int32)
+        mask = np.empty((len(masked.seqs), self.words), np.int32) if out is None else out
         plain: list[int] = []
         for i, (seq, gen_index) in enumerate(zip(masked.seqs, masked.gen_index)):
             rules = seq.rules
