@@ -25,17 +25,19 @@ def _random_ids(rng: random.Random, tokens: int, experts: int, k: int) -> torch.
 
 
 def _check_alignment(ids: torch.Tensor, experts: int, block_m: int) -> None:
+    """Ids in [0, experts]; ``experts`` is the dropped-route sentinel: such slots appear nowhere."""
     a = align_tokens(ids, experts, block_m)
     flat, n = ids.reshape(-1).long(), ids.numel()
     blocks = max_blocks(n, experts, block_m)
     assert a.sorted_ids.shape == (blocks * block_m,) and a.expert_ids.shape == (blocks,)
     used = int(a.num_padded)
-    counts = torch.bincount(flat, minlength=experts)
+    counts = torch.bincount(flat, minlength=experts + 1)[:experts]  # the dropped slots' bin left out
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum()) and used % block_m == 0
     assert (a.sorted_ids[used:] == n).all(), "rows past the padded count hold the sentinel"
     live = a.sorted_ids[:used].long()
     real = live[live < n]
-    assert sorted(real.tolist()) == list(range(n)), "every (token, slot) appears exactly once"
+    owned = torch.nonzero(flat < experts).flatten().tolist()
+    assert sorted(real.tolist()) == owned, "every kept (token, slot) appears exactly once, no dropped one"
     tile_expert = a.expert_ids[:used // block_m].long().repeat_interleave(block_m)
     assert (flat[real] == tile_expert[live < n]).all(), "each slot sits in a tile of its own expert"
     row = 0
@@ -47,6 +49,12 @@ def _check_alignment(ids: torch.Tensor, experts: int, block_m: int) -> None:
         row += group.numel()
 
 
+def _drop(rng: random.Random, ids: torch.Tensor, experts: int, share: float) -> torch.Tensor:
+    """``ids`` with about ``share`` of its slots dropped (the sentinel id ``experts``)."""
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    return torch.where(torch.rand(ids.shape, generator=g) < share, torch.full_like(ids, experts), ids)
+
+
 def test_alignment_random():
     rng = random.Random(0)
     for _ in range(60):
@@ -54,6 +62,43 @@ def test_alignment_random():
         k = rng.randint(1, min(8, experts))
         tokens = rng.choice([1, 2, 3, 7, 16, 33, 100, 512])
         _check_alignment(_random_ids(rng, tokens, experts, k), experts, rng.choice([16, 32, 64]))
+
+
+def test_alignment_drops_sentinel_routes():
+    """Expert parallelism's dropped routes (id E): in no group, so no tile computes them; the rows
+    in use are exactly those of the kept routes alone."""
+    rng = random.Random(7)
+    for _ in range(40):
+        experts, block_m = rng.choice([8, 16, 32, 64, 128]), rng.choice([16, 32, 64])
+        k, tokens = rng.randint(1, min(8, experts)), rng.choice([1, 2, 5, 16, 33, 100, 512])
+        ids = _drop(rng, _random_ids(rng, tokens, experts, k), experts, rng.choice([0.1, 0.5, 0.9]))
+        _check_alignment(ids, experts, block_m)
+    ids = torch.tensor([[0, 8], [8, 3], [8, 8]], dtype=torch.int32)  # a token with every route dropped
+    _check_alignment(ids, 8, 16)
+    assert int(align_tokens(ids, 8, 16).num_padded) == 32  # experts 0 and 3: one tile each
+    every = torch.full((20, 4), 8, dtype=torch.int32)  # nothing held here: no rows in use at all
+    _check_alignment(every, 8, 16)
+    assert int(align_tokens(every, 8, 16).num_padded) == 0
+
+
+def test_reference_skips_dropped_routes():
+    """experts_reference: a dropped route (id E) adds exactly what a route with weight 0 adds, its
+    weight unread (NaN here); ids outside [0, E] are refused."""
+    from tandem.model.layers.experts import experts_reference, route
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(12, 16, generator=g)
+    w13, w2 = torch.randn(8, 48, 16, generator=g) / 4, torch.randn(8, 16, 24, generator=g) / 5
+    w, ids = route(torch.randn(12, 8, generator=g), 3, True)
+    dropped = torch.rand(ids.shape, generator=g) < 0.5
+    dropped[0] = True  # a token with every route dropped: an exact zero
+    out = experts_reference(x, w13, w2, torch.where(dropped, float("nan"), w), torch.where(dropped, 8, ids))
+    zero_weighted = experts_reference(x, w13, w2, torch.where(dropped, 0.0, w), ids)
+    assert torch.equal(out[0], torch.zeros(16)) and torch.allclose(out, zero_weighted, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, experts_reference(x, w13, w2, w, ids), rtol=1e-3)  # the drops mattered
+    for bad in (9, -1):
+        with pytest.raises(ValueError, match=f"expert id {bad} outside"):
+            experts_reference(x, w13, w2, w, torch.where(dropped, bad, ids))
 
 
 def test_alignment_edges():
@@ -120,6 +165,20 @@ for case in range(8):
     assert torch.equal(got.sorted_ids[:used], want.sorted_ids[:used]), (tokens, n_exp, k, block_m)
     assert torch.equal(got.expert_ids[:used // block_m], want.expert_ids[:used // block_m])
 
+# with dropped routes (the sentinel id E, expert parallelism's routes to other ranks' experts): the
+# same placement, so the kernel's rows in use are those of the kept routes alone
+for case in range(6):
+    n_exp, block_m = rng.choice([8, 16, 64, 128]), rng.choice([16, 32, 64])
+    k, tokens = rng.randint(1, min(8, n_exp)), rng.choice([1, 3, 17, 64, 300])
+    ids = torch.stack([torch.randperm(n_exp)[:k] for _ in range(tokens)]).int()
+    share = 1.0 if case == 0 else rng.choice([0.2, 0.5, 0.875])  # case 0: nothing held here
+    ids = torch.where(torch.rand(ids.shape) < share, torch.full_like(ids, n_exp), ids)
+    got, want = align(ids, n_exp, block_m), align_tokens(ids, n_exp, block_m)
+    used = int(want.num_padded)
+    assert torch.equal(got.num_padded, want.num_padded), ("dropped", tokens, n_exp, k, block_m)
+    assert torch.equal(got.sorted_ids[:used], want.sorted_ids[:used]), ("dropped", tokens, n_exp, k, block_m)
+    assert torch.equal(got.expert_ids[:used // block_m], want.expert_ids[:used // block_m])
+
 errs, rng = [], random.Random(0)
 for case in range(8):  # random shapes: tokens 1-512 (log-uniform), experts 8-128, top-k 1-8
     g = torch.Generator().manual_seed(case)
@@ -152,6 +211,37 @@ x = torch.randn(ids.shape[0], 16, generator=g)
 w13, w2 = weights(8, 16, 32, g)
 w = torch.rand(ids.shape, generator=g)
 errs.append(compare(x, w13, w2, w, ids, "gelu_pytorch_tanh", DECODE_BLOCKS, "tile boundary"))
+
+# dropped routes (id E) against the reference, which skips them: a share of every token's slots,
+# some tokens with all of them (k = 1 included: there the output row is zeroed, not summed). Their
+# weights are NaN and every buffer torch.empty hands the kernel is poisoned (NaN, or int garbage):
+# a dropped slot's weight or per-slot row, or any row or tile past the rows in use, that were read
+# would show in the output.
+empty = torch.empty
+def poisoned(*args, **kwargs):
+    t = empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1 << 30)
+def dropped_case(case):
+    g = torch.Generator().manual_seed(200 + case)
+    n_exp, k = rng.choice([8, 16, 64]), (1 if case < 2 else rng.randint(2, 8))
+    tokens, hidden, inter = rng.choice([1, 5, 40, 200]), rng.choice([16, 32]), rng.choice([16, 40])
+    x = torch.randn(tokens, hidden, generator=g)
+    w13, w2 = weights(n_exp, hidden, inter, g)
+    w, ids = route(torch.randn(tokens, n_exp, generator=g) * 3, k, True)
+    dropped = torch.rand(ids.shape, generator=g) < rng.choice([0.3, 0.6])
+    dropped[0] = True  # the first token: nothing held here
+    ids, w = torch.where(dropped, n_exp, ids).int(), torch.where(dropped, float("nan"), w)
+    torch.empty = poisoned
+    try:
+        out = fused_experts(x, w13, w2, w, ids, "silu", TABLES[case % 4])
+    finally:
+        torch.empty = empty
+    ref = experts_reference(x, w13, w2, w, ids)
+    assert torch.equal(out[0], torch.zeros(hidden)) and not torch.isnan(out).any(), case
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, ("dropped", tokens, n_exp, k, err)
+    return err
+errs += [dropped_case(case) for case in range(6)]
 
 # the entry point the models call dispatches to the kernel under TANDEM_MOE=triton
 import os

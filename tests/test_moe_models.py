@@ -8,9 +8,10 @@ plain and with chunked prefill + preemption, prefill logits):
 - async == sync and prefix caching on == off on randomized workloads (the tiny presets; Mixtral's
   sliding window, also with prefix caching, against transformers: tests/test_hf_parity.py);
 - settings the families do not implement are refused at load;
-- the block's own code (router, routing, expert parallelism's masking, shared expert) makes no host
-  read: it runs on the meta device, where any such read raises;
-- expert parallelism's masked routes through the fused Triton kernel (interpreted on the CPU)."""
+- the block's own code (router, routing, expert parallelism's dropped routes, shared expert) makes no
+  host read: it runs on the meta device, where any such read raises;
+- expert parallelism through the fused Triton kernel (interpreted on the CPU): each rank computes
+  only the routes to its own experts."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_settings_the_families_do_not_implement_are_refused(checkpoint_dir, tmp_
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_the_block_makes_no_host_read(monkeypatch, shared):
-    """Router, routing, expert parallelism's masking and the shared expert on the meta device (no
+    """Router, routing, expert parallelism's dropped routes and the shared expert on the meta device (no
     data: any .item(), .tolist(), nonzero or unique there raises), the experts stubbed as the fused
     kernel's launch: what a CUDA graph captures is device work only."""
     from tandem.model.models import moe_block
@@ -165,10 +166,19 @@ def test_the_block_makes_no_host_read(monkeypatch, shared):
 
 EXPERT_PARALLEL = r"""
 import torch
+import torch.nn.functional as F
+from tandem.kernels import fused_moe
+from tandem.model.layers.experts import route
 from tandem.model.models.moe_block import MoESettings, MoEWeights, moe_mlp
 
-# two ranks' halves of the experts (their routes to the other half: local expert 0 with weight 0)
-# sum to the whole block, with the experts through the fused kernel
+# two ranks' halves of the experts (their routes to the other half: the dropped-route id 4) sum to
+# the whole block, with the experts through the fused kernel; each rank's alignment (the rows its
+# grouped GEMMs compute) holds exactly the routes to its own experts
+aligned, align = [], fused_moe.align
+def recording(ids, n_exp, block_m):
+    aligned.append(align(ids, n_exp, block_m))
+    return aligned[-1]
+fused_moe.align = recording
 gen = torch.Generator().manual_seed(5)
 x, router = torch.randn(9, 32, generator=gen), torch.randn(8, 32, generator=gen)
 w13, w2 = 0.2 * torch.randn(8, 32, 32, generator=gen), 0.2 * torch.randn(8, 32, 16, generator=gen)
@@ -176,6 +186,14 @@ s = MoESettings(num_experts=8, top_k=3, renormalize=True, expert_intermediate=16
 whole = moe_mlp(x, MoEWeights(router, w13, w2, 0), s)
 halves = [moe_mlp(x, MoEWeights(router, w13[r * 4:r * 4 + 4], w2[r * 4:r * 4 + 4], r * 4), s) for r in (0, 1)]
 assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-5, atol=1e-6)
+ids = route(F.linear(x, router), 3, True)[1]
+for r, a in enumerate(aligned[1:]):
+    mine = (ids // 4 == r).flatten()
+    rows = a.sorted_ids[:int(a.num_padded)].long()
+    assert sorted(rows[rows < ids.numel()].tolist()) == torch.nonzero(mine).flatten().tolist(), r
+    counts = torch.bincount(ids.flatten()[mine].long() - 4 * r, minlength=4)
+    assert int(a.num_padded) == int(((counts + a.block_m - 1) // a.block_m * a.block_m).sum()), r
+assert 0 < int(aligned[1].num_padded) < int(aligned[0].num_padded) and len(aligned) == 3
 print("expert parallel ok")
 """
 

@@ -66,6 +66,37 @@ def test_two_ranks_give_the_tokens_of_one(checkpoint_dir, expected, arch, expert
     assert all(tokens == expected(arch) for tokens in runs)
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_ranks_compute_only_their_own_routes(ranks):
+    """Each rank keeps exactly the routes to its own experts (the others get the dropped-route id,
+    the local expert count): its alignment holds those (token, slot) pairs alone, so the rows its
+    grouped GEMMs compute (the padded count) are those of its own routes; the ranks' slots partition
+    all T*k; and the ranks' reference outputs sum to the whole block's."""
+    from tandem.kernels.moe_align import align_tokens
+    from tandem.model.layers.experts import experts_reference, route
+    from tandem.model.models.moe_block import _local_routes
+
+    g = torch.Generator().manual_seed(4)
+    n_exp, k, t, local = 16, 4, 37, 16 // ranks
+    x, w13, w2 = torch.randn(t, 16, generator=g), 0.2 * torch.randn(n_exp, 48, 16, generator=g), \
+        0.2 * torch.randn(n_exp, 16, 24, generator=g)
+    w, ids = route(2 * torch.randn(t, n_exp, generator=g), k, True)
+    seen, total = [], torch.zeros(t, 16)
+    for r in range(ranks):
+        mine, (lw, lids) = ids // local == r, _local_routes(w, ids, r * local, local)
+        assert torch.equal(lids[mine], ids[mine] - r * local) and (lids[~mine] == local).all()
+        counts = torch.bincount(ids[mine].long() - r * local, minlength=local)
+        for block_m in (16, 64):
+            a = align_tokens(lids, local, block_m)
+            assert int(a.num_padded) == int(((counts + block_m - 1) // block_m * block_m).sum())
+            rows = a.sorted_ids[:int(a.num_padded)].long()
+            assert sorted(rows[rows < t * k].tolist()) == torch.nonzero(mine.flatten()).flatten().tolist()
+        seen += rows[rows < t * k].tolist()
+        total += experts_reference(x, w13[r * local:(r + 1) * local], w2[r * local:(r + 1) * local], lw, lids)
+    assert sorted(seen) == list(range(t * k))
+    assert torch.allclose(total, experts_reference(x, w13, w2, w, ids), rtol=1e-5, atol=1e-6)
+
+
 def _load(cfg, get, tp: TPLayout):
     settings = mixtral_settings(cfg) if cfg.architecture == "MixtralForCausalLM" else qwen_moe_settings(cfg)
     names = MIXTRAL_NAMES if cfg.architecture == "MixtralForCausalLM" else QWEN_NAMES

@@ -13,6 +13,11 @@ expert), ``moe_align.align_tokens``'s result (its torch definition, some thirty 
 3. the k slots of each token are summed in float32, in slot order (no atomics: the result does
    not depend on which other tokens share the step), and rounded once.
 
+A route whose id is the expert count E is dropped (expert parallelism: an expert another rank
+holds): the alignment puts it in no group, so neither GEMM computes it and its per-slot row is never
+written; the k-sum reads the ids and counts such a slot as an exact zero without reading its row
+(with k = 1 a dropped token's output row is zeroed). A rank's GEMMs thus cover only its own routes.
+
 Accumulation is float32. Each product is rounded to the model dtype where the reference
 (``tandem.model.layers.experts.experts_reference``) rounds it, so bf16 results stay within a
 last-bit difference of it. Every shape is static and nothing is read back to the host, so a
@@ -38,7 +43,8 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_s
     """Program e: count every expert's slots (a histogram; each program counts them all, which is
     cheaper than a second launch), find its group's padded start (cumsum), write its tiles' expert
     ids and its padding sentinels, then place its slots in order (an exclusive cumsum of its hits).
-    Rows past the padded total are left unwritten: the GEMM's tiles there exit before reading."""
+    Rows past the padded total are left unwritten: the GEMM's tiles there exit before reading.
+    Dropped slots (id E) fall in the spare bin E, as masked-off loads do: no program places them."""
     e = tl.program_id(0)
     bins = tl.arange(0, BINS)
     counts = tl.zeros((BINS,), dtype=tl.int32)
@@ -70,7 +76,8 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_s
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
     """``moe_align.align_tokens`` in one launch of one program per expert: the same buffers, equal
-    up to the rows in use (``num_padded``, and the tiles holding them); the rest is unspecified."""
+    up to the rows in use (``num_padded``, and the tiles holding them); the rest is unspecified.
+    Ids lie in [0, E]; slots with id E (dropped routes) are placed nowhere."""
     n = topk_ids.numel()
     rows = max_blocks(n, num_experts, block_m) * block_m
     sorted_ids = torch.empty(rows, dtype=torch.int32, device=topk_ids.device)
@@ -140,15 +147,30 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
 
 
 @triton.jit
-def _sum_slots_kernel(per_slot_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = sum_j per_slot[t * k + j] in float32, slot by slot: the same order whatever the batch."""
+def _sum_slots_kernel(per_slot_ptr, ids_ptr, out_ptr, hidden, num_experts, TOP_K: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """out[t] = sum_j per_slot[t * k + j] in float32, slot by slot: the same order whatever the batch.
+    A dropped slot (id E) adds zero; its row, which no GEMM wrote, is not read."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < hidden
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(per_slot_ptr + (token * TOP_K + j) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+        # the columns to read: all of them for a kept slot, none for a dropped one
+        width = tl.where(tl.load(ids_ptr + token * TOP_K + j) < num_experts, hidden, 0)
+        acc += tl.load(per_slot_ptr + (token * TOP_K + j) * hidden + cols, mask=cols < width, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _zero_dropped_kernel(out_ptr, ids_ptr, hidden, num_experts, BLOCK: tl.constexpr):
+    """k = 1, where the per-slot rows are the output: zero the rows of dropped tokens (id E), which
+    no GEMM wrote; the others are left as they are."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    width = tl.where(tl.load(ids_ptr + token) < num_experts, 0, hidden)  # the columns to zero
+    zeros = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * hidden + cols, zeros, mask=cols < width)
 
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alignment: MoEAlignment,
@@ -182,8 +204,8 @@ def _check(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str = "silu", blocks: MoEBlocks | None = None) -> torch.Tensor:
-    """[T, H] -> [T, H], as ``experts_reference`` (same arguments and layouts); ``blocks`` overrides
-    the tile table (tests, tuning)."""
+    """[T, H] -> [T, H], as ``experts_reference`` (same arguments and layouts, ids in [0, E] where
+    E = ``w13.shape[0]`` marks a dropped route); ``blocks`` overrides the tile table (tests, tuning)."""
     _check(hidden, w13, w2, topk_weights, topk_ids, activation)
     (t, k), (n_exp, two_i, h) = topk_ids.shape, w13.shape
     inter = two_i // 2
@@ -197,9 +219,10 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     per_slot = torch.empty(t * k, h, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.reshape(-1).float().contiguous()
     _grouped_gemm(act_out, w2, per_slot, alignment, blocks, h, 1, weights, None)
+    ids, block = topk_ids.contiguous(), min(1024, triton.next_power_of_2(h))
     if k == 1:
+        _zero_dropped_kernel[(t, triton.cdiv(h, block))](per_slot, ids, h, n_exp, BLOCK=block)
         return per_slot
     out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
-    block = min(1024, triton.next_power_of_2(h))
-    _sum_slots_kernel[(t, triton.cdiv(h, block))](per_slot, out, h, TOP_K=k, BLOCK=block)
+    _sum_slots_kernel[(t, triton.cdiv(h, block))](per_slot, ids, out, h, n_exp, TOP_K=k, BLOCK=block)
     return out

@@ -4,7 +4,9 @@ shapes, and the (token, slot) pairs sorted by expert.
 - ``moe_blocks`` picks the GEMM tiles on the host from shapes only (slots per expert, T*k/E).
 - ``align_tokens`` groups the T*k (token, slot) pairs by expert, each group padded to a multiple
   of ``block_m`` with the sentinel T*k, so that one tile of rows of the grouped GEMM reads one
-  expert's weights. Its buffers have their worst-case size whatever the routing (``max_blocks``);
+  expert's weights. A route whose id is the expert count E is held by no expert here (expert
+  parallelism: another rank's): it joins no group, so no tile computes it. Its buffers have their
+  worst-case size whatever the routing (``max_blocks``);
   the number of rows actually used stays on the device, and the kernel's programs past it exit.
   It is plain torch with static shapes and no host read; the kernel runs the same thing as one
   Triton launch (``fused_moe.align``), which the tests compare with it.
@@ -51,7 +53,7 @@ def moe_blocks(num_tokens: int, top_k: int, num_experts: int) -> MoEBlocks:
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     """Row tiles the aligned slots can fill at worst: every expert's group padded (at most
     ``block_m - 1`` sentinels each), and never more tiles than slots (each tile holds at least one
-    real slot)."""
+    real slot). Dropped routes (id E) only lower the true count."""
     return min(num_slots, -(-(num_slots + num_experts * (block_m - 1)) // block_m))
 
 
@@ -61,7 +63,7 @@ class MoEAlignment:
     group padded with the sentinel T*k; ``expert_ids`` [max_blocks] int32: the expert of each row
     tile; ``num_padded`` [1] int32 (on the device): rows in use. Past it the contents are
     unspecified (``align_tokens`` fills sentinels, the Triton kernel writes nothing): no one reads
-    them, the GEMM's tiles there exit first."""
+    them, the GEMM's tiles there exit first. A dropped slot (routed to the id E) appears nowhere."""
 
     sorted_ids: torch.Tensor
     expert_ids: torch.Tensor
@@ -75,24 +77,28 @@ class MoEAlignment:
 
 def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
     """Group the (token, slot) pairs of ``topk_ids`` [T, k] by expert, stably (within an expert,
-    in slot order), each group padded to a multiple of ``block_m``."""
+    in slot order), each group padded to a multiple of ``block_m``. Ids lie in [0, E]; a slot with
+    id E (``num_experts``, the dropped-route sentinel) is placed nowhere."""
     flat = topk_ids.reshape(-1).long()
     n, device = flat.numel(), flat.device
-    # scatter_add, not bincount: bincount sizes its output from the ids' maximum, a host sync on CUDA
-    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + (block_m - 1)) // block_m * block_m
+    # scatter_add, not bincount: bincount sizes its output from the ids' maximum, a host sync on CUDA.
+    # Bin E counts the dropped slots; only the first E bins make groups.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:num_experts] + (block_m - 1)) // block_m * block_m
     ends = padded.cumsum(0)  # padded group e occupies rows [ends[e] - padded[e], ends[e])
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)  # dropped slots sort last
     expert_of = flat[order]
     rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[expert_of]  # index within its group
-    dest = (ends - padded)[expert_of] + rank
     blocks = max_blocks(n, num_experts, block_m)
-    sorted_ids = torch.full((blocks * block_m,), n, dtype=torch.int32, device=device)
+    rows = blocks * block_m
+    starts = torch.cat([ends - padded, ends.new_full((1,), rows)])  # dropped slots: the spare row `rows`
+    dest = torch.where(expert_of < num_experts, starts[expert_of] + rank, rows)
+    sorted_ids = torch.full((rows + 1,), n, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     first_rows = torch.arange(blocks, device=device) * block_m
     # a tile's expert: the group whose padded range holds its first row (tiles past the end: any)
     expert_ids = torch.searchsorted(ends, first_rows, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    return MoEAlignment(sorted_ids, expert_ids, ends[-1:].to(torch.int32), block_m)
+    return MoEAlignment(sorted_ids[:rows], expert_ids, ends[-1:].to(torch.int32), block_m)
 
 
 ALLOCATOR_SLACK = 64 << 10

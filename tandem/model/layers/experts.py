@@ -37,12 +37,19 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """[T, H] -> [T, H]: each expert's tokens through its gated MLP, weighted and summed per token.
 
-    The weighted sum runs in float32 and is cast back once (transformers sums in the hidden dtype: the
-    same in float32; in bf16 one rounding instead of k)."""
-    act = ACTIVATIONS[activation]
+    Ids lie in [0, E] for E = ``w13.shape[0]`` experts: the id E is the dropped-route sentinel
+    (expert parallelism: a route to an expert another rank holds), which contributes nothing, its
+    weight unread; any other id raises ValueError. The weighted sum runs in float32 and is cast back
+    once (transformers sums in the hidden dtype: the same in float32; in bf16 one rounding instead of k)."""
+    act, num_experts = ACTIVATIONS[activation], w13.shape[0]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.long()
     for expert in torch.unique(flat_ids).tolist():
+        if expert == num_experts:
+            continue  # dropped: computed on the rank that holds the expert
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"experts_reference: expert id {expert} outside [0, {num_experts}] "
+                             f"for {num_experts} experts")
         token, slot = torch.nonzero(flat_ids == expert, as_tuple=True)
         x = hidden[token]
         y = act(x @ w13[expert].t()) @ w2[expert].t()

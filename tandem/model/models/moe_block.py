@@ -12,13 +12,15 @@ ops): no host synchronisation, so decode steps capture it into CUDA graphs, rout
 Parallelism (``TPLayout``). Tensor parallelism splits every expert's intermediate dimension (w13's
 gate rows and up rows alike, w2's columns), so each rank's block output is a partial sum, all-reduced
 once after the block as after a dense MLP. Expert parallelism places whole experts on ranks (E/N
-each): every rank routes all tokens, computes its own experts' contributions (a token routed to an
-expert held elsewhere contributes zero here: it goes to local expert 0 with weight 0, which adds exact
-zeros and keeps every shape static) and the same one all-reduce sums them. This is the simple, correct
-form; for large expert counts the bandwidth-optimal one is an all-to-all dispatch: each rank sends
-only its tokens to the ranks holding their experts and gets the results back (two all-to-alls of
-T*k rows instead of an all-reduce of T rows per rank, and no computation for other ranks' tokens),
-which needs per-rank token counts known on the device and a kernel taking variable row counts.
+each): every rank routes all tokens, computes its own experts' contributions and the same one
+all-reduce sums them. A route to an expert held elsewhere gets the sentinel id E/N (the local
+expert count), which the experts (reference and fused kernel alike) drop: no rank computes a route
+it does not own, and the route adds exactly zero. Shapes stay static: the kernel's buffers keep
+their worst-case size, only the device-side count of rows in use shrinks. This is the simple,
+correct form; for large expert counts the bandwidth-optimal one is an all-to-all dispatch: each
+rank sends only its tokens to the ranks holding their experts and gets the results back (two
+all-to-alls of T*k rows instead of an all-reduce of T rows per rank), which needs per-rank token
+counts known on the device and a kernel taking variable row counts.
 
 Checkpoint layouts: transformers' fused expert tensors (``mlp.experts.gate_up_proj`` [E, 2I, H],
 ``mlp.experts.down_proj`` [E, H, I], router ``mlp.gate.weight``), or one tensor per expert and
@@ -214,11 +216,12 @@ def load_weights(cfg: ModelConfig, get: Getter, s: MoESettings, tp: TPLayout = T
 def _local_routes(weights: torch.Tensor, ids: torch.Tensor, first: int, count: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert parallelism: routes to this rank's experts [first, first + count) as local ids; a
-    route to an expert held elsewhere becomes local expert 0 with weight 0 (an exact zero, and the
-    same shapes on every step and rank)."""
+    route to an expert held elsewhere gets the sentinel ``count`` (one past the local experts),
+    which ``experts`` drops: no GEMM work here, an exact zero, and the same shapes on every step
+    and rank. The weights pass unchanged (a dropped route's is never read)."""
     local = ids - first
     here = (local >= 0) & (local < count)
-    return weights * here, torch.where(here, local, torch.zeros_like(local))
+    return weights, torch.where(here, local, torch.full_like(local, count))
 
 
 def moe_mlp(hidden: torch.Tensor, w: MoEWeights, s: MoESettings,
