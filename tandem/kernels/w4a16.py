@@ -1,0 +1,134 @@
+"""W4A16: y = x @ W^T with W stored as 4-bit integers (``tandem.model.quant.int4.Int4Weight``).
+
+The weight never exists in 16 bits in memory: each program loads its tile of packed int32 words
+(eight input channels per word; a column of words is one output channel, so a tile's loads are
+contiguous along N), shifts out the nibbles, applies its group's scale and zero point in float32
+registers, rounds to the activations' dtype and feeds ``tl.dot`` (float32 accumulation). A K tile
+lies inside one group (the tile divides the group size), so each tile reads one row of scales.
+
+Decode (M <= 16) is bandwidth bound and has few output tiles: the K dimension is split over
+``split_k`` programs that write float32 partial sums to a workspace summed afterwards in a fixed
+order (no atomics: the result does not depend on timing). Larger M uses GEMM tiles with no split.
+The tiles are chosen on the host from the shapes alone (``w4a16_tiles``); nothing is read back from
+the device, so a decode step stays capturable in a CUDA graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.kernels.paged_varlen import dot_precision
+from tandem.model.quant.int4 import MIN_GROUP, PACK, Int4Weight
+
+TARGET_PROGRAMS = 264  # split-K aims at about two waves of an H100's 132 SMs
+
+
+@dataclass(frozen=True)
+class W4Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _block_k(group_size: int, largest: int) -> int:
+    """The largest power-of-two tile (<= ``largest``) dividing the group: a tile never straddles two."""
+    bk = largest
+    while group_size % bk:
+        bk //= 2
+    return bk
+
+
+def w4a16_tiles(m: int, n: int, k: int, group_size: int) -> W4Tiles:
+    """The tile tier for M rows (decode / small batch / prefill); split-K only in the decode tier,
+    as many splits (a power of two) as bring the programs near ``TARGET_PROGRAMS`` while each split
+    keeps at least four K tiles."""
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, _block_k(group_size, 128), 4, 3
+        n_tiles, k_tiles, split = triton.cdiv(n, bn), k // bk, 1
+        while n_tiles * split * 2 <= TARGET_PROGRAMS and k_tiles // (split * 2) >= 4:
+            split *= 2
+        return W4Tiles(bm, bn, bk, split, warps, stages)
+    if m <= 64:
+        return W4Tiles(32 if m <= 32 else 64, 64, _block_k(group_size, 64), 1, 4, 3)
+    big = m > 256
+    return W4Tiles(128 if big else 64, 128, _block_k(group_size, 64), 1, 8 if big else 4, 3)
+
+
+@triton.jit(do_not_specialize=["m"])
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
+                  tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
+    written to split s's slice of y (the output itself when there is one split)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    row_ok, col_ok = rows < m, cols < n
+    ks = tl.arange(0, BLOCK_K)
+    shifts = ((ks % 8) * 4)[:, None]  # nibble i of a word is input channel 8r + i
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
+        # each word is loaded by the eight rows of the tile it serves (the cache answers the repeats)
+        words = tl.load(q_ptr + ((k0 + ks) // 8)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+        q = ((words >> shifts) & 0xF).to(tl.float32)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g * n + cols, mask=col_ok, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w = ((q - z[None, :]) * s[None, :]).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check(x: torch.Tensor, w: Int4Weight) -> None:
+    k, n = w.in_features, w.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"w4a16: x has {x.shape[-1]} input features, the weight {k}")
+    if w.group_size % MIN_GROUP or k % w.group_size or n % PACK:
+        raise ValueError(f"w4a16: group_size {w.group_size} (K {k}, N {n}) is not implemented: "
+                         f"a multiple of {MIN_GROUP} dividing K, N a multiple of {PACK}")
+    if w.scales.shape != (k // w.group_size, n) or w.scales.dtype != x.dtype:
+        raise ValueError(f"w4a16: scales {tuple(w.scales.shape)} {w.scales.dtype} do not match "
+                         f"({k // w.group_size}, {n}) {x.dtype}")
+    if w.zeros is not None and (w.zeros.shape != w.scales.shape or w.zeros.dtype != torch.uint8):
+        raise ValueError(f"w4a16: zeros {tuple(w.zeros.shape)} {w.zeros.dtype}, expected uint8 like the scales")
+
+
+def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -> torch.Tensor:
+    """[..., K] -> [..., N] in x's dtype; ``tiles`` overrides the tile table (tests, tuning)."""
+    _check(x, w)
+    lead, k, n = x.shape[:-1], w.in_features, w.out_features
+    x2 = x.reshape(-1, k)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)  # act order: channels sorted by group, as the weight's rows are
+    x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    tiles = tiles or w4a16_tiles(m, n, k, w.group_size)
+    k_tiles = k // tiles.block_k
+    per_split = triton.cdiv(k_tiles, tiles.split_k)
+    splits = triton.cdiv(k_tiles, per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
+    _w4a16_kernel[grid](x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n,
+                        x2.stride(0), n, m * n, k_tiles, per_split, GROUP=w.group_size,
+                        HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
+                        num_stages=tiles.num_stages)
+    if splits > 1:
+        y.copy_(out.sum(0))  # the splits in a fixed order, rounded once
+    return y.reshape(*lead, n)
