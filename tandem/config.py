@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.model.quant.config import QUANTIZATIONS
 from tandem.model.registry import MODEL_IMPLS
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
@@ -26,6 +27,9 @@ class EngineConfig:
     model_impl: str = _opt("auto", "which forward runs the model: auto (tandem's native one where it has one, "
                                    "else transformers'), tandem (native only), transformers (transformers' "
                                    "modeling code through tandem's paged attention, even where a native one exists)")
+    quantization: str = _opt("auto", "linear weights: auto (as the checkpoint stores them: its quantization_config), "
+                                     "fp8 (an FP8 checkpoint, or quantize a bf16/fp32 one at load: per-channel "
+                                     "weights, dynamic per-token activations), none (refuse a quantized checkpoint)")
     dtype: str = _opt("auto", "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                               "bfloat16, float16, float64")
     device: str | None = _opt(None, "cuda, cuda:N or cpu (default: cuda when available)")
@@ -70,6 +74,7 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
             ("dtype", self.dtype in DTYPE_NAMES, f"must be one of {DTYPE_NAMES}"),
             ("model_impl", self.model_impl in MODEL_IMPLS, f"must be one of {MODEL_IMPLS}"),
+            ("quantization", self.quantization in QUANTIZATIONS, f"must be one of {QUANTIZATIONS}"),
             ("model", bool(self.model), "must name a checkpoint folder or random:<preset>"),
         ]
         for name, ok, why in checks:

@@ -14,7 +14,9 @@ import torch
 from safetensors import safe_open
 
 from tandem.model.base import CausalLM, Getter, MissingWeight
-from tandem.model.registry import model_class
+from tandem.model.quant.config import resolve_quantization
+from tandem.model.quant.reader import QuantizedGetter
+from tandem.model.registry import TRANSFORMERS, implementation, model_class
 from tandem.model.sources import is_preset, resolve_model_config
 from tandem.model.tp_layout import Part, TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
@@ -61,15 +63,27 @@ class CheckpointReader:
 
     def get(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
         """The tensor, or only its ``part``: a slice reads just those bytes of the file."""
+        return padded(self.raw(name, shape, part).to(self.dtype), part)
+
+    def stored_dtype(self, name: str) -> str:
+        """The tensor's dtype as the file stores it (safetensors' name: "BF16", "F8_E4M3", ...)."""
+        if name not in self.files:
+            raise MissingWeight(f"{self.path}: weight {name!r} is missing from the checkpoint")
+        with _open(self.files[name]) as f:
+            return self._read(name, lambda: f.get_slice(name).get_dtype())
+
+    def raw(self, name: str, shape: tuple[int, ...] | None, part: Part | None = None) -> torch.Tensor:
+        """The tensor (or its ``part``, unpadded) in its stored dtype (FP8 weights, float32 scales);
+        ``shape`` None: any shape (scales, whose layout the caller checks)."""
         if name not in self.files:
             raise MissingWeight(f"{self.path}: weight {name!r} is missing from the checkpoint")
         with _open(self.files[name]) as f:
             found = tuple(self._read(name, lambda: f.get_slice(name).get_shape()))
-            if found != shape:
+            if shape is not None and found != shape:
                 raise ValueError(f"{self.path}: weight {name!r} has shape {found}, config implies {shape}")
             tensor = self._read(name, lambda: f.get_tensor(name) if part is None else f.get_slice(name)[_index(part)])
         self.used.add(name)
-        return _padded(tensor.to(device=self.device, dtype=self.dtype), part)
+        return tensor.to(self.device)
 
     def _read(self, name: str, read: Callable[[], Any]) -> Any:
         try:
@@ -90,7 +104,7 @@ def _index(part: Part) -> tuple[slice, ...]:
     return (slice(None),) * part.dim + (slice(part.start, part.stop),)
 
 
-def _padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
+def padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
     """Zeros after a part that ends before its size (the last vocabulary shard)."""
     missing = 0 if part is None else part.size - tensor.shape[part.dim]
     if not missing:
@@ -102,22 +116,35 @@ def _padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int = 0,
                tp: TPLayout = TPLayout(), comm: SingleDevice | TensorParallelOps | None = None,
-               model_impl: str = "auto") -> CausalLM:
+               model_impl: str = "auto", quantization: str = "auto") -> CausalLM:
     """The model a name refers to, with weights on ``device``; rotary tables cover ``max_positions``
     positions. Under tensor parallelism (``tp.size > 1``, with ``comm`` the group's collectives) only
-    rank ``tp.rank``'s shards. ``model_impl``: which implementation runs it (``registry.implementation``)."""
+    rank ``tp.rank``'s shards. ``model_impl``: which implementation runs it (``registry.implementation``);
+    ``quantization``: how its linear weights are stored (``quant.config.resolve_quantization``)."""
     config = resolve_model_config(source)
     tp.check(config)
+    qc = resolve_quantization(config.hf, quantization)
+    if qc is not None and implementation(config.architecture, model_impl) == TRANSFORMERS:
+        raise NotImplementedError(f"quantization_config / quantization={quantization!r} ({qc.describe()}): "
+                                  f"quantized weights load only into tandem's native families, not the "
+                                  f"transformers backend that runs {config.architecture}")
+    if qc is not None and qc.kv_cache_scheme is not None:
+        raise NotImplementedError(f"quantization_config sets kv_cache_scheme={qc.kv_cache_scheme!r}: FP8 KV cache "
+                                  "scales from the checkpoint are not implemented")
     family = model_class(config.architecture, model_impl)
     comm = comm or SingleDevice()
     if is_preset(source):
-        return family.load(config, random_getter(device, dtype, seed), tp, max_positions, comm)
+        get = random_getter(device, dtype, seed)
+        return family.load(config, get if qc is None else QuantizedGetter(get, qc, device, dtype), tp,
+                           max_positions, comm)
     reader = CheckpointReader(Path(source), device, dtype)
-    model = family.load(config, reader.get, tp, max_positions, comm)
+    get = reader.get if qc is None else QuantizedGetter(reader.get, qc, device, dtype,
+                                                        None if qc.source == "online" else reader)
+    model = family.load(config, get, tp, max_positions, comm)
     reader.check_all_used(family.ignored_tensors(config))
     shard = f", tensor-parallel shard {tp.rank + 1}/{tp.size}" if tp.size > 1 else ""
-    logger.info("loaded %s (%s, %.2fB params%s) to %s as %s", source, config.architecture,
-                config.num_params() / 1e9, shard, device, dtype)
+    logger.info("loaded %s (%s, %.2fB params%s) to %s as %s%s", source, config.architecture,
+                config.num_params() / 1e9, shard, device, dtype, "" if qc is None else f", {qc.describe()}")
     return model
 
 
@@ -138,6 +165,6 @@ def random_getter(device: torch.device, dtype: torch.dtype, seed: int, std: floa
         out = out.normal_(1.0, 0.1, generator=gen) if "norm" in name else out.normal_(0.0, std, generator=gen)
         if part is None:
             return out
-        return _padded(out.narrow(part.dim, part.start, part.stop - part.start).clone(), part)
+        return padded(out.narrow(part.dim, part.start, part.stop - part.start).clone(), part)
 
     return get

@@ -154,8 +154,9 @@ def _layer_windows(cfg: dict[str, Any], family: Family, num_layers: int,
 
 # Settings no family implements yet, with the value that means "not used" (each family refuses its own
 # further ones at load, ``refuse_settings``): a checkpoint that sets one would load and silently give
-# wrong tokens, so it is refused instead.
-_NO_FAMILY_IMPLEMENTS: dict[str, Any] = {"quantization_config": None}
+# wrong tokens, so it is refused instead. (``quantization_config`` is read, or refused naming what it
+# cannot load, by ``model/quant/config.py`` when the worker loads the weights.)
+_NO_FAMILY_IMPLEMENTS: dict[str, Any] = {}
 
 
 def refuse_settings(cfg: dict[str, Any], must_be_off: dict[str, Any]) -> None:

@@ -39,7 +39,8 @@ class RankWorker(DeviceWorker):
         layout = dataclasses.replace(self.group.layout, expert_parallel=c.enable_expert_parallel)
         comm = TensorParallelOps(dist.group.WORLD, layout, resolve_model_config(c.model))
         comm.use_one_shot(self.device, self.dtype)
-        return load_model(c.model, self.device, self.dtype, max_positions, c.seed, layout, comm, c.model_impl)
+        return load_model(c.model, self.device, self.dtype, max_positions, c.seed, layout, comm, c.model_impl,
+                          c.quantization)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         return self.group.min_over_ranks(super()._plan_kv_blocks(max_positions))

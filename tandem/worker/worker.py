@@ -82,7 +82,8 @@ class DeviceWorker:
     def _load_model(self, max_positions: int) -> CausalLM:
         c = self.config
         return load_model(c.model, self.device, self.dtype, max_positions, c.seed,
-                          TPLayout(expert_parallel=c.enable_expert_parallel), model_impl=c.model_impl)
+                          TPLayout(expert_parallel=c.enable_expert_parallel), model_impl=c.model_impl,
+                          quantization=c.quantization)
 
     def _plan_kv_blocks(self, max_positions: int) -> int:
         c = self.config

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tandem.model.base import Getter
 from tandem.model.model_config import ModelConfig
+from tandem.model.quant.linear import Weight, cat_rows, read_linear
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -29,24 +30,25 @@ class ModelWeights(Generic[LayerT]):
 
 
 def attention_weights(cfg: ModelConfig, get: Getter, prefix: str, tp: TPLayout, bias: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      ) -> tuple[Weight, Weight, torch.Tensor | None]:
     """(qkv [q + 2 kv, hidden], o [hidden, q], qkv bias or None) of ``{prefix}self_attn.*``: this
-    rank's heads (``cfg`` is the whole model's config)."""
+    rank's heads (``cfg`` is the whole model's config). The projections may be quantized weights
+    (``quant.linear``: apply them with ``linear``)."""
     p = f"{prefix}self_attn."
     h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
     q_part, kv_part = tp.q_part(cfg), tp.kv_part(cfg)
     qkv = [(f"{p}{n}_proj", size, part) for n, size, part in (("q", q, q_part), ("k", kv, kv_part), ("v", kv, kv_part))]
-    return (torch.cat([get(f"{name}.weight", (size, h), part) for name, size, part in qkv]),
-            get(f"{p}o_proj.weight", (h, q), tp.q_part(cfg, dim=1)),
+    return (cat_rows([read_linear(get, f"{name}.weight", (size, h), part) for name, size, part in qkv]),
+            read_linear(get, f"{p}o_proj.weight", (h, q), tp.q_part(cfg, dim=1)),
             torch.cat([get(f"{name}.bias", (size,), part) for name, size, part in qkv]) if bias else None)
 
 
-def mlp_weights(cfg: ModelConfig, get: Getter, prefix: str, tp: TPLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_weights(cfg: ModelConfig, get: Getter, prefix: str, tp: TPLayout) -> tuple[Weight, Weight]:
     """(gate_up [2 * intermediate, hidden], down [hidden, intermediate]) of ``{prefix}mlp.*``: this
-    rank's columns."""
+    rank's columns, possibly quantized (as ``attention_weights``)."""
     h, inter, part = cfg.hidden_size, cfg.intermediate_size, tp.mlp_part(cfg)
-    gate_up = torch.cat([get(f"{prefix}mlp.{n}_proj.weight", (inter, h), part) for n in ("gate", "up")])
-    return gate_up, get(f"{prefix}mlp.down_proj.weight", (h, inter), tp.mlp_part(cfg, dim=1))
+    gate_up = cat_rows([read_linear(get, f"{prefix}mlp.{n}_proj.weight", (inter, h), part) for n in ("gate", "up")])
+    return gate_up, read_linear(get, f"{prefix}mlp.down_proj.weight", (h, inter), tp.mlp_part(cfg, dim=1))
 
 
 def embedding_and_head(cfg: ModelConfig, get: Getter, tp: TPLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tandem.kernels import triton_available
 from tandem.model.attention.base import AttentionSpec
@@ -31,6 +30,7 @@ from tandem.model.layers.rotary import apply_rope, rope_cos_sin
 from tandem.model.model_config import ModelConfig, refuse_settings, rope_of
 from tandem.model.models.decoder_parts import (ModelWeights, attention_weights, embedding_and_head,
                                                ignored_tensors, lm_logits, mlp_weights)
+from tandem.model.quant.linear import Weight, linear
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -102,13 +102,13 @@ def gemma_settings(cfg: ModelConfig) -> GemmaSettings:
 @dataclass
 class GemmaLayerWeights:
     input_norm: torch.Tensor  # each norm as its float32 factor (1 + w)
-    qkv: torch.Tensor  # [q + 2 kv, hidden]
-    o: torch.Tensor
+    qkv: Weight  # [q + 2 kv, hidden]
+    o: Weight
     post_attention_norm: torch.Tensor
     pre_feedforward_norm: torch.Tensor
     post_feedforward_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
     q_norm: torch.Tensor | None = None  # Gemma 3
     k_norm: torch.Tensor | None = None
 
@@ -189,7 +189,7 @@ class GemmaModel(LayeredForward):
         its norm, QKV, q/k norms, rotary; K and V go to the cache. Returns q [T, Hq, D] and the stream."""
         layer, cfg, eps = self.weights.layers[i], self.config, self.config.rms_norm_eps
         stream = hidden if residual is None else residual + hidden
-        q, k, v = F.linear(gemma_rms_norm(stream, layer.input_norm, eps), layer.qkv).split(
+        q, k, v = linear(gemma_rms_norm(stream, layer.input_norm, eps), layer.qkv).split(
             [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -208,10 +208,10 @@ class GemmaModel(LayeredForward):
         """The rest of layer i: output projection and its norm added to the stream, then the MLP
         between its two norms. Returns the MLP's normed output and the stream before it."""
         layer, eps = self.weights.layers[i], self.config.rms_norm_eps
-        attn = self.comm.reduce(F.linear(attn_out, layer.o))
+        attn = self.comm.reduce(linear(attn_out, layer.o))
         stream = residual + gemma_rms_norm(attn, layer.post_attention_norm, eps)
-        gate_up = F.linear(gemma_rms_norm(stream, layer.pre_feedforward_norm, eps), layer.gate_up)
-        mlp = self.comm.reduce(F.linear(gelu_tanh_mul(gate_up), layer.down))
+        gate_up = linear(gemma_rms_norm(stream, layer.pre_feedforward_norm, eps), layer.gate_up)
+        mlp = self.comm.reduce(linear(gelu_tanh_mul(gate_up), layer.down))
         return gemma_rms_norm(mlp, layer.post_feedforward_norm, eps), stream
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

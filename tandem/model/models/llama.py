@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tandem.kernels import triton_available
 from tandem.model.attention.base import AttentionSpec
@@ -19,6 +18,7 @@ from tandem.model.layers.rotary import apply_rope, rope_cos_sin
 from tandem.model.model_config import ModelConfig, refuse_settings
 from tandem.model.models.decoder_parts import (ModelWeights, attention_weights, embedding_and_head,
                                                ignored_tensors, lm_logits, mlp_weights)
+from tandem.model.quant.linear import Weight, linear
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -43,11 +43,11 @@ def check_config(cfg: ModelConfig) -> None:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + 2 kv, hidden]
-    o: torch.Tensor
+    qkv: Weight  # [q + 2 kv, hidden]
+    o: Weight
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
     qkv_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -121,7 +121,7 @@ class LlamaModel(LayeredForward):
         go to the cache at ``slot_mapping``. Returns q [T, Hq, D] and the residual."""
         layer, cfg = self.weights.layers[i], self.config
         hidden, residual = self._add_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
+        qkv = linear(hidden, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -139,9 +139,9 @@ class LlamaModel(LayeredForward):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rest of layer i: output projection, norm (adding the residual), MLP."""
         layer = self.weights.layers[i]
-        attn = self.comm.reduce(F.linear(attn_out, layer.o))
+        attn = self.comm.reduce(linear(attn_out, layer.o))
         hidden, residual = self._add_norm(attn, residual, layer.post_norm, self.config.rms_norm_eps)
-        return self.comm.reduce(F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)), residual
+        return self.comm.reduce(linear(self._silu_mul(linear(hidden, layer.gate_up)), layer.down)), residual
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]

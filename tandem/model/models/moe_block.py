@@ -40,6 +40,7 @@ from tandem.model.layers.experts import experts, route
 from tandem.model.layers.mlp import silu_mul
 from tandem.model.model_config import ModelConfig
 from tandem.model.models.decoder_parts import ModelWeights, attention_weights, embedding_and_head, mlp_weights
+from tandem.model.quant.linear import Weight, linear
 from tandem.model.models.llama import LlamaModel, check_config
 from tandem.model.moe_shape import MoEShape, moe_shape
 from tandem.model.tp_layout import Part, TPLayout
@@ -112,12 +113,12 @@ class MoELayerWeights:
     ``experts`` or a dense MLP (``gate_up``, ``down``)."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    o: torch.Tensor
+    qkv: Weight
+    o: Weight
     post_norm: torch.Tensor
     experts: MoEWeights | None = None
-    gate_up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
+    gate_up: Weight | None = None
+    down: Weight | None = None
     qkv_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -267,10 +268,10 @@ class MoEDecoder(LlamaModel):
         """The rest of layer i: output projection, norm (adding the residual), then its MoE block or
         dense MLP; one all-reduce after either."""
         layer = self.weights.layers[i]
-        attn = self.comm.reduce(F.linear(attn_out, layer.o))
+        attn = self.comm.reduce(linear(attn_out, layer.o))
         hidden, residual = self._add_norm(attn, residual, layer.post_norm, self.config.rms_norm_eps)
         if layer.experts is None:
-            out = F.linear(self._silu_mul(F.linear(hidden, layer.gate_up)), layer.down)
+            out = linear(self._silu_mul(linear(hidden, layer.gate_up)), layer.down)
         else:
             out = moe_mlp(hidden, layer.experts, self.moe, self._silu_mul)
         return self.comm.reduce(out), residual

@@ -1,0 +1,63 @@
+"""The linear layers' seam: a weight is a dense tensor or a quantized weight object, and the model
+code applies either through ``linear`` (the call it made with ``F.linear``) and fuses either with
+``cat_rows`` (q/k/v, gate/up). A quantized weight class offers ``shape``, ``nbytes`` (bytes stored,
+scales included), ``dequantize(dtype)``, ``forward(x, bias)`` and a static ``cat_rows(parts)``."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol, Union
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizedWeight(Protocol):
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+Weight = Union[torch.Tensor, QuantizedWeight]
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a dense weight; the quantized weight's own forward otherwise."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.forward(x, bias)
+
+
+def cat_rows(parts: list[Weight]) -> Weight:
+    """The parts stacked along their output rows. Parts of one quantized kind fuse as that kind; a mix
+    (a module excluded from quantization next to quantized ones) is dequantized to the dense parts'
+    dtype, with a warning."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    kind = type(parts[0])
+    if all(type(p) is kind for p in parts):
+        return kind.cat_rows(parts)
+    dense = next(p for p in parts if isinstance(p, torch.Tensor))
+    logger.warning("fusing quantized and unquantized weights: the fused weight runs dequantized (%s)", dense.dtype)
+    return torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize(dense.dtype) for p in parts])
+
+
+def read_linear(get: Any, name: str, shape: tuple[int, ...], part: Any) -> Weight:
+    """A linear layer's weight through a ``Getter``: quantized where the getter keeps it quantized
+    (a ``quant.reader.QuantizedGetter``), else the dense tensor every getter returns."""
+    read = getattr(get, "linear", None)
+    return get(name, shape, part) if read is None else read(name, shape, part)
+
+
+def weight_bytes(weight: Weight) -> int:
+    """Bytes a weight occupies on the device (what a GEMM reads)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return weight.nbytes
