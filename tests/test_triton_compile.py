@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-FLOATS = {"eps", "qk_scale", "cap"}
+FLOATS = {"eps", "qk_scale", "cap", "v_scale", "k_scale"}
 
 
 def _compile(fn, pointers: dict[str, str], constexprs: dict) -> None:

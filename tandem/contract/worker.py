@@ -27,6 +27,7 @@ class WorkerInfo:
     graph_batch_sizes: tuple[int, ...]  # decode steps of up to these many sequences replay a graph
     graph_max_blocks: int  # block-table width of graph-replayed decode steps
     graph_token_buckets: tuple[int, ...] = ()  # other steps of up to these many tokens replay piecewise graphs
+    kv_cache_dtype: str = ""  # the KV cache's element type, e.g. "bfloat16", "float8_e4m3fn" ("": dtype's)
 
 
 @dataclass(frozen=True)

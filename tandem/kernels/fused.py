@@ -51,10 +51,34 @@ def _rotate(x1, x2, cos, sin):
 
 
 @triton.jit
+def _round_to_e4m3_grid(x):
+    """x (float32, |x| <= 448) rounded to nearest even onto the e4m3 values (3 mantissa bits,
+    subnormals below 2^-6), in float32: adding and subtracting 1.5 * 2^23 ulp rounds to a multiple of
+    ulp. The cast that follows is then exact. Done by hand because Triton's interpreter (CI's kernel
+    path) rounds fp32 -> fp8 wrongly (half-up, and a carry into the exponent gets lost); the GPU's
+    own conversion would agree with this."""
+    exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased
+    ulp_exp = tl.maximum(exp, 127 - 6) - 3  # biased exponent of the e4m3 step at x
+    magic = (((ulp_exp + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (x + magic) - magic
+    return tl.where(r == 0, x * 0.0, r)  # keeps the sign of a value that rounds to zero, as a cast does
+
+
+@triton.jit
+def _to_cache(x, scale, c_ptr, FP8: tl.constexpr):
+    """x as the cache holds it: as it is, or for an fp8 cache x / scale in float32, saturated to the
+    largest finite e4m3 (a plain cast would give NaN), rounded to nearest even (``layers.kv.to_cache_dtype``)."""
+    if FP8:
+        return _round_to_e4m3_grid(tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)).to(c_ptr.dtype.element_ty)
+    return x.to(c_ptr.dtype.element_ty)  # the cache's dtype is the model's: no conversion
+
+
+@triton.jit
 def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                           stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-                          stride_c_slot, stride_c_head, n_q_heads, n_kv_heads,
-                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr):
+                          stride_c_slot, stride_c_head, n_q_heads, n_kv_heads, k_scale, v_scale,
+                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr,
+                          FP8: tl.constexpr):
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok)
     slot = tl.load(slot_ptr + tok)  # int64: slot * stride stays in range on large caches
@@ -73,24 +97,28 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_p
     k_base = k_ptr + tok * stride_k_tok + kh * stride_k_head + d[None, :]
     c_off = slot * stride_c_slot + kh * stride_c_head + d[None, :]
     o1, o2 = _rotate(tl.load(k_base, mask=kv_ok, other=0.0), tl.load(k_base + HALF, mask=kv_ok, other=0.0), cos, sin)
-    tl.store(kc_ptr + c_off, o1, mask=kv_ok)
-    tl.store(kc_ptr + c_off + HALF, o2, mask=kv_ok)
+    tl.store(kc_ptr + c_off, _to_cache(o1, k_scale, kc_ptr, FP8), mask=kv_ok)
+    tl.store(kc_ptr + c_off + HALF, _to_cache(o2, k_scale, kc_ptr, FP8), mask=kv_ok)
     v_base = v_ptr + tok * stride_v_tok + kh * stride_v_head + d[None, :]
-    tl.store(vc_ptr + c_off, tl.load(v_base, mask=kv_ok, other=0.0), mask=kv_ok)
-    tl.store(vc_ptr + c_off + HALF, tl.load(v_base + HALF, mask=kv_ok, other=0.0), mask=kv_ok)
+    tl.store(vc_ptr + c_off, _to_cache(tl.load(v_base, mask=kv_ok, other=0.0), v_scale, vc_ptr, FP8), mask=kv_ok)
+    tl.store(vc_ptr + c_off + HALF, _to_cache(tl.load(v_base + HALF, mask=kv_ok, other=0.0), v_scale, vc_ptr, FP8),
+             mask=kv_ok)
 
 
 def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                   sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> torch.Tensor:
     """One pass per token: rotate q in place, and write rotated k and v into the layer's cache
-    [2, slots, Hkv, D] at ``slot_mapping`` (q, k, v: strided views of one QKV projection)."""
+    [2, slots, Hkv, D] at ``slot_mapping`` (q, k, v: strided views of one QKV projection); a
+    float8_e4m3fn cache gets k / k_scale and v / v_scale (``tandem.model.layers.kv.store_kv``)."""
     n_tok, n_q, head_dim = q.shape
     n_kv, half = k.shape[1], head_dim // 2
     k_cache, v_cache = cache[0], cache[1]
     _rope_store_kv_kernel[(n_tok,)](
         q, k, v, positions, slot_mapping, cos, sin, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), n_q, n_kv, HALF=half,
-        HALF_PAD=triton.next_power_of_2(half), Q_PAD=triton.next_power_of_2(n_q), KV_PAD=triton.next_power_of_2(n_kv))
+        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), n_q, n_kv, k_scale, v_scale,
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), Q_PAD=triton.next_power_of_2(n_q),
+        KV_PAD=triton.next_power_of_2(n_kv), FP8=cache.dtype == torch.float8_e4m3fn)
     return q
 
 

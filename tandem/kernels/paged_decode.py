@@ -42,7 +42,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
 # new variants mid-run, a stall of the whole batch.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_stats_ptr,
-                         qk_scale, cap, window, stride_q_tok, stride_q_head, stride_kv, stride_slot,
+                         qk_scale, cap, v_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot,
                          stride_head, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,6 +73,7 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
                                      k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
                                      dim_ok, PAGE, BLOCK_N, PRECISION, True, SOFTCAP)
     flat_heads = seq.to(tl.int64) * (tl.num_programs(0) * GROUP) + heads
+    acc = acc * v_scale  # an fp8 cache holds V / v_scale (1 otherwise)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + flat_heads[:, None] * HEAD_DIM + dims[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -106,11 +107,12 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
                            seq_lens: torch.Tensor, page_size: int, scale: float,
                            sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] (one token per sequence, the last of its seq_lens[b] keys); cache: [2, slots, Hkv, D]
     -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``); block_n,
     num_warps and num_stages are the launch's tuning knobs (scripts/decode_sweep.py measures them);
-    softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2)."""
+    softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2); k_scale,
+    v_scale: the per-tensor scales of a float8_e4m3fn cache (see ``paged_varlen_attention``)."""
     n_seqs, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
@@ -124,7 +126,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         part_stats = torch.empty(n_seqs, n_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     dim_pad = padded_head_dim(head_dim)
     _paged_decode_kernel[(n_kv, num_splits, n_seqs)](
-        q, cache, block_tables, seq_lens, out, part_acc, part_stats, *score_scales(scale, softcap),
+        q, cache, block_tables, seq_lens, out, part_acc, part_stats, *score_scales(scale, softcap, k_scale), v_scale,
         kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,

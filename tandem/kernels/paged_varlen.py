@@ -37,9 +37,11 @@ def kernel_window(sliding_window: int | None) -> int:
     return NO_WINDOW if sliding_window is None else sliding_window
 
 
-def score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+def score_scales(scale: float, softcap: float | None, k_scale: float = 1.0) -> tuple[float, float]:
     """(qk_scale, cap) as the kernels take them: scores in log2 units are q.k * qk_scale, or with a
-    soft-cap c, c * tanh(q.k * scale / c) * LOG2E = cap * tanh(q.k * qk_scale)."""
+    soft-cap c, c * tanh(q.k * scale / c) * LOG2E = cap * tanh(q.k * qk_scale). An fp8 cache holds
+    K / k_scale: k_scale joins the score scale (one multiply per score, none per key element)."""
+    scale = scale * k_scale
     if softcap is None:
         return scale * LOG2E, 0.0
     return scale / softcap, softcap * LOG2E
@@ -88,8 +90,9 @@ def _attend_blocks(q, pos, m_i, l_i, acc, start, stop, hi, window, qk_scale, cap
         key_ok = keys < hi
         offsets = _key_slots(bt_row, block, hi, keys, key_ok, PAGE, BLOCK_N)[:, None] * stride_slot + dims[None, :]
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offsets, mask=kv_mask, other=0.0)
+        # an fp8 cache's values widen exactly to q's dtype; its scales are applied outside the loop
+        k = tl.load(k_base + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_base + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if SOFTCAP:
             s = _tanh(s) * cap
@@ -132,8 +135,8 @@ def attend_key_range(q, pos, pos_first, pos_last, lo, hi, window, qk_scale, cap,
 # new variants mid-run, a stall of the whole batch.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_varlen_kernel(q_ptr, cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
-                         qk_scale, cap, window, stride_q_tok, stride_q_head, stride_kv, stride_slot, stride_head,
-                         stride_bt, stride_o_tok,
+                         qk_scale, cap, v_scale, window, stride_q_tok, stride_q_head, stride_kv, stride_slot,
+                         stride_head, stride_bt, stride_o_tok,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
@@ -169,7 +172,7 @@ def _paged_varlen_kernel(q_ptr, cache_ptr, block_tables_ptr, query_start_ptr, se
     m_i, l_i, acc = attend_key_range(q, pos, pos_first, pos_last, lo, pos_last + 1, window, qk_scale, cap, k_base,
                                      k_base + stride_kv, block_tables_ptr + seq * stride_bt, stride_slot, dims,
                                      dim_ok, PAGE, BLOCK_N, PRECISION, False, SOFTCAP)
-    out = acc / l_i[:, None]
+    out = acc * v_scale / l_i[:, None]  # v_scale: an fp8 cache holds V / v_scale (1 otherwise)
     tl.store(out_ptr + (flat_tok * stride_o_tok + heads * HEAD_DIM)[:, None] + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -182,7 +185,8 @@ def _tile_rows(max_q: int, group: int) -> int:
 
 def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            query_start: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
-                           sliding_window: int | None, max_q: int, softcap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None, max_q: int, softcap: float | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of a flat batch of query chunks over their paged context.
 
     q: [T, Hq, D], the K/V of these tokens already in the cache (its last dim contiguous; token and
@@ -191,7 +195,9 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     query_start[b + 1]], possibly empty); seq_lens: [B] int64, context length including this step's
     tokens, which are the sequence's last ones; max_q: host bound on the longest chunk (sizes the
     grid; a smaller value silently drops tokens); softcap: scores become softcap * tanh(scores /
-    softcap) before the softmax (Gemma 2). Returns [T, Hq * D] in q's dtype."""
+    softcap) before the softmax (Gemma 2); k_scale, v_scale: a float8_e4m3fn cache holds K / k_scale
+    and V / v_scale (per-tensor), the kernel widens it to q's dtype and scales the scores and the
+    output. Returns [T, Hq * D] in q's dtype."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv
@@ -203,7 +209,7 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     block_m = _tile_rows(max_q, group)
     n_tiles = triton.cdiv(max_q, block_m // group)
     _paged_varlen_kernel[(n_tiles, n_kv, n_seqs)](
-        q, cache, block_tables, query_start, seq_lens, out, *score_scales(scale, softcap),
+        q, cache, block_tables, query_start, seq_lens, out, *score_scales(scale, softcap, k_scale), v_scale,
         kernel_window(sliding_window),
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         out.stride(0), GROUP=group, HEAD_DIM=head_dim, DIM_PAD=padded_head_dim(head_dim), PAGE=page_size,

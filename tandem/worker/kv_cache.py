@@ -1,4 +1,8 @@
-"""How many KV blocks fit, and the cache tensor itself."""
+"""How many KV blocks fit, the cache's element type, and the cache tensor itself.
+
+An fp8 cache (``kv_cache_dtype`` fp8 / fp8_e4m3) holds e4m3 values x / scale, one scale per layer for
+K and one for V (``AttentionSpec.k_scale`` / ``v_scale``): one byte per element, so the same memory
+holds twice the tokens of a 16-bit cache (the plan's block count follows the element size)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +14,27 @@ from tandem.model.base import KVSpec
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache's element type for the ``kv_cache_dtype`` option: ``auto`` is the model dtype."""
+    if name == "auto":
+        return model_dtype
+    if name not in ("fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported (auto, fp8, fp8_e4m3)")
+    # Triton converts to and from e4m3 only from Ada / Hopper (sm_89) on.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype={name!r} needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return FP8_KV_DTYPE
 
 
 def allocate_kv_cache(spec: KVSpec, num_blocks: int, block_size: int, device: torch.device,
                       dtype: torch.dtype) -> torch.Tensor:
-    """[layers, 2 (K, V), num_blocks * block_size, kv_heads, head_dim]."""
+    """[layers, 2 (K, V), num_blocks * block_size, kv_heads, head_dim] of ``dtype``, the cache's element
+    type (``resolve_kv_dtype``)."""
     return torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
                        device=device, dtype=dtype)
 
@@ -41,6 +61,6 @@ def plan_num_blocks(kv_cache_tokens: int | None, block_size: int, utilization: f
         raise ValueError(f"no room for a KV cache: {tokens} tokens fit (lower the model size or raise "
                          "gpu_memory_utilization)")
     size_gib = num_blocks * block_size * spec.bytes_per_token(dtype) / 2**30
-    logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks - 1, block_size,
-                (num_blocks - 1) * block_size, size_gib)
+    logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB of %s", num_blocks - 1, block_size,
+                (num_blocks - 1) * block_size, size_gib, str(dtype).removeprefix("torch."))
     return num_blocks

@@ -17,12 +17,14 @@ from tandem.worker.memory import blocks_used
 from tandem.worker.model_runner import ModelRunner
 
 
-def warm_up_kernels(model: CausalLM, steps: StartupSteps, block_size: int) -> None:
-    """Run the warm-up steps eagerly on ``model``'s device and wait for them."""
+def warm_up_kernels(model: CausalLM, steps: StartupSteps, block_size: int,
+                    kv_dtype: torch.dtype | None = None) -> None:
+    """Run the warm-up steps eagerly on ``model``'s device and wait for them (over a cache of
+    ``kv_dtype``, default the model's: the kernels compile per cache element type)."""
     warm_up = steps.warm_up(block_size, model.config.vocab_size)
     longest = max(s.shape.num_tokens for s in warm_up)
     num_blocks = max(blocks_used(s) for s in warm_up)  # each step's blocks start at 1
-    cache = allocate_kv_cache(model.kv_spec, num_blocks, block_size, model.device, model.dtype)
+    cache = allocate_kv_cache(model.kv_spec, num_blocks, block_size, model.device, kv_dtype or model.dtype)
     runner = ModelRunner(model, cache, block_size, num_rows=longest + 1, max_model_len=longest)
     for step in warm_up:
         runner.run(torch.from_numpy(step.data).to(model.device), step.shape, step.sampler)

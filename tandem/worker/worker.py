@@ -22,7 +22,7 @@ from tandem.model.loader import load_model
 from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
-from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks
+from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
 from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
 from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
@@ -51,6 +51,7 @@ class DeviceWorker:
         self.startup = startup
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype, self.device)
         model_config = resolve_model_config(config.model)
         max_positions = requested_max_model_len(model_config, config.max_model_len, config.allow_long_max_model_len)
         self.model = self._load_model(max_positions)
@@ -58,7 +59,7 @@ class DeviceWorker:
         max_model_len = fit_max_model_len(max_positions, (num_blocks - 1) * config.block_size,
                                           explicit=config.max_model_len is not None)
         # the model's own config: under tensor parallelism it holds only this rank's KV heads
-        kv_cache = allocate_kv_cache(self.model.kv_spec, num_blocks, config.block_size, self.device, self.dtype)
+        kv_cache = allocate_kv_cache(self.model.kv_spec, num_blocks, config.block_size, self.device, self.kv_dtype)
         num_rows = self.num_rows
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
                                   max_model_len)
@@ -66,10 +67,11 @@ class DeviceWorker:
         self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
         if self.device.type == "cuda":
             start = time.perf_counter()
-            warm_up_kernels(self.model, startup, config.block_size)
+            warm_up_kernels(self.model, startup, config.block_size, self.kv_dtype)
             logger.info("kernel warm-up: %.2f s", time.perf_counter() - start)
         self.info = WorkerInfo(
             device=str(self.device), device_name=device_name(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len, num_rows=num_rows,
             padding_row=num_rows, graph_batch_sizes=self.graphs.sizes if self.graphs else (),
             graph_max_blocks=graph_max_blocks, graph_token_buckets=self.piecewise.sizes if self.piecewise else ())
@@ -98,7 +100,7 @@ class DeviceWorker:
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
                         "per-row state %.2f GiB", peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30, rows / 2**30)
         return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.kv_spec,
-                               self.device, self.dtype, reserved)
+                               self.device, self.kv_dtype, reserved)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly

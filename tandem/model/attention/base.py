@@ -1,7 +1,7 @@
 """What every attention backend takes and offers.
 
 The KV cache of one layer is ``[2, num_slots, kv_heads, head_dim]`` where slot = block * block_size
-+ offset. Block 0 is never handed out: padding tokens write there and padded block-table entries
++ offset, of the model dtype or float8_e4m3fn (``AttentionSpec.k_scale`` / ``v_scale`` scale it). Block 0 is never handed out: padding tokens write there and padded block-table entries
 point there, so static (graph-captured) shapes need no branches."""
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ class AttentionSpec:
     scale: float  # multiplies q.k before the softmax
     sliding_window: int | None = None  # a query sees only the last ``sliding_window`` keys (itself included)
     logit_softcap: float | None = None  # scores become cap * tanh(scores / cap) before the softmax
+    # An fp8 KV cache holds K / k_scale and V / v_scale (per-tensor scales of this layer); the
+    # backends multiply them back. They do nothing on a cache of the model dtype, which holds K and V as they are.
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec
+from tandem.model.layers.kv import from_cache_dtype
 
 # cuDNN's fused attention is left out: compute-sanitizer's racecheck flags hazards inside it (its
 # asynchronous shared-memory copies), and flash / memory-efficient kernels serve these shapes.
@@ -58,6 +59,20 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
+def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int, dtype: torch.dtype,
+                 spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's K and V ([B, Hkv, max_k, D] in ``dtype``) from one layer's cache; an fp8
+    cache's pages are dequantized with the layer's scales (gathered as bytes: torch indexes fp8 only so)."""
+    n_kv, head_dim = cache.shape[2:]
+    fp8 = cache.dtype == torch.float8_e4m3fn
+    paged = (cache.view(torch.uint8) if fp8 else cache).view(2, -1, block_size, n_kv, head_dim)
+    k, v = paged[:, block_tables].flatten(2, 3).permute(0, 1, 3, 2, 4)
+    if fp8:
+        k = from_cache_dtype(k.view(torch.float8_e4m3fn), dtype, spec.k_scale)
+        v = from_cache_dtype(v.view(torch.float8_e4m3fn), dtype, spec.v_scale)
+    return k, v
+
+
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
@@ -81,8 +96,7 @@ class SdpaBackend(AttentionBackend):
         # GQA without copying K/V: the heads that share a KV head become extra query rows.
         q_pad = q_pad.view(n_seqs, meta.max_q, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
         q_pad = q_pad.reshape(n_seqs, n_kv, group * meta.max_q, head_dim)
-        pages = cache.view(2, -1, meta.block_size, n_kv, head_dim)[:, meta.block_tables]
-        k, v = pages.flatten(2, 3).permute(0, 1, 3, 2, 4)  # each [B, Hkv, max_k, D]
+        k, v = gather_pages(cache, meta.block_tables, meta.block_size, q.dtype, spec)  # each [B, Hkv, max_k, D]
         mask = meta.mask(spec.sliding_window).expand(-1, group, -1, -1).reshape(n_seqs, 1, group * meta.max_q, -1)
         if spec.logit_softcap is not None:
             out = softcapped_attention(q_pad, k, v, mask, spec.scale, spec.logit_softcap)

@@ -23,4 +23,5 @@ class TritonDecodeBackend(AttentionBackend):
         splits = decode_num_splits(q.shape[0], cache.shape[2], meta.block_tables.shape[1] * meta.block_size,
                                    num_sms(q.device))
         return paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, meta.block_size, spec.scale,
-                                      spec.sliding_window, splits, softcap=spec.logit_softcap)
+                                      spec.sliding_window, splits, softcap=spec.logit_softcap, k_scale=spec.k_scale,
+                                      v_scale=spec.v_scale)

@@ -14,4 +14,5 @@ class TritonVarlenBackend(AttentionBackend):
         from tandem.kernels.paged_varlen import paged_varlen_attention
 
         return paged_varlen_attention(q, cache, meta.block_tables, meta.query_start, meta.seq_lens, meta.block_size,
-                                      spec.scale, spec.sliding_window, meta.max_q, spec.logit_softcap)
+                                      spec.scale, spec.sliding_window, meta.max_q, spec.logit_softcap, spec.k_scale,
+                                      spec.v_scale)

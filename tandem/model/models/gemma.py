@@ -197,10 +197,11 @@ class GemmaModel(LayeredForward):
         if layer.q_norm is not None:
             q, k = gemma_rms_norm(q, layer.q_norm, eps), gemma_rms_norm(k, layer.k_norm, eps)
         cos, sin = self.rope[i]
+        scales = self.kv_spec.layers[i].k_scale, self.kv_spec.layers[i].v_scale  # an fp8 cache's
         if self.fused:
-            return self._rope_store(q, k, v, positions, cos, sin, cache, slot_mapping), stream
+            return self._rope_store(q, k, v, positions, cos, sin, cache, slot_mapping, *scales), stream
         cos, sin = cos[positions], sin[positions]
-        store_kv(cache, apply_rope(k, cos, sin), v, slot_mapping)
+        store_kv(cache, apply_rope(k, cos, sin), v, slot_mapping, *scales)
         return apply_rope(q, cos, sin), stream
 
     def after_attention(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor

@@ -129,10 +129,11 @@ class LlamaModel(LayeredForward):
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        scales = self.kv_spec.layers[i].k_scale, self.kv_spec.layers[i].v_scale  # an fp8 cache's
         if self.fused:  # rotary and the K/V store in one pass
-            return self._rope_store(q, k, v, positions, self.cos, self.sin, cache, slot_mapping), residual
+            return self._rope_store(q, k, v, positions, self.cos, self.sin, cache, slot_mapping, *scales), residual
         cos, sin = self.cos[positions], self.sin[positions]
-        store_kv(cache, apply_rope(k, cos, sin), v, slot_mapping)
+        store_kv(cache, apply_rope(k, cos, sin), v, slot_mapping, *scales)
         return apply_rope(q, cos, sin), residual
 
     def after_attention(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor

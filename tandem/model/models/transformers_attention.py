@@ -62,8 +62,10 @@ def tandem_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     layer = module.layer_idx
     n_heads, n_tokens, head_dim = query.shape[1:]
     cache = ctx.kv_cache[layer]
-    store_kv(cache, key[0].transpose(0, 1), value[0].transpose(0, 1), ctx.attn.inputs.slot_mapping)
-    out = ctx.attn.attend(query[0].transpose(0, 1), cache, ctx.specs[layer])
+    spec = ctx.specs[layer]
+    store_kv(cache, key[0].transpose(0, 1), value[0].transpose(0, 1), ctx.attn.inputs.slot_mapping, spec.k_scale,
+             spec.v_scale)
+    out = ctx.attn.attend(query[0].transpose(0, 1), cache, spec)
     return out.view(1, n_tokens, n_heads, head_dim), None
 
 

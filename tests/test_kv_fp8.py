@@ -1,0 +1,245 @@
+"""The FP8 KV cache (``kv_cache_dtype="fp8"``): e4m3 storage with per-tensor scales.
+
+The reference rounds K and V through e4m3 explicitly (``round_e4m3`` here, written from the
+definition: x / scale in float32, saturated to +-448, cast, times scale) into a cache of the model
+dtype. The Triton kernels (decode, split-KV, varlen, the fused rotary + store) run through Triton's
+interpreter in a subprocess (TRITON_INTERPRET must be set before Triton is imported); the engine runs
+the SDPA path on the CPU and, interpreted, the Triton path."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from differential import compare, make_case, run_case, with_shared_prefixes
+from tandem.config import EngineConfig
+from tandem.model.attention.base import AttentionSpec
+from tandem.model.base import KVSpec
+from tandem.worker import kv_cache
+from tandem.worker.kv_cache import plan_num_blocks, resolve_kv_dtype
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not installed (the test extra installs it)")
+
+
+def round_e4m3(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x after a trip through an fp8 cache with this scale, in x's dtype."""
+    return ((x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def test_option_is_checked_and_resolved():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(model="random:tiny", kv_cache_dtype="int8")
+    cpu = torch.device("cpu")
+    assert resolve_kv_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert resolve_kv_dtype("fp8", torch.float32, cpu) == resolve_kv_dtype("fp8_e4m3", torch.float32, cpu)
+    assert resolve_kv_dtype("fp8", torch.float32, cpu) == torch.float8_e4m3fn
+
+
+def test_plan_holds_twice_the_tokens(monkeypatch):
+    """The same KV memory holds twice the tokens in fp8 as in bf16 (the plan divides by the element size)."""
+    spec = KVSpec(4, 64, (AttentionSpec(0.125),) * 6)
+    assert spec.bytes_per_token(torch.bfloat16) == 2 * spec.bytes_per_token(torch.float8_e4m3fn)
+    budget = 1000 * spec.bytes_per_token(torch.bfloat16)
+    monkeypatch.setattr(kv_cache, "gpu_kv_budget_bytes", lambda device, utilization, reserved: budget)
+    cuda = torch.device("cuda")  # only the plan's arithmetic runs: no GPU is touched
+    blocks = {dt: plan_num_blocks(None, 16, 0.9, spec, cuda, dt) for dt in (torch.bfloat16, torch.float8_e4m3fn)}
+    assert blocks[torch.bfloat16] == 1000 // 16 + 1 and blocks[torch.float8_e4m3fn] == 2000 // 16 + 1
+
+
+def test_store_rounds_saturates_and_scales():
+    from tandem.model.layers.kv import store_kv
+
+    torch.manual_seed(0)
+    cache = torch.zeros(2, 8, 2, 4, dtype=torch.float8_e4m3fn)
+    k, v = 30 * torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    k[0, 0, 0] = 1e6  # past 448 * scale: saturates, where a plain cast would give NaN
+    slots = torch.tensor([5, 1, 6])
+    store_kv(cache, k, v, slots, 0.25, 2.0)
+    assert torch.equal(cache[0, slots].float() * 0.25, round_e4m3(k, 0.25))
+    assert torch.equal(cache[1, slots].float() * 2.0, round_e4m3(v, 2.0))
+    assert cache[0, 5, 0, 0].float() == 448.0 and not cache.float().isnan().any()
+    assert not torch.equal(round_e4m3(k, 0.25), k)  # the rounding is real at these values
+    others = torch.ones(8, dtype=torch.bool)
+    others[slots] = False
+    assert (cache[:, others].float() == 0).all()
+
+
+KERNELS = r"""
+import itertools, torch
+from test_kv_fp8 import round_e4m3
+from test_triton_varlen import make_paged_cache, rel_err
+from tandem.kernels import fused
+from tandem.kernels.paged_decode import paged_decode_attention
+from tandem.kernels.paged_varlen import paged_varlen_attention
+from tandem.model.attention import AttentionInputs
+from tandem.model.attention.base import AttentionSpec
+from tandem.model.attention.sdpa import SdpaBackend
+from tandem.model.layers import kv, rotary
+
+def check(seed, hq, hkv, d, page, chunks, window, k_scale, v_scale, splits=()):
+    # The kernels on an fp8 cache against SDPA on a float32 cache holding the same values rounded
+    # through e4m3 explicitly (scale 1 in its spec), and against SDPA's own fp8 path; the reference
+    # on the unrounded values must differ (the rounding is visible at these magnitudes).
+    torch.manual_seed(seed)
+    q_lens, lens = [c[0] for c in chunks], [c[1] for c in chunks]
+    exact, bt = make_paged_cache(lens, page, hkv, d)
+    exact[0] *= 40 * k_scale  # some keys past 448 * k_scale: saturated
+    exact[1] *= 50 * v_scale
+    cache = torch.stack([(exact[0] / k_scale).clamp(-448, 448), (exact[1] / v_scale).clamp(-448, 448)])
+    cache = cache.to(torch.float8_e4m3fn)
+    rounded = torch.stack([round_e4m3(exact[0], k_scale), round_e4m3(exact[1], v_scale)])
+    query_start = torch.tensor([0, *itertools.accumulate(q_lens)])
+    positions = torch.cat([torch.arange(n - m, n) for m, n in zip(q_lens, lens)])
+    q, seq_lens = 0.05 * torch.randn(len(positions), hq, d), torch.tensor(lens)
+    spec = AttentionSpec(d ** -0.5, window, k_scale=k_scale, v_scale=v_scale)
+    sdpa = SdpaBackend()
+    meta = sdpa.prepare(AttentionInputs(torch.zeros(len(positions), dtype=torch.long), bt, query_start, seq_lens,
+                                        positions, max(q_lens), page))
+    ref = sdpa.attend(q, rounded, meta, AttentionSpec(d ** -0.5, window))
+    assert rel_err(sdpa.attend(q, cache, meta, spec), ref) < 1e-6
+    assert rel_err(sdpa.attend(q, exact, meta, AttentionSpec(d ** -0.5, window)), ref) > 1e-3
+    errs = [rel_err(paged_varlen_attention(q, cache, bt, query_start, seq_lens, page, spec.scale, window, max(q_lens),
+                                           k_scale=k_scale, v_scale=v_scale), ref)]
+    for n in splits:  # decode steps: the decode kernel, single pass and split-KV
+        errs.append(rel_err(paged_decode_attention(q, cache, bt, seq_lens, page, spec.scale, window, num_splits=n,
+                                                   k_scale=k_scale, v_scale=v_scale), ref))
+    assert max(errs) < 1e-5, (seed, chunks, window, k_scale, v_scale, errs)
+    return max(errs)
+
+errs = [
+    check(30, 8, 2, 16, 4, [(1, 1), (5, 40), (37, 100)], None, 1.0, 1.0),
+    check(31, 6, 2, 24, 16, [(20, 150), (13, 13)], 50, 0.02, 3.0),
+    check(32, 4, 2, 32, 8, [(1, 5), (1, 300), (1, 700)], None, 0.5, 0.1, splits=(1, 4)),
+    check(33, 8, 2, 16, 4, [(1, 600), (1, 37)], 200, 1.0, 1.0, splits=(1, 2)),
+]
+
+# The fused rotary + store writes the bytes store_kv writes (rotated K, V over their scales).
+torch.manual_seed(1)
+qkv = 20 * torch.randn(7, (6 + 2 + 2) * 24)
+q, k, v = qkv[:, :144].view(7, 6, 24), qkv[:, 144:192].view(7, 2, 24), qkv[:, 192:].view(7, 2, 24)
+cos, sin = rotary.rope_cos_sin(24, 10000.0, None, 64, torch.device("cpu"))
+pos, slots = torch.tensor([0, 3, 9, 63, 1, 2, 40]), torch.tensor([5, 17, 2, 30, 11, 8, 23])
+for k_scale, v_scale in ((1.0, 1.0), (0.03, 0.5)):
+    cache = torch.zeros(2, 32, 2, 24, dtype=torch.float8_e4m3fn)
+    ref_cache = cache.clone()
+    kv.store_kv(ref_cache, rotary.apply_rope(k, cos[pos], sin[pos]), v, slots, k_scale, v_scale)
+    fused.rope_store_kv_(q.clone(), k, v, pos, cos, sin, cache, slots, k_scale, v_scale)
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8)), (k_scale, v_scale)
+    assert (ref_cache.float().abs() == 448).any() == (k_scale < 1)  # the small scale saturates some keys
+# Every e4m3 value, the midpoints between neighbours (ties go to the even one), values that saturate
+# or flush to zero, both signs: through V at position 0, the bytes torch's cast gives.
+grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+grid = grid[~grid.isnan()].sort().values
+vals = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([1e6, -1e6, 449.0, 470.0, 1e-9, -1e-9])])
+n_tok = -(-len(vals) // 48)
+v = torch.cat([vals, torch.ones(n_tok * 48 - len(vals))]).view(n_tok, 2, 24)
+k = torch.randn(n_tok, 2, 24)
+for v_scale in (1.0, 0.5):
+    cache = torch.zeros(2, n_tok, 2, 24, dtype=torch.float8_e4m3fn)
+    fused.rope_store_kv_(torch.randn(n_tok, 2, 24), k, v * v_scale, torch.zeros(n_tok, dtype=torch.long), cos, sin,
+                         cache, torch.arange(n_tok), 1.0, v_scale)
+    want = v.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(cache[1].view(torch.uint8), want.view(torch.uint8)), v_scale
+print("max rel err", max(errs))
+"""
+
+
+def _run_interpreted(script: str, env_extra: dict | None = None) -> str:
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+           **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@needs_triton
+def test_kernels_on_fp8_cache_match_rounded_reference():
+    assert "max rel err" in _run_interpreted(KERNELS)
+
+
+@needs_triton
+def test_fp8_kernels_compile_for_h100():
+    """The kernels' fp8 variants compile for sm_90 (the interpreter accepts what the compiler may not)."""
+    from tandem.kernels import fused, paged_decode, paged_varlen
+    from test_triton_compile import _compile
+
+    io = {"*": "*bf16", "cache_ptr": "*fp8e4nv", "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64",
+          "query_start_ptr": "*i64", "part_acc_ptr": "*fp32", "part_stats_ptr": "*fp32"}
+    for splits in (1, 4):
+        _compile(paged_decode._paged_decode_kernel, io,
+                 dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, DIM_PAD=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=splits,
+                      MIN_SPLIT=256, SOFTCAP=False, PRECISION="tf32"))
+    _compile(paged_varlen._paged_varlen_kernel, io, dict(GROUP=4, HEAD_DIM=128, DIM_PAD=128, PAGE=16, BLOCK_M=64,
+                                                         BLOCK_N=64, SOFTCAP=False, PRECISION="tf32"))
+    _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
+                                           "pos_ptr": "*i64", "slot_ptr": "*i64"},
+             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8=True))
+
+
+ENGINE = r"""
+import dataclasses, os
+from differential import compare, make_case, run_case
+
+# The engine with the Triton kernels (decode, varlen prefill / mixed steps) on an fp8 cache,
+# interpreted on the CPU, against the SDPA path on the same fp8 cache: the same tokens, logprobs up
+# to float32 rounding of two attention kernels.
+case = make_case(7003)
+case = dataclasses.replace(case, engine={**case.engine, "kv_cache_dtype": "fp8"})
+os.environ["TANDEM_ATTENTION"] = "sdpa"
+ref = run_case(case, async_batching=True, dtype="float32")
+os.environ["TANDEM_ATTENTION"] = "triton"
+got = run_case(case, async_batching=True, dtype="float32")
+problems = compare(case, ref, got, names=("sdpa", "triton"), logprob_atol=1e-4)
+assert not problems, case.describe() + "\n" + "\n".join(problems)
+print("engine ok")
+"""
+
+
+@needs_triton
+def test_engine_fp8_triton_kernels_match_sdpa():
+    assert "engine ok" in _run_interpreted(ENGINE)
+
+
+def _fp8(case):
+    return dataclasses.replace(case, engine={**case.engine, "kv_cache_dtype": "fp8"})
+
+
+def _rounding_store():
+    """A ``store_kv`` for a cache of the model dtype that rounds K and V through e4m3 first."""
+    from tandem.model.layers.kv import store_kv
+
+    def store(cache, k, v, slot_mapping, k_scale=1.0, v_scale=1.0):
+        assert cache.dtype != torch.float8_e4m3fn
+        store_kv(cache, round_e4m3(k, k_scale), round_e4m3(v, v_scale), slot_mapping)
+    return store
+
+
+def test_engine_fp8_matches_explicit_rounding(monkeypatch):
+    """The engine with an fp8 cache (SDPA path, CPU) gives the outputs of a float cache that holds
+    K/V rounded through e4m3, logprobs included, while a float cache without rounding gives other
+    logprobs somewhere. Async == sync and prefix caching on == off, all with the fp8 cache."""
+    from tandem.model.models import llama
+
+    visible = False
+    for seed in (2500,):  # a randomized case: chunked prefill, preemption, aborts, sampling, logprobs
+        case = with_shared_prefixes(make_case(seed))
+        fp8_sync = run_case(_fp8(case), async_batching=False)
+        fp8_async = run_case(_fp8(case), async_batching=True)
+        fp8_off = run_case(_fp8(case), async_batching=True, prefix_caching=False)
+        plain = run_case(case, async_batching=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(llama, "store_kv", _rounding_store())
+            rounded = run_case(case, async_batching=False)
+        assert not compare(case, rounded, fp8_sync, names=("rounded", "fp8")), case.describe()
+        assert not compare(case, fp8_sync, fp8_async), case.describe()
+        assert not compare(case, fp8_off, fp8_async, names=("off", "on"), aborts_may_differ=True), case.describe()
+        visible |= bool(compare(case, plain, fp8_sync, names=("plain", "fp8")))
+    assert visible, "the e4m3 rounding changed no output: the test cannot tell fp8 from the model dtype"
