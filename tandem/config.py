@@ -30,7 +30,9 @@ class EngineConfig:
                                    "modeling code through tandem's paged attention, even where a native one exists)")
     quantization: str = _opt("auto", "linear weights: auto (as the checkpoint stores them: its quantization_config), "
                                      "fp8 (an FP8 checkpoint, or quantize a bf16/fp32 one at load: per-channel "
-                                     "weights, dynamic per-token activations), none (refuse a quantized checkpoint)")
+                                     "weights, dynamic per-token activations), awq / gptq / compressed-tensors "
+                                     "(4-bit weight-only checkpoints of that format; the checkpoint must be one), "
+                                     "none (refuse a quantized checkpoint)")
     dtype: str = _opt("auto", "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                               "bfloat16, float16, float64")
     device: str | None = _opt(None, "cuda, cuda:N or cpu (default: cuda when available)")

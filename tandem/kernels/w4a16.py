@@ -9,7 +9,7 @@ lies inside one group (the tile divides the group size), so each tile reads one 
 Decode (M <= 16) is bandwidth bound and has few output tiles: the K dimension is split over
 ``split_k`` programs that write float32 partial sums to a workspace summed afterwards in a fixed
 order (no atomics: the result does not depend on timing). Larger M uses GEMM tiles with no split.
-The tiles are chosen on the host from the shapes alone (``w4a16_tiles``); nothing is read back from
+The tiles are chosen on the host from the shapes and the SM count alone (``w4a16_tiles``); nothing is read back from
 the device, so a decode step stays capturable in a CUDA graph."""
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
 from tandem.model.quant.int4 import MIN_GROUP, PACK, Int4Weight
-
-TARGET_PROGRAMS = 264  # split-K aims at about two waves of an H100's 132 SMs
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,14 @@ def _block_k(group_size: int, largest: int) -> int:
     return bk
 
 
-def w4a16_tiles(m: int, n: int, k: int, group_size: int) -> W4Tiles:
+def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Tiles:
     """The tile tier for M rows (decode / small batch / prefill); split-K only in the decode tier,
-    as many splits (a power of two) as bring the programs near ``TARGET_PROGRAMS`` while each split
-    keeps at least four K tiles."""
+    as many splits (a power of two) as bring the programs near two waves of the device's ``sms``
+    while each split keeps at least four K tiles."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, _block_k(group_size, 128), 4, 3
         n_tiles, k_tiles, split = triton.cdiv(n, bn), k // bk, 1
-        while n_tiles * split * 2 <= TARGET_PROGRAMS and k_tiles // (split * 2) >= 4:
+        while n_tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= 4:
             split *= 2
         return W4Tiles(bm, bn, bk, split, warps, stages)
     if m <= 64:
@@ -117,7 +116,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
-    tiles = tiles or w4a16_tiles(m, n, k, w.group_size)
+    tiles = tiles or w4a16_tiles(m, n, k, w.group_size, num_sms(x.device))
     k_tiles = k // tiles.block_k
     per_split = triton.cdiv(k_tiles, tiles.split_k)
     splits = triton.cdiv(k_tiles, per_split)

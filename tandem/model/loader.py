@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from tandem.model.base import CausalLM, Getter, MissingWeight
 from tandem.model.quant.config import resolve_quantization
+from tandem.model.quant.int4_config import Int4Config
+from tandem.model.quant.int4_linear import Int4Getter
 from tandem.model.quant.reader import QuantizedGetter
 from tandem.model.registry import TRANSFORMERS, implementation, model_class
 from tandem.model.sources import is_preset, resolve_model_config
@@ -138,8 +140,9 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positi
         return family.load(config, get if qc is None else QuantizedGetter(get, qc, device, dtype), tp,
                            max_positions, comm)
     reader = CheckpointReader(Path(source), device, dtype)
-    get = reader.get if qc is None else QuantizedGetter(reader.get, qc, device, dtype,
-                                                        None if qc.source == "online" else reader)
+    quantized = Int4Getter if isinstance(qc, Int4Config) else QuantizedGetter  # 4-bit or FP8 weights
+    get = reader.get if qc is None else quantized(reader.get, qc, device, dtype,
+                                                  None if qc.source == "online" else reader)
     model = family.load(config, get, tp, max_positions, comm)
     reader.check_all_used(family.ignored_tensors(config))
     shard = f", tensor-parallel shard {tp.rank + 1}/{tp.size}" if tp.size > 1 else ""

@@ -11,6 +11,7 @@ Torch-free: the API process reads configs too. What is parsed (FP8, weights floa
   ``weight_scale`` (and ``input_scale`` when ``activation_scheme`` is static).
   ``modules_to_not_convert`` / ``ignored_layers`` exclude modules whose name contains an entry.
 - ``fbgemm_fp8``: per-channel weights, dynamic per-token activations clamped at ``activation_scale_ub``.
+- 4-bit weight-only ``awq``, ``gptq`` and compressed-tensors ``pack-quantized``: ``int4_config``.
 
 Everything else (another method, bit width, type, a group size, asymmetric scales) is refused with a
 ValueError naming it. ``quantization`` (``--quantization``): ``auto`` the checkpoint's own;
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-QUANTIZATIONS = ("auto", "none", "fp8")
+QUANTIZATIONS = ("auto", "none", "fp8", "awq", "gptq", "compressed-tensors")
 FP8_SOURCES = ("compressed-tensors", "fp8", "fbgemm_fp8", "online")
 
 
@@ -136,7 +137,15 @@ def _ct_float(q: dict[str, Any]) -> QuantConfig:
 
 
 # compressed-tensors ``format`` -> its parser (the weights' storage differs per format)
-CT_FORMATS: dict[str, Callable[[dict[str, Any]], Any]] = {"float-quantized": _ct_float, "naive-quantized": _ct_float}
+def _int4(q: dict[str, Any]) -> Any:
+    """AWQ, GPTQ, compressed-tensors pack-quantized: ``int4_config`` (which imports this module)."""
+    from tandem.model.quant.int4_config import parse_int4
+
+    return parse_int4(q)
+
+
+CT_FORMATS: dict[str, Callable[[dict[str, Any]], Any]] = {"float-quantized": _ct_float, "naive-quantized": _ct_float,
+                                                          "pack-quantized": _int4}
 
 
 def _compressed_tensors(q: dict[str, Any]) -> Any:
@@ -171,7 +180,7 @@ def _fbgemm(q: dict[str, Any]) -> QuantConfig:
                        skip_containing=_names(q.get("modules_to_not_convert"), "modules_to_not_convert"))
 
 
-_PARSERS = {"compressed-tensors": _compressed_tensors, "fp8": _fp8, "fbgemm_fp8": _fbgemm}
+_PARSERS = {"compressed-tensors": _compressed_tensors, "fp8": _fp8, "fbgemm_fp8": _fbgemm, "awq": _int4, "gptq": _int4}
 ONLINE_FP8 = QuantConfig("fp8", "online", "channel", "dynamic", ignore=("lm_head",))
 
 
@@ -190,6 +199,9 @@ def resolve_quantization(hf: dict[str, Any], quantization: str = "auto") -> Quan
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     raw = hf.get("quantization_config")
+    if raw is None and quantization in ("awq", "gptq", "compressed-tensors"):
+        raise ValueError(f"quantization={quantization!r}: the checkpoint has no quantization_config, and "
+                         "quantizing to 4 bits at load is not implemented")
     if raw is None:
         return ONLINE_FP8 if quantization == "fp8" else None
     if quantization == "none":
@@ -197,6 +209,6 @@ def resolve_quantization(hf: dict[str, Any], quantization: str = "auto") -> Quan
         raise ValueError(f"quantization='none' but the checkpoint is quantized (quant_method={method!r}); "
                          "use quantization='auto' (the default) to load it as it is stored")
     parsed = parse_quantization_config(raw)
-    if quantization != "auto" and parsed.method != quantization:
+    if quantization != "auto" and quantization not in (parsed.method, parsed.source):
         raise ValueError(f"quantization={quantization!r} but the checkpoint is quantized as {parsed.method!r}")
     return parsed

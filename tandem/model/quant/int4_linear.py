@@ -1,0 +1,161 @@
+"""4-bit linear weights in the model: the weight object the model code applies (``Int4Linear``, the
+``quant.linear`` seam) and the ``Getter`` that reads them from an AWQ / GPTQ / pack-quantized
+checkpoint (``Int4Getter``).
+
+On CUDA a linear runs the W4A16 kernel (``tandem/kernels/w4a16.py``) on the packed weights.
+Elsewhere the weights are dequantized at load to the model dtype, with a warning (the memory and
+speed of the unquantized model); ``TANDEM_W4A16=triton`` keeps them packed and runs the kernel
+anywhere Triton runs (the interpreter in tests). Weights the model reads whole (``get``: an
+embedding, experts) are dequantized.
+
+Under tensor parallelism a column-parallel part (output rows) is any range of columns; a
+row-parallel part (input channels) must fall on group boundaries and is refused for act-order
+weights (their groups are scattered over the input channels)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tandem.model.base import Getter
+from tandem.model.quant import int4
+from tandem.model.quant.int4 import Int4Weight
+from tandem.model.quant.int4_config import Int4Config
+from tandem.model.quant.linear import Weight
+from tandem.model.tp_layout import Part
+
+logger = logging.getLogger(__name__)
+
+# The tensors each format stores per module (``module.<suffix>``), the first one the packed weight.
+SUFFIXES = {"awq": ("qweight", "qzeros", "scales"), "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+            "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                                   "weight_g_idx")}
+
+
+def use_kernel(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TANDEM_W4A16") == "triton"
+
+
+class Int4Linear:
+    """A linear's 4-bit weight [N, K], as one or more ``Int4Weight``s stacked along N: fused q/k/v or
+    gate/up are one GEMM unless act order gave the parts different input permutations."""
+
+    def __init__(self, parts: list[Int4Weight]) -> None:
+        self.parts = parts
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.out_features for p in self.parts), self.parts[0].in_features))
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for p in self.parts for t in (p.qweight, p.scales, p.zeros, p.perm) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([int4.dequantize(p).to(dtype) for p in self.parts])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from tandem.kernels.w4a16 import w4a16_matmul  # Triton: imported only where the kernel runs
+
+        outs = [w4a16_matmul(x, p) for p in self.parts]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def cat_rows(parts: list[Int4Linear]) -> Int4Linear:
+        merged: list[Int4Weight] = []
+        for p in (w for part in parts for w in part.parts):
+            if merged and _fusable(merged[-1], p):
+                merged[-1] = _cat(merged[-1], p)
+            else:
+                merged.append(p)
+        return Int4Linear(merged)
+
+
+def _fusable(a: Int4Weight, b: Int4Weight) -> bool:
+    same_perm = a.perm is None and b.perm is None or (
+        a.perm is not None and b.perm is not None and torch.equal(a.perm, b.perm))
+    return a.group_size == b.group_size and a.in_features == b.in_features and same_perm
+
+
+def _zeros(w: Int4Weight) -> torch.Tensor:
+    return w.zeros if w.zeros is not None else torch.full_like(w.scales, 8, dtype=torch.uint8)
+
+
+def _cat(a: Int4Weight, b: Int4Weight) -> Int4Weight:
+    zeros = None if a.zeros is None and b.zeros is None else torch.cat([_zeros(a), _zeros(b)], dim=1)
+    return Int4Weight(torch.cat([a.qweight, b.qweight], dim=1), torch.cat([a.scales, b.scales], dim=1), zeros,
+                      a.group_size, a.perm)
+
+
+def take_part(w: Int4Weight, part: Part | None, name: str) -> Int4Weight:
+    """This rank's part of a [N, K] weight (``part.dim`` 0: output rows, 1: input channels)."""
+    if part is None:
+        return w
+    if part.size != part.stop - part.start:
+        raise ValueError(f"{name}: a zero-padded tensor-parallel part of a 4-bit weight is not implemented")
+    a, b = part.start, part.stop
+    if part.dim == 0:
+        return Int4Weight(w.qweight[:, a:b].contiguous(), w.scales[:, a:b].contiguous(),
+                          None if w.zeros is None else w.zeros[:, a:b].contiguous(), w.group_size, w.perm)
+    g = w.group_size
+    if w.perm is not None:
+        raise ValueError(f"{name}: act-order (desc_act / actorder group) 4-bit weights cannot be split over input "
+                         "channels under tensor parallelism")
+    if a % g or b % g:
+        raise ValueError(f"{name}: tensor-parallel input channels [{a}, {b}) do not fall on its {g}-channel "
+                         "groups; use a tensor_parallel_size that splits the groups whole")
+    return Int4Weight(w.qweight[a // 8:b // 8].contiguous(), w.scales[a // g:b // g].contiguous(),
+                      None if w.zeros is None else w.zeros[a // g:b // g].contiguous(), g, None)
+
+
+class Int4Getter:
+    """A ``Getter`` over a 4-bit checkpoint (see the module docstring). ``reader`` is
+    ``loader.CheckpointReader`` (``files``, ``raw``)."""
+
+    def __init__(self, plain: Getter, qc: Int4Config, device: torch.device, dtype: torch.dtype, reader) -> None:
+        self.plain, self.qc, self.device, self.dtype, self.reader = plain, qc, device, dtype, reader
+        self.kernel = use_kernel(device)
+        if not self.kernel:
+            logger.warning("%s: weights are dequantized at load to %s on %s (the W4A16 kernel runs on CUDA); the "
+                           "model runs with the unquantized model's memory and speed", qc.describe(), dtype, device)
+
+    def __call__(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
+        w = self._read(name, shape, part, linear=False)
+        return w if isinstance(w, torch.Tensor) else int4.dequantize(w).to(self.dtype)
+
+    def linear(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> Weight:
+        w = self._read(name, shape, part, linear=True)
+        if isinstance(w, torch.Tensor):
+            return w
+        return Int4Linear([w]) if self.kernel else int4.dequantize(w).to(self.dtype)
+
+    def _read(self, name: str, shape: tuple[int, ...], part: Part | None, linear: bool) -> torch.Tensor | Int4Weight:
+        module = name.removesuffix(".weight")
+        suffixes = SUFFIXES[self.qc.source]
+        stored = name.endswith(".weight") and f"{module}.{suffixes[0]}" in self.reader.files
+        if stored and not self.qc.quantizes(module):
+            raise ValueError(f"{module} is stored in 4 bits but quantization_config excludes it")
+        if not stored:
+            if linear and self.qc.quantizes(module) and name.endswith(".weight"):
+                raise ValueError(f"quantization_config quantizes {module!r} but the checkpoint has no "
+                                 f"{module}.{suffixes[0]}")
+            return self.plain(name, shape, part)
+        tensors = {s: self.reader.raw(f"{module}.{s}", None) for s in suffixes
+                   if f"{module}.{s}" in self.reader.files}
+        w = _unpack(self.qc, tensors)
+        if (w.out_features, w.in_features) != tuple(shape):
+            raise ValueError(f"{module}: 4-bit weight of shape {(w.out_features, w.in_features)}, config implies "
+                             f"{tuple(shape)}")
+        return take_part(w, part, module).to(self.device, self.dtype)
+
+
+def _unpack(qc: Int4Config, t: dict[str, torch.Tensor]) -> Int4Weight:
+    if qc.source == "awq":
+        return int4.unpack_awq(t["qweight"], t["qzeros"], t["scales"], qc.group_size)
+    if qc.source == "gptq":
+        return int4.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), qc.group_size, qc.gptq_v2)
+    return int4.unpack_compressed(t["weight_packed"], t["weight_scale"], t["weight_shape"], qc.group_size,
+                                  t.get("weight_zero_point"), t.get("weight_g_idx"))
