@@ -243,3 +243,31 @@ def test_engine_fp8_matches_explicit_rounding(monkeypatch):
         assert not compare(case, fp8_off, fp8_async, names=("off", "on"), aborts_may_differ=True), case.describe()
         visible |= bool(compare(case, plain, fp8_sync, names=("plain", "fp8")))
     assert visible, "the e4m3 rounding changed no output: the test cannot tell fp8 from the model dtype"
+
+
+def _greedy(model: str, impl: str, kv: str) -> list[tuple]:
+    from tandem.llm import LLM
+    from tandem.sampling_params import SamplingParams
+
+    llm = LLM(model, dtype="float32", device="cpu", kv_cache_tokens=256, block_size=4, kv_cache_dtype=kv,
+              model_impl=impl)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22] * 5]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, logprobs=2), use_tqdm=False)
+    llm.engine.shutdown()
+    return [(o.outputs[0].token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.outputs[0].logprobs])
+            for o in outs]
+
+
+@pytest.mark.parametrize("model,impl,module", [
+    ("random:tiny-gemma2", "auto", "gemma"),  # its own store, windows and soft-caps
+    ("random:tiny", "transformers", "transformers_attention"),  # transformers' modeling code, tandem's cache
+])
+def test_other_forwards_honour_fp8(model, impl, module, monkeypatch):
+    """Gemma's forward and the transformers backend store into an fp8 cache as Llama's does: their
+    outputs (logprobs included) equal the explicitly rounded reference's, not the unrounded ones."""
+    import importlib
+
+    fp8 = _greedy(model, impl, "fp8")
+    assert fp8 != _greedy(model, impl, "auto")  # the rounding shows in the logprobs
+    monkeypatch.setattr(importlib.import_module(f"tandem.model.models.{module}"), "store_kv", _rounding_store())
+    assert fp8 == _greedy(model, impl, "auto")
