@@ -195,3 +195,36 @@ def test_block_scales_of_a_tensor_parallel_part():
         _block_part(scale, (32, 32), (96, 128), Part(0, 48, 96, 48), "m")
     with pytest.raises(ValueError, match="block scales have shape"):
         _block_part(scale, (16, 32), (96, 128), None, "m")
+
+
+# --- the floor model and the bench ------------------------------------------------------------------
+
+def test_the_floor_counts_fp8_projections_at_one_byte_plus_their_row_scales():
+    from tandem.bench.roofline import FloorModel
+    from tandem.bench.step_log import StepRecord
+    from tandem.model.presets import preset_config
+    from tandem.model.quant.linear import LinearStorage
+
+    cfg = preset_config("random:llama3-8b")
+    rec = StepRecord(0, num_tokens=32, num_seqs=32, num_decode=32, num_sampled=32, kv_tokens=32 * 1000,
+                     attn_pairs=32 * 1000, t_begin=0, schedule_s=0, build_s=0, submit_s=0)
+    fp8 = LinearStorage("float8_e4m3fn", 1, scale_bytes=4)
+    bf16, stored = FloorModel(cfg, torch.bfloat16).step_cost(rec), FloorModel(cfg, torch.bfloat16, 1, fp8).step_cost(rec)
+    per_layer = 4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336  # q/k/v, o, gate/up/down weights
+    rows = (4096 + 2 * 1024) + 4096 + 2 * 14336 + 4096  # one float32 scale each
+    assert bf16.bytes - stored.bytes == 32 * (per_layer * 2 - (per_layer + rows * 4))
+    assert stored.flops == bf16.flops
+    half = FloorModel(cfg, torch.bfloat16, 2, fp8).step_cost(rec)
+    assert half.bytes < stored.bytes
+
+
+def test_bench_reports_the_weight_dtype_and_quantization(tmp_path, capsys):
+    from tandem.cli import main
+
+    out = tmp_path / "run.json"
+    assert main(["bench", "--model", "random:tiny", "--quantization", "fp8", "--num-requests", "2", "--prompt-len",
+                 "5", "--max-tokens", "3", "--modes", "async", "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    # on a CPU the FP8 weights were dequantized at load: the weights the GEMMs read are float32
+    assert data["weight_dtype"] == "float32" and data["quantization"].startswith("fp8 (online: channel weights")
+    assert "weights float32, quantization fp8 (online" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """The floor a step cannot beat: max(bytes moved / copy bandwidth, FLOPs / GEMM rate).
 
-Both ceilings are measured on the machine in the same run. Bytes: every weight read once (the
-embedding table only for the rows looked up) plus the KV cache read and written by the step. FLOPs:
-the linear layers for every token, the LM head for sampled rows, and attention's two products.
+Both ceilings are measured on the machine in the same run. Bytes: every weight read once as stored
+(quantized projections at their own size, scales included; the embedding table only for the rows
+looked up) plus the KV cache read and written by the step. FLOPs: the linear layers for every token,
+the LM head for sampled rows, and attention's two products (against the bf16 GEMM ceiling, also for
+FP8 weights: decode steps are bound by their bytes).
 Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights and its own KV heads
 (1/N of them, or one where they are replicated) and does 1/N of the FLOPs. A sliding-window layer
 reads (and scores) at most its window's keys per query (``StepRecord.windowed``).
@@ -22,6 +24,7 @@ import torch
 from tandem.bench.step_log import StepRecord
 from tandem.model.model_config import ModelConfig
 from tandem.model.moe_shape import moe_shape
+from tandem.model.quant.linear import LinearStorage
 from tandem.model.tp_layout import TPLayout
 
 
@@ -67,8 +70,20 @@ class StepCost:
         return max(self.bytes / c.copy_bytes_per_s, self.flops / c.gemm_flops_per_s)
 
 
+def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """[rows, cols] of every matrix read through ``quant.linear`` (the attention projections, dense
+    MLPs): what a quantized checkpoint stores quantized. Routers, experts and the head stay dense."""
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    moe = moe_shape(cfg)
+    dense = range(cfg.num_layers) if moe is None else moe.dense_layers
+    inter = cfg.intermediate_size if moe is None else moe.dense_intermediate
+    return [(q + 2 * kv, h), (h, q)] * cfg.num_layers + [(2 * inter, h), (h, inter)] * len(dense)
+
+
 class FloorModel:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1,
+                 linear: LinearStorage | None = None) -> None:
+        """``linear``: how the projections are stored where not in ``dtype`` (quantized weights)."""
         self.cfg, self.tp_size = cfg, tp_size
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         h = cfg.hidden_size
@@ -81,6 +96,12 @@ class FloorModel:
             dense_mlps = cfg.num_layers * 3 * h * cfg.intermediate_size
             self.layer_params += (self.moe.always_read_params - dense_mlps) / tp_size
             self.expert_params = len(self.moe.sparse_layers) * self.moe.expert_params / tp_size
+        # the bytes of the layers as stored: quantized projections at their own size, scales included
+        self.layer_bytes = self.layer_params * self.itemsize
+        if linear is not None:
+            shapes = projection_shapes(cfg)
+            dense = sum(n * k for n, k in shapes) * self.itemsize
+            self.layer_bytes += (sum(linear.bytes_of(n, k) for n, k in shapes) - dense) / tp_size
         local = TPLayout(0, tp_size).local_config(cfg)
         self.layer_token_bytes = 2 * local.num_kv_heads * cfg.head_dim * self.itemsize  # one layer's K and V
         self.kv_token_bytes = cfg.num_layers * self.layer_token_bytes
@@ -103,7 +124,7 @@ class FloorModel:
         cfg = self.cfg
         embed_rows = rec.num_tokens * cfg.hidden_size / self.tp_size
         experts = self.experts_read(rec.num_tokens) * self.expert_params
-        weight_bytes = (self.layer_params + self.head_params + embed_rows + experts) * self.itemsize
+        weight_bytes = self.layer_bytes + (self.head_params + embed_rows + experts) * self.itemsize
         kv_read, pairs = self._per_layer_sums(rec)
         kv_bytes = (kv_read + cfg.num_layers * rec.num_tokens) * self.layer_token_bytes
         routed = rec.num_tokens * (self.moe.top_k if self.moe is not None else 0) * self.expert_params

@@ -14,6 +14,9 @@ from tandem.bench.roofline import Ceilings, FloorModel, measure_ceilings
 from tandem.bench.step_log import StepLog
 from tandem.bench.workload import BenchRequest, Workload, make_requests
 from tandem.llm import LLM
+from tandem.model.quant.config import resolve_quantization
+from tandem.model.quant.linear import LinearStorage
+from tandem.model.quant.reader import linear_storage
 from tandem.sampling_params import SamplingParams
 
 
@@ -55,11 +58,21 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     return ModeRun(result, token_ids)
 
 
+def weight_storage(llm: LLM) -> tuple[str | None, LinearStorage | None]:
+    """(the quantization the model loaded with, or None; how its projections are stored, None: dense
+    in the model dtype), as the worker decided them on its device."""
+    engine, info = llm.engine, llm.engine.worker.info
+    qc = resolve_quantization(engine.model_config.hf, engine.config.quantization)
+    return (None if qc is None else qc.describe(),
+            linear_storage(qc, torch.device(info.device), getattr(torch, info.dtype)))
+
+
 def run_benchmark(llm: LLM, modes: list[str], w: Workload,
                   progress: bool = True) -> tuple[dict[str, ModeRun], Ceilings | None, list[BenchRequest]]:
     info = llm.engine.worker.info
     ceilings = measure_ceilings(torch.device(info.device)) if info.device.startswith("cuda") else None
-    floor = FloorModel(llm.engine.model_config, getattr(torch, info.dtype), llm.engine.config.tensor_parallel_size)
+    floor = FloorModel(llm.engine.model_config, getattr(torch, info.dtype), llm.engine.config.tensor_parallel_size,
+                       weight_storage(llm)[1])
     requests = make_requests(w, llm.engine.model_config.vocab_size)
     runs = {}
     for mode in modes:

@@ -5,6 +5,8 @@ scales included), ``dequantize(dtype)``, ``forward(x, bias)`` and a static ``cat
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
 import torch
@@ -54,6 +56,23 @@ def read_linear(get: Any, name: str, shape: tuple[int, ...], part: Any) -> Weigh
     (a ``quant.reader.QuantizedGetter``), else the dense tensor every getter returns."""
     read = getattr(get, "linear", None)
     return get(name, shape, part) if read is None else read(name, shape, part)
+
+
+@dataclass(frozen=True)
+class LinearStorage:
+    """How the projection weights (q/k/v/o and dense MLPs) sit on the device, for byte counts (the
+    roofline): ``element_bytes`` per weight, ``scale_bytes`` per output row and group of ``group_size``
+    inputs (None: one group per row), ``matrix_bytes`` per matrix (a static activation scale)."""
+
+    dtype: str  # what the weights are stored as, e.g. "float8_e4m3fn"
+    element_bytes: float
+    scale_bytes: int = 0
+    group_size: int | None = None
+    matrix_bytes: int = 0
+
+    def bytes_of(self, rows: int, cols: int) -> float:
+        groups = 1 if self.group_size is None else math.ceil(cols / self.group_size)
+        return rows * cols * self.element_bytes + rows * groups * self.scale_bytes + self.matrix_bytes
 
 
 def weight_bytes(weight: Weight) -> int:

@@ -20,10 +20,22 @@ import torch
 from tandem.model.base import Getter
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
-from tandem.model.quant.linear import Weight
+from tandem.model.quant.linear import LinearStorage, Weight
 from tandem.model.tp_layout import Part
 
 logger = logging.getLogger(__name__)
+
+
+def keeps_fp8(qc: QuantConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the projections stay FP8 on this device (else they are dequantized at load)."""
+    return qc.method == "fp8" and native_fp8(device, dtype) and qc.weights != "block"
+
+
+def linear_storage(qc: QuantConfig | None, device: torch.device, dtype: torch.dtype) -> LinearStorage | None:
+    """How the projections are stored when ``qc`` loads on ``device``; None: dense, in ``dtype``."""
+    if qc is None or not keeps_fp8(qc, device, dtype):
+        return None
+    return LinearStorage("float8_e4m3fn", 1, scale_bytes=4, matrix_bytes=4 if qc.activations == "static" else 0)
 
 
 class RawReader(Protocol):
@@ -41,7 +53,7 @@ class QuantizedGetter:
     def __init__(self, plain: Getter, qc: QuantConfig, device: torch.device, dtype: torch.dtype,
                  reader: RawReader | None = None) -> None:
         self.plain, self.qc, self.dtype, self.reader = plain, qc, dtype, reader
-        self.native = native_fp8(device, dtype) and qc.weights != "block"
+        self.native = keeps_fp8(qc, device, dtype)
         if not self.native:
             why = ("the block-wise FP8 GEMM is not built" if qc.weights == "block" else
                    "FP8 GEMMs need CUDA compute capability >= 8.9 and dtype bfloat16")
