@@ -15,6 +15,8 @@
 - moe: the fused MoE kernel vs its reference in bf16 at Qwen3-30B-A3B's and Mixtral 8x7B's shapes
   (error, NaN, peak workspace within the memory plan's), no hidden sync, a CUDA graph replaying it
   with new routing (scripts/moe_bench.py).
+- fp8: the FP8 linear (torch._scaled_mm) vs float32 arithmetic and the dequantized bf16 linear at the
+  8B shapes, its speed, no sync, graph replay; the engine on an FP8 checkpoint (scripts/gpu_fp8.py).
 """
 from __future__ import annotations
 
@@ -274,6 +276,10 @@ def main(argv: list[str]) -> int:
             from moe_bench import check
 
             ok &= check()
+        elif name == "fp8":
+            from gpu_fp8 import fp8_checks
+
+            ok &= fp8_checks()
         elif name == "parity":
             from gpu_parity import parity
 

@@ -228,3 +228,52 @@ def test_bench_reports_the_weight_dtype_and_quantization(tmp_path, capsys):
     # on a CPU the FP8 weights were dequantized at load: the weights the GEMMs read are float32
     assert data["weight_dtype"] == "float32" and data["quantization"].startswith("fp8 (online: channel weights")
     assert "weights float32, quantization fp8 (online" in capsys.readouterr().out
+
+
+# --- the FP8 GEMM path (torch._scaled_mm, which also runs on a CPU in bfloat16) -----------------------
+
+@pytest.mark.parametrize("input_scale, ub", [(None, None), (None, 0.5), (torch.tensor([0.004]), None)])
+def test_the_fp8_gemm_equals_its_float32_arithmetic(input_scale, ub):
+    from tandem.model.quant.fp8 import fp8_linear
+
+    w = quantize_per_channel(_weight())
+    w.input_scale, w.scale_ub = input_scale, ub
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    out, ref = fp8_linear(x, w, bias), reference_linear(x, w, bias)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["ct-tensor", "ct-channel", "fbgemm"])
+def test_the_engine_on_fp8_gemms(checkpoint_dir, tmp_path, monkeypatch, fmt):
+    """The path CUDA >= 8.9 takes, forced on the CPU (bfloat16): projections stay FP8 through the
+    model seam (fused q/k/v with their static scales, gate/up), sync == async, and the tokens are those
+    of the same model computing each FP8 linear in float32 (``reference_linear``)."""
+    import tandem.model.quant.reader as reader
+    from tandem.model.quant.fp8 import Fp8Weight
+
+    monkeypatch.setattr(reader, "native_fp8", lambda device, dtype: dtype == torch.bfloat16)
+    fp8, _ = fp8_checkpoint(checkpoint_dir("llama"), tmp_path / fmt, fmt)
+    llm = LLM(str(fp8), device="cpu", dtype="bfloat16", max_model_len=64, kv_cache_tokens=256)
+    layer = llm.engine.worker.model.weights.layers[1]
+    assert isinstance(layer.qkv, Fp8Weight) and isinstance(layer.down, Fp8Weight)
+    assert (layer.qkv.input_scale is not None) == (fmt == "ct-tensor")
+    runs = {}
+    for mode in (False, True):
+        llm.engine.core.set_async(mode)
+        runs[mode] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    monkeypatch.setattr(Fp8Weight, "forward", lambda self, x, bias=None: reference_linear(x, self, bias))
+    llm.engine.core.set_async(False)
+    assert runs[False] == runs[True] == [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_fp8_checkpoint_under_tensor_parallelism(checkpoint_dir, tmp_path):
+    """Two processes, each reading its rows or columns of the FP8 weights and their scales."""
+    fp8, ref = fp8_checkpoint(checkpoint_dir("llama"), tmp_path / "tp", "ct-tensor")
+    llm = LLM(str(fp8), device="cpu", tensor_parallel_size=2, max_model_len=64, kv_cache_tokens=256)
+    try:
+        out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert out == _tokens(ref)

@@ -1,0 +1,126 @@
+"""FP8 weights on a GPU (``python scripts/gpu_checks.py fp8``; needs compute capability >= 8.9).
+
+1. The FP8 linear (``torch._scaled_mm``, row-wise scales) vs the same arithmetic in float32
+   (``reference_linear``: error of the bf16 output only) and vs the dequantized weight in bf16 (the
+   activations' FP8 rounding too), at the 8B model's projection shapes, for dynamic per-token,
+   clamped (fbgemm) and static activation scales; no NaN; no host synchronisation; a CUDA graph
+   replaying it with new inputs equals the eager call. Times: FP8 vs bf16 GEMM at decode sizes.
+2. The engine on an FP8 checkpoint (tests/fp8_checkpoints.py, bf16): its projections are FP8 on the
+   device; sync == async and graphs == eager, token for token; greedy agreement with the model of the
+   dequantized weights (activation rounding may flip near-ties: recorded, bound 0.5)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _time_ms(fn, reps: int = 50) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        fn()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def linear_checks() -> bool:
+    from tandem.model.quant.fp8 import fp8_linear, quantize_per_channel, reference_linear
+
+    ok, gen = True, torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        dense = torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).to(torch.bfloat16)
+        w = quantize_per_channel(dense)
+        for m in (1, 7, 32, 256):
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            for label, input_scale, ub in (("dynamic", None, None), ("clamped", None, 2.5),
+                                           ("static", torch.tensor([x.abs().max().item() / 448], device="cuda"), None)):
+                w.input_scale, w.scale_ub = input_scale, ub
+                out = fp8_linear(x, w)
+                err_ref, err_dense = _rel(out, reference_linear(x, w)), _rel(out, F.linear(x, w.dequantize(torch.bfloat16)))
+                good = err_ref < 1e-2 and err_dense < (0.5 if label == "clamped" else 6e-2) and not out.isnan().any()
+                ok &= good
+                if not good or m in (1, 256):
+                    print(f"fp8 {name} [{n}x{k}] m={m} {label}: rel err {err_ref:.1e} vs float32 arithmetic, "
+                          f"{err_dense:.1e} vs the dequantized bf16 linear{'' if good else '  FAIL'}")
+        w.input_scale, w.scale_ub = None, None
+        for m in (1, 32, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t8, t16 = _time_ms(lambda: fp8_linear(x, w)), _time_ms(lambda: F.linear(x, dense))
+            print(f"fp8 {name} m={m}: {t8 * 1e3:.1f} us FP8 (with activation quantization), {t16 * 1e3:.1f} us bf16")
+    return ok & _no_sync_and_graph(w)
+
+
+def _no_sync_and_graph(w) -> bool:
+    from tandem.model.quant.fp8 import fp8_linear
+
+    x = torch.randn(32, w.shape[1], device="cuda", dtype=torch.bfloat16)
+    fp8_linear(x, w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fp8_linear(x, w)
+        no_sync = True
+    except RuntimeError as exc:
+        print(f"fp8: the FP8 linear synchronises: {exc}")
+        no_sync = False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8_linear(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    same = torch.equal(out, fp8_linear(x, w))
+    print(f"fp8: no host synchronisation {no_sync}; CUDA graph replay == eager with new inputs {same}")
+    return no_sync and same
+
+
+def engine_checks() -> bool:
+    from checkpoints import build_checkpoint
+    from fp8_checkpoints import fp8_checkpoint
+    from tandem import LLM, SamplingParams
+    from tandem.model.quant.fp8 import Fp8Weight
+
+    tmp = Path(tempfile.mkdtemp())
+    fp8, ref = fp8_checkpoint(build_checkpoint("llama", tmp / "src"), tmp / "fp8", "ct-channel")
+    prompts = [torch.randint(5, 440, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40, 9)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    runs, stored = {}, None
+    for key in ((False, True), (True, True), (True, False), ("ref", None)):
+        llm = LLM(str(ref if key[0] == "ref" else fp8), dtype="bfloat16", max_num_seqs=8, kv_cache_tokens=4096,
+                  **({} if key[0] == "ref" else dict(async_batching=key[0], enforce_eager=key[1])))
+        if stored is None:
+            stored = isinstance(llm.engine.worker.model.weights.layers[1].qkv, Fp8Weight)
+        runs[key] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.engine.shutdown()
+    fp8_runs = [v for k, v in runs.items() if k[0] != "ref"]
+    same = all(r == fp8_runs[0] for r in fp8_runs)
+    pairs = [(a, b) for x, y in zip(fp8_runs[0], runs[("ref", None)]) for a, b in zip(x, y)]
+    agree = sum(a == b for a, b in pairs) / len(pairs)
+    print(f"fp8 engine: projections stored FP8 {stored}; sync == async, graphs == eager {same}; "
+          f"greedy agreement with the dequantized bf16 model {agree:.0%}")
+    return stored and same and agree >= 0.5
+
+
+def fp8_checks() -> bool:
+    if torch.cuda.get_device_capability() < (8, 9):
+        print("fp8: this GPU has no FP8 GEMMs (compute capability < 8.9): FP8 weights run dequantized there")
+        return True
+    return linear_checks() & engine_checks()
