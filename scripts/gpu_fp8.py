@@ -23,19 +23,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _time_ms(fn, reps: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(5):
-        fn()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def linear_checks() -> bool:
+    from tandem.bench.roofline import _time_ms
     from tandem.model.quant.fp8 import fp8_linear, quantize_per_channel, reference_linear
 
     ok, gen = True, torch.Generator(device="cuda").manual_seed(0)
@@ -57,7 +46,7 @@ def linear_checks() -> bool:
         w.input_scale, w.scale_ub = None, None
         for m in (1, 32, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t8, t16 = _time_ms(lambda: fp8_linear(x, w)), _time_ms(lambda: F.linear(x, dense))
+            t8, t16 = _time_ms(lambda: fp8_linear(x, w), 50), _time_ms(lambda: F.linear(x, dense), 50)
             print(f"fp8 {name} m={m}: {t8 * 1e3:.1f} us FP8 (with activation quantization), {t16 * 1e3:.1f} us bf16")
     return ok & _no_sync_and_graph(w)
 
