@@ -271,3 +271,29 @@ def test_other_forwards_honour_fp8(model, impl, module, monkeypatch):
     assert fp8 != _greedy(model, impl, "auto")  # the rounding shows in the logprobs
     monkeypatch.setattr(importlib.import_module(f"tandem.model.models.{module}"), "store_kv", _rounding_store())
     assert fp8 == _greedy(model, impl, "auto")
+
+
+def test_floor_counts_one_byte_per_kv_element():
+    from tandem.bench.roofline import FloorModel
+    from tandem.bench.step_log import StepRecord
+    from tandem.model.presets import preset_config
+
+    cfg = preset_config("random:llama3-8b")
+    rec = StepRecord(0, num_tokens=8, num_seqs=8, num_decode=8, num_sampled=8, kv_tokens=8 * 4000,
+                     attn_pairs=8 * 4000, t_begin=0, schedule_s=0, build_s=0, submit_s=0)
+    bf16 = FloorModel(cfg, torch.bfloat16).step_cost(rec)
+    fp8 = FloorModel(cfg, torch.bfloat16, kv_dtype=torch.float8_e4m3fn).step_cost(rec)
+    kv_elements = 32 * 2 * 8 * 128 * (8 * 4000 + 8)  # layers x (K, V) x KV heads x head dim x (read + written)
+    assert bf16.bytes - fp8.bytes == kv_elements and bf16.flops == fp8.flops
+
+
+def test_bench_reports_the_kv_cache_dtype(tmp_path, capsys):
+    import json
+
+    from tandem.cli import main
+
+    out = tmp_path / "run.json"
+    assert main(["bench", "--model", "random:tiny", "--kv-cache-dtype", "fp8", "--num-requests", "2", "--prompt-len",
+                 "5", "--max-tokens", "3", "--modes", "async", "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["kv_cache_dtype"] == "float8_e4m3fn"
+    assert "KV cache float8_e4m3fn)" in capsys.readouterr().out

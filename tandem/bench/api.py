@@ -55,14 +55,15 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     quantization, storage = weight_storage(llm)
     weight_dtype = info.dtype if storage is None else storage.dtype
     quant = "" if quantization is None else f", quantization {quantization}"
-    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}; weights {weight_dtype}{quant}), {threads} "
-          f"torch threads; {w.describe()}, modes {', '.join(modes)}", flush=True)
+    kv_dtype = info.kv_cache_dtype or info.dtype
+    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}; weights {weight_dtype}{quant}; KV cache "
+          f"{kv_dtype}), {threads} torch threads; {w.describe()}, modes {', '.join(modes)}", flush=True)
     runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
     results = [run.result for run in runs.values()]
     token_lists = [run.token_ids for run in runs.values()]
     anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
     meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "weight_dtype": weight_dtype,
-            "quantization": quantization, "torch_threads": threads,
+            "quantization": quantization, "kv_cache_dtype": kv_dtype, "torch_threads": threads,
             "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "kv_cache_blocks": info.num_kv_blocks - 1, "block_size": info.block_size,

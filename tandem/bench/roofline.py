@@ -2,9 +2,10 @@
 
 Both ceilings are measured on the machine in the same run. Bytes: every weight read once as stored
 (quantized projections at their own size, scales included; the embedding table only for the rows
-looked up) plus the KV cache read and written by the step. FLOPs: the linear layers for every token,
-the LM head for sampled rows, and attention's two products (against the bf16 GEMM ceiling, also for
-FP8 weights: decode steps are bound by their bytes).
+looked up) plus the KV cache read and written by the step, at the cache's element size (one byte in
+an fp8 cache). FLOPs: the linear layers for every token, the LM head for sampled rows, and
+attention's two products (against the bf16 GEMM ceiling, also for FP8 weights and an fp8 KV cache:
+decode steps are bound by their bytes).
 Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights and its own KV heads
 (1/N of them, or one where they are replicated) and does 1/N of the FLOPs. A sliding-window layer
 reads (and scores) at most its window's keys per query (``StepRecord.windowed``).
@@ -82,8 +83,9 @@ def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
 
 class FloorModel:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1,
-                 linear: LinearStorage | None = None) -> None:
-        """``linear``: how the projections are stored where not in ``dtype`` (quantized weights)."""
+                 linear: LinearStorage | None = None, kv_dtype: torch.dtype | None = None) -> None:
+        """``linear``: how the projections are stored where not in ``dtype`` (quantized weights);
+        ``kv_dtype``: the KV cache's element type where not ``dtype`` (an fp8 cache)."""
         self.cfg, self.tp_size = cfg, tp_size
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         h = cfg.hidden_size
@@ -103,7 +105,8 @@ class FloorModel:
             dense = sum(n * k for n, k in shapes) * self.itemsize
             self.layer_bytes += (sum(linear.bytes_of(n, k) for n, k in shapes) - dense) / tp_size
         local = TPLayout(0, tp_size).local_config(cfg)
-        self.layer_token_bytes = 2 * local.num_kv_heads * cfg.head_dim * self.itemsize  # one layer's K and V
+        kv_itemsize = torch.empty(0, dtype=kv_dtype or dtype).element_size()
+        self.layer_token_bytes = 2 * local.num_kv_heads * cfg.head_dim * kv_itemsize  # one layer's K and V
         self.kv_token_bytes = cfg.num_layers * self.layer_token_bytes
         self.layers_by_window = Counter(cfg.windows)  # window (None: full attention) -> layers
         self.windows = tuple(sorted(w for w in self.layers_by_window if w is not None))

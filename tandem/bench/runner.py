@@ -72,7 +72,7 @@ def run_benchmark(llm: LLM, modes: list[str], w: Workload,
     info = llm.engine.worker.info
     ceilings = measure_ceilings(torch.device(info.device)) if info.device.startswith("cuda") else None
     floor = FloorModel(llm.engine.model_config, getattr(torch, info.dtype), llm.engine.config.tensor_parallel_size,
-                       weight_storage(llm)[1])
+                       weight_storage(llm)[1], getattr(torch, info.kv_cache_dtype or info.dtype))
     requests = make_requests(w, llm.engine.model_config.vocab_size)
     runs = {}
     for mode in modes:
