@@ -31,8 +31,10 @@ def test_fp8_checkpoint_matches_its_dequantized_float32_model(checkpoint_dir, tm
     assert _tokens(fp8) == _tokens(ref)
 
 
-def test_fp8_moe_checkpoint_loads_with_its_experts_dequantized(checkpoint_dir, tmp_path):
-    fp8, ref = fp8_checkpoint(checkpoint_dir("qwen3_moe"), tmp_path / "moe", "ct-channel")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "qwen3_moe"])
+def test_other_families_load_fp8_checkpoints(checkpoint_dir, tmp_path, arch):
+    """q/k/v biases (Qwen2), Gemma's layers, a mixture of experts (its experts dequantized)."""
+    fp8, ref = fp8_checkpoint(checkpoint_dir(arch), tmp_path / arch, "ct-channel")
     assert _tokens(fp8) == _tokens(ref)
 
 
