@@ -111,6 +111,14 @@ def check(seed, hq, hkv, d, page, chunks, window, k_scale, v_scale, splits=()):
         errs.append(rel_err(paged_decode_attention(q, cache, bt, seq_lens, page, spec.scale, window, num_splits=n,
                                                    k_scale=k_scale, v_scale=v_scale), ref))
     assert max(errs) < 1e-5, (seed, chunks, window, k_scale, v_scale, errs)
+    # a cache of the model dtype holds K and V themselves: the layer's scales must not touch it
+    plain = paged_varlen_attention(q, rounded, bt, query_start, seq_lens, page, spec.scale, window, max(q_lens),
+                                   k_scale=k_scale, v_scale=v_scale)
+    assert rel_err(plain, ref) < 1e-5 and rel_err(sdpa.attend(q, rounded, meta, spec), ref) < 1e-6
+    if splits:
+        plain = paged_decode_attention(q, rounded, bt, seq_lens, page, spec.scale, window, num_splits=splits[-1],
+                                       k_scale=k_scale, v_scale=v_scale)
+        assert rel_err(plain, ref) < 1e-5
     return max(errs)
 
 errs = [

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_varlen import attend_key_range, dot_precision, kernel_window, padded_head_dim, score_scales
+from tandem.kernels.paged_varlen import (attend_key_range, cache_scales, dot_precision, kernel_window, padded_head_dim,
+                                         score_scales)
 
 # Keys per block, measured on an H100 (scripts/decode_sweep.py, scripts/kernel_bench.py): 128 for
 # whole sequences per program (8B and 1B decode batches), 64 for split-KV's shorter shares.
@@ -118,6 +119,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     group = n_heads // n_kv
     assert n_heads == group * n_kv and q.stride(2) == 1 and cache.stride(3) == 1 and num_splits >= 1
     out = torch.empty(n_seqs, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    k_scale, v_scale = cache_scales(cache, k_scale, v_scale)
     block_n = block_n or (BLOCK_N if num_splits == 1 else SPLIT_BLOCK_N)
     if num_splits == 1:
         part_acc = part_stats = out  # not touched by the single-pass kernel

@@ -47,6 +47,13 @@ def score_scales(scale: float, softcap: float | None, k_scale: float = 1.0) -> t
     return scale / softcap, softcap * LOG2E
 
 
+def cache_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The scales a kernel applies: an fp8 cache holds K / k_scale and V / v_scale; a cache of the
+    model dtype holds K and V themselves, whatever scales the layer carries (checkpoint scales serve
+    only an fp8 cache)."""
+    return (k_scale, v_scale) if cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+
+
 @triton.jit
 def _tanh(x):
     """tanh from exp2 of a non-positive argument (no overflow); Triton has no portable tanh."""
@@ -203,6 +210,7 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     group = n_heads // n_kv
     assert n_heads == group * n_kv and q.stride(2) == 1 and cache.stride(3) == 1
     out = torch.empty(n_tokens, n_heads * head_dim, dtype=q.dtype, device=q.device)
+    k_scale, v_scale = cache_scales(cache, k_scale, v_scale)
     n_seqs = block_tables.shape[0]
     if n_tokens == 0 or n_seqs == 0 or max_q == 0:
         return out
