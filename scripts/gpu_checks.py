@@ -15,6 +15,8 @@
 - moe: the fused MoE kernel vs its reference in bf16 at Qwen3-30B-A3B's and Mixtral 8x7B's shapes
   (error, NaN, peak workspace within the memory plan's), no hidden sync, a CUDA graph replaying it
   with new routing (scripts/moe_bench.py).
+- w4a16: the 4-bit weight kernel vs float32 arithmetic on the same weights in bf16 at the 8B shapes
+  (decode, split-K and prefill tiers, act order), no hidden sync, graph replay (scripts/w4a16_bench.py).
 - fp8: the FP8 linear (torch._scaled_mm) vs float32 arithmetic and the dequantized bf16 linear at the
   8B shapes, its speed, no sync, graph replay; the engine on an FP8 checkpoint (scripts/gpu_fp8.py).
 """
@@ -276,6 +278,10 @@ def main(argv: list[str]) -> int:
             from moe_bench import check
 
             ok &= check()
+        elif name == "w4a16":
+            from w4a16_bench import check as w4a16_check
+
+            ok &= w4a16_check()
         elif name == "fp8":
             from gpu_fp8 import fp8_checks
 

@@ -2,6 +2,7 @@
 
 Usage: python scripts/kernel_bench.py [--no-flex] [--cpu-smoke]
        python scripts/kernel_bench.py moe [--cpu-smoke]   (the fused MoE kernel: scripts/moe_bench.py)
+       python scripts/kernel_bench.py w4a16 [--cpu-smoke] (4-bit weights vs bf16 cuBLAS: scripts/w4a16_bench.py)
 
 For Llama-3-8B and Llama-3.2-1B attention shapes (page 16, bf16), each row times one kernel with
 triton.testing.do_bench (median) on one case: the varlen kernel on a mixed step and on a pure
@@ -272,6 +273,10 @@ def main(argv: list[str]) -> int:
         from moe_bench import bench
 
         return bench(argv[1:])
+    if argv[:1] == ["w4a16"]:
+        from w4a16_bench import bench as w4a16_bench
+
+        return w4a16_bench(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny float32 shapes on CPU, Triton interpreted")

@@ -156,7 +156,7 @@ import sys, torch
 sys.path.insert(0, TESTS)
 from test_w4a16 import _cases
 from tandem.kernels.w4a16 import W4Tiles, w4a16_matmul, w4a16_tiles
-from tandem.model.quant.int4 import dequantize
+from tandem.model.quant.int4 import Int4Weight, dequantize
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -178,6 +178,11 @@ w = unpack()
 x = torch.randn(2, 3, 256)
 assert rel(w4a16_matmul(x, w), x @ deq().t()) < 1e-5
 assert w4a16_matmul(x[:0], w).shape == (0, 3, 48)
+try:  # a transposed view would be read with the wrong strides: refused
+    w4a16_matmul(x, Int4Weight(w.qweight.t().contiguous().t(), w.scales, w.zeros, w.group_size))
+    raise SystemExit("a non-contiguous qweight was accepted")
+except ValueError as e:
+    assert "contiguous" in str(e)
 assert w4a16_tiles(1, 4096, 4096, 128).split_k > 1 and w4a16_tiles(2000, 4096, 4096, 128).split_k == 1
 w16 = w.to("cpu", torch.float16)
 x16 = torch.randn(9, 256).half()
@@ -187,10 +192,19 @@ print("max rel err", max(errs))
 """
 
 
+ROOT = Path(__file__).parents[1]
+# Interpreted runs in a subprocess: (arguments, what the output must show)
+INTERPRETED = {
+    "kernel": (["-c", f"TESTS = {str(ROOT / 'tests')!r}\n" + KERNEL], "max rel err"),
+    # scripts/kernel_bench.py w4a16 on tiny shapes: the harness the GPU run uses
+    "bench": ([str(ROOT / "scripts" / "kernel_bench.py"), "w4a16", "--cpu-smoke"], "ALL OK"),
+}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (the test extra)")
-def test_kernel_matches_dequantized_weights():
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    code = f"TESTS = {str(root / 'tests')!r}\n" + KERNEL
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and "max rel err" in proc.stdout, proc.stdout + proc.stderr
+@pytest.mark.parametrize("run", list(INTERPRETED))
+def test_interpreted(run):
+    args, shows = INTERPRETED[run]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and shows in proc.stdout and "FAILURES" not in proc.stdout, proc.stdout + proc.stderr

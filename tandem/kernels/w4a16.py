@@ -103,6 +103,9 @@ def _check(x: torch.Tensor, w: Int4Weight) -> None:
                          f"({k // w.group_size}, {n}) {x.dtype}")
     if w.zeros is not None and (w.zeros.shape != w.scales.shape or w.zeros.dtype != torch.uint8):
         raise ValueError(f"w4a16: zeros {tuple(w.zeros.shape)} {w.zeros.dtype}, expected uint8 like the scales")
+    if not all(t.is_contiguous() for t in (w.qweight, w.scales, w.zeros) if t is not None):
+        raise ValueError("w4a16: the packed weights, scales and zeros must be contiguous (the kernel indexes rows "
+                         "by N)")
 
 
 def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -> torch.Tensor:

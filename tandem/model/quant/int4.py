@@ -72,7 +72,7 @@ def pack_nibbles(values: torch.Tensor, dim: int) -> torch.Tensor:
     groups = values.to(torch.int64).unflatten(-1, (-1, PACK))
     words = (groups << (4 * torch.arange(PACK, device=values.device))).sum(-1)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the unsigned word as int32's bits
-    return words.to(torch.int32).movedim(-1, dim)
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
 def _check_group(group_size: int, k: int) -> int:
