@@ -162,3 +162,22 @@ def test_kernel_path_matches_dequantized():
     code = f"TESTS = {str(root / 'tests')!r}\n" + KERNEL_ENGINE
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "engine ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_roofline_counts_what_the_kernel_reads(monkeypatch):
+    """LinearStorage (the floor model's bytes) equals what an Int4Linear holds on the device."""
+    from tandem.model.quant import int4
+    from tandem.model.quant.int4_linear import Int4Linear, int4_storage
+
+    cpu = torch.device("cpu")
+    unpack = {"awq": lambda d: int4.unpack_awq(**pack_awq(d), group_size=GROUP),
+              "ct-sym": lambda d: int4.unpack_compressed(**pack_compressed(d, True), group_size=GROUP)}
+    for fmt, read in unpack.items():
+        qc = resolve_quantization({"quantization_config": _formats()[fmt][0]})
+        assert int4_storage(qc, cpu, torch.bfloat16) is None  # dequantized at load on a CPU
+        with monkeypatch.context() as m:
+            m.setenv("TANDEM_W4A16", "triton")
+            storage = int4_storage(qc, cpu, torch.bfloat16)
+        drawn = _quantize(torch.randn(48, 64), act_order=False, symmetric=fmt == "ct-sym", min_zero=0, seed=1)
+        weight = Int4Linear([read(drawn).to(cpu, torch.bfloat16)])
+        assert weight.nbytes == storage.bytes_of(48, 64), fmt

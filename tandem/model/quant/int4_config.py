@@ -28,6 +28,7 @@ class Int4Config(QuantConfig):
 
     group_size: int = 128  # -1: per output channel
     gptq_v2: bool = False  # GPTQ zero points stored as they are (not minus one)
+    symmetric: bool = False  # every zero point 8: none stored on the device
 
     def describe(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
@@ -69,6 +70,7 @@ def parse_gptq(q: dict[str, Any]) -> Int4Config:
     if q.get("lm_head"):
         raise _refuse("gptq lm_head=True (a quantized LM head)")
     return Int4Config("gptq", "gptq", "int4", "none", group_size=_group(q.get("group_size")), gptq_v2=fmt == "gptq_v2",
+                      symmetric=q.get("sym", True) is True,
                       skip_containing=_names(q.get("modules_to_not_convert"), "modules_to_not_convert"))
 
 
@@ -86,6 +88,7 @@ def parse_pack_quantized(q: dict[str, Any]) -> Int4Config:
         raise _refuse(f"pack-quantized weights strategy={strategy!r}")
     size = _group(w.get("group_size")) if strategy == "group" else -1
     return Int4Config("compressed-tensors", "compressed-tensors", "int4", "none", group_size=size,
+                      symmetric=w.get("symmetric", True) is True,
                       ignore=_names(q.get("ignore"), "ignore"), kv_cache_scheme=q.get("kv_cache_scheme"))
 
 

@@ -22,7 +22,7 @@ from tandem.model.base import Getter
 from tandem.model.quant import int4
 from tandem.model.quant.int4 import Int4Weight
 from tandem.model.quant.int4_config import Int4Config
-from tandem.model.quant.linear import Weight
+from tandem.model.quant.linear import LinearStorage, Weight
 from tandem.model.tp_layout import Part
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,16 @@ SUFFIXES = {"awq": ("qweight", "qzeros", "scales"), "gptq": ("qweight", "qzeros"
 
 def use_kernel(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TANDEM_W4A16") == "triton"
+
+
+def int4_storage(qc: Int4Config, device: torch.device, dtype: torch.dtype) -> LinearStorage | None:
+    """The projections' bytes for the roofline: half a byte per weight and, per output row and group,
+    a scale in the model dtype and a zero-point byte (none when symmetric); None where they are
+    dequantized at load. (An act-order permutation, 8 bytes per input channel, is left out.)"""
+    if not use_kernel(device):
+        return None
+    return LinearStorage("int4", 0.5, scale_bytes=dtype.itemsize + (0 if qc.symmetric else 1),
+                         group_size=None if qc.group_size == -1 else qc.group_size)
 
 
 class Int4Linear:

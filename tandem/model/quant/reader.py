@@ -20,6 +20,8 @@ import torch
 from tandem.model.base import Getter
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
+from tandem.model.quant.int4_config import Int4Config
+from tandem.model.quant.int4_linear import int4_storage
 from tandem.model.quant.linear import LinearStorage, Weight
 from tandem.model.tp_layout import Part
 
@@ -33,6 +35,8 @@ def keeps_fp8(qc: QuantConfig, device: torch.device, dtype: torch.dtype) -> bool
 
 def linear_storage(qc: QuantConfig | None, device: torch.device, dtype: torch.dtype) -> LinearStorage | None:
     """How the projections are stored when ``qc`` loads on ``device``; None: dense, in ``dtype``."""
+    if isinstance(qc, Int4Config):
+        return int4_storage(qc, device, dtype)
     if qc is None or not keeps_fp8(qc, device, dtype):
         return None
     return LinearStorage("float8_e4m3fn", 1, scale_bytes=4, matrix_bytes=4 if qc.activations == "static" else 0)
