@@ -181,3 +181,25 @@ def test_roofline_counts_what_the_kernel_reads(monkeypatch):
         drawn = _quantize(torch.randn(48, 64), act_order=False, symmetric=fmt == "ct-sym", min_zero=0, seed=1)
         weight = Int4Linear([read(drawn).to(cpu, torch.bfloat16)])
         assert weight.nbytes == storage.bytes_of(48, 64), fmt
+
+
+def test_tensor_parallel_parts_and_fusion():
+    """A rank's part (output columns, or input channels on group boundaries) dequantizes to that slice
+    of the weight; act order is refused over input channels; fused parts keep separate permutations."""
+    from tandem.model.quant import int4
+    from tandem.model.quant.int4_linear import Int4Linear, take_part
+    from tandem.model.tp_layout import Part
+
+    drawn = _quantize(torch.randn(48, 128), act_order=False, symmetric=False, min_zero=0, seed=2)
+    w, dense = int4.unpack_awq(**pack_awq(drawn), group_size=GROUP), drawn.weight()
+    assert torch.equal(int4.dequantize(take_part(w, Part(0, 8, 40, 32), "m")), dense[8:40])
+    assert torch.equal(int4.dequantize(take_part(w, Part(1, 32, 96, 64), "m")), dense[:, 32:96])
+    with pytest.raises(ValueError, match="32-channel groups"):
+        take_part(w, Part(1, 16, 80, 64), "m")
+    ordered = _quantize(torch.randn(48, 128), act_order=True, symmetric=False, min_zero=1, seed=3)
+    a = int4.unpack_gptq(**pack_gptq(ordered), group_size=GROUP)
+    with pytest.raises(ValueError, match="act-order"):
+        take_part(a, Part(1, 0, 64, 64), "m")
+    fused = Int4Linear.cat_rows([Int4Linear([w]), Int4Linear([w]), Int4Linear([a])])
+    assert len(fused.parts) == 2 and fused.shape == (144, 128)  # w and w share one GEMM, a keeps its own
+    assert torch.equal(fused.dequantize(torch.float32), torch.cat([dense, dense, ordered.weight()]))

@@ -58,7 +58,8 @@ def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Ti
     return W4Tiles(128 if big else 64, 128, _block_k(group_size, 64), 1, 8 if big else 4, 3)
 
 
-@triton.jit(do_not_specialize=["m"])
+# m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
+@triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
                   tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
