@@ -305,3 +305,88 @@ def test_bench_reports_the_kv_cache_dtype(tmp_path, capsys):
                  "5", "--max-tokens", "3", "--modes", "async", "--no-progress", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["kv_cache_dtype"] == "float8_e4m3fn"
     assert "KV cache float8_e4m3fn)" in capsys.readouterr().out
+
+
+# --- KV cache scales from a checkpoint -------------------------------------------------------------
+
+def _with_kv_scales(src: Path, dst: Path, scales: dict[str, float], scheme: dict | None = None) -> Path:
+    """A copy of checkpoint ``src`` with the given scale tensors added (one float32 value each, shape
+    [1] as llm-compressor writes them) and, if given, kv_cache_scheme in its quantization_config."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors.update({name: torch.tensor([value]) for name, value in scales.items()})
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if scheme is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.setdefault("quantization_config", {})["kv_cache_scheme"] = scheme
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def _layer_scales(n_layers: int, k: float, v: float) -> dict[str, float]:
+    return {**{f"model.layers.{i}.self_attn.k_scale": k * (i + 1) for i in range(n_layers)},
+            **{f"model.layers.{i}.self_attn.v_scale": v * (i + 1) for i in range(n_layers)}}
+
+
+def _checkpoint_greedy(path: Path, kv: str) -> list[tuple]:
+    from tandem.llm import LLM
+    from tandem.sampling_params import SamplingParams
+
+    llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=64, kv_cache_tokens=256, kv_cache_dtype=kv)
+    outs = llm.generate([[5, 9, 200, 31, 7, 88, 120], [300, 2, 2, 8]],
+                        SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True), use_tqdm=False)
+    llm.engine.shutdown()
+    return [(o.outputs[0].token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.outputs[0].logprobs])
+            for o in outs]
+
+
+def test_checkpoint_kv_scales_are_used(checkpoint_dir, tmp_path, monkeypatch):
+    """A checkpoint's per-layer k_scale / v_scale (compressed-tensors' kv_cache_scheme on an FP8
+    checkpoint) reach the fp8 cache: outputs equal a float cache rounded through e4m3 with those
+    scales, and differ from the fp8 cache at scale 1."""
+    from fp8_checkpoints import fp8_checkpoint
+    from tandem.model.models import llama
+
+    fp8_weights, _ = fp8_checkpoint(checkpoint_dir("llama"), tmp_path / "w", "ct-channel")
+    n_layers = len({n.split(".")[2] for n in _safetensor_names(fp8_weights) if n.startswith("model.layers.")})
+    scaled = _with_kv_scales(fp8_weights, tmp_path / "kv", _layer_scales(n_layers, 0.004, 0.003), SCHEME)
+    got = _checkpoint_greedy(scaled, "fp8")
+    assert got != _checkpoint_greedy(fp8_weights, "fp8")  # the scales change the rounding
+    with monkeypatch.context() as patch:
+        patch.setattr(llama, "store_kv", _rounding_store())
+        assert got == _checkpoint_greedy(scaled, "auto")  # the rounding store takes the layers' scales
+
+
+def _safetensor_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_checkpoint_kv_scales_refusals(checkpoint_dir, tmp_path):
+    from tandem.llm import LLM
+    from tandem.model.kv_scales import check_kv_cache_scheme
+
+    check_kv_cache_scheme(SCHEME)
+    for field, value in (("strategy", "channel"), ("dynamic", True), ("num_bits", 4), ("type", "int")):
+        with pytest.raises(NotImplementedError, match=f"kv_cache_scheme sets {{'{field}'"):
+            check_kv_cache_scheme({**SCHEME, field: value})
+    src = checkpoint_dir("llama")
+    legacy = _with_kv_scales(src, tmp_path / "one", {"model.layers.0.self_attn.kv_scale": 0.01})
+    with pytest.raises(ValueError, match="layer 1 has no self_attn.k_scale.*other layers have them"):
+        LLM(str(legacy), device="cpu", kv_cache_tokens=64)
+    bad = _with_kv_scales(src, tmp_path / "neg", _layer_scales(2, -0.01, 0.01))
+    with pytest.raises(ValueError, match="must be one positive finite value"):
+        LLM(str(bad), device="cpu", kv_cache_tokens=64)
+    ok = _with_kv_scales(src, tmp_path / "ok", _layer_scales(2, 0.01, 0.01))
+    with pytest.raises(NotImplementedError, match="not the transformers backend"):
+        LLM(str(ok), device="cpu", kv_cache_tokens=64, model_impl="transformers")

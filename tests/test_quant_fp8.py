@@ -122,7 +122,7 @@ def test_refusals_at_load(checkpoint_dir, tmp_path):
     cfg = json.loads((fp8 / "config.json").read_text())
     cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
     (fp8 / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotImplementedError, match="kv_cache_scheme"):
+    with pytest.raises(ValueError, match="layer 0 has no self_attn.k_scale.*kv_cache_scheme"):  # and no scales
         LLM(str(fp8), device="cpu")
     # the config excludes a module the checkpoint stores in FP8, or quantizes one stored dense
     cfg["quantization_config"].update(kv_cache_scheme=None, ignore=["lm_head", "model.layers.0.mlp.down_proj",

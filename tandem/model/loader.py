@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from tandem.model.base import CausalLM, Getter, MissingWeight
+from tandem.model.kv_scales import load_kv_scales
 from tandem.model.quant.config import resolve_quantization
 from tandem.model.quant.int4_config import Int4Config
 from tandem.model.quant.int4_linear import Int4Getter
@@ -130,9 +131,6 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positi
         raise NotImplementedError(f"quantization_config / quantization={quantization!r} ({qc.describe()}): "
                                   f"quantized weights load only into tandem's native families, not the "
                                   f"transformers backend that runs {config.architecture}")
-    if qc is not None and qc.kv_cache_scheme is not None:
-        raise NotImplementedError(f"quantization_config sets kv_cache_scheme={qc.kv_cache_scheme!r}: FP8 KV cache "
-                                  "scales from the checkpoint are not implemented")
     family = model_class(config.architecture, model_impl)
     comm = comm or SingleDevice()
     if is_preset(source):
@@ -144,6 +142,7 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positi
     get = reader.get if qc is None else quantized(reader.get, qc, device, dtype,
                                                   None if qc.source == "online" else reader)
     model = family.load(config, get, tp, max_positions, comm)
+    load_kv_scales(model, reader, None if qc is None else qc.kv_cache_scheme)  # FP8 KV cache scales, if any
     reader.check_all_used(family.ignored_tensors(config))
     shard = f", tensor-parallel shard {tp.rank + 1}/{tp.size}" if tp.size > 1 else ""
     logger.info("loaded %s (%s, %.2fB params%s) to %s as %s%s", source, config.architecture,
