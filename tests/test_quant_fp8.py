@@ -3,7 +3,12 @@ engine runs of FP8 checkpoints in each format against the float32 model with the
 (CPU: weights are dequantized at load, so the tokens must be identical)."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +284,45 @@ def test_fp8_checkpoint_under_tensor_parallelism(checkpoint_dir, tmp_path):
     finally:
         llm.engine.shutdown()
     assert out == _tokens(ref)
+
+
+# --- the activation quantization kernel (CUDA's path) under Triton's interpreter ----------------------
+
+_KERNEL = r"""
+import torch
+from tandem.kernels.fp8_quant import per_token_fp8
+from tandem.model.quant.fp8 import quantize_activations
+
+g = torch.Generator().manual_seed(0)
+wide = torch.randn(3, 5000, generator=g)  # several column blocks per row
+x = torch.randn(6, 320, generator=g) * torch.tensor([1.0, 100.0, 1e-3, 0.0, 5.0, 1.0])[:, None]
+x[4, 7] = 2e4  # far above the clamp
+strided = torch.randn(4, 400, generator=g)[:, 40:340]  # rows not adjacent
+for t in (wide, x, strided):
+    for static, ub in ((None, None), (None, 3.0), (torch.tensor([0.01]), None)):
+        q, scale = per_token_fp8(t, static, ub)
+        ref_q, ref_scale = quantize_activations(t, static, ub)  # the torch ops (a CPU tensor)
+        assert torch.equal(scale, ref_scale), (static, ub)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), (static, ub)
+print("fp8 quant kernel ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_activation_quantization_kernel_equals_the_torch_ops():
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", _KERNEL], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "fp8 quant kernel ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_activation_quantization_kernel_compiles_for_h100(monkeypatch):
+    import test_triton_compile
+    from tandem.kernels.fp8_quant import _per_token_fp8_kernel
+
+    monkeypatch.setattr(test_triton_compile, "FLOATS", test_triton_compile.FLOATS | {"scale_ub"})
+    for static in (False, True):
+        for has_ub in (False, True):
+            test_triton_compile._compile(_per_token_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv"},
+                                         dict(STATIC=static, HAS_UB=has_ub, BLOCK=2048))

@@ -82,7 +82,12 @@ def quantize_per_channel(w: torch.Tensor) -> Fp8Weight:
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, scale_ub: float | None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 x [M, K], float32 scales [M, 1]): per token from each row's largest magnitude, or the
-    static scale. Device work only (no host synchronisation): capturable in a CUDA graph."""
+    static scale. Device work only (no host synchronisation): capturable in a CUDA graph. On CUDA
+    one Triton kernel (``kernels/fp8_quant``) does what the torch ops below do."""
+    if x.is_cuda and x.stride(-1) == 1:
+        from tandem.kernels.fp8_quant import per_token_fp8
+
+        return per_token_fp8(x, input_scale, scale_ub)
     if input_scale is None:
         amax = x.abs().amax(dim=-1, keepdim=True).float()
         if scale_ub is not None:
