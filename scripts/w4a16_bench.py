@@ -6,12 +6,14 @@ Usage: python scripts/kernel_bench.py w4a16 [--cpu-smoke]
 bench: the linear layers of Llama-3-8B (q/k/v 6144 x 4096, o 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336), group 128 with zero points (AWQ / asymmetric GPTQ), bf16 activations, M rows.
 Each time is triton.testing.do_bench's median. Columns:
-  w4 us      tandem.kernels.w4a16.w4a16_matmul on the packed weights
+  w4 us      tandem.kernels.w4a16.w4a16_matmul on the packed weights (each word loaded once)
+  gather us  the same tiles loading each word once per input channel it holds (load_once=False)
   bf16 us    torch.matmul with the dequantized weights in bf16 (cuBLAS)
   speed-up   bf16 / w4
   floor us   bytes the kernel must read (packed weights, scales, zeros, x) and write (y) / 3.35e12 B/s
              (H100 SXM's HBM3); %floor = floor / w4
-  rel err    w4 vs x.float() @ W.float()^T with W the same dequantized bf16 weights
+  rel err    w4 vs x.float() @ W.float()^T with W the same dequantized bf16 weights (the larger
+             of the two unpacking paths' errors)
   tiles      w4a16_tiles for this M: block_m x block_n x block_k, split_k
 The last line is ALL OK when every rel err < 1e-2 and no NaN, else FAILURES.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,15 +56,19 @@ def bench_row(name: str, n: int, k: int, m: int, w, dense: torch.Tensor) -> bool
 
     device = dense.device
     x = torch.randn(m, k, dtype=dense.dtype, device=device)
-    out = w4a16_matmul(x, w)
-    err, nan = rel_err(out, x.float() @ dense.float().t()), bool(torch.isnan(out).any())
-    w4, bf16 = time_us(lambda: w4a16_matmul(x, w), device), time_us(lambda: x @ dense.t(), device)
+    t = w4a16_tiles(m, n, k, w.group_size, num_sms(device))
+    gather_tiles = replace(t, load_once=False)
+    ref = x.float() @ dense.float().t()
+    outs = [w4a16_matmul(x, w, t), w4a16_matmul(x, w, gather_tiles)]
+    err, nan = max(rel_err(o, ref) for o in outs), any(bool(torch.isnan(o).any()) for o in outs)
+    w4 = time_us(lambda: w4a16_matmul(x, w, t), device)
+    gather = time_us(lambda: w4a16_matmul(x, w, gather_tiles), device)
+    bf16 = time_us(lambda: x @ dense.t(), device)
     stored = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros))
     floor = (stored + x.numel() * x.element_size() + m * n * x.element_size()) / HBM_BYTES_PER_S * 1e6
-    t = w4a16_tiles(m, n, k, w.group_size, num_sms(device))
     tiles = f"{t.block_m}x{t.block_n}x{t.block_k} s{t.split_k}"
-    print(f"{name:<8} {m:>5} {w4:>9.1f} {bf16:>9.1f} {bf16 / w4:>8.2f}x {floor:>8.1f} {floor / w4:>6.1%} "
-          f"{err:>8.1e}{' NaN!' if nan else ''} {tiles:>16}", flush=True)
+    print(f"{name:<8} {m:>5} {w4:>9.1f} {gather:>9.1f} {bf16:>9.1f} {bf16 / w4:>8.2f}x {floor:>8.1f} "
+          f"{floor / w4:>6.1%} {err:>8.1e}{' NaN!' if nan else ''} {tiles:>16}", flush=True)
     return err < MAX_ERR and not nan
 
 
@@ -75,8 +82,8 @@ def bench(argv: list[str]) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"W4A16 (group 128, zero points), device {name}, {dtype}; floor at {HBM_BYTES_PER_S / 1e12:.2f} TB/s")
-    print(f"{'layer':<8} {'M':>5} {'w4 us':>9} {'bf16 us':>9} {'speed-up':>9} {'floor us':>8} {'%floor':>6} "
-          f"{'rel err':>8} {'tiles':>16}")
+    print(f"{'layer':<8} {'M':>5} {'w4 us':>9} {'gather us':>9} {'bf16 us':>9} {'speed-up':>9} {'floor us':>8} "
+          f"{'%floor':>6} {'rel err':>8} {'tiles':>16}")
     ok = True
     for label, n, k in shapes:
         w = make_weight(n, k, dtype, device)
@@ -94,7 +101,8 @@ def check() -> bool:
     call on new activations equals eager."""
     from gpu_checks import hidden_syncs
 
-    from tandem.kernels.w4a16 import w4a16_matmul
+    from tandem.kernels import num_sms
+    from tandem.kernels.w4a16 import w4a16_matmul, w4a16_tiles
     from tandem.model.quant.int4 import Int4Weight, dequantize
 
     device, ok = torch.device("cuda"), True
@@ -103,10 +111,12 @@ def check() -> bool:
         dense = dequantize(w).float()
         for m in (1, 5, 16, 17, 200, 2048):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-            out = w4a16_matmul(x, w)
-            err, nan = rel_err(out, x.float() @ dense.t()), bool(torch.isnan(out).any())
-            print(f"w4a16 {label} M={m}: rel err {err:.1e}{' NaN!' if nan else ''}")
-            ok &= err < MAX_ERR and not nan
+            tiles = w4a16_tiles(m, n, k, w.group_size, num_sms(device))
+            for t in (tiles, replace(tiles, load_once=False)):
+                out = w4a16_matmul(x, w, t)
+                err, nan = rel_err(out, x.float() @ dense.t()), bool(torch.isnan(out).any())
+                print(f"w4a16 {label} M={m} load_once={t.load_once}: rel err {err:.1e}{' NaN!' if nan else ''}")
+                ok &= err < MAX_ERR and not nan
     perm = torch.randperm(4096, device=device)
     w = make_weight(4096, 4096, torch.bfloat16, device)
     shuffled = Int4Weight(w.qweight, w.scales, w.zeros, w.group_size, perm)

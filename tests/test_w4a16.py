@@ -163,7 +163,8 @@ def rel(a, b):
 
 torch.manual_seed(0)
 errs = []
-forced = [None, W4Tiles(16, 32, 32, 4, 4, 1), W4Tiles(32, 64, 32, 3, 4, 1)]  # split-K, uneven splits too
+# split-K, uneven splits, both ways of unpacking the nibbles
+forced = [None, W4Tiles(16, 32, 32, 4, 4, 1, load_once=False), W4Tiles(32, 64, 32, 3, 4, 1)]
 for i, (name, drawn, deq, unpack) in enumerate(_cases()):
     w, ref_w = unpack(), deq()
     for m in (1, 5, 17, 70)[: 4 if i % 3 == 0 else 2]:

@@ -32,6 +32,10 @@ class W4Tiles:
     split_k: int
     num_warps: int
     num_stages: int
+    # How a tile's nibbles are unpacked: True loads each word once ([BK/8, BN]) and expands it by
+    # broadcast + reshape; False loads it once per input channel it holds (eight times; the cache
+    # answers the repeats). Which is faster is measured on the GPU (scripts/w4a16_bench.py).
+    load_once: bool = True
 
 
 def _block_k(group_size: int, largest: int) -> int:
@@ -58,11 +62,26 @@ def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Ti
     return W4Tiles(128 if big else 64, 128, _block_k(group_size, 64), 1, 8 if big else 4, 3)
 
 
+@triton.jit
+def _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             LOAD_ONCE: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] unsigned 4-bit values of input channels k0.., as float32."""
+    if LOAD_ONCE:
+        words = tl.load(q_ptr + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * n + cols[None, :],
+                        mask=col_ok[None, :], other=0)
+        nibble = (tl.arange(0, 8) * 4)[None, :, None]
+        q = tl.reshape((words[:, None, :] >> nibble) & 0xF, (BLOCK_K, BLOCK_N))  # row 8r + i: word r, nibble i
+    else:
+        words = tl.load(q_ptr + ((k0 + ks) // 8)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+        q = (words >> shifts) & 0xF
+    return q.to(tl.float32)
+
+
 # m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
                   tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
     """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
     written to split s's slice of y (the output itself when there is one split)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -77,9 +96,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym,
     for t in range(first, last):
         k0 = t * BLOCK_K
         a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        # each word is loaded by the eight rows of the tile it serves (the cache answers the repeats)
-        words = tl.load(q_ptr + ((k0 + ks) // 8)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
-        q = ((words >> shifts) & 0xF).to(tl.float32)
+        q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
         g = k0 // GROUP
         s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_ZEROS:
@@ -130,7 +147,8 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     _w4a16_kernel[grid](x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n,
                         x2.stride(0), n, m * n, k_tiles, per_split, GROUP=w.group_size,
                         HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
+                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once,
+                        num_warps=tiles.num_warps,
                         num_stages=tiles.num_stages)
     if splits > 1:
         y.copy_(out.sum(0))  # the splits in a fixed order, rounded once
