@@ -98,7 +98,7 @@ def bench(argv: list[str]) -> int:
 def check() -> bool:
     """bf16 at the 8B shapes: error and NaN for M from 1 to 2048 (decode, split-K, prefill tiers);
     an act-order weight (permuted input channels); no hidden sync; a CUDA graph replaying a decode
-    call on new activations equals eager."""
+    call on new activations equals eager; the engine on 4-bit checkpoints (``engine_check``)."""
     from gpu_checks import hidden_syncs
 
     from tandem.kernels import num_sms
@@ -139,7 +139,32 @@ def check() -> bool:
     same = torch.equal(out, w4a16_matmul(fresh, w))
     print(f"w4a16 graph replay on new activations == eager: {same}; synchronizing calls: {len(syncs)}"
           + "".join(f"\n  {s}" for s in syncs[:5]))
-    return ok and same and not syncs
+    return ok and same and not syncs and engine_check()
+
+
+def engine_check(device: str = "cuda") -> bool:
+    """The engine on CUDA (CUDA graphs, async) on a tiny Llama quantized in AWQ and GPTQ act order
+    (tests/test_int4_models.py's helpers): its greedy tokens equal those of the dequantized float32
+    model, in float32 (the kernel's ieee dot products)."""
+    import tempfile
+
+    from checkpoints import build_checkpoint
+    from test_int4_models import PROMPTS, quantized_pair
+
+    from tandem import LLM, SamplingParams
+
+    root = Path(tempfile.mkdtemp())
+    src, ok = build_checkpoint("llama", root / "llama"), True
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for fmt in ("awq", "gptq-act-order"):
+        runs = []
+        for path in quantized_pair(src, root, fmt):
+            llm = LLM(str(path), device=device, dtype="float32", max_num_seqs=4, max_model_len=128)
+            runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)])
+            llm.engine.shutdown()
+        print(f"w4a16 engine {fmt} (CUDA graphs, float32): tokens == dequantized model: {runs[0] == runs[1]}")
+        ok &= runs[0] == runs[1]
+    return ok
 
 
 if __name__ == "__main__":
