@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -79,30 +80,40 @@ def quantize_per_channel(w: torch.Tensor) -> Fp8Weight:
     return Fp8Weight((w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
 
 
-def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, scale_ub: float | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 x [M, K], float32 scales [M, 1]): per token from each row's largest magnitude, or the
-    static scale. Device work only (no host synchronisation): capturable in a CUDA graph. On CUDA
-    one Triton kernel (``kernels/fp8_quant``) does what the torch ops below do."""
+def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, scale_ub: float | None,
+                         group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 x [M, K], float32 scales [M, groups]): per token (``group`` None) or per group of
+    ``group`` columns from the largest magnitude, or the static scale. Device work only (no host
+    synchronisation): capturable in a CUDA graph. On CUDA one Triton kernel (``kernels/fp8_quant``)
+    does what the torch ops below do."""
     if x.is_cuda and x.stride(-1) == 1:
-        from tandem.kernels.fp8_quant import per_token_fp8
+        from tandem.kernels.fp8_quant import fp8_quant
 
-        return per_token_fp8(x, input_scale, scale_ub)
-    if input_scale is None:
-        amax = x.abs().amax(dim=-1, keepdim=True).float()
-        if scale_ub is not None:
-            amax = amax.clamp(max=scale_ub)
-        scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
-    else:
+        return fp8_quant(x, input_scale, scale_ub, group)
+    if input_scale is not None:
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    m, k = x.shape
+    size = group or k
+    groups = -(-k // size)
+    padded = F.pad(x.float(), (0, groups * size - k))
+    amax = padded.view(m, groups, size).abs().amax(dim=-1)
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (x.float() / scale.repeat_interleave(size, 1)[:, :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w.T in FP8 with row-wise scales (``torch._scaled_mm``; per-row weights only)."""
-    if w.block is not None:
-        raise NotImplementedError("block-wise FP8 GEMM is not built: block-wise weights are dequantized at load")
+    """x [..., K] @ w.T in FP8: ``torch._scaled_mm`` with row-wise scales, or for block-wise weights
+    the Triton block GEMM (``kernels/fp8_gemm``) over activations quantized per group of a block's width."""
     lead, k = x.shape[:-1], x.shape[-1]
+    if w.block is not None:
+        from tandem.kernels.fp8_gemm import fp8_block_gemm
+
+        xq, scale_a = quantize_activations(x.reshape(-1, k), None, None, w.block[1])
+        out = fp8_block_gemm(xq, scale_a, w.weight, w.scale, w.block, x.dtype, bias)
+        return out.view(*lead, w.shape[0])
     xq, scale_a = quantize_activations(x.reshape(-1, k), w.input_scale, w.scale_ub)
     out = torch._scaled_mm(xq, w.weight.t(), scale_a=scale_a, scale_b=w.scale.view(1, -1), out_dtype=x.dtype)
     if bias is not None:
@@ -113,8 +124,9 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) 
 def reference_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``fp8_linear``'s arithmetic in float32 on any device: the FP8 activations times the FP8 weights."""
     lead, k = x.shape[:-1], x.shape[-1]
-    xq, scale_a = quantize_activations(x.reshape(-1, k), w.input_scale, w.scale_ub)
-    out = (xq.float() * scale_a) @ w.dequantize(torch.float32).t()
+    group = None if w.block is None else w.block[1]
+    xq, scale_a = quantize_activations(x.reshape(-1, k), w.input_scale, w.scale_ub, group)
+    out = (xq.float() * scale_a.repeat_interleave(group or k, 1)[:, :k]) @ w.dequantize(torch.float32).t()
     if bias is not None:
         out = out + bias.float()
     return out.view(*lead, w.shape[0]).to(x.dtype)

@@ -61,18 +61,21 @@ def read_linear(get: Any, name: str, shape: tuple[int, ...], part: Any) -> Weigh
 @dataclass(frozen=True)
 class LinearStorage:
     """How the projection weights (q/k/v/o and dense MLPs) sit on the device, for byte counts (the
-    roofline): ``element_bytes`` per weight, ``scale_bytes`` per output row and group of ``group_size``
-    inputs (None: one group per row), ``matrix_bytes`` per matrix (a static activation scale)."""
+    roofline): ``element_bytes`` per weight, ``scale_bytes`` per ``block_rows`` output rows and group of
+    ``group_size`` inputs (None: one group per row), ``matrix_bytes`` per matrix (a static activation
+    scale)."""
 
     dtype: str  # what the weights are stored as, e.g. "float8_e4m3fn"
     element_bytes: float
     scale_bytes: int = 0
     group_size: int | None = None
     matrix_bytes: int = 0
+    block_rows: int = 1
 
     def bytes_of(self, rows: int, cols: int) -> float:
         groups = 1 if self.group_size is None else math.ceil(cols / self.group_size)
-        return rows * cols * self.element_bytes + rows * groups * self.scale_bytes + self.matrix_bytes
+        scales = math.ceil(rows / self.block_rows) * groups
+        return rows * cols * self.element_bytes + scales * self.scale_bytes + self.matrix_bytes
 
 
 def weight_bytes(weight: Weight) -> int:

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def keeps_fp8(qc: QuantConfig, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the projections stay FP8 on this device (else they are dequantized at load)."""
-    return qc.method == "fp8" and native_fp8(device, dtype) and qc.weights != "block"
+    return qc.method == "fp8" and native_fp8(device, dtype)
 
 
 def linear_storage(qc: QuantConfig | None, device: torch.device, dtype: torch.dtype) -> LinearStorage | None:
@@ -39,6 +39,8 @@ def linear_storage(qc: QuantConfig | None, device: torch.device, dtype: torch.dt
         return int4_storage(qc, device, dtype)
     if qc is None or not keeps_fp8(qc, device, dtype):
         return None
+    if qc.block is not None:  # one float32 scale per block
+        return LinearStorage("float8_e4m3fn", 1, scale_bytes=4, group_size=qc.block[1], block_rows=qc.block[0])
     return LinearStorage("float8_e4m3fn", 1, scale_bytes=4, matrix_bytes=4 if qc.activations == "static" else 0)
 
 
@@ -59,11 +61,9 @@ class QuantizedGetter:
         self.plain, self.qc, self.dtype, self.reader = plain, qc, dtype, reader
         self.native = keeps_fp8(qc, device, dtype)
         if not self.native:
-            why = ("the block-wise FP8 GEMM is not built" if qc.weights == "block" else
-                   "FP8 GEMMs need CUDA compute capability >= 8.9 and dtype bfloat16")
-            logger.warning("%s: weights are dequantized at load to %s on %s (%s); the model runs weight-only "
-                           "(activations not quantized) with the unquantized model's memory and speed",
-                           qc.describe(), dtype, device, why)
+            logger.warning("%s: weights are dequantized at load to %s on %s (FP8 GEMMs need CUDA compute "
+                           "capability >= 8.9 and dtype bfloat16); the model runs weight-only (activations not "
+                           "quantized) with the unquantized model's memory and speed", qc.describe(), dtype, device)
 
     def __call__(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
         weight = self._read(name, shape, part, linear=False)

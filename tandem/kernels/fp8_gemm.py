@@ -1,0 +1,60 @@
+"""The block-wise FP8 GEMM (weights with one scale per [bn, bk] block, the Qwen3/DeepSeek "-FP8"
+format): out = sum over k-blocks of (a_fp8 @ b_fp8^T) * a_scale[row, kb] * b_scale[nb, kb], the
+activations quantized per row and group of bk columns (``kernels/fp8_quant``). Each BLOCK_K step lies
+inside one scale block, so the FP8 product of a step is scaled once, in float32. ``FP8_DOT`` False
+(Triton's interpreter, which has no FP8 matrix product) multiplies the same values widened to
+float32."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, m, n, k, stride_am, stride_bn,
+                           a_groups, b_kblocks, block_n, block_k, HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=(rows[:, None] < m) & (kk[None, :] < k),
+                    other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + kk[:, None], mask=(cols[None, :] < n) & (kk[:, None] < k),
+                    other=0.0)  # [BLOCK_K, BLOCK_N]: the weight is [n, k] row-major
+        if FP8_DOT:
+            part = tl.dot(a, b)
+        else:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        kb = k0 // block_k
+        sa = tl.load(a_scale_ptr + rows * a_groups + kb, mask=rows < m, other=0.0)
+        sb = tl.load(b_scale_ptr + (cols // block_n) * b_kblocks + kb, mask=cols < n, other=0.0)
+        acc += part * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+
+def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   block: tuple[int, int], out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] FP8 with a_scale [M, ceil(K / bk)]; b [N, K] FP8 with b_scale [ceil(N / bn), ceil(K / bk)]
+    -> [M, N] in ``out_dtype``. Tiles from the shapes only (static shapes: graph-capturable)."""
+    m, k = a.shape
+    n = b.shape[0]
+    block_k = min(block[1], 128)
+    if block[1] % block_k or block_k < 16:
+        raise ValueError(f"block-wise FP8 GEMM needs a block width that is a multiple of 16 up to 128 or of 128, "
+                         f"got {block[1]}")
+    block_m = 16 if m <= 16 else 64
+    block_n = 32 if m <= 16 else 128  # small batches: more column tiles to fill the GPU
+    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _fp8_block_gemm_kernel[grid](a, b, c, a_scale, b_scale, bias if bias is not None else c, m, n, k, a.stride(0),
+                                 b.stride(0), a_scale.shape[1], b_scale.shape[1], block[0], block[1],
+                                 HAS_BIAS=bias is not None, FP8_DOT=a.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 BLOCK_K=block_k)
+    return c
