@@ -83,7 +83,7 @@ from tandem.model.attention.base import AttentionSpec
 from tandem.model.attention.sdpa import SdpaBackend
 from tandem.model.layers import kv, rotary
 
-def check(seed, hq, hkv, d, page, chunks, window, k_scale, v_scale, splits=()):
+def check(seed, hq, hkv, d, page, chunks, window, k_scale, v_scale, splits=(), cap=None):
     # The kernels on an fp8 cache against SDPA on a float32 cache holding the same values rounded
     # through e4m3 explicitly (scale 1 in its spec), and against SDPA's own fp8 path; the reference
     # on the unrounded values must differ (the rounding is visible at these magnitudes).
@@ -98,26 +98,26 @@ def check(seed, hq, hkv, d, page, chunks, window, k_scale, v_scale, splits=()):
     query_start = torch.tensor([0, *itertools.accumulate(q_lens)])
     positions = torch.cat([torch.arange(n - m, n) for m, n in zip(q_lens, lens)])
     q, seq_lens = 0.05 * torch.randn(len(positions), hq, d), torch.tensor(lens)
-    spec = AttentionSpec(d ** -0.5, window, k_scale=k_scale, v_scale=v_scale)
+    spec = AttentionSpec(d ** -0.5, window, cap, k_scale=k_scale, v_scale=v_scale)
     sdpa = SdpaBackend()
     meta = sdpa.prepare(AttentionInputs(torch.zeros(len(positions), dtype=torch.long), bt, query_start, seq_lens,
                                         positions, max(q_lens), page))
-    ref = sdpa.attend(q, rounded, meta, AttentionSpec(d ** -0.5, window))
+    ref = sdpa.attend(q, rounded, meta, AttentionSpec(d ** -0.5, window, cap))
     assert rel_err(sdpa.attend(q, cache, meta, spec), ref) < 1e-6
-    assert rel_err(sdpa.attend(q, exact, meta, AttentionSpec(d ** -0.5, window)), ref) > 1e-3
+    assert rel_err(sdpa.attend(q, exact, meta, AttentionSpec(d ** -0.5, window, cap)), ref) > 1e-3
     errs = [rel_err(paged_varlen_attention(q, cache, bt, query_start, seq_lens, page, spec.scale, window, max(q_lens),
-                                           k_scale=k_scale, v_scale=v_scale), ref)]
+                                           cap, k_scale=k_scale, v_scale=v_scale), ref)]
     for n in splits:  # decode steps: the decode kernel, single pass and split-KV
         errs.append(rel_err(paged_decode_attention(q, cache, bt, seq_lens, page, spec.scale, window, num_splits=n,
-                                                   k_scale=k_scale, v_scale=v_scale), ref))
+                                                   softcap=cap, k_scale=k_scale, v_scale=v_scale), ref))
     assert max(errs) < 1e-5, (seed, chunks, window, k_scale, v_scale, errs)
     # a cache of the model dtype holds K and V themselves: the layer's scales must not touch it
     plain = paged_varlen_attention(q, rounded, bt, query_start, seq_lens, page, spec.scale, window, max(q_lens),
-                                   k_scale=k_scale, v_scale=v_scale)
+                                   cap, k_scale=k_scale, v_scale=v_scale)
     assert rel_err(plain, ref) < 1e-5 and rel_err(sdpa.attend(q, rounded, meta, spec), ref) < 1e-6
     if splits:
         plain = paged_decode_attention(q, rounded, bt, seq_lens, page, spec.scale, window, num_splits=splits[-1],
-                                       k_scale=k_scale, v_scale=v_scale)
+                                       softcap=cap, k_scale=k_scale, v_scale=v_scale)
         assert rel_err(plain, ref) < 1e-5
     return max(errs)
 
@@ -126,6 +126,9 @@ errs = [
     check(31, 6, 2, 24, 16, [(20, 150), (13, 13)], 50, 0.02, 3.0),
     check(32, 4, 2, 32, 8, [(1, 5), (1, 300), (1, 700)], None, 0.5, 0.1, splits=(1, 4)),
     check(33, 8, 2, 16, 4, [(1, 600), (1, 37)], 200, 1.0, 1.0, splits=(1, 2)),
+    # soft-capped scores (Gemma 2): k_scale joins the scale inside the tanh
+    check(34, 4, 2, 16, 8, [(1, 300), (1, 60)], None, 0.05, 0.2, splits=(1, 2), cap=0.5),
+    check(35, 4, 2, 16, 8, [(9, 60), (20, 20)], 30, 0.05, 0.2, cap=0.5),
 ]
 
 # The fused rotary + store writes the bytes store_kv writes (rotated K, V over their scales).
