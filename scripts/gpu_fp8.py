@@ -1,6 +1,7 @@
 """FP8 weights on a GPU (``python scripts/gpu_checks.py fp8``; needs compute capability >= 8.9).
 
-1. The FP8 linear (``torch._scaled_mm``, row-wise scales) vs the same arithmetic in float32
+1. The FP8 linear (``torch._scaled_mm``, row-wise scales; the Triton block GEMM for 128 x 128
+   blocks, and the same kernel on row-wise scales, timed against ``_scaled_mm``) vs the same arithmetic in float32
    (``reference_linear``: error of the bf16 output only) and vs the dequantized weight in bf16 (the
    activations' FP8 rounding too), at the 8B model's projection shapes, for dynamic per-token,
    clamped (fbgemm) and static activation scales; no NaN; no host synchronisation; a CUDA graph
@@ -48,7 +49,48 @@ def linear_checks() -> bool:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t8, t16 = _time_ms(lambda: fp8_linear(x, w), 50), _time_ms(lambda: F.linear(x, dense), 50)
             print(f"fp8 {name} m={m}: {t8 * 1e3:.1f} us FP8 (with activation quantization), {t16 * 1e3:.1f} us bf16")
-    return ok & _no_sync_and_graph(w)
+    return ok & _no_sync_and_graph(w) & block_checks()
+
+
+def _blocks(dense: torch.Tensor, block: tuple[int, int]):
+    """The block-wise FP8 weight of ``dense`` (one scale per block, as the checkpoints store them)."""
+    from fp8_checkpoints import Fp8Format, quantize
+    from tandem.model.quant.fp8 import Fp8Weight
+
+    q, scale, _ = quantize(dense.float(), Fp8Format("block", {}, block=block))
+    return Fp8Weight(q, scale.float().contiguous(), block)
+
+
+def block_checks() -> bool:
+    """Block-wise weights (128 x 128) through the Triton GEMM, and the same kernel on per-row weights
+    (block [1, K]) timed against torch._scaled_mm: which is faster at decode sizes."""
+    from tandem.bench.roofline import _time_ms
+    from tandem.kernels.fp8_gemm import fp8_block_gemm
+    from tandem.model.quant.fp8 import fp8_linear, quantize_activations, quantize_per_channel, reference_linear
+
+    ok, gen = True, torch.Generator(device="cuda").manual_seed(1)
+    for name, (n, k) in SHAPES.items():
+        dense = torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).to(torch.bfloat16)
+        w, rows = _blocks(dense, (128, 128)), quantize_per_channel(dense)
+        for m in (1, 32, 256):
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            out = fp8_linear(x, w)
+            err_ref, err_dense = _rel(out, reference_linear(x, w)), _rel(out, F.linear(x, w.dequantize(torch.bfloat16)))
+            good = err_ref < 1e-2 and err_dense < 6e-2 and not out.isnan().any()
+            ok &= good
+            xq, xs = quantize_activations(x, None, None)
+            triton_rows = _rel(fp8_block_gemm(xq, xs, rows.weight, rows.scale.view(-1, 1), (1, k), x.dtype),
+                               reference_linear(x, rows))
+            ok &= triton_rows < 1e-2
+            times = {"block": _time_ms(lambda: fp8_linear(x, w), 50),
+                     "rows, _scaled_mm": _time_ms(lambda: fp8_linear(x, rows), 50),
+                     "rows, Triton": _time_ms(lambda: fp8_block_gemm(xq, xs, rows.weight, rows.scale.view(-1, 1),
+                                                                      (1, k), x.dtype), 50),
+                     "bf16": _time_ms(lambda: F.linear(x, dense), 50)}
+            print(f"fp8 block {name} [{n}x{k}] m={m}: rel err {err_ref:.1e} vs float32 arithmetic, {err_dense:.1e} vs "
+                  f"dequantized bf16, per-row Triton {triton_rows:.1e}{'' if good else '  FAIL'}; us: "
+                  + ", ".join(f"{key} {t * 1e3:.1f}" for key, t in times.items()))
+    return ok
 
 
 def _no_sync_and_graph(w) -> bool:
