@@ -52,6 +52,8 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     block_m = 16 if m <= 16 else 64
     block_n = 32 if m <= 16 else 128  # small batches: more column tiles to fill the GPU
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return c
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_block_gemm_kernel[grid](a, b, c, a_scale, b_scale, bias if bias is not None else c, m, n, k, a.stride(0),
                                  b.stride(0), a_scale.shape[1], b_scale.shape[1], block[0], block[1],

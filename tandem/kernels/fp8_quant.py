@@ -50,6 +50,8 @@ def fp8_quant(x: torch.Tensor, input_scale: torch.Tensor | None, scale_ub: float
     groups = -(-k // group)
     q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((m, groups), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q, scale
     static = input_scale if input_scale is not None else scale  # a pointer the kernel does not read
     _fp8_quant_kernel[(m, groups)](x, q, scale, static, k, group, x.stride(0), float(scale_ub or 0.0),
                                    STATIC=input_scale is not None, HAS_UB=scale_ub is not None,
