@@ -390,3 +390,17 @@ def test_the_fp8_kernels_compile_for_h100(monkeypatch):
                 _fp8_block_gemm_kernel, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*bf16"},
                 dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=16 if small else 64, BLOCK_N=32 if small else 128,
                      BLOCK_K=128))
+
+
+def test_a_moe_checkpoint_on_fp8_gemms_dequantizes_its_experts(checkpoint_dir, tmp_path, monkeypatch, caplog):
+    import tandem.model.quant.reader as reader
+    from tandem.model.quant.fp8 import Fp8Weight
+
+    monkeypatch.setattr(reader, "native_fp8", lambda device, dtype: dtype == torch.bfloat16)
+    fp8, _ = fp8_checkpoint(checkpoint_dir("qwen3_moe"), tmp_path / "moe", "ct-channel")
+    with caplog.at_level("WARNING", logger="tandem.model.quant.reader"):
+        llm = LLM(str(fp8), device="cpu", dtype="bfloat16", max_model_len=64, kv_cache_tokens=256)
+    layer = llm.engine.worker.model.weights.layers[0]
+    assert isinstance(layer.qkv, Fp8Weight) and layer.experts.w13.dtype == torch.bfloat16
+    assert "mlp.experts.0" in caplog.text and "dequantized at load to torch.bfloat16" in caplog.text
+    assert all(len(o.outputs[0].token_ids) == 10 for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False))

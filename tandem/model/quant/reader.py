@@ -59,7 +59,7 @@ class QuantizedGetter:
     def __init__(self, plain: Getter, qc: QuantConfig, device: torch.device, dtype: torch.dtype,
                  reader: RawReader | None = None) -> None:
         self.plain, self.qc, self.dtype, self.reader = plain, qc, dtype, reader
-        self.native = keeps_fp8(qc, device, dtype)
+        self.native, self.warned_dense = keeps_fp8(qc, device, dtype), False
         if not self.native:
             logger.warning("%s: weights are dequantized at load to %s on %s (FP8 GEMMs need CUDA compute "
                            "capability >= 8.9 and dtype bfloat16); the model runs weight-only (activations not "
@@ -67,7 +67,13 @@ class QuantizedGetter:
 
     def __call__(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
         weight = self._read(name, shape, part, linear=False)
-        return weight if isinstance(weight, torch.Tensor) else self._dense(weight, part)
+        if isinstance(weight, torch.Tensor):
+            return weight
+        if self.native and not self.warned_dense:  # else the warning above said it all
+            self.warned_dense = True
+            logger.warning("FP8 weights read outside the linear layers (%s, and any like it: mixture-of-experts "
+                           "experts, an LM head) are dequantized at load to %s", name, self.dtype)
+        return self._dense(weight, part)
 
     def linear(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> Weight:
         weight = self._read(name, shape, part, linear=True)
