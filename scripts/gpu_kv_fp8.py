@@ -6,8 +6,9 @@
 2. The decode (single pass and split-KV) and varlen kernels on an fp8 cache vs the SDPA backend on
    the same cache (it dequantizes the gathered pages) in bf16, at the 8B model's heads; times of the
    decode kernel on a bf16 and an fp8 cache of the same tokens (it reads half the bytes).
-3. The engine with ``kv_cache_dtype="fp8"`` (random:llama3.2-1b, bf16): sync == async and graphs ==
-   eager token for token; greedy agreement with the bf16 cache over the first 64 tokens (recorded)."""
+3. The engine with ``kv_cache_dtype="fp8"`` (random:llama3.2-1b): sync == async token for token on
+   each path (eager, graphs) in bf16 and float32, graphs == eager in float32; greedy agreement with
+   the bf16 cache over the first 64 tokens (recorded)."""
 from __future__ import annotations
 
 import itertools
@@ -108,27 +109,35 @@ def kernel_checks() -> bool:
 
 
 def engine_checks() -> bool:
+    """Sync == async on each path (eager, graphs) in bf16; graphs == eager only in float32, where no
+    bf16 rounding difference between the captured and the eager decode flips a near-tie (RESULTS,
+    issue 25: graphs differ from eager in bf16 for a bf16 cache too)."""
     from tandem import LLM, SamplingParams
 
     prompts = [torch.randint(0, 32000, (n,)).tolist() for n in (5, 40, 300, 17, 1000, 9)]
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     runs = {}
-    for kv, async_batching, eager in (("fp8", False, True), ("fp8", True, True), ("fp8", True, False),
-                                      ("auto", True, False)):
-        llm = LLM("random:llama3.2-1b", max_model_len=2048, kv_cache_dtype=kv, async_batching=async_batching,
-                  enforce_eager=eager, gpu_memory_utilization=0.5)
-        runs[(kv, async_batching, eager)] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
-                                                                                        use_tqdm=False)]
+    for dtype, kv, async_batching, eager in itertools.product(("bfloat16", "float32"), ("fp8", "auto"),
+                                                              (False, True), (True, False)):
+        if kv == "auto" and (dtype == "float32" or not async_batching or eager):
+            continue  # the bf16-cache baseline: async with graphs only
+        llm = LLM("random:llama3.2-1b", dtype=dtype, max_model_len=2048, kv_cache_dtype=kv,
+                  async_batching=async_batching, enforce_eager=eager, gpu_memory_utilization=0.5)
+        runs[(dtype, kv, async_batching, eager)] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                                               use_tqdm=False)]
         llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()
-    base = runs[("fp8", False, True)]
-    same = all(runs[k] == base for k in runs if k[0] == "fp8")
-    agree = sum(a == b for x, y in zip(runs[("fp8", True, False)], runs[("auto", True, False)]) for a, b in zip(x, y))
-    total = sum(len(x) for x in base)
-    print(f"kv fp8 engine: sync == async == graphs {same}; greedy agreement with the bf16 cache "
-          f"{agree}/{total} = {agree / total:.2f} of the first 64 tokens (recorded)")
-    return same
+    sync_async = all(runs[(d, "fp8", False, e)] == runs[(d, "fp8", True, e)]
+                     for d in ("bfloat16", "float32") for e in (True, False))
+    graphs_eager = runs[("float32", "fp8", True, False)] == runs[("float32", "fp8", True, True)]
+    fp8, bf16 = runs[("bfloat16", "fp8", True, False)], runs[("bfloat16", "auto", True, False)]
+    agree = sum(a == b for x, y in zip(fp8, bf16) for a, b in zip(x, y))
+    total = sum(len(x) for x in fp8)
+    print(f"kv fp8 engine: sync == async (eager and graphs, bf16 and float32) {sync_async}; graphs == eager in "
+          f"float32 {graphs_eager}; greedy agreement with the bf16 cache {agree}/{total} = {agree / total:.2f} of "
+          "the first 64 tokens (recorded: random weights diverge at the first near-tie)")
+    return sync_async and graphs_eager
 
 
 if __name__ == "__main__":
