@@ -312,7 +312,8 @@ for t in (wide, x, strided):
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), (static, ub, group)
 
 # the block GEMM against the float32 arithmetic, ragged edges in every dimension
-for m, n, k, block in ((1, 96, 64, (32, 32)), (21, 80, 100, (16, 32)), (70, 136, 96, (32, 16))):
+# (1, k): row-wise weights, as fp8_linear runs them at decode sizes on CUDA
+for m, n, k, block in ((1, 96, 64, (32, 32)), (21, 80, 100, (16, 32)), (70, 136, 96, (32, 16)), (40, 48, 96, (1, 96))):
     w = torch.randn(n, k, generator=g) * 0.05
     grid = (-(-n // block[0]), -(-k // block[1]))
     scale = torch.rand(grid, generator=g) * 1e-3 + 1e-4
@@ -384,12 +385,11 @@ def test_the_fp8_kernels_compile_for_h100(monkeypatch):
         for has_ub in (False, True):
             test_triton_compile._compile(_fp8_quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv"},
                                          dict(STATIC=static, HAS_UB=has_ub, BLOCK=2048))
-    for small in (True, False):
+    for block_m, block_n in ((16, 32), (32, 32), (64, 32), (64, 128)):  # fp8_block_gemm's tiles
         for bias in (False, True):
             test_triton_compile._compile(
                 _fp8_block_gemm_kernel, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*bf16"},
-                dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=16 if small else 64, BLOCK_N=32 if small else 128,
-                     BLOCK_K=128))
+                dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
 
 
 def test_a_moe_checkpoint_on_fp8_gemms_dequantizes_its_experts(checkpoint_dir, tmp_path, monkeypatch, caplog):

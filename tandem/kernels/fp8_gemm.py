@@ -6,6 +6,8 @@ inside one scale block, so the FP8 product of a step is scaled once, in float32.
 float32."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -39,18 +41,24 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
              mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
+def block_step(width: int) -> int:
+    """BLOCK_K for scale blocks ``width`` wide: the largest power of two up to 128 dividing it (a
+    step never straddles two scale blocks)."""
+    return math.gcd(width, 128)
+
+
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                    block: tuple[int, int], out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] FP8 with a_scale [M, ceil(K / bk)]; b [N, K] FP8 with b_scale [ceil(N / bn), ceil(K / bk)]
-    -> [M, N] in ``out_dtype``. Tiles from the shapes only (static shapes: graph-capturable)."""
+    -> [M, N] in ``out_dtype``. Tiles from the shapes only (static shapes: graph-capturable). Row-wise
+    weight scales are the block [1, K] (b_scale [N, 1]), per-token activation scales a_scale [M, 1]."""
     m, k = a.shape
     n = b.shape[0]
-    block_k = min(block[1], 128)
-    if block[1] % block_k or block_k < 16:
-        raise ValueError(f"block-wise FP8 GEMM needs a block width that is a multiple of 16 up to 128 or of 128, "
-                         f"got {block[1]}")
-    block_m = 16 if m <= 16 else 64
-    block_n = 32 if m <= 16 else 128  # small batches: more column tiles to fill the GPU
+    block_k = block_step(block[1])
+    if block_k < 16:
+        raise ValueError(f"the FP8 block GEMM needs a block width divisible by 16, got {block[1]}")
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n = 32 if m <= 64 else 128  # decode batches: more column tiles, to keep every SM reading weights
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return c

@@ -7,6 +7,7 @@ checkpoint's static per-tensor scale) and multiplies in FP8 with ``torch._scaled
 compute capability >= 8.9 (Ada, Hopper); ``reference_linear`` is the same arithmetic in float32."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +105,17 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, scal
     return (x.float() / scale.repeat_interleave(size, 1)[:, :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# Row-wise weights at most this many rows of activations take the Triton GEMM, more take
+# torch._scaled_mm: on an H100 at the 8B shapes the Triton kernel was faster at m = 1 and 32 (eager,
+# benchmarks/RESULTS.md, issue 25's first figures), _scaled_mm's CUTLASS kernel is made for large m.
+TRITON_MAX_ROWS = 64
+
+
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w.T in FP8: ``torch._scaled_mm`` with row-wise scales, or for block-wise weights
-    the Triton block GEMM (``kernels/fp8_gemm``) over activations quantized per group of a block's width."""
+    """x [..., K] @ w.T in FP8: for block-wise weights the Triton block GEMM (``kernels/fp8_gemm``)
+    over activations quantized per group of a block's width; for row-wise ones the same kernel at
+    decode sizes on CUDA (``TRITON_MAX_ROWS``), else ``torch._scaled_mm``. The same FP8 products either
+    way; only the order of the float32 sums differs."""
     lead, k = x.shape[:-1], x.shape[-1]
     if w.block is not None:
         from tandem.kernels.fp8_gemm import fp8_block_gemm
@@ -115,6 +124,11 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) 
         out = fp8_block_gemm(xq, scale_a, w.weight, w.scale, w.block, x.dtype, bias)
         return out.view(*lead, w.shape[0])
     xq, scale_a = quantize_activations(x.reshape(-1, k), w.input_scale, w.scale_ub)
+    if x.is_cuda and xq.shape[0] <= TRITON_MAX_ROWS and math.gcd(k, 128) >= 32:  # 32: an FP8 dot's depth
+        from tandem.kernels.fp8_gemm import fp8_block_gemm
+
+        out = fp8_block_gemm(xq, scale_a, w.weight, w.scale.view(-1, 1), (1, k), x.dtype, bias)
+        return out.view(*lead, w.shape[0])
     out = torch._scaled_mm(xq, w.weight.t(), scale_a=scale_a, scale_b=w.scale.view(1, -1), out_dtype=x.dtype)
     if bias is not None:
         out = out + bias
