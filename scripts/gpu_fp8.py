@@ -67,7 +67,8 @@ def _graph_us(fn) -> float:
 def block_checks() -> bool:
     """Block-wise weights (128 x 128) through the Triton GEMM, and the paths of row-wise weights timed
     in CUDA graphs: the engine's (``fp8_linear``: Triton up to TRITON_MAX_ROWS rows, then
-    ``_scaled_mm``), each of the two, the activation quantization alone, and bf16."""
+    ``_scaled_mm``), each of the two (Triton with its split-K heuristic and without), the activation
+    quantization alone, and bf16."""
     from tandem.kernels.fp8_gemm import fp8_block_gemm
     from tandem.model.quant.fp8 import fp8_linear, quantize_activations, quantize_per_channel, reference_linear
 
@@ -87,14 +88,15 @@ def block_checks() -> bool:
                 return torch._scaled_mm(xq, rows.weight.t(), scale_a=xs, scale_b=rows.scale.view(1, -1),
                                         out_dtype=x.dtype)
 
-            def triton_rows():
+            def triton_rows(split=None):
                 xq, xs = quantize_activations(x, None, None)
-                return fp8_block_gemm(xq, xs, rows.weight, rows.scale.view(-1, 1), (1, k), x.dtype)
+                return fp8_block_gemm(xq, xs, rows.weight, rows.scale.view(-1, 1), (1, k), x.dtype, split_k=split)
 
             errs = [_rel(f(), reference_linear(x, rows)) for f in (scaled_mm, triton_rows)]
             ok &= max(errs) < 1e-2
             times = {"block": _graph_us(lambda: fp8_linear(x, w)), "rows (engine)": _graph_us(lambda: fp8_linear(x, rows)),
                      "rows _scaled_mm": _graph_us(scaled_mm), "rows Triton": _graph_us(triton_rows),
+                     "rows Triton unsplit": _graph_us(lambda: triton_rows(1)),
                      "quantization": _graph_us(lambda: quantize_activations(x, None, None)),
                      "bf16": _graph_us(lambda: F.linear(x, dense))}
             print(f"fp8 {name} [{n}x{k}] m={m}: block rel err {err_ref:.1e} vs float32 arithmetic, {err_dense:.1e} vs "

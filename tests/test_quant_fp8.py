@@ -322,10 +322,11 @@ for m, n, k, block in ((1, 96, 64, (32, 32)), (21, 80, 100, (16, 32)), (70, 136,
     a = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g)
     aq, a_scale = quantize_activations(a, None, None, block[1])
-    out = fp8_block_gemm(aq, a_scale, weight.weight, weight.scale, block, torch.float32, bias)
     ref = reference_linear(a, weight, bias)
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err < 1e-5, (m, n, k, block, err)
+    for split in (None, 1, 3):  # None: from the shapes (num_sms is 8 on a CPU: it splits)
+        out = fp8_block_gemm(aq, a_scale, weight.weight, weight.scale, block, torch.float32, bias, split)
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, (m, n, k, block, split, err)
 print("fp8 kernels ok")
 """
 
@@ -389,7 +390,7 @@ def test_the_fp8_kernels_compile_for_h100(monkeypatch):
         for bias in (False, True):
             test_triton_compile._compile(
                 _fp8_block_gemm_kernel, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*bf16"},
-                dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
+                dict(HAS_BIAS=bias, FP8_DOT=True, SPLIT=not bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
 
 
 def test_a_moe_checkpoint_on_fp8_gemms_dequantizes_its_experts(checkpoint_dir, tmp_path, monkeypatch, caplog):

@@ -12,16 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels import num_sms
+
 
 @triton.jit
 def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, m, n, k, stride_am, stride_bn,
-                           a_groups, b_kblocks, block_n, block_k, HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           a_groups, b_kblocks, block_n, block_k, k_per_split, HAS_BIAS: tl.constexpr,
+                           FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    split = tl.program_id(2)
+    for k0 in range(split * k_per_split, tl.minimum(k, split * k_per_split + k_per_split), BLOCK_K):
         kk = k0 + ks
         a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=(rows[:, None] < m) & (kk[None, :] < k),
                     other=0.0)
@@ -37,7 +41,8 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
         acc += part * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+    out = c_ptr + split * m * n if SPLIT else c_ptr  # SPLIT: this split's float32 partial sums
+    tl.store(out + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
@@ -47,11 +52,20 @@ def block_step(width: int) -> int:
     return math.gcd(width, 128)
 
 
+def _num_splits(programs: int, steps: int, device: torch.device) -> int:
+    """Decode sizes leave too few tiles to keep every SM reading weights: split K over two programs
+    per SM, each keeping at least 4 steps."""
+    return max(1, min(2 * num_sms(device) // programs, steps // 4))
+
+
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                   block: tuple[int, int], out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+                   block: tuple[int, int], out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+                   split_k: int | None = None) -> torch.Tensor:
     """a [M, K] FP8 with a_scale [M, ceil(K / bk)]; b [N, K] FP8 with b_scale [ceil(N / bn), ceil(K / bk)]
     -> [M, N] in ``out_dtype``. Tiles from the shapes only (static shapes: graph-capturable). Row-wise
-    weight scales are the block [1, K] (b_scale [N, 1]), per-token activation scales a_scale [M, 1]."""
+    weight scales are the block [1, K] (b_scale [N, 1]), per-token activation scales a_scale [M, 1].
+    ``split_k`` (default: from the shapes, for up to 64 rows): K split over that many programs per tile,
+    whose float32 partial sums are added in a fixed order (the same result every run)."""
     m, k = a.shape
     n = b.shape[0]
     block_k = block_step(block[1])
@@ -59,12 +73,22 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         raise ValueError(f"the FP8 block GEMM needs a block width divisible by 16, got {block[1]}")
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     block_n = 32 if m <= 64 else 128  # decode batches: more column tiles, to keep every SM reading weights
-    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
-        return c
+        return torch.empty((m, n), device=a.device, dtype=out_dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _fp8_block_gemm_kernel[grid](a, b, c, a_scale, b_scale, bias if bias is not None else c, m, n, k, a.stride(0),
-                                 b.stride(0), a_scale.shape[1], b_scale.shape[1], block[0], block[1],
-                                 HAS_BIAS=bias is not None, FP8_DOT=a.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n,
-                                 BLOCK_K=block_k)
-    return c
+    steps = triton.cdiv(k, block_k)
+    if split_k is None:
+        split_k = _num_splits(grid[0] * grid[1], steps, a.device) if m <= 64 else 1
+    per_split = triton.cdiv(steps, split_k) * block_k
+    splits = triton.cdiv(k, per_split)
+    c = torch.empty((splits, m, n) if splits > 1 else (m, n), device=a.device,
+                    dtype=torch.float32 if splits > 1 else out_dtype)
+    has_bias = bias is not None and splits == 1
+    _fp8_block_gemm_kernel[grid + (splits,)](
+        a, b, c, a_scale, b_scale, bias if has_bias else c, m, n, k, a.stride(0), b.stride(0), a_scale.shape[1],
+        b_scale.shape[1], block[0], block[1], per_split, HAS_BIAS=has_bias, FP8_DOT=a.is_cuda, SPLIT=splits > 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if splits == 1:
+        return c
+    out = c.sum(0)
+    return (out if bias is None else out + bias.float()).to(out_dtype)
