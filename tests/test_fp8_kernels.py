@@ -6,14 +6,12 @@ compile for the H100 (sm_90, FP8 dot)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+from test_triton_varlen import _run_interpreted  # noqa: E402 (a subprocess under TRITON_INTERPRET=1)
 
 _KERNEL = r"""
 import torch
@@ -78,22 +76,14 @@ print("fp8 block engine ok")
 """
 
 
-def _interpreted(script: str) -> str:
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def test_the_fp8_kernels_equal_their_references():
-    assert "fp8 kernels ok" in _interpreted(_KERNEL)
+    assert "fp8 kernels ok" in _run_interpreted(_KERNEL)
 
 
 def test_the_engine_on_the_block_fp8_gemm():
     """A block-wise checkpoint through the CUDA path (interpreted): the same tokens as the model
     computing each FP8 linear in float32."""
-    assert "fp8 block engine ok" in _interpreted(_BLOCK_ENGINE)
+    assert "fp8 block engine ok" in _run_interpreted(_BLOCK_ENGINE)
 
 
 def test_the_fp8_kernels_compile_for_h100(monkeypatch):
