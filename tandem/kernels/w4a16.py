@@ -1,4 +1,4 @@
-"""W4A16: y = x @ W^T with W stored as 4-bit integers (``tandem.model.quant.int4.Int4Weight``).
+"""W4A16: y = x @ W^T with W stored as 4-bit integers (``tandem.kernels.int4_layout.Int4Weight``).
 
 The weight never exists in 16 bits in memory: each program loads its tile of packed int32 words
 (eight input channels per word; a column of words is one output channel, so a tile's loads are
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
-from tandem.model.quant.int4 import MIN_GROUP, PACK, Int4Weight
+from tandem.kernels.int4_layout import MIN_GROUP, PACK, Int4Weight
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,16 @@ from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 Getter = Callable[[str, tuple[int, ...], "Part | None"], torch.Tensor]
 
 
+def padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
+    """Zeros after a part that ends before its size (the last vocabulary shard): what a Getter returns."""
+    missing = 0 if part is None else part.size - tensor.shape[part.dim]
+    if not missing:
+        return tensor
+    pad = list(tensor.shape)
+    pad[part.dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=part.dim)
+
+
 class MissingWeight(ValueError):
     """A checkpoint has no tensor of that name."""
 

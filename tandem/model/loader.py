@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tandem.model.base import CausalLM, Getter, MissingWeight
+from tandem.model.base import CausalLM, Getter, MissingWeight, padded
 from tandem.model.kv_scales import load_kv_scales
 from tandem.model.quant.config import resolve_quantization
 from tandem.model.quant.int4_config import Int4Config
@@ -105,16 +105,6 @@ class CheckpointReader:
 
 def _index(part: Part) -> tuple[slice, ...]:
     return (slice(None),) * part.dim + (slice(part.start, part.stop),)
-
-
-def padded(tensor: torch.Tensor, part: Part | None) -> torch.Tensor:
-    """Zeros after a part that ends before its size (the last vocabulary shard)."""
-    missing = 0 if part is None else part.size - tensor.shape[part.dim]
-    if not missing:
-        return tensor
-    pad = list(tensor.shape)
-    pad[part.dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(pad)], dim=part.dim)
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int = 0,

@@ -19,37 +19,11 @@ same from the common layout. Anything else (other bit widths, group sizes that a
 32, AWQ without zero points, unequal act-order groups) is refused, naming it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-PACK = 8  # 4-bit values per int32
+from tandem.kernels.int4_layout import MIN_GROUP, PACK, Int4Weight  # noqa: F401 (the layout this module fills)
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output channel 8c + AWQ_ORDER[i]
-MIN_GROUP = 32  # the kernel reads whole K tiles of one group; its smallest tile is 32 channels
-
-
-@dataclass
-class Int4Weight:
-    """The kernel's layout of one 4-bit linear (see the module docstring)."""
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    group_size: int
-    perm: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[0] * PACK
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[1]
-
-    def to(self, device: torch.device | str, scale_dtype: torch.dtype) -> Int4Weight:
-        """On ``device``, the scales in the model's dtype (the kernel dequantizes into it)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Int4Weight(self.qweight.to(device), self.scales.to(device, scale_dtype), move(self.zeros),
-                          self.group_size, move(self.perm))
 
 
 def unpack_nibbles(words: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(PACK))) -> torch.Tensor:

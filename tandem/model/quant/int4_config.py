@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.model.quant.config import QuantConfig, _names, linear_group
+from tandem.model.quant.spec import QuantConfig, _names, linear_group
 
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from tandem.model.base import Getter
+from tandem.model.base import Getter, padded
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
 from tandem.model.quant.int4_config import Int4Config
@@ -119,7 +119,6 @@ class QuantizedGetter:
         return Fp8Weight(weight, scale, qc.block, input_scale, qc.activation_scale_ub)
 
     def _dense(self, weight: Fp8Weight, part: Part | None) -> torch.Tensor:
-        from tandem.model.loader import padded  # the loader imports this module
 
         return padded(weight.dequantize(self.dtype), part)
 
