@@ -86,3 +86,14 @@ def test_rules_are_checked_up_front(engines):
     with pytest.raises(ValueError, match="reasoning_start '<think>' is 7 tokens"):
         llm.generate(["hi"], SamplingParams(structured_outputs=S(regex="a", reasoning_start="<think>",
                                                                  reasoning_end="</think>")), use_tqdm=False)
+
+
+def test_bad_words_that_ban_every_allowed_token_end_the_request_with_an_error(engines):
+    """allowed_token_ids {a, b}; the bad words "ab" and "bb" leave nothing after a "b": an error naming them."""
+    a, b = ord("a"), ord("b")
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, allowed_token_ids=[a, b],
+                            bad_words_token_ids=[[b, a], [b, b]], logit_bias={b: 50.0})
+    for llm in engines.values():
+        with pytest.raises(ValueError, match="no token is left to sample at output index 1: allowed_token_ids or "
+                                             "bad_words rule out every token"):
+            llm.generate(["hi"], params, use_tqdm=False)

@@ -224,5 +224,8 @@ def no_token_left(seq: Sequence, gen_index: int) -> str:
     p = seq.params
     others = [name for name, on in (("allowed_token_ids", p.allowed_token_ids is not None), ("bad_words", p.bad_words
               or p.bad_words_token_ids), ("min_tokens", gen_index < p.min_tokens)) if on]
+    rules = " or ".join(others) or "the other restrictions"
+    if p.structured_outputs is None:  # bad words of several tokens, with allowed_token_ids
+        return f"no token is left to sample at output index {gen_index}: {rules} rule out every token"
     return (f"no token is left to sample at output index {gen_index}: structured_outputs' grammar allows only "
-            f"tokens that {' or '.join(others) or 'the other restrictions'} rule out")
+            f"tokens that {rules} rule out")
