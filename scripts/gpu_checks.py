@@ -251,47 +251,34 @@ def sampling_kernels(num_cases: int) -> bool:
     return same == n and failures == 0
 
 
+def _cases() -> int:
+    return int(os.environ.get("TANDEM_DIFF_CASES", "30"))
+
+
+def _from(module: str, name: str):
+    """A check that lives in another script of this directory, imported only when it runs."""
+    return lambda: getattr(__import__(module), name)()
+
+
+CHECKS = {
+    "smoke": smoke, "kernels": kernels, "fused": fused_kernels, "nosync": no_hidden_sync,
+    "differential": lambda: differential(_cases(), "float32"),
+    "prefix": lambda: prefix_caching(_cases(), os.environ.get("TANDEM_PREFIX_DTYPE", "float32")),
+    "sampling": lambda: sampling_kernels(_cases()),
+    "structured": _from("gpu_structured", "structured"), "moe": _from("moe_bench", "check"),
+    "w4a16": _from("w4a16_bench", "check"), "fp8": _from("gpu_fp8", "fp8_checks"),
+    "parity": _from("gpu_parity", "parity"),
+}
+
+
 def main(argv: list[str]) -> int:
     checks = argv or ["smoke", "differential"]
+    unknown = [name for name in checks if name not in CHECKS]
+    if unknown:
+        raise SystemExit(f"unknown check(s) {', '.join(map(repr, unknown))}; known: {', '.join(CHECKS)}")
     ok = True
     for name in checks:
-        if name == "smoke":
-            ok &= smoke()
-        elif name == "kernels":
-            ok &= kernels()
-        elif name == "fused":
-            ok &= fused_kernels()
-        elif name == "nosync":
-            ok &= no_hidden_sync()
-        elif name == "differential":
-            ok &= differential(int(os.environ.get("TANDEM_DIFF_CASES", "30")), "float32")
-        elif name == "prefix":
-            ok &= prefix_caching(int(os.environ.get("TANDEM_DIFF_CASES", "30")),
-                                 os.environ.get("TANDEM_PREFIX_DTYPE", "float32"))
-        elif name == "sampling":
-            ok &= sampling_kernels(int(os.environ.get("TANDEM_DIFF_CASES", "30")))
-        elif name == "structured":
-            from gpu_structured import structured
-
-            ok &= structured()
-        elif name == "moe":
-            from moe_bench import check
-
-            ok &= check()
-        elif name == "w4a16":
-            from w4a16_bench import check as w4a16_check
-
-            ok &= w4a16_check()
-        elif name == "fp8":
-            from gpu_fp8 import fp8_checks
-
-            ok &= fp8_checks()
-        elif name == "parity":
-            from gpu_parity import parity
-
-            ok &= parity()
-        else:
-            raise SystemExit(f"unknown check {name!r}")
+        ok &= CHECKS[name]()
     print("ALL OK" if ok else "FAILURES")
     return 0 if ok else 1
 
