@@ -48,6 +48,22 @@ for m, n, k, block in ((1, 96, 64, (32, 32)), (21, 80, 100, (16, 32)), (70, 136,
         out = fp8_block_gemm(aq, a_scale, weight.weight, weight.scale, block, torch.float32, bias, split)
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, (m, n, k, block, split, err)
+
+# the weight-only GEMM (decode sizes): x in its own precision times the dequantized FP8 weight
+from tandem.kernels.w8a16 import W8Tiles, w8a16_matmul
+for m, n, k, block, tiles in ((1, 96, 64, None, None), (5, 80, 128, (16, 32), None), (33, 136, 96, (32, 32), None),
+                              (64, 48, 160, None, W8Tiles(32, 32, 3, 4, 2)), (2, 72, 256, (8, 64), W8Tiles(16, 64, 2, 4, 2))):
+    w = torch.randn(n, k, generator=g) * 0.05
+    scale = (torch.rand(n, generator=g) if block is None else
+             torch.rand((-(-n // block[0]), -(-k // block[1])), generator=g)) * 1e-3 + 1e-4
+    full = scale[:, None].expand(n, k) if block is None else scale.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    weight = Fp8Weight((w / full).clamp(-448, 448).to(torch.float8_e4m3fn), scale, block)
+    a = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    ref = a @ weight.dequantize(torch.float32).t() + bias
+    out = w8a16_matmul(a, weight.weight, weight.scale, block, bias, tiles)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, (m, n, k, block, tiles, err)
 print("fp8 kernels ok")
 """
 

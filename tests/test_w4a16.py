@@ -165,12 +165,13 @@ def rel(a, b):
 torch.manual_seed(0)
 errs = []
 # split-K, uneven splits, both ways of unpacking the nibbles
-forced = [None, W4Tiles(16, 32, 32, 4, 4, 1, load_once=False), W4Tiles(32, 64, 32, 3, 4, 1)]
+forced = [None, W4Tiles(16, 32, 32, 4, 4, 1, load_once=False), W4Tiles(32, 64, 32, 3, 4, 1),
+          W4Tiles(4, 32, 32, 2, 4, 1, gemv=True)]
 for i, (name, drawn, deq, unpack) in enumerate(_cases()):
     w, ref_w = unpack(), deq()
     for m in (1, 5, 17, 70)[: 4 if i % 3 == 0 else 2]:
         x = torch.randn(m, 256)
-        tiles = forced[(i + m) % 3]
+        tiles = forced[(i + m) % 4]
         out, ref = w4a16_matmul(x, w, tiles), x @ ref_w.t()
         errs.append(rel(out, ref))
         assert errs[-1] < 1e-5, (name, m, tiles, errs[-1])

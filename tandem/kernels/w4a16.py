@@ -21,6 +21,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
+from tandem.kernels.split_k import split_sum
 from tandem.kernels.int4_layout import MIN_GROUP, PACK, Int4Weight
 
 
@@ -36,6 +37,10 @@ class W4Tiles:
     # broadcast + reshape; False loads it once per input channel it holds (eight times; the cache
     # answers the repeats). Which is faster is measured on the GPU (scripts/w4a16_bench.py).
     load_once: bool = True
+    # Multiply-and-sum in float32 registers instead of ``tl.dot``, ``block_m`` rows at a time: a
+    # batch of one or a few rows wastes most of a tensor-core tile, and the dot's operand layout
+    # costs a shuffle of every unpacked weight through shared memory.
+    gemv: bool = False
 
 
 def _block_k(group_size: int, largest: int) -> int:
@@ -77,11 +82,28 @@ def _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N: tl.constexpr, BLOC
     return q.to(tl.float32)
 
 
+@triton.jit
+def _gemv_tile(x_ptr, q_ptr, rows, row_ok, stride_xm, k0, n, cols, col_ok, s, z, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 products of one K tile: each packed word loaded once, nibble i of
+    word r (input channel k0 + 8r + i) multiplied with that channel's activations, summed over r."""
+    r = tl.arange(0, BLOCK_K // 8)
+    words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in tl.static_range(8):
+        w = (((words >> (4 * i)) & 0xF).to(tl.float32) - z[None, :]) * s[None, :]  # [BLOCK_K / 8, BLOCK_N]
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 8 * r + i)[None, :], mask=row_ok[:, None],
+                    other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K / 8]
+        part += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+    return part
+
+
 # m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
                   tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr,
+                  GEMV: tl.constexpr):
     """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
     written to split s's slice of y (the output itself when there is one split)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -95,16 +117,20 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
         g = k0 // GROUP
         s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             z = tl.load(z_ptr + g * n + cols, mask=col_ok, other=0).to(tl.float32)
         else:
             z = tl.full((BLOCK_N,), 8.0, tl.float32)
-        w = ((q - z[None, :]) * s[None, :]).to(a.dtype)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GEMV:
+            acc += _gemv_tile(x_ptr, q_ptr, rows, row_ok, stride_xm, k0, n, cols, col_ok, s, z, BLOCK_M, BLOCK_N,
+                              BLOCK_K)
+        else:
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
+            q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
+            w = ((q - z[None, :]) * s[None, :]).to(a.dtype)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
     out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -141,15 +167,14 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     k_tiles = k // tiles.block_k
     per_split = triton.cdiv(k_tiles, tiles.split_k)
     splits = triton.cdiv(k_tiles, per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    out = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
+                      device=x.device)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
     _w4a16_kernel[grid](x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n,
                         x2.stride(0), n, m * n, k_tiles, per_split, GROUP=w.group_size,
                         HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                         BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once,
-                        num_warps=tiles.num_warps,
+                        GEMV=tiles.gemv, num_warps=tiles.num_warps,
                         num_stages=tiles.num_stages)
-    if splits > 1:
-        y.copy_(out.sum(0))  # the splits in a fixed order, rounded once
+    y = out if splits == 1 else split_sum(out, x.dtype)  # the splits in a fixed order, rounded once
     return y.reshape(*lead, n)

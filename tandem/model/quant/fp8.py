@@ -2,9 +2,10 @@
 
 A weight is ``q * scale``: one float32 scale per output row (per-tensor scales are expanded to their
 rows, so that q, k and v, or gate and up, fuse into one matrix however they were scaled) or one per
-[bn, bk] block. The forward quantizes the activations to FP8 too (per token, dynamically, or with the
-checkpoint's static per-tensor scale) and multiplies in FP8 with ``torch._scaled_mm``, which needs
-compute capability >= 8.9 (Ada, Hopper); ``reference_linear`` is the same arithmetic in float32."""
+[bn, bk] block. At decode sizes the forward multiplies 16-bit activations by the widened FP8 weights
+(``kernels/w8a16``); larger batches quantize the activations to FP8 too (per token, dynamically, or
+with the checkpoint's static per-tensor scale) and multiply in FP8 with ``torch._scaled_mm``, which
+needs compute capability >= 8.9 (Ada, Hopper); ``reference_linear`` is that arithmetic in float32."""
 from __future__ import annotations
 
 import math
@@ -105,34 +106,37 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, scal
     return (x.float() / scale.repeat_interleave(size, 1)[:, :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-# Row-wise weights at most this many rows of activations take the Triton GEMM, more take
-# torch._scaled_mm: on an H100 at the 8B shapes the Triton kernel was faster at m = 1 and 32 (eager,
-# benchmarks/RESULTS.md, issue 25's first figures), _scaled_mm's CUTLASS kernel is made for large m.
-TRITON_MAX_ROWS = 64
-
-
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w.T in FP8: for block-wise weights the Triton block GEMM (``kernels/fp8_gemm``)
-    over activations quantized per group of a block's width; for row-wise ones the same kernel at
-    decode sizes on CUDA (``TRITON_MAX_ROWS``), else ``torch._scaled_mm``. The same FP8 products either
-    way; only the order of the float32 sums differs."""
+    """x [..., K] @ w.T with FP8 weights. On CUDA at decode sizes (``w8a16.MAX_ROWS`` rows) the
+    activations stay in 16 bits and the weight-only GEMM widens the FP8 weights in registers: the
+    step is bound by reading weights, and quantizing the activations would cost a launch per layer
+    for nothing. Larger batches quantize the activations (per token, or per group of a block's
+    width) and multiply in FP8: ``torch._scaled_mm`` for row-wise weights, the Triton block GEMM
+    (``kernels/fp8_gemm``) for block-wise ones. The CPU reaches here only in tests (weights are
+    dequantized at load there), through the same two."""
     lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    width = k if w.block is None else w.block[1]
+    if x.is_cuda and x2.shape[0] <= _w8a16_rows() and math.gcd(width, 128) >= 16:  # 16: a dot's least depth
+        from tandem.kernels.w8a16 import w8a16_matmul
+
+        return w8a16_matmul(x2.contiguous(), w.weight, w.scale, w.block, bias).view(*lead, w.shape[0])
     if w.block is not None:
         from tandem.kernels.fp8_gemm import fp8_block_gemm
 
-        xq, scale_a = quantize_activations(x.reshape(-1, k), None, None, w.block[1])
-        out = fp8_block_gemm(xq, scale_a, w.weight, w.scale, w.block, x.dtype, bias)
-        return out.view(*lead, w.shape[0])
-    xq, scale_a = quantize_activations(x.reshape(-1, k), w.input_scale, w.scale_ub)
-    if x.is_cuda and xq.shape[0] <= TRITON_MAX_ROWS and math.gcd(k, 128) >= 32:  # 32: an FP8 dot's depth
-        from tandem.kernels.fp8_gemm import fp8_block_gemm
-
-        out = fp8_block_gemm(xq, scale_a, w.weight, w.scale.view(-1, 1), (1, k), x.dtype, bias)
-        return out.view(*lead, w.shape[0])
+        xq, scale_a = quantize_activations(x2, None, None, w.block[1])
+        return fp8_block_gemm(xq, scale_a, w.weight, w.scale, w.block, x.dtype, bias).view(*lead, w.shape[0])
+    xq, scale_a = quantize_activations(x2, w.input_scale, w.scale_ub)
     out = torch._scaled_mm(xq, w.weight.t(), scale_a=scale_a, scale_b=w.scale.view(1, -1), out_dtype=x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*lead, w.shape[0])
+
+
+def _w8a16_rows() -> int:
+    from tandem.kernels.w8a16 import MAX_ROWS
+
+    return MAX_ROWS
 
 
 def reference_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
