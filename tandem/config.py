@@ -66,7 +66,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            check_type(f.name, getattr(self, f.name), f.type)
         checks = [
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
@@ -106,14 +106,22 @@ class EngineConfig:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    """Options come from users (keywords, CLI, JSON): reject wrong types with the option's name."""
+def check_type(name: str, value: Any, annotation: str) -> None:
+    """Options come from users (keywords, CLI, JSON, YAML): reject wrong types with the option's name.
+    ``annotation`` is the field's (a string): int, float, str, bool or list[...] of one, maybe | None."""
     optional = annotation.endswith("| None")
     if value is None:
         if not optional:
             raise ValueError(f"{name} must not be None")
         return
-    kind = _TYPES[annotation.split("|")[0].strip()]
+    kind_name = annotation.split("|")[0].strip()
+    if kind_name.startswith("list["):
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        for item in value:
+            check_type(name, item, kind_name[5:-1])
+        return
+    kind = _TYPES[kind_name]
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True

@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from tandem.config import EngineConfig
 from tandem.contract.worker import Worker
 from tandem.engine.batch import build_step, padding_for
@@ -35,9 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CoreStats:
-    """The core's gauges and counters, as the server's /metrics exports them."""
+class CoreStats(msgspec.Struct, frozen=True, array_like=True):
+    """The core's gauges and counters, as the server's /metrics exports them. One type in-process and
+    on the wire: the engine-core process sends it as it is (``StepUpdate.stats``), array-like (no
+    field names in the frame)."""
 
     num_running: int
     num_waiting: int

@@ -217,9 +217,7 @@ class CoreLoop:
         self.out.send(self.encoder.encode(msg), copy=False)
 
     def _stats(self) -> Stats:
-        s = self.core.stats()
-        return Stats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions, s.gpu_idle_fraction,
-                     s.prefix_cache_queries, s.prefix_cache_hits, s.gpu_busy_s, s.gpu_idle_s)
+        return self.core.stats()  # one type in the core and on the wire
 
     def _drain_input(self) -> bool:
         """Apply every pending message without blocking; False on Shutdown."""

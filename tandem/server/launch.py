@@ -10,7 +10,6 @@ import gc
 import logging
 import signal
 import socket
-from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
@@ -18,35 +17,16 @@ import uvicorn
 from tandem.config import EngineConfig
 from tandem.engine.heap import freeze
 from tandem.server.app import create_app
-from tandem.server.chat_output import ChatParsing
 from tandem.server.client import EngineClient
-from tandem.server.defaults import (DEFAULT_CORE_HEARTBEAT_TIMEOUT_S, DEFAULT_CORE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
-                                   DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_READ_TIMEOUT_S, default_max_num_waiting)
+from tandem.server.defaults import default_max_num_waiting
 from tandem.server.http_limits import limited_protocol
 from tandem.server.metrics import ServerMetrics
-from tandem.server.request_limits import RequestLimits
+from tandem.server.options import ServeOptions
 
 log = logging.getLogger(__name__)
 
 DEAD_CORE_LINGER_S = 2.0
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    served_model_names: list[str] | None = None
-    max_num_waiting: int | None = None  # None: default_max_num_waiting(max_num_seqs)
-    log_level: int = logging.WARNING
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    allowed_origins: list[str] | None = None  # CORS off unless given
-    core_timeout_s: float = DEFAULT_CORE_TIMEOUT_S  # 0: no watchdog
-    core_heartbeat_timeout_s: float = DEFAULT_CORE_HEARTBEAT_TIMEOUT_S  # 0: /health ignores the heartbeat
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    request_read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S  # for the headers, then for the body
-    chat_parsing: ChatParsing = field(default_factory=ChatParsing)  # tool-call and reasoning parsers
+__all__ = ["ServeOptions", "bind", "serve"]  # ServeOptions: tandem.server.options, the one list
 
 
 class _Server(uvicorn.Server):
@@ -90,26 +70,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _uvicorn_level(options: ServeOptions) -> str:
+    return options.uvicorn_log_level or ("info" if options.log_level <= logging.INFO else "warning")
+
+
 def serve(config: EngineConfig, options: ServeOptions) -> int:
     """Run until stopped; returns the exit status."""
     sock = bind(options.host, options.port)
-    names = options.served_model_names or [config.model]
+    names = options.served_model_name or [config.model]
     print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
     try:
         waiting = options.max_num_waiting
         waiting = default_max_num_waiting(config.max_num_seqs) if waiting is None else waiting
         client = EngineClient(config, ServerMetrics(names[0]), waiting, options.log_level,
-                              options.core_timeout_s, options.core_heartbeat_timeout_s)
+                              options.core_timeout, options.core_heartbeat_timeout)
     except BaseException:
         sock.close()
         raise
     try:
         app = create_app(client, names, config.model, options.api_key, options.max_request_bytes,
-                         options.allowed_origins, options.limits, options.request_read_timeout_s,
-                         options.chat_parsing)
-        uv_config = uvicorn.Config(app, log_level="info" if options.log_level <= logging.INFO else "warning",
-                                   access_log=options.log_level <= logging.DEBUG, timeout_graceful_shutdown=10,
-                                   http=limited_protocol(options.max_header_bytes, options.request_read_timeout_s))
+                         options.allowed_origins, options.limits(), options.request_read_timeout,
+                         options.chat_parsing())
+        uv_config = uvicorn.Config(app, log_level=_uvicorn_level(options),
+                                   access_log=options.log_level <= logging.INFO and not options.disable_log_requests,
+                                   timeout_graceful_shutdown=10,
+                                   http=limited_protocol(options.max_header_bytes, options.request_read_timeout))
         server = _Server(uv_config, client)
         client.on_core_death = server.core_died
         # uvicorn re-raises the signal that stopped it once it is done: make that a no-op, so a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tandem.engine.core import CoreStats
 from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 
@@ -48,18 +49,8 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
     during_startup: bool
 
 
-class Stats(msgspec.Struct, array_like=True):
-    """``EngineCore.stats()`` as gauges: sent at most every STATS_INTERVAL_S and when the core idles."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_preemptions: int
-    gpu_idle_fraction: float | None
-    prefix_cache_queries: int = 0  # cumulative, in tokens
-    prefix_cache_hits: int = 0
-    gpu_busy_s: float = 0.0  # cumulative device seconds in steps
-    gpu_idle_s: float = 0.0  # cumulative device seconds between steps while the core had work
+#: ``EngineCore.stats()``, sent as it is: at most every STATS_INTERVAL_S and when the core idles
+Stats = CoreStats
 
 
 class StepUpdate(msgspec.Struct, tag="step", array_like=True):
