@@ -63,6 +63,9 @@ class EngineConfig:
                                      "server)")
     max_stop_string_length: int = _opt(1024, "most characters in one stop string (longer is a ValueError, a 400 "
                                              "from the server)")
+    kv_events_config: str | None = _opt(None, "KV-cache events for prefix-aware routers, as vLLM's JSON: "
+                                              '\'{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": '
+                                              '"tcp://*:5557", "topic": "kv-events"}\' (docs/scale_out.md)')
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -87,6 +90,12 @@ class EngineConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if self.kv_events_config is not None:  # its keys and types, before anything loads
+            from tandem.engine.kv_events import parse_kv_events_config
+
+            if parse_kv_events_config(self.kv_events_config).active and not self.enable_prefix_caching:
+                raise ValueError("kv_events_config: KV-cache events report the prefix cache's blocks, and "
+                                 "enable_prefix_caching is off")
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:

@@ -26,6 +26,7 @@ from tandem.contract.worker import Worker
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.heap import HeapFreezer
+from tandem.engine.kv_events import open_kv_events
 from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
@@ -67,7 +68,8 @@ class EngineCore:
         self.block_size = info.block_size
         # Sliding-window models too: their blocks are never freed early (the kernels read a context's
         # block table whole and mask by window), so a cached block stays what its prefix computed
-        cache = PrefixCache() if config.enable_prefix_caching else None
+        cache = PrefixCache(open_kv_events(config.kv_events_config, info.block_size)) \
+            if config.enable_prefix_caching else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
                                    eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size))
@@ -198,4 +200,6 @@ class EngineCore:
         self.scheduler.all_steps_done()
         if self.structured is not None:
             self.structured.shutdown()
+        if self.scheduler.cache is not None:
+            self.scheduler.cache.close()  # KV-cache events: what is queued goes out
         self.worker.shutdown()

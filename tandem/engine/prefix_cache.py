@@ -23,8 +23,12 @@ import hashlib
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tandem.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from tandem.engine.kv_events import KVEventRecorder
 
 BlockHash = bytes
 
@@ -64,11 +68,12 @@ class PrefixCacheStats:
 
 
 class PrefixCache:
-    def __init__(self) -> None:
+    def __init__(self, events: KVEventRecorder | None = None) -> None:
         self._block_of: dict[BlockHash, int] = {}
         self._hash_of: dict[int, BlockHash] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0, still cached; oldest first
         self.stats = PrefixCacheStats()
+        self.events = events  # KV-cache events for routers (engine/kv_events.py); None: off
 
     @property
     def num_evictable(self) -> int:
@@ -114,7 +119,10 @@ class PrefixCache:
         if not self._evictable:
             return None
         block, _ = self._evictable.popitem(last=False)
-        del self._block_of[self._hash_of.pop(block)]
+        h = self._hash_of.pop(block)
+        del self._block_of[h]
+        if self.events is not None:
+            self.events.removed(h)
         return block
 
     def clear(self) -> list[int]:
@@ -124,4 +132,23 @@ class PrefixCache:
         self._evictable.clear()
         self._block_of.clear()
         self._hash_of.clear()
+        if self.events is not None:
+            self.events.cleared()
         return freed
+
+    def publish_stored(self, seq: Sequence, hashes: list[BlockHash], first: int, last: int, block_size: int) -> None:
+        """KV-cache events: ``seq``'s blocks [first, last) were just registered. Those this cache now
+        finds (not another block's duplicate) are published, one BlockStored per unbroken run."""
+        run = first
+        for i in range(first, last + 1):
+            if i < last and self._block_of.get(hashes[i]) == seq.block_ids[i]:
+                continue
+            if i > run:
+                self.events.stored(hashes[run - 1] if run else None, hashes[run:i],
+                                   seq.known_tokens(run * block_size, i * block_size))
+            run = i + 1
+
+    def close(self) -> None:
+        """Stop publishing events (what is queued goes out first)."""
+        if self.events is not None:
+            self.events.close()

@@ -197,6 +197,8 @@ class Scheduler(DecodePath):
             hashes = extend_block_hashes(seq, bs, last)
             for i in range(first, last):
                 self.cache.register(seq.block_ids[i], hashes[i])
+            if self.cache.events is not None:  # KV-cache events for routers (engine/kv_events.py)
+                self.cache.publish_stored(seq, hashes, first, last, bs)
             seq.num_registered_blocks = max(seq.num_registered_blocks, last)
 
     def register_filled(self, seqs: list[Sequence]) -> None:
