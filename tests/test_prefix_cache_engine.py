@@ -96,8 +96,8 @@ def test_metrics_export_prefix_cache_counters():
     metrics.on_stats(Stats(0, 0, 0.0, 0, None, 100, 40))
     metrics.on_stats(Stats(0, 0, 0.0, 0, None, 250, 90))
     text = metrics.render().decode()
-    assert 'tandem:prefix_cache_queries_total{model_name="m"} 250.0' in text
-    assert 'tandem:prefix_cache_hits_total{model_name="m"} 90.0' in text
+    assert 'tandem:prefix_cache_queries_total{engine="0",model_name="m"} 250.0' in text
+    assert 'tandem:prefix_cache_hits_total{engine="0",model_name="m"} 90.0' in text
 
 
 def test_bench_prompts_share_a_prefix_and_keep_their_own_tokens():

@@ -51,7 +51,9 @@ def _remove_stale_dirs() -> None:
 
 
 class CoreChannel:
-    def __init__(self, config: EngineConfig, log_level: int = logging.WARNING) -> None:
+    def __init__(self, config: EngineConfig, log_level: int = logging.WARNING,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: set in the core's environment before it builds anything (its GPUs)."""
         _remove_stale_dirs()
         self.tmpdir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self.ctx = zmq.Context()
@@ -69,7 +71,8 @@ class CoreChannel:
         spawn = multiprocessing.get_context("spawn")
         self.stamps = CoreStamps(spawn)  # the core's heartbeat and progress, for the watchdog
         self.process = spawn.Process(target=core_main, name="tandem-core", daemon=True,
-                                     args=(config, input_addr, output_addr, os.getpid(), log_level, self.stamps))
+                                     args=(config, input_addr, output_addr, os.getpid(), log_level, self.stamps,
+                                           env or {}))
         self.process.start()
         self.closed = False
 

@@ -1,7 +1,7 @@
-"""The API process's engine: input processing (validate, tokenize), the channel to the core process,
-output processing (detokenize, stop strings), and one asyncio queue per API request.
+"""The API process's engine: input processing (validate, tokenize), the channels to the engine-core
+process(es), output processing (detokenize, stop strings), and one asyncio queue per API request.
 
-One background task receives the core's per-step messages, turns their token deltas into
+One background task per core receives its per-step messages, turns their token deltas into
 ``RequestOutput``s and puts each on its request's queue; route handlers only read their queue. Every
 accepted request ends with its outputs or a ``RequestFailed``: the core died or was declared dead
 (503, as for a new request then), the server is shutting down (503), or the core refused it or one
@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 import zmq
@@ -26,7 +27,8 @@ from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
 from tandem.outputs import RequestOutput
 from tandem.server import fault_injection
-from tandem.server.channel import CoreChannel, CoreDeadError
+from tandem.server.channel import CoreDeadError
+from tandem.server.dp_client import CoreLink, CoreSet, close_all, core_devices, spawn_cores, wait_cores
 from tandem.server.errors import APIError, bad_request
 from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
 from tandem.server.metrics import ServerMetrics
@@ -53,6 +55,9 @@ class _Route:
     handle: RequestHandle
     index: int  # its choice index in the API request
     arrival: float
+    core: CoreLink  # the engine core it runs on
+    prompt_tokens: int
+    num_tokens: int = 0  # generated so far
     first_token: float | None = None
     last_token: float = 0.0
 
@@ -98,43 +103,50 @@ class RequestHandle:
 
 
 class EngineClient:
-    """Starts the core process (blocking until it is ready), then serves requests from the event loop
-    once ``start()`` ran there."""
+    """Starts the engine cores (blocking until they are ready), then serves requests from the event
+    loop once ``start()`` ran there. One core, or ``data_parallel_size`` of them (``dp_client``):
+    each engine request goes to one core (``dp_router``) and stays there."""
 
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
                  log_level: int = logging.WARNING, core_timeout_s: float = 0.0,
-                 core_heartbeat_timeout_s: float = 0.0) -> None:
+                 core_heartbeat_timeout_s: float = 0.0, data_parallel_size: int = 1) -> None:
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
-        self.channel = CoreChannel(config, log_level)  # the core loads weights while we load the tokenizer
+        if data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be >= 1, not {data_parallel_size}")
+        core_devices(config, data_parallel_size)  # a device setting that cannot split fails before any spawn
+        channels = spawn_cores(config, data_parallel_size, log_level)  # they load weights while we load the tokenizer
         try:
             self.tokenizer = load_tokenizer(config.model)
-            self.info: Ready = self.channel.wait_ready()
         except BaseException:
-            self.channel.close()
+            close_all(channels)
             raise
+        self.cores = wait_cores(channels)
+        self.dp = CoreSet(self.cores, config.enable_prefix_caching)
+        self.info: Ready = self.dp.info
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
         self.output_processor = OutputProcessor(self.tokenizer)
-        fault_injection.install_api_faults(self.output_processor, self.channel,
+        fault_injection.install_api_faults(self.output_processor, self.cores[0].channel,
                                            fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
+        for core in self.cores:
+            metrics.on_ready(core.index, core.info.block_size, core.info.num_kv_blocks, config.enable_prefix_caching)
+            core.watchdog = CoreWatchdog(core.channel.stamps, core_timeout_s, core_heartbeat_timeout_s,
+                                         partial(self._waiting_since, core), partial(self._core_stuck, core))
         self.max_num_waiting = max_num_waiting
         self.routes: dict[str, _Route] = {}
-        self.num_waiting_reported = 0
         self.failure: RequestFailed | None = None  # set once no request can be served any more
-        self.core_dead = False  # the core died, or was declared dead
+        self.core_dead = False  # a core died, or was declared dead
         self.on_core_death: Callable[[], None] | None = None
-        self._receiver: asyncio.Task | None = None
-        self.waiting_since = time.monotonic()  # when requests last started waiting on the core
-        self.watchdog = CoreWatchdog(self.channel.stamps, core_timeout_s, core_heartbeat_timeout_s,
-                                     self._waiting_since, self._core_stuck)
+        self._receivers: list[asyncio.Task] = []
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.channel.sentinel, self._core_exited)
-        self._receiver = asyncio.ensure_future(self._receive_loop())
-        self.watchdog.start()
+        for core in self.cores:
+            loop.add_reader(core.channel.sentinel, self._core_exited, core)
+            self._receivers.append(asyncio.ensure_future(self._receive_loop(core)))
+            core.watchdog.start()
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids (an echoed token-id prompt); ids as text without a tokenizer."""
@@ -151,46 +163,59 @@ class EngineClient:
     async def close(self) -> None:
         self.begin_shutdown()
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self.channel.sentinel)
-        await self.watchdog.stop()
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
-        await loop.run_in_executor(None, self.channel.close)
+        for core in self.cores:
+            loop.remove_reader(core.channel.sentinel)
+            await core.watchdog.stop()
+        for task in self._receivers:
+            task.cancel()
+        await asyncio.gather(*self._receivers, return_exceptions=True)
+        await loop.run_in_executor(None, self.close_channels)
+
+    def close_channels(self) -> None:
+        """Stop every core (idempotent; also what a failed start needs)."""
+        self.dp.close()
 
     @property
     def alive(self) -> bool:
-        return self.channel.process.is_alive() and not self.channel.closed
+        return self.dp.alive
 
     def health_problem(self) -> str | None:
         """Why ``/health`` must answer 503, or None."""
-        if self.core_dead or not self.alive:
-            return "engine core is not running"
-        if not self.watchdog.responsive():
-            return "engine core is not responding"
-        return None
+        return self.dp.health_problem()
 
     # --- requests ----------------------------------------------------------------------------
     def submit(self, requests: list[EngineRequest], prompts: list[str | None], stream: bool) -> RequestHandle:
         """Queue one API request's engine requests (choice i is ``requests[i]``)."""
-        if self.failure is not None:  # shutting down, or the core is gone: unavailable either way
+        if self.failure is not None:  # shutting down, or a core is gone: unavailable either way
             raise APIError(503, self.failure.message)
         self._admit(len(requests))
-        frame = self._encode(requests)  # before anything is registered: a request that fails here leaves no trace
-        if not self.routes:
-            self.waiting_since = time.monotonic()  # the watchdog's clock starts when requests start waiting
+        cores = self.dp.choose(requests)
+        # encoded before anything is registered: a request that fails here leaves no trace
+        frames = {core: self._encode([r for r, c in zip(requests, cores) if c is core]) for core in set(cores)}
         handle = RequestHandle(self, [r.request_id for r in requests])
         now = time.perf_counter()
-        for index, (request, prompt) in enumerate(zip(requests, prompts)):
+        for index, (request, prompt, core) in enumerate(zip(requests, prompts, cores)):
             self.output_processor.add(request.request_id, prompt, request.prompt_token_ids, request.params, stream)
-            self.routes[request.request_id] = _Route(handle, index, now)
+            self._open(core, request.request_id, _Route(handle, index, now, core, len(request.prompt_token_ids)))
         try:
-            self.channel.send_encoded(frame)
+            for core, frame in frames.items():
+                core.channel.send_encoded(frame)
         except CoreDeadError as exc:
             self.abort(handle.engine_ids)
             raise APIError(503, str(exc)) from exc
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
+        for request, core in zip(requests, cores):
+            self.metrics.on_prompt_tokens(len(request.prompt_token_ids), core.index)
         return handle
+
+    def _open(self, core: CoreLink, rid: str, route: _Route) -> None:
+        self.dp.opened(core)
+        self.routes[rid] = route
+
+    def _close_route(self, rid: str) -> _Route | None:
+        route = self.routes.pop(rid, None)
+        if route is not None:
+            self.dp.closed(route.core)
+        return route
 
     def _encode(self, requests: list[EngineRequest]) -> bytes:
         """Seeds drawn, values checked against what the step contract carries, the message encoded:
@@ -202,38 +227,43 @@ class EngineClient:
             except ValueError as exc:
                 raise bad_request(exc) from exc
         try:
-            return self.channel.encoder.encode(AddRequests(requests))
+            return self.cores[0].channel.encoder.encode(AddRequests(requests))
         except (msgspec.EncodeError, OverflowError, UnicodeError) as exc:
             raise APIError(400, f"the request holds a value the engine cannot take ({type(exc).__name__})") from exc
 
     def _admit(self, count: int) -> None:
-        """429 when more than ``max_num_waiting`` requests would wait for a place in the batch: those
-        beyond ``max_num_seqs`` in flight, or the core's last reported queue if longer (KV-bound)."""
+        """429 when more than ``max_num_waiting`` requests would wait for a place in a batch: those
+        beyond the cores' ``max_num_seqs`` in flight, or the cores' last reported queues if longer
+        (KV-bound)."""
         if self.max_num_waiting is None:
             return
-        waiting = max(len(self.routes) + count - self.info.max_num_seqs, self.num_waiting_reported)
+        reported = sum(core.num_waiting_reported for core in self.cores)
+        waiting = max(len(self.routes) + count - self.info.max_num_seqs, reported)
         if waiting > self.max_num_waiting:
             raise APIError(429, f"the server is at capacity: {waiting} requests would be waiting, more than "
                                 f"--max-num-waiting {self.max_num_waiting}; retry later", code="too_many_requests")
 
     def abort(self, engine_ids: list[str]) -> None:
-        running = [rid for rid in engine_ids if self.routes.pop(rid, None) is not None]
-        for rid in running:
-            self.output_processor.abort(rid)
-        if running:
-            self._finish_in_core(running, "abort")
+        by_core: dict[CoreLink, list[str]] = {}
+        for rid in engine_ids:
+            route = self._close_route(rid)
+            if route is not None:
+                self.output_processor.abort(rid)
+                by_core.setdefault(route.core, []).append(rid)
+        for core, ids in by_core.items():
+            self._finish_in_core(core, ids, "abort")
 
-    def _finish_in_core(self, engine_ids: list[str], reason: str) -> None:
-        if self.alive:
+    def _finish_in_core(self, core: CoreLink, engine_ids: list[str], reason: str) -> None:
+        if core.alive:
             try:
-                self.channel.send(FinishRequests(engine_ids, reason))
+                core.channel.send(FinishRequests(engine_ids, reason))
             except CoreDeadError:
                 pass  # the core is gone, and its requests with it
 
-    # --- from the core -----------------------------------------------------------------------
-    async def _receive_loop(self) -> None:
-        socket = self.channel.async_output()
-        decoder = self.channel.decoder
+    # --- from the cores ----------------------------------------------------------------------
+    async def _receive_loop(self, core: CoreLink) -> None:
+        socket = core.channel.async_output()
+        decoder = core.channel.decoder
         while True:
             frames = [await socket.recv(copy=False)]
             while len(frames) < MAX_MESSAGES_PER_WAKEUP:  # whatever else has arrived meanwhile
@@ -247,23 +277,23 @@ class EngineClient:
                 if isinstance(msg, StepUpdate):
                     steps.append(msg)
                 elif isinstance(msg, Failed):
-                    log.error("the engine core failed: %s", msg.message)
-                    self._core_failed(f"the engine core failed: {msg.message}")
+                    log.error("the %s failed: %s", self.dp.name(core), msg.message)
+                    self._core_failed(core, f"the {self.dp.name(core)} failed: {msg.message}")
             try:
-                self._on_steps(steps)
+                self._on_steps(core, steps)
             except Exception as exc:  # noqa: BLE001 - one bad step must not stop the routing of all others
                 log.exception("processing steps from the engine core failed")
-                self._fail_steps(steps, exc)
+                self._fail_steps(core, steps, exc)
             # a recv that finds a message ready does not yield to the event loop: without this, a
             # core that keeps this task busy would starve the handlers that write the events
             await asyncio.sleep(0)
 
-    def _on_steps(self, steps: list[StepUpdate]) -> None:
+    def _on_steps(self, core: CoreLink, steps: list[StepUpdate]) -> None:
         """Process the steps that arrived together as one: when this process falls behind the core,
         each request gets one output (and its client one event) for all of them."""
         if not steps:
             return
-        self._on_step_notices(steps)
+        self._on_step_notices(core, steps)
         now = time.perf_counter()
         ttfts: list[float] = []
         itls: list[float] = []
@@ -272,18 +302,20 @@ class EngineClient:
             self._token_times(msg.deltas.token_request_ids, now, ttfts, itls)
         processed = self.output_processor.process(deltas)
         if processed.stopped:
-            self._finish_in_core(processed.stopped, "stop")
+            self._finish_in_core(core, processed.stopped, "stop")
         for output in processed.outputs:
             route = self.routes.get(output.request_id)
             if route is None:
                 continue
             if output.finished:
-                del self.routes[output.request_id]
-                self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival)
+                self._close_route(output.request_id)
+                self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival, core.index,
+                                         route.prompt_tokens, route.num_tokens)
             route.handle.queue.put_nowait((route.index, output))
-        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, [t for msg in steps for t in msg.queue_times])
+        self.metrics.on_step(len(deltas.token_ids), ttfts, itls, [t for msg in steps for t in msg.queue_times],
+                             core.index)
 
-    def _on_step_notices(self, steps: list[StepUpdate]) -> None:
+    def _on_step_notices(self, core: CoreLink, steps: list[StepUpdate]) -> None:
         """Refusals, failures and stats: applied before the output processing that could fail."""
         for msg in steps:
             for rid, why in msg.rejected.items():
@@ -293,10 +325,10 @@ class EngineClient:
             for rid, why in msg.deltas.errors.items():  # a request the core ended with an error
                 self._fail(rid, RequestFailed(msg.deltas.error_status.get(rid, 500), why))
             if msg.stats is not None:
-                self.num_waiting_reported = msg.stats.num_waiting
-                self.metrics.on_stats(msg.stats)
+                self.dp.on_stats(core, msg.stats)
+                self.metrics.on_stats(msg.stats, core.index)
 
-    def _fail_steps(self, steps: list[StepUpdate], exc: Exception) -> None:
+    def _fail_steps(self, core: CoreLink, steps: list[StepUpdate], exc: Exception) -> None:
         """Processing these steps raised: their requests' text state is unknown, so they fail (and
         are aborted in the core); the rest carry on."""
         ids = {rid for msg in steps for rid in (*msg.deltas.token_request_ids, *msg.deltas.finished)}
@@ -305,7 +337,7 @@ class EngineClient:
         for rid in routed:
             self._fail(rid, error)
         if routed:
-            self._finish_in_core(routed, "abort")
+            self._finish_in_core(core, routed, "abort")
 
     def _token_times(self, request_ids: list[str], now: float, ttfts: list[float], itls: list[float]) -> None:
         routes = self.routes
@@ -313,6 +345,7 @@ class EngineClient:
             route = routes.get(rid)
             if route is None:
                 continue
+            route.num_tokens += 1
             if route.first_token is None:
                 route.first_token = now
                 ttfts.append(now - route.arrival)
@@ -320,40 +353,44 @@ class EngineClient:
                 itls.append(now - route.last_token)
             route.last_token = now
 
-    def _waiting_since(self) -> float | None:
-        return self.waiting_since if self.routes and not self.channel.closed else None
+    def _waiting_since(self, core: CoreLink) -> float | None:
+        return core.waiting_since if core.open and not core.channel.closed else None
 
-    def _core_stuck(self, silent_s: float) -> None:
-        why = "its step loop is stuck" if self.watchdog.responsive() else "its process does not run"
-        log.error("the engine core made no progress for %.0f s while requests waited (%s): killing it", silent_s, why)
-        self.channel.process.kill()
-        self._core_failed(f"the engine core stopped responding ({silent_s:.0f} s without progress)")
+    def _core_stuck(self, core: CoreLink, silent_s: float) -> None:
+        why = "its step loop is stuck" if core.watchdog.responsive() else "its process does not run"
+        name = self.dp.name(core)
+        log.error("the %s made no progress for %.0f s while requests waited (%s): killing it", name, silent_s, why)
+        core.channel.process.kill()
+        self._core_failed(core, f"the {name} stopped responding ({silent_s:.0f} s without progress)")
 
-    def _core_exited(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.channel.sentinel)
-        if not self.channel.closed:
-            self.channel.process.join(0.5)  # reap it, for its exit code (it has just ended)
-            self._core_failed(f"the engine core process died (exit code {self.channel.exitcode()})")
+    def _core_exited(self, core: CoreLink) -> None:
+        asyncio.get_running_loop().remove_reader(core.channel.sentinel)
+        if not core.channel.closed:
+            core.channel.process.join(0.5)  # reap it, for its exit code (it has just ended)
+            self._core_failed(core, f"the {self.dp.name(core)} process died (exit code "
+                                    f"{core.channel.exitcode()})")
 
-    def _core_failed(self, message: str) -> None:
-        """The core is gone: every request fails with 503, now and from now on (docs/serving.md)."""
+    def _core_failed(self, core: CoreLink, message: str) -> None:
+        """A core is gone: every request fails with 503, now and from now on, and the server stops
+        (docs/serving.md): under data parallelism too, so that whatever supervises the server
+        restarts it whole rather than it serving on at a fraction of its capacity unnoticed."""
         first = not self.core_dead
-        self.core_dead = True
+        core.dead = self.core_dead = True
         self.failure = RequestFailed(503, message)
         self._fail_all(self.failure)
         if first and self.on_core_death is not None:
             self.on_core_death()
 
     def _fail(self, rid: str, error: RequestFailed) -> None:
-        route = self.routes.pop(rid, None)
+        route = self._close_route(rid)
         if route is not None:
             self.output_processor.abort(rid)
             route.handle.queue.put_nowait(error)
 
     def _fail_all(self, error: RequestFailed) -> None:
-        ids = list(self.routes)
-        for rid in ids:
+        by_core: dict[CoreLink, list[str]] = {}
+        for rid, route in list(self.routes.items()):
+            by_core.setdefault(route.core, []).append(rid)
             self._fail(rid, error)
-        if ids:
-            self._finish_in_core(ids, "abort")
-
+        for core, ids in by_core.items():
+            self._finish_in_core(core, ids, "abort")

@@ -44,8 +44,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int,
-              stamps: CoreStamps) -> None:
-    """Entry point of the spawned process."""
+              stamps: CoreStamps, env: dict[str, str] | None = None) -> None:
+    """Entry point of the spawned process. ``env`` (its GPUs under data parallelism) is set before
+    anything reads it: CUDA reads ``CUDA_VISIBLE_DEVICES`` when first initialised."""
+    os.environ.update(env or {})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     stamps.start_heartbeat()

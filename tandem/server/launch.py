@@ -107,5 +107,5 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         server.run(sockets=[sock])
         return server.exit_code or (0 if server.started else 1)
     finally:
-        client.channel.close()  # normally done already (lifespan); this covers a failed start
+        client.close_channels()  # normally done already (lifespan); this covers a failed start
         sock.close()
