@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from tandem.cli.engine_args import add_engine_args, engine_options
 from tandem.cli.options import add_fields, cli_fields, from_namespace
 from tandem.server.options import API_KEY_ENV, ServeOptions
+
+if TYPE_CHECKING:
+    from tandem.config import EngineConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.config import EngineConfig
     from tandem.server.launch import serve
+
+    return serve(*configure(args))
+
+
+def configure(args: argparse.Namespace) -> tuple[EngineConfig, ServeOptions]:
+    """The engine's and the server's options from parsed ``tandem serve`` flags (also Ray Serve's
+    ``build_app``, tandem.integrations.ray)."""
+    from tandem.config import EngineConfig
 
     if not args.model:
         raise ValueError("tandem serve needs --model or a positional MODEL (a checkpoint folder, a cached Hugging "
@@ -27,5 +38,4 @@ def run(args: argparse.Namespace) -> int:
     options = from_namespace(ServeOptions, args, log_level=args.log_level)
     if options.api_key is None:  # the flag wins over the variable
         options.api_key = os.environ.get(API_KEY_ENV) or None
-    config = EngineConfig.from_options(args.model, **engine_options(args))
-    return serve(config, options)
+    return EngineConfig.from_options(args.model, **engine_options(args)), options

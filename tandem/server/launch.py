@@ -13,6 +13,7 @@ import socket
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from tandem.config import EngineConfig
 from tandem.engine.heap import freeze
@@ -26,7 +27,8 @@ from tandem.server.options import ServeOptions
 log = logging.getLogger(__name__)
 
 DEAD_CORE_LINGER_S = 2.0
-__all__ = ["ServeOptions", "bind", "serve"]  # ServeOptions: tandem.server.options, the one list
+# ServeOptions: tandem.server.options, the one list
+__all__ = ["ServeOptions", "bind", "serve", "server_app", "start_client"]
 
 
 class _Server(uvicorn.Server):
@@ -74,23 +76,37 @@ def _uvicorn_level(options: ServeOptions) -> str:
     return options.uvicorn_log_level or ("info" if options.log_level <= logging.INFO else "warning")
 
 
+def start_client(config: EngineConfig, options: ServeOptions) -> EngineClient:
+    """Start the engine core (blocking until it is ready) and the API process's client of it."""
+    cores = options.data_parallel_size
+    waiting = options.max_num_waiting
+    waiting = default_max_num_waiting(config.max_num_seqs * cores) if waiting is None else waiting
+    names = options.served_model_name or [config.model]
+    return EngineClient(config, ServerMetrics(names[0], options.metrics_prefix, cores), waiting, options.log_level,
+                        options.core_timeout, options.core_heartbeat_timeout, cores)
+
+
+def server_app(client: EngineClient, config: EngineConfig, options: ServeOptions) -> FastAPI:
+    """The OpenAI app around ``client`` (its lifespan starts and closes the client): run by ``serve``
+    with uvicorn, or by Ray Serve's proxy (``tandem.integrations.ray``)."""
+    return create_app(client, options.served_model_name or [config.model], config.model, options.api_key,
+                      options.max_request_bytes, options.allowed_origins, options.limits(),
+                      options.request_read_timeout, options.chat_parsing())
+
+
 def serve(config: EngineConfig, options: ServeOptions) -> int:
     """Run until stopped; returns the exit status."""
     sock = bind(options.host, options.port)
     names = options.served_model_name or [config.model]
-    print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
+    cores = "the engine core" if options.data_parallel_size == 1 else f"{options.data_parallel_size} engine cores"
+    print(f"tandem: starting {cores} for {config.model!r} ...", flush=True)
     try:
-        waiting = options.max_num_waiting
-        waiting = default_max_num_waiting(config.max_num_seqs) if waiting is None else waiting
-        client = EngineClient(config, ServerMetrics(names[0]), waiting, options.log_level,
-                              options.core_timeout, options.core_heartbeat_timeout)
+        client = start_client(config, options)
     except BaseException:
         sock.close()
         raise
     try:
-        app = create_app(client, names, config.model, options.api_key, options.max_request_bytes,
-                         options.allowed_origins, options.limits(), options.request_read_timeout,
-                         options.chat_parsing())
+        app = server_app(client, config, options)
         uv_config = uvicorn.Config(app, log_level=_uvicorn_level(options),
                                    access_log=options.log_level <= logging.INFO and not options.disable_log_requests,
                                    timeout_graceful_shutdown=10,
