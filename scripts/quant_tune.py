@@ -160,6 +160,29 @@ def sweep(kind: str, name: str, m: int, quick: bool) -> dict:
             "top5": [(u, repr(t)) for u, t in sorted(results, key=lambda r: r[0])[:5]]}
 
 
+def fp8_paths(name: str, m: int) -> dict:
+    """The FP8-activation paths at the same sizes, for comparison: the activations quantized per token,
+    then the Triton FP8 GEMM (splits from the shapes, or forced) or ``torch._scaled_mm``."""
+    from tandem.kernels.fp8_gemm import fp8_block_gemm
+    from tandem.model.quant.fp8 import quantize_activations
+
+    ws, _ = weights("w8a16", name)
+    k = SHAPES[name][1]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def triton_fp8(w, split):
+        xq, sa = quantize_activations(x, None, None)
+        return fp8_block_gemm(xq, sa, w.weight, w.scale.view(-1, 1), (1, k), x.dtype, split_k=split)
+
+    def scaled_mm(w):
+        xq, sa = quantize_activations(x, None, None)
+        return torch._scaled_mm(xq, w.weight.t(), scale_a=sa, scale_b=w.scale.view(1, -1), out_dtype=x.dtype)
+
+    row = {f"triton_split_{s}": graph_us([lambda w=w, s=s: triton_fp8(w, s) for w in ws]) for s in (None, 1, 4, 8)}
+    row["scaled_mm"] = graph_us([lambda w=w: scaled_mm(w) for w in ws])
+    return row
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     args = [a for a in argv if not a.startswith("--")]
@@ -182,6 +205,14 @@ def main(argv: list[str]) -> int:
         print(f"{kind} {name:<8} m={m:<3} bf16 {r['bf16_us']:7.1f}  default {r['default_us']:7.1f}  best "
               f"{r['best_us']:7.1f} ({r['floor_us'] / r['best_us']:.0%} of floor {r['floor_us']:.1f})  {r['best']}",
               flush=True)
+    if "--fp8-paths" in argv:
+        for name in SHAPES:
+            for m in (16, 32, 64):
+                row = fp8_paths(name, m)
+                rows.append({"kind": "fp8_paths", "gemm": name, "m": m, **row})
+                print(f"fp8 paths {name:<8} m={m:<3} " + "  ".join(f"{k} {v:6.1f}" for k, v in row.items()), flush=True)
+        (out_dir / "quant_tune.json").write_text(json.dumps(rows, indent=1))
+    rows = [r for r in rows if r["kind"] != "fp8_paths"]
     print("\nkind   gemm     m   bf16   default  best   floor  best/bf16")
     for r in rows:
         print(f"{r['kind']} {r['gemm']:<8} {r['m']:<3} {r['bf16_us']:6.1f} {r['default_us']:7.1f} {r['best_us']:6.1f} "

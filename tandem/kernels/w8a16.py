@@ -44,14 +44,17 @@ def _largest_step(width: int, largest: int) -> int:
 
 
 def w8a16_tiles(m: int, n: int, k: int, scale_block_k: int | None, sms: int = 132) -> W8Tiles:
-    """Tiles for ``m`` <= MAX_ROWS rows: narrow column tiles and as many K splits (a power of two) as
-    bring the programs to about two waves of the device's ``sms``, each split keeping >= 4 K tiles."""
-    block_k = _largest_step(scale_block_k or k, 128)
-    block_n = 64
+    """Tiles for ``m`` <= MAX_ROWS rows, from a sweep on an H100 at the 8B shapes in CUDA graphs
+    (``scripts/quant_tune.py``, benchmarks/RESULTS.md): narrow column tiles and deep K tiles for a
+    few rows, wider ones as rows grow; K split (a power of two) until the programs fill about six
+    waves of the device's ``sms`` (four at 32 rows, two above), each split keeping >= 4 K tiles."""
+    block_n = 32 if m <= 16 else 64 if m <= 32 else 128
+    block_k = _largest_step(scale_block_k or k, 256 if m <= 16 else 128)
+    waves = 6 if m <= 16 else 4 if m <= 32 else 2
     n_tiles, k_tiles, split = triton.cdiv(n, block_n), triton.cdiv(k, block_k), 1
-    while n_tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= 4:
+    while n_tiles * split * 2 <= waves * sms and k_tiles // (split * 2) >= 4:
         split *= 2
-    return W8Tiles(block_n, block_k, split, 4, 4)
+    return W8Tiles(block_n, block_k, split, 4, 3)
 
 
 @triton.jit(do_not_specialize=["m"])
