@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from tandem.config import EngineConfig
+from tandem.engine.kv_events import DP_RANK_ENV
 from tandem.server.channel import CoreChannel, CoreStartupError
 from tandem.engine.sequence import EngineRequest
 from tandem.server.dp_router import PrefixRouter
@@ -44,10 +45,13 @@ class CoreLink:
 
 
 def core_devices(config: EngineConfig, count: int, environ: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """The environment each core adds to its own (``CUDA_VISIBLE_DEVICES`` on CUDA; nothing for one
-    core or on a CPU)."""
-    if count == 1 or (config.device or "cuda").startswith("cpu"):
-        return [{} for _ in range(count)]
+    """The environment each core adds to its own: its rank (for its KV-cache events' endpoint) and,
+    on CUDA, ``CUDA_VISIBLE_DEVICES``; nothing for one core."""
+    if count == 1:
+        return [{}]
+    ranks = [{DP_RANK_ENV: str(i)} for i in range(count)]
+    if (config.device or "cuda").startswith("cpu"):
+        return ranks
     if config.device not in (None, "cuda"):
         raise ValueError(f"--device {config.device} names one GPU, but --data-parallel-size {count} gives each "
                          "engine core its own: give --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
@@ -57,7 +61,7 @@ def core_devices(config: EngineConfig, count: int, environ: dict[str, str] | Non
     if len(devices) < count * tp:
         raise ValueError(f"--data-parallel-size {count} x --tensor-parallel-size {tp} needs {count * tp} GPUs; "
                          f"CUDA_VISIBLE_DEVICES lists {len(devices)} ({visible})")
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[i * tp:(i + 1) * tp])} for i in range(count)]
+    return [{**ranks[i], "CUDA_VISIBLE_DEVICES": ",".join(devices[i * tp:(i + 1) * tp])} for i in range(count)]
 
 
 def spawn_cores(config: EngineConfig, count: int, log_level: int) -> list[CoreChannel]:

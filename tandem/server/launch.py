@@ -78,11 +78,12 @@ def _uvicorn_level(options: ServeOptions) -> str:
 
 def start_client(config: EngineConfig, options: ServeOptions) -> EngineClient:
     """Start the engine core (blocking until it is ready) and the API process's client of it."""
+    cores = options.data_parallel_size
     waiting = options.max_num_waiting
-    waiting = default_max_num_waiting(config.max_num_seqs) if waiting is None else waiting
+    waiting = default_max_num_waiting(config.max_num_seqs * cores) if waiting is None else waiting
     names = options.served_model_name or [config.model]
-    return EngineClient(config, ServerMetrics(names[0]), waiting, options.log_level, options.core_timeout,
-                        options.core_heartbeat_timeout)
+    return EngineClient(config, ServerMetrics(names[0], options.metrics_prefix, cores), waiting, options.log_level,
+                        options.core_timeout, options.core_heartbeat_timeout, cores)
 
 
 def server_app(client: EngineClient, config: EngineConfig, options: ServeOptions) -> FastAPI:
@@ -97,7 +98,8 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     """Run until stopped; returns the exit status."""
     sock = bind(options.host, options.port)
     names = options.served_model_name or [config.model]
-    print(f"tandem: starting the engine core for {config.model!r} ...", flush=True)
+    cores = "the engine core" if options.data_parallel_size == 1 else f"{options.data_parallel_size} engine cores"
+    print(f"tandem: starting {cores} for {config.model!r} ...", flush=True)
     try:
         client = start_client(config, options)
     except BaseException:

@@ -74,6 +74,15 @@ class ServeOptions:
                                          "seconds without the engine core's heartbeat (its process stopped) before "
                                          "/health answers 503 until it runs again (default: "
                                          f"{DEFAULT_CORE_HEARTBEAT_TIMEOUT_S:g}; 0: never)", *_AT_LEAST_0)
+    # --- scale-out on one machine (docs/serving.md, "Data parallelism"), and the metrics' names ---
+    data_parallel_size: int = _opt(1, "engine cores behind the API process, each on its own GPUs (the visible ones "
+                                      "in turn, --tensor-parallel-size each); a request goes to the core holding "
+                                      "its prompt's prefix, or to the least loaded", *_AT_LEAST_1)
+    api_server_count: int = _opt(1, "API processes (only 1 is built: more is refused)", lambda v: v == 1,
+                                 "> 1 is not built yet (one API process serves every engine core)")
+    metrics_prefix: str = _opt("both", "names on /metrics: vllm (vllm:num_requests_running ..., as vLLM's "
+                                       "dashboards expect), tandem, or both (default)",
+                               choices=("tandem", "vllm", "both"))  # = tandem.server.metrics.METRICS_PREFIXES
     # --- what one request may ask for (400 beyond), how long and large its head and body may be ---
     max_request_bytes: int = _opt(DEFAULT_MAX_REQUEST_BYTES, "refuse larger request bodies (413)", *_AT_LEAST_1)
     max_prompts_per_request: int = _opt(DEFAULT_MAX_PROMPTS_PER_REQUEST, "most prompts in one completions request")
