@@ -180,3 +180,19 @@ def test_data_parallel_ranks_publish_on_their_own_port():
     assert offset_endpoint("tcp://*:5557", 0) == "tcp://*:5557"
     assert offset_endpoint("tcp://*:5557", 2) == "tcp://*:5559"
     assert offset_endpoint("ipc:///tmp/kv", 1) == "ipc:///tmp/kv_dp1"
+
+
+def test_a_full_queue_drops_and_counts_and_batches_stay_bounded(tmp_path):
+    from tandem.engine.kv_events import MAX_BATCH_EVENTS, BlockRemoved as Removed, KVEventRecorder, KVEventsConfig
+
+    recorder = KVEventRecorder(KVEventsConfig(True, endpoint=f"ipc://{tmp_path}/q", max_queue_size=3), 16)
+    recorder.close()  # the thread is gone: what is queued now stays queued
+    for i in range(5):
+        recorder.removed(bytes([i]) * 16)
+    assert (len(recorder._pending), recorder.dropped) == (3, 2)
+    assert [e.block_hashes for e in recorder._drain()] == [[int.from_bytes(bytes([i]) * 8, "big") for i in range(3)]]
+    for i in range(MAX_BATCH_EVENTS + 5):
+        recorder._pending.append(("c",) if i % 2 else ("r", bytes(16)))
+    first = recorder._drain()
+    assert len(first) == MAX_BATCH_EVENTS and not any(isinstance(e, Removed) and len(e.block_hashes) > 1 for e in first)
+    assert len(recorder._drain()) == 5
