@@ -196,3 +196,27 @@ def test_a_full_queue_drops_and_counts_and_batches_stay_bounded(tmp_path):
     first = recorder._drain()
     assert len(first) == MAX_BATCH_EVENTS and not any(isinstance(e, Removed) and len(e.block_hashes) > 1 for e in first)
     assert len(recorder._drain()) == 5
+
+
+def test_a_data_parallel_core_publishes_on_its_own_endpoint_with_its_rank(tmp_path, monkeypatch):
+    from tandem.engine.kv_events import DP_RANK_ENV, open_kv_events
+    from tandem.server.dp_client import core_devices
+
+    assert [env[DP_RANK_ENV] for env in core_devices(EngineConfig("random:tiny", device="cpu"), 2)] == ["0", "1"]
+    monkeypatch.setenv(DP_RANK_ENV, "1")  # what the API process gives engine core 1 under --data-parallel-size
+    recorder = open_kv_events(json.dumps({"enable_kv_cache_events": True, "endpoint": f"ipc://{tmp_path}/pub"}), 16)
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{tmp_path}/pub_dp1")
+        time.sleep(0.3)
+        recorder.cleared()
+        assert sub.poll(5000)
+        _, seq, payload = sub.recv_multipart()
+        batch = BATCH.decode(payload)
+        assert (int.from_bytes(seq, "big"), batch.data_parallel_rank) == (0, 1)
+        assert isinstance(EVENT.decode(batch.events[0]), AllBlocksCleared)
+    finally:
+        recorder.close()
+        ctx.destroy(linger=0)
