@@ -6,12 +6,14 @@ and a config crosses process boundaries as it is. Device and dtype are resolved 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.model.quant.config import QUANTIZATIONS
 from tandem.model.registry import MODEL_IMPLS
+from tandem.spec.config import SpeculativeConfig, parse_speculative_config
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -54,6 +56,12 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
                                              "system prompts, preempted requests): their prefill is skipped")
+    speculative_config: str | None = _opt(None, "speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", "
+                                                "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 5, "
+                                                "\"prompt_lookup_min\": 1}' or '{\"method\": \"draft\", \"model\": "
+                                                "PATH, \"num_speculative_tokens\": 4}'; \"disable_by_batch_size\" "
+                                                "(default 32): no speculation in a step while more requests run or "
+                                                "wait (docs/pipeline.md)")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
     enable_expert_parallel: bool = _opt(False, "mixture-of-experts models: place whole experts on the "
@@ -68,6 +76,8 @@ class EngineConfig:
                                               '"tcp://*:5557", "topic": "kv-events"}\' (docs/scale_out.md)')
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}), as vLLM takes it
+            self.speculative_config = json.dumps(self.speculative_config)
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), f.type)
         checks = [
@@ -90,12 +100,19 @@ class EngineConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if self.speculative_config is not None:  # its keys and values, before anything loads
+            parse_speculative_config(self.speculative_config)
         if self.kv_events_config is not None:  # its keys and types, before anything loads
             from tandem.engine.kv_events import parse_kv_events_config
 
             if parse_kv_events_config(self.kv_events_config).active and not self.enable_prefix_caching:
                 raise ValueError("kv_events_config: KV-cache events report the prefix cache's blocks, and "
                                  "enable_prefix_caching is off")
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """``speculative_config`` parsed (None: no speculative decoding)."""
+        return None if self.speculative_config is None else parse_speculative_config(self.speculative_config)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:
