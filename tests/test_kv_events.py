@@ -220,3 +220,43 @@ def test_a_data_parallel_core_publishes_on_its_own_endpoint_with_its_rank(tmp_pa
     finally:
         recorder.close()
         ctx.destroy(linger=0)
+
+
+def test_the_event_stream_rebuilds_exactly_the_cached_blocks(tmp_path):
+    """A router's index, built from the events alone, ends equal to the cache's own set of blocks:
+    shared prefixes, evictions under a small cache, and preemption included."""
+    rng = random.Random(1)
+    llm = LLM("random:tiny", dtype="float32", kv_cache_tokens=320, max_num_seqs=6,
+              kv_events_config=_config(tmp_path))
+    cache = llm.engine.core.scheduler.cache
+    ctx = zmq.Context()
+    try:
+        sub = Subscriber(ctx, f"ipc://{tmp_path}/pub", b"kv-events")
+        time.sleep(0.3)
+        systems = [[rng.randrange(1, 500) for _ in range(40)] for _ in range(3)]
+        prompts = [rng.choice(systems)[:rng.randrange(8, 41)]
+                   + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 60))] for _ in range(24)]
+        llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)
+        expected = {_ext(h) for h in cache._block_of}
+        stats = llm.engine.core.stats()
+        assert expected and stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
+        index: set[int] = set()
+
+        def replay(events):
+            index.clear()
+            for e in events:
+                if isinstance(e, AllBlocksCleared):
+                    index.clear()
+                elif isinstance(e, BlockStored):
+                    assert not set(e.block_hashes) & index, "a block stored twice"
+                    index.update(e.block_hashes)
+                else:
+                    assert set(e.block_hashes) <= index, "a block removed that was never stored"
+                    index.difference_update(e.block_hashes)
+            return index == expected
+
+        sub.wait_for(replay)
+        assert any(isinstance(e, BlockRemoved) for e in sub.events)  # the small cache did evict
+    finally:
+        ctx.destroy(linger=0)
+        llm.engine.shutdown()
