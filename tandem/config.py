@@ -6,14 +6,14 @@ and a config crosses process boundaries as it is. Device and dtype are resolved 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.model.quant.config import QUANTIZATIONS
 from tandem.model.registry import MODEL_IMPLS
-from tandem.spec.config import SpeculativeConfig, parse_speculative_config
+from tandem.sampling_params import MAX_LOGPROBS
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -25,8 +25,26 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclass
 class EngineConfig:
-    model: str = field(metadata={"help": "a local Hugging Face checkpoint folder, or random:<preset> "
+    model: str = field(metadata={"help": "a local Hugging Face checkpoint folder, a Hugging Face id (org/name) "
+                                         "already in the local cache (never downloaded), or random:<preset> "
                                          "(random weights with a real model's shapes; see the README)"})
+    tokenizer: str | None = _opt(None, "the tokenizer's checkpoint folder or cached Hugging Face id (default: the "
+                                       "model's)")
+    revision: str | None = _opt(None, "a Hugging Face id's branch, tag or commit, as the local cache holds it "
+                                      "(default: main); refused for a local folder")
+    download_dir: str | None = _opt(None, "the Hugging Face cache folder ids are looked up in (default: "
+                                          "$HF_HUB_CACHE, else ~/.cache/huggingface/hub); nothing is downloaded")
+    trust_remote_code: bool = _opt(False, "accepted for vLLM's command lines; tandem never runs a checkpoint's own "
+                                          "Python code, so a checkpoint that needs it (auto_map) is refused either "
+                                          "way")
+    chat_template: str | None = _opt(None, "a Jinja chat template, as a file or inline, instead of the "
+                                           "checkpoint's")
+    generation_config: str = _opt("auto", "request defaults: auto (the checkpoint's generation_config.json: "
+                                          "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, "
+                                          "as vLLM), vllm (tandem's own, vLLM's SamplingParams defaults), or a "
+                                          "folder holding a generation_config.json")
+    max_logprobs: int = _opt(20, "most alternatives per token a request may ask for (logprobs, prompt_logprobs), "
+                                 "at most 20")
     model_impl: str = _opt("auto", "which forward runs the model: auto (tandem's native one where it has one, "
                                    "else transformers'), tandem (native only), transformers (transformers' "
                                    "modeling code through tandem's paged attention, even where a native one exists)")
@@ -56,12 +74,6 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
                                              "system prompts, preempted requests): their prefill is skipped")
-    speculative_config: str | None = _opt(None, "speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", "
-                                                "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 5, "
-                                                "\"prompt_lookup_min\": 1}' or '{\"method\": \"draft\", \"model\": "
-                                                "PATH, \"num_speculative_tokens\": 4}'; \"disable_by_batch_size\" "
-                                                "(default 32): no speculation in a step while more requests run or "
-                                                "wait (docs/pipeline.md)")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
     enable_expert_parallel: bool = _opt(False, "mixture-of-experts models: place whole experts on the "
@@ -76,8 +88,6 @@ class EngineConfig:
                                               '"tcp://*:5557", "topic": "kv-events"}\' (docs/scale_out.md)')
 
     def __post_init__(self) -> None:
-        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}), as vLLM takes it
-            self.speculative_config = json.dumps(self.speculative_config)
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), f.type)
         checks = [
@@ -86,6 +96,9 @@ class EngineConfig:
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("max_stop_strings", self.max_stop_strings >= 1, "must be >= 1"),
             ("max_stop_string_length", self.max_stop_string_length >= 1, "must be >= 1"),
+            ("max_logprobs", 0 <= self.max_logprobs <= MAX_LOGPROBS,
+             f"must be in [0, {MAX_LOGPROBS}] (the sampler computes at most {MAX_LOGPROBS} alternatives)"),
+            ("generation_config", bool(self.generation_config), "must be auto, vllm or a folder"),
             ("block_size", 1 <= self.block_size <= 256, "must be in [1, 256]"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
             ("kv_cache_tokens", self.kv_cache_tokens is None or self.kv_cache_tokens >= self.block_size,
@@ -100,19 +113,12 @@ class EngineConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-        if self.speculative_config is not None:  # its keys and values, before anything loads
-            parse_speculative_config(self.speculative_config)
         if self.kv_events_config is not None:  # its keys and types, before anything loads
             from tandem.engine.kv_events import parse_kv_events_config
 
             if parse_kv_events_config(self.kv_events_config).active and not self.enable_prefix_caching:
                 raise ValueError("kv_events_config: KV-cache events report the prefix cache's blocks, and "
                                  "enable_prefix_caching is off")
-
-    @property
-    def speculative(self) -> SpeculativeConfig | None:
-        """``speculative_config`` parsed (None: no speculative decoding)."""
-        return None if self.speculative_config is None else parse_speculative_config(self.speculative_config)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:
@@ -122,6 +128,24 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known - {'model'})}")
         return cls(model=model, **options)
+
+    def resolved(self) -> EngineConfig:
+        """This config with its names made local (a cached Hugging Face id becomes its snapshot folder,
+        a chat template file its text), checked before anything loads; the engine and every process
+        it starts read only local folders. Idempotent: a resolved config resolves to itself."""
+        from tandem.generation_defaults import sampling_defaults
+        from tandem.model.sources import is_preset, load_tokenizer, local_model_path, read_chat_template
+
+        model = local_model_path(self.model, self.revision, self.download_dir)
+        local_tokenizer = self.tokenizer is not None and (is_preset(self.tokenizer) or os.path.isdir(self.tokenizer))
+        tokenizer = None if self.tokenizer is None else local_model_path(
+            self.tokenizer, None, None if local_tokenizer else self.download_dir, "tokenizer")
+        template = None if self.chat_template is None else read_chat_template(self.chat_template)
+        if template is not None and is_preset(tokenizer or model):
+            load_tokenizer(tokenizer or model, template)  # refuses: the byte tokenizer takes no template
+        sampling_defaults(model, self.generation_config)  # a bad folder or file fails now
+        return dataclasses.replace(self, model=model, tokenizer=tokenizer, chat_template=template, revision=None,
+                                   download_dir=None)
 
     @property
     def use_cuda_graphs(self) -> bool:

@@ -1,8 +1,14 @@
-"""The offline Python API, in vLLM's shape: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+"""The offline Python API, in vLLM's shape: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+Prompts are vLLM's too (``tandem.inputs``): strings, ``TextPrompt`` / ``TokensPrompt`` dicts, token-id
+lists. With no ``sampling_params`` a request takes ``get_default_sampling_params()``: the checkpoint's
+generation_config.json defaults under ``generation_config="auto"`` (vLLM's rule), else SamplingParams'."""
 from __future__ import annotations
 
 import gc
 import itertools
+import logging
+import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -12,17 +18,25 @@ from tandem.config import EngineConfig
 from tandem.engine.fanout import fan_in, fan_out
 from tandem.engine.heap import freeze
 from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.startup_summary import startup_summary
 from tandem.engine.sequence import EngineRequest
+from tandem.inputs import PromptType, parse_prompts
+from tandem.generation_defaults import sampling_defaults
 from tandem.outputs import RequestOutput
 from tandem.runtime import create_worker
 from tandem.sampling_params import SamplingParams
 
-PromptList = str | list[str] | list[list[int]]
+PromptList = PromptType | Seq[PromptType]
 
+log = logging.getLogger(__name__)
 
 def create_engine(config: EngineConfig) -> LLMEngine:
-    """A device worker for ``config`` and the in-process engine around it."""
+    """A device worker for ``config`` and the in-process engine around it (names resolved to local
+    folders first: ``EngineConfig.resolved``)."""
+    config = config.resolved()
+    start = time.perf_counter()
     engine = LLMEngine(config, create_worker(config))
+    log.info("%s", startup_summary(engine.worker.info, time.perf_counter() - start))
     # start-up objects (weights' metadata, tokenizer, graphs) live as long as the engine: out of the
     # garbage collector's scans, so the step loop's collections only look at what the loop made
     gc.collect()
@@ -31,21 +45,42 @@ def create_engine(config: EngineConfig) -> LLMEngine:
 
 
 class LLM:
-    """``LLM(model, **options)``: the options are ``EngineConfig``'s fields (README, "Engine options")."""
+    """``LLM(model, **options)``: the options are ``EngineConfig``'s fields (README, "Engine options"),
+    vLLM's names (``tokenizer``, ``revision``, ``trust_remote_code``, ``generation_config``, ...); an
+    unknown one is a ValueError naming it."""
 
     def __init__(self, model: str, **options: Any) -> None:
-        self.engine = create_engine(EngineConfig.from_options(model, **options))
+        self.llm_engine = create_engine(EngineConfig.from_options(model, **options))
+        config = self.llm_engine.config
+        self._defaults = sampling_defaults(config.model, config.generation_config)
         self._ids = itertools.count()
 
     @property
+    def engine(self) -> LLMEngine:
+        """``llm_engine`` (vLLM's name), under tandem's earlier one."""
+        return self.llm_engine
+
+    @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.llm_engine.tokenizer
+
+    def get_tokenizer(self):
+        """The tokenizer (None for a checkpoint without one): vLLM's accessor."""
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling_params gets: generation_config.json's defaults (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens) under
+        ``generation_config="auto"``, else SamplingParams' own."""
+        return SamplingParams(**self._defaults)
 
     def generate(self, prompts: PromptList, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order. Every prompt is checked
         before any runs, so an invalid one raises ``ValueError`` and nothing is generated."""
-        items = _normalise_prompts(prompts)
+        items = parse_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _normalise_params(sampling_params, len(items))
         parents, requests = [], []
         for (text, ids), p in zip(items, params):
@@ -89,18 +124,8 @@ class LLM:
         return results
 
 
-def _normalise_prompts(prompts: PromptList) -> list[tuple[str | None, list[int] | None]]:
-    if isinstance(prompts, str):
-        return [(prompts, None)]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a string, a non-empty list of strings, or a list of token-id lists")
-    return [(p, None) if isinstance(p, str) else (None, p) for p in prompts]
-
-
-def _normalise_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+def _normalise_params(params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
     """Checked copies (fields may have changed since construction) before ``n`` fans them out."""
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params.checked_copy()] * n
     params = list(params)

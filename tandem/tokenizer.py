@@ -91,7 +91,7 @@ def _word(token_id: int) -> str:
 
 
 class HFTokenizer:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chat_template: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         try:
@@ -99,6 +99,8 @@ class HFTokenizer:
         except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
             raise ValueError(f"{path}: cannot load tokenizer ({exc}); pass token-id prompts or add "
                              "tokenizer files") from exc
+        if chat_template is not None:  # the server's --chat-template: every request's default template
+            self._tok.chat_template = chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)

@@ -23,7 +23,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, worker: Worker) -> None:
         self.config = config
         self.model_config = resolve_model_config(config.model)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.chat_template)
         self.worker = worker
         self.max_model_len = worker.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)

@@ -23,6 +23,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_stop_strings = config.max_stop_strings
         self.max_stop_string_length = config.max_stop_string_length
+        self.max_logprobs = config.max_logprobs
         self._seed_rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
 
@@ -37,6 +38,10 @@ class InputProcessor:
         if params.stop_strings and (not params.detokenize or self.tokenizer is None):
             raise ValueError("stop strings need detokenize=True and a model with a tokenizer")
         check_stop_strings(params.stop_strings, self.max_stop_strings, self.max_stop_string_length)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.max_logprobs:
+                raise ValueError(f"SamplingParams.{name}={getattr(params, name)} is above max_logprobs="
+                                 f"{self.max_logprobs} (--max-logprobs)")
         if params.structured_outputs is not None:  # a bad spec fails here; it compiles in the engine core
             from tandem.engine.structured.compiler import check_request
 

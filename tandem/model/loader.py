@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from tandem.model.base import CausalLM, Getter, MissingWeight, padded
 from tandem.model.kv_scales import load_kv_scales
@@ -59,10 +60,13 @@ class CheckpointReader:
     """Reads named tensors from a checkpoint's safetensors files and remembers which were used, so
     that tensors the forward does not implement (leftovers) are an error rather than ignored."""
 
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, progress: bool = False) -> None:
         self.path, self.device, self.dtype = path, device, dtype
         self.files = _weight_files(path)
         self.used: set[str] = set()
+        # tensors read so far, on a terminal only (disable=None: tqdm's own TTY check); logs stay clean
+        self.bar = tqdm(total=len(self.files), desc=f"loading {path.name}", unit="tensor", leave=False,
+                        disable=None if progress else True)
 
     def get(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> torch.Tensor:
         """The tensor, or only its ``part``: a slice reads just those bytes of the file."""
@@ -85,7 +89,9 @@ class CheckpointReader:
             if shape is not None and found != shape:
                 raise ValueError(f"{self.path}: weight {name!r} has shape {found}, config implies {shape}")
             tensor = self._read(name, lambda: f.get_tensor(name) if part is None else f.get_slice(name)[_index(part)])
-        self.used.add(name)
+        if name not in self.used:
+            self.used.add(name)
+            self.bar.update(1)
         return tensor.to(self.device)
 
     def _read(self, name: str, read: Callable[[], Any]) -> Any:
@@ -127,12 +133,17 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positi
         get = random_getter(device, dtype, seed)
         return family.load(config, get if qc is None else QuantizedGetter(get, qc, device, dtype), tp,
                            max_positions, comm)
-    reader = CheckpointReader(Path(source), device, dtype)
+    reader = CheckpointReader(Path(source), device, dtype, progress=tp.rank == 0)
+    logger.info("reading %d tensors from %d safetensors file(s) in %s", len(reader.files),
+                len(set(reader.files.values())), source)
     quantized = Int4Getter if isinstance(qc, Int4Config) else QuantizedGetter  # 4-bit or FP8 weights
     get = reader.get if qc is None else quantized(reader.get, qc, device, dtype,
                                                   None if qc.source == "online" else reader)
-    model = family.load(config, get, tp, max_positions, comm)
-    load_kv_scales(model, reader, None if qc is None else qc.kv_cache_scheme)  # FP8 KV cache scales, if any
+    try:
+        model = family.load(config, get, tp, max_positions, comm)
+        load_kv_scales(model, reader, None if qc is None else qc.kv_cache_scheme)  # FP8 KV cache scales, if any
+    finally:
+        reader.bar.close()
     reader.check_all_used(family.ignored_tensors(config))
     shard = f", tensor-parallel shard {tp.rank + 1}/{tp.size}" if tp.size > 1 else ""
     logger.info("loaded %s (%s, %.2fB params%s) to %s as %s%s", source, config.architecture,

@@ -34,8 +34,8 @@ def create_app(client: EngineClient, served_names: list[str], model_path: str, a
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_origins: list[str] | None = None, limits: RequestLimits | None = None,
                read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S,
-               chat_parsing: ChatParsing | None = None) -> FastAPI:
-    serving = Serving(client, served_names, limits, chat_parsing=chat_parsing)
+               chat_parsing: ChatParsing | None = None, sampling_defaults: dict[str, Any] | None = None) -> FastAPI:
+    serving = Serving(client, served_names, limits, chat_parsing=chat_parsing, sampling_defaults=sampling_defaults)
     created = int(time.time())
 
     @asynccontextmanager

@@ -116,7 +116,7 @@ class EngineClient:
         core_devices(config, data_parallel_size)  # a device setting that cannot split fails before any spawn
         channels = spawn_cores(config, data_parallel_size, log_level)  # they load weights while we load the tokenizer
         try:
-            self.tokenizer = load_tokenizer(config.model)
+            self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.chat_template)
         except BaseException:
             close_all(channels)
             raise

@@ -6,23 +6,29 @@ process exits 0. If the core dies instead, requests fail the same way and the ex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
 import socket
+import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from tandem.config import EngineConfig
 from tandem.engine.heap import freeze
+from tandem.engine.startup_summary import startup_summary
+from tandem.generation_defaults import sampling_defaults
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
 from tandem.server.defaults import default_max_num_waiting
 from tandem.server.http_limits import limited_protocol
 from tandem.server.metrics import ServerMetrics
 from tandem.server.options import ServeOptions
+from tandem.server.request_limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_level(options: ServeOptions) -> str:
-    return options.uvicorn_log_level or ("info" if options.log_level <= logging.INFO else "warning")
+def uvicorn_logging(options: ServeOptions) -> dict[str, Any]:
+    """uvicorn's log level (--uvicorn-log-level, else ours) and its access log: one line per request at
+    --log-level info and below, unless --disable-log-requests."""
+    level = options.uvicorn_log_level or ("info" if options.log_level <= logging.INFO else "warning")
+    return {"log_level": level, "access_log": options.log_level <= logging.INFO and not options.disable_log_requests}
 
 
 def start_client(config: EngineConfig, options: ServeOptions) -> EngineClient:
     """Start the engine core (blocking until it is ready) and the API process's client of it."""
+    config = config.resolved()  # the processes read local folders only (a cached hub id: its snapshot)
     cores = options.data_parallel_size
     waiting = options.max_num_waiting
     waiting = default_max_num_waiting(config.max_num_seqs * cores) if waiting is None else waiting
@@ -89,9 +99,21 @@ def start_client(config: EngineConfig, options: ServeOptions) -> EngineClient:
 def server_app(client: EngineClient, config: EngineConfig, options: ServeOptions) -> FastAPI:
     """The OpenAI app around ``client`` (its lifespan starts and closes the client): run by ``serve``
     with uvicorn, or by Ray Serve's proxy (``tandem.integrations.ray``)."""
-    return create_app(client, options.served_model_name or [config.model], config.model, options.api_key,
-                      options.max_request_bytes, options.allowed_origins, options.limits(),
-                      options.request_read_timeout, options.chat_parsing())
+    names = options.served_model_name or [config.model]  # the model as given, not the cache folder it means
+    config = config.resolved()
+    defaults = sampling_defaults(config.model, config.generation_config)  # --generation-config
+    limits = _limits(options, defaults.pop("max_tokens", None))
+    return create_app(client, names, config.model, options.api_key, options.max_request_bytes,
+                      options.allowed_origins, limits, options.request_read_timeout, options.chat_parsing(), defaults)
+
+
+def _limits(options: ServeOptions, max_new_tokens: int | None) -> RequestLimits:
+    """generation_config.json's max_new_tokens caps requests that give no max_tokens, unless
+    --default-max-tokens says otherwise."""
+    limits = options.limits()
+    if options.default_max_tokens is None and max_new_tokens is not None:
+        limits = dataclasses.replace(limits, default_max_tokens=max_new_tokens)
+    return limits
 
 
 def serve(config: EngineConfig, options: ServeOptions) -> int:
@@ -101,15 +123,15 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     cores = "the engine core" if options.data_parallel_size == 1 else f"{options.data_parallel_size} engine cores"
     print(f"tandem: starting {cores} for {config.model!r} ...", flush=True)
     try:
+        start = time.perf_counter()
         client = start_client(config, options)
+        log.info("%s", startup_summary(client.info, time.perf_counter() - start))
     except BaseException:
         sock.close()
         raise
     try:
         app = server_app(client, config, options)
-        uv_config = uvicorn.Config(app, log_level=_uvicorn_level(options),
-                                   access_log=options.log_level <= logging.INFO and not options.disable_log_requests,
-                                   timeout_graceful_shutdown=10,
+        uv_config = uvicorn.Config(app, **uvicorn_logging(options), timeout_graceful_shutdown=10,
                                    http=limited_protocol(options.max_header_bytes, options.request_read_timeout))
         server = _Server(uv_config, client)
         client.on_core_death = server.core_died

@@ -122,7 +122,7 @@ class ServeOptions:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            check_type(f.name, value, f.type)
+            check_type(_flag(f.name) if f.metadata.get("cli", True) else f.name, value, f.type)
             _check_value(f, value)
         self.limits()  # their own checks, naming the flags
         self.chat_parsing().check()
@@ -145,8 +145,12 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
         return
     check, choices = meta["check"], meta["choices"]
     if check is not None and not check(value):
-        raise ValueError(f"--{f.name.replace('_', '-')} {meta['why']}, got {value!r}")
+        raise ValueError(f"{_flag(f.name)} {meta['why']}, got {value!r}")
     if choices is not None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
-            raise ValueError(f"--{f.name.replace('_', '-')} must be one of {sorted(allowed)}, got {value!r}")
+            raise ValueError(f"{_flag(f.name)} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

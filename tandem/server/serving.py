@@ -55,8 +55,10 @@ class Prepared:
 
 class Serving:
     def __init__(self, client: EngineClient, served_names: list[str], limits: RequestLimits | None = None,
-                 offload: Offload | None = None, chat_parsing: ChatParsing | None = None) -> None:
+                 offload: Offload | None = None, chat_parsing: ChatParsing | None = None,
+                 sampling_defaults: dict[str, Any] | None = None) -> None:
         self.client = client
+        self.sampling_defaults = sampling_defaults or {}  # --generation-config: for fields a request leaves unset
         self.served_names = served_names
         self.limits = limits or RequestLimits()
         self.offload = offload or Offload()
@@ -119,7 +121,7 @@ class Serving:
     def sampling_params(self, body: SamplingRequest, max_tokens: int | None,
                         constraint: Constraint | None) -> SamplingParams:
         """SamplingParams checks every field's type and range; its ValueError names the field."""
-        kwargs = body.sampling_kwargs()
+        kwargs = {**self.sampling_defaults, **body.sampling_kwargs()}
         if constraint is not None:
             kwargs.update(constraints.engine_kwargs(constraint))
         try:
