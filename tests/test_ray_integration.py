@@ -1,7 +1,8 @@
 """Ray Serve (tandem.integrations.ray): on a local Ray instance (2 CPUs, no dashboard) the deployment
 built from ``serve run``-style string arguments starts a replica with a tiny model on the CPU and
-answers OpenAI chat and completion requests through Ray Serve's HTTP proxy, token-identical to the
-same engine in-process. Skipped only where Ray cannot be imported."""
+answers OpenAI chat and completion requests (plain and streamed) through Ray Serve's HTTP proxy,
+token-identical to the same engine in-process. Skipped only where Ray cannot be imported."""
+import json
 import socket
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def test_the_deployment_serves_completions_and_chat(ray_serve_url):
         assert chat["choices"][0]["message"]["role"] == "assistant"
         assert chat["usage"]["completion_tokens"] == 4
         assert "num_requests_running" in client.get("/metrics").text  # the replica's own /metrics
+        streamed = []
+        with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Once upon a time",
+                                                            "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                                            "stream": True}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streamed.append(json.loads(line[6:])["choices"][0]["text"])
+        assert "".join(streamed) == expected[0].outputs[0].text
 
 
 def test_flags_reach_the_engine_and_bad_ones_are_refused():
@@ -81,3 +91,18 @@ def test_the_example_config_deploys_tandem():
             ("num_replicas", "num_gpus", "num_cpus", "max_ongoing_requests", "name")}
     args["model"] = "random:tiny"  # the example names a checkpoint folder that is not here
     parse_serve_args(args)  # every flag it uses exists and its value parses
+
+
+def test_a_replica_whose_engine_core_died_fails_its_health_check():
+    from types import SimpleNamespace
+
+    from tandem.integrations.ray import TandemReplica
+
+    replica = TandemReplica()
+    problem = {"now": None}
+    client = SimpleNamespace(health_problem=lambda: problem["now"])
+    replica.app = SimpleNamespace(state=SimpleNamespace(tandem_client=client))  # what Ray's wrapper holds
+    replica.check_health()
+    problem["now"] = "the engine core died"
+    with pytest.raises(RuntimeError, match="the engine core died"):
+        replica.check_health()  # Ray then replaces the replica
