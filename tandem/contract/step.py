@@ -6,7 +6,8 @@ inputs cross to the device in a single copy; the worker unpacks the same list in
 new field is one line here (plus, for a per-step field, the line in ``engine.batch`` that computes
 it).
 
-Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row, the block
+Sizes are per flat token, per sequence, per sequence + 1 (offsets), per sampled row (a sequence has
+0 or 1, or, speculating, one per position it verifies: docs/pipeline.md), the block
 table (sequences x max_blocks), or one of four variable-length lists: logit-bias entries (a request's
 ``logit_bias``, and the stop ids it may not yet sample under ``min_tokens``), prompt-logprob
 entries, history entries (the tokens a penalised request found in the prefix cache, which no
