@@ -180,3 +180,83 @@ def test_data_parallel_ranks_publish_on_their_own_port():
     assert offset_endpoint("tcp://*:5557", 0) == "tcp://*:5557"
     assert offset_endpoint("tcp://*:5557", 2) == "tcp://*:5559"
     assert offset_endpoint("ipc:///tmp/kv", 1) == "ipc:///tmp/kv_dp1"
+
+
+def test_a_full_queue_drops_and_counts_and_batches_stay_bounded(tmp_path):
+    from tandem.engine.kv_events import MAX_BATCH_EVENTS, BlockRemoved as Removed, KVEventRecorder, KVEventsConfig
+
+    recorder = KVEventRecorder(KVEventsConfig(True, endpoint=f"ipc://{tmp_path}/q", max_queue_size=3), 16)
+    recorder.close()  # the thread is gone: what is queued now stays queued
+    for i in range(5):
+        recorder.removed(bytes([i]) * 16)
+    assert (len(recorder._pending), recorder.dropped) == (3, 2)
+    assert [e.block_hashes for e in recorder._drain()] == [[int.from_bytes(bytes([i]) * 8, "big") for i in range(3)]]
+    for i in range(MAX_BATCH_EVENTS + 5):
+        recorder._pending.append(("c",) if i % 2 else ("r", bytes(16)))
+    first = recorder._drain()
+    assert len(first) == MAX_BATCH_EVENTS and not any(isinstance(e, Removed) and len(e.block_hashes) > 1 for e in first)
+    assert len(recorder._drain()) == 5
+
+
+def test_a_data_parallel_core_publishes_on_its_own_endpoint_with_its_rank(tmp_path, monkeypatch):
+    from tandem.engine.kv_events import DP_RANK_ENV, open_kv_events
+    from tandem.server.dp_client import core_devices
+
+    assert [env[DP_RANK_ENV] for env in core_devices(EngineConfig("random:tiny", device="cpu"), 2)] == ["0", "1"]
+    monkeypatch.setenv(DP_RANK_ENV, "1")  # what the API process gives engine core 1 under --data-parallel-size
+    recorder = open_kv_events(json.dumps({"enable_kv_cache_events": True, "endpoint": f"ipc://{tmp_path}/pub"}), 16)
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{tmp_path}/pub_dp1")
+        time.sleep(0.3)
+        recorder.cleared()
+        assert sub.poll(5000)
+        _, seq, payload = sub.recv_multipart()
+        batch = BATCH.decode(payload)
+        assert (int.from_bytes(seq, "big"), batch.data_parallel_rank) == (0, 1)
+        assert isinstance(EVENT.decode(batch.events[0]), AllBlocksCleared)
+    finally:
+        recorder.close()
+        ctx.destroy(linger=0)
+
+
+def test_the_event_stream_rebuilds_exactly_the_cached_blocks(tmp_path):
+    """A router's index, built from the events alone, ends equal to the cache's own set of blocks:
+    shared prefixes, evictions under a small cache, and preemption included."""
+    rng = random.Random(1)
+    llm = LLM("random:tiny", dtype="float32", kv_cache_tokens=320, max_num_seqs=6,
+              kv_events_config=_config(tmp_path))
+    cache = llm.engine.core.scheduler.cache
+    ctx = zmq.Context()
+    try:
+        sub = Subscriber(ctx, f"ipc://{tmp_path}/pub", b"kv-events")
+        time.sleep(0.3)
+        systems = [[rng.randrange(1, 500) for _ in range(40)] for _ in range(3)]
+        prompts = [rng.choice(systems)[:rng.randrange(8, 41)]
+                   + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 60))] for _ in range(24)]
+        llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)
+        expected = {_ext(h) for h in cache._block_of}
+        stats = llm.engine.core.stats()
+        assert expected and stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
+        index: set[int] = set()
+
+        def replay(events):
+            index.clear()
+            for e in events:
+                if isinstance(e, AllBlocksCleared):
+                    index.clear()
+                elif isinstance(e, BlockStored):
+                    assert not set(e.block_hashes) & index, "a block stored twice"
+                    index.update(e.block_hashes)
+                else:
+                    assert set(e.block_hashes) <= index, "a block removed that was never stored"
+                    index.difference_update(e.block_hashes)
+            return index == expected
+
+        sub.wait_for(replay)
+        assert any(isinstance(e, BlockRemoved) for e in sub.events)  # the small cache did evict
+    finally:
+        ctx.destroy(linger=0)
+        llm.engine.shutdown()
