@@ -59,7 +59,7 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
     n = (lambda k: min(k, 8)) if tiny else (lambda k: k)
     ln = (lambda k: str(min(int(k), 16))) if tiny else str
     checks = ["smoke"] if tiny else ["smoke", "differential", "prefix", "nosync"]
-    return {
+    named = {
         "checks": [Run("checks", [sys.executable, "scripts/gpu_checks.py", *checks], {"TANDEM_DIFF_CASES": "60"},
                        "check")],
         "offline": [
@@ -88,6 +88,10 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                                          "--max-tokens", ln(512), "--seed", str(seed)], kind="serve")
            for c in (64, 256) for k, seed in (("a", 21), ("b", 31))],
     }
+    if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
+        for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
+            run.argv += ["--runs", "1", "--simulated-device", "off"]
+    return named
 
 
 def _server_argv(tiny: bool, port: int) -> list[str]:

@@ -41,7 +41,7 @@ def w4_grid(m: int) -> list:
             itertools.product((64, 128), (64, 128), (4,), (3, 5), (1, 2, 4, 8), (True, False))]
     rows = 1 if m == 1 else 4
     gemvs = [W4Tiles(rows, bn, bk, s, w, st, True, gemv=True) for bn, bk, w, st, s in
-             itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4), (1, 2, 4, 8))]
+             itertools.product((32, 64, 128, 256), (64, 128), (4, 8), (3, 4), (1, 2, 4, 8))]
     return dots + gemvs
 
 

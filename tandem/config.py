@@ -6,6 +6,7 @@ and a config crosses process boundaries as it is. Device and dtype are resolved 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 from tandem.model.quant.config import QUANTIZATIONS
 from tandem.model.registry import MODEL_IMPLS
 from tandem.sampling_params import MAX_LOGPROBS
+from tandem.spec.config import SpeculativeConfig, parse_speculative_config
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -74,6 +76,12 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache blocks of prompt prefixes seen before (shared "
                                              "system prompts, preempted requests): their prefill is skipped")
+    speculative_config: str | None = _opt(None, "speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", "
+                                                "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 5, "
+                                                "\"prompt_lookup_min\": 1}' or '{\"method\": \"draft\", \"model\": "
+                                                "PATH, \"num_speculative_tokens\": 4}'; \"disable_by_batch_size\" "
+                                                "(default 32): no speculation in a step while more requests run or "
+                                                "wait (docs/pipeline.md)")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (one process each; on a CPU, "
                                         "processes over gloo); see docs/tensor_parallel.md")
     enable_expert_parallel: bool = _opt(False, "mixture-of-experts models: place whole experts on the "
@@ -88,6 +96,8 @@ class EngineConfig:
                                               '"tcp://*:5557", "topic": "kv-events"}\' (docs/scale_out.md)')
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}), as vLLM takes it
+            self.speculative_config = json.dumps(self.speculative_config)
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name), f.type)
         checks = [
@@ -119,6 +129,13 @@ class EngineConfig:
             if parse_kv_events_config(self.kv_events_config).active and not self.enable_prefix_caching:
                 raise ValueError("kv_events_config: KV-cache events report the prefix cache's blocks, and "
                                  "enable_prefix_caching is off")
+        if self.speculative_config is not None:  # its keys and values, before anything loads
+            parse_speculative_config(self.speculative_config)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """``speculative_config`` parsed (None: no speculative decoding)."""
+        return None if self.speculative_config is None else parse_speculative_config(self.speculative_config)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:

@@ -7,7 +7,8 @@ greedy or seeded sampling, stop strings, stop token ids and EOS ending them at d
 ``with_shared_prefixes`` makes most prompts start with one of two shared prefixes, and some repeat
 an earlier prompt whole. ``with_constraints`` (part of every case) gives some requests structured
 output (a JSON schema, a regex, a choice, an EBNF grammar or any JSON object), some of them as the
-n > 1 samples of one prompt."""
+n > 1 samples of one prompt. ``with_speculation`` (part of every case too) turns speculative decoding on
+in some cases."""
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,24 @@ def make_case(seed: int, model: str = MODEL, constrained: float = 0.3) -> Case:
         abort_at = arrive + rng.randint(0, 15) if rng.random() < 0.15 else None
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
         case.requests.append(Request(f"r{i}", prompt, _params(rng), arrive, abort_at))
-    return with_constraints(case, constrained)
+    return with_speculation(with_constraints(case, constrained))
+
+
+def speculative_config(rng: random.Random) -> dict:
+    """A random speculative decoding setting: n-gram lookup with k and the n-gram sizes drawn, and a
+    batch-size limit that sometimes switches speculation off and on within a run."""
+    high = rng.randint(1, 4)
+    return {"method": "ngram", "num_speculative_tokens": rng.randint(1, 4), "prompt_lookup_max": high,
+            "prompt_lookup_min": rng.randint(1, high), "disable_by_batch_size": rng.choice([2, 4, 32])}
+
+
+def with_speculation(case: Case, share: float = 0.25) -> Case:
+    """The same case (its own random stream is untouched) with speculative decoding on, with about
+    ``share`` probability."""
+    rng = random.Random(f"spec-{case.seed}")
+    if rng.random() < share:
+        case.engine["speculative_config"] = speculative_config(rng)
+    return case
 
 
 # over the byte tokenizer: bounded ones end by their grammar, the others run to max_tokens

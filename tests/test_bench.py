@@ -17,11 +17,11 @@ def test_bench_cli_on_cpu_writes_every_field(tmp_path, capsys):
     out = tmp_path / "run.json"
     rc = main(["bench", "--model", "random:tiny", "--num-requests", "3", "--prompt-len", "12", "--max-tokens", "6",
                "--json", str(out), "--timeline", str(tmp_path / "t.png"), "--trace", str(tmp_path / "t.json"),
-               "--compare-hf", "--no-progress"])
+               "--compare-hf", "--no-progress", "--runs", "2", "--simulated-device", "on"])
     assert rc == 0
     data = json.loads(out.read_text())
     for key in ("command", "date", "commit", "device", "model", "workload", "ceilings", "modes", "hf_anchor",
-                "outputs_identical_across_modes"):
+                "outputs_identical_across_modes", "spread", "simulated"):
         assert key in data
     assert set(data["modes"]) == {"sync", "async"}
     for mode in data["modes"].values():
@@ -30,6 +30,11 @@ def test_bench_cli_on_cpu_writes_every_field(tmp_path, capsys):
         # on a CPU the worker thread's steps are the device lane: idle is measured, the roofline is not
         assert 0 <= mode["gpu_idle_fraction"] < 1 and mode["mean_gpu_ms"] > 0 and mode["roofline_fraction"] is None
     assert data["outputs_identical_across_modes"] is True
+    for mode in ("sync", "async"):  # two runs each: [min, median, max]
+        lo, med, hi = data["spread"][mode]["wall_s"]
+        assert 0 < lo <= med <= hi
+        assert data["simulated"]["modes"][mode]["output_tokens"] == 3 * 6
+    assert data["simulated"]["runs"] == 2 and "H100" in data["simulated"]["step_times"]
     assert data["hf_anchor"][0]["output_tokens"] == 3 * 6
     assert (tmp_path / "t.png").stat().st_size > 0
     assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
@@ -41,7 +46,8 @@ def test_bench_shared_prefix_shows_the_prefill_saved(tmp_path, caching):
     out = tmp_path / "run.json"
     flag = "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"
     assert main(["bench", "--num-requests", "4", "--prompt-len", "40", "--shared-prefix-len", "32", "--max-tokens",
-                 "3", "--block-size", "16", "--modes", "sync", flag, "--json", str(out), "--no-progress"]) == 0
+                 "3", "--block-size", "16", "--modes", "sync", flag, "--json", str(out), "--no-progress", "--runs", "1",
+                 "--simulated-device", "off"]) == 0
     data = json.loads(out.read_text())
     assert data["workload"]["shared_prefix_len"] == 32 and data["prefix_caching"] is caching
     mode = data["modes"]["sync"]
@@ -108,7 +114,7 @@ def test_cpu_async_gives_the_worker_the_threads_and_the_host_one():
 
 def test_bench_prints_a_header_and_counts_tokens_in_its_progress_bar(capsys):
     assert main(["bench", "--model", "random:tiny", "--num-requests", "2", "--prompt-len", "5", "--max-tokens", "7",
-                 "--modes", "async"]) == 0
+                 "--modes", "async", "--runs", "1", "--simulated-device", "off"]) == 0
     out, err = capsys.readouterr()
     assert "tandem bench: random:tiny on cpu" in out and "torch threads" in out and "2 requests x (5 prompt" in out
     assert "14/14" in err and "tok" in err  # 2 requests x 7 tokens
@@ -119,7 +125,8 @@ def test_length_ranges_and_poisson_arrivals(tmp_path):
 
     out = tmp_path / "ranges.json"
     assert main(["bench", "--model", "random:tiny", "--num-requests", "12", "--prompt-len", "3:40", "--max-tokens",
-                 "2:9", "--request-rate", "400", "--json", str(out), "--no-progress"]) == 0
+                 "2:9", "--request-rate", "400", "--json", str(out), "--no-progress", "--runs", "1",
+                 "--simulated-device", "off"]) == 0
     data = json.loads(out.read_text())
     assert data["workload"]["prompt_len"] == "3:40" and data["workload"]["max_tokens"] == "2:9"
     assert data["workload"]["request_rate"] == 400 and data["outputs_identical_across_modes"]

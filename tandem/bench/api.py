@@ -1,19 +1,22 @@
 """Python entry point of the benchmark: ``tandem.bench.api.bench(model, ...)``."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tandem.bench.report import decode_check_text, record, table, write_json
+from tandem.bench.constants import GPU_DEFAULT_MODEL, SIMULATED_DEVICE, VALID_MODES
+from tandem.bench.report import provenance, record, report_real, write_json
 from tandem.bench.runner import run_benchmark, weight_storage
+from tandem.bench.simulated import CPU_NOTE, intro, report, simulate
+from tandem.bench.spread import median_run, spread_record
+from tandem.bench.step_time import STEP_TIME_MODELS, step_time_model
 from tandem.bench.workload import BenchRequest, LengthRange, Workload, bench_params
 from tandem.bench.timeline import draw_timeline, write_trace
 from tandem.llm import LLM
-
-VALID_MODES = ("sync", "async")
 
 
 def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), num_requests: int = 32,
@@ -24,17 +27,23 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           hf_modes: list[str] | None = None,
           json_path: str | Path | None = None, timeline: str | Path | None = None,
           trace: str | Path | None = None,
-          timeline_steps: int = 8, progress: bool = True, llm: LLM | None = None,
-          **engine_options: Any) -> dict[str, Any]:
+          timeline_steps: int = 8, progress: bool = True, llm: LLM | None = None, runs: int | None = 1,
+          simulated_device: str = "off", simulated_runs: int = 5, **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure.
     ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform); every
     prompt starts with the same ``shared_prefix_len`` tokens. ``llm``: an engine already loaded (its
-    options are used; several workloads then share one model load)."""
+    options are used; several workloads then share one model load). ``runs``: rounds of every mode
+    (None: up to 5 while fast enough); ``simulated_device``: one of ``SIMULATED_DEVICE``, the same
+    workload against a GPU's measured step times (``simulated_runs`` rounds)."""
     bad = [m for m in modes if m not in VALID_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {VALID_MODES}, got {list(modes)}")
     if request_rate is not None and not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
+    if simulated_device not in SIMULATED_DEVICE:
+        raise ValueError(f"simulated_device must be one of {SIMULATED_DEVICE}, got {simulated_device!r}")
+    if (runs is not None and runs < 1) or simulated_runs < 1:
+        raise ValueError(f"runs and simulated_runs must be >= 1, got {runs} and {simulated_runs}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
                  temperature, request_rate, logprobs, shared_prefix_len, presence_penalty, frequency_penalty,
                  repetition_penalty, structured_output)
@@ -45,6 +54,29 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         raise ValueError("--compare-hf runs transformers on one device: not with --tensor-parallel-size")
     if engine_options.get("max_model_len") is None:  # graphs gather whole block tables: keep them short
         engine_options["max_model_len"] = w.prompt_len.hi + w.max_tokens.hi
+    data: dict[str, Any] = {**provenance(), "workload": w.record()}
+    on_cpu = False
+    if simulated_device != "only":
+        data = _real_bench(model, w, list(modes), runs, llm, compare_hf, hf_modes, timeline, trace, timeline_steps,
+                           progress, engine_options)
+        on_cpu = data["device_type"] == "cpu"
+    if simulated_device in ("on", "only") or (simulated_device == "auto" and on_cpu):
+        if on_cpu:
+            print(CPU_NOTE)
+        sim_model = model if model in STEP_TIME_MODELS else GPU_DEFAULT_MODEL
+        print("\n" + intro(step_time_model(sim_model), w, list(modes)), flush=True)
+        sim = simulate(sim_model, w, list(modes), simulated_runs, **engine_options)
+        print(report(sim))
+        data["simulated"] = sim.record()
+    if json_path is not None:
+        write_json(data, Path(json_path))
+    return data
+
+
+def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm: LLM | None, compare_hf: bool,
+                hf_modes: list[str] | None, timeline: str | Path | None, trace: str | Path | None,
+                timeline_steps: int, progress: bool, engine_options: dict[str, Any]) -> dict[str, Any]:
+    """The model computed on this machine's device; what it prints, and its record."""
     threads = torch.get_num_threads()  # before an async CPU executor gives the host thread one
     owned = llm is None
     if owned:
@@ -56,13 +88,16 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     weight_dtype = info.dtype if storage is None else storage.dtype
     quant = "" if quantization is None else f", quantization {quantization}"
     kv_dtype = info.kv_cache_dtype or info.dtype
-    print(f"tandem bench: {model} on {info.device_name} ({info.dtype}; weights {weight_dtype}{quant}; KV cache "
-          f"{kv_dtype}), {threads} torch threads; {w.describe()}, modes {', '.join(modes)}", flush=True)
-    runs, ceilings, requests = run_benchmark(llm, list(modes), w, progress=progress)
-    results = [run.result for run in runs.values()]
-    token_lists = [run.token_ids for run in runs.values()]
+    print(f"tandem bench: {model} on {info.device_name}, {threads} torch threads\n"
+          f"dtype {info.dtype} (weights {weight_dtype}{quant}; KV cache {kv_dtype})\n"
+          + textwrap.fill(f"{w.describe()}, modes {', '.join(modes)}", 100, break_on_hyphens=False), flush=True)
+    by_mode, ceilings, requests = run_benchmark(llm, modes, w, progress=progress, runs=runs)
+    picked = {mode: ms[median_run([r.result for r in ms])] for mode, ms in by_mode.items()}
+    results = [run.result for run in picked.values()]
+    token_lists = [run.token_ids for ms in by_mode.values() for run in ms]
     anchors = _hf_anchors(llm, w, requests, hf_modes, token_lists[0]) if compare_hf else None
-    meta = {"model": model, "device": info.device_name, "dtype": info.dtype, "weight_dtype": weight_dtype,
+    kv_tokens = (info.num_kv_blocks - 1) * info.block_size
+    meta = {"model": model, "device": info.device_name, "device_type": info.device.split(":")[0], "dtype": info.dtype, "weight_dtype": weight_dtype,
             "quantization": quantization, "kv_cache_dtype": kv_dtype, "torch_threads": threads,
             "workload": w.record(), "max_model_len": info.max_model_len, "max_num_seqs": engine.config.max_num_seqs,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
@@ -72,12 +107,11 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
             "ceilings": None if ceilings is None else asdict(ceilings),
             "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
     data = record(results, meta, anchors)
-    print(table(results, anchors))
-    for res in results:
-        print(decode_check_text(res))
-    print(f"outputs identical across modes: {meta['outputs_identical_across_modes']}")
-    if json_path is not None:
-        write_json(data, Path(json_path))
+    report_real(by_mode, results, anchors, meta, gpu=info.device.startswith("cuda"),
+                need=min(len(requests), engine.config.max_num_seqs) * (w.prompt_len.hi + w.max_tokens.hi),
+                kv_tokens=kv_tokens)
+    if len(next(iter(by_mode.values()))) > 1:
+        data["spread"] = spread_record({m: [r.result for r in ms] for m, ms in by_mode.items()})
     title = f"{model}, {w.describe()}, {meta['device']}"
     if timeline is not None:
         draw_timeline(results, Path(timeline), timeline_steps, title)

@@ -43,6 +43,11 @@ class ModeResult:
     prefix_cache_hit_rate: float | None = None
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
 
+    @property
+    def mean_host_ms(self) -> float:
+        """The host's work per step: schedule + build + submit + process."""
+        return self.mean_schedule_ms + self.mean_build_ms + self.mean_submit_ms + self.mean_process_ms
+
     def set_prefix_cache(self, queries: int, hits: int) -> None:
         self.prefix_cache_queries, self.prefix_cache_hits = queries, hits
         self.prefix_cache_hit_rate = hits / queries if queries else None

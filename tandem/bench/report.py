@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,26 +14,27 @@ from typing import Any
 import torch
 
 from tandem.bench.metrics import ModeResult
+from tandem.bench.spread import ratio_text, spread_table
 
-COLUMNS = [("wall s", "wall_s", "{:.2f}"), ("out tok/s", "output_tok_per_s", "{:.0f}"),
-           ("total tok/s", "total_tok_per_s", "{:.0f}"), ("steps", "num_steps", "{}"),
-           ("prefill tok", "prefill_tokens_computed", "{}"), ("cache hit", "prefix_cache_hit_rate", "{:.1%}"),
-           ("sched ms", "mean_schedule_ms", "{:.3f}"), ("build ms", "mean_build_ms", "{:.3f}"),
-           ("submit ms", "mean_submit_ms", "{:.3f}"), ("wait ms", "mean_wait_ms", "{:.3f}"),
-           ("process ms", "mean_process_ms", "{:.3f}"), ("GPU ms", "mean_gpu_ms", "{:.3f}"),
-           ("GPU idle", "gpu_idle_fraction", "{:.2%}"), ("idle decode", "gpu_idle_fraction_decode", "{:.2%}"),
-           ("roofline", "roofline_fraction", "{:.1%}")]
+#: (header, ModeResult field, format); the GPU's columns only where the device lane is a GPU's
+COLUMNS = [("wall s", "wall_s", "{:.2f}"), ("out tok/s", "output_tok_per_s", "{:.0f}"), ("steps", "num_steps", "{}"),
+           ("cache hit", "prefix_cache_hit_rate", "{:.1%}"), ("host ms", "mean_host_ms", "{:.3f}"),
+           ("wait ms", "mean_wait_ms", "{:.3f}")]
+GPU_COLUMNS = [("GPU ms", "mean_gpu_ms", "{:.3f}"), ("GPU idle", "gpu_idle_fraction", "{:.2%}"),
+               ("idle dec", "gpu_idle_fraction_decode", "{:.2%}"), ("roofline", "roofline_fraction", "{:.1%}")]
 
 
 def _cell(value: Any, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def table(results: list[ModeResult], anchors: list[dict] | None = None) -> str:
-    rows = [["mode"] + [c[0] for c in COLUMNS]]
-    rows += [[r.mode] + [_cell(getattr(r, attr), fmt) for _, attr, fmt in COLUMNS] for r in results]
+def table(results: list[ModeResult], anchors: list[dict] | None = None, gpu: bool = True) -> str:
+    """One row per mode (and per transformers anchor); at most 100 columns."""
+    columns = COLUMNS + (GPU_COLUMNS if gpu else [])
+    rows = [["mode"] + [c[0] for c in columns]]
+    rows += [[r.mode] + [_cell(getattr(r, attr), fmt) for _, attr, fmt in columns] for r in results]
     for a in anchors or []:
-        row = [f"hf:{a['mode']}"] + ["n/a"] * len(COLUMNS)
+        row = [f"hf:{a['mode']}"] + ["n/a"] * len(columns)
         if a.get("error"):
             row[1] = "error"
         else:
@@ -40,6 +42,27 @@ def table(results: list[ModeResult], anchors: list[dict] | None = None) -> str:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def phases_text(res: ModeResult) -> str:
+    """The host's mean ms per step, phase by phase (``host ms`` in the table is their sum)."""
+    submit = "submit+device" if res.mode == "sync" else "submit"  # a sync submit returns after the step
+    return (f"host ms/step ({res.mode}): schedule {res.mean_schedule_ms:.3f}, build {res.mean_build_ms:.3f}, "
+            f"{submit} {res.mean_submit_ms:.3f}, process {res.mean_process_ms:.3f}")
+
+
+def preemption_text(results: list[ModeResult], kv_tokens: int, need: int) -> str:
+    """Whether requests were preempted, and why: ``kv_tokens`` the cache holds, ``need`` the most
+    the workload's concurrently running requests can hold at once."""
+    counts = ", ".join(f"{r.mode} {r.num_preemptions}" for r in results)
+    if not any(r.num_preemptions for r in results):
+        return (f"preemptions: none (the KV cache holds {kv_tokens:,} tokens; the workload needs at most "
+                f"{need:,} at once)")
+    why = (f"the workload's running requests need up to {need:,} KV tokens at once, the cache holds {kv_tokens:,}"
+           if need > kv_tokens else f"the cache ({kv_tokens:,} tokens) ran short")
+    return textwrap.fill(f"preemptions: {counts}: {why}. A preempted request gives its blocks back and "
+                         f"recomputes its tokens later (more steps and prefill than the workload needs); a larger "
+                         f"--kv-cache-tokens or a smaller --max-num-seqs avoids it.", 100, break_on_hyphens=False)
 
 
 def decode_check_text(res: ModeResult) -> str:
@@ -54,6 +77,29 @@ def decode_check_text(res: ModeResult) -> str:
             f"measured {c['measured_gpu_ms']:.3f} ms "
             f"(copy {c['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
             f"GEMM {c['ceilings']['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s)")
+
+
+def report_real(by_mode: dict[str, list[Any]], results: list[ModeResult], anchors: list[dict] | None,
+                meta: dict[str, Any], gpu: bool, need: int, kv_tokens: int) -> None:
+    """Print the real run's figures: ``by_mode`` every run (``ModeRun``s), ``results`` each mode's median run."""
+    rounds = len(next(iter(by_mode.values())))
+    by_result = {m: [r.result for r in runs] for m, runs in by_mode.items()}
+    if rounds > 1:
+        print(f"{rounds} runs of each mode, median [min-max]:")
+        print(spread_table(by_result, gpu))
+        print("the median runs:")
+    print(table(results, anchors, gpu))
+    ratio = ratio_text(by_result)
+    if ratio:
+        print(ratio + ("" if gpu else " (on this CPU: see below)"))
+    for res in results:
+        print(phases_text(res))
+    print(preemption_text(results, kv_tokens, need))
+    if gpu:
+        for res in results:
+            print(decode_check_text(res))
+    print(f"outputs identical across modes{' and runs' if rounds > 1 else ''}: "
+          f"{meta['outputs_identical_across_modes']}")
 
 
 def _commit() -> str | None:

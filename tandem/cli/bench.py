@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tandem.bench.constants import GPU_DEFAULT_MODEL, SIMULATED_DEVICE
 from tandem.cli.engine_args import add_engine_args, engine_options
 
 
@@ -34,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=Path, default=None, help="Chrome trace JSON (open in Perfetto)")
     p.add_argument("--timeline-steps", type=int, default=8)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--runs", type=int, default=None,
+                   help="rounds of every mode, figures given as median [min-max] (default: 1 on a GPU; on a CPU up "
+                        "to 5 while a round is fast, and 5 against the simulated device)")
+    p.add_argument("--simulated-device", choices=SIMULATED_DEVICE, default="auto",
+                   help="also run the host loop against a device taking an H100's measured step times: auto (on a "
+                        "CPU, where the real run cannot show the overlap), on, only (no model computed), off")
     p.add_argument("--host-only", action="store_true",
                    help="measure the host loop alone (a device that returns at once) at --host-batch-sizes; "
                         "with a MIN:MAX length, over --num-requests of real traffic (tail per phase)")
@@ -44,7 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_bench_model() -> str:
     import torch
 
-    return "random:llama3.2-1b" if torch.cuda.is_available() else "random:tiny"
+    return GPU_DEFAULT_MODEL if torch.cuda.is_available() else "random:tiny"
+
+
+def _default_runs(options: dict) -> int | None:
+    """1 on a GPU (its runs are steady); None on a CPU: as many of 5 as are fast enough."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not str(options.get("device") or "").startswith("cpu")
+    return 1 if on_gpu else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from tandem.bench.api import bench
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    options = engine_options(args, skip=("async_batching",))
+    runs = args.runs if args.runs is not None else _default_runs(options)
     bench(args.model or default_bench_model(), modes=modes, num_requests=args.num_requests,
           prompt_len=args.prompt_len, max_tokens=args.max_tokens, temperature=args.temperature,
           workload_seed=args.workload_seed, request_rate=args.request_rate, logprobs=args.logprobs,
@@ -61,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
           structured_output=args.structured_output, compare_hf=args.compare_hf,
           hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
           timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
-          **engine_options(args, skip=("async_batching",)))
+          runs=runs, simulated_device=args.simulated_device, simulated_runs=args.runs or 5, **options)
     return 0
 
 

@@ -2,7 +2,9 @@
 packed into one int64 buffer.
 
 Decode tokens whose value is still pending on the device are written as ``-(row + 1)``: the device
-replaces them from its next-token table before the forward.
+replaces them from its next-token table before the forward. A speculating sequence (``proposals``)
+computes its last token and its proposals, and samples at each of them: several sampled rows for one
+sequence, in order (docs/pipeline.md, "Speculative decoding").
 
 This runs on the host every step, in the shadow of the device's previous step. A step's decode block
 is laid out from the scheduler's running state (its rows' block tables and sampling constants,
@@ -57,11 +59,12 @@ class _Part:
     counts: np.ndarray
     rows: np.ndarray
     sample: np.ndarray  # bool, per sequence
+    num_samples: np.ndarray  # per sequence: sampled rows (the last this many of its tokens)
     table: np.ndarray  # [sequences, widest block list]
-    gen_index: np.ndarray  # per sampled sequence, as the rest
+    gen_index: np.ndarray  # per sampled row, as the rest
     request_ints: np.ndarray
     request_floats: np.ndarray
-    biased: list[tuple[int, Sequence, int]]  # (index among the part's sampled, sequence, gen_index)
+    biased: list[tuple[int, Sequence, int]]  # (index among the part's sampled rows, sequence, gen_index)
 
 
 def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
@@ -77,8 +80,9 @@ def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
     width = table_width(int(st.num_blocks[g].max()), pad)
     biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[d.rows]).tolist()
               if d.seqs[j].has_bias]
-    return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, np.ones(len(g), np.int64), rows,
-                 np.ones(len(g), bool), st.block_table[g, :width], gen_index, st.request_ints[g],
+    ones = np.ones(len(g), np.int64)
+    return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, ones, rows,
+                 np.ones(len(g), bool), ones, st.block_table[g, :width], gen_index, st.request_ints[g],
                  st.request_floats[g], biased)
 
 
@@ -91,14 +95,20 @@ def _chunk_part(items: list[ScheduledSeq]) -> _Part:
     table[_ragged_rows(n_blocks)] = np.fromiter(chain.from_iterable(blocks), np.int64, int(n_blocks.sum()))
     sampled = [it for it in items if it.sample]
     k_int, k_float = len(REQUEST_INT_FIELDS), len(REQUEST_FLOAT_FIELDS)
+    per_seq = np.fromiter((it.num_samples for it in items), np.int64, n)
+    per_sampled = per_seq[per_seq > 0]
+    # a speculating sequence's rows sample output indices gen_index, gen_index + 1, ...
+    sample_of, offset = _ragged_rows(per_sampled)
+    gen_index = np.fromiter((it.gen_index for it in sampled), np.int64, len(sampled))[sample_of] + offset
+    first_row = np.cumsum(per_sampled) - per_sampled
     return _Part(np.fromiter(chain.from_iterable(_chunk_ids(it) for it in items), np.int64, int(counts.sum())),
                  np.fromiter((it.start for it in items), np.int64, n), counts,
                  np.fromiter((it.seq.row for it in items), np.int64, n),
-                 np.fromiter((it.sample for it in items), bool, n), table,
-                 np.fromiter((it.gen_index for it in sampled), np.int64, len(sampled)),
-                 np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(-1, k_int),
-                 np.array([it.seq.step_values[1] for it in sampled], np.float64).reshape(-1, k_float),
-                 [(j, it.seq, it.gen_index) for j, it in enumerate(sampled) if it.seq.has_bias])
+                 np.fromiter((it.sample for it in items), bool, n), per_seq, table, gen_index,
+                 np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(-1, k_int)[sample_of],
+                 np.array([it.seq.step_values[1] for it in sampled], np.float64).reshape(-1, k_float)[sample_of],
+                 [(int(first_row[j]) + i, it.seq, it.gen_index + i) for j, it in enumerate(sampled)
+                  if it.seq.has_bias for i in range(it.num_samples)])
 
 
 def _padding_part(num: int, row: int) -> _Part:
@@ -107,12 +117,17 @@ def _padding_part(num: int, row: int) -> _Part:
     zeros = np.zeros(num, np.int64)
     ints = np.array([[f.pad for f in REQUEST_INT_FIELDS]] * num, np.int64).reshape(num, len(REQUEST_INT_FIELDS))
     floats = np.array([[f.pad for f in REQUEST_FLOAT_FIELDS]] * num, np.float64).reshape(num, len(REQUEST_FLOAT_FIELDS))
-    return _Part(zeros, zeros, np.ones(num, np.int64), np.full(num, row), np.ones(num, bool),
+    ones = np.ones(num, np.int64)
+    return _Part(zeros, zeros, ones, np.full(num, row), np.ones(num, bool), ones,
                  np.zeros((num, 1), np.int64), zeros, ints, floats, [])
 
 
 def _chunk_ids(item: ScheduledSeq) -> list[int]:
     seq = item.seq
+    if item.proposals:  # its last token (known: a speculating step follows a drained device), then them
+        ids = seq.known_tokens(item.start, item.start + 1)
+        assert len(ids) == 1, "a speculating sequence's last token must be known"
+        return ids + list(item.proposals)
     ids = seq.known_tokens(item.start, item.start + item.num_tokens)
     if len(ids) < item.num_tokens:  # the last position's token is still pending on the device
         ids = ids + [-(seq.row + 1)]
@@ -145,7 +160,8 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     num_rows = sum(len(p.starts) for p in parts)
     if pad and pad.num_seqs and pad.num_seqs > num_rows:  # last: the offsets of the real rows stay
         parts.append(_padding_part(pad.num_seqs - num_rows, pad.padding_row))
-    counts, starts, rows, sample = (_join(parts, name) for name in ("counts", "starts", "rows", "sample"))
+    counts, starts, rows, sample, num_samples = (_join(parts, name) for name in
+                                                 ("counts", "starts", "rows", "sample", "num_samples"))
     n = len(starts)
     block_tables = _block_tables(parts, pad)
     max_q = int(counts.max())
@@ -160,7 +176,7 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
         "input_ids": _join(parts, "input_ids"), "positions": positions,
         "slot_mapping": block_tables[token_seq, positions // block_size] * block_size + positions % block_size,
         "query_start": query_start, "seq_lens": starts + counts, "seq_rows": rows,
-        "logits_indices": (query_start[1:] - 1)[sample], "sample_rows": rows[sample],
+        **_sampled_rows(query_start, rows, sample, num_samples),
         "gen_index": _join(parts, "gen_index"),
     }
     _add_request_fields(f, _join(parts, "request_ints"), _join(parts, "request_floats"))
@@ -180,6 +196,17 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
 
 
 _NO_ENTRIES = np.zeros(0, np.int64)
+
+
+def _sampled_rows(query_start: np.ndarray, rows: np.ndarray, sample: np.ndarray,
+                  num_samples: np.ndarray) -> dict[str, np.ndarray]:
+    """Each sampled row's flat token and next-token table row: a sequence's last token, or, for a
+    speculating one, its last ``num_samples`` tokens (the row repeats: only one write survives in the
+    table, and nothing reads it before the host has the step's tokens)."""
+    if int(num_samples.max(initial=0)) <= 1:
+        return {"logits_indices": (query_start[1:] - 1)[sample], "sample_rows": rows[sample]}
+    seq_of, offset = _ragged_rows(num_samples)
+    return {"logits_indices": (query_start[1:] - num_samples)[seq_of] + offset, "sample_rows": rows[seq_of]}
 
 
 def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFlags:

@@ -10,7 +10,12 @@ engine-core process of the server, and in-process under ``LLMEngine``.
 Structured output (``engine.structured``) keeps this order: a step's grammar mask needs the token
 its previous step samples, so the core hands the mask of the newest step to the worker once every
 step before it has been processed (``_provide_mask``); the device runs that step's forward
-meanwhile, and only its sampling waits for the mask."""
+meanwhile, and only its sampling waits for the mask.
+
+Speculative decoding (``engine.speculation``) plans a speculating step only once every step before it
+has been processed, and nothing on top of a speculating step before it was processed: its accepted
+counts exist only in its output. Whether a step speculates is decided before it is planned from what
+the host knows then, which is the same in both loops, so they still make the same decisions."""
 from __future__ import annotations
 
 import logging
@@ -31,6 +36,7 @@ from tandem.engine.observer import ProcessTimes, StepObserver, SubmitTimes
 from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
+from tandem.engine.speculation import Speculation
 
 if TYPE_CHECKING:
     from tandem.engine.structured.manager import MaskedRows, StructuredOutputs
@@ -52,6 +58,9 @@ class CoreStats(msgspec.Struct, frozen=True, array_like=True):
     prefix_cache_hits: int = 0  # since start, in tokens: found there (not computed)
     gpu_busy_s: float = 0.0  # since start: device time in steps
     gpu_idle_s: float = 0.0  # since start: device time between steps while there was work
+    spec_num_drafts: int = 0  # since start: sequence-steps that verified proposals (speculative decoding)
+    spec_num_draft_tokens: int = 0  # since start: proposals verified
+    spec_num_accepted_tokens: int = 0  # since start: proposals accepted
 
 
 @dataclass
@@ -78,6 +87,7 @@ class EngineCore:
         self.heap = HeapFreezer()
         self._model, self._eos_token_ids = config.model, eos_token_ids
         self.structured: StructuredOutputs | None = None  # made for the first constrained request
+        self.speculation = _speculation(config, worker)
 
     @property
     def grammars(self) -> StructuredOutputs:
@@ -104,6 +114,8 @@ class EngineCore:
         ended = [rid for rid in request_ids if self.scheduler.finish(rid, reason)]
         if self.structured is not None:
             ended += [rid for rid in request_ids if self.structured.drop(rid)]
+        if self.speculation is not None:
+            self.speculation.ended(ended)
         return ended
 
     def has_unfinished_requests(self) -> bool:
@@ -117,7 +129,8 @@ class EngineCore:
         if grammars is not None and grammars.held:
             grammars.release(self.scheduler, deltas)  # compiled: into the queue (or failed: ended)
         admissions = self.scheduler.num_admissions
-        sched = self.scheduler.schedule()
+        proposals = self._speculate(deltas) if self.speculation is not None else None
+        sched = self.scheduler.schedule(proposals)
         if self.scheduler.num_admissions != admissions:  # what a running sequence holds: its blocks, its row's state
             self.heap.admitted()
         if len(sched):
@@ -131,21 +144,35 @@ class EngineCore:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
         self._provide_mask(deltas)  # nothing was in flight before it: its mask is known now
         while self.in_flight and (len(self.in_flight) > 1 or not len(sched)):
-            done = self.in_flight.popleft()
-            t_collect = time.perf_counter()
-            output = self.worker.collect(done.handle)
-            t_collected = time.perf_counter()
-            self.scheduler.update(done.sched, output, deltas)
-            if done.masked is not None:
-                grammars.advance(done.masked, self.scheduler, deltas)
-            self._provide_mask(deltas)
-            for obs in self.observers:
-                obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
+            self._process_oldest(deltas)
+        if self.speculation is not None and deltas.finished:
+            self.speculation.ended(list(deltas.finished))
         if grammars is not None and grammars.held and not self.in_flight and not len(sched):
             grammars.wait(0.01)  # only compilations are left: wait for one rather than spin
         if not self.has_unfinished_requests():
             self.heap.idle()
         return deltas
+
+    def _process_oldest(self, deltas: StepDeltas) -> None:
+        done = self.in_flight.popleft()
+        t_collect = time.perf_counter()
+        output = self.worker.collect(done.handle)
+        t_collected = time.perf_counter()
+        self.scheduler.update(done.sched, output, deltas)
+        if done.masked is not None:
+            self.structured.advance(done.masked, self.scheduler, deltas)
+        self._provide_mask(deltas)
+        for obs in self.observers:
+            obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
+
+    def _speculate(self, deltas: StepDeltas) -> dict[str, list[int]] | None:
+        """The proposals of the step about to be planned, if it speculates. Every step in flight is
+        processed first when it does, or when the newest one did (see the module's docstring)."""
+        wants = self.speculation.wants(self.scheduler)
+        if wants or any(f.sched.speculative for f in self.in_flight):
+            while self.in_flight:
+                self._process_oldest(deltas)
+        return self.speculation.propose(self.scheduler) if wants else None
 
     def _provide_mask(self, deltas: StepDeltas) -> None:
         """The grammar mask of the newest step, once it is the only one in flight: every step before it
@@ -161,8 +188,10 @@ class EngineCore:
         s = self.scheduler
         cached = s.prefix_cache_stats
         busy, idle = self.worker.device_seconds()
+        spec = s.spec_stats
         return CoreStats(s.num_running, s.num_waiting, s.kv_usage(), s.num_preemptions, self.worker.idle_fraction(),
-                         cached.queries, cached.hits, busy, idle)
+                         cached.queries, cached.hits, busy, idle, spec.num_drafts, spec.num_draft_tokens,
+                         spec.num_accepted_tokens)
 
     @property
     def prefix_caching(self) -> bool:
@@ -203,3 +232,19 @@ class EngineCore:
         if self.scheduler.cache is not None:
             self.scheduler.cache.close()  # KV-cache events: what is queued goes out
         self.worker.shutdown()
+
+
+def _speculation(config: EngineConfig, worker: Worker) -> Speculation | None:
+    """Speculative decoding as ``config.speculative_config`` asks (None: off)."""
+    spec = config.speculative
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        from tandem.spec.proposer import NgramProposer
+
+        return Speculation(spec, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max))
+    make = getattr(worker, "draft_proposer", None)
+    if make is None:
+        raise ValueError(f"speculative_config: method 'draft' is not built for this worker ({type(worker).__name__}); "
+                         "a single-device worker runs draft models (tensor parallelism does not yet)")
+    return Speculation(spec, make(spec))

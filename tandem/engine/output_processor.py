@@ -93,8 +93,10 @@ class OutputProcessor:
         requests = self.requests
         for rid, token in zip(deltas.token_request_ids, deltas.token_ids):
             state = requests.get(rid)
-            if state is None:
-                continue  # ended here already (a stop string) while the core ran ahead
+            if state is None or state.finish_reason is not None:
+                # ended already (a stop string) while the core ran ahead, or earlier in this step's
+                # tokens for it (speculative decoding brings several): what follows is dropped
+                continue
             touched[rid] = state
             state.token_ids.append(token)
             if state.detokenizer is not None and self._detokenize(state, token):
@@ -122,7 +124,8 @@ class OutputProcessor:
         chunk = LogprobChunk(entries)
         for j, rid in enumerate(entries.request_ids):
             state = self.requests.get(rid)
-            if state is not None and state.logprobs is not None:
+            # one entry per token kept: none for the tokens after a stop string within the step
+            if state is not None and state.logprobs is not None and len(state.logprobs) < len(state.token_ids):
                 state.logprobs.add(chunk, j)
 
     def _add_prompt_logprobs(self, deltas: StepDeltas) -> None:

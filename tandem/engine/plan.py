@@ -1,5 +1,5 @@
 """What the scheduler decided for one step: its pure-decode entries as one ``DecodeBlock`` of arrays,
-and its other entries (prefill chunks, anything unusual) one ``ScheduledSeq`` each. The batch builder
+and its other entries (prefill chunks, speculating sequences, anything unusual) one ``ScheduledSeq`` each. The batch builder
 lays out the decode block first, then the chunks, in order; sampled rows come back in that order."""
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ class ScheduledSeq:
     #: tokens before ``start`` that no step computes for this admission: the prefix cache had them
     #: (only on a sequence's first chunk after admission; 0 otherwise)
     num_cached: int = 0
+    #: speculative decoding: the proposed tokens after the sequence's last one (computed in this step
+    #: after it, each position sampled: 1 + len(proposals) sampled rows); None: no speculation
+    proposals: list[int] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Sampled rows of this entry: 0, 1, or 1 + its proposals."""
+        return 0 if not self.sample else 1 + (len(self.proposals) if self.proposals else 0)
 
 
 @dataclass
@@ -54,6 +62,12 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(item.num_tokens for item in self.chunks) + (len(self.decode) if self.decode is not None else 0)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether some entry verifies proposals: the next step may not be planned before this one's
+        output is processed (its accepted counts are not known before)."""
+        return any(item.proposals for item in self.chunks)
 
     @property
     def items(self) -> list[ScheduledSeq]:

@@ -36,6 +36,7 @@ from tandem.engine.plan import ScheduledSeq, SchedulerOutput
 from tandem.engine.prefix_cache import PrefixCacheStats, extend_block_hashes
 from tandem.engine.running import RunningState
 from tandem.engine.sequence import Sequence, SeqStatus
+from tandem.engine.spec_path import SpecPath, SpecStats
 
 __all__ = ["LogprobEntries", "ScheduledSeq", "Scheduler", "SchedulerOutput", "StepDeltas"]
 
@@ -49,7 +50,7 @@ class _DeferredRelease:
     row: int | None
 
 
-class Scheduler(DecodePath):
+class Scheduler(DecodePath, SpecPath):
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, rows: RowPool,
                  eos_token_ids: frozenset[int] = frozenset(), max_blocks_per_seq: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
@@ -69,6 +70,7 @@ class Scheduler(DecodePath):
         self._last_done_step = -1
         self.num_preemptions = 0
         self.num_admissions = 0  # since start: sequences that joined the running batch (new or resumed)
+        self.spec_stats = SpecStats()
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -83,12 +85,15 @@ class Scheduler(DecodePath):
         return bool(self.waiting or self.running)
 
     # --- planning one step ---------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, proposals: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """``proposals``: speculative decoding's proposed tokens by request id, for decoding
+        sequences whose tokens are all known (such a step goes through the per-sequence loop)."""
         out = SchedulerOutput(self._next_step)
         budget = self.max_num_batched_tokens
-        chunked = self.plan_decodes(out)  # the decoding sequences, if blocks suffice for the step
+        # the decoding sequences, if blocks suffice for the step
+        chunked = None if proposals else self.plan_decodes(out)
         if chunked is None:
-            budget = self._schedule_running(out, budget, list(self.running))
+            budget = self._schedule_running(out, budget, list(self.running), proposals or {})
         else:
             budget = self._schedule_running(out, budget - len(out), chunked)
         self._admit_waiting(out, budget)
@@ -102,13 +107,20 @@ class Scheduler(DecodePath):
             self._running_rows = np.fromiter((s.row for s in self.running), np.int64, len(self.running))
         return self._running_rows
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, candidates: list[Sequence]) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, candidates: list[Sequence],
+                          proposals: dict[str, list[int]] | None = None) -> int:
         """Per sequence, in order: a chunk of each candidate's remaining tokens, making room first."""
         for seq in candidates:
             if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted to make room for an earlier candidate
+            proposed = proposals.get(seq.request_id) if proposals else None
+            if proposed and not seq.done_scheduling and seq.num_tokens - seq.num_computed == 1:
+                n = self.speculation_size(seq, proposed, budget)
+                if n:
+                    budget -= self._take(out, seq, n, proposals=proposed[:n - 1] or None)
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if seq.done_scheduling or n <= 0 or not self.make_room(seq, seq.num_computed + n):
                 continue  # a sequence that cannot grow now waits while a preempted victim's blocks drain
@@ -160,18 +172,19 @@ class Scheduler(DecodePath):
             self.cache.stats.queries += seq.num_tokens
             self.cache.stats.hits += seq.num_computed
 
-    def _take(self, out: SchedulerOutput, seq: Sequence, n: int, num_cached: int = 0) -> int:
+    def _take(self, out: SchedulerOutput, seq: Sequence, n: int, num_cached: int = 0,
+              proposals: list[int] | None = None) -> int:
         start = seq.num_computed
         self.grow(seq, start + n)
-        sample = start + n == seq.num_tokens
-        item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached)
+        sample = start + n >= seq.num_tokens  # past it: a speculating sequence's proposals
+        item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached, proposals=proposals)
         if seq.params.prompt_logprobs is not None:  # owed once per prompt position, also across preemption
             item.plp_start = max(start, seq.prompt_logprobs_next)
             item.plp_stop = max(item.plp_start, min(start + n, seq.prompt_len - 1))
             seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, item.plp_stop)
         out.chunks.append(item)
         seq.num_computed += n
-        seq.num_pending += int(sample)
+        seq.num_pending += item.num_samples  # optimistic: every proposal accepted, and one more
         seq.last_step = out.step_id
         if self.cache is not None and (start + n) // self.blocks.block_size > start // self.blocks.block_size:
             self.register_blocks(seq, start, start + n)  # some block became full in this chunk
@@ -238,9 +251,13 @@ class Scheduler(DecodePath):
         if sched.decode is not None:
             num_decodes = len(sched.decode)
             self.accept_decodes(sched.decode, tokens[:num_decodes], output.logprobs, deltas)
-        sampled = [item.seq for item in sched.chunks if item.sample]
-        for row, (seq, token) in enumerate(zip(sampled, tokens[num_decodes:].tolist()), start=num_decodes):
-            self.accept_token(seq, token, output.logprobs, row, deltas)
+        row = num_decodes
+        for item in sched.chunks:
+            if item.proposals:
+                self.accept_proposals(item, tokens[row:row + item.num_samples], output.logprobs, row, deltas)
+            elif item.sample:
+                self.accept_token(item.seq, int(tokens[row]), output.logprobs, row, deltas)
+            row += item.num_samples
 
     def accept_token(self, seq: Sequence, token: int, logprobs: Logprobs | None, row: int,
                      deltas: StepDeltas) -> None:

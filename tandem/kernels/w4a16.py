@@ -93,28 +93,21 @@ def _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _gemv_tile(x_ptr, q_ptr, rows, row_ok, stride_xm, k0, n, cols, col_ok, zoff, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] float32 sums over one K tile of x * (q - z) (the group's scale is applied by
-    the caller): each packed word loaded once, nibble i of word r (input channel k0 + 8r + i)
-    multiplied with that channel's activations, summed over r."""
-    r = tl.arange(0, BLOCK_K // 8)
-    words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
-    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in tl.static_range(8):
-        w = (((words >> (4 * i)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - zoff[None, :]  # [BLOCK_K / 8, BLOCK_N]
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 8 * r + i)[None, :], mask=row_ok[:, None],
-                    other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K / 8]
-        part += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-    return part
+def _group_params(s_ptr, z_ptr, g, n, cols, col_ok, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group g's scales and its zero points plus 2**23 (what ``MAGIC`` floats carry), float32 [BLOCK_N]."""
+    s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zoff = tl.load(z_ptr + g * n + cols, mask=col_ok, other=0).to(tl.float32) + MAGIC_VALUE
+    else:
+        zoff = tl.full((BLOCK_N,), 8.0 + MAGIC_VALUE, tl.float32)
+    return s, zoff
 
 
 # m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
                   tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr,
-                  GEMV: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
     """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
     written to split s's slice of y (the output itself when there is one split)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -124,26 +117,44 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym,
     ks = tl.arange(0, BLOCK_K)
     shifts = ((ks % 8) * 4)[:, None]  # nibble i of a word is input channel 8r + i
     first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, k_tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(first, last):
+    for t in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
         k0 = t * BLOCK_K
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zoff = tl.load(z_ptr + g * n + cols, mask=col_ok, other=0).to(tl.float32) + MAGIC_VALUE
-        else:
-            zoff = tl.full((BLOCK_N,), 8.0 + MAGIC_VALUE, tl.float32)
-        if GEMV:
-            part = _gemv_tile(x_ptr, q_ptr, rows, row_ok, stride_xm, k0, n, cols, col_ok, zoff, BLOCK_M, BLOCK_N,
-                              BLOCK_K)
-        else:
-            a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-            q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
-            part = tl.dot(a, (q - zoff[None, :]).to(a.dtype), input_precision=PRECISION)  # q - z: exact integers
+        s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
+        q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
+        part = tl.dot(a, (q - zoff[None, :]).to(a.dtype), input_precision=PRECISION)  # q - z: exact integers
         acc += part * s[None, :]
     out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["m", "stride_ys"])
+def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
+                       tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_w4a16_kernel``'s programs for a few rows, without the dot: each packed word loaded once,
+    nibble i of word r (input channel k0 + 8r + i) times that channel's activations, accumulated
+    elementwise in float32 registers [BLOCK_M, BLOCK_K / 8, BLOCK_N] and summed over the middle axis
+    once, after the K loop (a cross-thread reduction per tile would cost more than the tile)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    row_ok, col_ok = rows < m, cols < n
+    r = tl.arange(0, BLOCK_K // 8)
+    first = split * tiles_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for t in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
+        k0 = t * BLOCK_K
+        s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
+        words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+        for i in tl.static_range(8):
+            w = ((((words >> (4 * i)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - zoff[None, :]) * s[None, :]
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 8 * r + i)[None, :], mask=row_ok[:, None],
+                        other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K / 8]
+            acc += a[:, :, None] * w[None, :, :]
+    out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(out, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:
@@ -181,11 +192,13 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     out = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
                       device=x.device)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
-    _w4a16_kernel[grid](x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n,
-                        x2.stride(0), n, m * n, k_tiles, per_split, GROUP=w.group_size,
-                        HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once,
-                        GEMV=tiles.gemv, num_warps=tiles.num_warps,
-                        num_stages=tiles.num_stages)
+    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n, x2.stride(0), n, m * n,
+            k_tiles, per_split)
+    common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                  BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if tiles.gemv:
+        _w4a16_gemv_kernel[grid](*args, **common)
+    else:
+        _w4a16_kernel[grid](*args, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once, **common)
     y = out if splits == 1 else split_sum(out, x.dtype)  # the splits in a fixed order, rounded once
     return y.reshape(*lead, n)

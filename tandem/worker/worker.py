@@ -21,6 +21,7 @@ from tandem.model.sources import resolve_model_config
 from tandem.model.loader import load_model
 from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
+from tandem.worker.draft import DraftProposer
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
 from tandem.worker.memory import profile_activations
@@ -55,6 +56,7 @@ class DeviceWorker:
         model_config = resolve_model_config(config.model)
         max_positions = requested_max_model_len(model_config, config.max_model_len, config.allow_long_max_model_len)
         self.model = self._load_model(max_positions)
+        self.draft = self._load_draft(max_positions)  # before the plan: its weights are not KV memory
         num_blocks = self._plan_kv_blocks(max_positions)
         max_model_len = fit_max_model_len(max_positions, (num_blocks - 1) * config.block_size,
                                           explicit=config.max_model_len is not None)
@@ -99,8 +101,33 @@ class DeviceWorker:
             reserved = peaks.total + rows
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
                         "per-row state %.2f GiB", peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30, rows / 2**30)
-        return plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.kv_spec,
-                               self.device, self.kv_dtype, reserved)
+        num_blocks = plan_num_blocks(c.kv_cache_tokens, c.block_size, c.gpu_memory_utilization, self.model.kv_spec,
+                                     self.device, self.kv_dtype, reserved)
+        if self.draft is not None and c.kv_cache_tokens is None and self.device.type == "cuda":
+            # the draft's cache holds as many tokens as the target's: the memory is shared out by bytes
+            target, draft = (m.kv_spec.bytes_per_token(self.kv_dtype) for m in (self.model, self.draft))
+            num_blocks = max(2, (num_blocks - 1) * target // (target + draft) + 1)
+        return num_blocks
+
+    def _load_draft(self, max_positions: int) -> CausalLM | None:
+        spec = self.config.speculative
+        if spec is None or spec.method != "draft":
+            return None
+        draft = load_model(spec.model, self.device, self.dtype, max_positions, self.config.seed)
+        if draft.config.vocab_size < self.model.config.vocab_size - 1024:  # padded vocabularies differ a little
+            raise ValueError(f"speculative_config: the draft model {spec.model!r} has a vocabulary of "
+                             f"{draft.config.vocab_size} tokens, the target {self.model.config.vocab_size}: "
+                             "a draft must share the target's tokenizer")
+        return draft
+
+    def draft_proposer(self, spec: object) -> DraftProposer:
+        """The proposer of ``speculative_config`` method 'draft' (its model was loaded at start)."""
+        if self.draft is None:
+            raise ValueError("speculative_config: this worker was started without a draft model")
+        cache = allocate_kv_cache(self.draft.kv_spec, self.info.num_kv_blocks, self.config.block_size, self.device,
+                                  self.kv_dtype)
+        return DraftProposer(self.draft, cache, self.config.block_size, self.info.max_model_len,
+                             self.model.config.vocab_size)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly

@@ -135,7 +135,7 @@ class StructuredOutputs:
                     index.append(first)
                     seqs.append(item.seq)
                     gen.append(item.gen_index)
-                first += 1
+                first += item.num_samples  # a speculating sequence (never a masked one) samples several
         return MaskedRows(np.array(index, np.int64), seqs, gen) if seqs else None
 
     def advance(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas) -> None:

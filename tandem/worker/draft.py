@@ -1,0 +1,111 @@
+"""A draft model for speculative decoding: a second model on the seam (any checkpoint or ``random:``
+preset sharing the target's tokenizer) that proposes k tokens greedily (its argmax: q is one-hot,
+so the engine's exact-match verification keeps the target's tokens, see ``tandem.spec.verify``).
+
+It keeps its own paged KV cache and its own block lists (not the target's block tables: the two
+caches have other shapes, and the target's blocks are freed and shared by rules the draft need not
+follow). Per request it remembers which tokens its cache holds; each call computes what changed
+since (the tokens accepted and drawn in the last step, from the first that differs from what it fed
+itself) and then k - 1 one-token steps. K/V of rejected proposals is overwritten the same way.
+
+It runs when the engine asks for proposals, before it plans a speculating step, and waits for its
+own argmaxes (a host synchronisation per draft token): speculating steps are planned after the
+previous step was processed in any case (docs/pipeline.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tandem.model.attention import AttentionInputs, step_attention
+from tandem.model.base import CausalLM
+
+
+@dataclass
+class _DraftSeq:
+    fed: list[int] = field(default_factory=list)  # the tokens whose K/V the draft cache holds, by position
+    blocks: list[int] = field(default_factory=list)
+
+
+class DraftProposer:
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
+                 vocab_size: int) -> None:
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        num_blocks = kv_cache.shape[2] // block_size
+        self.free = list(range(num_blocks - 1, 0, -1))  # block 0: padding
+        self.seqs: dict[str, _DraftSeq] = {}
+
+    def release(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.free += seq.blocks
+
+    def propose(self, requests: list) -> list[list[int]]:
+        """``requests``: ``tandem.spec.proposer.ProposalRequest``s -> up to max_proposals tokens each."""
+        out: list[list[int]] = [[] for _ in requests]
+        live = []  # (index, state, first position to compute, k)
+        for i, r in enumerate(requests):
+            seq = self.seqs.setdefault(r.request_id, _DraftSeq())
+            n = len(r.tokens)
+            k = min(r.max_proposals, self.max_model_len - n)
+            if k <= 0 or not self._reserve(seq, n - 1 + k):
+                continue  # no room in the draft cache: this request does not speculate this step
+            valid = min(_common_prefix(seq.fed, r.tokens), n - 1)
+            seq.fed = list(r.tokens)
+            live.append((i, seq, valid, k))
+        if not live:
+            return out
+        # first: each request's tokens from the first one its cache lacks, through its last
+        chunks = [(seq, requests[i].tokens[valid:], valid) for i, seq, valid, _ in live]
+        drafted = self._forward(chunks)
+        for (i, seq, _, k), token in zip(live, drafted):
+            out[i].append(token)
+        for step in range(1, max(k for *_, k in live)):
+            going = [(j, entry) for j, entry in enumerate(live) if entry[3] > step]
+            chunks = [(seq, [out[i][-1]], len(requests[i].tokens) - 1 + step) for _, (i, seq, _, _) in going]
+            for (_, (i, seq, _, _)), token in zip(going, self._forward(chunks)):
+                seq.fed.append(out[i][-1])
+                out[i].append(token)
+        return out
+
+    def _reserve(self, seq: _DraftSeq, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.block_size) - len(seq.blocks)
+        if need > len(self.free):
+            return False
+        for _ in range(max(0, need)):
+            seq.blocks.append(self.free.pop())
+        return True
+
+    @torch.inference_mode()
+    def _forward(self, chunks: list[tuple[_DraftSeq, list[int], int]]) -> list[int]:
+        """One varlen forward of (sequence, token ids, first position) chunks -> each chunk's next
+        token (the argmax after its last)."""
+        dev, bs = self.kv_cache.device, self.block_size
+        lengths = np.array([len(ids) for _, ids, _ in chunks], np.int64)
+        positions = np.concatenate([np.arange(start, start + len(ids)) for _, ids, start in chunks])
+        width = max(len(seq.blocks) for seq, _, _ in chunks)
+        table = np.zeros((len(chunks), width), np.int64)
+        for row, (seq, _, _) in enumerate(chunks):
+            table[row, :len(seq.blocks)] = seq.blocks
+        owner = np.repeat(np.arange(len(chunks)), lengths)
+        slots = table[owner, positions // bs] * bs + positions % bs
+        query_start = np.concatenate([[0], np.cumsum(lengths)])
+        seq_lens = np.array([start + len(ids) for _, ids, start in chunks], np.int64)
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.int64, device=dev)  # noqa: E731
+        ids = as_tensor(np.concatenate([np.asarray(ids, np.int64) for _, ids, _ in chunks]))
+        pos = as_tensor(positions)
+        inputs = AttentionInputs(as_tensor(slots), as_tensor(table), as_tensor(query_start), as_tensor(seq_lens),
+                                 pos, int(lengths.max()), bs)
+        hidden = self.model.forward(ids, pos, self.kv_cache, step_attention(inputs))
+        logits = self.model.compute_logits(hidden[as_tensor(query_start[1:] - 1)])
+        return logits[:, :self.vocab_size].argmax(dim=-1).tolist()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(diff[0]) if diff.size else n

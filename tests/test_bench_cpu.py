@@ -1,0 +1,104 @@
+"""`tandem bench` on a CPU (issue 26, acceptance 4): the simulated GPU shows the overlap async
+batching buys, five runs in a row agree, the measured step times are the cited ones, the table fits
+100 columns and preemptions are explained."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tandem.bench.step_time import STEP_TIME_MODELS
+from tandem.cli import main
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+#: a workload of the default's shape, shorter (the default's 1024 steps take 5 x 2 x ~2 s)
+SMALL = ["--num-requests", "16", "--prompt-len", "64", "--max-tokens", "192"]
+
+
+def test_simulated_gpu_five_runs_agree_and_async_idles_less(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    began, cpu_began = time.perf_counter(), time.process_time()
+    assert main(["bench", *SMALL, "--simulated-device", "only", "--runs", "5", "--no-progress",
+                 "--json", str(out)]) == 0
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    sim = json.loads(out.read_text())["simulated"]
+    spread = sim["spread"]
+    for mode in ("sync", "async"):
+        lo, med, hi = spread[mode]["wall_s"]
+        assert hi <= 1.2 * lo, f"{mode}: wall times {spread[mode]['wall_s']} disagree by more than 20%"
+    assert spread["async_over_sync_wall"][2] < 1  # async faster in every run
+    # the host's gaps between steps: in sync between every two steps, in async hidden behind them
+    assert spread["async"]["gpu_idle_fraction"][2] < spread["sync"]["gpu_idle_fraction"][0]
+    assert sim["modes"]["sync"]["gpu_idle_fraction"] > 0.03
+    assert sim["modes"]["sync"]["num_steps"] == sim["modes"]["async"]["num_steps"] >= 192
+    # the device sleeps: the host loop alone uses the CPU (a busy-waiting device would use ~all of it)
+    assert cpu < 0.6 * wall, (cpu, wall)
+    text = capsys.readouterr().out
+    assert "async/sync wall time:" in text and "H100" in text and "median [min-max]" in text
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_simulated_step_times_are_the_cited_measurements():
+    """Every decode point is a measured step of the file it names; the prefill cost is that run's GPU
+    busy time less its decode steps', per prefill token."""
+    for clock in STEP_TIME_MODELS.values():
+        for p in clock.points:
+            data = json.loads((RESULTS / p.source).read_text())
+            checks = [m["decode_step_check"] for m in data["modes"].values()]
+            assert any(c["kv_tokens"] == p.kv_tokens and c["measured_gpu_ms"] == pytest.approx(p.ms, abs=5e-4)
+                       for c in checks), p
+            assert data["model"] == clock.model and data["device"] == clock.device
+        data = json.loads((RESULTS / clock.prefill_source).read_text())
+        run = data["modes"]["async"]
+        prefill_steps = -(-run["prefill_tokens_computed"] // data["max_num_batched_tokens"])
+        decode_ms = (run["num_steps"] - prefill_steps) * run["decode_step_check"]["measured_gpu_ms"]
+        per_token = (run["mean_gpu_ms"] * run["num_steps"] - decode_ms) / run["prefill_tokens_computed"]
+        assert clock.prefill_ms_per_token == pytest.approx(per_token, rel=0.01)
+        # between two points: on the line through them; a prefill adds its tokens' cost
+        a, b = clock.points[:2]
+        mid = (a.kv_tokens + b.kv_tokens) // 2
+        assert clock.decode_ms(mid) == pytest.approx((a.ms + b.ms) / 2, rel=1e-3)
+        assert clock.step_ms(1000 + 8, 8, mid) == pytest.approx(clock.decode_ms(mid) + 1000 * clock.prefill_ms_per_token)
+
+
+def test_the_default_cpu_bench_runs_the_tested_path(monkeypatch):
+    """`tandem bench` with no arguments on a CPU: the real run, then the simulated GPU with the
+    default workload and 5 runs: the path the test above runs on a smaller workload."""
+    import torch
+
+    from tandem.bench import api
+
+    calls = {}
+
+    def real(model, w, modes, runs, *rest):
+        calls["real"] = (model, runs)
+        return {"device_type": "cpu"}
+
+    class Stop(Exception):
+        pass
+
+    def simulate(model, w, modes, runs, **options):
+        calls["sim"] = (model, w.describe(), modes, runs)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(api, "_real_bench", real)
+    monkeypatch.setattr(api, "simulate", simulate)
+    with pytest.raises(Stop):
+        main(["bench"])
+    assert calls["real"] == ("random:tiny", None)  # as many of 5 rounds as are fast enough
+    assert calls["sim"] == ("random:llama3.2-1b", "32 requests x (256 prompt + 1024 new tokens)",
+                            ["sync", "async"], 5)
+
+
+def test_preemptions_are_counted_and_explained(capsys):
+    # 4 requests x 64 tokens need 256 KV tokens at once; the cache holds 128
+    assert main(["bench", "--model", "random:tiny", "--num-requests", "4", "--prompt-len", "16", "--max-tokens", "48",
+                 "--kv-cache-tokens", "128", "--modes", "sync", "--runs", "1", "--simulated-device", "off",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    said = " ".join(text[text.index("preemptions:"):].splitlines())
+    count = int(said.split("sync ")[1].split(":")[0])
+    assert count > 0 and "need up to 256 KV tokens at once, the cache holds 128" in said
+    assert "GPU idle" not in text and "roofline" not in text  # no GPU columns on a CPU
+    assert all(len(line) <= 100 for line in text.splitlines())

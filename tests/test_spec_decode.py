@@ -1,0 +1,197 @@
+"""Speculative decoding (docs/pipeline.md, "Speculative decoding"): the same tokens as without it,
+greedy and seeded, sync and async, with preemption, prefix caching, aborts and structured output;
+the same output distribution when sampling; the options checked."""
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from scipy.stats import chi2_contingency
+
+from differential import compare, make_case, run_case_with_stats, speculative_config
+from tandem.config import EngineConfig
+from tandem.engine.spec_path import accepted_count
+from tandem.llm import LLM
+from tandem.sampling_params import SamplingParams
+from tandem.spec.config import parse_speculative_config
+from tandem.spec.proposer import ngram_lookup
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"method": "ngram", "num_speculative_tokens": 2, "k": 3}, "unknown key(s) ['k']"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "'eagle' is not built"),
+    ({"method": "draft", "num_speculative_tokens": 2}, "needs \"model\""),
+    ({"method": "ngram"}, "num_speculative_tokens is required"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min (4) is above"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_configs_are_refused_naming_what_is_wrong(bad, says):
+    with pytest.raises(ValueError) as e:
+        EngineConfig(model="random:tiny", speculative_config=bad)
+    assert says in str(e.value)
+
+
+def test_vllm_shapes_parse():
+    assert parse_speculative_config('{"method": "[ngram]", "num_speculative_tokens": 4}').method == "ngram"
+    draft = parse_speculative_config({"model": "random:tiny", "num_speculative_tokens": 2})
+    assert (draft.method, draft.model, draft.disable_by_batch_size) == ("draft", "random:tiny", 32)
+
+
+def test_ngram_lookup_takes_the_longest_recent_match():
+    tokens = [7, 1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    assert ngram_lookup(tokens, 1, 3, 2) == [4, 5]  # "1 2 3" last seen before "4 5"
+    assert ngram_lookup(tokens, 1, 3, 5) == [4, 5, 0, 1, 2]
+    assert ngram_lookup([5, 6, 7], 1, 2, 3) == []  # nothing recurs
+    assert ngram_lookup([4, 8, 4], 2, 2, 3) == []  # a 2-gram must match; only a 1-gram does
+    assert ngram_lookup([4, 8, 4], 1, 2, 3) == [8, 4, 8]  # past the end: the loop goes on
+    assert ngram_lookup([3, 9, 9, 9], 1, 2, 4) == [9, 9, 9, 9]
+
+
+def _with(case, spec):
+    case = dataclasses.replace(case, engine=dict(case.engine))
+    case.engine.pop("speculative_config", None)
+    if spec is not None:
+        case.engine["speculative_config"] = spec
+    return case
+
+
+def _repetitive(case, seed):
+    """Prompts that end in repeated spans (n-gram lookup proposes from the start), and longer runs
+    (more tokens, fewer stop ids) for the speculation to verify."""
+    rng = random.Random(f"repeat-{seed}")
+    for r in case.requests:
+        span = r.prompt[:rng.randint(2, 6)]
+        r.prompt = (r.prompt + span * rng.randint(2, 5))[-48:]
+        if r.params.max_tokens is not None:
+            room = case.engine["kv_cache_tokens"] - len(r.prompt)
+            r.params = dataclasses.replace(r.params, max_tokens=min(r.params.max_tokens + 16, room),
+                                           stop_token_ids=r.params.stop_token_ids[:3])
+    return case
+
+
+@pytest.mark.parametrize("seed", (8, 9, 11, 13, 16, 21, 22, 29))
+def test_speculation_gives_the_tokens_of_no_speculation(seed):
+    """Randomized cases (preemption from tiny KV caches, chunked prefill, prefix caching, aborts, stop
+    strings and ids, min_tokens, penalties, logit bias, logprobs, structured output, n > 1; greedy and
+    seeded sampling): speculation on, sync and async, equals it off; an abort at a loop step may cut
+    a request elsewhere when the runs advance at other speeds."""
+    case = _repetitive(make_case(5000 + seed), seed)
+    spec = speculative_config(random.Random(seed)) | {"disable_by_batch_size": 32}
+    off, _ = run_case_with_stats(_with(case, None), async_batching=True)
+    on_sync, stats = run_case_with_stats(_with(case, spec), async_batching=False)
+    on_async, stats_async = run_case_with_stats(_with(case, spec), async_batching=True)
+    assert not compare(case, on_sync, on_async), case.describe()  # the same decisions: exactly equal
+    assert stats == stats_async or (stats.spec_num_drafts == stats_async.spec_num_drafts)
+    problems = compare(case, off, on_sync, ("off", "on"), aborts_may_differ=True, logprob_atol=1e-9)
+    assert not problems, case.describe() + "\n" + "\n".join(problems)
+    assert stats.spec_num_draft_tokens >= stats.spec_num_accepted_tokens >= 0
+
+
+def test_greedy_repetition_is_accepted_and_counted():
+    """A greedy loop of a random model: n-gram proposals are mostly accepted, and the core says so."""
+    prompt = [11, 12, 13, 14] * 6
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    off = LLM("random:tiny", kv_cache_tokens=512).generate([prompt], params, use_tqdm=False)
+    llm = LLM("random:tiny", kv_cache_tokens=512, speculative_config=NGRAM)
+    on = llm.generate([prompt], params, use_tqdm=False)
+    assert on[0].outputs[0].token_ids == off[0].outputs[0].token_ids
+    stats = llm.engine.core.stats()
+    assert stats.spec_num_drafts > 0 and stats.spec_num_accepted_tokens > 0
+    assert stats.spec_num_accepted_tokens <= stats.spec_num_draft_tokens
+
+
+def _draws(spec, seeds, allowed, prompt):
+    llm = LLM("random:tiny", kv_cache_tokens=4096, max_num_seqs=64, speculative_config=spec)
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, allowed_token_ids=allowed, ignore_eos=True)
+              for s in seeds]
+    outs = llm.generate([prompt] * len(seeds), params, use_tqdm=False)
+    return np.array([o.outputs[0].token_ids for o in outs]), llm.engine.core.stats()
+
+
+def test_sampled_distribution_is_unchanged():
+    """2000 seeded draws of the tokens at output indices 1-3 (the positions speculation verifies),
+    with and without speculation, from disjoint seeds: a chi-square test of homogeneity per position
+    (and, being exact, the same seeds give the same tokens)."""
+    allowed = [40, 41, 42, 43, 44, 45]
+    prompt = [40, 41, 42, 43, 44, 45] * 3
+    spec = NGRAM | {"disable_by_batch_size": 2000}
+    on, stats = _draws(spec, range(1000), allowed, prompt)
+    off, _ = _draws(None, range(1000, 2000), allowed, prompt)
+    assert stats.spec_num_drafts > 0 and 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    for position in (1, 2, 3):
+        table = np.array([[np.sum(x[:, position] == t) for t in allowed] for x in (on, off)])
+        table = table[:, table.sum(axis=0) > 0]
+        assert chi2_contingency(table).pvalue > 1e-3, table
+    same_seeds, _ = _draws(None, range(100), allowed, prompt)
+    assert (same_seeds == on[:100]).all()
+
+
+@pytest.mark.parametrize("async_batching", [False, True])
+def test_a_draft_equal_to_the_target_is_always_accepted(async_batching):
+    prompts = [[11, 12, 13, 14, 99, 7] * 3, [5, 6, 7, 8, 9]]
+    params = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=23, temperature=0.8, seed=5, ignore_eos=True)]
+    off = LLM("random:tiny", kv_cache_tokens=512).generate(prompts, params, use_tqdm=False)
+    llm = LLM("random:tiny", kv_cache_tokens=512, async_batching=async_batching,
+              speculative_config={"method": "draft", "model": "random:tiny", "num_speculative_tokens": 3})
+    on = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
+    assert llm.engine.core.stats().spec_num_drafts > 0
+    greedy = LLM("random:tiny", kv_cache_tokens=512, async_batching=async_batching,
+                 speculative_config={"method": "draft", "model": "random:tiny", "num_speculative_tokens": 3})
+    greedy.generate(prompts, params[0], use_tqdm=False)
+    stats = greedy.engine.core.stats()
+    assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+
+
+@pytest.mark.parametrize("seed", (9, 16))
+def test_a_different_draft_gives_the_same_tokens(seed):
+    """A draft of another family (its own random weights, the same vocabulary): few proposals are
+    accepted, and the outputs are those of no speculation (preemption, aborts, constraints)."""
+    case = _repetitive(make_case(5000 + seed), seed)
+    spec = {"method": "draft", "model": "random:tiny-gemma2", "num_speculative_tokens": 2}
+    off, _ = run_case_with_stats(_with(case, None), async_batching=True)
+    on_sync, stats = run_case_with_stats(_with(case, spec), async_batching=False)
+    on_async, _ = run_case_with_stats(_with(case, spec), async_batching=True)
+    assert not compare(case, on_sync, on_async), case.describe()
+    problems = compare(case, off, on_async, ("off", "on"), aborts_may_differ=True, logprob_atol=1e-9)
+    assert not problems, case.describe() + "\n" + "\n".join(problems)
+    assert stats.spec_num_drafts > 0
+
+
+def test_accept_by_match_counts_the_leading_matches():
+    import torch
+
+    from tandem.spec.verify import accept_by_match
+    drawn = torch.tensor([[5, 6, 7, 8], [5, 0, 7, 8], [1, 6, 7, 8]])
+    proposals = torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, 7]])
+    assert accept_by_match(drawn, proposals).tolist() == [3, 1, 0]
+    assert [accepted_count(d.numpy(), p.tolist()) for d, p in zip(drawn, proposals)] == [3, 1, 0]  # the host's
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """The general rule (a proposer sampling from q, not one-hot): the first token follows p[0], and
+    the second, after an accepted first, p[1] (chi-square goodness of fit, 4000 draws)."""
+    import torch
+    from scipy.stats import chisquare
+
+    from tandem.spec.verify import rejection_sample
+    g = torch.Generator().manual_seed(0)
+    vocab, k, n = 6, 2, 4000
+    p = torch.rand(k + 1, vocab, generator=g, dtype=torch.float64).softmax(-1)
+    q = (3 * torch.rand(k, vocab, generator=g, dtype=torch.float64)).softmax(-1)
+    first, second = np.zeros(vocab), np.zeros(vocab)
+    for _ in range(n):
+        proposals = torch.stack([torch.multinomial(q[j], 1, generator=g)[0] for j in range(k)])
+        tokens, count = rejection_sample(p, q, proposals, torch.rand(k, generator=g, dtype=torch.float64),
+                                         torch.empty(k + 1, vocab, dtype=torch.float64).exponential_(generator=g))
+        first[int(tokens[0])] += 1
+        if int(count) >= 1:
+            second[int(tokens[1])] += 1
+    assert chisquare(first, p[0].numpy() * n).pvalue > 1e-3
+    assert chisquare(second, p[1].numpy() * second.sum()).pvalue > 1e-3
+    assert 0 < second.sum() < n  # both branches ran
