@@ -47,4 +47,8 @@ def measure_mode(engine: LLMEngine, mode: str, requests: list[BenchRequest], w: 
         cache_after = engine.core.stats()
         result.set_prefix_cache(cache_after.prefix_cache_queries - cache_before.prefix_cache_queries,
                                 cache_after.prefix_cache_hits - cache_before.prefix_cache_hits)
+    if engine.core.speculation is not None:
+        after = engine.core.stats()
+        result.set_speculation(*(getattr(after, f) - getattr(cache_before, f) for f in
+                                 ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")))
     return ModeRun(result, token_ids)

@@ -41,12 +41,22 @@ class ModeResult:
     prefix_cache_queries: int | None = None  # tokens looked up in the prefix cache (None: caching off)
     prefix_cache_hits: int | None = None  # tokens found there, whose prefill was skipped
     prefix_cache_hit_rate: float | None = None
+    #: speculative decoding (None: off): proposals verified and accepted, and what that gave
+    spec_draft_tokens: int | None = None
+    spec_accepted_tokens: int | None = None
+    spec_acceptance_rate: float | None = None  # accepted / verified proposals
+    spec_tokens_per_step: float | None = None  # tokens a speculating sequence gained per step, on average
     timeline: dict = field(default_factory=dict, repr=False)  # host and device lanes, for pictures
 
     @property
     def mean_host_ms(self) -> float:
         """The host's work per step: schedule + build + submit + process."""
         return self.mean_schedule_ms + self.mean_build_ms + self.mean_submit_ms + self.mean_process_ms
+
+    def set_speculation(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        self.spec_draft_tokens, self.spec_accepted_tokens = draft_tokens, accepted
+        self.spec_acceptance_rate = accepted / draft_tokens if draft_tokens else None
+        self.spec_tokens_per_step = 1 + accepted / drafts if drafts else None
 
     def set_prefix_cache(self, queries: int, hits: int) -> None:
         self.prefix_cache_queries, self.prefix_cache_hits = queries, hits

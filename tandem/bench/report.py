@@ -95,6 +95,9 @@ def report_real(by_mode: dict[str, list[Any]], results: list[ModeResult], anchor
     for res in results:
         print(phases_text(res))
     print(preemption_text(results, kv_tokens, need))
+    for res in (r for r in results if r.spec_draft_tokens is not None):
+        print(f"{res.mode}: speculative decoding accepted {_cell(res.spec_acceptance_rate, '{:.1%}')} of "
+              f"{res.spec_draft_tokens} proposals, {_cell(res.spec_tokens_per_step, '{:.2f}')} tokens per speculating step")
     if gpu:
         for res in results:
             print(decode_check_text(res))
