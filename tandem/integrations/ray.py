@@ -69,7 +69,7 @@ def tandem_deployment(config: EngineConfig, options: ServeOptions, num_replicas:
     """The deployment for already-built options (``EngineConfig``, ``ServeOptions``)."""
     if num_gpus is None:
         on_cpu = (config.device or "").startswith("cpu")
-        num_gpus = 0 if on_cpu else config.tensor_parallel_size * getattr(options, "data_parallel_size", 1)
+        num_gpus = 0 if on_cpu else config.tensor_parallel_size * options.data_parallel_size
     replicas = num_replicas if num_replicas == "auto" else int(num_replicas)
     ingress = serve.ingress(_app_builder(config, options))(TandemReplica)
     return serve.deployment(ingress, name=name, num_replicas=replicas, max_ongoing_requests=int(max_ongoing_requests),
