@@ -113,6 +113,9 @@ def test_a_yaml_config_file_sets_defaults_the_command_line_overrides(tmp_path, c
     args = parse(["serve", "--config", str(config), "--max-num-seqs", "8"])
     assert (args.model, args.max_model_len, args.max_num_seqs, args.enforce_eager) == ("random:tiny", 256, 8, True)
     assert args.served_model_name == ["one", "two"] and args.port == 0 and args.generation_config == "vllm"
+    config.write_text("prompt: [a, b]\ntemperature: 0\n")  # tandem generate's own flags too
+    args = parse(["generate", "random:tiny", "--config", str(config)])
+    assert args.prompt == ["a", "b"] and args.temperature == 0.0
     config.write_text("max-model-len: 256\nno-such-option: 1\n")
     assert main(["serve", "--config", str(config)]) == 2
     assert "unknown option 'no-such-option'" in capsys.readouterr().err

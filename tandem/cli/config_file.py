@@ -46,7 +46,7 @@ def _value(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
         return value
-    if action.nargs == "+":
+    if action.nargs == "+" or isinstance(action, argparse._AppendAction):  # noqa: SLF001 - a list either way
         items = value if isinstance(value, list) else [value]
         return [_scalar(action, v, where) for v in items]
     if isinstance(value, (list, dict)):
