@@ -25,6 +25,7 @@ from tandem.generation_defaults import sampling_defaults
 from tandem.outputs import RequestOutput
 from tandem.runtime import create_worker
 from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import ChatOptions
 
 PromptList = PromptType | Seq[PromptType]
 
@@ -92,13 +93,20 @@ class LLM:
                 for ids in parents]
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template (with the generation prompt) and generate."""
-        if self.engine.tokenizer is None:
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+             documents: list[dict[str, str]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Apply the chat template (the checkpoint's, the engine's ``chat_template``, or this call's) and
+        generate; the keywords are vLLM's (``chat_template_kwargs``: more template variables, e.g.
+        ``{"enable_thinking": False}``)."""
+        if self.llm_engine.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
+        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template, documents, tools,
+                              dict(chat_template_kwargs or {}))
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        ids = [self.engine.tokenizer.apply_chat_template(conv) for conv in conversations]
+        ids = [self.llm_engine.tokenizer.apply_chat_template(conv, options) for conv in conversations]
         return self.generate(ids, sampling_params, use_tqdm)
 
     def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool) -> dict[str, RequestOutput]:

@@ -65,6 +65,17 @@ def test_vllm_names_for_the_engine_and_the_tokenizer(llm):
         LLM("random:tiny", revision="main")
 
 
+def test_chat_takes_vllms_template_keywords(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}<{{ m['content'] }}|{{ shout }}>{% endfor %}"
+    out = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template, chat_template_kwargs={"shout": "HEY"})
+    assert out[0].prompt_token_ids == llm.get_tokenizer().encode("<hi|HEY>", add_special_tokens=False)
+    plain = llm.chat(messages, GREEDY, use_tqdm=False)[0].prompt_token_ids  # the checkpoint's template
+    assert plain != out[0].prompt_token_ids
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(messages, GREEDY, use_tqdm=False, continue_final_message=True)
+
+
 def test_generation_config_auto_gives_the_request_defaults(llm, sampled_checkpoint):
     defaults = llm.get_default_sampling_params()
     # top_k 50 is transformers' own default, which vLLM's reading of the file leaves out
