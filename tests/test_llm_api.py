@@ -107,6 +107,22 @@ def test_a_bad_generation_config_value_is_named(checkpoint_dir, tmp_path):
         LLM(str(path))
 
 
+def test_a_separate_tokenizer_serves_prompts_chat_and_grammars(checkpoint_dir, tmp_path):
+    from tandem.structured_outputs import StructuredOutputsParams
+
+    source = checkpoint_dir("llama")
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(source / name, weights_only / name)
+    assert LLM(str(weights_only), device="cpu", max_model_len=64).get_tokenizer() is None
+    llm = LLM(str(weights_only), tokenizer=str(source), device="cpu", max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=12,
+                            structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    [out] = llm.chat([{"role": "user", "content": "ok?"}], params, use_tqdm=False)
+    assert out.outputs[0].text in ("yes", "no")
+
+
 def test_start_up_is_logged_and_weight_loading_shows_progress(checkpoint_dir, caplog, monkeypatch):
     import tandem.model.loader as loader
 

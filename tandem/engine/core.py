@@ -86,6 +86,7 @@ class EngineCore:
         self.observers: list[StepObserver] = []
         self.heap = HeapFreezer()
         self._model, self._eos_token_ids = config.model, eos_token_ids
+        self._tokenizer = config.tokenizer
         self.structured: StructuredOutputs | None = None  # made for the first constrained request
         self.speculation = _speculation(config, worker)
 
@@ -95,7 +96,7 @@ class EngineCore:
         if self.structured is None:
             from tandem.engine.structured.manager import StructuredOutputs
 
-            self.structured = StructuredOutputs(self._model, self._eos_token_ids)
+            self.structured = StructuredOutputs(self._model, self._eos_token_ids, tokenizer=self._tokenizer)
         return self.structured
 
     def add_request(self, request: EngineRequest) -> None:

@@ -51,13 +51,15 @@ class MaskedRows:
 
 
 class StructuredOutputs:
-    def __init__(self, model: str, eos_token_ids: frozenset[int], threads: int = 2) -> None:
+    def __init__(self, model: str, eos_token_ids: frozenset[int], threads: int = 2,
+                 tokenizer: str | None = None) -> None:
         vocab_size = resolve_model_config(model).vocab_size
+        vocab_of = tokenizer or model  # --tokenizer: the grammar's tokens are the ones prompts are made of
         self.words = -(-vocab_size // 32)  # int32 words per mask row
         self.stop_ids = sorted(eos_token_ids)
         self.eos_token_ids = eos_token_ids
         self.stop_set = frozenset(self.stop_ids)  # the matchers' stop tokens
-        self.compiler = GrammarCompiler(lambda: tokenizer_info(model, vocab_size, eos_token_ids), threads)
+        self.compiler = GrammarCompiler(lambda: tokenizer_info(vocab_of, vocab_size, eos_token_ids), threads)
         self.held: dict[str, tuple[Sequence, Future]] = {}  # waiting for their grammar, in arrival order
         self.fill_times: list[float] | None = None  # a list: seconds of each fill (the benchmark reads them)
         import xgrammar as xgr
