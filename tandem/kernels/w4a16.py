@@ -53,16 +53,25 @@ def _block_k(group_size: int, largest: int) -> int:
     return bk
 
 
+def _splits(n_tiles: int, k_tiles: int, sms: int, least: int = 1) -> int:
+    """K splits (a power of two, at most 8, at least ``least``) until the programs fill about eight
+    waves of ``sms``, each split keeping >= 4 K tiles."""
+    split = least
+    while split < 8 and n_tiles * split * 2 <= 8 * sms and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Tiles:
-    """The tile tier for M rows (decode / small batch / prefill); split-K only in the decode tier,
-    as many splits (a power of two) as bring the programs near two waves of the device's ``sms``
-    while each split keeps at least four K tiles."""
+    """The tile tier for M rows, from a sweep on an H100 at the 8B shapes in CUDA graphs
+    (``scripts/quant_tune.py``, benchmarks/RESULTS.md): one row takes the multiply-and-sum kernel on
+    narrow column tiles, up to 16 rows the dot with split K, more rows GEMM tiles with no split."""
+    if m == 1:
+        bk = _block_k(group_size, 64)
+        return W4Tiles(1, 32, bk, _splits(triton.cdiv(n, 32), k // bk, sms, least=4), 8, 3, gemv=True)
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 64, _block_k(group_size, 128), 4, 3
-        n_tiles, k_tiles, split = triton.cdiv(n, bn), k // bk, 1
-        while n_tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= 4:
-            split *= 2
-        return W4Tiles(bm, bn, bk, split, warps, stages)
+        bk = _block_k(group_size, 128)
+        return W4Tiles(16, 128, bk, _splits(triton.cdiv(n, 128), k // bk, sms), 4, 3)
     if m <= 64:
         return W4Tiles(32 if m <= 32 else 64, 64, _block_k(group_size, 64), 1, 4, 3)
     big = m > 256
@@ -71,8 +80,7 @@ def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Ti
 
 # 2**23 as a float32's bits, OR-ed with an integer below 2**23, is the float 2**23 + that integer:
 # nibbles become floats by an OR and a subtraction (full-rate ALU) instead of an int-to-float
-# conversion, which runs at a quarter of the rate and bounded the kernel (about a quarter of its
-# bytes floor on an H100).
+# conversion, which runs at a quarter of the rate.
 MAGIC = tl.constexpr(0x4B000000)
 MAGIC_VALUE = tl.constexpr(8388608.0)
 
