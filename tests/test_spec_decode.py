@@ -195,3 +195,64 @@ def test_rejection_sampling_keeps_the_target_distribution():
     assert chisquare(first, p[0].numpy() * n).pvalue > 1e-3
     assert chisquare(second, p[1].numpy() * second.sum()).pvalue > 1e-3
     assert 0 < second.sum() < n  # both branches ran
+
+
+def _scheduler(num_blocks=64):
+    from tandem.engine.block_manager import BlockManager, RowPool
+    from tandem.engine.scheduler import Scheduler
+    return Scheduler(8, 64, BlockManager(num_blocks, 4), RowPool(16), eos_token_ids=frozenset({3}))
+
+
+def _decoding(s, prompts=((10, 11, 12, 13, 14),), max_new=20):
+    """Sequences "a", "b"... after their prefill step, their first token (20) known: they decode next."""
+    from tandem.contract.step import StepOutput
+    from tandem.engine.scheduler import StepDeltas
+    from tandem.engine.sequence import Sequence
+    seqs = [Sequence("ab"[i], list(p), SamplingParams(), seed=0, max_new_tokens=max_new) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        s.add(seq)
+    out = s.schedule()
+    s.update(out, StepOutput(out.step_id, [20] * len(seqs)), StepDeltas())
+    return seqs[0] if len(seqs) == 1 else seqs
+
+
+def _run(s, proposals, drawn):
+    from tandem.contract.step import StepOutput
+    from tandem.engine.scheduler import StepDeltas
+    out = s.schedule(proposals)
+    deltas = StepDeltas()
+    s.update(out, StepOutput(out.step_id, np.array(drawn)), deltas)
+    return out, deltas
+
+
+def test_the_scheduler_rolls_back_to_what_was_accepted():
+    s = _scheduler()
+    seq = _decoding(s)  # 5 prompt tokens + 1 output: positions 0..5, 5 computed
+    out, deltas = _run(s, {"a": [21, 22, 23]}, [21, 22, 9, 24])  # two accepted, then 9 drawn
+    (item,) = out.chunks
+    assert (item.start, item.num_tokens, item.num_samples, item.proposals) == (5, 4, 4, [21, 22, 23])
+    assert deltas.token_ids == [21, 22, 9] and seq.output_token_ids == [20, 21, 22, 9]
+    assert (seq.num_computed, seq.num_tokens, seq.num_pending) == (8, 9, 0)  # 9 is computed next
+    assert len(seq.block_ids) == 3  # blocks for the worst case (positions through 8) stay with it
+    out, deltas = _run(s, {"a": [30, 31]}, [30, 31, 32])  # all accepted, and the bonus token
+    assert deltas.token_ids == [30, 31, 32] and (seq.num_computed, seq.num_tokens) == (11, 12)
+    assert s.spec_stats.num_drafts == 2 and s.spec_stats.num_draft_tokens == 5
+    assert s.spec_stats.num_accepted_tokens == 4 and s.spec_stats.tokens_per_step == 3.0
+
+
+def test_a_stop_inside_the_accepted_run_ends_the_request_there():
+    s = _scheduler()
+    seq = _decoding(s, max_new=4)
+    out, deltas = _run(s, {"a": [21, 3, 23]}, [21, 3, 23, 24])  # EOS (3) accepted second: the rest dropped
+    assert out.chunks[0].proposals == [21, 3]  # max_new 4: one output and at most 3 more tokens
+    assert seq.output_token_ids == [20, 21, 3] and deltas.finished == {"a": "stop"}
+
+
+def test_proposals_wait_for_free_blocks_and_never_preempt():
+    s = _scheduler(num_blocks=4)  # 3 usable blocks of 4 tokens
+    # a: 3 prompt tokens + 1 output (one block, position 3 computed next); b: 5 + 1 (two blocks)
+    a, b = _decoding(s, ((10, 11, 12), (10, 11, 12, 13, 14)))
+    out, _ = _run(s, {"a": [21, 22, 23], "b": [21]}, [21, 5, 21])
+    sizes = {i.seq.request_id: i.num_tokens for i in out.chunks}
+    assert sizes == {"a": 1, "b": 2}  # a's proposals would need a block that is not free
+    assert a.status.value == b.status.value == "running" and s.num_preemptions == 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tandem.contract.step import Logprobs
+from tandem.engine.block_manager import BlockManager
 from tandem.engine.deltas import StepDeltas
 from tandem.engine.plan import ScheduledSeq
 from tandem.engine.sequence import Sequence, SeqStatus
@@ -54,6 +55,7 @@ class SpecPath:
     """A mixin of ``Scheduler``, which defines the rest."""
 
     spec_stats: SpecStats
+    blocks: BlockManager
 
     def grow(self, seq: Sequence, num_tokens: int) -> None: ...
     def make_room(self, seq: Sequence, num_tokens: int) -> bool: ...
@@ -61,10 +63,18 @@ class SpecPath:
                      deltas: StepDeltas) -> None: ...
 
     def speculation_size(self, seq: Sequence, proposals: list[int], budget: int) -> int:
-        """Tokens a speculating sequence computes this step: its last one and the proposals the token
-        budget leaves room for; 0 when it cannot grow now (blocks for all of them: the worst case)."""
-        n = min(1 + len(proposals), budget)
+        """Tokens a speculating sequence computes this step: its last one and the proposals that the
+        token budget and the free blocks leave room for (blocks for all of them: the worst case);
+        proposals never preempt anyone, only its one token may, as without speculation. 0 when it
+        cannot grow now."""
+        # the draw after the last proposal is an output token too: at most max_new_tokens in all
+        n = min(1 + len(proposals), budget, seq.max_new_tokens - seq.num_generated)
+        while n > 1 and not self._fits(seq, seq.num_computed + n):
+            n -= 1
         return n if self.make_room(seq, seq.num_computed + n) else 0
+
+    def _fits(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks.can_grow(seq.block_ids, num_tokens)
 
     def accept_proposals(self, item: ScheduledSeq, drawn: np.ndarray, logprobs: Logprobs | None, row: int,
                          deltas: StepDeltas) -> None:
