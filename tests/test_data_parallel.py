@@ -2,8 +2,8 @@
 two engine cores behind one API process. 200 concurrent requests (plain, streamed, n = 2, some
 aborted) each complete once, both cores take a share; a shared-prefix workload lands on the core that
 holds the prefix (the cores' own prefix-cache hit counters, read from /metrics); a core that dies
-fails its requests with an error, and the server exits 1. The routing policy alone:
-tests/test_dp_router.py."""
+fails its requests with an error, and the server exits 1. ``--api-server-count 2``: two API
+processes share the port and the cores. The routing policy alone: tests/test_dp_router.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,13 +11,14 @@ import json
 import os
 import random
 import signal
+import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_utils import ServerProcess, wait_until
+from server_utils import ServerProcess, pid_alive, wait_until
 
 ARGS = ("--model", "random:tiny", "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
         "--max-num-seqs", "32", "--data-parallel-size", "2", "--metrics-prefix", "vllm")
@@ -141,28 +142,40 @@ def test_shared_prefixes_land_on_the_core_that_holds_them(dp_server):
     assert min(new_queries.values()) > 0, new_queries  # both cores served groups
 
 
-def _core_pids(server: ServerProcess) -> list[int]:
-    pids = []
+def _spawned(server: ServerProcess) -> tuple[list[int], list[int]]:
+    """The first API process's spawned children: (engine cores, further API processes), told apart
+    by whether they hold the listening socket."""
+    port = int(server.url.rsplit(":", 1)[1])
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            listening.add(f"socket:[{fields[9]}]")
+    cores, apis = [], []
     for pid in server.children():
         try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
+            if b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue  # multiprocessing's resource tracker
+            fds = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
         except OSError:
-            pass
-    return pids
+            continue
+        (apis if fds & listening else cores).append(pid)
+    return cores, apis
 
 
 def test_a_dead_core_fails_its_requests_and_the_server_exits():
-    server = ServerProcess(*ARGS, "--max-model-len", "2048")  # the last one given wins
+    """With two API processes: the one that started the cores sees the death through the process's
+    sentinel, the other through a pidfd; streams on either end with the error."""
+    server = ServerProcess(*ARGS, "--max-model-len", "2048", "--api-server-count", "2")  # the last one given wins
     try:
-        pids = _core_pids(server)
-        assert len(pids) == 2
+        pids, apis = _spawned(server)
+        assert len(pids) == 2 and len(apis) == 1
 
         async def run() -> list:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 body = {"model": "random:tiny", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True}
                 streams = [asyncio.ensure_future(_stream(client, {**body, "prompt": [5 + i, 6, 7]}))
-                           for i in range(4)]
+                           for i in range(8)]
                 running = await asyncio.to_thread(
                     wait_until, lambda: min(_per_engine(server.url, "vllm:num_requests_running").values()) > 0, 20)
                 assert running  # both cores run requests
@@ -177,7 +190,7 @@ def test_a_dead_core_fails_its_requests_and_the_server_exits():
         server.kill()
 
 
-def test_each_core_gets_its_own_gpus_and_what_is_not_built_is_refused():
+def test_each_core_gets_its_own_gpus_and_bad_counts_are_refused():
     from types import SimpleNamespace
 
     from tandem.server.dp_client import core_devices
@@ -195,7 +208,66 @@ def test_each_core_gets_its_own_gpus_and_what_is_not_built_is_refused():
         core_devices(cuda, 2, {"CUDA_VISIBLE_DEVICES": "0,1,2"})
     with pytest.raises(ValueError, match="names one GPU"):
         core_devices(SimpleNamespace(device="cuda:1", tensor_parallel_size=1), 2, {})
-    with pytest.raises(ValueError, match="--api-server-count > 1 is not built"):
-        ServeOptions(api_server_count=2)
+    with pytest.raises(ValueError, match="--api-server-count must be >= 1"):
+        ServeOptions(api_server_count=0)
     with pytest.raises(ValueError, match="--metrics-prefix"):
         ServeOptions(metrics_prefix="sglang")
+
+
+def _shared_figures(server: ServerProcess) -> dict[str, dict]:
+    """Each API process's own figures, from the files they pool /metrics through."""
+    import msgspec
+
+    found = {}
+    for path in Path(tempfile.gettempdir()).glob(f"tandem-core-{server.proc.pid}-*/api-*.msgpack"):
+        found[path.stem] = msgspec.msgpack.decode(path.read_bytes())
+    return found
+
+
+def _finished_per_process(server: ServerProcess) -> dict[str, float]:
+    return {name: sum(e["success"].get("length", 0) for e in figures["engines"])
+            for name, figures in _shared_figures(server).items()}
+
+
+def test_two_api_processes_share_the_port_and_the_cores():
+    """--api-server-count 2 with 2 cores: both API processes take connections (the kernel spreads
+    them), every request completes once, /metrics answers the pooled totals whichever process
+    answers the scrape, and SIGTERM stops everything with status 0."""
+    server = ServerProcess(*ARGS, "--api-server-count", "2")
+    try:
+        rng = random.Random(2)
+
+        async def run() -> list:
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+                bodies = [{"model": "random:tiny", "prompt": [rng.randrange(1, 500) for _ in range(12)],
+                           "max_tokens": 4, "ignore_eos": True} for _ in range(100)]
+                return await asyncio.gather(*[_stream(client, b) if i % 2 else _complete(client, b)
+                                              for i, b in enumerate(bodies)])
+
+        results = asyncio.run(run())
+        ids = {r[0]["id"] if isinstance(r, list) else r["id"] for r in results}
+        assert len(ids) == 100
+        assert wait_until(lambda: sum(_finished_per_process(server).values()) == 100, 10)  # published each second
+        per_process = _finished_per_process(server)
+        assert len(per_process) == 2 and min(per_process.values()) > 0, per_process  # both answered requests
+        for _ in range(4):  # whichever process answers, the same pooled totals
+            totals = _per_engine(server.url, "vllm:request_success_total", finished_reason="length")
+            assert sum(totals.values()) == 100, totals
+        children = server.children()
+        assert server.stop() == 0
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in children), 10)
+    finally:
+        server.kill()
+
+
+def test_a_dead_api_process_takes_the_server_down():
+    server = ServerProcess(*ARGS, "--api-server-count", "2")
+    try:
+        cores, apis = _spawned(server)
+        assert len(cores) == 2 and len(apis) == 1
+        os.kill(apis[0], signal.SIGKILL)
+        assert server.proc.wait(30) == 1  # the other one fails what it serves and exits
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in cores), 10)
+    finally:
+        server.kill()

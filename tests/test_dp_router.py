@@ -106,3 +106,12 @@ def test_prefix_routing_beats_round_robin_on_shared_prefixes():
     assert prefix_rate > 0.8, prefix_rate
     assert round_robin_rate < 0.6, round_robin_rate
     assert min(loads) > 250  # both cores still take a fair share
+
+
+def test_a_cores_reported_load_counts_where_others_send_too():
+    router = PrefixRouter(2, 16)
+    router.sent(0, 2)
+    router.reported(1, 5)  # another API process's requests
+    assert router.choose([1, 2, 3]).core == 0
+    router.reported(1, 0)
+    assert router.choose([4, 5, 6]).core == 1

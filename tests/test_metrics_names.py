@@ -118,3 +118,25 @@ def test_one_series_per_engine_core():
     assert ttft == {"0": 0.0, "1": 1.0}
     idle = [s.value for s in families["tandem:gpu_idle_fraction"].samples]
     assert len(idle) == 2 and all(math.isnan(v) for v in idle)
+
+
+def test_api_processes_pool_their_own_figures(tmp_path):
+    """Under --api-server-count, each process answers /metrics with every process's requests."""
+    from tandem.server.metrics import SharedFigures
+
+    first, second = ServerMetrics("m", "vllm"), ServerMetrics("m", "vllm")
+    first.share(SharedFigures(str(tmp_path), 0, 2))
+    second.share(SharedFigures(str(tmp_path), 1, 2))
+    first.on_finished("stop", 0.2, prompt_tokens=7, generation_tokens=3)
+    second.on_finished("length", 0.4, prompt_tokens=5, generation_tokens=9)
+    second.on_prompt_tokens(5)
+    second.on_stats(Stats(2, 1, 0.5, 0, None, 10, 4))  # the cores' figures reach both alike: not added
+    second.render()  # publishes its own
+    families = _families(first.render().decode())
+    success = {s.labels["finished_reason"]: s.value for s in families["vllm:request_success"].samples
+               if s.name.endswith("_total")}
+    assert success == {"stop": 1.0, "length": 1.0}
+    assert _value(families["vllm:prompt_tokens"], "vllm:prompt_tokens_total") == 5
+    assert _value(families["vllm:e2e_request_latency_seconds"], "vllm:e2e_request_latency_seconds_count") == 2
+    assert _value(families["vllm:num_requests_running"], "vllm:num_requests_running") == 0  # first's own stats
+    assert first.engines[0].success == {"stop": 1.0}  # pooling leaves its own figures alone

@@ -50,29 +50,38 @@ def _remove_stale_dirs() -> None:
             pass  # alive, someone else's
 
 
+def bind_link(ctx: zmq.Context, input_addr: str, output_addr: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """An API process's two sockets to one core, bound here: PUSH for requests, PULL for its messages."""
+    requests = ctx.socket(zmq.PUSH)
+    requests.setsockopt(zmq.SNDHWM, 0)  # sends never block the event loop
+    requests.setsockopt(zmq.LINGER, 0)
+    requests.bind(input_addr)
+    messages = ctx.socket(zmq.PULL)
+    messages.setsockopt(zmq.RCVHWM, 0)
+    messages.setsockopt(zmq.LINGER, 0)
+    messages.bind(output_addr)
+    return requests, messages
+
+
 class CoreChannel:
     def __init__(self, config: EngineConfig, log_level: int = logging.WARNING,
-                 env: dict[str, str] | None = None) -> None:
-        """``env``: set in the core's environment before it builds anything (its GPUs)."""
+                 env: dict[str, str] | None = None, peers: int = 0) -> None:
+        """``env``: set in the core's environment before it builds anything (its GPUs). ``peers``:
+        further API processes (``--api-server-count``) that will bind ``peer_addresses`` and attach."""
         _remove_stale_dirs()
         self.tmpdir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self.ctx = zmq.Context()
         self.encoder = input_encoder()
         self.decoder = output_decoder()
         input_addr, output_addr = f"ipc://{self.tmpdir}/input", f"ipc://{self.tmpdir}/output"
-        self.input = self.ctx.socket(zmq.PUSH)
-        self.input.setsockopt(zmq.SNDHWM, 0)  # sends never block the event loop
-        self.input.setsockopt(zmq.LINGER, 0)
-        self.input.bind(input_addr)
-        self.output = self.ctx.socket(zmq.PULL)
-        self.output.setsockopt(zmq.RCVHWM, 0)
-        self.output.setsockopt(zmq.LINGER, 0)
-        self.output.bind(output_addr)
+        self.input, self.output = bind_link(self.ctx, input_addr, output_addr)
+        self.peer_addresses = [(f"{input_addr}-{a}", f"{output_addr}-{a}") for a in range(1, peers + 1)]
         spawn = multiprocessing.get_context("spawn")
         self.stamps = CoreStamps(spawn)  # the core's heartbeat and progress, for the watchdog
+        inputs = [input_addr] + [a for a, _ in self.peer_addresses]
+        outputs = [output_addr] + [b for _, b in self.peer_addresses]
         self.process = spawn.Process(target=core_main, name="tandem-core", daemon=True,
-                                     args=(config, input_addr, output_addr, os.getpid(), log_level, self.stamps,
-                                           env or {}))
+                                     args=(config, inputs, outputs, os.getpid(), log_level, self.stamps, env or {}))
         self.process.start()
         self.closed = False
 

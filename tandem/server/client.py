@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,27 +25,20 @@ from tandem.engine.processor import InputProcessor
 from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
-from tandem.outputs import RequestOutput
 from tandem.server import fault_injection
 from tandem.server.channel import CoreDeadError
+from tandem.server.dp_api import Followers
+from tandem.server.dp_attach import AttachedChannel, CoreAddress
 from tandem.server.dp_client import CoreLink, CoreSet, close_all, core_devices, spawn_cores, wait_cores
 from tandem.server.errors import APIError, bad_request
 from tandem.server.messages import AddRequests, Failed, FinishRequests, Ready, StepUpdate
+from tandem.server.request_handle import RequestFailed, RequestHandle
 from tandem.server.metrics import ServerMetrics
 from tandem.server.watchdog import CoreWatchdog
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKEUP = 64  # steps processed together when this process lags behind the core
-
-
-class RequestFailed(Exception):
-    """An accepted request cannot complete; ``status`` is the HTTP status to report it with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -62,46 +55,6 @@ class _Route:
     last_token: float = 0.0
 
 
-class RequestHandle:
-    """An API request's view of its engine requests (one per choice)."""
-
-    def __init__(self, client: EngineClient, engine_ids: list[str]) -> None:
-        self.client = client
-        self.engine_ids = engine_ids
-        self.queue: asyncio.Queue[tuple[int, RequestOutput] | RequestFailed] = asyncio.Queue()
-        self.outputs: list[RequestOutput | None] = [None] * len(engine_ids)
-        self.num_finished = 0
-        self.closed = False
-
-    async def updates(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
-        """The newest output of each choice that changed, coalesced over whatever arrived meanwhile
-        (a slow reader gets fewer, larger updates); ends once every choice has finished."""
-        while self.num_finished < len(self.engine_ids):
-            items = [await self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            latest: dict[int, RequestOutput] = {}
-            for item in items:
-                if isinstance(item, RequestFailed):
-                    raise item
-                index, output = item
-                latest[index] = output
-                self.outputs[index] = output
-                self.num_finished += output.finished
-            yield sorted(latest.items())
-
-    async def result(self) -> list[RequestOutput]:
-        async for _ in self.updates():
-            pass
-        return list(self.outputs)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        """Abort whatever has not finished (the client went away, or the handler ended). Idempotent."""
-        if not self.closed:
-            self.closed = True
-            self.client.abort(self.engine_ids)
-
-
 class EngineClient:
     """Starts the engine cores (blocking until they are ready), then serves requests from the event
     loop once ``start()`` ran there. One core, or ``data_parallel_size`` of them (``dp_client``):
@@ -109,19 +62,24 @@ class EngineClient:
 
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_num_waiting: int | None = None,
                  log_level: int = logging.WARNING, core_timeout_s: float = 0.0,
-                 core_heartbeat_timeout_s: float = 0.0, data_parallel_size: int = 1) -> None:
+                 core_heartbeat_timeout_s: float = 0.0, data_parallel_size: int = 1, api_peers: int = 0,
+                 attach: list[CoreAddress] | None = None) -> None:
+        """``api_peers``: further API processes the cores will serve too (``dp_api``); ``attach``: this
+        is one of those, on the cores another API process started."""
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
         if data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, not {data_parallel_size}")
         core_devices(config, data_parallel_size)  # a device setting that cannot split fails before any spawn
-        channels = spawn_cores(config, data_parallel_size, log_level)  # they load weights while we load the tokenizer
+        # the cores load weights while we load the tokenizer
+        channels = (spawn_cores(config, data_parallel_size, log_level, api_peers) if attach is None
+                    else [AttachedChannel(address) for address in attach])
         try:
             self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.chat_template)
         except BaseException:
             close_all(channels)
             raise
         self.cores = wait_cores(channels)
-        self.dp = CoreSet(self.cores, config.enable_prefix_caching)
+        self.dp = CoreSet(self.cores, config.enable_prefix_caching, shared=api_peers > 0 or attach is not None)
         self.info: Ready = self.dp.info
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
@@ -138,6 +96,7 @@ class EngineClient:
         self.failure: RequestFailed | None = None  # set once no request can be served any more
         self.core_dead = False  # a core died, or was declared dead
         self.on_core_death: Callable[[], None] | None = None
+        self.followers: Followers | None = None  # the further API processes, in the first one
         self._receivers: list[asyncio.Task] = []
 
     # --- life cycle --------------------------------------------------------------------------
@@ -147,6 +106,8 @@ class EngineClient:
             loop.add_reader(core.channel.sentinel, self._core_exited, core)
             self._receivers.append(asyncio.ensure_future(self._receive_loop(core)))
             core.watchdog.start()
+        for index, sentinel in enumerate(self.followers.sentinels if self.followers else [], 1):
+            loop.add_reader(sentinel, self._api_exited, index, sentinel)
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids (an echoed token-id prompt); ids as text without a tokenizer."""
@@ -159,6 +120,8 @@ class EngineClient:
         if self.failure is None:
             self.failure = RequestFailed(503, "the server is shutting down; the request was aborted")
             self._fail_all(self.failure)
+            if self.followers is not None:
+                self.followers.terminate()
 
     async def close(self) -> None:
         self.begin_shutdown()
@@ -169,6 +132,10 @@ class EngineClient:
         for task in self._receivers:
             task.cancel()
         await asyncio.gather(*self._receivers, return_exceptions=True)
+        if self.followers is not None:  # the cores serve them until they are gone
+            for sentinel in self.followers.sentinels:
+                loop.remove_reader(sentinel)
+            await loop.run_in_executor(None, self.followers.stop)
         await loop.run_in_executor(None, self.close_channels)
 
     def close_channels(self) -> None:
@@ -370,12 +337,19 @@ class EngineClient:
             self._core_failed(core, f"the {self.dp.name(core)} process died (exit code "
                                     f"{core.channel.exitcode()})")
 
-    def _core_failed(self, core: CoreLink, message: str) -> None:
+    def _api_exited(self, index: int, sentinel: int) -> None:
+        asyncio.get_running_loop().remove_reader(sentinel)
+        if self.followers is not None and not self.followers.stopping:
+            self._core_failed(None, f"API process {index} died")
+
+    def _core_failed(self, core: CoreLink | None, message: str) -> None:
         """A core is gone: every request fails with 503, now and from now on, and the server stops
         (docs/serving.md): under data parallelism too, so that whatever supervises the server
         restarts it whole rather than it serving on at a fraction of its capacity unnoticed."""
         first = not self.core_dead
-        core.dead = self.core_dead = True
+        self.core_dead = True
+        if core is not None:
+            core.dead = True
         self.failure = RequestFailed(503, message)
         self._fail_all(self.failure)
         if first and self.on_core_death is not None:

@@ -43,23 +43,44 @@ MAX_CONSECUTIVE_FAULTS = 3  # failed steps with no token delivered between them:
 _PR_SET_PDEATHSIG = 1
 
 
-def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int,
-              stamps: CoreStamps, env: dict[str, str] | None = None) -> None:
+class Fanout:
+    """The core's output: one PUSH socket per API process (``--api-server-count``), each sent every
+    message. An API process skips the requests it does not know; every one needs the stats."""
+
+    def __init__(self, ctx: zmq.Context, addresses: list[str]) -> None:
+        self.sockets = []
+        for address in addresses:
+            out = ctx.socket(zmq.PUSH)
+            out.setsockopt(zmq.SNDHWM, 0)  # unbounded: sending never blocks the step loop
+            out.setsockopt(zmq.LINGER, 2000)  # a final Failed message still gets out
+            out.connect(address)
+            self.sockets.append(out)
+
+    def send(self, frame: bytes, copy: bool = True) -> None:
+        for out in self.sockets:
+            out.send(frame, copy=copy)
+
+    def close(self) -> None:
+        for out in self.sockets:
+            out.close()
+
+
+def core_main(config: EngineConfig, input_addr: str | list[str], output_addr: str | list[str], parent_pid: int,
+              log_level: int, stamps: CoreStamps, env: dict[str, str] | None = None) -> None:
     """Entry point of the spawned process. ``env`` (its GPUs under data parallelism) is set before
-    anything reads it: CUDA reads ``CUDA_VISIBLE_DEVICES`` when first initialised."""
+    anything reads it: CUDA reads ``CUDA_VISIBLE_DEVICES`` when first initialised. An address list
+    holds one address per API process: its requests arrive from all, its messages go to all."""
     os.environ.update(env or {})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     stamps.start_heartbeat()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.RCVHWM, 0)
-    inp.connect(input_addr)
-    out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.SNDHWM, 0)  # unbounded: sending never blocks the step loop
-    out.setsockopt(zmq.LINGER, 2000)  # a final Failed message still gets out
-    out.connect(output_addr)
+    for address in [input_addr] if isinstance(input_addr, str) else input_addr:
+        inp.connect(address)
+    out = Fanout(ctx, [output_addr] if isinstance(output_addr, str) else output_addr)
     encoder = output_encoder()
     code = 0
     try:
@@ -85,7 +106,7 @@ def core_main(config: EngineConfig, input_addr: str, output_addr: str, parent_pi
     os._exit(code)
 
 
-def _serve(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int, stamps: CoreStamps) -> int:
+def _serve(core: EngineCore, inp: zmq.Socket, out: Fanout, parent_pid: int, stamps: CoreStamps) -> int:
     loop = CoreLoop(core, inp, out, parent_pid, stamps)
     try:
         loop.run()
@@ -123,7 +144,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -136,7 +157,7 @@ def _die_with_parent(parent_pid: int) -> None:
 class CoreLoop:
     """The step loop of the core process (also a ``StepObserver``, for the queue-time metric)."""
 
-    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: int,
+    def __init__(self, core: EngineCore, inp: zmq.Socket, out: Fanout, parent_pid: int,
                  stamps: CoreStamps) -> None:
         self.core = core
         self.stamps = stamps

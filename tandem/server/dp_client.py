@@ -64,15 +64,16 @@ def core_devices(config: EngineConfig, count: int, environ: dict[str, str] | Non
     return [{**ranks[i], "CUDA_VISIBLE_DEVICES": ",".join(devices[i * tp:(i + 1) * tp])} for i in range(count)]
 
 
-def spawn_cores(config: EngineConfig, count: int, log_level: int) -> list[CoreChannel]:
-    """Start every core (they load their weights meanwhile); ``wait_cores`` waits for them."""
+def spawn_cores(config: EngineConfig, count: int, log_level: int, api_peers: int = 0) -> list[CoreChannel]:
+    """Start every core (they load their weights meanwhile); ``wait_cores`` waits for them.
+    ``api_peers``: further API processes each core will serve too (``dp_api``)."""
     if count < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, not {count}")
     envs = core_devices(config, count)
     channels: list[CoreChannel] = []
     try:
         for env in envs:
-            channels.append(CoreChannel(config, log_level, env=env))
+            channels.append(CoreChannel(config, log_level, env=env, peers=api_peers))
     except BaseException:
         close_all(channels)
         raise
@@ -103,8 +104,10 @@ def close_all(channels: list[CoreChannel]) -> None:
 class CoreSet:
     """The cores, their load as this process sees it, and the routing of engine requests to them."""
 
-    def __init__(self, cores: list[CoreLink], prefix_caching: bool) -> None:
+    def __init__(self, cores: list[CoreLink], prefix_caching: bool, shared: bool = False) -> None:
+        """``shared``: other API processes send to these cores too (their load is in the stats only)."""
         self.cores = cores
+        self.shared = shared
         first = cores[0].info
         # what the API checks requests against: one core's limits, all cores' capacity
         self.info = msgspec.structs.replace(first, max_num_seqs=sum(c.info.max_num_seqs for c in cores),
@@ -137,6 +140,8 @@ class CoreSet:
     def on_stats(self, core: CoreLink, stats: Stats) -> None:
         core.num_waiting_reported = stats.num_waiting
         self.router.kv_usage(core.index, stats.kv_usage)
+        if self.shared:
+            self.router.reported(core.index, stats.num_waiting + stats.num_running)
 
     def name(self, core: CoreLink) -> str:
         """How messages name a core: "engine core" alone, "engine core 1" among several."""

@@ -31,9 +31,10 @@ _ROOT = 0x7A6E_6474  # the chain's seed
 class CoreLoad:
     requests: int = 0  # waiting + running: sent by this process and not yet finished
     kv_usage: float = 0.0  # 0..1, from the core's last stats
+    reported: int = 0  # waiting + running in the core's last stats: counted only where other API processes send too
 
     def score(self) -> float:
-        return self.requests + KV_WEIGHT * self.kv_usage
+        return max(self.requests, self.reported) + KV_WEIGHT * self.kv_usage
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -106,3 +107,7 @@ class PrefixRouter:
 
     def kv_usage(self, core: int, usage: float) -> None:
         self.loads[core].kv_usage = usage
+
+    def reported(self, core: int, requests: int) -> None:
+        """The core's own count (waiting + running), which includes other API processes' requests."""
+        self.loads[core].reported = requests

@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -25,6 +26,7 @@ from tandem.generation_defaults import sampling_defaults
 from tandem.server.app import create_app
 from tandem.server.client import EngineClient
 from tandem.server.defaults import default_max_num_waiting
+from tandem.server.dp_api import FollowerPlan, follower_metrics, start_followers
 from tandem.server.http_limits import limited_protocol
 from tandem.server.metrics import ServerMetrics
 from tandem.server.options import ServeOptions
@@ -85,15 +87,18 @@ def uvicorn_logging(options: ServeOptions) -> dict[str, Any]:
     return {"log_level": level, "access_log": options.log_level <= logging.INFO and not options.disable_log_requests}
 
 
-def start_client(config: EngineConfig, options: ServeOptions) -> EngineClient:
-    """Start the engine core (blocking until it is ready) and the API process's client of it."""
+def start_client(config: EngineConfig, options: ServeOptions, plan: FollowerPlan | None = None) -> EngineClient:
+    """Start the engine core (blocking until it is ready) and the API process's client of it; with
+    ``plan``, a further API process's client of the cores the first one started."""
     config = config.resolved()  # the processes read local folders only (a cached hub id: its snapshot)
     cores = options.data_parallel_size
     waiting = options.max_num_waiting
     waiting = default_max_num_waiting(config.max_num_seqs * cores) if waiting is None else waiting
     names = options.served_model_name or [config.model]
-    return EngineClient(config, ServerMetrics(names[0], options.metrics_prefix, cores), waiting, options.log_level,
-                        options.core_timeout, options.core_heartbeat_timeout, cores)
+    metrics = follower_metrics(ServerMetrics(names[0], options.metrics_prefix, cores), options, plan)
+    return EngineClient(config, metrics, waiting, options.log_level, options.core_timeout,
+                        options.core_heartbeat_timeout, cores, options.api_server_count - 1,
+                        None if plan is None else plan.cores)
 
 
 def server_app(client: EngineClient, config: EngineConfig, options: ServeOptions) -> FastAPI:
@@ -130,20 +135,42 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         sock.close()
         raise
     try:
-        app = server_app(client, config, options)
-        uv_config = uvicorn.Config(app, **uvicorn_logging(options), timeout_graceful_shutdown=10,
-                                   http=limited_protocol(options.max_header_bytes, options.request_read_timeout))
-        server = _Server(uv_config, client)
-        client.on_core_death = server.core_died
-        # uvicorn re-raises the signal that stopped it once it is done: make that a no-op, so a
-        # requested shutdown exits 0 instead of dying by the signal
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
-        gc.collect()
-        freeze()  # start-up objects leave the collector's view: collections stay short while serving
-        print(f"tandem: serving {names[0]!r} on http://{options.host}:{sock.getsockname()[1]}", flush=True)
-        server.run(sockets=[sock])
-        return server.exit_code or (0 if server.started else 1)
+        start_followers(serve_follower, config, options, sock, client)  # --api-server-count > 1
+        return _run(client, config, options, sock,
+                    f"tandem: serving {names[0]!r} on http://{options.host}:{sock.getsockname()[1]}")
     finally:
-        client.close_channels()  # normally done already (lifespan); this covers a failed start
+        if client.followers is not None:
+            client.followers.stop()  # normally done already (lifespan); this covers a failed start
+        client.close_channels()
         sock.close()
+
+
+def serve_follower(config: EngineConfig, options: ServeOptions, sock: socket.socket, plan: FollowerPlan,
+                   on_ready: Callable[[], None]) -> int:
+    """A further API process (``--api-server-count``, ``dp_api``): the same app on the same socket,
+    on the engine cores the first process started."""
+    client = start_client(config, options, plan)
+    try:
+        on_ready()
+        return _run(client, config, options, sock, None)
+    finally:
+        client.close_channels()
+
+
+def _run(client: EngineClient, config: EngineConfig, options: ServeOptions, sock: socket.socket,
+         announce: str | None) -> int:
+    app = server_app(client, config, options)
+    uv_config = uvicorn.Config(app, **uvicorn_logging(options), timeout_graceful_shutdown=10,
+                               http=limited_protocol(options.max_header_bytes, options.request_read_timeout))
+    server = _Server(uv_config, client)
+    client.on_core_death = server.core_died
+    # uvicorn re-raises the signal that stopped it once it is done: make that a no-op, so a
+    # requested shutdown exits 0 instead of dying by the signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    gc.collect()
+    freeze()  # start-up objects leave the collector's view: collections stay short while serving
+    if announce:
+        print(announce, flush=True)
+    server.run(sockets=[sock])
+    return server.exit_code or (0 if server.started else 1)

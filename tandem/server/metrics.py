@@ -13,10 +13,15 @@ one message per engine step carrying every request's new token, so the histogram
 step's observations at once (one numpy pass)."""
 from __future__ import annotations
 
+import copy
 import math
+import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric)
@@ -138,6 +143,7 @@ class _Collector:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
+        self.engines, self.open = self.m.snapshot()
         for spec in SPECS:
             names = [p + spec.name for p in self.m.prefixes] if spec.vllm else ["tandem:" + spec.name]
             if spec.vllm and "vllm:" in self.m.prefixes:
@@ -157,7 +163,7 @@ class _Collector:
                                                                           "success" else []))
         else:
             family = HistogramMetricFamily(name, spec.doc, labels=labels)
-        for engine, figures in enumerate(self.m.engines):
+        for engine, figures in enumerate(self.engines):
             value = getattr(figures, spec.field)
             if spec.kind == "histogram":
                 family.add_metric([model, str(engine)], buckets=value.buckets(), sum_value=value.total)
@@ -173,7 +179,7 @@ class _Collector:
         Extension's prefix-aware picker reads ``block_size`` and ``num_gpu_blocks`` from it."""
         if "vllm:" not in self.m.prefixes:
             return
-        for engine, figures in enumerate(self.m.engines):
+        for engine, figures in enumerate(self.engines):
             if figures.cache_config:
                 info = dict(figures.cache_config, engine=str(engine))
                 family = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache.",
@@ -184,8 +190,8 @@ class _Collector:
     def _api_gauges(self) -> Iterator[Metric]:
         """Ours: the API process's per-request state, which must return to 0 when no request is open."""
         for name, doc, value in (
-                ("api_open_requests", "Engine requests the API process routes outputs for.", self.m.open_routes),
-                ("api_output_states", "Engine requests whose text the API process tracks.", self.m.open_outputs)):
+                ("api_open_requests", "Engine requests the API processes route outputs for.", self.open[0]),
+                ("api_output_states", "Engine requests whose text the API processes track.", self.open[1])):
             family = GaugeMetricFamily("tandem:" + name, doc, labels=["model_name"])
             family.add_metric([self.m.model_name], value)
             yield family
@@ -194,6 +200,7 @@ class _Collector:
 class ServerMetrics:
     def __init__(self, model_name: str, prefix: str = DEFAULT_METRICS_PREFIX, num_engines: int = 1) -> None:
         self.model_name = model_name
+        self.shared: SharedFigures | None = None
         self.prefixes = metric_prefixes(prefix)
         self.engines = [EngineFigures() for _ in range(num_engines)]
         self.open_routes = 0
@@ -201,6 +208,11 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))  # type: ignore[arg-type]
         self._seen = [dict.fromkeys(_TOTALS, 0.0) for _ in range(num_engines)]  # core totals already counted
+
+    def share(self, shared: SharedFigures) -> None:
+        """Pool the per-request figures with the other API processes (``--api-server-count``)."""
+        self.shared = shared
+        shared.start(self)
 
     def on_ready(self, engine: int, block_size: int, num_gpu_blocks: int, prefix_caching: bool | None = None) -> None:
         info = {"block_size": str(block_size), "num_gpu_blocks": str(num_gpu_blocks)}
@@ -247,5 +259,89 @@ class ServerMetrics:
         if generation_tokens is not None:
             figures.request_generation_tokens.observe_many([generation_tokens])
 
+    def snapshot(self) -> tuple[list[EngineFigures], tuple[float, float]]:
+        """What a scrape shows: this process's figures, plus the other API processes' own ones."""
+        if self.shared is None:
+            return self.engines, (self.open_routes, self.open_outputs)
+        self.shared.publish(self)
+        engines = [copy.deepcopy(f) for f in self.engines]
+        routes, outputs = float(self.open_routes), float(self.open_outputs)
+        for other in self.shared.others():
+            for figures, theirs in zip(engines, other["engines"]):
+                add_shared(figures, theirs)
+            routes, outputs = routes + other["open"][0], outputs + other["open"][1]
+        return engines, (routes, outputs)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# per-request figures only the API process that served a request knows; the rest (the cores' stats,
+# generated tokens, queue times) reach every API process alike
+SHARED_FIELDS = ("prompt_tokens", "success", "ttft", "itl", "e2e", "request_prompt_tokens",
+                 "request_generation_tokens")
+
+
+def shared_part(figures: EngineFigures) -> dict:
+    part = {}
+    for name in SHARED_FIELDS:
+        value = getattr(figures, name)
+        part[name] = [value.counts.tolist(), value.total] if isinstance(value, BatchHistogram) else value
+    return part
+
+
+def add_shared(figures: EngineFigures, part: dict) -> None:
+    for name in SHARED_FIELDS:
+        value, theirs = getattr(figures, name), part[name]
+        if isinstance(value, BatchHistogram):
+            value.counts = value.counts + np.asarray(theirs[0], dtype=np.int64)
+            value.total += theirs[1]
+        elif isinstance(value, dict):
+            for key, count in theirs.items():
+                value[key] = value.get(key, 0.0) + count
+        else:
+            setattr(figures, name, value + theirs)
+
+
+class SharedFigures:
+    """The API processes' own figures, one small file each in a private folder: each process writes
+    its own every ``PUBLISH_INTERVAL_S`` (and when scraped), a scrape adds the others' latest, so
+    every process answers /metrics alike (others' figures at most that old; counters never go back:
+    each file only grows)."""
+
+    PUBLISH_INTERVAL_S = 1.0
+
+    def __init__(self, folder: str, index: int, count: int) -> None:
+        self.folder, self.index, self.count = folder, index, count
+        self.lock = threading.Lock()
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.folder, f"api-{index}.msgpack")
+
+    def start(self, metrics: ServerMetrics) -> None:
+        def loop() -> None:
+            while True:
+                time.sleep(self.PUBLISH_INTERVAL_S)
+                self.publish(metrics)
+
+        threading.Thread(target=loop, name="tandem-metrics-share", daemon=True).start()
+
+    def publish(self, metrics: ServerMetrics) -> None:
+        frame = msgspec.msgpack.encode({"engines": [shared_part(f) for f in metrics.engines],
+                                        "open": [metrics.open_routes, metrics.open_outputs]})
+        with self.lock:
+            temporary = self._path(self.index) + ".tmp"
+            with open(temporary, "wb") as out:
+                out.write(frame)
+            os.replace(temporary, self._path(self.index))  # readers see the old file or the new one
+
+    def others(self) -> list[dict]:
+        found = []
+        for index in range(self.count):
+            if index != self.index:
+                try:
+                    with open(self._path(index), "rb") as src:
+                        found.append(msgspec.msgpack.decode(src.read()))
+                except FileNotFoundError:
+                    pass  # not published yet
+        return found

@@ -78,8 +78,8 @@ class ServeOptions:
     data_parallel_size: int = _opt(1, "engine cores behind the API process, each on its own GPUs (the visible ones "
                                       "in turn, --tensor-parallel-size each); a request goes to the core holding "
                                       "its prompt's prefix, or to the least loaded", *_AT_LEAST_1)
-    api_server_count: int = _opt(1, "API processes (only 1 is built: more is refused)", lambda v: v == 1,
-                                 "> 1 is not built yet (one API process serves every engine core)")
+    api_server_count: int = _opt(1, "API processes sharing the port (tokenizing, detokenizing, streaming), each "
+                                    "talking to every engine core", *_AT_LEAST_1)
     metrics_prefix: str = _opt("both", "names on /metrics: vllm (vllm:num_requests_running ..., as vLLM's "
                                        "dashboards expect), tandem, or both (default)",
                                choices=("tandem", "vllm", "both"))  # = tandem.server.metrics.METRICS_PREFIXES
