@@ -130,7 +130,8 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
     try:
         start = time.perf_counter()
         client = start_client(config, options)
-        log.info("%s", startup_summary(client.info, time.perf_counter() - start))
+        summary = startup_summary(client.cores[0].info, time.perf_counter() - start)  # one core's figures
+        log.info("%s%s", summary, f" (each of {len(client.cores)} engine cores)" if len(client.cores) > 1 else "")
     except BaseException:
         sock.close()
         raise
