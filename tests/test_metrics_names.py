@@ -26,6 +26,9 @@ VLLM_METRICS = {
     "vllm:prefix_cache_queries": "counter",
     "vllm:prefix_cache_hits": "counter",
     "vllm:request_success": "counter",
+    "vllm:spec_decode_num_drafts": "counter",
+    "vllm:spec_decode_num_draft_tokens": "counter",
+    "vllm:spec_decode_num_accepted_tokens": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:time_per_output_token_seconds": "histogram",
@@ -102,6 +105,17 @@ def test_prefix_choice_names_only_what_it_says():
         assert set(OURS) <= set(families)  # ours keep their own prefix whatever is chosen
     with pytest.raises(ValueError, match="--metrics-prefix"):
         ServerMetrics("m", "sglang")
+
+
+def test_speculative_decoding_counters_take_the_cores_totals():
+    metrics = ServerMetrics("m", "vllm")
+    metrics.on_stats(Stats(0, 0, 0.0, 0, None, spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=7))
+    metrics.on_stats(Stats(0, 0, 0.0, 0, None, spec_num_drafts=6, spec_num_draft_tokens=18, spec_num_accepted_tokens=9))
+    families = _families(metrics.render().decode())
+    assert _value(families["vllm:spec_decode_num_drafts"], "vllm:spec_decode_num_drafts_total") == 6
+    assert _value(families["vllm:spec_decode_num_draft_tokens"], "vllm:spec_decode_num_draft_tokens_total") == 18
+    assert _value(families["vllm:spec_decode_num_accepted_tokens"],
+                  "vllm:spec_decode_num_accepted_tokens_total") == 9
 
 
 def test_one_series_per_engine_core():

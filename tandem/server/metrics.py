@@ -76,6 +76,9 @@ class EngineFigures:
     prefix_hits: float = 0.0
     gpu_busy: float = 0.0
     gpu_gaps: float = 0.0
+    spec_drafts: float = 0.0
+    spec_draft_tokens: float = 0.0
+    spec_accepted: float = 0.0
     success: dict[str, float] = field(default_factory=dict)  # finish reason -> count
     ttft: BatchHistogram = field(default_factory=lambda: BatchHistogram(TTFT_BUCKETS))
     itl: BatchHistogram = field(default_factory=lambda: BatchHistogram(ITL_BUCKETS))
@@ -116,6 +119,9 @@ SPECS = (
     Spec("gpu_busy_seconds", "counter", "Device time spent in the core's steps.", "gpu_busy", vllm=False),
     Spec("gpu_idle_seconds", "counter", "Device time between the core's steps while it had work (idle fraction "
                                         "over a window = its increase over both's).", "gpu_gaps", vllm=False),
+    Spec("spec_decode_num_drafts", "counter", "Sequence-steps that verified speculative proposals.", "spec_drafts"),
+    Spec("spec_decode_num_draft_tokens", "counter", "Speculative proposals verified.", "spec_draft_tokens"),
+    Spec("spec_decode_num_accepted_tokens", "counter", "Speculative proposals accepted.", "spec_accepted"),
     Spec("request_success", "counter", "Engine requests finished, by finish reason.", "success"),
     Spec("time_to_first_token_seconds", "histogram", "Arrival to first token.", "ttft"),
     Spec("inter_token_latency_seconds", "histogram", "Time between a request's successive tokens.", "itl",
@@ -127,7 +133,8 @@ SPECS = (
     Spec("request_generation_tokens", "histogram", "Generated tokens per finished engine request.",
          "request_generation_tokens"),
 )
-_TOTALS = ("preemptions", "prefix_queries", "prefix_hits", "gpu_busy", "gpu_gaps")  # the core sends running totals
+_TOTALS = ("preemptions", "prefix_queries", "prefix_hits", "gpu_busy", "gpu_gaps", "spec_drafts", "spec_draft_tokens",
+           "spec_accepted")  # the core sends running totals
 
 
 def metric_prefixes(choice: str) -> tuple[str, ...]:
@@ -229,7 +236,9 @@ class ServerMetrics:
         seen = self._seen[engine]
         for name, total in (("preemptions", stats.num_preemptions), ("prefix_queries", stats.prefix_cache_queries),
                             ("prefix_hits", stats.prefix_cache_hits), ("gpu_busy", stats.gpu_busy_s),
-                            ("gpu_gaps", stats.gpu_idle_s)):
+                            ("gpu_gaps", stats.gpu_idle_s), ("spec_drafts", stats.spec_num_drafts),
+                            ("spec_draft_tokens", stats.spec_num_draft_tokens),
+                            ("spec_accepted", stats.spec_num_accepted_tokens)):
             if total > seen[name]:  # a counter only grows, whatever order the totals arrive in
                 setattr(figures, name, getattr(figures, name) + total - seen[name])
                 seen[name] = total
