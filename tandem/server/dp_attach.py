@@ -67,7 +67,8 @@ class AttachedChannel(CoreChannel):
     """``CoreChannel``'s surface (wait_ready, send, async_output, sentinel) over a core this process
     did not start."""
 
-    def __init__(self, address: CoreAddress) -> None:  # noqa: super().__init__ spawns: not called
+    def __init__(self, address: CoreAddress) -> None:
+        # CoreChannel.__init__ is not called: it would spawn a core
         self.tmpdir = None
         self.ctx = zmq.Context()
         self.encoder = input_encoder()
