@@ -256,3 +256,72 @@ def test_proposals_wait_for_free_blocks_and_never_preempt():
     sizes = {i.seq.request_id: i.num_tokens for i in out.chunks}
     assert sizes == {"a": 1, "b": 2}  # a's proposals would need a block that is not free
     assert a.status.value == b.status.value == "running" and s.num_preemptions == 0
+
+
+def test_features_hold_under_speculation():
+    """Logprobs, penalties, min_tokens, logit bias, stop strings and ids, n > 1 (seeded samples): the
+    outputs, texts and logprobs of no speculation, on prompts whose loops n-gram lookup proposes."""
+    loop = [11, 12, 13, 14] * 5
+    params = [SamplingParams(max_tokens=30, temperature=0.0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4,
+                             presence_penalty=0.2, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.0, min_tokens=12, stop_token_ids=[12, 13]),
+              SamplingParams(max_tokens=30, temperature=0.9, seed=7, n=3, logit_bias={12: 4.0}, logprobs=1),
+              SamplingParams(max_tokens=40, temperature=0.0, stop=["e", "q"], include_stop_str_in_output=True)]
+    prompts = [loop, loop[:9], loop, loop[2:], [65, 66, 65, 66, 65, 66]]
+
+    def run(spec):
+        # float64: the logprobs too are equal to the last bit (float32 rounds other batch shapes apart)
+        llm = LLM("random:tiny", kv_cache_tokens=1024, dtype="float64", speculative_config=spec)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        flat = [(c.token_ids, c.text, c.finish_reason, str(c.logprobs)) for o in outs for c in o.outputs]
+        return flat, llm.engine.core.stats()
+
+    off, _ = run(None)
+    on, stats = run(NGRAM | {"num_speculative_tokens": 4})
+    assert on == off
+    assert stats.spec_num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("seed", (1, 5, 10, 15))  # cases with hits, accepted proposals and preemption
+def test_shared_prefixes_with_speculation(seed):
+    """Prefix caching registers only blocks whose K/V is right: a block filled by an accepted run holds
+    the rejected proposal's K/V at the drawn token's position until the next step; prompts that share
+    prefixes (and repeat whole) with speculation give the tokens of no speculation and no caching."""
+    from differential import run_case, with_shared_prefixes
+    case = with_shared_prefixes(_repetitive(make_case(6000 + seed), seed))
+    spec = speculative_config(random.Random(seed)) | {"disable_by_batch_size": 32}
+    base = run_case(_with(case, None), async_batching=True, prefix_caching=False)
+    on, stats = run_case_with_stats(_with(case, spec), async_batching=True)
+    problems = compare(case, base, on, ("off", "on"), aborts_may_differ=True, logprob_atol=1e-9)
+    assert not problems, case.describe() + "\n" + "\n".join(problems)
+    assert stats.prefix_cache_hits > 0 and stats.spec_num_drafts > 0
+
+
+@pytest.mark.parametrize("end", [0, 1, 2])
+def test_a_request_ending_on_a_drawn_token_leaves_no_stale_block_in_the_cache(end):
+    """When a speculating step rejects, the drawn token's position holds the rejected proposal's K/V
+    until the next step computes it; when the request ends on that token (a stop id) and it fills a
+    block, no step does, so that block must not enter the prefix cache. A second request whose prompt
+    is the first's prompt and output reads the cache: its logprobs equal those of an engine without
+    caching (float64, to the last bit). A draft of another family: nearly every proposal rejected."""
+    first = [21, 22, 23, 24, 25, 26, 27]
+    options = {"kv_cache_tokens": 512, "block_size": 4, "dtype": "float64"}
+    spec = {"method": "draft", "model": "random:tiny-gemma2", "num_speculative_tokens": 3}
+    free = LLM("random:tiny", **options, speculative_config=spec).generate(
+        [first], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    # the end-th output token that fills a block and did not come out before: it stops the request
+    ends = [i for i in range(2, len(free)) if (len(first) + i + 1) % 4 == 0 and free[i] not in free[:i]]
+    stop = free[ends[end]]
+    llm = LLM("random:tiny", **options, speculative_config=spec)
+    out = llm.generate([first], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:ends[end] + 1] and out.finish_reason == "stop"
+    stats = llm.engine.core.stats()
+    assert stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    second = first + out.token_ids + [30]
+    probe = SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, ignore_eos=True)
+    cached = llm.generate([second], probe, use_tqdm=False)[0]
+    assert llm.engine.core.stats().prefix_cache_hits > 0
+    fresh = LLM("random:tiny", **options, enable_prefix_caching=False).generate([second], probe, use_tqdm=False)[0]
+    assert str(cached.outputs[0].logprobs) == str(fresh.outputs[0].logprobs)
