@@ -10,7 +10,7 @@ import torch
 
 from tandem.bench.constants import GPU_DEFAULT_MODEL, SIMULATED_DEVICE, VALID_MODES
 from tandem.bench.report import provenance, record, report_real, write_json
-from tandem.bench.runner import run_benchmark, weight_storage
+from tandem.bench.runner import AUTO_BUDGET_S, run_benchmark, weight_storage
 from tandem.bench.simulated import CPU_NOTE, intro, report, simulate
 from tandem.bench.spread import median_run, spread_record
 from tandem.bench.step_time import STEP_TIME_MODELS, step_time_model
@@ -110,6 +110,10 @@ def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm
     report_real(by_mode, results, anchors, meta, gpu=info.device.startswith("cuda"),
                 need=min(len(requests), engine.config.max_num_seqs) * (w.prompt_len.hi + w.max_tokens.hi),
                 kv_tokens=kv_tokens)
+    if runs is None and len(next(iter(by_mode.values()))) == 1:
+        took = sum(ms[0].result.wall_s for ms in by_mode.values())
+        print(f"one run of each mode: a round took {took:.0f} s (more rounds run while they fit in "
+              f"{AUTO_BUDGET_S:.0f} s; --runs N asks for N)")
     if len(next(iter(by_mode.values()))) > 1:
         data["spread"] = spread_record({m: [r.result for r in ms] for m, ms in by_mode.items()})
     title = f"{model}, {w.describe()}, {meta['device']}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from tandem.bench.driver import drive
 from tandem.bench.gc_watch import GcPauses
@@ -22,8 +23,10 @@ class ModeRun:
 
 
 def measure_mode(engine: LLMEngine, mode: str, requests: list[BenchRequest], w: Workload, floor: FloorModel | None,
-                 ceilings: Ceilings | None, progress: bool) -> ModeRun:
-    """Run the workload once in ``mode`` ("sync" or "async"), the prefix cache cold, and measure it."""
+                 ceilings: Ceilings | None, progress: bool, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> ModeRun:
+    """Run the workload once in ``mode`` ("sync" or "async"), the prefix cache cold, and measure it
+    (wall time and arrivals on ``clock``, ``sleep``: a simulated device's, or the real ones)."""
     engine.core.set_async(mode == "async")
     engine.core.reset_prefix_cache()  # each run starts cold: hits come from the workload alone
     cache_before = engine.core.stats()
@@ -31,12 +34,12 @@ def measure_mode(engine: LLMEngine, mode: str, requests: list[BenchRequest], w: 
     engine.core.observers.append(log)
     preempted_before = engine.core.scheduler.num_preemptions
     engine.worker.start_timing()
-    t0 = time.perf_counter()
+    t0 = clock()
     try:
         with GcPauses() as pauses:
-            token_ids = drive(engine, w, requests, progress)
+            token_ids = drive(engine, w, requests, progress, clock, sleep)
     finally:
-        wall = time.perf_counter() - t0
+        wall = clock() - t0
         intervals = engine.worker.stop_timing()
         engine.core.observers.remove(log)
     result = summarise(mode, wall, log.records, intervals, sum(len(r.prompt) for r in requests),

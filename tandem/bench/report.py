@@ -28,9 +28,10 @@ def _cell(value: Any, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def table(results: list[ModeResult], anchors: list[dict] | None = None, gpu: bool = True) -> str:
-    """One row per mode (and per transformers anchor); at most 100 columns."""
-    columns = COLUMNS + (GPU_COLUMNS if gpu else [])
+def table(results: list[ModeResult], anchors: list[dict] | None = None, gpu: bool = True,
+          skip: tuple[str, ...] = ()) -> str:
+    """One row per mode (and per transformers anchor); at most 100 columns; ``skip``: fields left out."""
+    columns = [c for c in COLUMNS + (GPU_COLUMNS if gpu else []) if c[1] not in skip]
     rows = [["mode"] + [c[0] for c in columns]]
     rows += [[r.mode] + [_cell(getattr(r, attr), fmt) for _, attr, fmt in columns] for r in results]
     for a in anchors or []:

@@ -1,8 +1,8 @@
 """``tandem bench`` against a simulated GPU: what async batching buys, measurable on any machine.
 
 The engine is the real one (scheduler, batch builder, submission, output processing, on this CPU);
-the device is ``SimulatedDevice``, whose steps take an H100's measured time (``step_time``). With
-the device a clock, the host's work is the only thing the two modes differ in: sync leaves the GPU
+the device is ``SimulatedDevice``, whose steps take an H100's measured time (``step_time``) on a
+virtual clock that counts the host's CPU time. The host's work is the only thing the modes differ in: sync leaves the GPU
 idle while the host plans each step, async plans step N+1 while step N runs. Each mode runs
 ``runs`` times, alternating, and every figure is given as median [min-max]."""
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SimulatedRuns:
         return [results[median_run(results)] for results in self.by_mode.values()]
 
     def record(self) -> dict[str, Any]:
-        return {"step_times": self.clock.describe(), "runs": len(next(iter(self.by_mode.values()))),
+        return {"step_times": self.clock.describe(), "step_time_sources": self.clock.sources, "runs": len(next(iter(self.by_mode.values()))),
                 "modes": {r.mode: {k: v for k, v in asdict(r).items() if k != "timeline"} for r in self.medians()},
                 "spread": spread_record(self.by_mode),
                 "kv_cache_tokens": self.kv_tokens}
@@ -58,7 +58,7 @@ def _warm_up(engine: LLMEngine, w: Workload, requests: list[BenchRequest], modes
     few = [BenchRequest(r.prompt, min(4, r.max_tokens), 0.0) for r in requests[:2]]
     for mode in modes:
         engine.core.set_async(mode == "async")
-        drive(engine, w, few, progress=False)
+        drive(engine, w, few, False, engine.worker.now, engine.worker.wait)
 
 
 def simulate(model: str, w: Workload, modes: list[str], runs: int, **options: Any) -> SimulatedRuns:
@@ -66,7 +66,8 @@ def simulate(model: str, w: Workload, modes: list[str], runs: int, **options: An
     engine options, of which ``SIM_OPTIONS`` apply."""
     clock = step_time_model(model)
     config = EngineConfig.from_options(clock.model, **{k: v for k, v in options.items() if k in SIM_OPTIONS})
-    engine = LLMEngine(config, SimulatedDevice(config, clock))
+    device = SimulatedDevice(config, clock)
+    engine = LLMEngine(config, device)
     info = engine.worker.info
     requests = make_requests(w, engine.model_config.vocab_size)
     if w.structured_output:  # compile the schema before anything is timed
@@ -77,7 +78,7 @@ def simulate(model: str, w: Workload, modes: list[str], runs: int, **options: An
     by_mode: dict[str, list[ModeResult]] = {m: [] for m in modes}
     for _ in range(runs):  # modes alternate, so a change of load on the machine reaches both
         for mode in modes:
-            run = measure_mode(engine, mode, requests, w, None, None, progress=False)
+            run = measure_mode(engine, mode, requests, w, None, None, False, device.now, device.wait)
             by_mode[mode].append(run.result)
             gc.collect()
     engine.shutdown()
@@ -87,9 +88,9 @@ def simulate(model: str, w: Workload, modes: list[str], runs: int, **options: An
 
 def intro(clock: StepTimeModel, w: Workload, modes: list[str]) -> str:
     text = (f"Simulated GPU: this engine's host loop, on this CPU, against a device whose steps take as long as "
-            f"they took on a GPU ({clock.describe()}). The device computes nothing and sleeps through each step, "
-            f"so it takes no core from the host and these figures hold on a busy machine. {w.describe()}, modes "
-            f"{', '.join(modes)}.")
+            f"they took on a GPU ({clock.describe()}). Time is virtual: the host's is its thread's CPU time, the "
+            f"device's the measured step times; nothing sleeps or spins, so these figures hold on a busy machine. "
+            f"{w.describe()}, modes {', '.join(modes)}.")
     return textwrap.fill(text, 100, break_on_hyphens=False)
 
 
@@ -108,6 +109,7 @@ def report(sim: SimulatedRuns) -> str:
             f"GPU idle: sync {idle:.1%} -> async {a['gpu_idle_fraction'].median:.1%}. In sync the GPU waits "
             f"{idle / (1 - idle) * step:.2f} ms a step while the host takes its tokens in and plans the next; async "
             f"does that while the GPU runs the step ({step:.2f} ms on average).", 100))
-    lines += [f"the median run{'s' if len(medians) > 1 else ''}:", table(medians, gpu=True),
+    # no wait column: the host waits on the virtual clock, in no time
+    lines += [f"the median run{'s' if len(medians) > 1 else ''}:", table(medians, gpu=True, skip=("mean_wait_ms",)),
               preemption_text(medians, sim.kv_tokens, sim.need)]
     return "\n".join(lines)

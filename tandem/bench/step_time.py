@@ -45,12 +45,17 @@ class StepTimeModel:
         kv = int(np.sum(step.data[start:start + size]))
         return self.step_ms(step.shape.num_tokens, step.shape.num_seqs, kv) / 1e3
 
+    @property
+    def sources(self) -> list[str]:
+        """The benchmarks/results/ files the figures come from."""
+        return sorted({p.source for p in self.points} | {self.prefill_source})
+
     def describe(self) -> str:
-        runs = sorted({p.source for p in self.points} | {self.prefill_source})
-        return (f"{self.model} on an {self.device}: a decode step "
-                + ", ".join(f"{p.ms:.2f} ms at {p.kv_tokens:,}" for p in self.points)
-                + f" KV tokens (interpolated), prefill {self.prefill_ms_per_token * 1e3:.2f} us a token; "
-                + "from benchmarks/results/" + ", ".join(runs))
+        lo, hi = self.points[0], self.points[-1]
+        return (f"{self.model} on an {self.device}: decode steps of {lo.ms:.2f}-{hi.ms:.2f} ms at "
+                f"{lo.kv_tokens:,}-{hi.kv_tokens:,} KV tokens, interpolated between {len(self.points)} measured "
+                f"ones; prefill {self.prefill_ms_per_token * 1e3:.2f} us a token; from {len(self.sources)} runs "
+                f"in benchmarks/results/")
 
 
 H100 = "NVIDIA H100 80GB HBM3"
