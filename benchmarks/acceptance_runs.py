@@ -1,0 +1,231 @@
+"""The GPU runs that issues 8, 9 and 11 are judged by, as named plans, with one short table at the end.
+
+    python3 scripts/acceptance_runs.py OUT_DIR [--plans checks,offline,long,traffic,serve] [--deadline-s S]
+
+Each run's command, output and exit status go to OUT_DIR/log.txt (``### command`` ... ``rc=N``), its
+figures to OUT_DIR/<name>.json, and the table to OUT_DIR/summary.txt and stdout. A run that would
+start after ``--deadline-s`` seconds is skipped and listed as such, so one call can be given a plan
+larger than its time and still report what it measured. ``--tiny`` runs every plan's shape with
+``random:tiny`` and a few requests (the CPU test of this script); its figures mean nothing.
+
+Plans (the commands of benchmarks/RESULTS.md):
+- checks: the differential (60 cases), prefix caching on == off, the executor smoke test, no hidden sync.
+- offline: M (sync and async), M at 1024 sequences, S (sync and async).
+- long: M at ``max_model_len`` 131072 (block tables as wide as the model allows).
+- traffic: V (512 requests, prompts 16:4096, outputs 16:1024, 8B) at 2048 batched tokens, sync and async.
+- structured: the structured-output GPU checks (scripts/gpu_structured.py), then M with every request
+  constrained by a JSON schema (sync and async) beside M unconstrained, in one call for the cost.
+- seam: the models of the model seam: Gemma 3 1B at M's shape and 4B at S's (sync and async), and the
+  transformers backend against the native model at 32 x (256 + 512).
+- serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
+
+On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
+ran 104 s per mode), serve about 3; three calls of under 10 minutes cover everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "tandem.cli"]
+ONE_B, EIGHT_B = "random:llama3.2-1b", "random:llama3-8b"
+
+
+@dataclass
+class Run:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    kind: str = "bench"  # bench | serve (a bench-serve client) | check (pass or fail only)
+
+
+def _bench(name: str, model: str, n: int, prompt: str, out: str, *extra: str) -> Run:
+    return Run(name, CLI + ["bench", "--model", model, "--num-requests", str(n), "--prompt-len", prompt,
+                            "--max-tokens", out, "--no-progress", *extra])
+
+
+def plans(tiny: bool) -> dict[str, list[Run]]:
+    one_b, eight_b = ("random:tiny", "random:tiny") if tiny else (ONE_B, EIGHT_B)
+    gemma_1b, gemma_4b = ("random:tiny-gemma3",) * 2 if tiny else ("random:gemma3-1b", "random:gemma3-4b")
+    n = (lambda k: min(k, 8)) if tiny else (lambda k: k)
+    ln = (lambda k: str(min(int(k), 16))) if tiny else str
+    checks = ["smoke"] if tiny else ["smoke", "differential", "prefix", "nosync"]
+    named = {
+        "checks": [Run("checks", [sys.executable, "scripts/gpu_checks.py", *checks], {"TANDEM_DIFF_CASES": "60"},
+                       "check")],
+        "offline": [
+            _bench("M", one_b, n(256), ln(256), ln(512)),
+            _bench("M1024", one_b, n(1024), ln(256), ln(512), "--max-num-seqs", str(n(1024)), "--modes", "async"),
+            _bench("S", eight_b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32))),
+        ],
+        "long": [_bench("M_len131072", one_b, n(256), ln(256), ln(512), "--max-model-len", "131072" if not tiny
+                        else "512", "--modes", "async")],
+        "traffic": [_bench("V_2048", eight_b, n(512), "16:" + ln(4096), "16:" + ln(1024), "--max-model-len",
+                           "8192" if not tiny else "256", "--max-num-batched-tokens", "2048")],
+        "structured": ([] if tiny else [  # the checks need CUDA
+            Run("structured_checks", [sys.executable, "scripts/gpu_checks.py", "structured"], {}, "check")]) + [
+            _bench("M_json", one_b, n(256), ln(256), ln(512), "--structured-output", "json"),
+            _bench("M_free", one_b, n(256), ln(256), ln(512), "--modes", "async"),
+        ],
+        "seam": [
+            _bench("G1", gemma_1b, n(256), ln(256), ln(512)),
+            _bench("G4", gemma_4b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32))),
+            _bench("TB_native", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--modes", "async"),
+            _bench("TB", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--model-impl", "transformers"),
+        ],
+        "serve": [_bench("offline_64", one_b, n(64), ln(256), ln(512), "--max-num-seqs", str(n(256)),
+                         "--max-model-len", "768", "--modes", "async")]
+        + [Run(f"serve_{c}_{k}", CLI + ["bench-serve", "--num-clients", str(n(c)), "--prompt-len", ln(256),
+                                         "--max-tokens", ln(512), "--seed", str(seed)], kind="serve")
+           for c in (64, 256) for k, seed in (("a", 21), ("b", 31))],
+    }
+    if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
+        for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
+            run.argv += ["--runs", "1", "--simulated-device", "off"]
+    return named
+
+
+def _server_argv(tiny: bool, port: int) -> list[str]:
+    return CLI + ["serve", "--model", "random:tiny" if tiny else ONE_B, "--max-num-seqs", "8" if tiny else "256",
+                  "--max-model-len", "768", "--port", str(port)]
+
+
+class Server:
+    """``tandem serve`` in the background for the serve plan's clients."""
+
+    def __init__(self, argv: list[str], port: int, log) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        log.write(f"### {' '.join(argv)} (background)\n")
+        log.flush()
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                time.sleep(1)
+        return False
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def execute(run: Run, out_dir: Path, log, url: str | None) -> int:
+    argv = list(run.argv)
+    if run.kind != "check":
+        argv += ["--json", str(out_dir / f"{run.name}.json")]
+    if run.kind == "serve":
+        argv += ["--url", url]
+    log.write(f"### {' '.join(argv)}\n")
+    log.flush()
+    done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **run.env})
+    log.write(f"rc={done.returncode}\n")
+    log.flush()
+    return done.returncode
+
+
+def summary_row(run: Run, rc: int | None, out_dir: Path) -> str:
+    """One line of the table: the figures the issues' acceptance points name."""
+    if rc is None:
+        return f"{run.name:<14} skipped (deadline or no server)"
+    path = out_dir / f"{run.name}.json"
+    if run.kind == "check" or rc != 0 or not path.is_file():
+        return f"{run.name:<14} rc={rc}" + ("" if rc == 0 else "  FAILED: see log.txt")
+    data = json.loads(path.read_text())
+    if run.kind == "serve":
+        idle = data.get("gpu_idle_fraction") or {}
+        return (f"{run.name:<14} served {data['output_tok_per_s']:>9.0f} tok/s  TTFT p50/p99 "
+                f"{data['ttft']['p50_ms']:.0f}/{data['ttft']['p99_ms']:.0f} ms  ITL p50/p99 {data['itl']['p50_ms']:.1f}/"
+                f"{data['itl']['p99_ms']:.1f} ms  GPU idle {_pct(idle.get('run'))}  errors {data['num_errors']}")
+    rows = []
+    for mode, m in data["modes"].items():
+        step = m.get("decode_step_check") or {}
+        measured, floor = step.get("measured_gpu_ms"), step.get("memory_floor_ms")
+        frac = f"{floor / measured:.3f}" if measured and floor else "n/a"
+        roof = m.get("roofline_fraction")
+        rows.append(f"{run.name:<14} {mode:<5} {m['wall_s']:>7.2f} s {m['output_tok_per_s']:>9.0f} tok/s  idle "
+                    f"{_pct(m.get('gpu_idle_fraction'))} (decode {_pct(m.get('gpu_idle_fraction_decode'))})  floor "
+                    f"{'n/a' if roof is None else f'{roof:.3f}'}  decode step/floor {frac}")
+    same = data.get("outputs_identical_across_modes")
+    return "\n".join(rows) + ("" if same is None else f"  sync == async: {same}")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--plans", default="checks,offline,long,traffic,serve")
+    p.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    p.add_argument("--port", type=int, default=8017)
+    p.add_argument("--tiny", action="store_true", help="random:tiny and a few requests: checks the script itself")
+    args = p.parse_args()
+    table = plans(args.tiny)
+    chosen = [name.strip() for name in args.plans.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in table]
+    if unknown:
+        p.error(f"unknown plan(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    start, lines = time.monotonic(), []
+    with open(args.out_dir / "log.txt", "a") as log:
+        for name in chosen:
+            lines += run_plan(table[name], args, log, start)
+    text = "\n".join(lines)
+    (args.out_dir / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0 if all("FAILED" not in line for line in lines) else 1
+
+
+def run_plan(runs: list[Run], args: argparse.Namespace, log, start: float) -> list[str]:
+    """The plan's own runs first, then its served runs against one server: an offline run beside the
+    server would find the GPU's memory already taken by it (its KV cache sizes to what is free)."""
+    own = [r for r in runs if r.kind != "serve"]
+    served = [r for r in runs if r.kind == "serve"]
+    lines = [_execute_or_skip(run, args, log, start, None) for run in own]
+    if not served:
+        return lines
+    server = None
+    try:
+        if time.monotonic() - start < args.deadline_s:
+            server = Server(_server_argv(args.tiny, args.port), args.port, log)
+            if not server.wait_ready(600):
+                log.write("the server did not become ready\n")
+                server.stop()
+                server = None
+        return lines + [_execute_or_skip(run, args, log, start, server) for run in served]
+    finally:
+        if server is not None:
+            log.write(f"server exit status {server.stop()}\n")
+
+
+def _execute_or_skip(run: Run, args: argparse.Namespace, log, start: float, server: Server | None) -> str:
+    late = time.monotonic() - start >= args.deadline_s
+    rc = None if late or (run.kind == "serve" and server is None) else execute(
+        run, args.out_dir, log, server.url if server else None)
+    return summary_row(run, rc, args.out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
