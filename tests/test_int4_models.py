@@ -130,8 +130,54 @@ def test_quantization_configs_parse_and_refuse():
                         ({**_formats()["gptq"][0], "checkpoint_format": "marlin"}, "marlin")):
         with pytest.raises(ValueError, match=needle):
             resolve_quantization({"quantization_config": bad})
-    with pytest.raises(ValueError, match="quantizing to 4 bits at load"):
+    with pytest.raises(ValueError, match="quantization='int4' quantizes an unquantized checkpoint"):
         LLM("random:tiny", device="cpu", quantization="awq")
+    with pytest.raises(ValueError, match="already quantized"):
+        resolve_quantization({"quantization_config": awq}, "int4")
+
+
+def rtn_reference(src: Path, dst: Path) -> Path:
+    """``src`` with every projection replaced by its round-to-nearest 4-bit weight, dequantized (what
+    ``quantization="int4"`` computes with): group 128 where the input width allows, else per channel."""
+    from tandem.model.quant import int4
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name, w in tensors.items():
+            if name.endswith(".weight") and any(p in name for p in LINEARS):
+                group = 128 if w.shape[1] % 128 == 0 else -1
+                tensors[name] = int4.dequantize(int4.quantize_rtn(w, group)).to(w.dtype)
+        save_file(tensors, dst / f.name)
+    return dst
+
+
+def test_rtn_quantization_rounds_to_nearest():
+    from tandem.model.quant import int4
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * torch.rand(48, 1) * 3
+    q = int4.quantize_rtn(w, 128)
+    nibbles = int4.unpack_nibbles(q.qweight, 0)
+    assert q.zeros is None and 1 <= int(nibbles.min()) and int(nibbles.max()) <= 15
+    step = int4._expand(q.scales, 128, None).t()  # [N, K]: each weight's group scale
+    err = (int4.dequantize(q) - w).abs()
+    assert bool((err <= step / 2 + 1e-6).all())  # the nearest of the 15 levels
+    assert torch.allclose(step.amax(1), w.abs().view(48, 2, 128).amax(-1).repeat_interleave(128, 1).amax(1) / 7)
+
+
+def test_int4_at_load_matches_the_rtn_weights(llama, tmp_path):
+    """quantization='int4' on an unquantized checkpoint: the projections (not the LM head) quantized
+    to 4 bits at load give the greedy tokens of the same model holding those weights dequantized."""
+    want = greedy(rtn_reference(llama, tmp_path / "rtn"))
+    llm = LLM(str(llama), device="cpu", dtype="float32", max_num_seqs=4, kv_cache_tokens=512, max_model_len=128,
+              quantization="int4")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    llm.engine.shutdown()
+    assert got == want and got != greedy(llama)  # 4-bit weights change the model: the test would see a no-op
 
 
 KERNEL_ENGINE = r"""
@@ -150,6 +196,17 @@ src = build_checkpoint("llama", root / "llama")
 quant, dense = quantized_pair(src, root, "gptq-act-order")
 assert greedy(quant) == greedy(dense)
 assert min(calls) <= 16 < max(calls), "the kernel ran, in its decode tier and a larger one"
+# 4 bits at load (quantization="int4"): the kernel on the round-to-nearest weights
+from test_int4_models import rtn_reference
+from tandem import LLM, SamplingParams
+calls.clear()
+llm = LLM(str(src), device="cpu", dtype="float32", max_num_seqs=4, kv_cache_tokens=512, max_model_len=128,
+          quantization="int4")
+got = [o.outputs[0].token_ids for o in llm.generate([[5, 9, 40, 41, 300]], SamplingParams(max_tokens=6, temperature=0.0,
+       ignore_eos=True), use_tqdm=False)]
+llm.engine.shutdown()
+assert calls, "the kernel ran"
+assert got == [greedy(rtn_reference(src, root / "rtn"))[0][:6]]
 print("engine ok")
 """
 

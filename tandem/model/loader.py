@@ -131,8 +131,8 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, max_positi
     comm = comm or SingleDevice()
     if is_preset(source):
         get = random_getter(device, dtype, seed)
-        return family.load(config, get if qc is None else QuantizedGetter(get, qc, device, dtype), tp,
-                           max_positions, comm)
+        quantized = Int4Getter if isinstance(qc, Int4Config) else QuantizedGetter  # 4-bit or FP8 weights
+        return family.load(config, get if qc is None else quantized(get, qc, device, dtype), tp, max_positions, comm)
     reader = CheckpointReader(Path(source), device, dtype, progress=tp.rank == 0)
     logger.info("reading %d tensors from %d safetensors file(s) in %s", len(reader.files),
                 len(set(reader.files.values())), source)

@@ -17,7 +17,8 @@ Everything else (another method, bit width, type, a group size, asymmetric scale
 ValueError naming it. ``quantization`` (``--quantization``): ``auto`` the checkpoint's own;
 ``none`` refuses a quantized checkpoint (tandem does not silently run one as something else); ``fp8``
 accepts an FP8 checkpoint and quantizes an unquantized one at load (per-channel weights, dynamic
-per-token activations)."""
+per-token activations); ``int4`` quantizes an unquantized checkpoint to 4-bit weight-only at load
+(round to nearest, symmetric, group 128) and refuses a quantized one."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 from tandem.model.quant.spec import FP8_SOURCES, QuantConfig, _names, _refuse, linear_group  # noqa: F401
 
-QUANTIZATIONS = ("auto", "none", "fp8", "awq", "gptq", "compressed-tensors")
+QUANTIZATIONS = ("auto", "none", "fp8", "int4", "awq", "gptq", "compressed-tensors")
 
 
 def _check_float8(args: dict[str, Any], where: str) -> None:
@@ -138,7 +139,14 @@ def resolve_quantization(hf: dict[str, Any], quantization: str = "auto") -> Quan
     raw = hf.get("quantization_config")
     if raw is None and quantization in ("awq", "gptq", "compressed-tensors"):
         raise ValueError(f"quantization={quantization!r}: the checkpoint has no quantization_config, and "
-                         "quantizing to 4 bits at load is not implemented")
+                         "quantization='int4' quantizes an unquantized checkpoint to 4 bits at load")
+    if raw is not None and quantization == "int4":
+        raise ValueError("quantization='int4' quantizes an unquantized checkpoint at load, but this one is already "
+                         f"quantized ({raw.get('quant_method') if isinstance(raw, dict) else raw!r}); use 'auto'")
+    if raw is None and quantization == "int4":
+        from tandem.model.quant.int4_config import ONLINE_INT4
+
+        return ONLINE_INT4
     if raw is None:
         return ONLINE_FP8 if quantization == "fp8" else None
     if quantization == "none":

@@ -186,6 +186,19 @@ def dequantize_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tenso
     return _dequant(q, _expand(zeros, group, weight_g_idx), _expand(scales, group, weight_g_idx))
 
 
+def quantize_rtn(w: torch.Tensor, group_size: int = 128) -> Int4Weight:
+    """Round-to-nearest symmetric 4-bit weights of a dense [N, K] weight (quantization at load): per
+    group of ``group_size`` input channels and output channel, scale = largest magnitude / 7 and
+    q = round(w / scale) + 8, clamped to [1, 15] (so -7..7: symmetric, the zero point 8 implied). No
+    calibration data: a checkpoint quantized by GPTQ or AWQ keeps more accuracy."""
+    n, k = w.shape
+    group = _check_group(group_size, k)
+    grouped = w.float().t().reshape(k // group, group, n)  # [K / G, G, N]
+    scales = (grouped.abs().amax(dim=1) / 7.0).clamp(min=torch.finfo(torch.float32).tiny)  # [K / G, N]
+    q = (grouped / scales[:, None, :]).round().clamp(-7, 7) + 8
+    return Int4Weight(pack_nibbles(q.reshape(k, n).to(torch.uint8), 0), scales.to(w.dtype).contiguous(), None, group)
+
+
 def dequantize(w: Int4Weight) -> torch.Tensor:
     """The common layout's float weight [N, K] in the checkpoint's channel order."""
     q = unpack_nibbles(w.qweight, 0)  # [K, N], sorted by group when ``perm`` is set

@@ -98,3 +98,8 @@ def parse_int4(q: dict[str, Any]) -> Int4Config:
     if method == "awq":
         return parse_awq(q)
     return parse_gptq(q) if method == "gptq" else parse_pack_quantized(q)
+
+
+# ``quantization="int4"`` on an unquantized checkpoint: round-to-nearest symmetric 4-bit weights,
+# group 128, made at load (``int4.quantize_rtn``); the LM head stays in the model dtype.
+ONLINE_INT4 = Int4Config("int4", "online", "int4", "none", ignore=("lm_head",), group_size=128, symmetric=True)

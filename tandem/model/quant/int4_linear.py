@@ -1,6 +1,6 @@
 """4-bit linear weights in the model: the weight object the model code applies (``Int4Linear``, the
 ``quant.linear`` seam) and the ``Getter`` that reads them from an AWQ / GPTQ / pack-quantized
-checkpoint (``Int4Getter``).
+checkpoint (``Int4Getter``), or quantizes dense weights to 4 bits at load (``quantization="int4"``).
 
 On CUDA a linear runs the W4A16 kernel (``tandem/kernels/w4a16.py``) on the packed weights.
 Elsewhere the weights are dequantized at load to the model dtype, with a warning (the memory and
@@ -125,7 +125,7 @@ class Int4Getter:
     """A ``Getter`` over a 4-bit checkpoint (see the module docstring). ``reader`` is
     ``loader.CheckpointReader`` (``files``, ``raw``)."""
 
-    def __init__(self, plain: Getter, qc: Int4Config, device: torch.device, dtype: torch.dtype, reader) -> None:
+    def __init__(self, plain: Getter, qc: Int4Config, device: torch.device, dtype: torch.dtype, reader=None) -> None:
         self.plain, self.qc, self.device, self.dtype, self.reader = plain, qc, device, dtype, reader
         self.kernel = use_kernel(device)
         if not self.kernel:
@@ -144,6 +144,15 @@ class Int4Getter:
 
     def _read(self, name: str, shape: tuple[int, ...], part: Part | None, linear: bool) -> torch.Tensor | Int4Weight:
         module = name.removesuffix(".weight")
+        if self.reader is None:  # quantized at load (``ONLINE_INT4``): the linear layers only
+            dense = self.plain(name, shape, part)
+            if not (linear and name.endswith(".weight") and self.qc.quantizes(module)):
+                return dense
+            group = self.qc.group_size if dense.shape[1] % self.qc.group_size == 0 else -1
+            if group == -1:
+                logger.warning("%s: %d input channels are not a multiple of %d: quantized per output channel",
+                               module, dense.shape[1], self.qc.group_size)
+            return int4.quantize_rtn(dense, group).to(self.device, self.dtype)
         suffixes = SUFFIXES[self.qc.source]
         stored = name.endswith(".weight") and f"{module}.{suffixes[0]}" in self.reader.files
         if stored and not self.qc.quantizes(module):
