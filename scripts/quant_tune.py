@@ -1,6 +1,6 @@
 """Tile sweep for the weight-only GEMMs at decode sizes (GPU): W8A16 (FP8 weights) and W4A16.
 
-    python3 scripts/quant_tune.py [OUT_DIR] [--quick]
+    python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16] [--rows=M] [--fp8-paths]
 
 Times each kernel inside a CUDA graph that cycles through enough copies of the weight to pass
 256 MB, so the weights come from HBM (not the 50 MB L2) and no Python launch cost is counted: what a
@@ -188,7 +188,8 @@ def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     out_dir = Path(args[0]) if args else Path(os.environ.get("OUT", "."))
     kinds = [a.split("=", 1)[1] for a in argv if a.startswith("--kind=")] or list(ROWS)
-    jobs = [(kind, name, m) for kind in kinds for name in SHAPES for m in ROWS[kind]]
+    only = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--rows=")]
+    jobs = [(kind, name, m) for kind in kinds for name in SHAPES for m in ROWS[kind] if not only or m in only]
     if not quick:
         import multiprocessing as mp
 

@@ -137,14 +137,27 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym,
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _nibble_products(src, pos: tl.constexpr, x_ptr, rows, row_ok, stride_xm, channels, z):
+    """[BLOCK_M, BLOCK_K / 8, BLOCK_N]: the activations of ``channels`` times (q - z) of the nibble
+    at bit ``pos`` (<= 16) of each word of ``src``, via 2**23 + q * 2**pos (see the kernel)."""
+    w = ((src & (0xF << pos)) | MAGIC).to(tl.float32, bitcast=True) - (z * (1 << pos) + MAGIC_VALUE)[None, :]
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + channels[None, :], mask=row_ok[:, None],
+                other=0.0).to(tl.float32) * (1.0 / (1 << pos))  # [BLOCK_M, BLOCK_K / 8]
+    return a[:, :, None] * w[None, :, :]
+
+
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
                        tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_w4a16_kernel``'s programs for a few rows, without the dot: each packed word loaded once,
-    nibble i of word r (input channel k0 + 8r + i) times that channel's activations, accumulated
-    elementwise in float32 registers [BLOCK_M, BLOCK_K / 8, BLOCK_N] and summed over the middle axis
-    once, after the K loop (a cross-thread reduction per tile would cost more than the tile)."""
+    """``_w4a16_kernel``'s programs for a few rows, without the dot. At one row the kernel is bound
+    by instructions, not bytes, so each weight costs three: the nibble is masked in place (not
+    shifted down) and OR-ed into 2**23's bits, giving 2**23 + q * 2**p; subtracting
+    2**23 + z * 2**p leaves (q - z) * 2**p exactly, and the activation it multiplies is pre-scaled by
+    2**-p (once per channel, not per weight). Products accumulate elementwise in float32 registers
+    [BLOCK_M, BLOCK_K / 8, BLOCK_N]; the group's scale is applied once per tile and the middle axis
+    summed once, after the K loop."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -155,12 +168,15 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
     for t in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
         k0 = t * BLOCK_K
         s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
+        z = zoff - MAGIC_VALUE  # the zero points themselves
         words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
-        for i in tl.static_range(8):
-            w = ((((words >> (4 * i)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - zoff[None, :]) * s[None, :]
-            a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 8 * r + i)[None, :], mask=row_ok[:, None],
-                        other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K / 8]
-            acc += a[:, :, None] * w[None, :, :]
+        high = words >> 12
+        part = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(5):  # nibbles 0-4 in place
+            part += _nibble_products(words, 4 * i, x_ptr, rows, row_ok, stride_xm, k0 + 8 * r + i, z)
+        for i in tl.static_range(5, 8):  # nibbles 5-7 from the word shifted right by 12
+            part += _nibble_products(high, 4 * i - 12, x_ptr, rows, row_ok, stride_xm, k0 + 8 * r + i, z)
+        acc += part * s[None, None, :]
     out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
