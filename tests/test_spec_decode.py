@@ -73,7 +73,7 @@ def _repetitive(case, seed):
     return case
 
 
-@pytest.mark.parametrize("seed", (8, 9, 11, 13, 16, 21, 22, 29))
+@pytest.mark.parametrize("seed", (8, 9, 11, 14, 19, 21, 22, 29))
 def test_speculation_gives_the_tokens_of_no_speculation(seed):
     """Randomized cases (preemption from tiny KV caches, chunked prefill, prefix caching, aborts, stop
     strings and ids, min_tokens, penalties, logit bias, logprobs, structured output, n > 1; greedy and
@@ -283,7 +283,7 @@ def test_features_hold_under_speculation():
     assert stats.spec_num_accepted_tokens > 0
 
 
-@pytest.mark.parametrize("seed", (1, 5, 10, 15))  # cases with hits, accepted proposals and preemption
+@pytest.mark.parametrize("seed", (1, 2, 5, 10))  # cases with hits, accepted proposals and preemption
 def test_shared_prefixes_with_speculation(seed):
     """Prefix caching registers only blocks whose K/V is right: a block filled by an accepted run holds
     the rejected proposal's K/V at the drawn token's position until the next step; prompts that share
@@ -325,3 +325,31 @@ def test_a_request_ending_on_a_drawn_token_leaves_no_stale_block_in_the_cache(en
     assert llm.engine.core.stats().prefix_cache_hits > 0
     fresh = LLM("random:tiny", **options, enable_prefix_caching=False).generate([second], probe, use_tqdm=False)[0]
     assert str(cached.outputs[0].logprobs) == str(fresh.outputs[0].logprobs)
+
+
+def test_speculation_backs_off_while_nothing_is_proposed():
+    """Text that never repeats: n-gram lookup has nothing, and after each empty try speculation sits
+    out 1, 2, 4 .. 16 steps (those steps pipeline as without it)."""
+    from tandem.engine.speculation import Speculation
+    from tandem.spec.config import parse_speculative_config
+    from tandem.spec.proposer import NgramProposer
+
+    class Running:
+        def __init__(self):
+            from tandem.engine.sequence import Sequence
+            self.running = [Sequence("a", list(range(100, 140)), SamplingParams(), seed=0, max_new_tokens=500)]
+            self.running[0].num_computed = 39  # decoding, every token known
+            self.num_running, self.num_waiting = 1, 0
+
+    spec = Speculation(parse_speculative_config(NGRAM), NgramProposer(1, 3))
+    s = Running()
+    tried = []
+    for step in range(60):
+        if spec.wants(s):
+            tried.append(step)
+            assert spec.propose(s) == {}
+    assert tried == [0, 2, 5, 10, 19, 36, 53]
+    s.running[0].prompt_token_ids[-1] = 100  # now the last token recurs: proposals again
+    while not spec.wants(s):
+        pass
+    assert spec.propose(s) == {"a": [101, 102, 103]} and spec.wants(s)
