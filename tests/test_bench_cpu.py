@@ -101,3 +101,23 @@ def test_preemptions_are_counted_and_explained(capsys):
     assert count > 0 and "need up to 256 KV tokens at once, the cache holds 128" in said
     assert "GPU idle" not in text and "roofline" not in text  # no GPU columns on a CPU
     assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_the_gpu_table_fits_100_columns_at_the_largest_figures():
+    from tandem.bench.metrics import ModeResult
+    from tandem.bench.report import anchor_text, table
+
+    # each figure at the most digits a run of under 1000 s, 100 000 steps and 1M tok/s shows
+    big = ModeResult(mode="async", wall_s=999.99, num_requests=4096, prompt_tokens=10**7, output_tokens=10**7,
+                     num_steps=99999, num_preemptions=0, prefill_tokens_computed=10**7,
+                     output_tok_per_s=999999.0, total_tok_per_s=2345678.0, mean_schedule_ms=12.345,
+                     mean_build_ms=12.345, mean_submit_ms=123.456, mean_wait_ms=999.99, mean_process_ms=12.345,
+                     mean_gpu_ms=999.99, gpu_idle_fraction=1.0, gpu_idle_fraction_decode=1.0, roofline_fraction=1.0)
+    big.set_prefix_cache(100, 100)
+    lines = table([big], gpu=True).splitlines()
+    assert len(lines) == 2 and max(map(len, lines)) <= 100 and "GPU idle" in lines[0]
+    assert "GPU" not in table([big], gpu=False)
+    anchor = {"mode": "sdpa-cuda-graphs-async", "wall_s": 1234.5, "output_tok_per_s": 123456.0,
+              "first_token_agreement": 0.97}
+    assert len(anchor_text(anchor)) <= 100 and "97%" in anchor_text(anchor)
+    assert len(anchor_text({"mode": "sdpa-eager", "error": "RuntimeError: " + "x" * 300})) <= 100

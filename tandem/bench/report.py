@@ -18,9 +18,9 @@ from tandem.bench.spread import ratio_text, spread_table
 
 #: (header, ModeResult field, format); the GPU's columns only where the device lane is a GPU's
 COLUMNS = [("wall s", "wall_s", "{:.2f}"), ("out tok/s", "output_tok_per_s", "{:.0f}"), ("steps", "num_steps", "{}"),
-           ("cache hit", "prefix_cache_hit_rate", "{:.1%}"), ("host ms", "mean_host_ms", "{:.3f}"),
-           ("wait ms", "mean_wait_ms", "{:.3f}")]
-GPU_COLUMNS = [("GPU ms", "mean_gpu_ms", "{:.3f}"), ("GPU idle", "gpu_idle_fraction", "{:.2%}"),
+           ("cache hit", "prefix_cache_hit_rate", "{:.1%}"), ("host ms", "mean_host_ms", "{:.2f}"),
+           ("wait ms", "mean_wait_ms", "{:.2f}")]
+GPU_COLUMNS = [("GPU ms", "mean_gpu_ms", "{:.2f}"), ("GPU idle", "gpu_idle_fraction", "{:.2%}"),
                ("idle dec", "gpu_idle_fraction_decode", "{:.2%}"), ("roofline", "roofline_fraction", "{:.1%}")]
 
 
@@ -28,21 +28,23 @@ def _cell(value: Any, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def table(results: list[ModeResult], anchors: list[dict] | None = None, gpu: bool = True,
-          skip: tuple[str, ...] = ()) -> str:
-    """One row per mode (and per transformers anchor); at most 100 columns; ``skip``: fields left out."""
+def table(results: list[ModeResult], gpu: bool = True, skip: tuple[str, ...] = ()) -> str:
+    """One row per mode, at most 100 columns; ``skip``: fields left out."""
     columns = [c for c in COLUMNS + (GPU_COLUMNS if gpu else []) if c[1] not in skip]
     rows = [["mode"] + [c[0] for c in columns]]
     rows += [[r.mode] + [_cell(getattr(r, attr), fmt) for _, attr, fmt in columns] for r in results]
-    for a in anchors or []:
-        row = [f"hf:{a['mode']}"] + ["n/a"] * len(columns)
-        if a.get("error"):
-            row[1] = "error"
-        else:
-            row[1], row[2] = f"{a['wall_s']:.2f}", f"{a['output_tok_per_s']:.0f}"
-        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def anchor_text(a: dict) -> str:
+    """One transformers ``generate_batch`` run (``--compare-hf``), under the table."""
+    head = f"hf generate_batch {a['mode']}:"
+    if a.get("error"):
+        return textwrap.shorten(f"{head} failed: {a['error']}", 100, placeholder=" ...")
+    agree = a.get("first_token_agreement")
+    agree = "" if agree is None else f", same first token {agree:.0%}"
+    return f"{head} {a['wall_s']:.2f} s, {a['output_tok_per_s']:.0f} out tok/s{agree}"
 
 
 def phases_text(res: ModeResult) -> str:
@@ -89,7 +91,9 @@ def report_real(by_mode: dict[str, list[Any]], results: list[ModeResult], anchor
         print(f"{rounds} runs of each mode, median [min-max]:")
         print(spread_table(by_result, gpu))
         print("the median runs:")
-    print(table(results, anchors, gpu))
+    print(table(results, gpu))
+    for a in anchors or []:
+        print(anchor_text(a))
     ratio = ratio_text(by_result)
     if ratio:
         print(ratio + ("" if gpu else " (on this CPU: see below)"))

@@ -110,6 +110,6 @@ def report(sim: SimulatedRuns) -> str:
             f"{idle / (1 - idle) * step:.2f} ms a step while the host takes its tokens in and plans the next; async "
             f"does that while the GPU runs the step ({step:.2f} ms on average).", 100))
     # no wait column: the host waits on the virtual clock, in no time
-    lines += [f"the median run{'s' if len(medians) > 1 else ''}:", table(medians, gpu=True, skip=("mean_wait_ms",)),
+    lines += [f"the median run{'s' if len(medians) > 1 else ''}:", table(medians, skip=("mean_wait_ms",)),
               preemption_text(medians, sim.kv_tokens, sim.need)]
     return "\n".join(lines)
