@@ -181,11 +181,14 @@ w = unpack()
 x = torch.randn(2, 3, 256)
 assert rel(w4a16_matmul(x, w), x @ deq().t()) < 1e-5
 assert w4a16_matmul(x[:0], w).shape == (0, 3, 48)
-try:  # a transposed view would be read with the wrong strides: refused
-    w4a16_matmul(x, Int4Weight(w.qweight.t().contiguous().t(), w.scales, w.zeros, w.group_size))
-    raise SystemExit("a non-contiguous qweight was accepted")
+# the packed words dense along K (the layout Int4Linear keeps on the device) give the same result
+along_k = Int4Weight(w.qweight.t().contiguous().t(), w.scales, w.zeros, w.group_size)
+assert torch.equal(w4a16_matmul(x, along_k), w4a16_matmul(x, w))
+try:  # a view dense along neither dimension cannot be indexed by two strides of which one is 1: refused
+    w4a16_matmul(x, Int4Weight(torch.cat([w.qweight, w.qweight], 1)[:, ::2], w.scales, w.zeros, w.group_size))
+    raise SystemExit("a strided qweight was accepted")
 except ValueError as e:
-    assert "contiguous" in str(e)
+    assert "dense along N or along K" in str(e)
 assert w4a16_tiles(1, 4096, 4096, 128).split_k > 1 and w4a16_tiles(2000, 4096, 4096, 128).split_k == 1
 w16 = w.to("cpu", torch.float16)
 x16 = torch.randn(9, 256).half()

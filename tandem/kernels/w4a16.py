@@ -86,16 +86,17 @@ MAGIC_VALUE = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _nibbles(q_ptr, k0, stride_qk, stride_qn, cols, col_ok, ks, shifts, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              LOAD_ONCE: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] unsigned 4-bit values of input channels k0.., as float32 plus 2**23."""
     if LOAD_ONCE:
-        words = tl.load(q_ptr + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * n + cols[None, :],
+        words = tl.load(q_ptr + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * stride_qk + cols[None, :] * stride_qn,
                         mask=col_ok[None, :], other=0)
         nibble = (tl.arange(0, 8) * 4)[None, :, None]
         q = tl.reshape((words[:, None, :] >> nibble) & 0xF, (BLOCK_K, BLOCK_N))  # row 8r + i: word r, nibble i
     else:
-        words = tl.load(q_ptr + ((k0 + ks) // 8)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+        words = tl.load(q_ptr + ((k0 + ks) // 8)[:, None] * stride_qk + cols[None, :] * stride_qn, mask=col_ok[None, :],
+                        other=0)
         q = (words >> shifts) & 0xF
     return (q | MAGIC).to(tl.float32, bitcast=True)
 
@@ -113,8 +114,8 @@ def _group_params(s_ptr, z_ptr, g, n, cols, col_ok, HAS_ZEROS: tl.constexpr, BLO
 
 # m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
 @triton.jit(do_not_specialize=["m", "stride_ys"])
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
-                  tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
+                  k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
     """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
     written to split s's slice of y (the output itself when there is one split)."""
@@ -130,7 +131,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym,
         k0 = t * BLOCK_K
         s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
         a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        q = _nibbles(q_ptr, k0, n, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
+        q = _nibbles(q_ptr, k0, stride_qk, stride_qn, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
         part = tl.dot(a, (q - zoff[None, :]).to(a.dtype), input_precision=PRECISION)  # q - z: exact integers
         acc += part * s[None, :]
     out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
@@ -148,8 +149,8 @@ def _nibble_products(src, pos: tl.constexpr, x_ptr, rows, row_ok, stride_xm, cha
 
 
 @triton.jit(do_not_specialize=["m", "stride_ys"])
-def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_ym, stride_ys, k_tiles,
-                       tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
+                       k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_w4a16_kernel``'s programs for a few rows, without the dot. At one row the kernel is bound
     by instructions, not bytes, so each weight costs three: the nibble is masked in place (not
@@ -169,7 +170,8 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
         k0 = t * BLOCK_K
         s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
         z = zoff - MAGIC_VALUE  # the zero points themselves
-        words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * n + cols[None, :], mask=col_ok[None, :], other=0)
+        words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * stride_qk + cols[None, :] * stride_qn, mask=col_ok[None, :],
+                        other=0)
         high = words >> 12
         part = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(5):  # nibbles 0-4 in place
@@ -193,9 +195,9 @@ def _check(x: torch.Tensor, w: Int4Weight) -> None:
                          f"({k // w.group_size}, {n}) {x.dtype}")
     if w.zeros is not None and (w.zeros.shape != w.scales.shape or w.zeros.dtype != torch.uint8):
         raise ValueError(f"w4a16: zeros {tuple(w.zeros.shape)} {w.zeros.dtype}, expected uint8 like the scales")
-    if not all(t.is_contiguous() for t in (w.qweight, w.scales, w.zeros) if t is not None):
-        raise ValueError("w4a16: the packed weights, scales and zeros must be contiguous (the kernel indexes rows "
-                         "by N)")
+    if not all(t.is_contiguous() for t in (w.scales, w.zeros) if t is not None) or 1 not in w.qweight.stride():
+        raise ValueError("w4a16: the scales and zeros must be contiguous (the kernel indexes rows by N), and the "
+                         "packed weights dense along N or along K")
 
 
 def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -> torch.Tensor:
@@ -216,8 +218,8 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     out = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
                       device=x.device)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
-    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n, x2.stride(0), n, m * n,
-            k_tiles, per_split)
+    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n, x2.stride(0),
+            w.qweight.stride(0), w.qweight.stride(1), n, m * n, k_tiles, per_split)
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.gemv:
