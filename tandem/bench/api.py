@@ -11,7 +11,7 @@ import torch
 from tandem.bench.constants import GPU_DEFAULT_MODEL, SIMULATED_DEVICE, VALID_MODES
 from tandem.bench.report import provenance, record, report_real, write_json
 from tandem.bench.runner import AUTO_BUDGET_S, run_benchmark, weight_storage
-from tandem.bench.simulated import CPU_NOTE, intro, report, simulate
+from tandem.bench.simulated import CPU_NOTE, CPU_NOTE_OFF, CPU_NOTE_SIMULATED, intro, report, simulate
 from tandem.bench.spread import median_run, spread_record
 from tandem.bench.step_time import STEP_TIME_MODELS, step_time_model
 from tandem.bench.workload import BenchRequest, LengthRange, Workload, bench_params
@@ -58,11 +58,9 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     on_cpu = False
     if simulated_device != "only":
         data = _real_bench(model, w, list(modes), runs, llm, compare_hf, hf_modes, timeline, trace, timeline_steps,
-                           progress, engine_options)
+                           progress, engine_options, simulated_device)
         on_cpu = data["device_type"] == "cpu"
     if simulated_device in ("on", "only") or (simulated_device == "auto" and on_cpu):
-        if on_cpu:
-            print(CPU_NOTE)
         sim_model = model if model in STEP_TIME_MODELS else GPU_DEFAULT_MODEL
         print("\n" + intro(step_time_model(sim_model), w, list(modes)), flush=True)
         sim = simulate(sim_model, w, list(modes), simulated_runs, **engine_options)
@@ -75,7 +73,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
 
 def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm: LLM | None, compare_hf: bool,
                 hf_modes: list[str] | None, timeline: str | Path | None, trace: str | Path | None,
-                timeline_steps: int, progress: bool, engine_options: dict[str, Any]) -> dict[str, Any]:
+                timeline_steps: int, progress: bool, engine_options: dict[str, Any],
+                simulated_device: str = "off") -> dict[str, Any]:
     """The model computed on this machine's device; what it prints, and its record."""
     threads = torch.get_num_threads()  # before an async CPU executor gives the host thread one
     owned = llm is None
@@ -91,6 +90,8 @@ def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm
     print(f"tandem bench: {model} on {info.device_name}, {threads} torch threads\n"
           f"dtype {info.dtype} (weights {weight_dtype}{quant}; KV cache {kv_dtype})\n"
           + textwrap.fill(f"{w.describe()}, modes {', '.join(modes)}", 100, break_on_hyphens=False), flush=True)
+    if info.device == "cpu":  # before the figures, which a CPU cannot make mean what they would on a GPU
+        print(CPU_NOTE, CPU_NOTE_OFF if simulated_device == "off" else CPU_NOTE_SIMULATED, sep="\n", flush=True)
     by_mode, ceilings, requests = run_benchmark(llm, modes, w, progress=progress, runs=runs)
     picked = {mode: ms[median_run([r.result for r in ms])] for mode, ms in by_mode.items()}
     results = [run.result for run in picked.values()]

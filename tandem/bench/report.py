@@ -96,7 +96,7 @@ def report_real(by_mode: dict[str, list[Any]], results: list[ModeResult], anchor
         print(anchor_text(a))
     ratio = ratio_text(by_result)
     if ratio:
-        print(ratio + ("" if gpu else " (on this CPU: see below)"))
+        print(ratio + ("" if gpu else " (on a CPU: see the note above)"))
     for res in results:
         print(phases_text(res))
     print(preemption_text(results, kv_tokens, need))
