@@ -91,7 +91,8 @@ def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm
           f"dtype {info.dtype} (weights {weight_dtype}{quant}; KV cache {kv_dtype})\n"
           + textwrap.fill(f"{w.describe()}, modes {', '.join(modes)}", 100, break_on_hyphens=False), flush=True)
     if info.device == "cpu":  # before the figures, which a CPU cannot make mean what they would on a GPU
-        print(CPU_NOTE, CPU_NOTE_OFF if simulated_device == "off" else CPU_NOTE_SIMULATED, sep="\n", flush=True)
+        note = f"{CPU_NOTE} {CPU_NOTE_OFF if simulated_device == 'off' else CPU_NOTE_SIMULATED}"
+        print(textwrap.fill(note, 100, break_on_hyphens=False), flush=True)
     by_mode, ceilings, requests = run_benchmark(llm, modes, w, progress=progress, runs=runs)
     picked = {mode: ms[median_run([r.result for r in ms])] for mode, ms in by_mode.items()}
     results = [run.result for run in picked.values()]

@@ -29,10 +29,10 @@ SIM_OPTIONS = ("max_model_len", "allow_long_max_model_len", "max_num_seqs", "max
                "kv_cache_tokens", "enable_prefix_caching", "seed", "max_stop_strings", "max_stop_string_length")
 
 CPU_NOTE = (
-    "On a CPU: this run computes the model on this machine's cores, and its 'device' is a worker thread\n"
-    "that shares those cores with the host thread. It shows that the engine works end to end, that sync and\n"
-    "async give the same tokens, and what the host's work per step costs here. It cannot show the overlap:\n"
-    "host and device compete for the same cores, so which mode is faster here says nothing about a GPU, and\n"
+    "On a CPU: this run computes the model on this machine's cores, and its 'device' is a worker thread "
+    "that shares those cores with the host thread. It shows that the engine works end to end, that sync and "
+    "async give the same tokens, and what the host's work per step costs here. It cannot show the overlap: "
+    "host and device compete for the same cores, so which mode is faster here says nothing about a GPU, and "
     "the times swing with whatever else runs, sync's most.")
 CPU_NOTE_SIMULATED = "The simulated GPU after it shows the overlap instead."
 CPU_NOTE_OFF = "--simulated-device on shows the overlap against a simulated GPU."
