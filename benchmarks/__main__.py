@@ -15,12 +15,15 @@ _OWN = {"__init__", "__main__", "forward"}
 
 
 def _is_wrapper(path: Path) -> bool:
-    return path.suffix == ".py" and "forward(globals()" in path.read_text()
+    """A ``scripts/`` file that only runs its namesake here."""
+    marker = "forward(globals()" if path.suffix == ".py" else "/../benchmarks/"
+    return marker in path.read_text()
 
 
 def tools() -> dict[str, Path]:
-    """Name -> file: every module here, and what ``scripts/`` still holds itself (not a wrapper)."""
-    found = {p.stem.replace("_", "-"): p for p in sorted(HERE.glob("*.py")) if p.stem not in _OWN}
+    """Name -> file: every tool here, and what ``scripts/`` still holds itself (not a wrapper)."""
+    mine = sorted(HERE.glob("*.py")) + sorted(HERE.glob("*.sh"))
+    found = {p.stem.replace("_", "-"): p for p in mine if p.stem not in _OWN}
     for p in sorted(SCRIPTS.glob("*.py")) + sorted(SCRIPTS.glob("*.sh")):
         name = p.stem.replace("_", "-")
         if name not in found and name != "install" and not _is_wrapper(p):
