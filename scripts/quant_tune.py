@@ -1,6 +1,6 @@
 """Tile sweep for the weight-only GEMMs at decode sizes (GPU): W8A16 (FP8 weights) and W4A16.
 
-    python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16] [--rows=M] [--fp8-paths] [--layout=n]
+    python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16] [--rows=M] [--fp8-paths] [--layout=k]
 
 Times each kernel inside a CUDA graph that cycles through enough copies of the weight to pass
 256 MB, so the weights come from HBM (not the 50 MB L2) and no Python launch cost is counted: what a
@@ -58,7 +58,7 @@ def make(kind: str, n: int, k: int, copies: int, device: str):
     from w4a16_bench import make_weight
 
     ws = [make_weight(n, k, torch.bfloat16, torch.device(device), seed=i) for i in range(copies)]
-    if "--layout=n" in sys.argv:  # the words dense along N, as checkpoints store them (not what the engine keeps)
+    if "--layout=k" not in sys.argv:  # the words dense along N, as the engine keeps them
         return ws
     from tandem.model.quant.int4_linear import along_k
 

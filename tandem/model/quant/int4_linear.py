@@ -53,7 +53,7 @@ class Int4Linear:
     gate/up are one GEMM unless act order gave the parts different input permutations."""
 
     def __init__(self, parts: list[Int4Weight]) -> None:
-        self.parts = [along_k(p) for p in parts]
+        self.parts = parts
 
     @property
     def shape(self) -> torch.Size:
@@ -87,9 +87,10 @@ class Int4Linear:
 
 def along_k(w: Int4Weight) -> Int4Weight:
     """``w`` with its packed words dense along K (each output channel's words one run in memory; the
-    same [K / 8, N] tensor, as a transposed view). The kernel then streams every output channel
-    along K, DRAM page after page; dense along N, each K tile of a program jumped a whole row of N
-    words, and decode GEMMs ran at about a quarter of their bytes floor on an H100."""
+    same [K / 8, N] tensor, as a transposed view). The kernel reads either layout; on an H100 this
+    one was no faster at one row (gate_up 64 us against 61) and slower with the default tiles and end
+    to end (benchmarks/RESULTS.md), so the engine keeps the words dense along N, as checkpoints
+    store them; ``scripts/quant_tune.py --layout=k`` measures this one."""
     if w.qweight.stride(0) == 1:
         return w
     return dataclasses.replace(w, qweight=w.qweight.t().contiguous().t())
