@@ -121,3 +121,12 @@ def test_the_gpu_table_fits_100_columns_at_the_largest_figures():
               "first_token_agreement": 0.97}
     assert len(anchor_text(anchor)) <= 100 and "97%" in anchor_text(anchor)
     assert len(anchor_text({"mode": "sdpa-eager", "error": "RuntimeError: " + "x" * 300})) <= 100
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--simulated-device", "only", "--dtype", "float64", "--compare-hf"], "--compare-hf, --dtype"),
+    (["--host-only", "--runs", "3"], "--runs and --simulated-device do not apply to --host-only"),
+    (["--runs", "0"], "runs and simulated_runs must be >= 1")])
+def test_options_a_run_would_not_use_are_refused(argv, named, capsys):
+    assert main(["bench", "--num-requests", "1", "--max-tokens", "2", *argv]) == 2
+    assert named in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Python entry point of the benchmark: ``tandem.bench.api.bench(model, ...)``."""
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -11,11 +12,12 @@ import torch
 from tandem.bench.constants import GPU_DEFAULT_MODEL, SIMULATED_DEVICE, VALID_MODES
 from tandem.bench.report import provenance, record, report_real, write_json
 from tandem.bench.runner import AUTO_BUDGET_S, run_benchmark, weight_storage
-from tandem.bench.simulated import CPU_NOTE, CPU_NOTE_OFF, CPU_NOTE_SIMULATED, intro, report, simulate
+from tandem.bench.simulated import CPU_NOTE, CPU_NOTE_OFF, CPU_NOTE_SIMULATED, SIM_OPTIONS, intro, report, simulate
 from tandem.bench.spread import median_run, spread_record
 from tandem.bench.step_time import STEP_TIME_MODELS, step_time_model
 from tandem.bench.workload import BenchRequest, LengthRange, Workload, bench_params
 from tandem.bench.timeline import draw_timeline, write_trace
+from tandem.config import EngineConfig
 from tandem.llm import LLM
 
 
@@ -42,6 +44,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         raise ValueError(f"request_rate must be > 0 requests/s, got {request_rate!r}")
     if simulated_device not in SIMULATED_DEVICE:
         raise ValueError(f"simulated_device must be one of {SIMULATED_DEVICE}, got {simulated_device!r}")
+    if simulated_device == "only":
+        _refuse_without_a_model(compare_hf, timeline, trace, engine_options)
     if (runs is not None and runs < 1) or simulated_runs < 1:
         raise ValueError(f"runs and simulated_runs must be >= 1, got {runs} and {simulated_runs}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
@@ -69,6 +73,18 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
     if json_path is not None:
         write_json(data, Path(json_path))
     return data
+
+
+def _refuse_without_a_model(compare_hf: bool, timeline: Any, trace: Any, engine_options: dict[str, Any]) -> None:
+    """``simulated_device="only"`` computes no model: what only a real run uses is an error, not ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    named = [flag for flag, given in (("--compare-hf", compare_hf), ("--timeline", timeline is not None),
+                                      ("--trace", trace is not None)) if given]
+    named += [f"--{k.replace('_', '-')}" for k, v in engine_options.items()
+              if k not in SIM_OPTIONS and v != defaults.get(k)]
+    if named:
+        raise ValueError(f"--simulated-device only computes no model, so {', '.join(named)} would change nothing "
+                         f"(they apply to the real run: --simulated-device on runs both)")
 
 
 def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm: LLM | None, compare_hf: bool,

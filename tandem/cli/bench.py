@@ -64,6 +64,8 @@ def _default_runs(options: dict) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     if args.host_only:
+        if args.runs is not None or args.simulated_device != "auto":
+            raise ValueError("--runs and --simulated-device do not apply to --host-only (one pass, no device)")
         return _host_only(args)
     from tandem.bench.api import bench
 
