@@ -93,11 +93,11 @@ def test_the_default_cpu_bench_runs_the_tested_path(monkeypatch):
 def test_preemptions_are_counted_and_explained(capsys):
     # 4 requests x 64 tokens need 256 KV tokens at once; the cache holds 128
     assert main(["bench", "--model", "random:tiny", "--num-requests", "4", "--prompt-len", "16", "--max-tokens", "48",
-                 "--kv-cache-tokens", "128", "--modes", "sync", "--runs", "1", "--simulated-device", "off",
+                 "--kv-cache-tokens", "128", "--modes", "async", "--runs", "1", "--simulated-device", "off",
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
     said = " ".join(text[text.index("preemptions:"):].splitlines())
-    count = int(said.split("sync ")[1].split(":")[0])
+    count = int(said.split("async ")[1].split(":")[0])
     assert count > 0 and "need up to 256 KV tokens at once, the cache holds 128" in said
     assert "GPU idle" not in text and "roofline" not in text  # no GPU columns on a CPU
     assert all(len(line) <= 100 for line in text.splitlines())
@@ -130,3 +130,19 @@ def test_the_gpu_table_fits_100_columns_at_the_largest_figures():
 def test_options_a_run_would_not_use_are_refused(argv, named, capsys):
     assert main(["bench", "--num-requests", "1", "--max-tokens", "2", *argv]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, model, n, new, seqs", [("M_llama3.2-1b_h100_755f55f", "random:llama3.2-1b", 256, 512, 256),
+                                                       ("S_llama3-8b_h100_755f55f", "random:llama3-8b", 32, 1024, 32)])
+def test_the_simulated_gpu_runs_workloads_m_and_s_as_long_as_the_h100(name, model, n, new, seqs):
+    """Async hides the host, so the simulated async run lasts what the H100's did (its step times
+    are the model's, its step count the engine's): within 5% of the measured wall time."""
+    from tandem.bench.simulated import simulate
+    from tandem.bench.workload import LengthRange, Workload
+
+    measured = json.loads((RESULTS / f"2026-12-06_{name}.json").read_text())["modes"]["async"]
+    sim = simulate(model, Workload(n, LengthRange(256, 256), LengthRange(new, new)), ["async"], 1,
+                   max_num_seqs=seqs, max_model_len=256 + new)
+    run = sim.by_mode["async"][0]
+    assert run.num_steps == measured["num_steps"]
+    assert run.wall_s == pytest.approx(measured["wall_s"], rel=0.05)
