@@ -59,6 +59,7 @@ def run(name: str, args: list[str]) -> int:
     if path.suffix == ".sh":
         return subprocess.run(["bash", str(path), *args]).returncode
     sys.argv = [str(path), *args]  # a tool's sys.exit ends the process, with its status
+    sys.path.insert(0, str(path.parent))  # as for a script run by path: its siblings import by name
     if path.parent == HERE:
         runpy.run_module(f"benchmarks.{path.stem}", run_name="__main__", alter_sys=True)
     else:
