@@ -8,9 +8,9 @@ follow). Per request it remembers which tokens its cache holds; each call comput
 since (the tokens accepted and drawn in the last step, from the first that differs from what it fed
 itself) and then k - 1 one-token steps. K/V of rejected proposals is overwritten the same way.
 
-It runs when the engine asks for proposals, before it plans a speculating step, and waits for its
-own argmaxes (a host synchronisation per draft token): speculating steps are planned after the
-previous step was processed in any case (docs/pipeline.md)."""
+It runs when the engine asks for proposals, before it plans a speculating step; each draft token is
+fed back on the device, and the host waits once for all of them (speculating steps are planned
+after the previous step was processed in any case: docs/pipeline.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,22 +52,25 @@ class DraftProposer:
             k = min(r.max_proposals, self.max_model_len - n)
             if k <= 0 or not self._reserve(seq, n - 1 + k):
                 continue  # no room in the draft cache: this request does not speculate this step
-            valid = min(_common_prefix(seq.fed, r.tokens), n - 1)
+            live.append((i, seq, min(_common_prefix(seq.fed, r.tokens), n - 1), k))
             seq.fed = list(r.tokens)
-            live.append((i, seq, valid, k))
         if not live:
             return out
-        # first: each request's tokens from the first one its cache lacks, through its last
-        chunks = [(seq, requests[i].tokens[valid:], valid) for i, seq, valid, _ in live]
-        drafted = self._forward(chunks)
-        for (i, seq, _, k), token in zip(live, drafted):
-            out[i].append(token)
-        for step in range(1, max(k for *_, k in live)):
-            going = [(j, entry) for j, entry in enumerate(live) if entry[3] > step]
-            chunks = [(seq, [out[i][-1]], len(requests[i].tokens) - 1 + step) for _, (i, seq, _, _) in going]
-            for (_, (i, seq, _, _)), token in zip(going, self._forward(chunks)):
-                seq.fed.append(out[i][-1])
-                out[i].append(token)
+        # first: each request's tokens from the first one its cache lacks, through its last; then
+        # one token a step, each draft fed back on the device (one wait for all of them, at the end)
+        drafts = [self._forward([(seq, requests[i].tokens[valid:], valid) for i, seq, valid, _ in live])]
+        ks = np.array([k for *_, k in live])
+        for step in range(1, int(ks.max())):
+            going = np.flatnonzero(ks > step)
+            chunks = [(live[j][1], None, len(requests[live[j][0]].tokens) - 1 + step) for j in going.tolist()]
+            fed = drafts[-1] if going.size == len(live) else drafts[-1][torch.as_tensor(going, device=drafts[-1].device)]
+            drafted = torch.zeros_like(drafts[0])
+            drafted[torch.as_tensor(going, device=drafted.device)] = self._forward(chunks, fed)
+            drafts.append(drafted)
+        table = torch.stack(drafts, dim=1).tolist()  # [live, max k]
+        for (i, seq, _, k), row in zip(live, table):
+            out[i] = row[:k]
+            seq.fed += row[:k - 1]  # the drafts fed back: their K/V is in the cache
         return out
 
     def _reserve(self, seq: _DraftSeq, num_tokens: int) -> bool:
@@ -79,12 +82,14 @@ class DraftProposer:
         return True
 
     @torch.inference_mode()
-    def _forward(self, chunks: list[tuple[_DraftSeq, list[int], int]]) -> list[int]:
+    def _forward(self, chunks: list[tuple[_DraftSeq, list[int] | None, int]],
+                 fed: torch.Tensor | None = None) -> torch.Tensor:
         """One varlen forward of (sequence, token ids, first position) chunks -> each chunk's next
-        token (the argmax after its last)."""
+        token (the argmax after its last), on the device. ``fed``: one token per chunk, on the device
+        (the chunks' ids are None)."""
         dev, bs = self.kv_cache.device, self.block_size
-        lengths = np.array([len(ids) for _, ids, _ in chunks], np.int64)
-        positions = np.concatenate([np.arange(start, start + len(ids)) for _, ids, start in chunks])
+        lengths = np.array([1 if ids is None else len(ids) for _, ids, _ in chunks], np.int64)
+        positions = np.concatenate([np.arange(start, start + n) for (_, _, start), n in zip(chunks, lengths)])
         width = max(len(seq.blocks) for seq, _, _ in chunks)
         table = np.zeros((len(chunks), width), np.int64)
         for row, (seq, _, _) in enumerate(chunks):
@@ -92,15 +97,15 @@ class DraftProposer:
         owner = np.repeat(np.arange(len(chunks)), lengths)
         slots = table[owner, positions // bs] * bs + positions % bs
         query_start = np.concatenate([[0], np.cumsum(lengths)])
-        seq_lens = np.array([start + len(ids) for _, ids, start in chunks], np.int64)
+        seq_lens = np.array([start for _, _, start in chunks], np.int64) + lengths
         as_tensor = lambda a: torch.as_tensor(a, dtype=torch.int64, device=dev)  # noqa: E731
-        ids = as_tensor(np.concatenate([np.asarray(ids, np.int64) for _, ids, _ in chunks]))
+        ids = fed if fed is not None else as_tensor(np.concatenate([np.asarray(ids, np.int64) for _, ids, _ in chunks]))
         pos = as_tensor(positions)
         inputs = AttentionInputs(as_tensor(slots), as_tensor(table), as_tensor(query_start), as_tensor(seq_lens),
                                  pos, int(lengths.max()), bs)
         hidden = self.model.forward(ids, pos, self.kv_cache, step_attention(inputs))
         logits = self.model.compute_logits(hidden[as_tensor(query_start[1:] - 1)])
-        return logits[:, :self.vocab_size].argmax(dim=-1).tolist()
+        return logits[:, :self.vocab_size].argmax(dim=-1)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
