@@ -51,6 +51,33 @@ def test_ngram_lookup_takes_the_longest_recent_match():
     assert ngram_lookup([3, 9, 9, 9], 1, 2, 4) == [9, 9, 9, 9]
 
 
+def _lookup_by_definition(tokens, min_n, max_n, k):
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        for end in range(len(tokens) - 2, n - 2, -1):  # the most recent earlier occurrence first
+            if tokens[end - n + 1:end + 1] == tokens[-n:]:
+                out = tokens[end + 1:end + 1 + k]
+                while len(out) < k:
+                    out.append(out[len(out) - (len(tokens) - end - 1)])
+                return out
+    return []
+
+
+def test_ngram_lookup_follows_its_definition():
+    """The array search (last-token candidates extended backwards) against the plain definition, and
+    the proposer's growing per-request arrays against the lookup on the whole list."""
+    from tandem.spec.proposer import NgramProposer, ProposalRequest
+    rng = random.Random(0)
+    for _ in range(500):
+        tokens = [rng.randrange(rng.choice([2, 3, 20])) for _ in range(rng.randint(1, 40))]
+        low = rng.randint(1, 4)
+        high, k = rng.randint(low, 5), rng.randint(1, 5)
+        assert ngram_lookup(tokens, low, high, k) == _lookup_by_definition(tokens, low, high, k), tokens
+    proposer, tokens = NgramProposer(1, 3), [1, 2, 3]
+    for _ in range(200):
+        tokens.append(rng.randrange(4))
+        assert proposer.propose([ProposalRequest("a", list(tokens), 3)]) == [ngram_lookup(tokens, 1, 3, 3)]
+
+
 def _with(case, spec):
     case = dataclasses.replace(case, engine=dict(case.engine))
     case.engine.pop("speculative_config", None)
@@ -349,7 +376,8 @@ def test_speculation_backs_off_while_nothing_is_proposed():
             tried.append(step)
             assert spec.propose(s) == {}
     assert tried == [0, 2, 5, 10, 19, 36, 53]
-    s.running[0].prompt_token_ids[-1] = 100  # now the last token recurs: proposals again
+    s.running[0].output_token_ids.append(100)  # now the last token recurs: proposals again
+    s.running[0].num_computed = 40
     while not spec.wants(s):
         pass
     assert spec.propose(s) == {"a": [101, 102, 103]} and spec.wants(s)

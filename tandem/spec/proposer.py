@@ -36,40 +36,60 @@ class Proposer(Protocol):
 class NgramProposer:
     """Prompt lookup: find the last n tokens earlier in the request's prompt + output (n from
     ``max_n`` down to ``min_n``, the most recent earlier occurrence) and propose what followed it
-    (``ngram_lookup``)."""
+    (``ngram_lookup``). Each request's tokens are kept as an array that grows with its output (a
+    long prompt is converted once, not every step)."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+        self._tokens: dict[str, np.ndarray] = {}  # by request: a buffer, tokens up to _lengths
+        self._lengths: dict[str, int] = {}
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[int]]:
-        return [ngram_lookup(r.tokens, self.min_n, self.max_n, r.max_proposals) for r in requests]
+        return [ngram_lookup(self._array(r), self.min_n, self.max_n, r.max_proposals) for r in requests]
 
     def release(self, request_id: str) -> None:
-        pass  # nothing kept per request
+        self._tokens.pop(request_id, None)
+        self._lengths.pop(request_id, None)
+
+    def _array(self, r: ProposalRequest) -> np.ndarray:
+        buf, n = self._tokens.get(r.request_id), self._lengths.get(r.request_id, 0)
+        total = len(r.tokens)
+        if buf is None or total < n:
+            buf, n = np.zeros(max(64, 2 * total), np.int64), 0
+        elif total > buf.size:
+            buf = np.concatenate([buf[:n], np.zeros(total + buf.size - n, np.int64)])
+        buf[n:total] = r.tokens[n:]
+        self._tokens[r.request_id], self._lengths[r.request_id] = buf, total
+        return buf[:total]
 
 
-def ngram_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+def ngram_lookup(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
     """``k`` tokens that followed the most recent earlier occurrence of the longest suffix (``max_n``
     down to ``min_n`` tokens) of ``tokens``, continued periodically past the end; [] when no suffix
-    recurs."""
-    total = len(tokens)
+    recurs. O(len) for the scan for the last token, then O(its earlier occurrences x max_n)."""
+    a = np.asarray(tokens, np.int64)
+    total = a.size
     if k <= 0 or total < min_n + 1:
         return []
-    a = np.asarray(tokens, np.int64)
-    for n in range(min(max_n, total - 1), min_n - 1, -1):
-        # windows starting at 0..total-n-1 (the suffix itself excluded): where each equals the suffix
-        windows = np.lib.stride_tricks.sliding_window_view(a[:total - 1], n)
-        hits = np.flatnonzero((windows == a[total - n:]).all(axis=1))
-        if hits.size:
-            return _continue(tokens, int(hits[-1]) + n, k)
-    return []
+    # ends[i]: where an earlier occurrence of the suffix would end; matched[i]: its length so far
+    ends = np.flatnonzero(a[:total - 1] == a[total - 1])
+    matched = np.ones(ends.size, np.int64)
+    for m in range(1, min(max_n, total - 1)):
+        go_on = (matched == m) & (ends >= m)
+        go_on[go_on] = a[ends[go_on] - m] == a[total - 1 - m]
+        matched[go_on] += 1
+    best = matched.max(initial=0)
+    if best < min_n:
+        return []
+    end = int(ends[np.flatnonzero(matched == best)[-1]])
+    return _continue(a, end + 1, k)
 
 
-def _continue(tokens: list[int], start: int, k: int) -> list[int]:
+def _continue(tokens: np.ndarray, start: int, k: int) -> list[int]:
     """``k`` tokens from ``start`` on; past the end, the proposal repeats itself with the period the
     match found (a loop of a few tokens proposes k tokens of the loop, not the few before the end)."""
-    out = tokens[start:start + k]
-    period = len(tokens) - start
+    out = tokens[start:start + k].tolist()
+    period = tokens.size - start
     while len(out) < k:
         out.append(out[len(out) - period])
     return out
