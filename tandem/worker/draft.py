@@ -25,6 +25,7 @@ from tandem.model.base import CausalLM
 @dataclass
 class _DraftSeq:
     fed: list[int] = field(default_factory=list)  # the tokens whose K/V the draft cache holds, by position
+    known: int = 0  # the request's tokens at the previous call: fed agrees with them that far
     blocks: list[int] = field(default_factory=list)
 
 
@@ -52,8 +53,8 @@ class DraftProposer:
             k = min(r.max_proposals, self.max_model_len - n)
             if k <= 0 or not self._reserve(seq, n - 1 + k):
                 continue  # no room in the draft cache: this request does not speculate this step
-            live.append((i, seq, min(_common_prefix(seq.fed, r.tokens), n - 1), k))
-            seq.fed = list(r.tokens)
+            live.append((i, seq, min(_common_prefix(seq.fed, r.tokens, seq.known), n - 1), k))
+            seq.fed, seq.known = list(r.tokens), n
         if not live:
             return out
         # first: each request's tokens from the first one its cache lacks, through its last; then
@@ -108,9 +109,11 @@ class DraftProposer:
         return logits[:, :self.vocab_size].argmax(dim=-1)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: list[int], b: list[int], start: int) -> int:
+    """Where ``a`` and ``b`` first differ, given that they agree before ``start`` (a request's tokens
+    only grow: only the proposals fed since differ, a few tokens)."""
     n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
-    return int(diff[0]) if diff.size else n
+    i = min(start, n)
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
