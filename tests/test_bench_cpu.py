@@ -10,8 +10,10 @@ from tandem.bench.step_time import STEP_TIME_MODELS
 from tandem.cli import main
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-#: a workload of the default's shape, shorter (the default's 1024 steps take 5 x 2 x ~2 s)
-SMALL = ["--num-requests", "16", "--prompt-len", "64", "--max-tokens", "192"]
+#: a workload of the default's shape, smaller (the default's 32 sequences take 5 x 2 x 0.5 s of CPU); long
+#: enough that the host's work around the steps (a full garbage collection when the engine goes idle:
+#: up to ~50 ms) stays small next to the run
+SMALL = ["--num-requests", "16", "--prompt-len", "64", "--max-tokens", "512"]
 
 
 def test_simulated_gpu_five_runs_agree_and_async_idles_less(tmp_path, capsys):
@@ -27,11 +29,11 @@ def test_simulated_gpu_five_runs_agree_and_async_idles_less(tmp_path, capsys):
     # the host's gaps between steps: in sync between every two steps, in async hidden behind them
     assert spread["async"]["gpu_idle_fraction"][2] < spread["sync"]["gpu_idle_fraction"][0]
     assert sim["modes"]["sync"]["gpu_idle_fraction"] > 0.03
-    assert sim["modes"]["sync"]["num_steps"] == sim["modes"]["async"]["num_steps"] >= 192
+    assert sim["modes"]["sync"]["num_steps"] == sim["modes"]["async"]["num_steps"] >= 512
     for mode in sim["modes"].values():  # the run's (virtual) time: the device's span (busy over not idle),
         busy = mode["mean_gpu_ms"] * mode["num_steps"] / 1e3  # and the host's work before the first step
         span = busy / (1 - mode["gpu_idle_fraction"])  # and after the last
-        assert span <= mode["wall_s"] <= 1.15 * span
+        assert span <= mode["wall_s"] <= span + 0.1
     text = capsys.readouterr().out
     assert "async/sync wall time:" in text and "H100" in text and "median [min-max]" in text
     assert all(len(line) <= 100 for line in text.splitlines())
