@@ -91,6 +91,11 @@ class EngineConfig:
                                      "server)")
     max_stop_string_length: int = _opt(1024, "most characters in one stop string (longer is a ValueError, a 400 "
                                              "from the server)")
+    structured_output_workers: int | None = _opt(None, "grammar worker processes for structured output: each "
+                                                       "holds the grammars of the requests given to it and fills "
+                                                       "their mask rows in parallel with the others and with the "
+                                                       "step loop; 0: all in the engine's process (default: half "
+                                                       "the CPUs, at most 8, on a machine of 8 or more CPUs, else 0)")
     kv_events_config: str | None = _opt(None, "KV-cache events for prefix-aware routers, as vLLM's JSON: "
                                               '\'{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": '
                                               '"tcp://*:5557", "topic": "kv-events"}\' (docs/scale_out.md)')
@@ -119,6 +124,8 @@ class EngineConfig:
             ("model_impl", self.model_impl in MODEL_IMPLS, f"must be one of {MODEL_IMPLS}"),
             ("quantization", self.quantization in QUANTIZATIONS, f"must be one of {QUANTIZATIONS}"),
             ("model", bool(self.model), "must name a checkpoint folder or random:<preset>"),
+            ("structured_output_workers", self.structured_output_workers is None or self.structured_output_workers >= 0,
+             "must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -163,6 +170,15 @@ class EngineConfig:
         sampling_defaults(model, self.generation_config)  # a bad folder or file fails now
         return dataclasses.replace(self, model=model, tokenizer=tokenizer, chat_template=template, revision=None,
                                    download_dir=None)
+
+    @property
+    def grammar_workers(self) -> int:
+        """structured_output_workers, its default resolved for this machine: half the CPUs, at most 8;
+        none below 8 CPUs (the processes would compete with the step loop for the cores)."""
+        if self.structured_output_workers is not None:
+            return self.structured_output_workers
+        cpus = os.cpu_count() or 1
+        return min(8, cpus // 2) if cpus >= 8 else 0
 
     @property
     def use_cuda_graphs(self) -> bool:

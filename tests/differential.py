@@ -89,11 +89,17 @@ def make_case(seed: int, model: str = MODEL, constrained: float = 0.3) -> Case:
 
 
 def speculative_config(rng: random.Random) -> dict:
-    """A random speculative decoding setting: n-gram lookup with k and the n-gram sizes drawn, and a
-    batch-size limit that sometimes switches speculation off and on within a run."""
+    """A random speculative decoding setting: n-gram lookup with k and the n-gram sizes drawn, or (a
+    third of them) a draft model, the target itself (every proposal accepted) or one of another
+    family (nearly every one rejected); and a batch-size limit that sometimes switches speculation
+    off and on within a run."""
     high = rng.randint(1, 4)
-    return {"method": "ngram", "num_speculative_tokens": rng.randint(1, 4), "prompt_lookup_max": high,
-            "prompt_lookup_min": rng.randint(1, high), "disable_by_batch_size": rng.choice([2, 4, 32])}
+    config = {"method": "ngram", "num_speculative_tokens": rng.randint(1, 4), "prompt_lookup_max": high,
+              "prompt_lookup_min": rng.randint(1, high), "disable_by_batch_size": rng.choice([2, 4, 32])}
+    if rng.random() < 1 / 3:
+        del config["prompt_lookup_max"], config["prompt_lookup_min"]
+        config.update(method="draft", model=rng.choice([MODEL, "random:tiny-gemma2"]))
+    return config
 
 
 def with_speculation(case: Case, share: float = 0.25) -> Case:
@@ -101,7 +107,10 @@ def with_speculation(case: Case, share: float = 0.25) -> Case:
     ``share`` probability."""
     rng = random.Random(f"spec-{case.seed}")
     if rng.random() < share:
-        case.engine["speculative_config"] = speculative_config(rng)
+        config = speculative_config(rng)
+        if config.get("model") is not None and case.model != MODEL:
+            config["model"] = case.model  # another model's vocabulary: the target drafts for itself
+        case.engine["speculative_config"] = config
     return case
 
 
@@ -215,10 +224,20 @@ def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", d
                           enforce_eager=not cuda_graphs, seed=case.seed, enable_prefix_caching=prefix_caching,
                           **case.engine)
     engine = create_engine(config)
+    results = drive_case(engine, case)
+    stats = engine.core.stats()
+    engine.shutdown()
+    return results, stats
+
+
+def drive_case(engine, case: Case) -> dict[str, Outcome]:
+    """The case's requests through an engine (``LLMEngine``), as they arrive and are aborted."""
     for spec in {r.params.structured_outputs.key(): r.params.structured_outputs for r in case.requests
                  if r.params.structured_outputs is not None}.values():
         # compiled before the run: a request joins the queue when it arrives, in both runs alike
         engine.core.grammars.compiler.compile(spec).result()
+    if any(r.params.structured_outputs is not None for r in case.requests):
+        engine.core.grammars.wait_for_workers()  # (grammar worker processes, if any: one is ready)
     results: dict[str, Outcome] = {}
     pending = sorted(case.requests, key=lambda r: r.arrive)
     step = 0
@@ -239,9 +258,7 @@ def run_case_with_stats(case: Case, async_batching: bool, device: str = "cpu", d
         step += 1
         if step > 10_000:
             raise AssertionError("engine made no progress")
-    stats = engine.core.stats()
-    engine.shutdown()
-    return results, stats
+    return results
 
 
 def compare(case: Case, sync: dict[str, Outcome], asyn: dict[str, Outcome], names: tuple[str, str] = ("sync", "async"),

@@ -87,6 +87,8 @@ class EngineCore:
         self.heap = HeapFreezer()
         self._model, self._eos_token_ids = config.model, eos_token_ids
         self._tokenizer = config.tokenizer
+        self._grammar_workers = config.grammar_workers  # structured output's grammar processes (0: in this one)
+        self._max_num_seqs = config.max_num_seqs
         self.structured: StructuredOutputs | None = None  # made for the first constrained request
         self.speculation = _speculation(config, worker)
 
@@ -96,7 +98,9 @@ class EngineCore:
         if self.structured is None:
             from tandem.engine.structured.manager import StructuredOutputs
 
-            self.structured = StructuredOutputs(self._model, self._eos_token_ids, tokenizer=self._tokenizer)
+            self.structured = StructuredOutputs(self._model, self._eos_token_ids, tokenizer=self._tokenizer,
+                                                workers=self._grammar_workers, max_rows=self._max_num_seqs,
+                                                pin=getattr(self.worker, "pin_host_memory", None))
         return self.structured
 
     def add_request(self, request: EngineRequest) -> None:
@@ -163,6 +167,8 @@ class EngineCore:
         if done.masked is not None:
             self.structured.advance(done.masked, self.scheduler, deltas)
         self._provide_mask(deltas)
+        if done.masked is not None:
+            self.structured.settle(self.scheduler, deltas)  # fed its tokens if no mask was filled
         for obs in self.observers:
             obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
 

@@ -8,13 +8,21 @@ constrained distribution and the logprobs describe it.
 
 On CUDA one Triton launch does it (``tandem.kernels.grammar_mask``: it writes only the banned
 logits). Elsewhere plain torch: no host synchronisation, any logits dtype (float64 in the exact
-tests); rows go in chunks so the temporaries stay a few tens of MB whatever the batch."""
+tests); rows go in chunks so the temporaries stay a few tens of MB whatever the batch.
+
+Grammar worker processes write their rows into shared memory (``engine.structured.shared_mask``),
+which ``pin_host_memory`` registers as page-locked, so the executor's copy reads them in place."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from tandem.worker.sampler import use_kernels
 
+log = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1 << 22  # vocabulary entries unpacked at once
 _BITS: dict[torch.device, torch.Tensor] = {}  # per device: byte value -> its 8 bits, least significant first
 
@@ -48,3 +56,15 @@ def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.
         allowed = allowed_tokens(bitmask[part], vocab)
         chosen = rows[part]
         logits.index_copy_(0, chosen, logits.index_select(0, chosen).masked_fill_(~allowed, float("-inf")))
+
+
+def pin_host_memory(array: np.ndarray) -> Callable[[], None] | None:
+    """Register ``array``'s memory with CUDA as page-locked; returns the call that unregisters it, or
+    None if CUDA refused (the executor then copies the mask into its own pinned rows)."""
+    address, size = array.ctypes.data, array.nbytes
+    status = torch.cuda.cudart().cudaHostRegister(address, size, 0)
+    if int(status) != 0:
+        log.warning("grammar masks: cudaHostRegister of %d bytes failed (%s); the rows are copied instead",
+                    size, status)
+        return None
+    return lambda: torch.cuda.cudart().cudaHostUnregister(address)

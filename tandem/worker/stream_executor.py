@@ -181,16 +181,19 @@ class StreamExecutor:
         assert buf.mask_done.query(), "pinned mask buffer reused while its copy is in flight"
 
     def _copy_mask(self, buf: _Buffer, mask: np.ndarray) -> torch.Tensor:
-        """The mask into buffer k's pinned rows (unless the host filled them there: ``mask_buffer``),
+        """The mask into buffer k's pinned rows (unless it is in page-locked memory: the host filled
+        them in place, ``mask_buffer``, or grammar workers filled shared rows the host registered,
+        ``Worker.pin_host_memory``; the host writes those again only after this step is collected),
         then to the device on the H2D stream (``mask_done``)."""
         n = mask.size
         self._reserve_mask(buf, n)
-        pinned = buf.host_mask[:n].numpy()
-        if not np.shares_memory(pinned, mask):
-            np.copyto(pinned, mask.reshape(-1))
+        source = torch.from_numpy(mask.reshape(-1))
+        if not source.is_pinned():  # (page-locked already: these rows, or grammar workers' shared ones)
+            np.copyto(buf.host_mask[:n].numpy(), mask.reshape(-1))
+            source = buf.host_mask[:n]
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(buf.compute_done)  # the buffer's previous step has read its device mask
-            buf.dev_mask[:n].copy_(buf.host_mask[:n], non_blocking=True)
+            buf.dev_mask[:n].copy_(source, non_blocking=True)
             buf.mask_done.record(self.h2d)
         return buf.dev_mask[:n].view(mask.shape)
 

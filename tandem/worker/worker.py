@@ -23,6 +23,7 @@ from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.draft import DraftProposer
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
+from tandem.worker.grammar_mask import pin_host_memory
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
 from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
@@ -165,6 +166,11 @@ class DeviceWorker:
 
     def provide_mask(self, step_id: int, mask) -> None:
         self._executor.provide_mask(step_id, mask)
+
+    def pin_host_memory(self, array):
+        """Page-lock memory the host fills masks in (grammar workers' shared rows) so that the mask's
+        copy reads it in place; returns the call that releases it, or None (not CUDA, or refused)."""
+        return pin_host_memory(array) if self.device.type == "cuda" else None
 
     def collect(self, handle) -> StepOutput:
         return self._executor.collect(handle)

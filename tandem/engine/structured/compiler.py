@@ -110,6 +110,7 @@ class GrammarCompiler:
                  cache_size: int = 256) -> None:
         self._tokenizer_info = tokenizer_info  # called once, on a compile thread (a large vocabulary takes a while)
         self._compiler: Any = None
+        self._info: Any = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tandem-grammar")
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
@@ -129,12 +130,20 @@ class GrammarCompiler:
             self._cache.popitem(last=False)  # its requests keep their own reference
         return future
 
+    def tokenizer_info(self) -> xgrammar.TokenizerInfo:
+        """The vocabulary the grammars are compiled against (made once, by the first caller)."""
+        with self._lock:
+            if self._info is None:
+                self._info = self._tokenizer_info()
+            return self._info
+
     def _run(self, spec: StructuredOutputsParams) -> xgrammar.CompiledGrammar:
+        info = self.tokenizer_info()
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr
 
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         return self.compile_spec(self._compiler, spec)
 
     def shutdown(self) -> None:

@@ -11,13 +11,17 @@ step's host mask (``engine.structured``), filled after the previous token is kno
 - while a grammar constrains a row, the fixed sets again (the mask must leave a token the device
   will not ban): a row left with no token ends its request with an error naming the conflict.
 
-``advance`` feeds the known output tokens (never placeholders) from where it stopped, in order; the
+``advance`` is fed the known output tokens (never placeholders) it has not seen, in order; the
 state is always that of exactly those tokens, whatever happened meanwhile (preemption recomputes
-from the tokens; a token computed after the request ended never arrives)."""
+from the tokens; a token computed after the request ended never arrives).
+
+A request's rules are described by a ``RulesSpec`` (plain data: what a grammar worker process
+receives) and built from it with its grammar's matcher (``TokenRules.from_spec``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from tandem.engine.structured.matcher import RequestGrammar
@@ -73,10 +77,17 @@ class TokenRules:
         """The grammar accepted a stop token: the output is complete."""
         return self.state == CONSTRAINED and self.grammar.terminated
 
-    def advance(self, output_token_ids: list[int]) -> int | None:
-        """Feed the tokens not seen yet; returns the first one the grammar rejects, or None."""
-        for i in range(self.num_accepted, len(output_token_ids)):
-            token = output_token_ids[i]
+    @classmethod
+    def from_spec(cls, spec: RulesSpec, grammar: RequestGrammar | None) -> TokenRules:
+        allowed = None if spec.allowed is None else np.frombuffer(spec.allowed, np.int32).copy()
+        fixed = FixedBans(allowed, list(spec.banned), list(spec.stops), spec.min_tokens)
+        return cls(grammar, [tuple(s) for s in spec.bad_sequences], fixed, spec.reasoning_start,
+                   tuple(spec.reasoning_end))
+
+    def advance(self, tokens: list[int]) -> int | None:
+        """Feed these new tokens (the next ones of the output); returns the first one the grammar
+        rejects (it stops there), or None."""
+        for token in tokens:
             if self.state == OPENING:
                 self._set_state(REASONING if token == self.reasoning_start else CONSTRAINED)
             elif self.state == REASONING:
@@ -122,19 +133,35 @@ class TokenRules:
         return n <= len(self._output) and tuple(self._output[len(self._output) - n:]) == tuple(tokens)
 
 
-def rules_for(params: SamplingParams, grammar: RequestGrammar | None, num_words: int,
-              eos_token_ids: frozenset[int]) -> TokenRules:
-    """A request's rules (its grammar, if any, already compiled and matched)."""
+class RulesSpec(msgspec.Struct, array_like=True):
+    """A request's rules as plain data (``TokenRules.from_spec`` adds the grammar's matcher)."""
+
+    bad_sequences: list[list[int]]  # bad words of two or more tokens
+    allowed: bytes | None  # int32 mask words of allowed_token_ids minus the single bad words
+    banned: list[int]  # single-token bad words (when no allowed_token_ids)
+    stops: list[int]  # banned before min_tokens
+    min_tokens: int
+    reasoning_start: int | None
+    reasoning_end: list[int]
+
+
+def rules_spec(params: SamplingParams, num_words: int, eos_token_ids: frozenset[int]) -> RulesSpec:
     seqs = params.bad_words_token_ids or []
     singles = sorted({s[0] for s in seqs if len(s) == 1})
     allowed = None
     if params.allowed_token_ids is not None:
-        allowed = token_words(sorted(set(params.allowed_token_ids) - set(singles)), num_words)
+        allowed = token_words(sorted(set(params.allowed_token_ids) - set(singles)), num_words).tobytes()
     stops = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)))
-    fixed = FixedBans(allowed, [] if allowed is not None else singles, stops, params.min_tokens)
     spec = params.structured_outputs
     start, end = (None, ()) if spec is None or spec.reasoning_ids is None else spec.reasoning_ids
-    return TokenRules(grammar, [tuple(s) for s in seqs if len(s) > 1], fixed, start, tuple(end))
+    return RulesSpec([list(s) for s in seqs if len(s) > 1], allowed, [] if allowed is not None else singles, stops,
+                     params.min_tokens, start, list(end))
+
+
+def rules_for(params: SamplingParams, grammar: RequestGrammar | None, num_words: int,
+              eos_token_ids: frozenset[int]) -> TokenRules:
+    """A request's rules (its grammar, if any, already compiled and matched)."""
+    return TokenRules.from_spec(rules_spec(params, num_words, eos_token_ids), grammar)
 
 
 def token_words(tokens: list[int], num_words: int) -> np.ndarray:
