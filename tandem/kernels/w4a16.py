@@ -148,6 +148,18 @@ def _nibble_products(src, pos: tl.constexpr, x_ptr, rows, row_ok, stride_xm, cha
     return a[:, :, None] * w[None, :, :]
 
 
+@triton.jit
+def _gemv_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP: tl.constexpr,
+                HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K tile t's packed words [BLOCK_K / 8, BLOCK_N] and its group's parameters (zeros from ``last`` on)."""
+    k0 = t * BLOCK_K
+    ok = col_ok & (cols * 0 + t < last)
+    words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * stride_qk + cols[None, :] * stride_qn,
+                    mask=ok[None, :], other=0)
+    s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, ok, HAS_ZEROS, BLOCK_N)
+    return words, s, zoff
+
+
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
                        k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -165,13 +177,17 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
     row_ok, col_ok = rows < m, cols < n
     r = tl.arange(0, BLOCK_K // 8)
     first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, k_tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for t in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
+    # Tile t + 1's words and group parameters are loaded before tile t is computed: Triton pipelines
+    # only loads that feed a dot, so without this each tile waited out a full memory latency.
+    words, s, zoff = _gemv_loads(q_ptr, s_ptr, z_ptr, first, last, r, n, cols, col_ok, stride_qk,
+                                 stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
+    for t in range(first, last):
         k0 = t * BLOCK_K
-        s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, col_ok, HAS_ZEROS, BLOCK_N)
+        words_next, s_next, zoff_next = _gemv_loads(q_ptr, s_ptr, z_ptr, t + 1, last, r, n, cols, col_ok,
+                                                    stride_qk, stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
         z = zoff - MAGIC_VALUE  # the zero points themselves
-        words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * stride_qk + cols[None, :] * stride_qn, mask=col_ok[None, :],
-                        other=0)
         high = words >> 12
         part = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(5):  # nibbles 0-4 in place
@@ -179,6 +195,7 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
         for i in tl.static_range(5, 8):  # nibbles 5-7 from the word shifted right by 12
             part += _nibble_products(high, 4 * i - 12, x_ptr, rows, row_ok, stride_xm, k0 + 8 * r + i, z)
         acc += part * s[None, None, :]
+        words, s, zoff = words_next, s_next, zoff_next
     out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
