@@ -164,9 +164,8 @@ def _gemv_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, str
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
                        k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_w4a16_kernel``'s programs for a few rows, without the dot. At one row the kernel is bound
-    by instructions, not bytes, so each weight costs three: the nibble is masked in place (not
-    shifted down) and OR-ed into 2**23's bits, giving 2**23 + q * 2**p; subtracting
+    """``_w4a16_kernel``'s programs for a few rows, without the dot. Each weight costs three
+    instructions: the nibble is masked in place (not shifted down) and OR-ed into 2**23's bits, giving 2**23 + q * 2**p; subtracting
     2**23 + z * 2**p leaves (q - z) * 2**p exactly, and the activation it multiplies is pre-scaled by
     2**-p (once per channel, not per weight). Products accumulate elementwise in float32 registers
     [BLOCK_M, BLOCK_K / 8, BLOCK_N]; the group's scale is applied once per tile and the middle axis
