@@ -16,6 +16,8 @@ The rules (every import counts, lazy ones inside functions too):
 4. ``parallel/`` (a group of ranks as one worker) imports only itself, ``contract/``, ``worker/``,
    ``model/`` and ``config``: nothing of the engine either (rank 0 hands its followers the builder).
 5. ``model/`` imports only itself, ``kernels/``, ``config`` and ``tokenizer``; ``kernels/`` only itself.
+5a. ``spec/`` (speculative decoding's options, proposers, verification rules) imports only itself;
+   the engine may import its torch-free ``config`` and ``proposer``.
 6. Choosing the worker happens in one place: only ``tandem.runtime`` constructs ``DeviceWorker`` or
    ``TPWorker``.
 7. No import cycles."""
