@@ -8,7 +8,7 @@ import torch
 
 from tandem.bench.measure import ModeRun, measure_mode
 from tandem.bench.roofline import Ceilings, FloorModel, measure_ceilings
-from tandem.bench.workload import BenchRequest, Workload, make_requests
+from tandem.bench.workload import BenchRequest, Workload, bench_params, make_requests
 from tandem.llm import LLM
 from tandem.model.quant.config import resolve_quantization
 from tandem.model.quant.linear import LinearStorage
@@ -23,6 +23,9 @@ def run_mode(llm: LLM, mode: str, requests: list[BenchRequest], w: Workload, flo
     warm = [r.prompt for r in requests[:4]]
     room = engine.max_model_len - max(len(p) for p in warm)  # a few tokens, within the context
     llm.generate(warm, SamplingParams(max_tokens=min(8, room), ignore_eos=True, detokenize=False), use_tqdm=False)
+    if w.structured_output:  # the grammar compiled and its worker processes started before the clock runs
+        llm.generate(warm, bench_params(w, min(8, room)), use_tqdm=False)
+        engine.core.grammars.wait_for_workers(every=True)
     return measure_mode(engine, mode, requests, w, floor, ceilings, progress)
 
 

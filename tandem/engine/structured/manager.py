@@ -259,16 +259,19 @@ class StructuredOutputs:
              scheduler: Scheduler, deltas: StepDeltas) -> None:
         feed = [seq for seq in self._feed if seq.rules is not None and not seq.finished]
         self._feed = []
-        remote = self.pool is not None and (self._remote_share(feed, rows, slot))
+        remote = self.pool is not None and self._remote_share(feed, rows, slot)
         ended: dict[int, tuple[int, int, int]] = {}  # id(seq) -> its stepping outcome, if not plainly accepted
-        local = [seq for seq in feed if isinstance(seq.rules, TokenRules)]
+        local = feed if self.pool is None else [seq for seq in feed if isinstance(seq.rules, TokenRules)]
         if local:
             batch = [(seq.rules, seq.output_token_ids[seq.rules.num_accepted:]) for seq in local]
             for seq, outcome in zip(local, stepping.advance(batch, self.stop_set)):
                 if outcome[0] != stepping.ACCEPTED:
                     ended[id(seq)] = outcome
-        mine = [(i, None if id(seq) in ended else seq.rules, gen) for i, seq, gen in rows
-                if isinstance(seq.rules, TokenRules)]
+        if self.pool is None and not ended:
+            mine = [(i, seq.rules, gen) for i, seq, gen in rows]
+        else:
+            mine = [(i, None if id(seq) in ended else seq.rules, gen) for i, seq, gen in rows
+                    if isinstance(seq.rules, TokenRules)]
         problems = {mine[j][0]: (kind, seen) for j, kind, seen in stepping.fill(mine, mask, self.batch_fill)} \
             if mine else {}
         lost = self._collect(remote, ended, problems) if remote else None
@@ -296,6 +299,8 @@ class StructuredOutputs:
     def _apply(self, feed: list[Sequence], rows: list[tuple[int, Sequence, int]], mask: np.ndarray | None,
                ended: dict, problems: dict, lost: Lost | None, scheduler: Scheduler, deltas: StepDeltas) -> None:
         """The run's endings, in a fixed order: the fed requests' in step order, then the rows'."""
+        if not ended and not problems and lost is None:  # a step's usual case
+            return
         gone = [self._remote.pop(h) for h in lost.handles if h in self._remote] if lost else []
         lost_ids = {id(seq) for seq in gone}
         for seq in feed:
