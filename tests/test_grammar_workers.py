@@ -191,3 +191,20 @@ def test_the_option_is_checked():
     with pytest.raises(ValueError, match="structured_output_workers"):
         EngineConfig(MODEL, structured_output_workers=-1)
     assert EngineConfig(MODEL, structured_output_workers=3).grammar_workers == 3
+
+
+def test_workers_that_cannot_start_fail_the_requests_that_need_them(monkeypatch):
+    import tandem.engine.structured.workers as workers
+
+    monkeypatch.setattr(workers.sys, "executable", "/bin/false")  # every worker exits at once
+    llm = LLM(MODEL, dtype="float32", enforce_eager=True, max_num_seqs=4, max_model_len=128,
+              structured_output_workers=1)
+    try:
+        with pytest.raises(ValueError, match=r"grammar workers \(structured_output_workers=1\) could not start"):
+            llm.generate(["hi"], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+                choice=["yes", "no"])), use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+        plain = llm.generate(["hi"], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        assert len(plain[0].outputs[0].token_ids) == 4  # the engine serves on
+    finally:
+        llm.engine.shutdown()
