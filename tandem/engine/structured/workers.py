@@ -130,6 +130,7 @@ class GrammarWorkers:
             proc.starting = False
 
     def _restart(self, proc: _Proc) -> None:
+        proc.starting = True  # (from now: ``poll`` must not take it for gone)
         threading.Thread(target=self._spawn_logged, args=(proc,), name="tandem-grammar-worker", daemon=True).start()
 
     def _spawn_logged(self, proc: _Proc) -> None:
@@ -154,6 +155,8 @@ class GrammarWorkers:
                     if not any(p.ready or p.starting or p.conn is not None for p in self.procs):
                         self.failure = f"grammar worker {proc.index} exited while starting (status {status})"
                 self._first.discard(proc.index)
+        if self.failure is None and not any(p.ready or p.starting or p.conn is not None for p in self.procs):
+            self.failure = "every grammar worker exited, and none could be started again"
         return not self._first and any(p.ready for p in self.procs)
 
     def wait_ready(self, timeout: float) -> bool:
