@@ -81,7 +81,7 @@ class GrammarWorkers:
         self.mask = SharedMask(rows, words)
         if pin is not None:
             self.mask.pin(pin)
-        self.procs = [_Proc(i) for i in range(count)]
+        self.procs = [_Proc(i, starting=True) for i in range(count)]  # (all of them: being started)
         self.failure: str | None = None  # the workers could not start: requests with grammars fail with it
         self._first = set(range(count))  # workers of the first start not ready (nor failed) yet
         self._setup: bytes | None = None
@@ -104,6 +104,8 @@ class GrammarWorkers:
         except Exception as exc:  # noqa: BLE001 - said to every request that needs a worker
             self.failure = f"{type(exc).__name__}: {exc}"
             self._first.clear()
+            for proc in self.procs:
+                proc.starting = proc.starting and proc.conn is not None
             log.error("grammar workers could not start: %s", self.failure)
 
     def _launch(self, proc: _Proc) -> None:
