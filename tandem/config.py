@@ -173,11 +173,11 @@ class EngineConfig:
 
     @property
     def grammar_workers(self) -> int:
-        """structured_output_workers, its default resolved for this machine: half the CPUs, at most 8;
-        none below 8 CPUs (the processes would compete with the step loop for the cores)."""
+        """structured_output_workers, its default resolved for this machine: half the CPUs this process
+        may run on, at most 8; none below 8 CPUs (the processes would compete with the step loop)."""
         if self.structured_output_workers is not None:
             return self.structured_output_workers
-        cpus = os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return min(8, cpus // 2) if cpus >= 8 else 0
 
     @property

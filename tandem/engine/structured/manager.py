@@ -76,7 +76,7 @@ class StructuredOutputs:
         self.stop_set = frozenset(self.stop_ids)  # the matchers' stop tokens
         self.compiler = GrammarCompiler(lambda: tokenizer_info(vocab_of, vocab_size, eos_token_ids), threads)
         self.held: dict[str, tuple[Sequence, Future]] = {}  # waiting for their grammar, in arrival order
-        self.fill_times: list[float] | None = None  # a list: seconds of each fill (the benchmark reads them)
+        self.fill_times: list[float] | None = None  # seconds of each fill: feeding tokens + filling rows (benchmarks)
         self.pool = GrammarWorkers(workers, self.compiler.tokenizer_info, self.words, max_rows, self.stop_ids,
                                    pin) if workers else None
         self._remote: dict[int, Sequence] = {}  # a worker's handle -> its request
