@@ -8,9 +8,13 @@ the same batches and the same tokens: the only difference is the overlap. This i
 engine-core process of the server, and in-process under ``LLMEngine``.
 
 Structured output (``engine.structured``) keeps this order: a step's grammar mask needs the token
-its previous step samples, so the core hands the mask of the newest step to the worker once every
-step before it has been processed (``_provide_mask``); the device runs that step's forward
-meanwhile, and only its sampling waits for the mask.
+its previous step samples, so the core begins filling the mask of the newest step once every step
+before it has been processed (``_begin_mask``: the grammar workers get the tokens and rows), plans
+and builds the next step while they work, then hands the mask to the worker (``_provide_mask``)
+just before submitting that next step (its tokens follow the masked step's sampling), and applies
+the fill's endings after it (an ending found then is an abort of a request in flight). The device
+runs the masked step's forward meanwhile, and only its sampling waits for the mask. Sync and async,
+with grammar workers or without, take these turns in the same order.
 
 Speculative decoding (``engine.speculation``) plans a speculating step only once every step before it
 has been processed, and nothing on top of a speculating step before it was processed: its accepted
@@ -39,7 +43,8 @@ from tandem.engine.sequence import EngineRequest, Sequence
 from tandem.engine.speculation import Speculation
 
 if TYPE_CHECKING:
-    from tandem.engine.structured.manager import MaskedRows, StructuredOutputs
+    from tandem.engine.structured.manager import StructuredOutputs
+    from tandem.engine.structured.rows import MaskedRows
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +149,13 @@ class EngineCore:
             step = build_step(sched, self.block_size, padding_for(sched, self.worker.info),
                               None if masked is None else masked.sample_index)
             t_built = time.perf_counter()
+            filled = self._provide_mask()  # the workers filled it while this step was planned
             self.in_flight.append(_InFlight(sched, self.worker.submit(step), masked))
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
-        self._provide_mask(deltas)  # nothing was in flight before it: its mask is known now
+            if filled:
+                grammars.conclude(self.scheduler, deltas)
+        self._begin_mask()  # nothing was in flight before it: its mask can be begun now
         while self.in_flight and (len(self.in_flight) > 1 or not len(sched)):
             self._process_oldest(deltas)
         if self.speculation is not None and deltas.finished:
@@ -159,6 +167,8 @@ class EngineCore:
         return deltas
 
     def _process_oldest(self, deltas: StepDeltas) -> None:
+        if self._provide_mask():  # (no next step was planned to overlap with its fill)
+            self.structured.conclude(self.scheduler, deltas)
         done = self.in_flight.popleft()
         t_collect = time.perf_counter()
         output = self.worker.collect(done.handle)
@@ -166,9 +176,9 @@ class EngineCore:
         self.scheduler.update(done.sched, output, deltas)
         if done.masked is not None:
             self.structured.advance(done.masked, self.scheduler, deltas)
-        self._provide_mask(deltas)
+        self._begin_mask()
         if done.masked is not None:
-            self.structured.settle(self.scheduler, deltas)  # fed its tokens if no mask was filled
+            self.structured.settle(self.scheduler, deltas)  # fed its tokens if no fill began
         for obs in self.observers:
             obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
 
@@ -181,15 +191,25 @@ class EngineCore:
                 self._process_oldest(deltas)
         return self.speculation.propose(self.scheduler) if wants else None
 
-    def _provide_mask(self, deltas: StepDeltas) -> None:
-        """The grammar mask of the newest step, once it is the only one in flight: every step before it
-        has been processed, so each constrained request's matcher has all the tokens before its row."""
+    def _begin_mask(self) -> None:
+        """Begin filling the grammar mask of the newest step, once it is the only one in flight: every
+        step before it has been processed, so each constrained request's matcher has all the tokens
+        before its row. The grammar workers work on it while the loop returns and plans the next step."""
         if len(self.in_flight) == 1:
             newest = self.in_flight[0]
-            if newest.masked is not None and not newest.masked.provided:
-                step_id, masked = newest.sched.step_id, newest.masked
-                out = self.worker.mask_buffer(step_id, len(masked.seqs), self.structured.words)
-                self.worker.provide_mask(step_id, self.structured.fill(masked, self.scheduler, deltas, out))
+            if newest.masked is not None and not newest.masked.sent:
+                masked = newest.masked
+                self.structured.begin_fill(masked, self.worker.mask_buffer(newest.sched.step_id, len(masked.seqs),
+                                                                           self.structured.words))
+
+    def _provide_mask(self) -> bool:
+        """Hand the worker the mask of the newest step if its fill began (waits for the grammar
+        workers' rows); True if it did: the fill's endings (``conclude``) are due."""
+        newest = self.in_flight[-1] if self.in_flight else None
+        if newest is None or newest.masked is None or not newest.masked.sent or newest.masked.provided:
+            return False
+        self.worker.provide_mask(newest.sched.step_id, self.structured.mask_ready(newest.masked))
+        return True
 
     def stats(self) -> CoreStats:
         s = self.scheduler
@@ -231,6 +251,8 @@ class EngineCore:
         self.worker.set_async(enabled)
 
     def shutdown(self) -> None:
+        if self._provide_mask():  # its endings no longer matter
+            self.structured.conclude(self.scheduler, StepDeltas())
         while self.in_flight:
             self.worker.collect(self.in_flight.popleft().handle)
         self.scheduler.all_steps_done()

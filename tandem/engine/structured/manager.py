@@ -13,17 +13,23 @@ submitted N+1 (asynchronous batching). So the loop is:
    field): the device runs N+1's forward while the host works on.
 3. After processing step N, ``advance`` lists each masked request of N with new tokens (the step's
    deltas, as the scheduler appended them; never placeholders) to be fed to its rules.
-4. Then ``fill`` feeds them and writes N+1's mask rows from the rules, now in the state after N's
-   tokens, and the core hands them to the worker (``Worker.provide_mask``); only N+1's sampling
-   waited for them. (Without a fill to follow, ``settle`` feeds them.) A grammar that accepted a
-   stop token ends its request ("stop"), one that rejected a token ends it with an error.
+4. Then ``begin_fill`` feeds them and fills N+1's mask rows from the rules, now in the state after
+   N's tokens: the grammar workers get their share and the loop returns at once, so their work
+   overlaps its planning and building of step N+2. Only then ``mask_ready`` waits for their rows and
+   the core hands the mask to the worker (``Worker.provide_mask``: it must come before N+2 is
+   submitted, whose tokens follow N+1's sampling), submits N+2, and ``conclude`` applies the fill's
+   endings. (Without a fill to follow, ``settle`` feeds them at once.) A grammar that accepted a stop
+   token ends its request ("stop"), one that rejected a token ends it with an error; such an ending
+   is found after N+2 was planned with the request in it, so it ends like an abort of a request in
+   flight (its later tokens are dropped). The scheduler sees every grammar's stop token itself: the
+   ending comes later only with ``ignore_eos``, or on an error.
 
 Where the rules run: with grammar workers (``structured_output_workers`` > 0, ``workers``), the
 rules of each request with a grammar live in one worker process; a fill sends every worker its
-requests' tokens and rows first, feeds and fills the rest (rules without a grammar) itself, then
-collects the workers' answers, whose rows they wrote into shared memory (``shared_mask``). Without
-workers all of it runs here. Both run ``stepping``'s code, and the core sees the same endings in
-the same order (the fed requests' in step order, then the rows' in row order).
+requests' tokens and rows first, feeds and fills the rest (rules without a grammar) itself, and
+collects the workers' answers when the mask is due, whose rows they wrote into shared memory (``shared_mask``). Without
+workers all of it runs in ``begin_fill``. Both run ``stepping``'s code, begin and conclude their
+fills at the same points of the loop, and the core sees the same endings in the same order (the fed requests' in step order, then the rows' in row order).
 
 A row's mask is filled only when its rules have seen exactly the tokens before the row's output
 index (checked); rows of requests that ended meanwhile allow everything (their token is dropped),
@@ -34,18 +40,18 @@ import os
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tandem.engine.deltas import StepDeltas
-from tandem.engine.plan import SchedulerOutput
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence
 from tandem.engine.structured import stepping
 from tandem.engine.structured.compiler import GrammarCompiler, clean_message
 from tandem.engine.structured.matcher import RequestGrammar
+from tandem.engine.structured.rows import MaskedRows, masked_rows, no_token_left
 from tandem.engine.structured.rules import TokenRules, rules_for, rules_spec
 from tandem.engine.structured.vocab import tokenizer_info
 from tandem.engine.structured.workers import GrammarWorkers, Lost, RemoteRules
@@ -53,13 +59,18 @@ from tandem.model.sources import resolve_model_config
 
 
 @dataclass
-class MaskedRows:
-    """A step's host-masked sampled rows, ascending; its mask's row i is for ``seqs[i]``."""
+class _Run:
+    """One feeding of rules and filling of rows, begun (the workers' share sent) and not yet applied."""
 
-    sample_index: np.ndarray  # int64: which of the step's sampled rows (the ``mask_sample`` field)
-    seqs: list[Sequence]
-    gen_index: list[int]  # the output index each row samples: its rules must have seen that many tokens
-    provided: bool = False  # the mask went to the worker
+    feed: list[Sequence]
+    rows: list[tuple[int, Sequence, int]]
+    mask: np.ndarray | None
+    ended: dict[int, tuple[int, int, int]]  # id(seq) -> its stepping outcome, if not plainly accepted
+    problems: dict[int, tuple[int, int]]  # mask row -> what went wrong filling it
+    sent: list  # what went to the workers, until their answers are read
+    gone: list[Sequence] = field(default_factory=list)  # requests of workers that died
+    why: str = ""
+    host_s: float = 0.0  # this loop's time on it (``fill_times``)
 
 
 class StructuredOutputs:
@@ -76,11 +87,14 @@ class StructuredOutputs:
         self.stop_set = frozenset(self.stop_ids)  # the matchers' stop tokens
         self.compiler = GrammarCompiler(lambda: tokenizer_info(vocab_of, vocab_size, eos_token_ids), threads)
         self.held: dict[str, tuple[Sequence, Future]] = {}  # waiting for their grammar, in arrival order
-        self.fill_times: list[float] | None = None  # seconds of each fill: feeding tokens + filling rows (benchmarks)
+        # seconds the loop spends on each fill (benchmarks): feeding tokens + filling rows here, sending,
+        # waiting for the workers' rows, applying the endings (not the workers' time that overlapped)
+        self.fill_times: list[float] | None = None
         self.pool = GrammarWorkers(workers, self.compiler.tokenizer_info, self.words, max_rows, self.stop_ids,
                                    pin) if workers else None
         self._remote: dict[int, Sequence] = {}  # a worker's handle -> its request
         self._feed: list[Sequence] = []  # requests with new tokens for their rules (``advance``)
+        self._pending: _Run | None = None  # the fill begun, whose mask and endings are still to come
         self._grammar_ids: OrderedDict[tuple, int] = OrderedDict()  # spec key -> the id workers know it by
         self._serialized: OrderedDict[int, str] = OrderedDict()
         self._next_gid = 0
@@ -186,32 +200,12 @@ class StructuredOutputs:
         ids = list(self.held)
         self.held.clear()
         self._feed.clear()
+        if self._pending is not None:
+            self._discard()
         return ids
 
     # --- the step loop -----------------------------------------------------------------------------------
-    def masked_rows(self, sched: SchedulerOutput) -> MaskedRows | None:
-        """The step's sampled rows of host-masked requests: the decode block's first (their running
-        state's flag), then its sampled chunks, in the step's sampled-row order."""
-        index: list[int] = []
-        seqs: list[Sequence] = []
-        gen: list[int] = []
-        first = 0
-        d = sched.decode
-        if d is not None:
-            hits = np.flatnonzero(d.state.structured[d.rows])
-            if hits.size:
-                index = hits.tolist()
-                seqs = [d.seqs[i] for i in index]
-                gen = d.gen_index[hits].tolist()
-            first = len(d)
-        for item in sched.chunks:
-            if item.sample:
-                if item.seq.params.host_masked:
-                    index.append(first)
-                    seqs.append(item.seq)
-                    gen.append(item.gen_index)
-                first += item.num_samples  # a speculating sequence (never a masked one) samples several
-        return MaskedRows(np.array(index, np.int64), seqs, gen) if seqs else None
+    masked_rows = staticmethod(masked_rows)
 
     def advance(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas) -> None:
         """Step ``masked`` was processed: its masked requests with new tokens are fed them by the
@@ -225,11 +219,12 @@ class StructuredOutputs:
             elif len(seq.output_token_ids) > rules.num_accepted:
                 self._feed.append(seq)
 
-    def fill(self, masked: MaskedRows, scheduler: Scheduler, deltas: StepDeltas,
-             out: np.ndarray | None = None) -> np.ndarray:
-        """Feed what ``advance`` listed, then the step's mask, int32 [rows, words]: into the shared
-        mask with workers, else into ``out`` (the worker's buffer) or a new array (the worker may read
-        it until the step is collected). A request whose rules leave no token ends here with an error."""
+    def begin_fill(self, masked: MaskedRows, out: np.ndarray | None = None) -> None:
+        """Start filling step ``masked``'s mask: feed what ``advance`` listed and fill the rows, in the
+        grammar workers (sent: they work while the loop plans the next step) and here (the rest, or
+        all of it without workers). Into the shared mask with workers, else into ``out`` (the worker's
+        buffer) or a new array (the worker may read it until the step is collected). ``mask_ready``
+        hands the mask over, ``conclude`` the endings."""
         start = time.perf_counter()
         n, slot = len(masked.seqs), self._slot
         if self.pool is not None:
@@ -244,22 +239,46 @@ class StructuredOutputs:
                 mask[i] = -1  # it ended since the step was planned: its token is dropped
             else:
                 rows.append((i, seq, gen_index))
-        self._run(rows, mask, slot, scheduler, deltas)
+        self._pending = self._begin(rows, mask, slot)
+        self._pending.host_s = time.perf_counter() - start
+        masked.sent = True
+
+    def mask_ready(self, masked: MaskedRows) -> np.ndarray:
+        """The mask ``begin_fill`` started, once the workers' rows are in (waits for their answers)."""
+        run = self._pending
+        if run is None or not masked.sent or masked.provided:
+            raise RuntimeError("mask_ready without a fill begun for this step")
+        start = time.perf_counter()
+        self._gather(run)
         masked.provided = True
+        run.host_s += time.perf_counter() - start
+        return run.mask
+
+    def conclude(self, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        """The endings of the fill ``mask_ready`` finished (a grammar that stopped or rejected a
+        token, a row with no token left, a lost worker): like aborts of requests in flight, since
+        the loop has planned (and submitted) the next step meanwhile."""
+        run, self._pending = self._pending, None
+        if run is None:
+            return
+        start = time.perf_counter()
+        self._apply(run, scheduler, deltas)
         if self.fill_times is not None:
-            self.fill_times.append(time.perf_counter() - start)
-        return mask
+            self.fill_times.append(run.host_s + time.perf_counter() - start)
 
     def settle(self, scheduler: Scheduler, deltas: StepDeltas) -> None:
-        """Feed what ``advance`` listed when no fill followed it."""
+        """Feed what ``advance`` listed when no fill followed it (at once: nothing to overlap)."""
         if self._feed:
-            self._run([], None, 0, scheduler, deltas)
+            run = self._begin([], None, 0)
+            self._gather(run)
+            self._apply(run, scheduler, deltas)
 
-    def _run(self, rows: list[tuple[int, Sequence, int]], mask: np.ndarray | None, slot: int,
-             scheduler: Scheduler, deltas: StepDeltas) -> None:
+    def _begin(self, rows: list[tuple[int, Sequence, int]], mask: np.ndarray | None, slot: int) -> _Run:
+        if self._pending is not None:  # a loop that recovered from a failure dropped that fill's step
+            self._discard()
         feed = [seq for seq in self._feed if seq.rules is not None and not seq.finished]
         self._feed = []
-        remote = self.pool is not None and self._remote_share(feed, rows, slot)
+        sent = self._remote_share(feed, rows, slot) if self.pool is not None else []
         ended: dict[int, tuple[int, int, int]] = {}  # id(seq) -> its stepping outcome, if not plainly accepted
         local = feed if self.pool is None else [seq for seq in feed if isinstance(seq.rules, TokenRules)]
         if local:
@@ -274,11 +293,28 @@ class StructuredOutputs:
                     if isinstance(seq.rules, TokenRules)]
         problems = {mine[j][0]: (kind, seen) for j, kind, seen in stepping.fill(mine, mask, self.batch_fill)} \
             if mine else {}
-        lost = self._collect(remote, ended, problems) if remote else None
-        self._apply(feed, rows, mask, ended, problems, lost, scheduler, deltas)
-        self._runs += 1
-        if self._remote and self._runs % 64 == 0:
-            self._sweep()
+        return _Run(feed, rows, mask, ended, problems, sent)
+
+    def _gather(self, run: _Run) -> None:
+        """The workers' answers to ``run`` (if it sent any); rows of requests whose worker died allow
+        everything (whatever it left there): those requests end, their tokens are dropped."""
+        if not run.sent:
+            return
+        sent, run.sent = run.sent, []
+        lost = self._collect(sent, run.ended, run.problems)
+        if lost is not None:
+            run.gone = [self._remote.pop(h) for h in lost.handles if h in self._remote]
+            run.why = lost.why
+            gone = {id(seq) for seq in run.gone}
+            for i, seq, _ in run.rows:
+                if id(seq) in gone:
+                    run.mask[i] = -1
+
+    def _discard(self) -> None:
+        """Drop the pending fill (its step was dropped): read the workers' answers, so that the next
+        fill's are the next ones they send."""
+        run, self._pending = self._pending, None
+        self._gather(run)
 
     def _remote_share(self, feed: list[Sequence], rows: list[tuple[int, Sequence, int]], slot: int) -> list:
         """Send each worker its requests' tokens and rows (first: they work while this process does its share)."""
@@ -296,36 +332,45 @@ class StructuredOutputs:
                 problems[msg.fill_rows[entry]] = (kind, seen)
         return lost
 
-    def _apply(self, feed: list[Sequence], rows: list[tuple[int, Sequence, int]], mask: np.ndarray | None,
-               ended: dict, problems: dict, lost: Lost | None, scheduler: Scheduler, deltas: StepDeltas) -> None:
-        """The run's endings, in a fixed order: the fed requests' in step order, then the rows'."""
-        if not ended and not problems and lost is None:  # a step's usual case
+    def _apply(self, run: _Run, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        self._endings(run, scheduler, deltas)
+        self._runs += 1
+        if self._remote and self._runs % 64 == 0:
+            self._sweep()
+
+    def _endings(self, run: _Run, scheduler: Scheduler, deltas: StepDeltas) -> None:
+        """The run's endings, in a fixed order: the fed requests' in step order, then the rows'.
+        Requests that ended before (aborted while the fill ran) only give their rules back."""
+        if not run.ended and not run.problems and not run.gone:  # a step's usual case
             return
-        gone = [self._remote.pop(h) for h in lost.handles if h in self._remote] if lost else []
-        lost_ids = {id(seq) for seq in gone}
-        for seq in feed:
+        lost_ids = {id(seq) for seq in run.gone}
+        over = {id(seq) for seq in run.feed if seq.finished} | {id(seq) for _, seq, _ in run.rows if seq.finished}
+        for seq in run.feed:
             if id(seq) in lost_ids:
                 continue
-            kind, token, index = ended.get(id(seq), (stepping.ACCEPTED, -1, -1))
-            if kind == stepping.REJECTED:  # the mask forbade it: an engine fault, this request's alone
+            kind, token, index = run.ended.get(id(seq), (stepping.ACCEPTED, -1, -1))
+            if kind != stepping.ACCEPTED and id(seq) in over:
+                self._release(seq)
+            elif kind == stepping.REJECTED:  # the mask forbade it: an engine fault, this request's alone
                 self._end(seq, "error", scheduler, deltas, f"the grammar rejected token {token} at output "
                                                            f"index {index} (an engine fault)")
             elif kind == stepping.STOPPED:  # it took a stop token (with ignore_eos the scheduler went on)
                 self._end(seq, "stop", scheduler, deltas)
-        for i, seq, gen_index in rows:
+        for i, seq, gen_index in run.rows:
             if id(seq) in lost_ids:
-                mask[i] = -1  # (whatever the worker left there): the request ends, its token is dropped
                 continue
-            kind, seen = problems.get(i, (0, 0))
+            kind, seen = run.problems.get(i, (0, 0))
             if kind == stepping.MISMATCH:
                 raise RuntimeError(f"request {seq.request_id!r}: its rules have seen {seen} tokens, but the step "
                                    f"samples its output index {gen_index}")
-            if kind == stepping.EMPTY:
+            if kind == stepping.EMPTY and id(seq) in over:
+                self._release(seq)
+            elif kind == stepping.EMPTY:
                 self._end(seq, "error", scheduler, deltas, no_token_left(seq, gen_index), 400)
-        for seq in gone:  # every request the dead workers held, in this step or not
+        for seq in run.gone:  # every request the dead workers held, in this step or not
             seq.rules = None
             if not seq.finished:
-                self._end(seq, "error", scheduler, deltas, lost.why)
+                self._end(seq, "error", scheduler, deltas, run.why)
 
     def _sweep(self) -> None:
         """Drop the rules of requests that ended without passing ``advance`` (aborted while waiting)."""
@@ -357,14 +402,3 @@ def _fail(deltas: StepDeltas, rid: str, status: int, error: str) -> None:
     deltas.finished[rid] = "error"
     deltas.error_status[rid] = status
     deltas.errors[rid] = error
-
-
-def no_token_left(seq: Sequence, gen_index: int) -> str:
-    p = seq.params
-    others = [name for name, on in (("allowed_token_ids", p.allowed_token_ids is not None), ("bad_words", p.bad_words
-              or p.bad_words_token_ids), ("min_tokens", gen_index < p.min_tokens)) if on]
-    rules = " or ".join(others) or "the other restrictions"
-    if p.structured_outputs is None:  # bad words of several tokens, with allowed_token_ids
-        return f"no token is left to sample at output index {gen_index}: {rules} rule out every token"
-    return (f"no token is left to sample at output index {gen_index}: structured_outputs' grammar allows only "
-            f"tokens that {rules} rule out")
