@@ -143,3 +143,13 @@ def test_a_grammar_stop_found_after_the_next_step_was_planned_gives_the_same_out
     want = got[0, False]
     assert all(v == want for v in got.values())
     assert all(reason == "stop" and ids[-1] == BYTE_EOS for ids, reason in want[1])
+
+
+def test_host_only_figures_leave_the_fake_devices_mask_work_out_where_it_now_happens():
+    """The fake device picks a masked step's tokens when it gets the mask, now inside the next step's
+    submission: that is where ``host_only`` takes it out (no phase goes negative)."""
+    from tandem.bench.host_only import measure
+
+    f = measure(MODEL, 8, 8, 48, {"structured_output": "json"})
+    assert f.steps > 0 and f.mask_ms > 0
+    assert 0 <= f.submit_ms < f.process_ms  # (in this process the fill is in the processing: begin_fill)

@@ -54,8 +54,8 @@ def measure(model: str, num_seqs: int, prompt_len: int, max_tokens: int, samplin
     with GcPauses() as pauses:
         drive(engine, w, requests, progress=False)
     full = [r for r in log.records if r.num_decode == r.num_seqs == num_seqs]
-    for r in full:  # the fake device picks each masked step's tokens while the host processes the step before
-        r.process_s -= device.mask_device_s.get(r.step_id + 1, 0.0)
+    for r in full:  # the fake device picks each masked step's tokens as the host hands it the mask: just before it
+        r.submit_s -= device.mask_device_s.get(r.step_id - 1, 0.0)  # submits the next step (EngineCore._provide_mask)
     fills = engine.core.structured.fill_times if engine.core.structured is not None else None
     ms = lambda xs: median(xs) * 1e3 if xs else 0.0  # noqa: E731
     turns = [b.t_begin - a.t_begin for a, b in zip(full, full[1:]) if b.step_id == a.step_id + 1]
