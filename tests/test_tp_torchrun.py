@@ -34,7 +34,7 @@ def test_two_torchrun_nodes_generate_what_one_process_does(checkpoint_dir):
     path = str(checkpoint_dir("llama"))
     prompt = "The quick brown fox"
     args = ["generate", "--model", path, "--device", "cpu", "--dtype", "float64", "--tensor-parallel-size", "2",
-            "--prompt", prompt, "--max-tokens", "16", "--ignore-eos"]
+            "--prompt", prompt, "--max-tokens", "16", "--ignore-eos", "--temperature", "0"]
     port = _free_port()
     nodes = [_node(rank, port, args) for rank in (0, 1)]
     deadline = time.monotonic() + TIMEOUT_S
