@@ -139,7 +139,7 @@ class Int4Getter:
 
     def __init__(self, plain: Getter, qc: Int4Config, device: torch.device, dtype: torch.dtype, reader=None) -> None:
         self.plain, self.qc, self.device, self.dtype, self.reader = plain, qc, device, dtype, reader
-        self.kernel = use_kernel(device)
+        self.kernel, self.warned_width = use_kernel(device), False
         if not self.kernel:
             logger.warning("%s: weights are dequantized at load to %s on %s (the W4A16 kernel runs on CUDA); the "
                            "model runs with the unquantized model's memory and speed", qc.describe(), dtype, device)
@@ -161,9 +161,10 @@ class Int4Getter:
             if not (linear and name.endswith(".weight") and self.qc.quantizes(module)):
                 return dense
             group = self.qc.group_size if dense.shape[1] % self.qc.group_size == 0 else -1
-            if group == -1:
-                logger.warning("%s: %d input channels are not a multiple of %d: quantized per output channel",
-                               module, dense.shape[1], self.qc.group_size)
+            if group == -1 and not self.warned_width:  # once: every such layer says the same
+                self.warned_width = True
+                logger.warning("%s (and any other layer whose input width is not a multiple of %d): quantized "
+                               "per output channel", module, self.qc.group_size)
             return int4.quantize_rtn(dense, group).to(self.device, self.dtype)
         suffixes = SUFFIXES[self.qc.source]
         stored = name.endswith(".weight") and f"{module}.{suffixes[0]}" in self.reader.files
