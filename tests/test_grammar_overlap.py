@@ -153,3 +153,39 @@ def test_host_only_figures_leave_the_fake_devices_mask_work_out_where_it_now_hap
     f = measure(MODEL, 8, 8, 48, {"structured_output": "json"})
     assert f.steps > 0 and f.mask_ms > 0
     assert 0 <= f.submit_ms < f.process_ms  # (in this process the fill is in the processing: begin_fill)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_step_while_a_fill_is_pending_leaves_the_core_usable(llms, workers):
+    """The loop raises with a fill begun (the workers' answers unread); the server's recovery drops
+    the steps in flight and ends their requests: the next fill reads its own answers (not the dropped
+    one's), and the core serves the next requests as before."""
+    from tandem.engine.recovery import recover
+
+    llm = llms[workers]
+    engine, spec = llm.engine, S(regex="[a-z]{10,20}")
+    params = [SamplingParams(seed=i, temperature=1.0, max_tokens=30, structured_outputs=spec) for i in range(3)]
+    _compiled(llm, spec)
+    want = llm.generate(["a", "b", "c"], params, use_tqdm=False)
+    for i, p in enumerate(params):
+        engine.add_request(f"f{i}", None, p, prompt_token_ids=[1, 2, 3])
+    for _ in range(4):
+        engine.step()
+    real = engine.core.scheduler.schedule
+    engine.core.scheduler.schedule = lambda *a: (_ for _ in ()).throw(RuntimeError("injected"))
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()  # planning: the previous step's fill is on its way
+    finally:
+        engine.core.scheduler.schedule = real
+    assert engine.core.grammars._pending is not None
+    assert sorted(recover(engine.core, ["f0", "f1", "f2"])) == ["f0", "f1", "f2"]
+    for i in range(3):
+        engine.output_processor.abort(f"f{i}")
+    got = llm.generate(["a", "b", "c"], params, use_tqdm=False)
+    pool = engine.core.grammars.pool
+    if pool is not None:  # every answer was read by the fill it belongs to: none is left over
+        assert not any(p.conn.poll(0.2) for p in pool.procs if p.conn is not None)
+    assert engine.core.grammars._pending is None
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(accepts(spec, o.outputs[0].text) for o in got)
