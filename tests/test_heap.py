@@ -106,6 +106,7 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
     engine = LLMEngine(config, FakeWorker(config))
     heap = engine.core.heap
     heap.cleanup_after = 10**9  # far more than this test freezes: idle, the engine leaves it frozen
+    heap.admissions_per_count = 1  # count at every idle moment
     engine.add_request("r", "a prompt", SamplingParams(max_tokens=3))
     node = Node()
     node.self = node  # a cycle, frozen with the admission below
@@ -119,6 +120,7 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
         engine.step()
     assert heap.cleanups == cleanups and gone() is not None
     heap.cleanup_after = -(10**9)  # whatever the count: clean up
+    heap.admitted()  # an admission since the last count
     heap.idle()
     assert heap.cleanups == cleanups + 1 and gone() is None
 

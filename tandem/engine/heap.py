@@ -26,6 +26,9 @@ import gc
 
 #: frozen objects added since the last clean-up that make an idle engine clean up
 CLEANUP_AFTER = 200_000
+#: admissions between two counts of the frozen objects: ``gc.get_freeze_count()`` walks the whole
+#: permanent generation (17-25 ms with a model loaded), too long to pay every time the engine goes idle
+ADMISSIONS_PER_COUNT = 256
 
 _unfreeze_at_exit = False
 
@@ -40,9 +43,11 @@ def freeze() -> None:
 
 
 class HeapFreezer:
-    def __init__(self, cleanup_after: int = CLEANUP_AFTER) -> None:
+    def __init__(self, cleanup_after: int = CLEANUP_AFTER, admissions_per_count: int = ADMISSIONS_PER_COUNT) -> None:
         self.cleanup_after = cleanup_after
+        self.admissions_per_count = admissions_per_count
         self._baseline: int | None = None  # set at the first admission: start-up's own freeze comes before
+        self._admissions = 0  # since the frozen objects were last counted
         self.cleanups = 0
 
     def admitted(self) -> None:
@@ -51,11 +56,16 @@ class HeapFreezer:
         the young generation either."""
         if self._baseline is None:
             self._baseline = gc.get_freeze_count()
+        self._admissions += 1
         freeze()
 
     def idle(self) -> None:
-        """No request is left: collect what was frozen since the last clean-up, if it is much."""
-        if self._baseline is not None and gc.get_freeze_count() - self._baseline > self.cleanup_after:
+        """No request is left: collect what was frozen since the last clean-up, if it is much (counted
+        only every ``admissions_per_count`` admissions)."""
+        if self._baseline is None or self._admissions < self.admissions_per_count:
+            return
+        self._admissions = 0
+        if gc.get_freeze_count() - self._baseline > self.cleanup_after:
             gc.unfreeze()
             gc.collect()
             freeze()
