@@ -271,3 +271,18 @@ def test_a_dead_api_process_takes_the_server_down():
         assert wait_until(lambda: not any(pid_alive(pid) for pid in cores), 10)
     finally:
         server.kill()
+
+
+def test_the_cores_share_the_machines_grammar_workers(monkeypatch):
+    """Unset, the default grammar workers (half the CPUs, at most 8) are divided among the cores;
+    a count given on the command line is each core's."""
+    from tandem.config import EngineConfig
+    from tandem.server.dp_client import core_config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    default = EngineConfig.from_options("random:tiny")
+    assert default.grammar_workers == 8
+    assert core_config(default, 1) is default
+    assert core_config(default, 2).grammar_workers == 4 and core_config(default, 16).grammar_workers == 0
+    given = EngineConfig.from_options("random:tiny", structured_output_workers=3)
+    assert core_config(given, 4).grammar_workers == 3

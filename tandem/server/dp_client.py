@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 
@@ -64,12 +64,22 @@ def core_devices(config: EngineConfig, count: int, environ: dict[str, str] | Non
     return [{**ranks[i], "CUDA_VISIBLE_DEVICES": ",".join(devices[i * tp:(i + 1) * tp])} for i in range(count)]
 
 
+def core_config(config: EngineConfig, count: int) -> EngineConfig:
+    """Each core's config: the machine's default grammar workers (``structured_output_workers`` not
+    given) shared among the cores, not started by each one (N cores x 8 processes, each importing
+    torch, would crowd the machine's CPUs and memory)."""
+    if count == 1 or config.structured_output_workers is not None:
+        return config
+    return replace(config, structured_output_workers=config.grammar_workers // count)
+
+
 def spawn_cores(config: EngineConfig, count: int, log_level: int, api_peers: int = 0) -> list[CoreChannel]:
     """Start every core (they load their weights meanwhile); ``wait_cores`` waits for them.
     ``api_peers``: further API processes each core will serve too (``dp_api``)."""
     if count < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, not {count}")
     envs = core_devices(config, count)
+    config = core_config(config, count)
     channels: list[CoreChannel] = []
     try:
         for env in envs:
