@@ -39,7 +39,8 @@ class W4Tiles:
     # broadcast + reshape; False loads it once per input channel it holds (eight times; the cache
     # answers the repeats). Which is faster is measured on the GPU (scripts/w4a16_bench.py).
     load_once: bool = True
-    # Multiply-and-sum in float32 registers instead of ``tl.dot``, ``block_m`` rows at a time: a
+    # Multiply-and-sum in float32 registers instead of ``tl.dot``, one row per program (``block_m``
+    # unused): a
     # batch of one or a few rows wastes most of a tensor-core tile, and the dot's operand layout
     # costs a shuffle of every unpacked weight through shared memory.
     gemv: bool = False
@@ -67,8 +68,8 @@ def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Ti
     (``scripts/quant_tune.py``, benchmarks/RESULTS.md): one row takes the multiply-and-sum kernel on
     narrow column tiles, up to 16 rows the dot with split K, more rows GEMM tiles with no split."""
     if m == 1:
-        bk = _block_k(group_size, 64)
-        return W4Tiles(1, 32, bk, _splits(triton.cdiv(n, 32), k // bk, sms, least=4), 8, 3, gemv=True)
+        bk = _block_k(group_size, 128)
+        return W4Tiles(1, 128, bk, _splits(triton.cdiv(n, 128), k // bk, sms), 4, 1, gemv=True)
     if m <= 16:
         bk = _block_k(group_size, 128)
         return W4Tiles(16, 128, bk, _splits(triton.cdiv(n, 128), k // bk, sms), 4, 3)
@@ -139,64 +140,68 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk,
 
 
 @triton.jit
-def _nibble_products(src, pos: tl.constexpr, x_ptr, rows, row_ok, stride_xm, channels, z):
-    """[BLOCK_M, BLOCK_K / 8, BLOCK_N]: the activations of ``channels`` times (q - z) of the nibble
-    at bit ``pos`` (<= 16) of each word of ``src``, via 2**23 + q * 2**pos (see the kernel)."""
-    w = ((src & (0xF << pos)) | MAGIC).to(tl.float32, bitcast=True) - (z * (1 << pos) + MAGIC_VALUE)[None, :]
-    a = tl.load(x_ptr + rows[:, None] * stride_xm + channels[None, :], mask=row_ok[:, None],
-                other=0.0).to(tl.float32) * (1.0 / (1 << pos))  # [BLOCK_M, BLOCK_K / 8]
-    return a[:, :, None] * w[None, :, :]
-
-
-@triton.jit
-def _gemv_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP: tl.constexpr,
-                HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K tile t's packed words [BLOCK_K / 8, BLOCK_N] and its group's parameters (zeros from ``last`` on)."""
+def _row_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K tile t's packed words [BLOCK_K / 8, BLOCK_N], its group's scales and zero points (float32
+    [BLOCK_N]); nothing from ``last`` on."""
     k0 = t * BLOCK_K
     ok = col_ok & (cols * 0 + t < last)
     words = tl.load(q_ptr + (k0 // 8 + r)[:, None] * stride_qk + cols[None, :] * stride_qn,
                     mask=ok[None, :], other=0)
     s, zoff = _group_params(s_ptr, z_ptr, k0 // GROUP, n, cols, ok, HAS_ZEROS, BLOCK_N)
-    return words, s, zoff
+    return words, s, zoff - MAGIC_VALUE
+
+
+@triton.jit
+def _nibble_fma(dot, a_sum, src, pos: tl.constexpr, a_ptrs):
+    """``dot`` plus the activations at ``a_ptrs`` (one per word row) times the nibble at bit ``pos``
+    (<= 16) of each word, as 2**23 + q * 2**pos minus 2**23 (see the kernel); ``a_sum`` plus them."""
+    a = tl.load(a_ptrs).to(tl.float32)
+    w = ((src & (0xF << pos)) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
+    return dot + (a * (1.0 / (1 << pos)))[:, None] * w, a_sum + a
 
 
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
                        k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_w4a16_kernel``'s programs for a few rows, without the dot. Each weight costs three
-    instructions: the nibble is masked in place (not shifted down) and OR-ed into 2**23's bits, giving 2**23 + q * 2**p; subtracting
-    2**23 + z * 2**p leaves (q - z) * 2**p exactly, and the activation it multiplies is pre-scaled by
-    2**-p (once per channel, not per weight). Products accumulate elementwise in float32 registers
-    [BLOCK_M, BLOCK_K / 8, BLOCK_N]; the group's scale is applied once per tile and the middle axis
-    summed once, after the K loop."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
+
+    Issue slots, not bandwidth, bound a one-row 4-bit GEMV (Nsight Compute: an earlier version issued
+    16 instructions per weight, 82% of the slots busy, DRAM 28%), so each weight costs three: the
+    nibble masked in place and OR-ed into 2**23's bits (one LOP3) is the float 2**23 + q * 2**p,
+    subtracting 2**23 leaves q * 2**p exactly, and one FMA adds it times the activation pre-scaled by
+    2**-p. Everything else is paid per activation or per tile, shared by the columns a thread holds:
+    the zero point enters once per tile as z * sum(activations) (sum_k a_k (q_k - z) = sum_k a_k q_k
+    - z sum_k a_k), the scale once per tile, the sum over the tile's word rows once at the end."""
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
-    row_ok, col_ok = rows < m, cols < n
+    col_ok = cols < n
     r = tl.arange(0, BLOCK_K // 8)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    # Tile t + 1's words and group parameters are loaded before tile t is computed: Triton pipelines
-    # only loads that feed a dot, so without this each tile waited out a full memory latency.
-    words, s, zoff = _gemv_loads(q_ptr, s_ptr, z_ptr, first, last, r, n, cols, col_ok, stride_qk,
-                                 stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    # tile t + 1's loads are issued before tile t is computed: Triton pipelines only loads that feed
+    # a dot, so without this each tile would wait out a full memory latency
+    words, s, z = _row_loads(q_ptr, s_ptr, z_ptr, first, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP,
+                             HAS_ZEROS, BLOCK_N, BLOCK_K)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        words_next, s_next, zoff_next = _gemv_loads(q_ptr, s_ptr, z_ptr, t + 1, last, r, n, cols, col_ok,
-                                                    stride_qk, stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
-        z = zoff - MAGIC_VALUE  # the zero points themselves
-        high = words >> 12
-        part = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        words_next, s_next, z_next = _row_loads(q_ptr, s_ptr, z_ptr, t + 1, last, r, n, cols, col_ok, stride_qk,
+                                                stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        high = words >> 12  # nibbles 5-7 moved below bit 23
+        dot = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        a_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for i in tl.static_range(5):  # nibbles 0-4 in place
-            part += _nibble_products(words, 4 * i, x_ptr, rows, row_ok, stride_xm, k0 + 8 * r + i, z)
-        for i in tl.static_range(5, 8):  # nibbles 5-7 from the word shifted right by 12
-            part += _nibble_products(high, 4 * i - 12, x_ptr, rows, row_ok, stride_xm, k0 + 8 * r + i, z)
-        acc += part * s[None, None, :]
-        words, s, zoff = words_next, s_next, zoff_next
-    out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(out, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            dot, a_sum = _nibble_fma(dot, a_sum, words, 4 * i, x_row + k0 + 8 * r + i)
+        for i in tl.static_range(5, 8):
+            dot, a_sum = _nibble_fma(dot, a_sum, high, 4 * i - 12, x_row + k0 + 8 * r + i)
+        acc += (dot - a_sum[:, None] * z[None, :]) * s[None, :]
+        words, s, z = words_next, s_next, z_next
+    out = y_ptr + split * stride_ys + row * stride_ym + cols
+    tl.store(out, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:
@@ -233,7 +238,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     splits = triton.cdiv(k_tiles, per_split)
     out = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
                       device=x.device)
-    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
+    grid = (m if tiles.gemv else triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
     args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n, x2.stride(0),
             w.qweight.stride(0), w.qweight.stride(1), n, m * n, k_tiles, per_split)
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
