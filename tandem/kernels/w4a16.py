@@ -153,17 +153,19 @@ def _row_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, stri
 
 
 @triton.jit
-def _nibble_fma(dot, a_sum, src, pos: tl.constexpr, a_ptrs):
+def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """``dot`` plus the activations at ``a_ptrs`` (one per word row) times the nibble at bit ``pos``
-    (<= 16) of each word, as 2**23 + q * 2**pos minus 2**23 (see the kernel); ``a_sum`` plus them."""
+    (<= 16) of each word, as 2**23 + q * 2**pos minus 2**23 (see the kernel); ``a_sum`` plus them.
+    Without zero points (symmetric: z = 8) the subtraction takes 8 * 2**pos off too."""
     a = tl.load(a_ptrs).to(tl.float32)
-    w = ((src & (0xF << pos)) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
+    offset: tl.constexpr = MAGIC_VALUE if HAS_ZEROS else MAGIC_VALUE + 8.0 * (1 << pos)
+    w = ((src & mask) | MAGIC).to(tl.float32, bitcast=True) - offset
     return dot + (a * (1.0 / (1 << pos)))[:, None] * w, a_sum + a
 
 
-@triton.jit(do_not_specialize=["m", "stride_ys"])
+@triton.jit(do_not_specialize=["m", "stride_ys", "nibble"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
-                       k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       k_tiles, tiles_per_split, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
 
@@ -173,7 +175,9 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
     subtracting 2**23 leaves q * 2**p exactly, and one FMA adds it times the activation pre-scaled by
     2**-p. Everything else is paid per activation or per tile, shared by the columns a thread holds:
     the zero point enters once per tile as z * sum(activations) (sum_k a_k (q_k - z) = sum_k a_k q_k
-    - z sum_k a_k), the scale once per tile, the sum over the tile's word rows once at the end."""
+    - z sum_k a_k), the scale once per tile, the sum over the tile's word rows once at the end.
+    ``nibble`` is 0xF, passed at run time: as a constant, the compiler rebuilt each shifted mask with
+    a move before every LOP3 (whose one immediate holds 2**23), an extra instruction per weight."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -195,10 +199,14 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
         dot = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         a_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for i in tl.static_range(5):  # nibbles 0-4 in place
-            dot, a_sum = _nibble_fma(dot, a_sum, words, 4 * i, x_row + k0 + 8 * r + i)
+            dot, a_sum = _nibble_fma(dot, a_sum, words, nibble << (4 * i), x_row + k0 + 8 * r + i, 4 * i, HAS_ZEROS)
         for i in tl.static_range(5, 8):
-            dot, a_sum = _nibble_fma(dot, a_sum, high, 4 * i - 12, x_row + k0 + 8 * r + i)
-        acc += (dot - a_sum[:, None] * z[None, :]) * s[None, :]
+            dot, a_sum = _nibble_fma(dot, a_sum, high, nibble << (4 * i - 12), x_row + k0 + 8 * r + i, 4 * i - 12,
+                                     HAS_ZEROS)
+        if HAS_ZEROS:
+            acc += (dot - a_sum[:, None] * z[None, :]) * s[None, :]
+        else:
+            acc += dot * s[None, :]
         words, s, z = words_next, s_next, z_next
     out = y_ptr + split * stride_ys + row * stride_ym + cols
     tl.store(out, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=col_ok)
@@ -244,7 +252,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.gemv:
-        _w4a16_gemv_kernel[grid](*args, **common)
+        _w4a16_gemv_kernel[grid](*args, 0xF, **common)
     else:
         _w4a16_kernel[grid](*args, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once, **common)
     y = out if splits == 1 else split_sum(out, x.dtype)  # the splits in a fixed order, rounded once
