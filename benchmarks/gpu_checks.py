@@ -19,6 +19,9 @@
   (decode, split-K and prefill tiers, act order), no hidden sync, graph replay (scripts/w4a16_bench.py).
 - fp8: the FP8 linear (torch._scaled_mm) vs float32 arithmetic and the dequantized bf16 linear at the
   8B shapes, its speed, no sync, graph replay; the engine on an FP8 checkpoint (scripts/gpu_fp8.py).
+- spec: the draft model's proposal graphs (worker/draft_graphs.py) vs the same function run eagerly
+  on random:tiny (float32: identical proposals; bf16: the share that agrees, reported), no sync in
+  a replay, and greedy draft speculation through the engine (graphs on) equal to none.
 """
 from __future__ import annotations
 
@@ -251,6 +254,72 @@ def sampling_kernels(num_cases: int) -> bool:
     return same == n and failures == 0
 
 
+def _draft_rows(rng, num_rows: int, k: int, bs: int, num_blocks: int):
+    """Rows of the draft's proposal function: random last k + 1 tokens at random lengths, each row
+    keeping 1..k proposals, on distinct random blocks."""
+    import numpy as np
+
+    n = rng.integers(k + 1, 900, num_rows)
+    kk = rng.integers(1, k + 1, num_rows)
+    need = -(-(n - 1 + kk) // bs)
+    blocks = rng.permutation(np.arange(1, num_blocks))[:need.sum()]
+    table = np.zeros((num_rows, need.max()), np.int64)
+    for i, chunk in enumerate(np.split(blocks, np.cumsum(need)[:-1])):
+        table[i, :len(chunk)] = chunk
+    return rng.integers(0, 512, (num_rows, k + 1)), n - k - 1, kk, table
+
+
+def spec_draft() -> bool:
+    import numpy as np
+
+    from tandem import LLM, SamplingParams
+    from tandem.model.loader import load_model
+    from tandem.worker.draft_graphs import DraftGraphs, DraftModel, run_eager
+
+    dev, bs, k, ok = torch.device("cuda"), 16, 4, True
+    for dtype in (torch.float32, torch.bfloat16):
+        model, rng = load_model("random:tiny", dev, dtype, 1024), np.random.default_rng(0)
+        spec = model.kv_spec
+        cache = torch.randn(spec.num_layers, 2, 1200 * bs, spec.num_kv_heads, spec.head_dim, device=dev).to(dtype)
+        draft, same, total = DraftModel(model, cache, bs, 512), 0, 0
+        graphs = DraftGraphs(draft, 16, 1024 // bs)
+        for num_rows in (1, 3, 8, 13, 16):
+            rows = _draft_rows(rng, num_rows, k, bs, 1200)
+            before = cache.clone()
+            with torch.inference_mode():
+                eager = run_eager(draft, *rows).tolist()
+                cache.copy_(before)
+                replayed = graphs.run(*rows).tolist()
+            same += sum(a == b for e, g in zip(eager, replayed) for a, b in zip(e, g))
+            total += num_rows * k
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            next(iter(graphs.graphs.values())).graph.replay()
+            synced = False
+        except RuntimeError:
+            synced = True
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ok &= not synced and (dtype == torch.bfloat16 or same == total)
+        print(f"spec draft graphs ({dtype}): {same}/{total} proposals equal to eager, "
+              f"{len(graphs.graphs)} graphs, replay synchronizes: {synced}")
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (2, 17, 40, 90)]
+    params = SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True)
+    outs, captured = [], []
+    options = {"speculative_config": {"method": "draft", "model": "random:tiny", "num_speculative_tokens": 4}}
+    for extra, async_batching in (({}, False), (options, False), (options, True)):
+        llm = LLM("random:tiny", dtype="float32", async_batching=async_batching, max_num_seqs=8,
+                  kv_cache_tokens=4096, **extra)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        if extra:
+            captured.append(len(llm.engine.core.speculation.proposer.graphs.graphs))
+        llm.engine.shutdown()
+    print(f"spec draft through the engine (graphs on, {captured} draft graphs captured): sync, async equal "
+          f"to no speculation: {outs[1] == outs[0]}, {outs[2] == outs[0]}")
+    return ok and outs[1] == outs[0] and outs[2] == outs[0] and all(captured)
+
+
 def _cases() -> int:
     return int(os.environ.get("TANDEM_DIFF_CASES", "30"))
 
@@ -267,7 +336,7 @@ CHECKS = {
     "sampling": lambda: sampling_kernels(_cases()),
     "structured": _from("gpu_structured", "structured"), "moe": _from("moe_bench", "check"),
     "w4a16": _from("w4a16_bench", "check"), "fp8": _from("gpu_fp8", "fp8_checks"),
-    "parity": _from("gpu_parity", "parity"),
+    "parity": _from("gpu_parity", "parity"), "spec": spec_draft,
 }
 
 

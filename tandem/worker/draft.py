@@ -4,13 +4,18 @@ so the engine's exact-match verification keeps the target's tokens, see ``tandem
 
 It keeps its own paged KV cache and its own block lists (not the target's block tables: the two
 caches have other shapes, and the target's blocks are freed and shared by rules the draft need not
-follow). Per request it remembers which tokens its cache holds; each call computes what changed
-since (the tokens accepted and drawn in the last step, from the first that differs from what it fed
-itself) and then k - 1 one-token steps. K/V of rejected proposals is overwritten the same way.
+follow). Per request it remembers which tokens its cache holds (``fed``).
 
-It runs when the engine asks for proposals, before it plans a speculating step; each draft token is
-fed back on the device, and the host waits once for all of them (speculating steps are planned
-after the previous step was processed in any case: docs/pipeline.md)."""
+Each call proposes through one fixed-shape function (``draft_graphs.uniform_drafts``): every row
+feeds its last K + 1 tokens (K: the call's largest k), which covers what a request's cache lacks in
+steady state (the accepted proposals and the draw: 1 .. k + 1 tokens; K/V it already holds is
+rewritten with the same token's), then K - 1 one-token steps, each draft fed back on the device.
+On CUDA that function replays as a CUDA graph per padded batch size (``DraftGraphs``); elsewhere,
+or with graphs off, it runs eagerly. A row that lacks more (its first call: the prompt) is first
+caught up by one eager varlen forward of the tokens before its last K + 1; a row shorter than K + 1
+tokens takes the eager varlen path (``_propose_varlen``: its new tokens, then k - 1 one-token
+steps). The host waits once for all drafts (speculating steps are planned after the previous step
+was processed in any case: docs/pipeline.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ import torch
 
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.base import CausalLM
+from tandem.worker.draft_graphs import DraftGraphs, DraftModel, run_eager
 
 
 @dataclass
@@ -29,14 +35,29 @@ class _DraftSeq:
     blocks: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Row:
+    index: int  # in the call's requests
+    seq: _DraftSeq
+    tokens: list[int]
+    valid: int  # the first position whose K/V the cache lacks
+    k: int  # proposals this row keeps
+
+
 class DraftProposer:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, cuda_graphs: bool = False, max_seqs: int = 1, uniform: bool = True) -> None:
+        """``cuda_graphs``: replay the proposal function as graphs of up to ``max_seqs`` rows (CUDA
+        only); ``uniform`` False: every row takes the varlen path (the reference the tests compare)."""
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.max_model_len, self.vocab_size, self.uniform = max_model_len, vocab_size, uniform
         num_blocks = kv_cache.shape[2] // block_size
         self.free = list(range(num_blocks - 1, 0, -1))  # block 0: padding
         self.seqs: dict[str, _DraftSeq] = {}
+        self.draft = DraftModel(model, kv_cache, block_size, vocab_size)
+        self.graphs = None
+        if cuda_graphs and kv_cache.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True):
+            self.graphs = DraftGraphs(self.draft, max_seqs, -(-max_model_len // block_size))
 
     def release(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
@@ -46,33 +67,66 @@ class DraftProposer:
     def propose(self, requests: list) -> list[list[int]]:
         """``requests``: ``tandem.spec.proposer.ProposalRequest``s -> up to max_proposals tokens each."""
         out: list[list[int]] = [[] for _ in requests]
-        live = []  # (index, state, first position to compute, k)
+        live = self._admit(requests)
+        if not live:
+            return out
+        k = max(r.k for r in live)
+        fits = [self.uniform and len(r.tokens) > k for r in live]  # k + 1 tokens to feed
+        uniform = [r for r, f in zip(live, fits) if f]
+        varlen = [r for r, f in zip(live, fits) if not f]
+        parts = ([self._propose_uniform(uniform, k)] if uniform else []) + \
+                ([self._propose_varlen(varlen, k)] if varlen else [])
+        table = torch.cat(parts).tolist()  # [live, k]: the one wait for the host
+        for r, row in zip(uniform + varlen, table):
+            out[r.index] = row[:r.k]
+            r.seq.fed += row[:r.k - 1]  # the drafts fed back: their K/V is in the cache
+        return out
+
+    def _admit(self, requests: list) -> list[_Row]:
+        """The rows that speculate this call (room in the draft cache), with what each cache lacks."""
+        live = []
         for i, r in enumerate(requests):
             seq = self.seqs.setdefault(r.request_id, _DraftSeq())
             n = len(r.tokens)
             k = min(r.max_proposals, self.max_model_len - n)
             if k <= 0 or not self._reserve(seq, n - 1 + k):
                 continue  # no room in the draft cache: this request does not speculate this step
-            live.append((i, seq, min(_common_prefix(seq.fed, r.tokens, seq.known), n - 1), k))
+            live.append(_Row(i, seq, r.tokens, min(_common_prefix(seq.fed, r.tokens, seq.known), n - 1), k))
             seq.fed, seq.known = list(r.tokens), n
-        if not live:
-            return out
-        # first: each request's tokens from the first one its cache lacks, through its last; then
-        # one token a step, each draft fed back on the device (one wait for all of them, at the end)
-        drafts = [self._forward([(seq, requests[i].tokens[valid:], valid) for i, seq, valid, _ in live])]
-        ks = np.array([k for *_, k in live])
-        for step in range(1, int(ks.max())):
+        return live
+
+    @torch.inference_mode()
+    def _propose_uniform(self, rows: list[_Row], k: int) -> torch.Tensor:
+        """Rows of at least k + 1 tokens -> drafts [rows, k] on the device (see the module's doc)."""
+        behind = [(r.seq, r.tokens[r.valid:len(r.tokens) - k - 1], r.valid) for r in rows
+                  if r.valid < len(r.tokens) - k - 1]
+        if behind:
+            self._forward(behind)  # catch-up: K/V before the last k + 1 tokens (its drafts unused)
+        start = np.array([len(r.tokens) - k - 1 for r in rows], np.int64)
+        ids = np.array([r.tokens[-k - 1:] for r in rows], np.int64)
+        kk = np.array([r.k for r in rows], np.int64)
+        table = np.zeros((len(rows), max(len(r.seq.blocks) for r in rows)), np.int64)
+        for i, r in enumerate(rows):
+            table[i, :len(r.seq.blocks)] = r.seq.blocks
+        if self.graphs is not None:
+            return self.graphs.run(ids, start, kk, table)
+        return run_eager(self.draft, ids, start, kk, table)
+
+    def _propose_varlen(self, rows: list[_Row], k: int) -> torch.Tensor:
+        """Each row's tokens from the first its cache lacks, through its last; then one token a step,
+        each draft fed back on the device -> drafts [rows, k] (zeros past a row's own k)."""
+        drafts = [self._forward([(r.seq, r.tokens[r.valid:], r.valid) for r in rows])]
+        ks = np.array([r.k for r in rows])
+        for step in range(1, k):
             going = np.flatnonzero(ks > step)
-            chunks = [(live[j][1], None, len(requests[live[j][0]].tokens) - 1 + step) for j in going.tolist()]
-            fed = drafts[-1] if going.size == len(live) else drafts[-1][torch.as_tensor(going, device=drafts[-1].device)]
             drafted = torch.zeros_like(drafts[0])
-            drafted[torch.as_tensor(going, device=drafted.device)] = self._forward(chunks, fed)
+            if going.size:
+                chunks = [(rows[j].seq, None, len(rows[j].tokens) - 1 + step) for j in going.tolist()]
+                index = torch.as_tensor(going, device=drafted.device)
+                fed = drafts[-1] if going.size == len(rows) else drafts[-1][index]
+                drafted[index] = self._forward(chunks, fed)
             drafts.append(drafted)
-        table = torch.stack(drafts, dim=1).tolist()  # [live, max k]
-        for (i, seq, _, k), row in zip(live, table):
-            out[i] = row[:k]
-            seq.fed += row[:k - 1]  # the drafts fed back: their K/V is in the cache
-        return out
+        return torch.stack(drafts, dim=1)
 
     def _reserve(self, seq: _DraftSeq, num_tokens: int) -> bool:
         need = -(-num_tokens // self.block_size) - len(seq.blocks)

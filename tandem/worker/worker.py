@@ -127,8 +127,10 @@ class DeviceWorker:
             raise ValueError("speculative_config: this worker was started without a draft model")
         cache = allocate_kv_cache(self.draft.kv_spec, self.info.num_kv_blocks, self.config.block_size, self.device,
                                   self.kv_dtype)
+        # graphs up to the most rows that speculate together (more running + waiting: none does)
+        max_seqs = min(getattr(spec, "disable_by_batch_size", self.config.max_num_seqs), self.config.max_num_seqs)
         return DraftProposer(self.draft, cache, self.config.block_size, self.info.max_model_len,
-                             self.model.config.vocab_size)
+                             self.model.config.vocab_size, cuda_graphs=self._wants_graphs(), max_seqs=max_seqs)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly
