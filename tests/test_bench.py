@@ -181,3 +181,21 @@ def test_host_only_traffic_refuses_a_kv_cache_its_lengths_cannot_fit(capsys):
     assert main(["bench", "--host-only", "--model", "random:tiny", "--num-requests", "4", "--prompt-len", "4:50",
                  "--max-tokens", "2:20", "--kv-cache-tokens", "16"]) == 2
     assert "does not fit the KV cache" in capsys.readouterr().err
+
+
+def test_repeat_span_prompts_for_ngram_speculation(tmp_path):
+    from tandem.bench.workload import LengthRange, Workload, make_requests
+
+    reqs = make_requests(Workload(3, LengthRange(20, 20), LengthRange(4, 4), repeat_span=6), 512)
+    for r in reqs:
+        assert len(r.prompt) == 20 and r.prompt == (r.prompt[:6] * 4)[:20] and len(set(r.prompt[:6])) > 1
+    with pytest.raises(ValueError, match="repeat_span"):
+        Workload(3, LengthRange(5, 9), LengthRange(4, 4), repeat_span=6)
+    out = tmp_path / "ngram.json"
+    assert main(["bench", "--model", "random:tiny", "--num-requests", "4", "--prompt-len", "48", "--max-tokens", "16",
+                 "--repeat-span", "8", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+                 "--json", str(out), "--no-progress", "--runs", "1", "--simulated-device", "off"]) == 0
+    data = json.loads(out.read_text())
+    assert data["workload"]["repeat_span"] == 8 and data["outputs_identical_across_modes"]
+    # speculation ran in both modes (a random model seldom continues the span, so proposals are few)
+    assert all(data["modes"][m]["spec_draft_tokens"] is not None for m in ("sync", "async"))

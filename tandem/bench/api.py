@@ -25,7 +25,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           prompt_len: int | str = 256, max_tokens: int | str = 1024, temperature: float = 0.0,
           workload_seed: int = 0, request_rate: float | None = None, logprobs: int | None = None,
           shared_prefix_len: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-          repetition_penalty: float = 1.0, structured_output: str | None = None, compare_hf: bool = False,
+          repetition_penalty: float = 1.0, structured_output: str | None = None, repeat_span: int = 0,
+          compare_hf: bool = False,
           hf_modes: list[str] | None = None,
           json_path: str | Path | None = None, timeline: str | Path | None = None,
           trace: str | Path | None = None,
@@ -33,7 +34,8 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
           simulated_device: str = "off", simulated_runs: int = 5, **engine_options: Any) -> dict[str, Any]:
     """Run the workload through each mode; print a table; return (and optionally save) every figure.
     ``prompt_len`` and ``max_tokens`` are a number or a ``"MIN:MAX"`` range (seeded uniform); every
-    prompt starts with the same ``shared_prefix_len`` tokens. ``llm``: an engine already loaded (its
+    prompt starts with the same ``shared_prefix_len`` tokens; ``repeat_span`` > 0 makes each prompt
+    its first that many tokens repeated. ``llm``: an engine already loaded (its
     options are used; several workloads then share one model load). ``runs``: rounds of every mode
     (None: up to 5 while fast enough); ``simulated_device``: one of ``SIMULATED_DEVICE``, the same
     workload against a GPU's measured step times (``simulated_runs`` rounds)."""
@@ -50,7 +52,7 @@ def bench(model: str = "random:tiny", *, modes: list[str] = ("sync", "async"), n
         raise ValueError(f"runs and simulated_runs must be >= 1, got {runs} and {simulated_runs}")
     w = Workload(num_requests, LengthRange.parse(prompt_len), LengthRange.parse(max_tokens), workload_seed,
                  temperature, request_rate, logprobs, shared_prefix_len, presence_penalty, frequency_penalty,
-                 repetition_penalty, structured_output)
+                 repetition_penalty, structured_output, repeat_span)
     if compare_hf and not (w.prompt_len.fixed and w.max_tokens.fixed and request_rate is None):
         raise ValueError("--compare-hf needs fixed lengths and no request rate (transformers' generate_batch "
                          "takes one length for all requests)")

@@ -59,11 +59,17 @@ class Workload:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     structured_output: str | None = None  # "json": every request constrained by BENCH_JSON_SCHEMA
+    # > 0: every prompt is its first this many tokens repeated to its length (text that n-gram
+    # speculation can look up; random prompts never repeat)
+    repeat_span: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared_prefix_len <= self.prompt_len.lo:
             raise ValueError(f"shared_prefix_len must be in [0, the shortest prompt length {self.prompt_len.lo}], "
                              f"got {self.shared_prefix_len}")
+        if not 0 <= self.repeat_span <= self.prompt_len.lo:
+            raise ValueError(f"repeat_span must be in [0, the shortest prompt length {self.prompt_len.lo}], "
+                             f"got {self.repeat_span}")
         if self.structured_output not in (None, *STRUCTURED_OUTPUTS):
             raise ValueError(f"structured_output must be one of {STRUCTURED_OUTPUTS}, got {self.structured_output!r}")
 
@@ -76,6 +82,8 @@ class Workload:
                       f"repetition={self.repetition_penalty}")
         if self.structured_output:
             extra += f", structured output {self.structured_output} (a fixed schema)"
+        if self.repeat_span:
+            extra += f", prompts repeating a {self.repeat_span}-token span"
         return (f"{self.num_requests} requests x ({self.prompt_len} prompt{shared} + {self.max_tokens} new "
                 f"tokens){rate}{extra}")
 
@@ -89,7 +97,7 @@ class Workload:
                 "request_rate": self.request_rate, "logprobs": self.logprobs,
                 "shared_prefix_len": self.shared_prefix_len, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "structured_output": self.structured_output}
+                "structured_output": self.structured_output, "repeat_span": self.repeat_span}
 
 
 @dataclass
@@ -110,6 +118,8 @@ def make_requests(w: Workload, vocab_size: int) -> list[BenchRequest]:
     shared = prompts[0][:w.shared_prefix_len]  # the others' own draws are the same as without sharing
     for p in prompts[1:]:
         p[:len(shared)] = shared
+    if w.repeat_span:
+        prompts = [(p[:w.repeat_span] * -(-len(p) // w.repeat_span))[:len(p)] for p in prompts]
     rng = np.random.default_rng(w.seed)
     outs = rng.integers(w.max_tokens.lo, w.max_tokens.hi + 1, n).tolist()
     arrivals = np.cumsum(rng.exponential(1.0 / w.request_rate, n)) if w.request_rate else np.zeros(n)

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--structured-output", choices=("json",), default=None,
                    help="every request's output follows a fixed JSON schema (grammar masks at every token)")
+    p.add_argument("--repeat-span", type=int, default=0,
+                   help="every prompt repeats its first N tokens to its length: text n-gram speculation can "
+                        "look up (default: 0, random prompts)")
     p.add_argument("--workload-seed", type=int, default=0)
     p.add_argument("--modes", default="sync,async", help="comma-separated: sync, async")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' generate_batch as anchor")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
           workload_seed=args.workload_seed, request_rate=args.request_rate, logprobs=args.logprobs,
           shared_prefix_len=args.shared_prefix_len, presence_penalty=args.presence_penalty,
           frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-          structured_output=args.structured_output, compare_hf=args.compare_hf,
+          structured_output=args.structured_output, repeat_span=args.repeat_span, compare_hf=args.compare_hf,
           hf_modes=args.hf_modes.split(",") if args.hf_modes else None, json_path=args.json,
           timeline=args.timeline, trace=args.trace, timeline_steps=args.timeline_steps, progress=args.progress,
           runs=runs, simulated_device=args.simulated_device, simulated_runs=args.runs or 5, **options)
@@ -93,7 +96,8 @@ def _host_only(args: argparse.Namespace) -> int:
     options["max_model_len"] = options.get("max_model_len") or prompt.hi + new.hi
     sampling = dict(temperature=args.temperature, logprobs=args.logprobs, shared_prefix_len=args.shared_prefix_len,
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                    repetition_penalty=args.repetition_penalty, structured_output=args.structured_output)
+                    repetition_penalty=args.repetition_penalty, structured_output=args.structured_output,
+                    repeat_span=args.repeat_span)
     if not (prompt.fixed and new.fixed):  # real traffic: --num-requests of these lengths, --max-num-seqs at once
         from tandem.bench.host_traffic import host_traffic
 
