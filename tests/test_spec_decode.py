@@ -357,6 +357,7 @@ def test_a_request_ending_on_a_drawn_token_leaves_no_stale_block_in_the_cache(en
 def test_speculation_backs_off_while_nothing_is_proposed():
     """Text that never repeats: n-gram lookup has nothing, and after each empty try speculation sits
     out 1, 2, 4 .. 16 steps (those steps pipeline as without it)."""
+    from tandem.engine.spec_path import SpecStats
     from tandem.engine.speculation import Speculation
     from tandem.spec.config import parse_speculative_config
     from tandem.spec.proposer import NgramProposer
@@ -367,6 +368,7 @@ def test_speculation_backs_off_while_nothing_is_proposed():
             self.running = [Sequence("a", list(range(100, 140)), SamplingParams(), seed=0, max_new_tokens=500)]
             self.running[0].num_computed = 39  # decoding, every token known
             self.num_running, self.num_waiting = 1, 0
+            self.spec_stats = SpecStats()
 
     spec = Speculation(parse_speculative_config(NGRAM), NgramProposer(1, 3))
     s = Running()
@@ -381,3 +383,37 @@ def test_speculation_backs_off_while_nothing_is_proposed():
     while not spec.wants(s):
         pass
     assert spec.propose(s) == {"a": [101, 102, 103]} and spec.wants(s)
+
+
+def test_speculation_backs_off_while_its_proposals_are_rejected():
+    """Proposals found but rejected (a random model does not continue the text it looks up): each
+    speculating step that gains less than its own cost sends speculation into the same back-off; one
+    that gains enough resets it."""
+    from tandem.engine.sequence import Sequence
+    from tandem.engine.spec_path import SpecStats
+    from tandem.engine.speculation import JUDGE_WINDOW, Speculation, break_even_gain
+    from tandem.spec.config import parse_speculative_config
+    from tandem.spec.proposer import NgramProposer
+
+    class Running:
+        def __init__(self):
+            self.running = [Sequence("a", [5, 6, 7] * 10, SamplingParams(), seed=0, max_new_tokens=500)]
+            self.running[0].num_computed = 29
+            self.num_running, self.num_waiting, self.spec_stats = 1, 0, SpecStats()
+
+    assert break_even_gain(1) < break_even_gain(8) < break_even_gain(32) < 0.5
+    spec, s = Speculation(parse_speculative_config(NGRAM), NgramProposer(1, 3)), Running()
+    tried = []
+    for step in range(JUDGE_WINDOW + 40):
+        if spec.wants(s):
+            tried.append(step)
+            assert spec.propose(s) == {"a": [5, 6, 7]}
+            s.spec_stats.num_drafts += 1  # the step is processed: nothing accepted
+            s.spec_stats.num_draft_tokens += 3
+    w = JUDGE_WINDOW  # a window of rejected steps, then sitting out 1, 2, 4 .. steps, each try judged alone
+    assert tried[:w] == list(range(w)) and tried[w:w + 4] == [w + 1, w + 4, w + 9, w + 18]
+    spec, s = Speculation(parse_speculative_config(NGRAM), NgramProposer(1, 3)), Running()
+    for step in range(3 * JUDGE_WINDOW):  # every window gains 2 tokens a step: it never sits out
+        assert spec.wants(s) and spec.propose(s)
+        s.spec_stats.num_drafts += 1
+        s.spec_stats.num_accepted_tokens += 2

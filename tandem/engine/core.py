@@ -185,10 +185,12 @@ class EngineCore:
     def _speculate(self, deltas: StepDeltas) -> dict[str, list[int]] | None:
         """The proposals of the step about to be planned, if it speculates. Every step in flight is
         processed first when it does, or when the newest one did (see the module's docstring)."""
-        wants = self.speculation.wants(self.scheduler)
-        if wants or any(f.sched.speculative for f in self.in_flight):
+        if any(f.sched.speculative for f in self.in_flight):  # first: what it gained decides the next
             while self.in_flight:
                 self._process_oldest(deltas)
+        wants = self.speculation.wants(self.scheduler)
+        while wants and self.in_flight:
+            self._process_oldest(deltas)
         return self.speculation.propose(self.scheduler) if wants else None
 
     def _begin_mask(self) -> None:

@@ -7,28 +7,46 @@ decoding sequences then take proposals from the proposer. Requests whose samplin
 their mask for a position depends on the tokens before it, which the mask path knows one step at a
 time. They decode one token per step in the same batches.
 
-A speculating step is planned after the device has finished everything before it (no overlap), so
-when the proposer finds nothing (n-gram lookup on text that does not repeat), speculation backs off:
-after a step with no proposals it sits out 1, 2, 4 .. 16 steps, pipelined as without speculation,
-and tries again; any proposal resets it. The rule reads only the host's state, as the rest."""
+A speculating step is planned after the device has finished everything before it (no overlap) and
+verifies k + 1 rows per sequence, so it costs more than a plain step: on the H100 with the 8B model,
+12% more at 1 sequence, 16% at 8, 29% at 32 (benchmarks/RESULTS.md). When the proposer finds nothing
+(n-gram lookup on text that does not repeat), or what it proposed over the last ``JUDGE_WINDOW``
+speculating sequence-steps gained less than that (accepted tokens per sequence-step below
+``break_even_gain``), speculation backs off: it sits out 1, 2,
+4 .. 16 steps, pipelined as without speculation, and tries again; a window that gains enough
+resets it. The rule reads only the host's state after the speculating step was processed,
+which the sync and async loops reach at the same point, so both decide alike."""
 from __future__ import annotations
 
 import logging
 
 from tandem.engine.scheduler import Scheduler
+from tandem.engine.spec_path import SpecStats
 from tandem.spec.config import SpeculativeConfig
 from tandem.spec.proposer import ProposalRequest, Proposer
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 16  # most steps sat out after a step with nothing to propose
+JUDGE_WINDOW = 16  # speculating sequence-steps whose gain decides whether to back off
+
+
+def break_even_gain(busy: int) -> float:
+    """Accepted proposals per speculating sequence-step below which a speculating step of ``busy``
+    sequences costs more than it gains: its extra cost over a plain step, measured on the H100 for
+    the 8B model with n-gram proposals (0.12 at 1 sequence, 0.29 at 32; a draft model adds its own
+    forwards on top, so for it this is a lower bound)."""
+    return 0.12 + 0.0055 * (max(busy, 1) - 1)
 
 
 class Speculation:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
         self.config, self.proposer = config, proposer
-        self._backoff = 0  # steps to sit out after the next empty proposal (0: none yet)
+        # steps to sit out after the next empty proposal / the next window that did not pay (0: none
+        # yet); a proposal resets the first, a window that pays the second
+        self._backoff = {"empty": 0, "rejected": 0}
         self._sitting_out = 0  # steps left to sit out now
+        self._window: tuple[int, int] | None = None  # (drafts, accepted) when the gain's window began
         log.info("speculative decoding: %s, k = %d, off above %d requests; speculating steps are planned after "
                  "the previous step is processed (no overlap of host and device for them)", config.method, config.k,
                  config.disable_by_batch_size)
@@ -36,11 +54,31 @@ class Speculation:
     def wants(self, scheduler: Scheduler) -> bool:
         """Whether the next step speculates: decided from what the host knows before planning it
         (the same in the sync and async loops)."""
+        self._judge(scheduler.spec_stats, scheduler.num_running + scheduler.num_waiting)
         if self._sitting_out:
             self._sitting_out -= 1
             return False
         busy = scheduler.num_running + scheduler.num_waiting
         return 0 < scheduler.num_running and busy <= self.config.disable_by_batch_size
+
+    def _judge(self, stats: SpecStats, busy: int) -> None:
+        """Once ``JUDGE_WINDOW`` speculating sequence-steps are processed (one step's, while backing
+        off): back off if their proposals gained too little. A window, not each step, while it pays:
+        one rejection says little."""
+        need = 1 if self._backoff["rejected"] else JUDGE_WINDOW
+        if self._window is None or stats.num_drafts - self._window[0] < need:
+            return
+        gain = (stats.num_accepted_tokens - self._window[1]) / (stats.num_drafts - self._window[0])
+        self._window = None
+        if gain < break_even_gain(busy):
+            self._back_off("rejected")
+        else:
+            self._backoff["rejected"] = 0
+
+    def _back_off(self, why: str) -> None:
+        level = self._backoff[why]
+        self._backoff[why] = min(2 * level, MAX_BACKOFF) if level else 1
+        self._sitting_out = self._backoff[why]
 
     def propose(self, scheduler: Scheduler) -> dict[str, list[int]]:
         """Proposals by request id for the running sequences that decode next with every token known."""
@@ -54,10 +92,11 @@ class Speculation:
         found = self.proposer.propose(requests) if requests else []
         proposals = {r.request_id: p[:r.max_proposals] for r, p in zip(requests, found) if p}
         if proposals:
-            self._backoff = 0
+            self._backoff["empty"] = 0
+            if self._window is None:  # judged by what they gain once their steps are processed
+                self._window = (scheduler.spec_stats.num_drafts, scheduler.spec_stats.num_accepted_tokens)
         elif requests:  # sequences that could have speculated, and nothing to propose
-            self._backoff = min(2 * self._backoff, MAX_BACKOFF) if self._backoff else 1
-            self._sitting_out = self._backoff
+            self._back_off("empty")
         return proposals
 
     def ended(self, request_ids: list[str]) -> None:
