@@ -115,5 +115,13 @@ def test_the_fp8_kernels_compile_for_h100(monkeypatch):
     for block_m, block_n in ((16, 32), (32, 32), (64, 32), (64, 128)):  # fp8_block_gemm's tiles
         for bias in (False, True):
             test_triton_compile._compile(
-                _fp8_block_gemm_kernel, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*bf16"},
-                dict(HAS_BIAS=bias, FP8_DOT=True, SPLIT=not bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
+                _fp8_block_gemm_kernel, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*bf16",
+                                         "parts_ptr": "*fp32", "counters_ptr": "*i32"},
+                dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
+    from tandem.kernels.w8a16 import _w8a16_kernel
+
+    for rowwise, bias in ((True, False), (False, True)):  # weight-only FP8 at decode sizes, split K
+        test_triton_compile._compile(
+            _w8a16_kernel, {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "bias_ptr": "*bf16",
+                            "parts_ptr": "*fp32", "counters_ptr": "*i32"},
+            dict(ROWWISE=rowwise, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"))

@@ -224,8 +224,10 @@ def test_kernel_compiles_for_sm90():
 
     from tandem.kernels import w4a16
 
-    io = {"*": "*bf16", "q_ptr": "*i32", "z_ptr": "*u8", "y_ptr": "*fp32"}
+    io = {"*": "*bf16", "q_ptr": "*i32", "z_ptr": "*u8", "parts_ptr": "*fp32", "counters_ptr": "*i32"}
     for bm, bn, bk, once, zeros in ((16, 64, 128, True, True), (16, 64, 128, False, False), (64, 128, 64, True, True),
                                     (128, 128, 64, True, False)):
         _compile(w4a16._w4a16_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                                PRECISION="tf32", LOAD_ONCE=once))
+    for bn, bk, zeros in ((128, 128, True), (64, 128, False)):  # the one-row kernel
+        _compile(w4a16._w4a16_gemv_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk))

@@ -13,13 +13,14 @@ import triton
 import triton.language as tl
 
 from tandem.kernels import num_sms
+from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
 
 
 @triton.jit
-def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, m, n, k, stride_am, stride_bn,
-                           a_groups, b_kblocks, block_n, block_k, k_per_split, HAS_BIAS: tl.constexpr,
-                           FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, parts_ptr, counters_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, m, n, k,
+                           stride_am, stride_bn, a_groups, b_kblocks, block_n, block_k, k_per_split, splits,
+                           HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -39,11 +40,8 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
         sa = tl.load(a_scale_ptr + rows * a_groups + kb, mask=rows < m, other=0.0)
         sb = tl.load(b_scale_ptr + (cols // block_n) * b_kblocks + kb, mask=cols < n, other=0.0)
         acc += part * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-    out = c_ptr + split * m * n if SPLIT else c_ptr  # SPLIT: this split's float32 partial sums
-    tl.store(out + rows[:, None] * n + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(rows[:, None] < m) & (cols[None, :] < n))
+    finish_tile(acc, c_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, rows < m, cols < n, n, split, splits,
+                m * n, HAS_BIAS)
 
 
 def block_step(width: int) -> int:
@@ -65,7 +63,8 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     -> [M, N] in ``out_dtype``. Tiles from the shapes only (static shapes: graph-capturable). Row-wise
     weight scales are the block [1, K] (b_scale [N, 1]), per-token activation scales a_scale [M, 1].
     ``split_k`` (default: from the shapes, for up to 64 rows): K split over that many programs per tile,
-    whose float32 partial sums are added in a fixed order (the same result every run)."""
+    whose float32 partial sums the tile's last program adds in a fixed order (``split_k.finish_tile``:
+    the same result every run)."""
     m, k = a.shape
     n = b.shape[0]
     block_k = block_step(block[1])
@@ -81,14 +80,12 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         split_k = _num_splits(grid[0] * grid[1], steps, a.device) if m <= 64 else 1
     per_split = triton.cdiv(steps, split_k) * block_k
     splits = triton.cdiv(k, per_split)
-    c = torch.empty((splits, m, n) if splits > 1 else (m, n), device=a.device,
-                    dtype=torch.float32 if splits > 1 else out_dtype)
-    has_bias = bias is not None and splits == 1
+    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    parts = torch.empty((splits, m, n), device=a.device, dtype=torch.float32) if splits > 1 else c
+    if grid[0] * grid[1] > MAX_TILES:
+        raise ValueError(f"fp8_block_gemm: {grid[0] * grid[1]} output tiles, more than the {MAX_TILES} counters")
     _fp8_block_gemm_kernel[grid + (splits,)](
-        a, b, c, a_scale, b_scale, bias if has_bias else c, m, n, k, a.stride(0), b.stride(0), a_scale.shape[1],
-        b_scale.shape[1], block[0], block[1], per_split, HAS_BIAS=has_bias, FP8_DOT=a.is_cuda, SPLIT=splits > 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    if splits == 1:
-        return c
-    out = c.sum(0)
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+        a, b, c, parts, tile_counters(a.device), a_scale, b_scale, bias if bias is not None else c, m, n, k,
+        a.stride(0), b.stride(0), a_scale.shape[1], b_scale.shape[1], block[0], block[1], per_split, splits,
+        HAS_BIAS=bias is not None, FP8_DOT=a.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return c

@@ -1,8 +1,14 @@
 """The end of a split-K GEMM: the splits' float32 partial sums [S, M, N] added in split order, the
-bias added, and the result rounded once to the output dtype, in one launch. (``sum(0)``, ``+ bias``
-and ``.to()`` were three kernels per linear layer: at decode sizes, inside a CUDA graph, their
-launches cost as much as the reduction's bytes.) The fixed order makes the result independent of
-timing, which atomics would not."""
+bias added, and the result rounded once to the output dtype. The fixed order makes the result
+independent of timing, which atomic adds of the partials would not.
+
+``finish_tile`` does it inside the GEMM itself: each program stores its split's partial tile, takes
+a ticket from the tile's counter, and the program that finishes the tile last sums every split's
+partial in split order and writes the output (then resets the counter for the next launch). At
+decode sizes in a CUDA graph a separate reduction kernel cost a launch of ~3-4 us per linear
+layer, about what a small layer's weights take to read. The counters (``tile_counters``)
+are one zeroed buffer per device, shared by the launches, which run one at a time on the compute
+stream."""
 from __future__ import annotations
 
 import torch
@@ -10,27 +16,43 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["total", "n"])
-def _split_sum_kernel(parts_ptr, bias_ptr, out_ptr, total, n, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < total
-    acc = tl.load(parts_ptr + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLITS):
-        acc += tl.load(parts_ptr + s * total + offs, mask=ok, other=0.0)
+@triton.jit
+def _store_out(acc, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % n, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def split_sum(parts: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``parts`` [S, M, N] -> [M, N] in ``out_dtype``: sum over S in order, plus ``bias`` [N]."""
-    splits, m, n = parts.shape
-    out = torch.empty((m, n), device=parts.device, dtype=out_dtype)
-    total = m * n
-    if total == 0:
-        return out
-    block = 1024
-    _split_sum_kernel[(triton.cdiv(total, block),)](parts, bias if bias is not None else parts, out, total, n,
-                                                    SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block)
-    return out
+@triton.jit
+def finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits,
+                stride_split, HAS_BIAS: tl.constexpr):
+    """The output tile (``rows``, ``cols``) of [M, N] row-major ``out_ptr`` from split ``split`` of
+    ``splits``' float32 partial ``acc`` [len(rows), len(cols)]; ``parts_ptr``: the [splits, M, N]
+    float32 workspace (``stride_split`` = M * N; unused with one split); ``counters_ptr``:
+    ``tile_counters``, indexed by the program's (axis 0, axis 1) position."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * n + cols[None, :]
+    if splits == 1:
+        _store_out(acc, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS)
+    else:
+        tl.store(parts_ptr + split * stride_split + offs, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
+        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, splits):  # in split order, past the L1 (other programs wrote them)
+                total += tl.load(parts_ptr + s * stride_split + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            _store_out(total, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_TILES = 1 << 16  # output tiles of one split-K launch
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """The device's zeroed int32 ticket counters for ``finish_tile`` (made once; each launch leaves
+    them zero)."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]

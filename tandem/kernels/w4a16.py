@@ -9,8 +9,8 @@ divides the group size), so each tile reads one row of scales and zero points. A
 multiply-and-sum in float32 registers instead of the dot (``W4Tiles.gemv``).
 
 Decode (M <= 16) is bandwidth bound and has few output tiles: the K dimension is split over
-``split_k`` programs that write float32 partial sums to a workspace summed afterwards in a fixed
-order (no atomics: the result does not depend on timing). Larger M uses GEMM tiles with no split.
+``split_k`` programs whose float32 partial sums the tile's last program adds in a fixed order
+(``split_k.finish_tile``: the result does not depend on timing). Larger M uses GEMM tiles with no split.
 The tiles are chosen on the host from the shapes and the SM count alone (``w4a16_tiles``); nothing is read back from
 the device, so a decode step stays capturable in a CUDA graph."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
-from tandem.kernels.split_k import split_sum
+from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
 from tandem.kernels.int4_layout import MIN_GROUP, PACK, Int4Weight
 
 
@@ -115,11 +115,11 @@ def _group_params(s_ptr, z_ptr, g, n, cols, col_ok, HAS_ZEROS: tl.constexpr, BLO
 
 # m (and the split stride m * n) change with the step: not specialised on, so a tier compiles once
 @triton.jit(do_not_specialize=["m", "stride_ys"])
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
-                  k_tiles, tiles_per_split, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk, stride_qn,
+                  stride_ys, k_tiles, tiles_per_split, splits, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
-    """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s,
-    written to split s's slice of y (the output itself when there is one split)."""
+    """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s
+    (``finish_tile`` adds the splits into y)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -135,8 +135,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk,
         q = _nibbles(q_ptr, k0, stride_qk, stride_qn, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
         part = tl.dot(a, (q - zoff[None, :]).to(a.dtype), input_precision=PRECISION)  # q - z: exact integers
         acc += part * s[None, :]
-    out = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    finish_tile(acc, y_ptr, parts_ptr, y_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits, stride_ys,
+                HAS_BIAS=False)
 
 
 @triton.jit
@@ -164,8 +164,8 @@ def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.
 
 
 @triton.jit(do_not_specialize=["m", "stride_ys", "nibble"])
-def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, stride_qk, stride_qn, stride_ym, stride_ys,
-                       k_tiles, tiles_per_split, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk,
+                       stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
 
@@ -208,8 +208,9 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, m, n, stride_xm, strid
         else:
             acc += dot * s[None, :]
         words, s, z = words_next, s_next, z_next
-    out = y_ptr + split * stride_ys + row * stride_ym + cols
-    tl.store(out, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=col_ok)
+    rows = row + tl.arange(0, 1)
+    finish_tile(tl.sum(acc, axis=0)[None, :], y_ptr, parts_ptr, y_ptr, counters_ptr, rows, cols, rows < m, col_ok, n,
+                split, splits, stride_ys, HAS_BIAS=False)
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:
@@ -244,16 +245,18 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     k_tiles = k // tiles.block_k
     per_split = triton.cdiv(k_tiles, tiles.split_k)
     splits = triton.cdiv(k_tiles, per_split)
-    out = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
-                      device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     grid = (m if tiles.gemv else triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
-    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, m, n, x2.stride(0),
-            w.qweight.stride(0), w.qweight.stride(1), n, m * n, k_tiles, per_split)
+    if grid[0] * grid[1] > MAX_TILES:
+        raise ValueError(f"w4a16: {grid[0] * grid[1]} output tiles, more than the {MAX_TILES} split-K counters")
+    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, y, parts,
+            tile_counters(x.device), m, n, x2.stride(0), w.qweight.stride(0), w.qweight.stride(1), m * n, k_tiles,
+            per_split, splits)
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.gemv:
         _w4a16_gemv_kernel[grid](*args, 0xF, **common)
     else:
         _w4a16_kernel[grid](*args, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once, **common)
-    y = out if splits == 1 else split_sum(out, x.dtype)  # the splits in a fixed order, rounded once
     return y.reshape(*lead, n)

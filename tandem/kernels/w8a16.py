@@ -8,8 +8,8 @@ loads its [BLOCK_K, BLOCK_N] tile of FP8 weights, widens it to the activations' 
 straddles two blocks).
 
 Few rows give few output tiles, so K is split over ``split_k`` programs whose float32 partial sums
-are added in a fixed order by ``split_k.split_sum`` (no atomics: the result does not depend on
-timing). Tiles come from the shapes and the SM count alone (``w8a16_tiles``): no host read-back, so
+the tile's last program adds in a fixed order (``split_k.finish_tile``: the result does not depend
+on timing), with the bias. Tiles come from the shapes and the SM count alone (``w8a16_tiles``): no host read-back, so
 a decode step stays capturable in a CUDA graph."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
-from tandem.kernels.split_k import split_sum
+from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
 
 MAX_ROWS = 64  # above this the FP8 tensor-core GEMMs win (the activations are worth quantizing)
 
@@ -58,9 +58,9 @@ def w8a16_tiles(m: int, n: int, k: int, scale_block_k: int | None, sms: int = 13
 
 
 @triton.jit(do_not_specialize=["m"])
-def _w8a16_kernel(a_ptr, b_ptr, s_ptr, out_ptr, m, n, k, stride_am, stride_split, scale_kblocks, scale_bn,
-                  scale_bk, k_per_split, ROWWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _w8a16_kernel(a_ptr, b_ptr, s_ptr, out_ptr, parts_ptr, bias_ptr, counters_ptr, m, n, k, stride_am, stride_split,
+                  scale_kblocks, scale_bn, scale_bk, k_per_split, splits, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -81,8 +81,8 @@ def _w8a16_kernel(a_ptr, b_ptr, s_ptr, out_ptr, m, n, k, stride_am, stride_split
             acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
     if ROWWISE:
         acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    out = out_ptr + split * stride_split + rows[:, None] * n + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits,
+                stride_split, HAS_BIAS)
 
 
 def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
@@ -105,15 +105,16 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, blo
     k_tiles = triton.cdiv(k, tiles.block_k)
     per_split = triton.cdiv(k_tiles, tiles.split_k) * tiles.block_k
     splits = triton.cdiv(k, per_split)
-    out = torch.empty((splits, m, n) if splits > 1 else (m, n), device=x.device,
-                      dtype=torch.float32 if splits > 1 else x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
-        return out.new_empty((0, n), dtype=x.dtype)
+        return out
+    parts = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else out
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), splits)
-    _w8a16_kernel[grid](x, weight, scale, out, m, n, k, x.stride(0), m * n, scale.shape[-1] if block else 1, bn,
-                        bk, per_split, ROWWISE=block is None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+    if grid[0] * grid[1] > MAX_TILES:
+        raise ValueError(f"w8a16: {grid[0] * grid[1]} output tiles, more than the {MAX_TILES} split-K counters")
+    _w8a16_kernel[grid](x, weight, scale, out, parts, bias if bias is not None else out, tile_counters(x.device), m, n,
+                        k, x.stride(0), m * n, scale.shape[-1] if block else 1, bn, bk, per_split, splits,
+                        ROWWISE=block is None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
                         BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
                         num_stages=tiles.num_stages)
-    if splits > 1:
-        return split_sum(out, x.dtype, bias)
-    return out if bias is None else out + bias
+    return out
