@@ -40,8 +40,9 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, c_ptr, parts_ptr, counters_ptr, a_scale
         sa = tl.load(a_scale_ptr + rows * a_groups + kb, mask=rows < m, other=0.0)
         sb = tl.load(b_scale_ptr + (cols // block_n) * b_kblocks + kb, mask=cols < n, other=0.0)
         acc += part * sa[:, None] * sb[None, :]
-    finish_tile(acc, c_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, rows < m, cols < n, n, split, splits,
-                m * n, HAS_BIAS)
+    finish_tile(acc, c_ptr, parts_ptr, bias_ptr, counters_ptr, rows[:, None] * n + cols[None, :],
+                cols[None, :] + 0 * rows[:, None], (rows[:, None] < m) & (cols[None, :] < n), split, splits, m * n,
+                HAS_BIAS)
 
 
 def block_step(width: int) -> int:

@@ -17,23 +17,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_out(acc, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS: tl.constexpr):
+def _store_out(acc, out_ptr, bias_ptr, offs, col_idx, ok, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + col_idx, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits,
-                stride_split, HAS_BIAS: tl.constexpr):
-    """The output tile (``rows``, ``cols``) of [M, N] row-major ``out_ptr`` from split ``split`` of
-    ``splits``' float32 partial ``acc`` [len(rows), len(cols)]; ``parts_ptr``: the [splits, M, N]
-    float32 workspace (``stride_split`` = M * N; unused with one split); ``counters_ptr``:
-    ``tile_counters``, indexed by the program's (axis 0, axis 1) position."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * n + cols[None, :]
+def finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, offs, col_idx, ok, split, splits, stride_split,
+                HAS_BIAS: tl.constexpr):
+    """The output tile at ``offs`` (element offsets into [M, N] row-major ``out_ptr``; ``col_idx``
+    their columns, for the bias; ``ok`` the mask; any shape, the caller's) from split ``split`` of
+    ``splits``' float32 partial ``acc`` of that shape. ``parts_ptr``: the [splits, M, N] float32
+    workspace (``stride_split`` = M * N; unused with one split); ``counters_ptr``: ``tile_counters``,
+    indexed by the program's (axis 0, axis 1) position. The caller's shapes and layouts are kept:
+    a 2-D epilogue would make the compiler re-lay out a one-row kernel's main loop."""
     if splits == 1:
-        _store_out(acc, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS)
+        _store_out(acc, out_ptr, bias_ptr, offs, col_idx, ok, HAS_BIAS)
     else:
         tl.store(parts_ptr + split * stride_split + offs, acc, mask=ok)
         tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
@@ -42,7 +42,7 @@ def finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, row
             total = tl.zeros_like(acc)
             for s in range(0, splits):  # in split order, past the L1 (other programs wrote them)
                 total += tl.load(parts_ptr + s * stride_split + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_out(total, out_ptr, bias_ptr, offs, cols, col_ok, ok, HAS_BIAS)
+            _store_out(total, out_ptr, bias_ptr, offs, col_idx, ok, HAS_BIAS)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 

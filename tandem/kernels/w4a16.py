@@ -135,8 +135,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m,
         q = _nibbles(q_ptr, k0, stride_qk, stride_qn, cols, col_ok, ks, shifts, BLOCK_N, BLOCK_K, LOAD_ONCE)
         part = tl.dot(a, (q - zoff[None, :]).to(a.dtype), input_precision=PRECISION)  # q - z: exact integers
         acc += part * s[None, :]
-    finish_tile(acc, y_ptr, parts_ptr, y_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits, stride_ys,
-                HAS_BIAS=False)
+    finish_tile(acc, y_ptr, parts_ptr, y_ptr, counters_ptr, rows[:, None] * n + cols[None, :], cols[None, :] + 0 * rows[:, None],
+                row_ok[:, None] & col_ok[None, :], split, splits, stride_ys, HAS_BIAS=False)
 
 
 @triton.jit
@@ -208,9 +208,8 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_pt
         else:
             acc += dot * s[None, :]
         words, s, z = words_next, s_next, z_next
-    rows = row + tl.arange(0, 1)
-    finish_tile(tl.sum(acc, axis=0)[None, :], y_ptr, parts_ptr, y_ptr, counters_ptr, rows, cols, rows < m, col_ok, n,
-                split, splits, stride_ys, HAS_BIAS=False)
+    finish_tile(tl.sum(acc, axis=0), y_ptr, parts_ptr, y_ptr, counters_ptr, row * n + cols, cols, col_ok, split, splits,
+                stride_ys, HAS_BIAS=False)
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:

@@ -81,8 +81,9 @@ def _w8a16_kernel(a_ptr, b_ptr, s_ptr, out_ptr, parts_ptr, bias_ptr, counters_pt
             acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
     if ROWWISE:
         acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, cols, row_ok, col_ok, n, split, splits,
-                stride_split, HAS_BIAS)
+    finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows[:, None] * n + cols[None, :],
+                cols[None, :] + 0 * rows[:, None], row_ok[:, None] & col_ok[None, :], split, splits, stride_split,
+                HAS_BIAS)
 
 
 def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
