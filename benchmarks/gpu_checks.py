@@ -22,6 +22,9 @@
 - spec: the draft model's proposal graphs (worker/draft_graphs.py) vs the same function run eagerly
   on random:tiny (float32: identical proposals; bf16: the share that agrees, reported), no sync in
   a replay, and greedy draft speculation through the engine (graphs on) equal to none.
+- gemma: Gemma's fused norm / norm-add-norm / GELU-tanh kernels vs the torch layers in bf16 at
+  gemma3-1b's shapes (differences, bit-equal share, times), and sync == async on random:tiny-gemma3
+  in bf16 with graphs (benchmarks/gpu_gemma.py).
 """
 from __future__ import annotations
 
@@ -337,6 +340,7 @@ CHECKS = {
     "structured": _from("gpu_structured", "structured"), "moe": _from("moe_bench", "check"),
     "w4a16": _from("w4a16_bench", "check"), "fp8": _from("gpu_fp8", "fp8_checks"),
     "parity": _from("gpu_parity", "parity"), "spec": spec_draft,
+    "gemma": lambda: __import__("benchmarks.gpu_gemma", fromlist=["check"]).check(_cases()),
 }
 
 

@@ -11,8 +11,12 @@ ones); Gemma 2 soft-caps attention scores (cap * tanh(s / cap)) and both may sof
 logits; Gemma 3 norms q and k per head.
 
 On CUDA, rotary and the K/V store take the fused kernel the Llama family uses (the same arithmetic as
-``apply_rope`` + ``store_kv``); the norms and the MLP stay the plain torch layers: the fused
-add+RMSNorm kernel rounds before it scales (Llama's order), Gemma's norm rounds after."""
+``apply_rope`` + ``store_kv``), and the norms and the MLP's GELU-tanh * up take Gemma's own kernels
+(``tandem.kernels.gemma_fused``: Llama's add+RMSNorm rounds before it scales, Gemma's after). Between
+two attentions a layer runs three norms around each add (a norm, the add to the stream, the next
+norm), each trio one kernel: so ``after_attention`` hands on the MLP's output before its
+post-feedforward norm, which the next ``before_attention`` (or ``final_norm``) applies. Elsewhere
+(CPU, float64) the same pieces run on the torch layers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -135,13 +139,22 @@ def load_weights(cfg: ModelConfig, get: Getter, tp: TPLayout = TPLayout()) -> Mo
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
+def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, f_in: torch.Tensor, f_out: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemma_rms_norm(stream, f_out), stream), stream = residual + gemma_rms_norm(x, f_in): the torch
+    form of ``gemma_fused.norm_add_norm`` (the add in the model dtype, as transformers adds)."""
+    stream = residual + gemma_rms_norm(x, f_in, eps)
+    return gemma_rms_norm(stream, f_out, eps), stream
+
+
 class GemmaModel(LayeredForward):
     """Stateless apart from weights and rotary tables; the KV cache is passed in. Under tensor
     parallelism ``config`` is the rank's share (its heads, KV heads and MLP width), as in the Llama
     family.
 
     The pieces carry the residual stream as Llama's do: ``before_attention`` gets the previous
-    layer's (normed) MLP output and the stream before it, ``after_attention`` returns this layer's."""
+    layer's MLP output (not yet through its post-feedforward norm, which it applies) and the stream
+    before it, ``after_attention`` returns this layer's."""
 
     @classmethod
     def load(cls, config: ModelConfig, get: Getter, tp: TPLayout, max_positions: int,
@@ -163,11 +176,25 @@ class GemmaModel(LayeredForward):
         self.rope = self._rope_tables([settings.local_rope if w is not None else settings.global_rope for w in windows])
         self.kv_spec = KVSpec(config.num_kv_heads, config.head_dim,
                               tuple(AttentionSpec(settings.scale, w, settings.attn_softcap) for w in windows))
-        self.fused = self.device.type == "cuda" and triton_available()  # rotary + K/V store in one kernel
-        if self.fused:
-            from tandem.kernels.fused import rope_store_kv_
+        # Triton kernels on CUDA; float64 keeps the torch layers (the kernels add and take GELU in float32)
+        self.fused = self.device.type == "cuda" and triton_available() and self.dtype != torch.float64
 
-            self._rope_store = rope_store_kv_
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, on: bool) -> None:
+        """The Triton kernels, or the torch layers they reproduce (tests set it under Triton's interpreter)."""
+        self._fused = on
+        if on:
+            from tandem.kernels import fused, gemma_fused
+
+            self._rope_store = fused.rope_store_kv_
+            self._norm, self._norm_add_norm = gemma_fused.gemma_rms_norm, gemma_fused.norm_add_norm
+            self._gelu_tanh_mul = gemma_fused.gelu_tanh_mul
+        else:
+            self._norm, self._norm_add_norm, self._gelu_tanh_mul = gemma_rms_norm, norm_add_norm, gelu_tanh_mul
 
     def _rope_tables(self, ropes: list[Rope]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) of each layer in the model dtype; one table per distinct rope."""
@@ -185,17 +212,21 @@ class GemmaModel(LayeredForward):
 
     def before_attention(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                          cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i up to its attention: the stream (residual + the previous layer's MLP output),
-        its norm, QKV, q/k norms, rotary; K and V go to the cache. Returns q [T, Hq, D] and the stream."""
+        """Layer i up to its attention: the stream (residual + the previous layer's MLP output, normed
+        here by that layer's post-feedforward norm), its norm, QKV, q/k norms, rotary; K and V go to the
+        cache. Returns q [T, Hq, D] and the stream."""
         layer, cfg, eps = self.weights.layers[i], self.config, self.config.rms_norm_eps
-        stream = hidden if residual is None else residual + hidden
-        q, k, v = linear(gemma_rms_norm(stream, layer.input_norm, eps), layer.qkv).split(
-            [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if residual is None:  # layer 0: the stream is the embedding
+            normed, stream = self._norm(hidden, layer.input_norm, eps), hidden
+        else:
+            post_feedforward = self.weights.layers[i - 1].post_feedforward_norm
+            normed, stream = self._norm_add_norm(hidden, residual, post_feedforward, layer.input_norm, eps)
+        q, k, v = linear(normed, layer.qkv).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if layer.q_norm is not None:
-            q, k = gemma_rms_norm(q, layer.q_norm, eps), gemma_rms_norm(k, layer.k_norm, eps)
+            q, k = self._norm(q, layer.q_norm, eps), self._norm(k, layer.k_norm, eps)
         cos, sin = self.rope[i]
         scales = self.kv_spec.layers[i].k_scale, self.kv_spec.layers[i].v_scale  # an fp8 cache's
         if self.fused:
@@ -207,16 +238,19 @@ class GemmaModel(LayeredForward):
     def after_attention(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rest of layer i: output projection and its norm added to the stream, then the MLP
-        between its two norms. Returns the MLP's normed output and the stream before it."""
+        after its first norm. Returns the MLP's output (reduced across ranks; its post-feedforward
+        norm is the next piece's) and the stream before it."""
         layer, eps = self.weights.layers[i], self.config.rms_norm_eps
         attn = self.comm.reduce(linear(attn_out, layer.o))
-        stream = residual + gemma_rms_norm(attn, layer.post_attention_norm, eps)
-        gate_up = linear(gemma_rms_norm(stream, layer.pre_feedforward_norm, eps), layer.gate_up)
-        mlp = self.comm.reduce(linear(gelu_tanh_mul(gate_up), layer.down))
-        return gemma_rms_norm(mlp, layer.post_feedforward_norm, eps), stream
+        normed, stream = self._norm_add_norm(attn, residual, layer.post_attention_norm, layer.pre_feedforward_norm,
+                                             eps)
+        mlp = self.comm.reduce(linear(self._gelu_tanh_mul(linear(normed, layer.gate_up)), layer.down))
+        return mlp, stream
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return gemma_rms_norm(residual + hidden, self.weights.norm, self.config.rms_norm_eps)
+        """The last layer's post-feedforward norm, its add to the stream, the model's norm."""
+        last = self.weights.layers[-1].post_feedforward_norm
+        return self._norm_add_norm(hidden, residual, last, self.weights.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The LM head's logits, soft-capped (cap * tanh(logits / cap), in place) where the config says."""
