@@ -230,3 +230,20 @@ def test_the_neutral_values_and_nulls_of_refused_fields_are_accepted(server, rou
     assert resp.status_code == 200, resp.text
     resp = _post(server, route, {**base, **dict.fromkeys(refused)})
     assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatCompletionRequest])
+def test_unknown_fields_are_ignored_but_logged_once(request_type, caplog):
+    """A field in neither schema (clients such as LangChain send their own) is ignored, as vLLM
+    does, and the server says so in its log: each distinct set of names once."""
+    import logging
+
+    body = {"model": "m", "prompt": "x"} if request_type is CompletionRequest else \
+        {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    name = f"zz_unknown_{request_type.__name__}"
+    with caplog.at_level(logging.WARNING, logger="tandem.server.protocol"):
+        for _ in range(3):
+            request_type.model_validate(body | {name: 1, "temperature": 0.5})
+        request_type.model_validate(body)  # nothing unknown: nothing logged
+    noted = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(noted) == 1 and request_type.__name__ in noted[0] and "temperature" not in noted[0]

@@ -15,12 +15,14 @@ which ``tandem.server.openapi`` fills in per app with the numbers those objects 
 Every request field of OpenAI's and vLLM's completion and chat schemas is known here: implemented,
 or refused (400 naming it) unless it holds its neutral value (``protocol_extras``), and the schema
 allows only that value; ``tests/test_api_fields.py`` walks both lists. Truly unknown fields are
-ignored, as vLLM does: clients (LangChain, lm-eval) send fields of their own. ``null`` in a field of a
+ignored, as vLLM does (clients such as LangChain and lm-eval send fields of their own), and logged:
+each distinct set of names once. ``null`` in a field of a
 completion or chat request means its default (clients send it for fields they leave unset), and the
 schema says so. Output constraints (``response_format``, ``structured_outputs``, ``guided_*``) are
 ``tandem.server.constraints``'."""
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -36,6 +38,8 @@ from tandem.server.protocol_types import (INT64_MAX, INTEGRAL, LIMIT_KEY, STRICT
 from tandem.server.request_limits import PROTOCOL_MAX_N
 from tandem.server.tools.protocol import ChatTool, MessageToolFields, ToolFields
 from tandem.tokenizer import RESERVED_TEMPLATE_KWARGS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LIMIT_KEY", "SamplingRequest", "CompletionRequest", "ChatCompletionRequest", "ChatMessage",
            "TokenizeRequest", "DetokenizeRequest", "TokenizeResponse", "DetokenizeResponse", "StreamOptions"]
@@ -55,7 +59,32 @@ class StreamOptions(BaseModel):
     include_obfuscation: OnlyFalse | None = None  # OpenAI's padding field: never sent here
 
 
-class SamplingRequest(InformationalFields, RefusedVLLMFields, GuidedFields):
+_NOTED: set[tuple[str, ...]] = set()
+_NOTED_MAX = 256  # distinct sets of unknown field names logged; then no more (a client could vary them)
+
+
+def note_unknown_fields(kind: str, data: dict, known: dict) -> None:
+    """Fields in neither OpenAI's nor vLLM's schema are ignored, as vLLM does (clients such as
+    LangChain and lm-eval send their own), but not silently: the server logs each distinct set once."""
+    names = set(known) | {f.alias for f in known.values() if f.alias}
+    unknown = tuple(sorted(k for k in data if k not in names))
+    if unknown and unknown not in _NOTED and len(_NOTED) < _NOTED_MAX:
+        _NOTED.add(unknown)
+        log.warning("%s: ignoring fields that are in neither OpenAI's nor vLLM's schema: %s", kind, ", ".join(unknown))
+
+
+class LogsUnknownFields(BaseModel):
+    """A request whose unknown fields are ignored, and logged (``note_unknown_fields``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            note_unknown_fields(cls.__name__, data, cls.model_fields)
+        return data
+
+
+class SamplingRequest(LogsUnknownFields, InformationalFields, RefusedVLLMFields, GuidedFields):
     """The fields completions and chat share."""
 
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=null_means_default)
@@ -252,7 +281,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields, ToolFields, Ref
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(ChatTemplateFields):
+class TokenizeRequest(LogsUnknownFields, ChatTemplateFields):
     """Exactly one of ``prompt`` and ``messages`` (``null`` counts as absent)."""
 
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_tokenize_schema)
