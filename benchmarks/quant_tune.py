@@ -37,9 +37,9 @@ def w8_grid(m: int) -> list:
 def w4_grid(m: int) -> list:
     from tandem.kernels.w4a16 import W4Tiles
 
-    if m == 1:  # the one-row kernel (its stages: how many tiles ahead it loads)
-        return [W4Tiles(1, bn, bk, s, w, st, True, gemv=True) for bn, bk, w, s, st in
-                itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 4, 8), (1, 2))]
+    if m == 1:  # the one-row kernel (its loads are prefetched by hand: no stages to sweep)
+        return [W4Tiles(1, bn, bk, s, w, 1, True, gemv=True) for bn, bk, w, s in
+                itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2, 4, 8))]
     return [W4Tiles(16, bn, bk, s, w, st, lo) for bn, bk, w, st, s, lo in
             itertools.product((64, 128), (64, 128), (4,), (3, 5), (1, 2, 4, 8), (True, False))]
 

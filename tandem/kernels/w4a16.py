@@ -40,9 +40,9 @@ class W4Tiles:
     # answers the repeats). Which is faster is measured on the GPU (scripts/w4a16_bench.py).
     load_once: bool = True
     # Multiply-and-sum in float32 registers instead of ``tl.dot``, one row per program (``block_m``
-    # unused; ``num_stages``: how many tiles ahead its loads are issued, 1 or 2): a batch of one or
-    # a few rows wastes most of a tensor-core tile, and the dot's operand layout costs a shuffle of
-    # every unpacked weight through shared memory.
+    # unused): a
+    # batch of one or a few rows wastes most of a tensor-core tile, and the dot's operand layout
+    # costs a shuffle of every unpacked weight through shared memory.
     gemv: bool = False
 
 
@@ -69,7 +69,7 @@ def w4a16_tiles(m: int, n: int, k: int, group_size: int, sms: int = 132) -> W4Ti
     narrow column tiles, up to 16 rows the dot with split K, more rows GEMM tiles with no split."""
     if m == 1:
         bk = _block_k(group_size, 128)
-        return W4Tiles(1, 128, bk, _splits(triton.cdiv(n, 128), k // bk, sms), 4, 1, gemv=True)
+        return W4Tiles(1, 64, bk, _splits(triton.cdiv(n, 64), k // bk, sms), 4, 1, gemv=True)
     if m <= 16:
         bk = _block_k(group_size, 128)
         return W4Tiles(16, 128, bk, _splits(triton.cdiv(n, 128), k // bk, sms), 4, 3)
@@ -163,27 +163,10 @@ def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.
     return dot + (a * (1.0 / (1 << pos)))[:, None] * w, a_sum + a
 
 
-@triton.jit
-def _row_tile(acc, words, s, z, a_ptrs, nibble, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``acc`` [BLOCK_K / 8, BLOCK_N] plus one K tile: ``words`` its packed weights, ``s`` and ``z``
-    its group's scales and zero points, ``a_ptrs`` the activation of each word row's first channel."""
-    high = words >> 12  # nibbles 5-7 moved below bit 23
-    dot = tl.zeros(words.shape, dtype=tl.float32)
-    a_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-    for i in tl.static_range(5):  # nibbles 0-4 in place
-        dot, a_sum = _nibble_fma(dot, a_sum, words, nibble << (4 * i), a_ptrs + i, 4 * i, HAS_ZEROS)
-    for i in tl.static_range(5, 8):
-        dot, a_sum = _nibble_fma(dot, a_sum, high, nibble << (4 * i - 12), a_ptrs + i, 4 * i - 12, HAS_ZEROS)
-    if HAS_ZEROS:
-        return acc + (dot - a_sum[:, None] * z[None, :]) * s[None, :]
-    return acc + dot * s[None, :]
-
-
 @triton.jit(do_not_specialize=["m", "stride_ys", "nibble"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk,
-                       stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, GROUP: tl.constexpr,
-                       HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DEPTH: tl.constexpr):
+                       stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
 
     Issue slots, not bandwidth, bound a one-row 4-bit GEMV (Nsight Compute: an earlier version issued
@@ -204,22 +187,27 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_pt
     last = tl.minimum(first + tiles_per_split, k_tiles)
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    # tile t + DEPTH's loads are issued before tile t is computed (Triton pipelines only loads that
-    # feed a dot): without this each tile would wait out a full memory latency
+    # tile t + 1's loads are issued before tile t is computed: Triton pipelines only loads that feed
+    # a dot, so without this each tile would wait out a full memory latency
     words, s, z = _row_loads(q_ptr, s_ptr, z_ptr, first, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP,
                              HAS_ZEROS, BLOCK_N, BLOCK_K)
-    if DEPTH == 2:
-        words1, s1, z1 = _row_loads(q_ptr, s_ptr, z_ptr, first + 1, last, r, n, cols, col_ok, stride_qk, stride_qn,
-                                    GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
     for t in range(first, last):
-        words_next, s_next, z_next = _row_loads(q_ptr, s_ptr, z_ptr, t + DEPTH, last, r, n, cols, col_ok, stride_qk,
+        k0 = t * BLOCK_K
+        words_next, s_next, z_next = _row_loads(q_ptr, s_ptr, z_ptr, t + 1, last, r, n, cols, col_ok, stride_qk,
                                                 stride_qn, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
-        acc = _row_tile(acc, words, s, z, x_row + t * BLOCK_K + 8 * r, nibble, HAS_ZEROS, BLOCK_K)
-        if DEPTH == 2:
-            words, s, z = words1, s1, z1
-            words1, s1, z1 = words_next, s_next, z_next
+        high = words >> 12  # nibbles 5-7 moved below bit 23
+        dot = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        a_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for i in tl.static_range(5):  # nibbles 0-4 in place
+            dot, a_sum = _nibble_fma(dot, a_sum, words, nibble << (4 * i), x_row + k0 + 8 * r + i, 4 * i, HAS_ZEROS)
+        for i in tl.static_range(5, 8):
+            dot, a_sum = _nibble_fma(dot, a_sum, high, nibble << (4 * i - 12), x_row + k0 + 8 * r + i, 4 * i - 12,
+                                     HAS_ZEROS)
+        if HAS_ZEROS:
+            acc += (dot - a_sum[:, None] * z[None, :]) * s[None, :]
         else:
-            words, s, z = words_next, s_next, z_next
+            acc += dot * s[None, :]
+        words, s, z = words_next, s_next, z_next
     finish_tile(tl.sum(acc, axis=0), y_ptr, parts_ptr, y_ptr, counters_ptr, row * n + cols, cols, col_ok, split, splits,
                 stride_ys, HAS_BIAS=False)
 
@@ -267,7 +255,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.gemv:
-        _w4a16_gemv_kernel[grid](*args, 0xF, DEPTH=tiles.num_stages, **common)
+        _w4a16_gemv_kernel[grid](*args, 0xF, **common)
     else:
         _w4a16_kernel[grid](*args, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once, **common)
     return y.reshape(*lead, n)
