@@ -16,7 +16,12 @@ Plans (the commands of benchmarks/RESULTS.md):
 - structured: the structured-output GPU checks (scripts/gpu_structured.py), then M with every request
   constrained by a JSON schema (sync and async) beside M unconstrained, in one call for the cost.
 - seam: the models of the model seam: Gemma 3 1B at M's shape and 4B at S's (sync and async), and the
-  transformers backend against the native model at 32 x (256 + 512).
+  transformers backend against the native model at 32 x (256 + 512); on CUDA first the Gemma kernels' check.
+- spec: speculative decoding on the 8B shape (issue 27): the draft's graph check, then at batch 1 and 32
+  no speculation against the target as its own draft (k = 4), and prompts repeating a 32-token span with
+  repetition penalty 0.5 without and with n-gram (k = 4, speculating up to 64 sequences).
+- quant: quantization on the 8B shape (issue 25): the W4A16 and FP8 checks, then batch 1 in bf16 and
+  ``--quantization int4``, and S in bf16 and ``--quantization fp8``.
 - serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
 
 On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
@@ -76,11 +81,22 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
             _bench("M_json", one_b, n(256), ln(256), ln(512), "--structured-output", "json"),
             _bench("M_free", one_b, n(256), ln(256), ln(512), "--modes", "async"),
         ],
-        "seam": [
+        "seam": ([] if tiny else [Run("gemma_checks", [sys.executable, "scripts/gpu_checks.py", "gemma"],
+                                       {"TANDEM_DIFF_CASES": "10"}, "check")]) + [
             _bench("G1", gemma_1b, n(256), ln(256), ln(512)),
             _bench("G4", gemma_4b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32))),
             _bench("TB_native", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--modes", "async"),
             _bench("TB", one_b, n(32), ln(256), ln(512), "--max-num-seqs", str(n(32)), "--model-impl", "transformers"),
+        ],
+        "spec": _spec_plan(tiny, eight_b, n, ln),
+        "quant": ([] if tiny else [Run("quant_checks", [sys.executable, "scripts/gpu_checks.py", "w4a16", "fp8"], {},
+                                       "check")]) + [
+            _bench("b1_bf16", eight_b, 1, ln(256), ln(512), "--max-num-seqs", "1", "--modes", "async"),
+            _bench("b1_int4", eight_b, 1, ln(256), ln(512), "--max-num-seqs", "1", "--modes", "async",
+                   "--quantization", "int4"),
+            _bench("S_bf16", eight_b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32)), "--modes", "async"),
+            _bench("S_fp8", eight_b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32)), "--modes", "async",
+                   "--quantization", "fp8"),
         ],
         "serve": [_bench("offline_64", one_b, n(64), ln(256), ln(512), "--max-num-seqs", str(n(256)),
                          "--max-model-len", "768", "--modes", "async")]
@@ -92,6 +108,20 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
             run.argv += ["--runs", "1", "--simulated-device", "off"]
     return named
+
+
+def _spec_plan(tiny: bool, model: str, n, ln) -> list[Run]:
+    draft = json.dumps({"method": "draft", "model": model, "num_speculative_tokens": 4})
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 64})
+    repeats = ["--repeat-span", ln(32), "--repetition-penalty", "0.5"]
+    runs = [] if tiny else [Run("spec_checks", [sys.executable, "scripts/gpu_checks.py", "spec"], {}, "check")]
+    for b in (1, n(32)):
+        common = ["--max-num-seqs", str(b), "--modes", "async"]
+        runs += [_bench(f"b{b}_none", model, b, ln(256), ln(512), *common),
+                 _bench(f"b{b}_draft", model, b, ln(256), ln(512), *common, "--speculative-config", draft),
+                 _bench(f"b{b}_rep_none", model, b, ln(256), ln(512), *common, *repeats),
+                 _bench(f"b{b}_rep_ngram", model, b, ln(256), ln(512), *common, *repeats, "--speculative-config", ngram)]
+    return runs
 
 
 def _server_argv(tiny: bool, port: int) -> list[str]:
@@ -163,9 +193,12 @@ def summary_row(run: Run, rc: int | None, out_dir: Path) -> str:
         measured, floor = step.get("measured_gpu_ms"), step.get("memory_floor_ms")
         frac = f"{floor / measured:.3f}" if measured and floor else "n/a"
         roof = m.get("roofline_fraction")
+        spec = "" if m.get("spec_draft_tokens") is None else (
+            f"  accepted {_pct(m.get('spec_acceptance_rate'))} of {m['spec_draft_tokens']}, "
+            f"{m.get('spec_tokens_per_step') or 1:.2f} tokens/step")
         rows.append(f"{run.name:<14} {mode:<5} {m['wall_s']:>7.2f} s {m['output_tok_per_s']:>9.0f} tok/s  idle "
                     f"{_pct(m.get('gpu_idle_fraction'))} (decode {_pct(m.get('gpu_idle_fraction_decode'))})  floor "
-                    f"{'n/a' if roof is None else f'{roof:.3f}'}  decode step/floor {frac}")
+                    f"{'n/a' if roof is None else f'{roof:.3f}'}  decode step/floor {frac}{spec}")
     same = data.get("outputs_identical_across_modes")
     return "\n".join(rows) + ("" if same is None else f"  sync == async: {same}")
 

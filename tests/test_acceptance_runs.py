@@ -70,3 +70,16 @@ def test_the_structured_and_seam_plans_run(tmp_path):
     assert done.stdout.count("sync == async: True") == 6
     log = (tmp_path / "log.txt").read_text()
     assert "--structured-output json" in log and "--model-impl transformers" in log
+
+
+def test_the_spec_and_quant_plans_run(tmp_path):
+    done = _run(tmp_path, "--plans", "spec,quant")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["b1_none", "b1_draft", "b1_rep_none", "b1_rep_ngram", "b8_none", "b8_draft", "b8_rep_none",
+                     "b8_rep_ngram", "b1_bf16", "b1_int4", "S_bf16", "S_fp8"]
+    speculating = [line for line in lines if "_draft" in line or "_ngram" in line]
+    assert len(speculating) == 4 and all("accepted" in line and "tokens/step" in line for line in speculating)
+    log = (tmp_path / "log.txt").read_text()
+    assert "--repeat-span 16" in log and "--quantization int4" in log and "--quantization fp8" in log
