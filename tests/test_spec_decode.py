@@ -417,3 +417,28 @@ def test_speculation_backs_off_while_its_proposals_are_rejected():
         assert spec.wants(s) and spec.propose(s)
         s.spec_stats.num_drafts += 1
         s.spec_stats.num_accepted_tokens += 2
+
+
+def test_the_draft_models_work_counts_as_device_time(monkeypatch):
+    """The draft's forwards run between steps: the device lane shows each proposal call as an
+    interval (DRAFT_STEP_ID), in whichever loop runs (the worker switches executors), so the
+    benchmark's and the server's GPU idle fraction do not count them as idling; per-step figures
+    leave them out."""
+    import tandem.bench.measure as measure
+    from tandem.bench.api import bench
+    from tandem.worker.draft_timing import DRAFT_STEP_ID
+
+    seen = {}
+    real = measure.summarise
+
+    def spy(mode, wall, records, intervals, *args, **kwargs):
+        seen[mode] = ([i.step_id for i in intervals], {r.step_id for r in records})
+        return real(mode, wall, records, intervals, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "summarise", spy)
+    out = bench("random:tiny", modes=["sync", "async"], num_requests=2, prompt_len=24, max_tokens=16, progress=False,
+                speculative_config={"method": "draft", "model": "random:tiny", "num_speculative_tokens": 3})
+    for mode, (ids, steps) in seen.items():
+        drafts = ids.count(DRAFT_STEP_ID)
+        assert drafts > 0 and set(ids) - {DRAFT_STEP_ID} == steps, mode
+        assert out["modes"][mode]["num_steps"] == len(steps)

@@ -76,9 +76,14 @@ def largest_gaps(intervals: list[StepInterval], records: dict[int, StepRecord], 
     spans = sorted(intervals, key=lambda i: i.start)
     gaps = [(b.start - a.end, a.step_id, b.step_id) for a, b in zip(spans, spans[1:])]
     return [{"gap_ms": g * 1e3, "after_step": a, "before_step": b,
-             "decode_pair": records[a].num_decode == records[a].num_seqs and records[b].num_decode == records[b].num_seqs,
+             "decode_pair": _pure_decode(records.get(a)) and _pure_decode(records.get(b)),
              "host_ms": _host_phases(records.get(a), records.get(b))}
             for g, a, b in sorted(gaps, reverse=True)[:n]]
+
+
+def _pure_decode(record: StepRecord | None) -> bool:
+    """A step with no prefill in it; None (device work between steps, a draft model's) counts as one."""
+    return record is None or record.num_decode == record.num_seqs
 
 
 def _host_phases(before: StepRecord | None, after: StepRecord | None) -> dict | None:
@@ -95,7 +100,7 @@ def _host_phases(before: StepRecord | None, after: StepRecord | None) -> dict | 
 def decode_idle_fraction(intervals: list[StepInterval], records: dict[int, StepRecord]) -> float | None:
     """Idle fraction over runs of consecutive pure-decode steps (no prefill in the step)."""
     spans = sorted(intervals, key=lambda i: i.start)
-    pure = [records[i.step_id].num_decode == records[i.step_id].num_seqs for i in spans]
+    pure = [_pure_decode(records.get(i.step_id)) for i in spans]
     busy = gaps = 0.0
     for k in range(len(spans) - 1):
         if pure[k] and pure[k + 1]:
@@ -136,9 +141,10 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
                        "page_faults": sum(r.plan_page_faults for r in records)}
     res.timeline = {"host": host_lanes(records), "gpu": [(i.step_id, i.start, i.end) for i in intervals],
                     "decode_steps": [r.step_id for r in records if r.num_decode == r.num_seqs]}
-    if intervals:
+    steps = [i for i in intervals if i.step_id in by_id]  # the rest: device work between steps (a draft's)
+    if steps:
         busy = sum(i.end - i.start for i in intervals)
-        res.mean_gpu_ms = busy / len(intervals) * 1e3
+        res.mean_gpu_ms = sum(i.end - i.start for i in steps) / len(steps) * 1e3
         res.gpu_idle_fraction = idle_fraction(intervals)
         res.gpu_idle_fraction_decode = decode_idle_fraction(intervals, by_id)
         res.largest_gaps = largest_gaps(intervals, by_id)
@@ -146,7 +152,7 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
             res.floor_s = sum(floor.step_cost(r).floor_s(ceilings) for r in records)
             res.roofline_fraction = res.floor_s / wall_s
             res.roofline_fraction_gpu = res.floor_s / busy
-            res.decode_step_check = _decode_check(intervals, by_id, floor, ceilings)
+            res.decode_step_check = _decode_check(steps, by_id, floor, ceilings)
     return res
 
 

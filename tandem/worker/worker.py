@@ -22,6 +22,7 @@ from tandem.model.loader import load_model
 from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.draft import DraftProposer
+from tandem.worker.draft_timing import TimedProposer
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.grammar_mask import pin_host_memory
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
@@ -121,7 +122,7 @@ class DeviceWorker:
                              "a draft must share the target's tokenizer")
         return draft
 
-    def draft_proposer(self, spec: object) -> DraftProposer:
+    def draft_proposer(self, spec: object) -> TimedProposer:
         """The proposer of ``speculative_config`` method 'draft' (its model was loaded at start)."""
         if self.draft is None:
             raise ValueError("speculative_config: this worker was started without a draft model")
@@ -129,8 +130,9 @@ class DeviceWorker:
                                   self.kv_dtype)
         # graphs up to the most rows that speculate together (more running + waiting: none does)
         max_seqs = min(getattr(spec, "disable_by_batch_size", self.config.max_num_seqs), self.config.max_num_seqs)
-        return DraftProposer(self.draft, cache, self.config.block_size, self.info.max_model_len,
-                             self.model.config.vocab_size, cuda_graphs=self._wants_graphs(), max_seqs=max_seqs)
+        proposer = DraftProposer(self.draft, cache, self.config.block_size, self.info.max_model_len,
+                                 self.model.config.vocab_size, cuda_graphs=self._wants_graphs(), max_seqs=max_seqs)
+        return TimedProposer(proposer, lambda: self._executor)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly
