@@ -18,7 +18,7 @@ from tandem.sampling_params import MAX_LOGPROBS
 from tandem.spec.config import SpeculativeConfig, parse_speculative_config
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "half", "float")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -70,7 +70,8 @@ class EngineConfig:
                                              "on a CPU)")
     kv_cache_dtype: str = _opt("auto", "KV cache element type: auto (the model dtype) or fp8 / fp8_e4m3 (e4m3 "
                                        "with per-tensor scales, 1.0 where the checkpoint gives none: twice the "
-                                       "tokens in the same memory, half the KV bytes per step)")
+                                       "tokens in the same memory, half the KV bytes per step), or fp8_e5m2 (the "
+                                       "same with e5m2: wider range, one mantissa bit fewer)")
     seed: int = _opt(0, "engine seed: draws the seeds of requests that give none")
     async_batching: bool = _opt(True, "prepare step N+1 on the host while the device runs step N")
     enforce_eager: bool = _opt(False, "never use CUDA graphs")

@@ -192,7 +192,7 @@ def test_fp8_kernels_compile_for_h100():
                                                          BLOCK_N=64, SOFTCAP=False, PRECISION="tf32"))
     _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
                                            "pos_ptr": "*i64", "slot_ptr": "*i64"},
-             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8=True))
+             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8_MANTISSA=3, FP8_MIN_EXP=-6, FP8_MAX=448.0))
 
 
 ENGINE = r"""

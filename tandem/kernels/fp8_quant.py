@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.fused import _round_to_e4m3_grid
+from tandem.kernels.fused import _round_to_fp8_grid
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, n_cols, group, stride
     for col in range(start, stop, BLOCK):
         offs = col + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < stop, other=0.0).to(tl.float32)
-        q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+        q = _round_to_fp8_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0), 3, -6)  # e4m3
         tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty), mask=offs < stop)
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.fp8_formats import FP8_FORMATS
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
@@ -51,26 +53,37 @@ def _rotate(x1, x2, cos, sin):
 
 
 @triton.jit
-def _round_to_e4m3_grid(x):
-    """x (float32, |x| <= 448) rounded to nearest even onto the e4m3 values (3 mantissa bits,
-    subnormals below 2^-6), in float32: adding and subtracting 1.5 * 2^23 ulp rounds to a multiple of
-    ulp. The cast that follows is then exact. Done by hand because Triton's interpreter (CI's kernel
-    path) rounds fp32 -> fp8 wrongly (half-up, and a carry into the exponent gets lost); the GPU's
-    own conversion would agree with this."""
+def _round_to_fp8_grid(x, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """x (float32, within the format's range) rounded to nearest even onto the values of an fp8 format
+    with ``MANTISSA`` bits and least normal exponent ``MIN_EXP`` (e4m3: 3, -6; e5m2: 2, -14), in
+    float32: adding and subtracting 1.5 * 2^23 ulp rounds to a multiple of ulp. The cast that follows
+    is then exact. Done by hand because Triton's interpreter (CI's kernel path) rounds fp32 -> fp8
+    wrongly (half-up, and a carry into the exponent gets lost); the GPU's own conversion would agree
+    with this."""
     exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased
-    ulp_exp = tl.maximum(exp, 127 - 6) - 3  # biased exponent of the e4m3 step at x
+    ulp_exp = tl.maximum(exp, 127 + MIN_EXP) - MANTISSA  # biased exponent of the format's step at x
     magic = (((ulp_exp + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
     r = (x + magic) - magic
     return tl.where(r == 0, x * 0.0, r)  # keeps the sign of a value that rounds to zero, as a cast does
 
 
 @triton.jit
-def _to_cache(x, scale, c_ptr, FP8: tl.constexpr):
-    """x as the cache holds it: as it is, or for an fp8 cache x / scale in float32, saturated to the
-    largest finite e4m3 (a plain cast would give NaN), rounded to nearest even (``layers.kv.to_cache_dtype``)."""
-    if FP8:
-        return _round_to_e4m3_grid(tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)).to(c_ptr.dtype.element_ty)
+def _to_cache(x, scale, c_ptr, FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.constexpr, FP8_MAX: tl.constexpr):
+    """x as the cache holds it: as it is (``FP8_MANTISSA`` 0), or for an fp8 cache x / scale in
+    float32, saturated to the format's largest finite value (a plain cast would give NaN or infinity),
+    rounded to nearest even (``layers.kv.to_cache_dtype``)."""
+    if FP8_MANTISSA:
+        x = tl.clamp(x.to(tl.float32) / scale, -FP8_MAX, FP8_MAX)
+        return _round_to_fp8_grid(x, FP8_MANTISSA, FP8_MIN_EXP).to(c_ptr.dtype.element_ty)
     return x.to(c_ptr.dtype.element_ty)  # the cache's dtype is the model's: no conversion
+
+
+def fp8_constants(cache_dtype: torch.dtype) -> dict:
+    """``_to_cache``'s constexprs for a cache of ``cache_dtype`` (all zero: not fp8)."""
+    fmt = FP8_FORMATS.get(cache_dtype)
+    if fmt is None:
+        return dict(FP8_MANTISSA=0, FP8_MIN_EXP=0, FP8_MAX=0.0)
+    return dict(FP8_MANTISSA=fmt.mantissa, FP8_MIN_EXP=fmt.min_exp, FP8_MAX=fmt.max)
 
 
 @triton.jit
@@ -78,7 +91,7 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_p
                           stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
                           stride_c_slot, stride_c_head, n_q_heads, n_kv_heads, k_scale, v_scale,
                           HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-                          FP8: tl.constexpr):
+                          FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.constexpr, FP8_MAX: tl.constexpr):
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok)
     slot = tl.load(slot_ptr + tok)  # int64: slot * stride stays in range on large caches
@@ -97,12 +110,12 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_p
     k_base = k_ptr + tok * stride_k_tok + kh * stride_k_head + d[None, :]
     c_off = slot * stride_c_slot + kh * stride_c_head + d[None, :]
     o1, o2 = _rotate(tl.load(k_base, mask=kv_ok, other=0.0), tl.load(k_base + HALF, mask=kv_ok, other=0.0), cos, sin)
-    tl.store(kc_ptr + c_off, _to_cache(o1, k_scale, kc_ptr, FP8), mask=kv_ok)
-    tl.store(kc_ptr + c_off + HALF, _to_cache(o2, k_scale, kc_ptr, FP8), mask=kv_ok)
     v_base = v_ptr + tok * stride_v_tok + kh * stride_v_head + d[None, :]
-    tl.store(vc_ptr + c_off, _to_cache(tl.load(v_base, mask=kv_ok, other=0.0), v_scale, vc_ptr, FP8), mask=kv_ok)
-    tl.store(vc_ptr + c_off + HALF, _to_cache(tl.load(v_base + HALF, mask=kv_ok, other=0.0), v_scale, vc_ptr, FP8),
-             mask=kv_ok)
+    v1, v2 = tl.load(v_base, mask=kv_ok, other=0.0), tl.load(v_base + HALF, mask=kv_ok, other=0.0)
+    tl.store(kc_ptr + c_off, _to_cache(o1, k_scale, kc_ptr, FP8_MANTISSA, FP8_MIN_EXP, FP8_MAX), mask=kv_ok)
+    tl.store(kc_ptr + c_off + HALF, _to_cache(o2, k_scale, kc_ptr, FP8_MANTISSA, FP8_MIN_EXP, FP8_MAX), mask=kv_ok)
+    tl.store(vc_ptr + c_off, _to_cache(v1, v_scale, vc_ptr, FP8_MANTISSA, FP8_MIN_EXP, FP8_MAX), mask=kv_ok)
+    tl.store(vc_ptr + c_off + HALF, _to_cache(v2, v_scale, vc_ptr, FP8_MANTISSA, FP8_MIN_EXP, FP8_MAX), mask=kv_ok)
 
 
 def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -110,7 +123,7 @@ def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                    v_scale: float = 1.0) -> torch.Tensor:
     """One pass per token: rotate q in place, and write rotated k and v into the layer's cache
     [2, slots, Hkv, D] at ``slot_mapping`` (q, k, v: strided views of one QKV projection); a
-    float8_e4m3fn cache gets k / k_scale and v / v_scale (``tandem.model.layers.kv.store_kv``)."""
+    fp8 cache (e4m3 or e5m2) gets k / k_scale and v / v_scale (``tandem.model.layers.kv.store_kv``)."""
     n_tok, n_q, head_dim = q.shape
     n_kv, half = k.shape[1], head_dim // 2
     k_cache, v_cache = cache[0], cache[1]
@@ -118,7 +131,7 @@ def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, slot_mapping, cos, sin, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), n_q, n_kv, k_scale, v_scale,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), Q_PAD=triton.next_power_of_2(n_q),
-        KV_PAD=triton.next_power_of_2(n_kv), FP8=cache.dtype == torch.float8_e4m3fn)
+        KV_PAD=triton.next_power_of_2(n_kv), **fp8_constants(cache.dtype))
     return q
 
 

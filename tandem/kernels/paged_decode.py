@@ -113,7 +113,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     -> [B, Hq * D]. num_splits > 1 takes the split-KV path (see ``decode_num_splits``); block_n,
     num_warps and num_stages are the launch's tuning knobs (scripts/decode_sweep.py measures them);
     softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2); k_scale,
-    v_scale: the per-tensor scales of a float8_e4m3fn cache (see ``paged_varlen_attention``)."""
+    v_scale: the per-tensor scales of an fp8 cache (see ``paged_varlen_attention``)."""
     n_seqs, n_heads, head_dim = q.shape
     n_kv = cache.shape[2]
     group = n_heads // n_kv

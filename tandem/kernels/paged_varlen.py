@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.fp8_formats import FP8_FORMATS
+
 LOG2E = 1.4426950408889634  # scores are kept in log2 units so the softmax can use exp2
 NO_WINDOW = 1 << 30  # stands for "no sliding window": longer than any context, and fits in int32
 BLOCK_N = 64  # keys per block
@@ -51,7 +53,7 @@ def cache_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[f
     """The scales a kernel applies: an fp8 cache holds K / k_scale and V / v_scale; a cache of the
     model dtype holds K and V themselves, whatever scales the layer carries (checkpoint scales serve
     only an fp8 cache)."""
-    return (k_scale, v_scale) if cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    return (k_scale, v_scale) if cache.dtype in FP8_FORMATS else (1.0, 1.0)
 
 
 @triton.jit
@@ -202,7 +204,7 @@ def paged_varlen_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     query_start[b + 1]], possibly empty); seq_lens: [B] int64, context length including this step's
     tokens, which are the sequence's last ones; max_q: host bound on the longest chunk (sizes the
     grid; a smaller value silently drops tokens); softcap: scores become softcap * tanh(scores /
-    softcap) before the softmax (Gemma 2); k_scale, v_scale: a float8_e4m3fn cache holds K / k_scale
+    softcap) before the softmax (Gemma 2); k_scale, v_scale: an fp8 cache holds K / k_scale
     and V / v_scale (per-tensor), the kernel widens it to q's dtype and scales the scores and the
     output. Returns [T, Hq * D] in q's dtype."""
     n_tokens, n_heads, head_dim = q.shape

@@ -1,7 +1,7 @@
 """How many KV blocks fit, the cache's element type, and the cache tensor itself.
 
-An fp8 cache (``kv_cache_dtype`` fp8 / fp8_e4m3) holds e4m3 values x / scale, one scale per layer for
-K and one for V (``AttentionSpec.k_scale`` / ``v_scale``): one byte per element, so the same memory
+An fp8 cache (``kv_cache_dtype`` fp8 / fp8_e4m3, or fp8_e5m2) holds e4m3 (or e5m2) values x / scale,
+one scale per layer for K and one for V (``AttentionSpec.k_scale`` / ``v_scale``): one byte per element, so the same memory
 holds twice the tokens of a 16-bit cache (the plan's block count follows the element size)."""
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ from tandem.model.base import KVSpec
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
-FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The cache's element type for the ``kv_cache_dtype`` option: ``auto`` is the model dtype."""
     if name == "auto":
         return model_dtype
-    if name not in ("fp8", "fp8_e4m3"):
-        raise ValueError(f"kv_cache_dtype {name!r} is not supported (auto, fp8, fp8_e4m3)")
-    # Triton converts to and from e4m3 only from Ada / Hopper (sm_89) on.
+    if name not in FP8_KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported (auto, {', '.join(FP8_KV_DTYPES)})")
+    # Triton converts to and from fp8 only from Ada / Hopper (sm_89) on.
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"kv_cache_dtype={name!r} needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return FP8_KV_DTYPE
+    return FP8_KV_DTYPES[name]
 
 
 def allocate_kv_cache(spec: KVSpec, num_blocks: int, block_size: int, device: torch.device,

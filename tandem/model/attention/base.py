@@ -1,7 +1,7 @@
 """What every attention backend takes and offers.
 
 The KV cache of one layer is ``[2, num_slots, kv_heads, head_dim]`` where slot = block * block_size
-+ offset, of the model dtype or float8_e4m3fn (``AttentionSpec.k_scale`` / ``v_scale`` scale it). Block 0 is never handed out: padding tokens write there and padded block-table entries
++ offset, of the model dtype or fp8, e4m3 or e5m2 (``AttentionSpec.k_scale`` / ``v_scale`` scale it). Block 0 is never handed out: padding tokens write there and padded block-table entries
 point there, so static (graph-captured) shapes need no branches."""
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tandem.model.attention.base import AttentionBackend, AttentionInputs, AttentionSpec
-from tandem.model.layers.kv import from_cache_dtype
+from tandem.model.layers.kv import from_cache_dtype, is_fp8
 
 # cuDNN's fused attention is left out: compute-sanitizer's racecheck flags hazards inside it (its
 # asynchronous shared-memory copies), and flash / memory-efficient kernels serve these shapes.
@@ -64,12 +64,12 @@ def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, block_size: in
     """Each sequence's K and V ([B, Hkv, max_k, D] in ``dtype``) from one layer's cache; an fp8
     cache's pages are dequantized with the layer's scales (gathered as bytes: torch indexes fp8 only so)."""
     n_kv, head_dim = cache.shape[2:]
-    fp8 = cache.dtype == torch.float8_e4m3fn
+    fp8 = is_fp8(cache.dtype)
     paged = (cache.view(torch.uint8) if fp8 else cache).view(2, -1, block_size, n_kv, head_dim)
     k, v = paged[:, block_tables].flatten(2, 3).permute(0, 1, 3, 2, 4)
     if fp8:
-        k = from_cache_dtype(k.view(torch.float8_e4m3fn), dtype, spec.k_scale)
-        v = from_cache_dtype(v.view(torch.float8_e4m3fn), dtype, spec.v_scale)
+        k = from_cache_dtype(k.view(cache.dtype), dtype, spec.k_scale)
+        v = from_cache_dtype(v.view(cache.dtype), dtype, spec.v_scale)
     return k, v
 
 

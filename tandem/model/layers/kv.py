@@ -3,20 +3,25 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn; larger values saturate to it (casting alone gives NaN)
+from tandem.kernels.fp8_formats import FP8_FORMATS
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_FORMATS
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """x as a cache of ``dtype`` holds it: unchanged for the model dtype; for float8_e4m3fn,
-    x / scale in float32, saturated to +-448, rounded to nearest even (what the fused kernel stores)."""
-    if dtype != torch.float8_e4m3fn:
+    """x as a cache of ``dtype`` holds it: unchanged for the model dtype; for an fp8 type (e4m3 or
+    e5m2), x / scale in float32, saturated to its largest finite value, rounded to nearest even (what
+    the fused kernel stores)."""
+    if not is_fp8(dtype):
         return x.to(dtype)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    top = FP8_FORMATS[dtype].max
+    return (x.float() / scale).clamp(-top, top).to(dtype)
 
 
 def from_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """Cache values back in ``dtype``: an fp8 value times its scale, in float32 then rounded once."""
-    if x.dtype != torch.float8_e4m3fn:
+    if not is_fp8(x.dtype):
         return x.to(dtype)
     return (x.float() * scale).to(dtype)
 
@@ -26,7 +31,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     """Write this step's K and V ([T, Hkv, D]) into one layer's cache [2, slots, Hkv, D]; an fp8
     cache gets K / k_scale and V / v_scale (the layer's ``AttentionSpec`` scales)."""
     k, v = to_cache_dtype(k, cache.dtype, k_scale), to_cache_dtype(v, cache.dtype, v_scale)
-    if cache.dtype == torch.float8_e4m3fn:  # torch copies fp8 by index only as bytes
+    if is_fp8(cache.dtype):  # torch copies fp8 by index only as bytes
         cache, k, v = cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     cache[0].index_copy_(0, slot_mapping, k)
     cache[1].index_copy_(0, slot_mapping, v)
