@@ -56,7 +56,7 @@ def test_sampling_and_fused_kernels_compile():
     for has_res in (True, False):
         _compile(fused._add_rms_norm_kernel, {"*": "*bf16"}, dict(HAS_RES=has_res, BLOCK=4096))
     _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "pos_ptr": "*i64", "slot_ptr": "*i64"},
-             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8))
+             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8_MANTISSA=0, FP8_MIN_EXP=0, FP8_MAX=0.0))
     _compile(fused._silu_mul_kernel, {"*": "*bf16"}, dict(BLOCK=1024))
 
 

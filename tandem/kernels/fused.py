@@ -73,8 +73,8 @@ def _to_cache(x, scale, c_ptr, FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.const
     float32, saturated to the format's largest finite value (a plain cast would give NaN or infinity),
     rounded to nearest even (``layers.kv.to_cache_dtype``)."""
     if FP8_MANTISSA:
-        x = tl.clamp(x.to(tl.float32) / scale, -FP8_MAX, FP8_MAX)
-        return _round_to_fp8_grid(x, FP8_MANTISSA, FP8_MIN_EXP).to(c_ptr.dtype.element_ty)
+        saturated = tl.clamp(x.to(tl.float32) / scale, -FP8_MAX, FP8_MAX)
+        return _round_to_fp8_grid(saturated, FP8_MANTISSA, FP8_MIN_EXP).to(c_ptr.dtype.element_ty)
     return x.to(c_ptr.dtype.element_ty)  # the cache's dtype is the model's: no conversion
 
 
