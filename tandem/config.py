@@ -52,7 +52,9 @@ class EngineConfig:
                                    "modeling code through tandem's paged attention, even where a native one exists)")
     quantization: str = _opt("auto", "linear weights: auto (as the checkpoint stores them: its quantization_config), "
                                      "fp8 (an FP8 checkpoint, or quantize a bf16/fp32 one at load: per-channel "
-                                     "weights, dynamic per-token activations), awq / gptq / compressed-tensors "
+                                     "weights, dynamic per-token activations), int4 (quantize a bf16/fp32 "
+                                     "checkpoint at load: 4-bit weights, symmetric, groups of 128), awq / gptq / "
+                                     "compressed-tensors "
                                      "(4-bit weight-only checkpoints of that format; the checkpoint must be one), "
                                      "none (refuse a quantized checkpoint)")
     dtype: str = _opt("auto", "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
