@@ -22,6 +22,8 @@ Plans (the commands of benchmarks/RESULTS.md):
   repetition penalty 0.5 without and with n-gram (k = 4, speculating up to 64 sequences).
 - quant: quantization on the 8B shape (issue 25): the W4A16 and FP8 checks, then batch 1 in bf16 and
   ``--quantization int4``, and S in bf16 and ``--quantization fp8``.
+- pdl: the quant plan's runs with programmatic dependent launch off and on (``TANDEM_PDL``), each
+  printing its outputs' digest (the same tokens either way).
 - serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
 
 On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
@@ -104,6 +106,9 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                                          "--max-tokens", ln(512), "--seed", str(seed)], kind="serve")
            for c in (64, 256) for k, seed in (("a", 21), ("b", 31))],
     }
+    # programmatic dependent launch off and on, same call (kernels/pdl.py): figures and output digests
+    named["pdl"] = [Run(f"{r.name}_pdl{v}", r.argv, {"TANDEM_PDL": v}) for r in named["quant"] if r.kind == "bench"
+                    for v in ("0", "1")]
     if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
             run.argv += ["--runs", "1", "--simulated-device", "off"]
@@ -200,7 +205,7 @@ def summary_row(run: Run, rc: int | None, out_dir: Path) -> str:
                     f"{_pct(m.get('gpu_idle_fraction'))} (decode {_pct(m.get('gpu_idle_fraction_decode'))})  floor "
                     f"{'n/a' if roof is None else f'{roof:.3f}'}  decode step/floor {frac}{spec}")
     same = data.get("outputs_identical_across_modes")
-    return "\n".join(rows) + ("" if same is None else f"  sync == async: {same}")
+    return "\n".join(rows) + ("" if same is None else f"  sync == async: {same}") + f"  digest {data.get('outputs_digest')}"
 
 
 def _pct(x: float | None) -> str:

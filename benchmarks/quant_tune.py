@@ -30,8 +30,10 @@ ROTATE_BYTES = 256 << 20
 def w8_grid(m: int) -> list:
     from tandem.kernels.w8a16 import W8Tiles
 
-    return [W8Tiles(bn, bk, s, w, st) for bn, bk, w, st, s in
-            itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 5), (1, 2, 4, 8, 16))]
+    plain = [W8Tiles(bn, bk, s, w, st) for bn, bk, w, st, s in
+             itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 5), (1, 2, 4, 8, 16))]
+    return plain + [W8Tiles(bn, bk, s, w, st, swap=True) for bn, bk, w, st, s in  # wgmma M: 64 per warp group
+                    itertools.product((64, 128), (128, 256), (4,), (3, 4), (1, 2, 4, 8, 16))]
 
 
 def w4_grid(m: int) -> list:

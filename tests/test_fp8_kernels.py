@@ -52,7 +52,9 @@ for m, n, k, block in ((1, 96, 64, (32, 32)), (21, 80, 100, (16, 32)), (70, 136,
 # the weight-only GEMM (decode sizes): x in its own precision times the dequantized FP8 weight
 from tandem.kernels.w8a16 import W8Tiles, w8a16_matmul
 for m, n, k, block, tiles in ((1, 96, 64, None, None), (5, 80, 128, (16, 32), None), (33, 136, 96, (32, 32), None),
-                              (64, 48, 160, None, W8Tiles(32, 32, 3, 4, 2)), (2, 72, 256, (8, 64), W8Tiles(16, 64, 2, 4, 2))):
+                              (64, 48, 160, None, W8Tiles(32, 32, 3, 4, 2)), (2, 72, 256, (8, 64), W8Tiles(16, 64, 2, 4, 2)),
+                              (3, 80, 192, None, W8Tiles(32, 64, 2, 4, 2, swap=True)),
+                              (20, 72, 256, (8, 64), W8Tiles(64, 32, 3, 4, 2, swap=True))):
     w = torch.randn(n, k, generator=g) * 0.05
     scale = (torch.rand(n, generator=g) if block is None else
              torch.rand((-(-n // block[0]), -(-k // block[1])), generator=g)) * 1e-3 + 1e-4
@@ -120,8 +122,8 @@ def test_the_fp8_kernels_compile_for_h100(monkeypatch):
                 dict(HAS_BIAS=bias, FP8_DOT=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128))
     from tandem.kernels.w8a16 import _w8a16_kernel
 
-    for rowwise, bias in ((True, False), (False, True)):  # weight-only FP8 at decode sizes, split K
-        test_triton_compile._compile(
+    for rowwise, bias, swap in ((True, False, False), (False, True, False), (True, False, True), (False, True, True)):
+        test_triton_compile._compile(  # weight-only FP8 at decode sizes, split K
             _w8a16_kernel, {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "bias_ptr": "*bf16",
                             "parts_ptr": "*fp32", "counters_ptr": "*i32"},
-            dict(ROWWISE=rowwise, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"))
+            dict(ROWWISE=rowwise, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32", SWAP=swap, PDL=swap))

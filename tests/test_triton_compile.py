@@ -39,12 +39,12 @@ def test_attention_kernels_compile(dtype):
         for splits in (1, 4):
             _compile(paged_decode._paged_decode_kernel, io,
                      dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, DIM_PAD=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=splits,
-                          MIN_SPLIT=256, SOFTCAP=softcap, PRECISION=precision))
+                          MIN_SPLIT=256, SOFTCAP=softcap, PRECISION=precision, PDL=softcap))
         _compile(paged_varlen._paged_varlen_kernel, io,
                  dict(GROUP=4, HEAD_DIM=80, DIM_PAD=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, SOFTCAP=softcap,
                       PRECISION=precision))
     _compile(paged_decode._combine_splits_kernel, {"out_ptr": f"*{dtype}"},
-             dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, DIM_PAD=128))
+             dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, DIM_PAD=128, PDL=True))
 
 
 def test_sampling_and_fused_kernels_compile():
@@ -54,10 +54,10 @@ def test_sampling_and_fused_kernels_compile():
              dict(BLOCK=1024))
     _compile(sampling._merge_splits_kernel, {"part_col_ptr": "*i32", "out_ptr": "*i64"}, dict(SPLITS_PAD=32))
     for has_res in (True, False):
-        _compile(fused._add_rms_norm_kernel, {"*": "*bf16"}, dict(HAS_RES=has_res, BLOCK=4096))
+        _compile(fused._add_rms_norm_kernel, {"*": "*bf16"}, dict(HAS_RES=has_res, BLOCK=4096, PDL=has_res))
     _compile(fused._rope_store_kv_kernel, {"*": "*bf16", "pos_ptr": "*i64", "slot_ptr": "*i64"},
-             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8_MANTISSA=0, FP8_MIN_EXP=0, FP8_MAX=0.0))
-    _compile(fused._silu_mul_kernel, {"*": "*bf16"}, dict(BLOCK=1024))
+             dict(HALF=64, HALF_PAD=64, Q_PAD=32, KV_PAD=8, FP8_MANTISSA=0, FP8_MIN_EXP=0, FP8_MAX=0.0, PDL=True))
+    _compile(fused._silu_mul_kernel, {"*": "*bf16"}, dict(BLOCK=1024, PDL=True))
 
 
 @pytest.mark.parametrize("logits", ["bf16", "fp32"])

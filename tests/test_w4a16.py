@@ -228,6 +228,7 @@ def test_kernel_compiles_for_sm90():
     for bm, bn, bk, once, zeros in ((16, 64, 128, True, True), (16, 64, 128, False, False), (64, 128, 64, True, True),
                                     (128, 128, 64, True, False)):
         _compile(w4a16._w4a16_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                               PRECISION="tf32", LOAD_ONCE=once))
+                                               PRECISION="tf32", LOAD_ONCE=once, PDL=zeros))
     for bn, bk, zeros in ((128, 128, True), (64, 128, False)):  # the one-row kernel
-        _compile(w4a16._w4a16_gemv_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk))
+        _compile(w4a16._w4a16_gemv_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk,
+                                                    PDL=zeros))

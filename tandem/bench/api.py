@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -125,7 +126,9 @@ def _real_bench(model: str, w: Workload, modes: list[str], runs: int | None, llm
             "cuda_graphs": bool(info.graph_batch_sizes), "prefix_caching": engine.core.prefix_caching,
             "tensor_parallel_size": engine.config.tensor_parallel_size,
             "ceilings": None if ceilings is None else asdict(ceilings),
-            "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists)}
+            "outputs_identical_across_modes": all(t == token_lists[0] for t in token_lists),
+            # compares runs in different processes (a kernel variant on and off gives the same tokens)
+            "outputs_digest": hashlib.sha256(repr(token_lists[0]).encode()).hexdigest()[:16]}
     data = record(results, meta, anchors)
     report_real(by_mode, results, anchors, meta, gpu=info.device.startswith("cuda"),
                 need=min(len(requests), engine.config.max_num_seqs) * (w.prompt_len.hi + w.max_tokens.hi),

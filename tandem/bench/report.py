@@ -107,7 +107,7 @@ def report_real(by_mode: dict[str, list[Any]], results: list[ModeResult], anchor
         for res in results:
             print(decode_check_text(res))
     print(f"outputs identical across modes{' and runs' if rounds > 1 else ''}: "
-          f"{meta['outputs_identical_across_modes']}")
+          f"{meta['outputs_identical_across_modes']} (digest {meta.get('outputs_digest')})")
 
 
 def _commit() -> str | None:

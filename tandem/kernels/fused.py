@@ -10,11 +10,13 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.fp8_formats import FP8_FORMATS
+from tandem.kernels.pdl import pdl_launch, wait_then_release
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -38,7 +40,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     res_out = torch.empty_like(x) if residual is not None else x
     _add_rms_norm_kernel[(n_rows,)](x, residual if residual is not None else x, weight, out, res_out, n_cols, eps,
                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-                                    num_warps=4 if n_cols <= 2048 else 8)
+                                    num_warps=4 if n_cols <= 2048 else 8, **pdl_launch(x.device))
     return out, res_out
 
 
@@ -91,7 +93,9 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_p
                           stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
                           stride_c_slot, stride_c_head, n_q_heads, n_kv_heads, k_scale, v_scale,
                           HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_PAD: tl.constexpr, KV_PAD: tl.constexpr,
-                          FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.constexpr, FP8_MAX: tl.constexpr):
+                          FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.constexpr, FP8_MAX: tl.constexpr,
+                          PDL: tl.constexpr):
+    wait_then_release(PDL)
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok)
     slot = tl.load(slot_ptr + tok)  # int64: slot * stride stays in range on large caches
@@ -131,12 +135,13 @@ def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, slot_mapping, cos, sin, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), n_q, n_kv, k_scale, v_scale,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), Q_PAD=triton.next_power_of_2(n_q),
-        KV_PAD=triton.next_power_of_2(n_kv), **fp8_constants(cache.dtype))
+        KV_PAD=triton.next_power_of_2(n_kv), **fp8_constants(cache.dtype), **pdl_launch(q.device))
     return q
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -153,5 +158,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n_cols = width // 2
     out = torch.empty(n_rows, n_cols, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](gate_up, out, n_cols, BLOCK=block)
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](gate_up, out, n_cols, BLOCK=block, **pdl_launch(gate_up.device))
     return out

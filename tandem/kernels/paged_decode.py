@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.pdl import pdl_launch, wait_then_release
+
 from tandem.kernels.paged_varlen import (attend_key_range, cache_scales, dot_precision, kernel_window, padded_head_dim,
                                          score_scales)
 
@@ -48,7 +50,8 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     # KV heads vary fastest in launch order: the programs of one sequence's heads run together and
     # read the same cache rows (each head a slice of every slot) while they are open in DRAM.
     kv_head = tl.program_id(0)
@@ -88,7 +91,9 @@ def _paged_decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_p
 
 @triton.jit
 def _combine_splits_kernel(part_acc_ptr, part_stats_ptr, out_ptr, NUM_SPLITS: tl.constexpr,
-                           SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+                           SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                           PDL: tl.constexpr):
+    wait_then_release(PDL)
     flat_head = tl.program_id(0).to(tl.int64)  # seq * Hq + head
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, DIM_PAD)
@@ -133,10 +138,10 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=MIN_SPLIT_KEYS,
-        SOFTCAP=softcap is not None, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
+        SOFTCAP=softcap is not None, PRECISION=dot_precision(q.dtype), num_warps=num_warps, **pdl_launch(q.device),
         **({"num_stages": num_stages} if num_stages else {}))
     if num_splits > 1:
         _combine_splits_kernel[(n_seqs * n_heads,)](
             part_acc, part_stats, out, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, DIM_PAD=dim_pad, num_warps=1)
+            HEAD_DIM=head_dim, DIM_PAD=dim_pad, num_warps=1, **pdl_launch(q.device))
     return out.view(n_seqs, n_heads * head_dim)

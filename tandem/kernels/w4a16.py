@@ -23,6 +23,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
+from tandem.kernels.pdl import pdl_launch, wait_then_release
 from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
 from tandem.kernels.int4_layout import MIN_GROUP, PACK, Int4Weight
 
@@ -117,9 +118,11 @@ def _group_params(s_ptr, z_ptr, g, n, cols, col_ok, HAS_ZEROS: tl.constexpr, BLO
 @triton.jit(do_not_specialize=["m", "stride_ys"])
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk, stride_qn,
                   stride_ys, k_tiles, tiles_per_split, splits, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, LOAD_ONCE: tl.constexpr,
+                  PDL: tl.constexpr):
     """Program (i, j, s): rows tile i, columns tile j, K tiles [s * tiles_per_split, ...) of split s
     (``finish_tile`` adds the splits into y)."""
+    wait_then_release(PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -166,7 +169,7 @@ def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.
 @triton.jit(do_not_specialize=["m", "stride_ys", "nibble"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk,
                        stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
 
     Issue slots, not bandwidth, bound a one-row 4-bit GEMV (Nsight Compute: an earlier version issued
@@ -191,6 +194,7 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_pt
     # a dot, so without this each tile would wait out a full memory latency
     words, s, z = _row_loads(q_ptr, s_ptr, z_ptr, first, last, r, n, cols, col_ok, stride_qk, stride_qn, GROUP,
                              HAS_ZEROS, BLOCK_N, BLOCK_K)
+    wait_then_release(PDL)  # the weights are the step's constants: the first tile's loads start before it
     for t in range(first, last):
         k0 = t * BLOCK_K
         words_next, s_next, z_next = _row_loads(q_ptr, s_ptr, z_ptr, t + 1, last, r, n, cols, col_ok, stride_qk,
@@ -253,7 +257,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
             tile_counters(x.device), m, n, x2.stride(0), w.qweight.stride(0), w.qweight.stride(1), m * n, k_tiles,
             per_split, splits)
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                  BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                  BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(x.device))
     if tiles.gemv:
         _w4a16_gemv_kernel[grid](*args, 0xF, **common)
     else:

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from tandem.kernels import num_sms
 from tandem.kernels.paged_varlen import dot_precision
+from tandem.kernels.pdl import pdl_launch, wait_then_release
 from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
 
 MAX_ROWS = 64  # above this the FP8 tensor-core GEMMs win (the activations are worth quantizing)
@@ -33,6 +34,7 @@ class W8Tiles:
     split_k: int
     num_warps: int
     num_stages: int
+    swap: bool = False  # the weight tile as the dot's first operand (``_tile_product``)
 
 
 def _largest_step(width: int, largest: int) -> int:
@@ -57,28 +59,58 @@ def w8a16_tiles(m: int, n: int, k: int, scale_block_k: int | None, sms: int = 13
     return W8Tiles(block_n, block_k, split, 4, 3)
 
 
+@triton.jit
+def _k_tile(acc, a_ptr, b_ptr, s_ptr, rows, cols, k0, ks, row_ok, col_ok, k, stride_am, scale_kblocks, scale_bn,
+            scale_bk, ROWWISE: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """``acc`` plus x[rows, K tile] @ W[cols, K tile]^T (times the tile's block scales): [rows, cols],
+    or [cols, rows] with ``SWAP``, which computes W x^T so that the widened weight tile is the dot's
+    first operand, which Hopper's wgmma takes from registers, and the few rows are its N; without
+    it fewer than 64 rows fall back to mma.sync with the weights shuffled through shared memory."""
+    kk = k0 + ks
+    if SWAP:
+        x = tl.load(a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < k),
+                    other=0.0)
+        w = tl.load(b_ptr + cols[:, None] * k + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < k),
+                    other=0.0).to(x.dtype)
+        lhs, rhs = w, x
+    else:
+        x = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < k),
+                    other=0.0)
+        lhs = x
+        rhs = tl.load(b_ptr + cols[None, :] * k + kk[:, None], mask=col_ok[None, :] & (kk[:, None] < k),
+                      other=0.0).to(x.dtype)  # [BLOCK_K, BLOCK_N] of the row-major [n, k] weight
+    if ROWWISE:
+        acc = tl.dot(lhs, rhs, acc, input_precision=PRECISION)
+    else:
+        sb = tl.load(s_ptr + (cols // scale_bn) * scale_kblocks + k0 // scale_bk, mask=col_ok, other=0.0)
+        if SWAP:
+            acc += tl.dot(lhs, rhs, input_precision=PRECISION) * sb[:, None]
+        else:
+            acc += tl.dot(lhs, rhs, input_precision=PRECISION) * sb[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["m"])
 def _w8a16_kernel(a_ptr, b_ptr, s_ptr, out_ptr, parts_ptr, bias_ptr, counters_ptr, m, n, k, stride_am, stride_split,
                   scale_kblocks, scale_bn, scale_bk, k_per_split, splits, ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                  SWAP: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     row_ok, col_ok = rows < m, cols < n
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = split * k_per_split
     for k0 in range(start, tl.minimum(k, start + k_per_split), BLOCK_K):
-        kk = k0 + ks
-        a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < k),
-                    other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * k + kk[:, None], mask=col_ok[None, :] & (kk[:, None] < k),
-                    other=0.0).to(a.dtype)  # [BLOCK_K, BLOCK_N] of the row-major [n, k] weight
-        if ROWWISE:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            sb = tl.load(s_ptr + (cols // scale_bn) * scale_kblocks + k0 // scale_bk, mask=col_ok, other=0.0)
-            acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
+        acc = _k_tile(acc, a_ptr, b_ptr, s_ptr, rows, cols, k0, ks, row_ok, col_ok, k, stride_am, scale_kblocks,
+                      scale_bn, scale_bk, ROWWISE, PRECISION, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
     if ROWWISE:
         acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
     finish_tile(acc, out_ptr, parts_ptr, bias_ptr, counters_ptr, rows[:, None] * n + cols[None, :],
@@ -116,6 +148,6 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, blo
     _w8a16_kernel[grid](x, weight, scale, out, parts, bias if bias is not None else out, tile_counters(x.device), m, n,
                         k, x.stride(0), m * n, scale.shape[-1] if block else 1, bn, bk, per_split, splits,
                         ROWWISE=block is None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
-                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
-                        num_stages=tiles.num_stages)
+                        BLOCK_K=tiles.block_k, PRECISION=dot_precision(x.dtype), SWAP=tiles.swap, num_warps=tiles.num_warps,
+                        num_stages=tiles.num_stages, **pdl_launch(x.device))
     return out
