@@ -189,7 +189,8 @@ from test_int4_models import greedy, quantized_pair
 import tandem.kernels.w4a16 as kernel
 calls = []
 matmul = kernel.w4a16_matmul
-kernel.w4a16_matmul = lambda x, w: calls.append(x.shape[0]) or matmul(x, w)
+gated = []  # rows of each call taking [gate | up] (the MLP's down projection, silu fused at one row)
+kernel.w4a16_matmul = lambda x, w, *a, **k: (gated if k.get("gated") else calls).append(x.shape[0]) or matmul(x, w, *a, **k)
 root = Path(tempfile.mkdtemp())
 src = build_checkpoint("llama", root / "llama")
 # act order: q, k, v (and gate, up) have their own input permutations, so they stay separate GEMMs
@@ -205,7 +206,7 @@ llm = LLM(str(src), device="cpu", dtype="float32", max_num_seqs=4, kv_cache_toke
 got = [o.outputs[0].token_ids for o in llm.generate([[5, 9, 40, 41, 300]], SamplingParams(max_tokens=6, temperature=0.0,
        ignore_eos=True), use_tqdm=False)]
 llm.engine.shutdown()
-assert calls, "the kernel ran"
+assert calls and 1 in gated, "the kernel ran, and took the gated input at one row"
 assert got == [greedy(rtn_reference(src, root / "rtn"))[0][:6]]
 print("engine ok")
 """

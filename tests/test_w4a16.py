@@ -194,6 +194,19 @@ w16 = w.to("cpu", torch.float16)
 x16 = torch.randn(9, 256).half()
 ref16 = (x16.float() @ dequantize(w16).float().t())
 assert rel(w4a16_matmul(x16, w16).float(), ref16) < 2e-3
+# gated: the input silu(gate) * up, fused into the one-row kernel's loads, computed first by the other
+# tiers and under act order; the reference rounds where the fused kernel does (float16 here)
+gate_up = torch.randn(5, 512).half() * 2
+for rows, tiles in ((1, None), (1, W4Tiles(1, 32, 32, 3, 4, 1, gemv=True)), (5, None)):
+    g, u = gate_up[:rows, :256], gate_up[:rows, 256:]
+    act = (torch.nn.functional.silu(g.float()).half().float() * u.float()).half()
+    got, want = w4a16_matmul(gate_up[:rows], w16, tiles, gated=True), w4a16_matmul(act, w16, tiles)
+    assert rel(got.float(), want.float()) < 1e-3, (rows, tiles, rel(got.float(), want.float()))
+try:
+    w4a16_matmul(gate_up[:1, :256], w16, gated=True)
+    raise SystemExit("a gated input of K features was accepted")
+except ValueError as e:
+    assert "gated" in str(e)
 print("max rel err", max(errs))
 """
 
@@ -231,4 +244,4 @@ def test_kernel_compiles_for_sm90():
                                                PRECISION="tf32", LOAD_ONCE=once, PDL=zeros))
     for bn, bk, zeros in ((128, 128, True), (64, 128, False)):  # the one-row kernel
         _compile(w4a16._w4a16_gemv_kernel, io, dict(GROUP=128, HAS_ZEROS=zeros, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk,
-                                                    PDL=zeros))
+                                                    PDL=zeros, GATED=not zeros))

@@ -140,6 +140,15 @@ def rope_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
 
 
 @triton.jit
+def silu_times(g, u):
+    """silu(g) * u in g's dtype, rounded where the reference rounds: silu to the dtype (as F.silu
+    is), then the product."""
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_then_release(PDL)
     row = tl.program_id(0)
@@ -147,9 +156,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.const
     ok = cols < n_cols
     g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=ok, other=0.0)
     u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu rounded to the dtype, as F.silu is
-    tl.store(out_ptr + row * n_cols + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+    tl.store(out_ptr + row * n_cols + cols, silu_times(g, u), mask=ok)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

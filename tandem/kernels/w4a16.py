@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels import num_sms
+from tandem.kernels.fused import silu_mul, silu_times
 from tandem.kernels.paged_varlen import dot_precision
 from tandem.kernels.pdl import pdl_launch, wait_then_release
 from tandem.kernels.split_k import MAX_TILES, finish_tile, tile_counters
@@ -156,11 +157,16 @@ def _row_loads(q_ptr, s_ptr, z_ptr, t, last, r, n, cols, col_ok, stride_qk, stri
 
 
 @triton.jit
-def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.constexpr):
+def _nibble_fma(dot, a_sum, src, mask, a_ptrs, up_offset, pos: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                GATED: tl.constexpr):
     """``dot`` plus the activations at ``a_ptrs`` (one per word row) times the nibble at bit ``pos``
     (<= 16) of each word, as 2**23 + q * 2**pos minus 2**23 (see the kernel); ``a_sum`` plus them.
-    Without zero points (symmetric: z = 8) the subtraction takes 8 * 2**pos off too."""
-    a = tl.load(a_ptrs).to(tl.float32)
+    Without zero points (symmetric: z = 8) the subtraction takes 8 * 2**pos off too. ``GATED``: the
+    activation is silu(gate) * up, gate at ``a_ptrs`` and up ``up_offset`` elements further."""
+    if GATED:
+        a = silu_times(tl.load(a_ptrs), tl.load(a_ptrs + up_offset)).to(tl.float32)
+    else:
+        a = tl.load(a_ptrs).to(tl.float32)
     offset: tl.constexpr = MAGIC_VALUE if HAS_ZEROS else MAGIC_VALUE + 8.0 * (1 << pos)
     w = ((src & mask) | MAGIC).to(tl.float32, bitcast=True) - offset
     return dot + (a * (1.0 / (1 << pos)))[:, None] * w, a_sum + a
@@ -168,8 +174,9 @@ def _nibble_fma(dot, a_sum, src, mask, a_ptrs, pos: tl.constexpr, HAS_ZEROS: tl.
 
 @triton.jit(do_not_specialize=["m", "stride_ys", "nibble"])
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_ptr, m, n, stride_xm, stride_qk,
-                       stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                       stride_qn, stride_ys, k_tiles, tiles_per_split, splits, nibble, up_offset, GROUP: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PDL: tl.constexpr, GATED: tl.constexpr):
     """``_w4a16_kernel``'s programs without the dot, one row each (program axis 0; ``BLOCK_M`` unused).
 
     Issue slots, not bandwidth, bound a one-row 4-bit GEMV (Nsight Compute: an earlier version issued
@@ -203,10 +210,11 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_pt
         dot = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         a_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for i in tl.static_range(5):  # nibbles 0-4 in place
-            dot, a_sum = _nibble_fma(dot, a_sum, words, nibble << (4 * i), x_row + k0 + 8 * r + i, 4 * i, HAS_ZEROS)
+            dot, a_sum = _nibble_fma(dot, a_sum, words, nibble << (4 * i), x_row + k0 + 8 * r + i, up_offset, 4 * i,
+                                     HAS_ZEROS, GATED)
         for i in tl.static_range(5, 8):
-            dot, a_sum = _nibble_fma(dot, a_sum, high, nibble << (4 * i - 12), x_row + k0 + 8 * r + i, 4 * i - 12,
-                                     HAS_ZEROS)
+            dot, a_sum = _nibble_fma(dot, a_sum, high, nibble << (4 * i - 12), x_row + k0 + 8 * r + i, up_offset,
+                                     4 * i - 12, HAS_ZEROS, GATED)
         if HAS_ZEROS:
             acc += (dot - a_sum[:, None] * z[None, :]) * s[None, :]
         else:
@@ -216,10 +224,10 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, parts_ptr, counters_pt
                 stride_ys, HAS_BIAS=False)
 
 
-def _check(x: torch.Tensor, w: Int4Weight) -> None:
+def _check(x: torch.Tensor, w: Int4Weight, gated: bool) -> None:
     k, n = w.in_features, w.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"w4a16: x has {x.shape[-1]} input features, the weight {k}")
+    if x.shape[-1] != (2 * k if gated else k):
+        raise ValueError(f"w4a16: x has {x.shape[-1]} input features, the weight {k}{' (x2: gated)' if gated else ''}")
     if w.group_size % MIN_GROUP or k % w.group_size or n % PACK:
         raise ValueError(f"w4a16: group_size {w.group_size} (K {k}, N {n}) is not implemented: "
                          f"a multiple of {MIN_GROUP} dividing K, N a multiple of {PACK}")
@@ -233,18 +241,23 @@ def _check(x: torch.Tensor, w: Int4Weight) -> None:
                          "packed weights dense along N or along K")
 
 
-def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -> torch.Tensor:
-    """[..., K] -> [..., N] in x's dtype; ``tiles`` overrides the tile table (tests, tuning)."""
-    _check(x, w)
+def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None, gated: bool = False) -> torch.Tensor:
+    """[..., K] -> [..., N] in x's dtype; ``tiles`` overrides the tile table (tests, tuning). ``gated``:
+    x is [..., 2K] = [gate | up] and the GEMM's input is silu(gate) * up, which the one-row kernel
+    computes as it loads its activations (one kernel less per MLP at batch 1); other tiers, and act
+    order, compute it first (``fused.silu_mul``)."""
     lead, k, n = x.shape[:-1], w.in_features, w.out_features
-    x2 = x.reshape(-1, k)
+    _check(x, w, gated)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, n)
+    tiles = tiles or w4a16_tiles(x2.shape[0], n, k, w.group_size, num_sms(x.device))
+    if gated and not (tiles.gemv and w.perm is None):
+        x2, gated = silu_mul(x2.contiguous()), False
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)  # act order: channels sorted by group, as the weight's rows are
     x2 = x2.contiguous()
     m = x2.shape[0]
-    if m == 0:
-        return x.new_empty(*lead, n)
-    tiles = tiles or w4a16_tiles(m, n, k, w.group_size, num_sms(x.device))
     k_tiles = k // tiles.block_k
     per_split = triton.cdiv(k_tiles, tiles.split_k)
     splits = triton.cdiv(k_tiles, per_split)
@@ -259,7 +272,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, tiles: W4Tiles | None = None) -
     common = dict(GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(x.device))
     if tiles.gemv:
-        _w4a16_gemv_kernel[grid](*args, 0xF, **common)
+        _w4a16_gemv_kernel[grid](*args, 0xF, k, GATED=gated, **common)
     else:
         _w4a16_kernel[grid](*args, PRECISION=dot_precision(x.dtype), LOAD_ONCE=tiles.load_once, **common)
     return y.reshape(*lead, n)

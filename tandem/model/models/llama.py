@@ -18,7 +18,7 @@ from tandem.model.layers.rotary import apply_rope, rope_cos_sin
 from tandem.model.model_config import ModelConfig, refuse_settings
 from tandem.model.models.decoder_parts import (ModelWeights, attention_weights, embedding_and_head,
                                                ignored_tensors, lm_logits, mlp_weights)
-from tandem.model.quant.linear import Weight, linear
+from tandem.model.quant.linear import Weight, linear, silu_gated_linear
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -142,7 +142,7 @@ class LlamaModel(LayeredForward):
         layer = self.weights.layers[i]
         attn = self.comm.reduce(linear(attn_out, layer.o))
         hidden, residual = self._add_norm(attn, residual, layer.post_norm, self.config.rms_norm_eps)
-        return self.comm.reduce(linear(self._silu_mul(linear(hidden, layer.gate_up)), layer.down)), residual
+        return self.comm.reduce(silu_gated_linear(linear(hidden, layer.gate_up), layer.down, self._silu_mul)), residual
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._add_norm(hidden, residual, self.weights.norm, self.config.rms_norm_eps)[0]

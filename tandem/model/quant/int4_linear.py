@@ -74,6 +74,13 @@ class Int4Linear:
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out if bias is None else out + bias
 
+    def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The weight applied to silu(gate) * up of gate_up = [gate | up] (``linear.silu_gated_linear``)."""
+        from tandem.kernels.w4a16 import w4a16_matmul
+
+        outs = [w4a16_matmul(gate_up, p, gated=True) for p in self.parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
     @staticmethod
     def cat_rows(parts: list[Int4Linear]) -> Int4Linear:
         merged: list[Int4Weight] = []

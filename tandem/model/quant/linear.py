@@ -1,13 +1,14 @@
 """The linear layers' seam: a weight is a dense tensor or a quantized weight object, and the model
 code applies either through ``linear`` (the call it made with ``F.linear``) and fuses either with
 ``cat_rows`` (q/k/v, gate/up). A quantized weight class offers ``shape``, ``nbytes`` (bytes stored,
-scales included), ``dequantize(dtype)``, ``forward(x, bias)`` and a static ``cat_rows(parts)``."""
+scales included), ``dequantize(dtype)``, ``forward(x, bias)`` and a static ``cat_rows(parts)``; it
+may offer ``forward_silu_gated(gate_up)`` (``silu_gated_linear``)."""
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,16 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     return weight.forward(x, bias)
+
+
+def silu_gated_linear(gate_up: torch.Tensor, weight: Weight,
+                      silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``weight`` applied to silu(gate) * up of ``gate_up`` = [gate | up] (a gated MLP's down
+    projection): a quantized weight whose kernel computes the activation as it reads its input
+    (``forward_silu_gated``) takes ``gate_up`` itself, saving a kernel; any other gets
+    ``silu_mul(gate_up)``."""
+    fused = getattr(weight, "forward_silu_gated", None)
+    return fused(gate_up) if fused is not None else linear(silu_mul(gate_up), weight)
 
 
 def cat_rows(parts: list[Weight]) -> Weight:
