@@ -76,9 +76,15 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("query_start", Per.SEQ_EDGE, np.int64, COUNT, doc="offset of each sequence's first token"),
     StepField("seq_lens", Per.SEQ, np.int64, 1, doc="context length including this step's tokens"),
     StepField("seq_rows", Per.SEQ, np.int64, PADDING_ROW, doc="each sequence's row of the per-row device state"),
+    # speculative decoding overlapped (docs/pipeline.md): the host plans a step before the previous
+    # one, which verified proposals for this sequence, is processed; it assumed every proposal accepted
+    StepField("spec_lag", Per.SEQ, np.int64, 0,
+              doc="1: the previous step verified proposals for it; positions, slots, length and output indices "
+                  "shift back on the device by the proposals it rejected"),
     StepField("logits_indices", Per.SAMPLE, np.int64, COUNT, doc="flat token whose logits are sampled"),
     StepField("sample_rows", Per.SAMPLE, np.int64, PADDING_ROW, doc="next-token table row each sample goes to"),
     StepField("gen_index", Per.SAMPLE, np.int64, 0, doc="output index of the sampled token (seeds its noise)"),
+    StepField("draft_token", Per.SAMPLE, np.int64, -1, doc="the proposal this sampled row verifies (-1: none)"),
     StepField("seeds", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.seed),
     StepField("top_k", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.params.effective_top_k),
     StepField("prompt_lens", Per.SAMPLE, np.int64, 0, from_request=lambda r: r.prompt_len),
@@ -138,6 +144,9 @@ class StepShape:
     num_prompt_logprobs: int = 0  # prompt-logprob entries
     num_history: int = 0  # history entries
     num_masked: int = 0  # grammar-constrained sampled rows (their mask is provided after submission)
+    #: sequences with ``spec_lag`` set: the device resolves their inputs first (not a shape any
+    #: captured graph reads: the resolution runs before a graph's inputs are staged)
+    num_lagged: int = 0
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
@@ -177,6 +186,9 @@ class SamplerFlags:
     prompt_logprobs: int = -1  # most top logprobs a prompt-logprob entry wants (-1: none)
     penalty_span: int = 0  # with penalties: the longest prompt + output a penalised row has so far
     allowed_tokens: bool = False  # some bias entry is +inf: its row may sample only such tokens
+    #: some row verifies a proposal (``draft_token``): each sequence's last accepted draw goes to the
+    #: next-token table, and what it rejected to the device's table the next step resolves from
+    speculative: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ class _Part:
     request_ints: np.ndarray
     request_floats: np.ndarray
     biased: list[tuple[int, Sequence, int]]  # (index among the part's sampled rows, sequence, gen_index)
+    lagged: np.ndarray  # per sequence, 1: its previous step, still unprocessed, speculated (``spec_lag``)
+    draft: np.ndarray  # per sampled row: the proposal it verifies (-1: none)
 
 
 def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
@@ -73,17 +75,19 @@ def _decode_part(d: DecodeBlock, pad: Padding | None) -> _Part:
     st, n = d.state, len(d)
     extra = pad.num_seqs - n if pad and pad.num_seqs else 0
     g, rows, starts, gen_index, pending = d.rows, d.rows, d.starts, d.gen_index, d.pending
+    lagged = np.zeros(n, np.int64) if d.lagged is None else d.lagged.astype(np.int64)
     if extra > 0:  # g: where the state keeps each row's data; rows: the device rows they sample into
         g = np.concatenate([g, np.full(extra, st.padding_row)])
         rows = np.concatenate([rows, np.full(extra, pad.padding_row)])
-        starts, gen_index, pending = (np.concatenate([a, np.zeros(extra, np.int64)]) for a in (starts, gen_index, pending))
+        starts, gen_index, pending, lagged = (np.concatenate([a, np.zeros(extra, np.int64)])
+                                              for a in (starts, gen_index, pending, lagged))
     width = table_width(int(st.num_blocks[g].max()), pad)
     biased = [(j, d.seqs[j], int(d.gen_index[j])) for j in np.flatnonzero(st.special[d.rows]).tolist()
               if d.seqs[j].has_bias]
     ones = np.ones(len(g), np.int64)
     return _Part(np.where(pending > 0, -(rows + 1), st.last_token[g]), starts, ones, rows,
                  np.ones(len(g), bool), ones, st.block_table[g, :width], gen_index, st.request_ints[g],
-                 st.request_floats[g], biased)
+                 st.request_floats[g], biased, lagged, np.full(len(g), -1, np.int64))
 
 
 def _chunk_part(items: list[ScheduledSeq]) -> _Part:
@@ -108,7 +112,16 @@ def _chunk_part(items: list[ScheduledSeq]) -> _Part:
                  np.array([it.seq.step_values[0] for it in sampled], np.int64).reshape(-1, k_int)[sample_of],
                  np.array([it.seq.step_values[1] for it in sampled], np.float64).reshape(-1, k_float)[sample_of],
                  [(int(first_row[j]) + i, it.seq, it.gen_index + i) for j, it in enumerate(sampled)
-                  if it.seq.has_bias for i in range(it.num_samples)])
+                  if it.seq.has_bias for i in range(it.num_samples)],
+                 np.fromiter((it.lagged for it in items), np.int64, n), _drafts(sampled, len(sample_of)))
+
+
+def _drafts(sampled: list[ScheduledSeq], num_samples: int) -> np.ndarray:
+    """Each sampled row's proposal to verify: a speculating sequence's rows verify its proposals in
+    order, and its last row (the bonus draw) none."""
+    if not any(it.proposals for it in sampled):
+        return np.full(num_samples, -1, np.int64)
+    return np.fromiter(chain.from_iterable((it.proposals or []) + [-1] for it in sampled), np.int64, num_samples)
 
 
 def _padding_part(num: int, row: int) -> _Part:
@@ -119,15 +132,13 @@ def _padding_part(num: int, row: int) -> _Part:
     floats = np.array([[f.pad for f in REQUEST_FLOAT_FIELDS]] * num, np.float64).reshape(num, len(REQUEST_FLOAT_FIELDS))
     ones = np.ones(num, np.int64)
     return _Part(zeros, zeros, ones, np.full(num, row), np.ones(num, bool), ones,
-                 np.zeros((num, 1), np.int64), zeros, ints, floats, [])
+                 np.zeros((num, 1), np.int64), zeros, ints, floats, [], zeros, np.full(num, -1, np.int64))
 
 
 def _chunk_ids(item: ScheduledSeq) -> list[int]:
     seq = item.seq
-    if item.proposals:  # its last token (known: a speculating step follows a drained device), then them
-        ids = seq.known_tokens(item.start, item.start + 1)
-        assert len(ids) == 1, "a speculating sequence's last token must be known"
-        return ids + list(item.proposals)
+    if item.proposals:  # its last token (known, or pending on the device), then them
+        return (seq.known_tokens(item.start, item.start + 1) or [-(seq.row + 1)]) + list(item.proposals)
     ids = seq.known_tokens(item.start, item.start + item.num_tokens)
     if len(ids) < item.num_tokens:  # the last position's token is still pending on the device
         ids = ids + [-(seq.row + 1)]
@@ -177,7 +188,8 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
         "slot_mapping": block_tables[token_seq, positions // block_size] * block_size + positions % block_size,
         "query_start": query_start, "seq_lens": starts + counts, "seq_rows": rows,
         **_sampled_rows(query_start, rows, sample, num_samples),
-        "gen_index": _join(parts, "gen_index"),
+        "gen_index": _join(parts, "gen_index"), "spec_lag": _join(parts, "lagged"),
+        "draft_token": _join(parts, "draft"),
     }
     _add_request_fields(f, _join(parts, "request_ints"), _join(parts, "request_floats"))
     _add_bias_entries(f, parts)
@@ -191,7 +203,7 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     f["block_tables"] = block_tables
     shape = StepShape(len(f["input_ids"]), block_tables.shape[0], len(f["sample_rows"]), max_q,
                       block_tables.shape[1], len(f["bias_sample"]), len(f["prompt_logprob_index"]),
-                      len(f["history_row"]), len(f["mask_sample"]))
+                      len(f["history_row"]), len(f["mask_sample"]), int(f["spec_lag"].sum()))
     return StepInputs(sched.step_id, shape, flags, pack(f, shape))
 
 
@@ -218,7 +230,8 @@ def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFla
                         penalties=bool(penalised.any()),
                         logprobs=int(f["logprobs"].max()) if len(f["logprobs"]) else -1,
                         prompt_logprobs=prompt_logprobs, penalty_span=span,
-                        allowed_tokens=bool(len(f["bias_value"]) and np.isposinf(f["bias_value"]).any()))
+                        allowed_tokens=bool(len(f["bias_value"]) and np.isposinf(f["bias_value"]).any()),
+                        speculative=bool((f["draft_token"] >= 0).any()))
 
 
 def _add_bias_entries(f: dict[str, np.ndarray], parts: list[_Part]) -> None:

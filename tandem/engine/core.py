@@ -16,10 +16,14 @@ the fill's endings after it (an ending found then is an abort of a request in fl
 runs the masked step's forward meanwhile, and only its sampling waits for the mask. Sync and async,
 with grammar workers or without, take these turns in the same order.
 
-Speculative decoding (``engine.speculation``) plans a speculating step only once every step before it
-has been processed, and nothing on top of a speculating step before it was processed: its accepted
-counts exist only in its output. Whether a step speculates is decided before it is planned from what
-the host knows then, which is the same in both loops, so they still make the same decisions."""
+Speculative decoding (``engine.speculation``) with the n-gram proposer pipelines as any step: a
+speculating step is planned while the previous one runs (the host proposes after a guess of that
+step's tokens), and the next one on top of it (the device resolves what it accepted: its accepted
+counts exist only in its output, ``worker.spec_lag``). The draft model proposes from known tokens,
+so its speculating steps are planned once every step before them has been processed, and nothing on
+top of one before it was processed (``spec_drains`` counts those waits). Whether a step speculates is
+decided before it is planned from what the host knows then, which is the same in both loops, so
+they still make the same decisions."""
 from __future__ import annotations
 
 import logging
@@ -96,6 +100,8 @@ class EngineCore:
         self._max_num_seqs = config.max_num_seqs
         self.structured: StructuredOutputs | None = None  # made for the first constrained request
         self.speculation = _speculation(config, worker)
+        self.spec_drains = 0  # speculating plans that first processed the steps in flight (no overlap)
+        self.spec_overlapped = 0  # speculating steps submitted while the step before them was in flight
 
     @property
     def grammars(self) -> StructuredOutputs:
@@ -150,6 +156,8 @@ class EngineCore:
                               None if masked is None else masked.sample_index)
             t_built = time.perf_counter()
             filled = self._provide_mask()  # the workers filled it while this step was planned
+            if sched.speculative and self.in_flight:
+                self.spec_overlapped += 1
             self.in_flight.append(_InFlight(sched, self.worker.submit(step), masked))
             for obs in self.observers:
                 obs.step_submitted(sched, SubmitTimes(t_begin, t_sched, t_built, time.perf_counter()))
@@ -183,15 +191,22 @@ class EngineCore:
             obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
 
     def _speculate(self, deltas: StepDeltas) -> dict[str, list[int]] | None:
-        """The proposals of the step about to be planned, if it speculates. Every step in flight is
-        processed first when it does, or when the newest one did (see the module's docstring)."""
-        if any(f.sched.speculative for f in self.in_flight):  # first: what it gained decides the next
-            while self.in_flight:
-                self._process_oldest(deltas)
-        wants = self.speculation.wants(self.scheduler)
-        while wants and self.in_flight:
+        """The proposals of the step about to be planned, if it speculates. A proposer that does not
+        overlap (the draft) has every step in flight processed first when it does, or when the newest
+        one did (see the module's docstring)."""
+        spec = self.speculation
+        if not spec.overlaps and any(f.sched.speculative for f in self.in_flight):  # what it gained decides
+            self._drain(deltas)
+        wants = spec.wants(self.scheduler)
+        if wants and not spec.overlaps:
+            self._drain(deltas)
+        return spec.propose(self.scheduler) if wants else None
+
+    def _drain(self, deltas: StepDeltas) -> None:
+        if self.in_flight:
+            self.spec_drains += 1
+        while self.in_flight:
             self._process_oldest(deltas)
-        return self.speculation.propose(self.scheduler) if wants else None
 
     def _begin_mask(self) -> None:
         """Begin filling the grammar mask of the newest step, once it is the only one in flight: every

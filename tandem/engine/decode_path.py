@@ -76,12 +76,17 @@ class DecodePath:
         elif grows.size:  # their next position starts a block: one new block each
             self._add_blocks([running[i] for i in decoding[grows].tolist()], r[grows])
         pending = st.pending[r]
+        lagged = st.spec_lag[r]
+        if lagged.any():  # their previous step speculated: this one does not (for the step after it)
+            st.spec_lag[r] = False
+        else:
+            lagged = None
         st.computed[r] += 1
         st.tokens[r] += 1
         st.pending[r] += 1
         st.last_step[r] = out.step_id
         seqs = list(running) if decoding.size == len(running) else [running[i] for i in decoding.tolist()]
-        out.decode = DecodeBlock(seqs, r, c, tokens[decoding] - st.prompt_len[r], pending, st.tag[r], st)
+        out.decode = DecodeBlock(seqs, r, c, tokens[decoding] - st.prompt_len[r], pending, st.tag[r], st, lagged)
         return chunked_seqs
 
     def _add_blocks(self, seqs: list[Sequence], rows: np.ndarray) -> None:

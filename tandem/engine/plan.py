@@ -26,6 +26,9 @@ class ScheduledSeq:
     #: speculative decoding: the proposed tokens after the sequence's last one (computed in this step
     #: after it, each position sampled: 1 + len(proposals) sampled rows); None: no speculation
     proposals: list[int] | None = None
+    #: its previous step, not processed when this one was planned, verified proposals for it: the
+    #: device shifts its positions back by the proposals that step rejected (``spec_lag``)
+    lagged: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -44,6 +47,7 @@ class DecodeBlock:
     pending: np.ndarray  # > 0: the input token is still on the device (a placeholder)
     tags: np.ndarray  # the rows' admissions when scheduled: a row that changed hands since is skipped
     state: RunningState
+    lagged: np.ndarray | None = None  # bool: as ``ScheduledSeq.lagged`` (None: none is)
 
     def __len__(self) -> int:
         return len(self.seqs)

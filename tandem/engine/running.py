@@ -52,6 +52,9 @@ class RunningState:
         self.special = np.zeros(n, bool)  # logit bias, min_tokens bans or stop ids: per-sequence work
         self.structured = np.zeros(n, bool)  # structured output: its sampled rows take a grammar mask
         self.tag = np.zeros(n, np.int64)  # which admission holds the row (a step's rows are checked)
+        # the newest step planned for the row verified proposals and is not processed yet: the next
+        # step's inputs for it are resolved on the device (``spec_lag``)
+        self.spec_lag = np.zeros(n, bool)
         self.num_blocks = np.zeros(n, np.int64)
         self.block_table = np.zeros((n, max(1, max_blocks)), np.int64)
         self.request_ints = np.zeros((n, len(REQUEST_INT_FIELDS)), np.int64)
@@ -68,6 +71,7 @@ class RunningState:
         self._next_tag += 1
         p = seq.params
         self.tag[row] = self._next_tag
+        self.spec_lag[row] = False  # a joining sequence has nothing in flight (it waited for it)
         self.computed[row], self.tokens[row], self.pending[row], self.last_step[row] = \
             computed, tokens, pending, last_step
         known = seq.prompt_len + len(seq.output_token_ids)

@@ -177,7 +177,11 @@ class Scheduler(DecodePath, SpecPath):
         start = seq.num_computed
         self.grow(seq, start + n)
         sample = start + n >= seq.num_tokens  # past it: a speculating sequence's proposals
-        item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached, proposals=proposals)
+        item = ScheduledSeq(seq, start, n, sample, seq.num_generated, num_cached=num_cached, proposals=proposals,
+                            lagged=seq.spec_lag)
+        seq.spec_lag = proposals is not None
+        if proposals is not None:
+            seq.proposed = proposals
         if seq.params.prompt_logprobs is not None:  # owed once per prompt position, also across preemption
             item.plp_start = max(start, seq.prompt_logprobs_next)
             item.plp_stop = max(item.plp_start, min(start + n, seq.prompt_len - 1))
@@ -254,7 +258,8 @@ class Scheduler(DecodePath, SpecPath):
         row = num_decodes
         for item in sched.chunks:
             if item.proposals:
-                self.accept_proposals(item, tokens[row:row + item.num_samples], output.logprobs, row, deltas)
+                self.accept_proposals(item, sched.step_id, tokens[row:row + item.num_samples], output.logprobs, row,
+                                      deltas)
             elif item.sample:
                 self.accept_token(item.seq, int(tokens[row]), output.logprobs, row, deltas)
             row += item.num_samples

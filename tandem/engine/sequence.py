@@ -84,6 +84,9 @@ class Sequence:
     min_tokens_ban: np.ndarray = field(init=False, repr=False)  # stop ids banned before min_tokens (scheduler)
     #: host-masked requests (``SamplingParams.host_masked``): their ``engine.structured.rules.TokenRules``
     rules: Any = field(default=None, init=False, repr=False)
+    #: speculative decoding: the proposals its newest planned step verifies (while ``RunningState.spec_lag``
+    #: says that step is not processed yet, the proposer continues them: ``Speculation.propose``)
+    proposed: list[int] = field(default_factory=list, init=False, repr=False)
     # the counters while not attached to a running state
     _computed: int = field(default=0, init=False, repr=False)  # tokens whose K/V is written or being written
     _pending: int = field(default=0, init=False, repr=False)
@@ -140,6 +143,16 @@ class Sequence:
         else:
             self._state.pending[self.row] -= 1
             self._state.last_token[self.row] = token
+
+    @property
+    def spec_lag(self) -> bool:
+        """Whether its newest planned step verifies proposals and is not processed yet."""
+        return self._state is not None and bool(self._state.spec_lag[self.row])
+
+    @spec_lag.setter
+    def spec_lag(self, value: bool) -> None:
+        if self._state is not None:
+            self._state.spec_lag[self.row] = value
 
     @property
     def has_bias(self) -> bool:

@@ -11,8 +11,11 @@ seeded; for a deterministic proposal (q one-hot) this is rejection sampling's ru
 probability p(x), otherwise a draw from p without x), coupled through the shared noise.
 
 Scheduling is optimistic, as for one token: every proposal counts as accepted (pending) until the
-output is processed, which then rolls the counters back to what was accepted. The engine plans
-nothing on top of a speculating step before it was processed (``EngineCore``)."""
+output is processed, which then rolls the counters back by what was rejected. With a host proposer
+the engine plans the next step on top of a speculating one before processing it: that step's
+entries for the speculating sequences are marked ``lagged``, and the device shifts their positions,
+slots, context lengths and output indices back by the rejected count, which it knows
+(``worker.spec_lag``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,13 +79,18 @@ class SpecPath:
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks.can_grow(seq.block_ids, num_tokens)
 
-    def accept_proposals(self, item: ScheduledSeq, drawn: np.ndarray, logprobs: Logprobs | None, row: int,
-                         deltas: StepDeltas) -> None:
+    def accept_proposals(self, item: ScheduledSeq, step_id: int, drawn: np.ndarray, logprobs: Logprobs | None,
+                         row: int, deltas: StepDeltas) -> None:
         """A speculating entry's sampled rows ``row``.. came back with ``drawn``: its accepted
         proposals and the token drawn after them join its output, one by one through the usual stop
-        checks (a stop ends it mid-run, exactly where the non-speculative run ends)."""
+        checks (a stop ends it mid-run, exactly where the non-speculative run ends).
+
+        The counters move back by what was rejected, relative to where they are: the next step may
+        already be planned on top of this one (assuming every proposal accepted), and the device
+        shifted that step's positions back by the same count (``spec_lag``)."""
         seq, proposals = item.seq, item.proposals
         accepted = accepted_count(drawn, proposals)
+        rejected = len(proposals) - accepted
         stats = self.spec_stats
         stats.num_drafts += 1
         stats.num_draft_tokens += len(proposals)
@@ -90,9 +98,13 @@ class SpecPath:
         if seq.status is SeqStatus.RUNNING:
             # first: K/V is right up to the last accepted proposal; the drawn token after it is
             # computed by the next step (what a filled block may register counts only up to here)
-            seq.num_computed = item.start + 1 + accepted
+            seq.num_computed -= rejected
+            if seq.last_step == step_id:  # nothing planned on top of it: the next step is not lagged
+                seq.spec_lag = False
+        taken = 0
         for j, token in enumerate(drawn[:accepted + 1].tolist()):
             if seq.finished:
                 break
             self.accept_token(seq, token, logprobs, row + j, deltas)
-        seq.num_pending = 0  # the rejected proposals were counted as pending
+            taken += 1
+        seq.num_pending -= len(proposals) + 1 - taken  # the rejected proposals were counted as pending

@@ -7,20 +7,25 @@ decoding sequences then take proposals from the proposer. Requests whose samplin
 their mask for a position depends on the tokens before it, which the mask path knows one step at a
 time. They decode one token per step in the same batches.
 
-A speculating step is planned after the device has finished everything before it (no overlap) and
-verifies k + 1 rows per sequence, so it costs more than a plain step: on the H100 with the 8B model,
-12% more at 1 sequence, 16% at 8, 29% at 32 (benchmarks/RESULTS.md). When the proposer finds nothing
-(n-gram lookup on text that does not repeat), or what it proposed over the last ``JUDGE_WINDOW``
-speculating sequence-steps gained less than that (accepted tokens per sequence-step below
-``break_even_gain``), speculation backs off: it sits out 1, 2,
-4 .. 16 steps, pipelined as without speculation, and tries again; a window that gains enough
-resets it. The rule reads only the host's state after the speculating step was processed,
-which the sync and async loops reach at the same point, so both decide alike."""
+With the n-gram proposer a speculating step is planned while the previous step runs, as any step
+(the device resolves what that step accepted, the host proposes after a guess of it); the draft
+model's steps are planned after the device has finished everything before it (it proposes from known
+tokens). A speculating step verifies k + 1 rows per sequence, so it costs more than a plain step: on
+the H100 with the 8B model, 12% more at 1 sequence, 16% at 8, 29% at 32 (benchmarks/RESULTS.md,
+measured without overlap). When the proposer finds nothing (n-gram lookup on text that does not
+repeat), or what it proposed over the last ``JUDGE_WINDOW`` speculating sequence-steps gained less
+than that (accepted tokens per sequence-step below ``break_even_gain``), speculation backs off: it
+sits out 1, 2, 4 .. 16 steps, pipelined as without speculation, and tries again; a window that
+gains enough resets it. The rule reads only the host's state when a step is planned, which is the
+same in the sync and async loops (both process the same steps before planning each one), so both
+decide alike; with overlap a speculating step's gain counts from the plan after it is processed,
+one step later than without."""
 from __future__ import annotations
 
 import logging
 
 from tandem.engine.scheduler import Scheduler
+from tandem.engine.sequence import Sequence
 from tandem.engine.spec_path import SpecStats
 from tandem.spec.config import SpeculativeConfig
 from tandem.spec.proposer import ProposalRequest, Proposer
@@ -47,9 +52,11 @@ class Speculation:
         self._backoff = {"empty": 0, "rejected": 0}
         self._sitting_out = 0  # steps left to sit out now
         self._window: tuple[int, int] | None = None  # (drafts, accepted) when the gain's window began
-        log.info("speculative decoding: %s, k = %d, off above %d requests; speculating steps are planned after "
-                 "the previous step is processed (no overlap of host and device for them)", config.method, config.k,
-                 config.disable_by_batch_size)
+        schedule = ("planned while the previous step runs (overlapped: the device resolves what it accepted)"
+                    if self.overlaps else "planned after the previous step is processed (no overlap of host and "
+                    "device for them: the draft proposes from known tokens)")
+        log.info("speculative decoding: %s, k = %d, off above %d requests; speculating steps are %s", config.method,
+                 config.k, config.disable_by_batch_size, schedule)
 
     def wants(self, scheduler: Scheduler) -> bool:
         """Whether the next step speculates: decided from what the host knows before planning it
@@ -80,17 +87,28 @@ class Speculation:
         self._backoff[why] = min(2 * level, MAX_BACKOFF) if level else 1
         self._sitting_out = self._backoff[why]
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a speculating step is planned while the previous step runs (a host proposer that
+        takes a guess of the tokens in flight), else after every step in flight is processed."""
+        return bool(getattr(self.proposer, "overlaps", False))
+
     def propose(self, scheduler: Scheduler) -> dict[str, list[int]]:
-        """Proposals by request id for the running sequences that decode next with every token known."""
-        requests = []
+        """Proposals by request id for the running sequences that decode next: with every token known,
+        or, for a proposer that overlaps, the ones the step in flight produces guessed."""
+        requests, skips = [], []
         for seq in scheduler.running:
-            if seq.params.host_masked or seq.num_pending or seq.num_tokens - seq.num_computed != 1:
+            skip = self._guessed(seq)
+            if skip is None:
                 continue
             room = min(self.config.k, seq.max_new_tokens - seq.num_generated - 1)  # the drawn token counts too
             if room > 0:
-                requests.append(ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids, room))
+                guess = tuple(seq.proposed) if seq.spec_lag else ()
+                requests.append(ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids,
+                                                skip + room, guess))
+                skips.append(skip)
         found = self.proposer.propose(requests) if requests else []
-        proposals = {r.request_id: p[:r.max_proposals] for r, p in zip(requests, found) if p}
+        proposals = {r.request_id: p[skip:r.max_proposals] for r, p, skip in zip(requests, found, skips) if p[skip:]}
         if proposals:
             self._backoff["empty"] = 0
             if self._window is None:  # judged by what they gain once their steps are processed
@@ -98,6 +116,24 @@ class Speculation:
         elif requests:  # sequences that could have speculated, and nothing to propose
             self._back_off("empty")
         return proposals
+
+    def _guessed(self, seq: Sequence) -> int | None:
+        """How many of a decoding sequence's next proposals stand for its draw in flight (0: none is in
+        flight, 1: the host guesses it), or None if it does not speculate. With a step in flight the
+        host knows its tokens only up to the step's input, and guesses the rest: the step's proposals
+        all accepted (if it speculated) and the proposer's next token as its draw; proposals continue
+        that guess. Not for requests the host masks, nor, in overlap, before ``min_tokens`` tokens are
+        known (the next step's rows would have only an upper bound of their index on the host, and
+        the bans depend on it)."""
+        if seq.params.host_masked or seq.num_tokens - seq.num_computed != 1:
+            return None
+        if self.overlaps and len(seq.output_token_ids) < seq.params.min_tokens:
+            return None  # the step after this one would be planned with the bans' index unknown
+        pending = seq.num_pending
+        if not pending:
+            return 0
+        in_flight = len(seq.proposed) + 1 if seq.spec_lag else 1  # the one step in flight (lag of one)
+        return 1 if self.overlaps and pending == in_flight else None
 
     def ended(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -45,6 +45,8 @@ class _Row:
 
 
 class DraftProposer:
+    overlaps = False  # proposes from the target's known tokens: the engine drains the device first
+
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
                  vocab_size: int, cuda_graphs: bool = False, max_seqs: int = 1, uniform: bool = True) -> None:
         """``cuda_graphs``: replay the proposal function as graphs of up to ``max_seqs`` rows (CUDA

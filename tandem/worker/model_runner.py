@@ -21,6 +21,7 @@ from tandem.worker.grammar_mask import apply_grammar_mask
 from tandem.worker.logits_processing import apply_logit_bias, apply_penalties, record_history
 from tandem.worker.logprobs import token_logprobs
 from tandem.worker.sampler import SamplingTensors, sample
+from tandem.worker.spec_lag import SpecLag
 
 
 class StepTensors(dict):
@@ -167,7 +168,7 @@ class Forwarded:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, num_rows: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, speculative: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -176,21 +177,33 @@ class ModelRunner:
         self.next_tokens = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
         # every token of each row's sequence by position, for penalties (the last row takes padding)
         self.history = torch.zeros(num_rows, max_model_len, dtype=torch.int32, device=self.device)
+        # speculative decoding: what a speculating step accepted, for the next step (overlap)
+        self.spec_lag = SpecLag(num_rows, self.device) if speculative else None
 
     @staticmethod
-    def state_bytes(num_rows: int, max_model_len: int) -> int:
+    def state_bytes(num_rows: int, max_model_len: int, speculative: bool = False) -> int:
         """Device memory of the per-row state above (the KV cache plan leaves room for it: 1 GiB at
         1024 sequences of a 128K-token model)."""
-        return num_rows * (8 + 4 * max_model_len)
+        return num_rows * (8 + 4 * max_model_len + (SpecLag.ROW_BYTES if speculative else 0))
 
     def run(self, data: torch.Tensor, shape: StepShape, flags: SamplerFlags,
             mask: torch.Tensor | None = None) -> torch.Tensor:
         """data: the step's packed inputs already on the device -> the packed output (see ``finish``)."""
         return self.finish_forwarded(self.forward(data, shape), shape, flags, mask)
 
-    def forward(self, data: torch.Tensor, shape: StepShape) -> Forwarded:
-        """The step up to its sampling stage, eagerly."""
-        f = StepTensors(data, shape)
+    def resolve_lagged(self, data: torch.Tensor, shape: StepShape) -> torch.Tensor:
+        """The step's inputs with the sequences after a speculating step in flight resolved on the
+        device (``worker.spec_lag``): a copy when there are any, else ``data`` itself. The first op
+        of every path (eager, piecewise graphs, decode graphs: before their inputs are staged)."""
+        if not shape.num_lagged:
+            return data
+        out = data.clone()
+        self.spec_lag.resolve(StepTensors(out, shape), shape, self.block_size)
+        return out
+
+    def forward(self, data: torch.Tensor, shape: StepShape, resolved: bool = False) -> Forwarded:
+        """The step up to its sampling stage, eagerly (``resolved``: ``resolve_lagged`` ran already)."""
+        f = StepTensors(data if resolved else self.resolve_lagged(data, shape), shape)
         ids = self.resolve_pending(f.input_ids)
         hidden = self.model.forward(ids, f.positions, self.kv_cache, step_attention(self.attention_inputs(f, shape)))
         return Forwarded(hidden, ids, f)
@@ -236,7 +249,10 @@ class ModelRunner:
             logits = self._process(logits, f, shape, flags, mask)
             tokens = sample(logits, SamplingTensors(f.temperature, f.top_k, f.top_p, f.min_p, f.seeds,
                                                     f.gen_index, flags.any_random, flags.need_sort))
-            self.next_tokens.index_copy_(0, f.sample_rows, tokens)
+            if flags.speculative:  # the accepted run's last draw, and what the next step resolves from
+                self.spec_lag.record(self.next_tokens, tokens, f.sample_rows, f.draft_token)
+            else:
+                self.next_tokens.index_copy_(0, f.sample_rows, tokens)
             parts["token_ids"] = tokens
             if flags.logprobs >= 0:
                 parts.update(token_logprobs(logits, tokens, flags.logprobs))

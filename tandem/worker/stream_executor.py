@@ -198,13 +198,16 @@ class StreamExecutor:
         return buf.dev_mask[:n].view(mask.shape)
 
     def _forward(self, data: torch.Tensor, step: StepInputs) -> Forwarded:
+        # first: the inputs after a speculating step in flight, resolved on the device (before a
+        # graph's inputs are staged: the graphs hold no such op)
+        data = self.runner.resolve_lagged(data, step.shape)
         graph = self.graphs.lookup(step) if self.graphs is not None else None
         if graph is not None:
             return self.graphs.forward(graph, data, step)
         bucket = self.piecewise.lookup(step) if self.piecewise is not None else None
         if bucket is not None:
             return self.piecewise.forward(bucket, data, step)
-        return self.runner.forward(data, step.shape)
+        return self.runner.forward(data, step.shape, resolved=True)
 
     def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
         return self.runner.finish_forwarded(self._forward(data, step), step.shape, step.sampler)

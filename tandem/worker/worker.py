@@ -66,7 +66,7 @@ class DeviceWorker:
         kv_cache = allocate_kv_cache(self.model.kv_spec, num_blocks, config.block_size, self.device, self.kv_dtype)
         num_rows = self.num_rows
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, num_rows + 1,  # +1: padding rows
-                                  max_model_len)
+                                  max_model_len, speculative=config.speculative is not None)
         graph_max_blocks = -(-max_model_len // config.block_size)
         self.graphs, self.piecewise = self._capture_graphs(graph_max_blocks, num_rows)
         if self.device.type == "cuda":
@@ -99,7 +99,8 @@ class DeviceWorker:
             piecewise_tokens = min(c.max_num_batched_tokens, TOKEN_BUCKETS[-1]) if graph_blocks else 0
             peaks = profile_activations(self.model, self.startup, c.max_num_batched_tokens, c.max_num_seqs,
                                         max_positions, c.block_size, graph_blocks, piecewise_tokens)
-            rows = ModelRunner.state_bytes(self.num_rows + 1, max_positions)  # allocated after the cache
+            rows = ModelRunner.state_bytes(self.num_rows + 1, max_positions,  # allocated after the cache
+                                           speculative=c.speculative is not None)
             reserved = peaks.total + rows
             logger.info("profiled activations: worst eager step %.2f GiB, largest decode graph %.2f GiB; "
                         "per-row state %.2f GiB", peaks.eager_bytes / 2**30, peaks.graph_bytes / 2**30, rows / 2**30)
