@@ -90,8 +90,17 @@ def test_randomized_cases_give_the_tokens_of_no_speculation(shifted):
     min_tokens, penalties, logit bias, logprobs, structured output, n > 1; greedy and seeded), the
     n-gram proposer with random settings: on (sync, async) equals off; the overlapped path ran."""
     totals = {"preemptions": 0, "hits": 0, "drafts": 0, "rejected": 0}
+    kinds = {"aborted": 0, "penalised": 0, "seeded": 0, "stop strings": 0, "stop ids": 0, "min_tokens": 0}
     for seed in SEEDS:
         case = _repetitive(make_case(7000 + seed), seed)
+        for r in case.requests:
+            p = r.params
+            kinds["aborted"] += r.abort_at is not None
+            kinds["penalised"] += p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+            kinds["seeded"] += p.temperature > 0
+            kinds["stop strings"] += bool(p.stop)
+            kinds["stop ids"] += bool(p.stop_token_ids)
+            kinds["min_tokens"] += p.min_tokens > 0
         spec = _ngram(random.Random(seed))
         off, _ = run_case_with_stats(_with(case, None), async_batching=True)
         on_sync, stats = run_case_with_stats(_with(case, spec), async_batching=False)
@@ -104,7 +113,7 @@ def test_randomized_cases_give_the_tokens_of_no_speculation(shifted):
         totals["hits"] += stats_async.prefix_cache_hits
         totals["drafts"] += stats_async.spec_num_drafts
         totals["rejected"] += stats_async.spec_num_draft_tokens - stats_async.spec_num_accepted_tokens
-    assert all(totals.values()), totals
+    assert all(totals.values()) and all(kinds.values()), (totals, kinds)
     assert shifted["rows"] > 0, shifted
 
 
@@ -191,3 +200,16 @@ def test_the_memory_plan_counts_the_speculation_table():
     allocated = sum(t.numel() * t.element_size() for t in (runner.history, runner.next_tokens, runner.spec_lag.rejected))
     assert ModelRunner.state_bytes(worker.num_rows + 1, 200, speculative=True) == allocated
     assert ModelRunner.state_bytes(worker.num_rows + 1, 200) < allocated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA executor and its graphs (run on a GPU)")
+def test_on_cuda_with_graphs_sync_equals_async(shifted):
+    """The stream executor with decode and piecewise graphs: the lagged steps resolve before their
+    inputs are staged; sync and async make the same decisions and give the same tokens."""
+    outs = []
+    for async_batching in (False, True):
+        llm = LLM("random:tiny", device="cuda", kv_cache_tokens=1024, async_batching=async_batching,
+                  speculative_config=NGRAM)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)])
+        assert llm.engine.core.spec_drains == 0 and llm.engine.core.spec_overlapped > 0
+    assert outs[0] == outs[1] and shifted["rows"] > 0

@@ -69,8 +69,9 @@ class SchedulerOutput:
 
     @property
     def speculative(self) -> bool:
-        """Whether some entry verifies proposals: the next step may not be planned before this one's
-        output is processed (its accepted counts are not known before)."""
+        """Whether some entry verifies proposals (its accepted counts are known on the host only once
+        its output is processed: a step planned on top of it before then resolves them on the device,
+        and one with a draft proposer is planned after it is processed)."""
         return any(item.proposals for item in self.chunks)
 
     @property
