@@ -213,3 +213,25 @@ def test_on_cuda_with_graphs_sync_equals_async(shifted):
         outs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)])
         assert llm.engine.core.spec_drains == 0 and llm.engine.core.spec_overlapped > 0
     assert outs[0] == outs[1] and shifted["rows"] > 0
+
+
+def test_a_penalised_prefill_chunk_beside_speculating_rows_is_recorded():
+    """A speculating sequence samples two rows while a penalised request's prompt is computed in
+    chunks beside it: the step samples as many rows as it has sequences, and the chunk's tokens must
+    still reach the device's token history (its penalties count them later). Float64: the logprobs
+    of no speculation to the last bit."""
+    prompts = [[11, 12, 13, 14] * 2, list(range(100, 160))]
+    params = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.8, logprobs=3)]
+    spec = NGRAM | {"num_speculative_tokens": 1}
+
+    def run(spec):
+        llm = LLM("random:tiny", kv_cache_tokens=512, dtype="float64", max_num_batched_tokens=8,
+                  speculative_config=spec)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, str(o.outputs[0].logprobs)) for o in outs], llm.engine.core.stats()
+
+    off, _ = run(None)
+    on, stats = run(spec)
+    assert on == off and stats.spec_num_drafts > 0

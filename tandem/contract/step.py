@@ -186,6 +186,9 @@ class SamplerFlags:
     prompt_logprobs: int = -1  # most top logprobs a prompt-logprob entry wants (-1: none)
     penalty_span: int = 0  # with penalties: the longest prompt + output a penalised row has so far
     allowed_tokens: bool = False  # some bias entry is +inf: its row may sample only such tokens
+    #: some sequence samples nothing (a prefill chunk): the token history records the step (the
+    #: chunk may be a penalised request's; its sampled rows later count these positions)
+    unsampled: bool = False
     #: some row verifies a proposal (``draft_token``): each sequence's last accepted draw goes to the
     #: next-token table, and what it rejected to the device's table the next step resolves from
     speculative: bool = False

@@ -197,7 +197,7 @@ def build_step(sched: SchedulerOutput, block_size: int, pad: Padding | None = No
     plp_k = _add_prompt_logprob_entries(f, sched.chunks, query_start[first_chunk:])
     _add_history_entries(f, sched.chunks)
     f["mask_sample"] = _NO_ENTRIES if mask_sample is None else mask_sample
-    flags = _sampler_flags(f, plp_k)
+    flags = _sampler_flags(f, plp_k, bool((num_samples == 0).any()))
     if pad and pad.num_seqs is None:
         _pad_tokens(f, pad.num_tokens)
     f["block_tables"] = block_tables
@@ -221,7 +221,7 @@ def _sampled_rows(query_start: np.ndarray, rows: np.ndarray, sample: np.ndarray,
     return {"logits_indices": (query_start[1:] - num_samples)[seq_of] + offset, "sample_rows": rows[seq_of]}
 
 
-def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFlags:
+def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int, unsampled: bool) -> SamplerFlags:
     random = f["temperature"] > 0
     penalised = (f["presence_penalty"] != 0) | (f["frequency_penalty"] != 0) | (f["repetition_penalty"] != 1)
     span = int((f["prompt_lens"] + f["gen_index"])[penalised].max()) if penalised.any() else 0
@@ -231,7 +231,7 @@ def _sampler_flags(f: dict[str, np.ndarray], prompt_logprobs: int) -> SamplerFla
                         logprobs=int(f["logprobs"].max()) if len(f["logprobs"]) else -1,
                         prompt_logprobs=prompt_logprobs, penalty_span=span,
                         allowed_tokens=bool(len(f["bias_value"]) and np.isposinf(f["bias_value"]).any()),
-                        speculative=bool((f["draft_token"] >= 0).any()))
+                        unsampled=unsampled, speculative=bool((f["draft_token"] >= 0).any()))
 
 
 def _add_bias_entries(f: dict[str, np.ndarray], parts: list[_Part]) -> None:

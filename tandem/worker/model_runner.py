@@ -237,8 +237,9 @@ class ModelRunner:
         ``mask``: the grammar bitmask of the rows ``mask_sample`` (None: sample them unconstrained,
         only for a step whose tokens are dropped, see ``Worker.drain``)."""
         # the history serves penalised rows only: record it when a sampled row is penalised or some
-        # sequence samples nothing (a prefill chunk of a penalised request may be among them)
-        if flags.penalties or shape.num_sampled < shape.num_seqs:
+        # sequence samples nothing (a prefill chunk of a penalised request may be among them; with
+        # speculation a step may sample as many rows as it has sequences and still hold one)
+        if flags.penalties or flags.unsampled or shape.num_sampled < shape.num_seqs:
             record_history(self.history, ids, f.positions, f.query_start, f.seq_rows)
         if shape.num_history:
             self.history[f.history_row, f.history_pos] = f.history_token.to(self.history.dtype)
