@@ -95,20 +95,25 @@ class Speculation:
 
     def propose(self, scheduler: Scheduler) -> dict[str, list[int]]:
         """Proposals by request id for the running sequences that decode next: with every token known,
-        or, for a proposer that overlaps, the ones the step in flight produces guessed."""
-        requests, skips = [], []
+        or, for a proposer that overlaps, after a guess of what the step in flight produces."""
+        requests, flights, rooms = [], [], []
         for seq in scheduler.running:
-            skip = self._guessed(seq)
-            if skip is None:
+            flight = self._in_flight(seq)
+            if flight is False:
                 continue
             room = min(self.config.k, seq.max_new_tokens - seq.num_generated - 1)  # the drawn token counts too
             if room > 0:
-                guess = tuple(seq.proposed) if seq.spec_lag else ()
+                ahead = 0 if flight is None else len(flight) + 1  # the guessed tokens before its own
                 requests.append(ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids,
-                                                skip + room, guess))
-                skips.append(skip)
+                                                ahead + room))
+                flights.append(flight)
+                rooms.append(room)
         found = self.proposer.propose(requests) if requests else []
-        proposals = {r.request_id: p[skip:r.max_proposals] for r, p, skip in zip(requests, found, skips) if p[skip:]}
+        proposals = {}
+        for r, p, flight, room in zip(requests, found, flights, rooms):
+            mine = _after_guess(p, flight, room)
+            if mine:
+                proposals[r.request_id] = mine
         if proposals:
             self._backoff["empty"] = 0
             if self._window is None:  # judged by what they gain once their steps are processed
@@ -117,24 +122,36 @@ class Speculation:
             self._back_off("empty")
         return proposals
 
-    def _guessed(self, seq: Sequence) -> int | None:
-        """How many of a decoding sequence's next proposals stand for its draw in flight (0: none is in
-        flight, 1: the host guesses it), or None if it does not speculate. With a step in flight the
-        host knows its tokens only up to the step's input, and guesses the rest: the step's proposals
-        all accepted (if it speculated) and the proposer's next token as its draw; proposals continue
-        that guess. Not for requests the host masks, nor, in overlap, before ``min_tokens`` tokens are
-        known (the next step's rows would have only an upper bound of their index on the host, and
-        the bans depend on it)."""
+    def _in_flight(self, seq: Sequence) -> list[int] | None | bool:
+        """A decoding sequence's proposals in the step in flight ([] for a plain decode there; None:
+        nothing in flight), or False if it does not speculate: requests the host masks, a proposer
+        that does not overlap while a step is in flight, and, in overlap, a request before
+        ``min_tokens`` tokens are known (the step after this one would have only an upper bound of
+        its rows' output index on the host, and the bans depend on it)."""
         if seq.params.host_masked or seq.num_tokens - seq.num_computed != 1:
-            return None
+            return False
         if self.overlaps and len(seq.output_token_ids) < seq.params.min_tokens:
-            return None  # the step after this one would be planned with the bans' index unknown
+            return False
         pending = seq.num_pending
         if not pending:
-            return 0
-        in_flight = len(seq.proposed) + 1 if seq.spec_lag else 1  # the one step in flight (lag of one)
-        return 1 if self.overlaps and pending == in_flight else None
+            return None
+        flight = list(seq.proposed) if seq.spec_lag else []
+        if not self.overlaps or pending != len(flight) + 1:  # (a lag of one step: nothing older is pending)
+            return False
+        return flight
 
     def ended(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.proposer.release(rid)
+
+
+def _after_guess(found: list[int], flight: list[int] | None, room: int) -> list[int]:
+    """Up to ``room`` proposals from the proposer's continuation ``found`` of the known tokens. With a
+    step in flight the host guesses its outcome from that continuation too: the step accepts its
+    proposals ``flight`` as far as they agree with it, draws its next token, and the proposals go on
+    after that draw. (After a step that rejected, the one in flight was planned on a wrong guess; the
+    continuation of the known tokens puts the next guess right again.)"""
+    if flight is None:
+        return found[:room]
+    accepted = next((i for i, (x, y) in enumerate(zip(flight, found)) if x != y), len(flight))
+    return found[accepted + 1:accepted + 1 + room]

@@ -1,11 +1,12 @@
 """Proposers: each speculating sequence gets up to k proposed next tokens per step.
 
-A proposer's proposals are deterministic functions of the tokens it is given (q is one-hot), which
-is what lets verification be an exact match against the target's own draw (``verify``). A proposer
-that ``overlaps`` (n-gram lookup) is asked while the previous step is still in flight: it gets the
-known tokens and the host's guess of the tokens that step produces (``ProposalRequest.guess``), and
-proposes after the guess; a wrong guess costs acceptance, never tokens (docs/pipeline.md). One
-that does not (the draft model) gets only known tokens: the host drains the device first. An
+A proposer sees only known tokens, and its proposals are deterministic functions of them (q is
+one-hot), which is what lets verification be an exact match against the target's own draw
+(``verify``). A proposer that ``overlaps`` (n-gram lookup) is asked while the previous step is still
+in flight: it continues the known tokens further, and the host takes its proposals after a guess of
+that step's outcome read off the same continuation (``engine.speculation``); a wrong guess costs
+acceptance, never tokens (docs/pipeline.md). For one that does not (the draft model) the host
+drains the device first. An
 EAGLE-style head would implement the same interface (its proposals from the target's hidden states,
 which would come back with the step's output); it is not built."""
 from __future__ import annotations
@@ -18,19 +19,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ProposalRequest:
-    """One sequence that may speculate this step: its known tokens (prompt + output), the tokens
-    the host guesses follow them (proposals of the step in flight; only for a proposer that
-    ``overlaps``), and how many proposals it may take after both (fewer near its max_tokens or the
-    step's token budget)."""
+    """One sequence that may speculate this step: its known tokens (prompt + output), and how many
+    tokens to propose after them (fewer near its max_tokens or the step's token budget; more with a
+    step in flight, whose guessed tokens come first)."""
 
     request_id: str
     tokens: list[int]
     max_proposals: int
-    guess: tuple[int, ...] = ()
 
 
 class Proposer(Protocol):
-    overlaps: bool  # proposes from known tokens and a guess, while the previous step runs (else: drained)
+    overlaps: bool  # asked while the previous step runs (the host guesses its outcome); else after a drain
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[int]]:
         """Per request, up to its ``max_proposals`` tokens to follow its tokens (possibly none)."""
@@ -47,7 +46,7 @@ class NgramProposer:
     (``ngram_lookup``). Each request's tokens are kept as an array that grows with its output (a
     long prompt is converted once, not every step)."""
 
-    overlaps = True  # a lookup in the tokens it is given: a guess of the ones in flight will do
+    overlaps = True  # cheap enough to continue the known tokens past the step in flight
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
@@ -55,12 +54,7 @@ class NgramProposer:
         self._lengths: dict[str, int] = {}
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[int]]:
-        return [ngram_lookup(self._tokens_of(r), self.min_n, self.max_n, r.max_proposals) for r in requests]
-
-    def _tokens_of(self, r: ProposalRequest) -> np.ndarray:
-        """Known tokens (kept, growing) and the guess after them (not kept: it may be wrong)."""
-        known = self._array(r)
-        return np.concatenate([known, np.asarray(r.guess, np.int64)]) if r.guess else known
+        return [ngram_lookup(self._array(r), self.min_n, self.max_n, r.max_proposals) for r in requests]
 
     def release(self, request_id: str) -> None:
         self._tokens.pop(request_id, None)
