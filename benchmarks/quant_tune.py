@@ -2,6 +2,8 @@
 
     python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16] [--rows=M] [--fp8-paths] [--layout=k]
 
+(W4A16 rows 1 to 256: the one-row kernel, split-K dot tiles up to 16 rows, GEMM tiles above.)
+
 Times each kernel inside a CUDA graph that cycles through enough copies of the weight to pass
 256 MB, so the weights come from HBM (not the 50 MB L2) and no Python launch cost is counted: what a
 decode step's graph replay sees. For each 8B-shape GEMM and row count it prints the bf16 GEMM, the
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-ROWS = {"w8a16": (1, 16, 32, 64), "w4a16": (1, 8, 16)}
+ROWS = {"w8a16": (1, 16, 32, 64), "w4a16": (1, 8, 16, 32, 64, 128, 256)}
 HBM = 3.35e12
 ROTATE_BYTES = 256 << 20
 
@@ -42,6 +44,9 @@ def w4_grid(m: int) -> list:
     if m == 1:  # the one-row kernel (its loads are prefetched by hand: no stages to sweep)
         return [W4Tiles(1, bn, bk, s, w, 1, True, gemv=True) for bn, bk, w, s in
                 itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2, 4, 8))]
+    if m > 16:  # GEMM tiles, no split (issue 25 asks batch 1-256 tuned)
+        return [W4Tiles(bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in
+                itertools.product(sorted({min(m, 128), 64, 32}), (64, 128), (32, 64), (4, 8), (3, 4))]
     return [W4Tiles(16, bn, bk, s, w, st, lo) for bn, bk, w, st, s, lo in
             itertools.product((64, 128), (64, 128), (4,), (3, 5), (1, 2, 4, 8), (True, False))]
 
