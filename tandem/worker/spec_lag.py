@@ -20,7 +20,7 @@ from tandem.contract.step import StepShape
 
 
 class SpecLag:
-    ROW_BYTES = 8  # device memory per row of the next-token table
+    ROW_BYTES = 8  # device memory per row of the next-token table (its rejected count)
 
     def __init__(self, num_rows: int, device: torch.device) -> None:
         # per row: proposals that the newest speculating step including it rejected
