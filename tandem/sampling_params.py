@@ -14,6 +14,10 @@ from tandem.structured_outputs import StructuredOutputsParams
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (logprobs, prompt_logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
+# The device divides positive logits by the repetition penalty in float32: a smaller penalty (5e-324
+# is 0 there) made them infinite, and sampling at temperature > 0 then drew from NaNs (under a
+# grammar, a token it rejects: an engine fault). Above this every finite logit stays finite.
+MIN_REPETITION_PENALTY = 1e-6
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # vLLM's range: every seed in it draws its own noise
 
 
@@ -124,7 +128,8 @@ class SamplingParams:
              f"must be in [0, {MAX_LOGPROBS}]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("repetition_penalty", MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0,
+             f"must be in [{MIN_REPETITION_PENALTY:g}, 10]"),
             ("logit_bias", all(k >= 0 and abs(v) <= MAX_LOGIT_BIAS for k, v in (self.logit_bias or {}).items()),
              f"must have token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]

@@ -203,7 +203,7 @@ def test_decimal_below_matches_exactly_the_ids_below_the_limit(limit):
 ENGINE_BOUNDS = [("temperature", "minimum"), ("top_p", "exclusiveMinimum"), ("top_p", "maximum"), ("top_k", "minimum"),
                  ("min_p", "minimum"), ("min_p", "maximum"), ("seed", "minimum"), ("seed", "maximum"),
                  ("presence_penalty", "minimum"), ("presence_penalty", "maximum"), ("frequency_penalty", "minimum"),
-                 ("frequency_penalty", "maximum"), ("repetition_penalty", "exclusiveMinimum"),
+                 ("frequency_penalty", "maximum"), ("repetition_penalty", "minimum"),
                  ("repetition_penalty", "maximum"), ("logprobs", "minimum"), ("logprobs", "maximum"),
                  ("min_tokens", "minimum"), ("n", "minimum"), ("max_tokens", "minimum"), ("logit_bias", "minimum"),
                  ("logit_bias", "maximum")]

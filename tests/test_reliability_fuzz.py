@@ -229,6 +229,12 @@ HOSTILE: list[tuple[str, str | bytes | dict, int]] = [
     ("/v1/completions", {"prompt": "hi", "temperature": 1e308, "max_tokens": 2}, 200),
     ("/v1/completions", {"prompt": "hi", "temperature": -1e308}, 400),
     ("/v1/completions", {"prompt": "hi", "top_p": 5e-324, "max_tokens": 2}, 200),
+    # a repetition penalty that is 0 as a float32 made logits infinite: refused; the least one taken,
+    # sampling under a grammar (which rejected the token drawn from NaNs: a 500 before)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "0"}], "guided_choice": ["0"],
+                              "repetition_penalty": 5e-324, "temperature": 1.0}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "0"}], "guided_choice": ["0"],
+                              "repetition_penalty": 1e-6, "temperature": 1.0, "max_tokens": 4}, 200),
     ("/v1/completions", {"prompt": [-1]}, 400),
     ("/v1/completions", {"prompt": [2**63]}, 400),
     ("/v1/completions", {"prompt": "\u0000\u202e\ufeff\u200b\U0010ffff\U0001f600e\u0301", "max_tokens": 3}, 200),

@@ -12,6 +12,7 @@ BAD = [
     dict(n=0), dict(n=1.0), dict(seed=1.5), dict(seed="42"), dict(stop=[""]), dict(stop=3), dict(stop=["a", 1]),
     dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.0]), dict(stop_token_ids=5), dict(ignore_eos=1),
     dict(detokenize="yes"), dict(min_tokens=-1), dict(logprobs=-1), dict(presence_penalty=math.nan),
+    dict(repetition_penalty=0.0), dict(repetition_penalty=5e-324),  # 0 as the device's float32
 ]
 
 

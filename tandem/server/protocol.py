@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tandem.sampling_params import SEED_MAX, SEED_MIN
+from tandem.sampling_params import MIN_REPETITION_PENALTY, SEED_MAX, SEED_MIN
 from tandem.server.constraints import GuidedFields
 from tandem.server.protocol_extras import (InformationalFields, RefusedChatFields, RefusedCompletionFields,
                                            RefusedVLLMFields)
@@ -104,7 +104,7 @@ class SamplingRequest(LogsUnknownFields, InformationalFields, RefusedVLLMFields,
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] | None = None
     logit_bias: LogitBias | None = None
     min_tokens: Int64Count | None = None
     bad_words: Words | None = None
