@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     SET_ASYNC = 2
     STOP = 3
     MASK = 4  # num_words: the payload's length (the mask's words per row, then its rows)
+    DRAIN = 5  # rank 0 drains: a step still waiting for its mask samples unconstrained on every rank
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tandem.contract.step import SamplerFlags, StepInputs, StepShape
 from tandem.worker.cuda_graphs import DecodeGraphs
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
-from tandem.worker.model_runner import ModelRunner
+from tandem.worker.model_runner import Forwarded, ModelRunner
 from tandem.worker.piecewise_graphs import PiecewiseGraphs
 from tandem.worker.stream_executor import StreamExecutor
 
@@ -47,9 +47,11 @@ class _ReceivingRunner:
 
 
 class TPStreamExecutor(StreamExecutor):
-    def _run(self, data: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def _forward(self, data: torch.Tensor, step: StepInputs) -> Forwarded:
+        """Every step's forward starts here: ``_run`` for a whole step, ``submit`` alone for one whose
+        sampling waits for its grammar mask (``provide_mask``: it needs no inputs of its own)."""
         receive_step(data)  # on the compute stream, after this buffer's H2D copy
-        return super()._run(data, step)
+        return super()._forward(data, step)
 
 
 def make_rank_executor(runner: ModelRunner, async_batching: bool, max_sampled: int,

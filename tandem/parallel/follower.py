@@ -35,6 +35,9 @@ def serve_steps(worker: RankWorker, receiver: ControlReceiver) -> None:
         if message.kind is Kind.MASK:  # the newest step's, as rank 0 provided it
             worker.provide_mask(message.step_id, receiver.recv_mask(message))
             continue
+        if message.kind is Kind.DRAIN:  # a step waiting for its mask samples here too (a logits gather)
+            worker.drain()
+            continue
         if message.kind is Kind.SET_ASYNC:
             while in_flight:
                 worker.collect(in_flight.popleft())

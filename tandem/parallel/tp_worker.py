@@ -105,6 +105,7 @@ class TPWorker:
         self.rank.set_async(enabled)
 
     def drain(self) -> None:
+        self.sender.send(Message(Kind.DRAIN))  # a step waiting for its mask is sampled on every rank
         self.rank.drain()  # rank 0's steps end only once every rank has joined their collectives
 
     def start_timing(self) -> None:
