@@ -7,7 +7,8 @@ Steps, each in its own process with a timeout (their whole output goes to OUT_DI
   allreduce  the collectives of one decode step (2 per layer + the embedding's all-reduce + the logits'
              all-gather, 32 rows), NCCL, captured in a CUDA graph: per-step cost at 8B and 70B shapes
   smoke      tiny checkpoints (llama; qwen3 with its one KV head replicated): tp=N tokens == tp=1, fp32,
-             CUDA graphs on, greedy + seeded, sync and async, chunked prefill + preemption
+             CUDA graphs on, greedy + seeded, sync and async, chunked prefill + preemption, two requests
+             under grammars (their steps wait for rank 0's mask)
   S70b       tandem bench random:llama3-70b, workload S (32 x (256 + 1024)), tp=N, sync + async, with
              --json and --timeline (141 GB of bf16 weights: each GPU draws only its shards)
   fp32       random:llama3-8b, 8 prompts x 32 new tokens, greedy, float32: tp=N tokens == tp=1 (a
@@ -99,15 +100,29 @@ def _tp_tokens(model: str, tp: int, prompts, params, **options) -> dict[str, lis
         llm.engine.shutdown()
 
 
+def _constrained() -> tuple[list[list[int]], list]:
+    """Two requests under grammars (a choice, greedy; a JSON schema, seeded): their steps wait for a mask."""
+    from tandem import SamplingParams
+    from tandem.structured_outputs import StructuredOutputsParams as Constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    return [[11, 12, 13], [21, 22]], [
+        SamplingParams(temperature=0, max_tokens=16, structured_outputs=Constraint(choice=["yes", "no"])),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=24, structured_outputs=Constraint(json=schema))]
+
+
 def smoke(out: Path, tp: int) -> None:
     from checkpoints import build_checkpoint
     from tp_cases import mixed_requests
 
     from tandem import LLM
 
+    constrained = _constrained()
+
     settings = dict(dtype="float32", max_num_batched_tokens=16, kv_cache_tokens=96, block_size=8, max_model_len=96,
                     max_num_seqs=8)
     prompts, params = mixed_requests()
+    prompts, params = prompts + constrained[0], params + constrained[1]  # masks reach every rank (CUDA path)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("llama", "qwen3"):
