@@ -71,3 +71,18 @@ def test_sampling_stage_kernels_compile(logits):
     _compile(penalties._keys_kernel, {**ints, "history_ptr": "*i32"}, dict(BLOCK=1024))
     _compile(penalties._apply_kernel, ints, dict(BLOCK=1024))
 
+
+
+def test_programmatic_dependent_launch_is_off_unless_asked(monkeypatch):
+    """Off by default and everywhere but CUDA (kernels/pdl.py); TANDEM_PDL=1 turns it on where supported."""
+    import torch
+
+    from tandem.kernels import pdl
+
+    cuda = torch.device("cuda", 0)  # a descriptor: no GPU is touched while the switch is off
+    monkeypatch.delenv("TANDEM_PDL", raising=False)
+    assert pdl.pdl_launch(cuda) == {"PDL": False} and pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("TANDEM_PDL", "1")
+    monkeypatch.setattr(pdl, "_supported", lambda index: True)
+    assert pdl.pdl_launch(cuda) == {"PDL": True, "launch_pdl": True}
+    assert pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}

@@ -13,7 +13,8 @@ kernel writes during the step (weights, scales), which a weight-streaming GEMM u
 first loads early. Kernels launched without it (torch's, cuBLAS) wait for the whole previous kernel,
 as always; CUDA graphs keep the launch attribute.
 
-``TANDEM_PDL=0`` turns it off (a kill switch, and for measuring it)."""
+Off by default until a GPU run shows it keeps every output (the same tokens on and off, and graph
+replay == eager) and pays: ``TANDEM_PDL=1`` turns it on."""
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,8 @@ def _supported(device_index: int) -> bool:
 
 def pdl_launch(device: torch.device) -> dict:
     """The constexpr and launch option for a kernel taking ``PDL`` (``wait_then_release``): on for a
-    Hopper-or-later CUDA device unless ``TANDEM_PDL=0``; off elsewhere (the interpreter)."""
-    on = device.type == "cuda" and os.environ.get("TANDEM_PDL", "1") != "0" and _supported(device.index or 0)
+    Hopper-or-later CUDA device with ``TANDEM_PDL=1``; off otherwise (and always in the interpreter)."""
+    on = device.type == "cuda" and os.environ.get("TANDEM_PDL", "0") == "1" and _supported(device.index or 0)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
