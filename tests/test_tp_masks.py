@@ -16,12 +16,11 @@ the group's collective timeout (45 s here) instead of hanging."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from test_tp_torchrun import _free_port
+from test_tp_torchrun import _free_port, communicate_all
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150
@@ -111,12 +110,7 @@ def test_tp2_constrained_steps_give_the_tokens_of_tp1(executor):
     ranks = [subprocess.Popen([sys.executable, "-c", _RANK, executor], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in (0, 1)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        outs = [rank.communicate(timeout=max(1.0, deadline - time.monotonic())) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    outs = communicate_all(ranks, TIMEOUT_S)
     (out, err), (_, follower_err) = outs
     assert ranks[0].returncode == 0 and out.startswith("ok"), out[-2000:] + err[-4000:] + follower_err[-2000:]
     assert ranks[1].returncode == 0, follower_err[-4000:]

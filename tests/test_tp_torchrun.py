@@ -21,6 +21,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr) once all have exited, within ``timeout_s`` in all: a rank stuck in
+    a collective fails the test instead of hanging it (every process is killed on the way out)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _node(rank: int, port: int, args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "tandem.cli",
@@ -37,12 +48,7 @@ def test_two_torchrun_nodes_generate_what_one_process_does(checkpoint_dir):
             "--prompt", prompt, "--max-tokens", "16", "--ignore-eos", "--temperature", "0"]
     port = _free_port()
     nodes = [_node(rank, port, args) for rank in (0, 1)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        outs = [node.communicate(timeout=max(1.0, deadline - time.monotonic())) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+    outs = communicate_all(nodes, TIMEOUT_S)
     for node, (_, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
     expected = LLM(path, device="cpu", dtype="float64").generate(
