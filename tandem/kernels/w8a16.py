@@ -34,7 +34,7 @@ class W8Tiles:
     split_k: int
     num_warps: int
     num_stages: int
-    swap: bool = False  # the weight tile as the dot's first operand (``_tile_product``)
+    swap: bool = False  # the weight tile as the dot's first operand (``_k_tile``)
 
 
 def _largest_step(width: int, largest: int) -> int:

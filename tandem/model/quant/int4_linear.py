@@ -70,15 +70,17 @@ class Int4Linear:
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         from tandem.kernels.w4a16 import w4a16_matmul  # Triton: imported only where the kernel runs
 
-        outs = [w4a16_matmul(x, p) for p in self.parts]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        out = self._parts_cat([w4a16_matmul(x, p) for p in self.parts])
         return out if bias is None else out + bias
 
     def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The weight applied to silu(gate) * up of gate_up = [gate | up] (``linear.silu_gated_linear``)."""
         from tandem.kernels.w4a16 import w4a16_matmul
 
-        outs = [w4a16_matmul(gate_up, p, gated=True) for p in self.parts]
+        return self._parts_cat([w4a16_matmul(gate_up, p, gated=True) for p in self.parts])
+
+    @staticmethod
+    def _parts_cat(outs: list[torch.Tensor]) -> torch.Tensor:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @staticmethod
