@@ -419,14 +419,12 @@ def test_speculation_backs_off_while_its_proposals_are_rejected():
         s.spec_stats.num_accepted_tokens += 2
 
 
-def test_the_draft_models_work_counts_as_device_time(monkeypatch):
-    """The draft's forwards run between steps: the device lane shows each proposal call as an
-    interval (DRAFT_STEP_ID), in whichever loop runs (the worker switches executors), so the
-    benchmark's and the server's GPU idle fraction do not count them as idling; per-step figures
-    leave them out."""
+def test_the_draft_models_work_lies_inside_the_steps(monkeypatch):
+    """The draft proposes on the device as the first op of the step that verifies its proposals, so
+    its forwards are part of that step's device time: the device lane holds the steps and nothing
+    between them, in whichever loop runs, and the benchmark's per-step figures include the draft."""
     import tandem.bench.measure as measure
     from tandem.bench.api import bench
-    from tandem.worker.draft_timing import DRAFT_STEP_ID
 
     seen = {}
     real = measure.summarise
@@ -438,7 +436,8 @@ def test_the_draft_models_work_counts_as_device_time(monkeypatch):
     monkeypatch.setattr(measure, "summarise", spy)
     out = bench("random:tiny", modes=["sync", "async"], num_requests=2, prompt_len=24, max_tokens=16, progress=False,
                 speculative_config={"method": "draft", "model": "random:tiny", "num_speculative_tokens": 3})
+    assert set(seen) == {"sync", "async"}
     for mode, (ids, steps) in seen.items():
-        drafts = ids.count(DRAFT_STEP_ID)
-        assert drafts > 0 and set(ids) - {DRAFT_STEP_ID} == steps, mode
+        assert sorted(ids) == sorted(steps), mode
         assert out["modes"][mode]["num_steps"] == len(steps)
+        assert out["modes"][mode]["spec_draft_tokens"] > 0, mode

@@ -66,12 +66,33 @@ def test_ngram_speculation_never_drains(async_batching, shifted):
     assert shifted["steps"] > 0 and shifted["rows"] > 0
 
 
-def test_the_draft_model_keeps_draining():
-    """The draft proposes from known tokens: its speculating steps wait for the steps in flight."""
-    llm = LLM("random:tiny", kv_cache_tokens=512,
-              speculative_config={"method": "draft", "model": "random:tiny", "num_speculative_tokens": 3})
-    llm.generate(PROMPTS[:2], PARAMS[:2], use_tqdm=False)
-    assert llm.engine.core.spec_drains > 0 and llm.engine.core.spec_overlapped == 0
+DRAFTS = ("random:tiny", "random:tiny-gemma2")  # the target itself, and a random draft of another family
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("async_batching", [False, True])
+def test_the_draft_model_never_drains(async_batching, draft, shifted):
+    """The draft proposes on the device in the step that verifies its proposals: its speculating
+    steps are submitted with the previous step in flight and nothing is drained; the tokens are those
+    of no speculation (float64: the logprobs too), and the draft equal to the target has every
+    proposal of its greedy requests accepted."""
+    off = LLM("random:tiny", kv_cache_tokens=512, dtype="float64").generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM("random:tiny", kv_cache_tokens=512, dtype="float64", async_batching=async_batching,
+              speculative_config={"method": "draft", "model": draft, "num_speculative_tokens": 3})
+    on = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
+    assert str(on[2].outputs[0].logprobs) == str(off[2].outputs[0].logprobs)
+    core = llm.engine.core
+    stats = core.stats()
+    assert core.spec_drains == 0 and core.spec_overlapped > 0
+    assert stats.spec_num_drafts > 0 and shifted["steps"] > 0
+    if draft == "random:tiny":
+        greedy = LLM("random:tiny", kv_cache_tokens=512, dtype="float64", async_batching=async_batching,
+                     speculative_config={"method": "draft", "model": draft, "num_speculative_tokens": 3})
+        greedy.generate(PROMPTS, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        greedy_stats = greedy.engine.core.stats()
+        assert 0 < greedy_stats.spec_num_accepted_tokens == greedy_stats.spec_num_draft_tokens
+        assert greedy.engine.core.spec_drains == 0
 
 
 # seeds whose cases, n-gram on, have preemption, prefix-cache hits, aborts, penalties, stops, seeded

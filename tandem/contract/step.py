@@ -134,6 +134,41 @@ def request_values(request: RequestLike) -> tuple[tuple[int, ...], tuple[float, 
 
 
 @dataclass(frozen=True)
+class DraftShape:
+    """A draft model's part of a step (docs/pipeline.md, "Speculative decoding"): int64 words that
+    follow the packed fields in ``StepInputs.data``, for the proposals the draft makes on the device
+    before the step's forward. Its parts, in order (``parts``): per draft row (a speculating
+    sequence), the step's sequence index (``seq``), its first sampled row (``sample``), the tokens the
+    host knew when it planned the step (``known``), the proposals it keeps (``kk``, <= ``k``), the
+    last k + 1 known tokens (``tail``) and its draft block table (``table``, ``width`` columns); per
+    proposal written into the step, its flat token (``write_token``), sampled row (``write_sample``)
+    and index in the drafts [rows, k] (``write_from``); then the catch-up forward of known tokens the
+    draft's cache lacks below the window (ids, positions, slots per token; query starts, context
+    lengths and a block table per chunk)."""
+
+    rows: int
+    k: int
+    width: int  # draft block-table columns
+    num_writes: int  # proposals written into the step: the rows' kk summed
+    catchup_tokens: int = 0
+    catchup_chunks: int = 0
+    catchup_max_q: int = 0  # longest catch-up chunk (a host value the attention takes as a shape)
+
+    @property
+    def parts(self) -> tuple[tuple[str, int], ...]:
+        r, c = self.rows, self.catchup_chunks
+        return (("seq", r), ("sample", r), ("known", r), ("kk", r), ("tail", r * (self.k + 1)),
+                ("table", r * self.width), ("write_token", self.num_writes), ("write_sample", self.num_writes),
+                ("write_from", self.num_writes), ("cu_ids", self.catchup_tokens), ("cu_pos", self.catchup_tokens),
+                ("cu_slots", self.catchup_tokens), ("cu_query_start", c + 1 if c else 0), ("cu_seq_lens", c),
+                ("cu_table", c * self.width))
+
+    @property
+    def num_words(self) -> int:
+        return sum(size for _, size in self.parts)
+
+
+@dataclass(frozen=True)
 class StepShape:
     num_tokens: int
     num_seqs: int
@@ -147,6 +182,9 @@ class StepShape:
     #: sequences with ``spec_lag`` set: the device resolves their inputs first (not a shape any
     #: captured graph reads: the resolution runs before a graph's inputs are staged)
     num_lagged: int = 0
+    #: the draft model's proposals made on the device (words after the packed fields; None: none).
+    #: Not a graph shape either: the draft runs before a graph's inputs are staged
+    draft: DraftShape | None = None
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
@@ -240,6 +278,8 @@ class StepOutput:
     token_ids: np.ndarray  # int64 (a list works too)
     logprobs: Logprobs | None = None  # one row per sampled row
     prompt_logprobs: Logprobs | None = None  # one row per prompt-logprob entry of the step
+    #: per sampled row, the proposal it verified, as the device made it (a draft model's step only)
+    draft_tokens: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +294,8 @@ def output_layout(shape: StepShape, flags: SamplerFlags) -> tuple[list[OutputPar
     """The returned fields (ints, then floats packed two to a word), as the device packs them."""
     s, p = shape.num_sampled, shape.num_prompt_logprobs
     ints, floats = [OutputPart("token_ids", s, 1, np.int64)], []
+    if shape.draft is not None:  # the proposals the draft made on the device, for the host's counters
+        ints.append(OutputPart("draft_token", s, 1, np.int64))
     for prefix, rows, k in (("", s, flags.logprobs), ("prompt_", p, flags.prompt_logprobs)):
         if k >= 0:
             ints += [OutputPart(prefix + "rank", rows, 1, np.int64), OutputPart(prefix + "top_ids", rows, k, np.int64)]
@@ -280,7 +322,8 @@ def parse_output(buf: np.ndarray, step_id: int, shape: StepShape, flags: Sampler
     for part in floats:
         values[part.name] = words[offset:offset + part.rows * part.cols].reshape(part.rows, part.cols)
         offset += part.rows * part.cols
-    return StepOutput(step_id, values["token_ids"][:, 0], _logprobs(values, ""), _logprobs(values, "prompt_"))
+    drafts = values["draft_token"][:, 0] if "draft_token" in values else None
+    return StepOutput(step_id, values["token_ids"][:, 0], _logprobs(values, ""), _logprobs(values, "prompt_"), drafts)
 
 
 def _logprobs(values: dict[str, np.ndarray], prefix: str) -> Logprobs | None:

@@ -154,6 +154,8 @@ class EngineCore:
             masked = grammars.masked_rows(sched) if grammars is not None else None
             step = build_step(sched, self.block_size, padding_for(sched, self.worker.info),
                               None if masked is None else masked.sample_index)
+            if self.speculation is not None:  # a draft model's part: it proposes on the device
+                step = self.speculation.plan(step, sched)
             t_built = time.perf_counter()
             filled = self._provide_mask()  # the workers filled it while this step was planned
             if sched.speculative and self.in_flight:
@@ -181,6 +183,8 @@ class EngineCore:
         t_collect = time.perf_counter()
         output = self.worker.collect(done.handle)
         t_collected = time.perf_counter()
+        if self.speculation is not None:
+            self.speculation.processed(done.sched, output)
         self.scheduler.update(done.sched, output, deltas)
         if done.masked is not None:
             self.structured.advance(done.masked, self.scheduler, deltas)

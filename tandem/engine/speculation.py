@@ -103,9 +103,11 @@ class Speculation:
                 continue
             room = min(self.config.k, seq.max_new_tokens - seq.num_generated - 1)  # the drawn token counts too
             if room > 0:
+                if self.on_device:  # placeholders: the device proposes after the real tokens in flight
+                    flight = None
                 ahead = 0 if flight is None else len(flight) + 1  # the guessed tokens before its own
                 requests.append(ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids,
-                                                ahead + room))
+                                                ahead + room, seq.num_pending))
                 flights.append(flight)
                 rooms.append(room)
         found = self.proposer.propose(requests) if requests else []
@@ -139,6 +141,22 @@ class Speculation:
         if not self.overlaps or pending != len(flight) + 1:  # (a lag of one step: nothing older is pending)
             return False
         return flight
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the proposals are made on the device by the step that verifies them (a draft
+        model): the host plans with placeholders (``worker.draft_plan``)."""
+        return bool(getattr(self.proposer, "on_device", False))
+
+    def plan(self, step, sched):
+        """The built step with what an on-device proposer needs (unchanged for a host proposer)."""
+        return self.proposer.plan(step, sched) if self.on_device and sched.speculative else step
+
+    def processed(self, sched, output) -> None:
+        """Before a step's tokens are taken in: an on-device proposer's real proposals replace the
+        placeholders of its entries (the host's acceptance and counters need them)."""
+        if self.on_device and sched.speculative:
+            self.proposer.processed(sched, output)
 
     def ended(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -26,10 +26,15 @@ class ProposalRequest:
     request_id: str
     tokens: list[int]
     max_proposals: int
+    in_flight: int = 0  # its tokens the step in flight computes (pending on the device), all accepted
 
 
 class Proposer(Protocol):
     overlaps: bool  # asked while the previous step runs (the host guesses its outcome); else after a drain
+    #: its proposals are made on the device by the step that verifies them (a draft model): on the
+    #: host they are placeholders, ``plan`` adds what the device needs to the step, and ``processed``
+    #: gives the host the real ones before the step's tokens are taken in
+    on_device: bool
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[int]]:
         """Per request, up to its ``max_proposals`` tokens to follow its tokens (possibly none)."""

@@ -1,10 +1,16 @@
-"""A draft model for speculative decoding: a second model on the seam (any checkpoint or ``random:``
-preset sharing the target's tokenizer) that proposes k tokens greedily (its argmax: q is one-hot,
-so the engine's exact-match verification keeps the target's tokens, see ``tandem.spec.verify``).
+"""A draft model's proposals from known tokens, on the host's call: the reference for the path the
+engine runs. The engine's draft proposes on the device, as the first op of the step that verifies
+its proposals (``draft_plan`` on the host, ``draft_window`` on the device: docs/pipeline.md,
+"Speculative decoding"), reading the tokens of the step in flight where they are, on the device.
+This proposer is what that path computes once every step is processed: the tests compare the
+device's window with the one read here off the known tokens (``tests/test_draft_overlap.py``), and
+the fixed-shape function with the varlen path (``tests/test_draft_graphs.py``).
 
-It keeps its own paged KV cache and its own block lists (not the target's block tables: the two
-caches have other shapes, and the target's blocks are freed and shared by rules the draft need not
-follow). Per request it remembers which tokens its cache holds (``fed``).
+The draft is any model on the seam with the target's vocabulary (a checkpoint or ``random:``
+preset sharing the target's tokenizer) proposing k tokens greedily (its argmax: q is one-hot, so the
+engine's exact-match verification keeps the target's tokens, see ``tandem.spec.verify``). It keeps
+its own paged KV cache and its own block lists (``draft_blocks``). Per request it remembers which
+tokens its cache holds (``fed``).
 
 Each call proposes through one fixed-shape function (``draft_graphs.uniform_drafts``): every row
 feeds its last K + 1 tokens (K: the call's largest k), which covers what a request's cache lacks in
@@ -14,8 +20,7 @@ On CUDA that function replays as a CUDA graph per padded batch size (``DraftGrap
 or with graphs off, it runs eagerly. A row that lacks more (its first call: the prompt) is first
 caught up by one eager varlen forward of the tokens before its last K + 1; a row shorter than K + 1
 tokens takes the eager varlen path (``_propose_varlen``: its new tokens, then k - 1 one-token
-steps). The host waits once for all drafts (speculating steps are planned after the previous step
-was processed in any case: docs/pipeline.md)."""
+steps). The host waits once for all drafts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ import torch
 
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.model.base import CausalLM
+from tandem.worker.draft_blocks import DraftBlocks
 from tandem.worker.draft_graphs import DraftGraphs, DraftModel, run_eager
 
 
@@ -45,7 +51,7 @@ class _Row:
 
 
 class DraftProposer:
-    overlaps = False  # proposes from the target's known tokens: the engine drains the device first
+    overlaps = False  # known tokens only: a loop with this proposer would process every step first
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
                  vocab_size: int, cuda_graphs: bool = False, max_seqs: int = 1, uniform: bool = True) -> None:
@@ -53,8 +59,7 @@ class DraftProposer:
         only); ``uniform`` False: every row takes the varlen path (the reference the tests compare)."""
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.max_model_len, self.vocab_size, self.uniform = max_model_len, vocab_size, uniform
-        num_blocks = kv_cache.shape[2] // block_size
-        self.free = list(range(num_blocks - 1, 0, -1))  # block 0: padding
+        self.blocks = DraftBlocks(kv_cache.shape[2] // block_size, block_size)
         self.seqs: dict[str, _DraftSeq] = {}
         self.draft = DraftModel(model, kv_cache, block_size, vocab_size)
         self.graphs = None
@@ -64,7 +69,7 @@ class DraftProposer:
     def release(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            self.free += seq.blocks
+            self.blocks.release(seq.blocks)
 
     def propose(self, requests: list) -> list[list[int]]:
         """``requests``: ``tandem.spec.proposer.ProposalRequest``s -> up to max_proposals tokens each."""
@@ -91,7 +96,7 @@ class DraftProposer:
             seq = self.seqs.setdefault(r.request_id, _DraftSeq())
             n = len(r.tokens)
             k = min(r.max_proposals, self.max_model_len - n)
-            if k <= 0 or not self._reserve(seq, n - 1 + k):
+            if k <= 0 or not self.blocks.reserve(seq.blocks, n - 1 + k):
                 continue  # no room in the draft cache: this request does not speculate this step
             live.append(_Row(i, seq, r.tokens, min(_common_prefix(seq.fed, r.tokens, seq.known), n - 1), k))
             seq.fed, seq.known = list(r.tokens), n
@@ -129,14 +134,6 @@ class DraftProposer:
                 drafted[index] = self._forward(chunks, fed)
             drafts.append(drafted)
         return torch.stack(drafts, dim=1)
-
-    def _reserve(self, seq: _DraftSeq, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - len(seq.blocks)
-        if need > len(self.free):
-            return False
-        for _ in range(max(0, need)):
-            seq.blocks.append(self.free.pop())
-        return True
 
     @torch.inference_mode()
     def _forward(self, chunks: list[tuple[_DraftSeq, list[int] | None, int]],

@@ -120,18 +120,27 @@ class DraftGraphs:
         return next((s for s in self.sizes if s >= num_rows), None)
 
     def run(self, ids: np.ndarray, start: np.ndarray, kk: np.ndarray, table: np.ndarray) -> torch.Tensor:
-        """drafts [rows, k] on the current stream: stage the rows (padded to the bucket), replay."""
-        num_rows, k = len(ids), ids.shape[1] - 1
+        """drafts [rows, k] on the current stream, from host arrays (the proposer on known tokens)."""
+        dev = self.draft.kv_cache.device
+        data = torch.as_tensor(pack_rows(ids, start, kk, table), device=dev)
+        return self.run_tensors(*unpack_rows(data, len(ids), ids.shape[1] - 1))
+
+    def run_tensors(self, ids: torch.Tensor, start: torch.Tensor, kk: torch.Tensor,
+                    table: torch.Tensor) -> torch.Tensor:
+        """drafts [rows, k] on the current stream from device tensors: stage the rows into the
+        bucket's static inputs (padding rows: zeros, block 0), replay."""
+        num_rows, k = ids.shape[0], ids.shape[1] - 1
         size = self.bucket(num_rows)
         if size is None or table.shape[1] > self.max_blocks:
-            return run_eager(self.draft, ids, start, kk, table)
+            return uniform_drafts(self.draft, ids, start, kk, table)
         g = self.graphs.get((size, k)) or self._capture(size, k)
-        pad = size - num_rows
-        packed = pack_rows(*(np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (ids, start, kk, table)))
-        staged = torch.as_tensor(packed, device=g.data.device)
-        g.data.copy_(staged[:g.data.numel()])
+        g.data.zero_()
+        static_ids, static_start, static_kk, _ = unpack_rows(g.data, size, k)
+        static_ids[:num_rows].copy_(ids)
+        static_start[:num_rows].copy_(start)
+        static_kk[:num_rows].copy_(kk)
         g.table.zero_()  # padding rows and columns point at block 0
-        g.table[:, :table.shape[1]].copy_(staged[g.data.numel():].view(size, -1))
+        g.table[:num_rows, :table.shape[1]].copy_(table)
         g.graph.replay()
         return g.drafts[:num_rows]
 

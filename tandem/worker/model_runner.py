@@ -139,13 +139,14 @@ class GraphFields:
 def pack_output(parts: dict[str, torch.Tensor], shape: StepShape, flags: SamplerFlags) -> torch.Tensor:
     """The step's returned fields in ``output_layout`` order, as one int64 buffer."""
     ints, floats = output_layout(shape, flags)
-    if not floats:  # only the sampled ids: already the buffer
+    if not floats and len(ints) == 1:  # only the sampled ids: already the buffer
         return parts["token_ids"]
     words = [_flat(parts[p.name], torch.int64) for p in ints]
     f32 = [_flat(parts[p.name], torch.float32) for p in floats]
-    if sum(p.rows * p.cols for p in floats) % 2:
-        f32.append(f32[0].new_zeros(1))
-    words.append(torch.cat(f32).view(torch.int64))
+    if f32:
+        if sum(p.rows * p.cols for p in floats) % 2:
+            f32.append(f32[0].new_zeros(1))
+        words.append(torch.cat(f32).view(torch.int64))
     return torch.cat(words)
 
 
@@ -179,6 +180,9 @@ class ModelRunner:
         self.history = torch.zeros(num_rows, max_model_len, dtype=torch.int32, device=self.device)
         # speculative decoding: what a speculating step accepted, for the next step (overlap)
         self.spec_lag = SpecLag(num_rows, self.device) if speculative else None
+        # a draft model's proposals, made as a step's first op (``worker.draft_window.DeviceDraft``,
+        # set by the worker; not imported here: the draft's graphs import this module)
+        self.draft = None
 
     @staticmethod
     def state_bytes(num_rows: int, max_model_len: int, speculative: bool = False) -> int:
@@ -192,14 +196,19 @@ class ModelRunner:
         return self.finish_forwarded(self.forward(data, shape), shape, flags, mask)
 
     def resolve_lagged(self, data: torch.Tensor, shape: StepShape) -> torch.Tensor:
-        """The step's inputs with the sequences after a speculating step in flight resolved on the
-        device (``worker.spec_lag``): a copy when there are any, else ``data`` itself. The first op
-        of every path (eager, piecewise graphs, decode graphs: before their inputs are staged)."""
-        if not shape.num_lagged:
+        """The step's inputs as the device completes them before its forward: the sequences after a
+        speculating step in flight shifted back (``worker.spec_lag``), then a draft model's proposals
+        written in (``worker.draft_window``): a copy when there is either, else ``data`` itself. The
+        first op of every path (eager, piecewise graphs, decode graphs: before their inputs are staged)."""
+        if not shape.num_lagged and shape.draft is None:
             return data
         out = data.clone()
-        self.spec_lag.resolve(StepTensors(out, shape), shape, self.block_size)
-        return out
+        f = StepTensors(out, shape)
+        if shape.num_lagged:
+            self.spec_lag.resolve(f, shape, self.block_size)
+        if shape.draft is not None:  # after the shift: the window ends at the resolved first position
+            self.draft.propose(f, out, shape.num_words, shape.draft, self.resolve_pending, self.spec_lag.draws)
+        return out[:shape.num_words]
 
     def forward(self, data: torch.Tensor, shape: StepShape, resolved: bool = False) -> Forwarded:
         """The step up to its sampling stage, eagerly (``resolved``: ``resolve_lagged`` ran already)."""
@@ -255,6 +264,8 @@ class ModelRunner:
             else:
                 self.next_tokens.index_copy_(0, f.sample_rows, tokens)
             parts["token_ids"] = tokens
+            if shape.draft is not None:  # the proposals the draft made: the host's counters need them
+                parts["draft_token"] = f.draft_token
             if flags.logprobs >= 0:
                 parts.update(token_logprobs(logits, tokens, flags.logprobs))
         else:

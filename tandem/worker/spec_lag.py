@@ -25,6 +25,13 @@ class SpecLag:
     def __init__(self, num_rows: int, device: torch.device) -> None:
         # per row: proposals that the newest speculating step including it rejected
         self.rejected = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        # with a draft model: per row, the speculating step's draws in order (the accepted proposals
+        # and the draw after them begin it), the draft's window for the next step (``worker.draft_window``)
+        self.draws: torch.Tensor | None = None
+
+    def keep_draws(self, width: int) -> None:
+        """Keep each row's first ``width`` draws of a speculating step (a draft of k proposals: k + 1)."""
+        self.draws = torch.zeros(self.rejected.numel(), width, dtype=torch.int64, device=self.rejected.device)
 
     def record(self, next_tokens: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
                drafts: torch.Tensor) -> None:
@@ -43,6 +50,11 @@ class SpecLag:
         mine = first[rows]
         next_tokens.index_copy_(0, rows, tokens[mine])
         self.rejected.index_copy_(0, rows, last[rows] - mine)
+        if self.draws is not None:  # a sequence's sampled rows are together: j counts from its first
+            begin = torch.full((table,), n, dtype=torch.int64, device=tokens.device)
+            begin.scatter_reduce_(0, rows, index, "amin")
+            j = (index - begin[rows]).clamp(max=self.draws.shape[1] - 1)
+            self.draws[rows, j] = tokens
 
     def resolve(self, f: Any, shape: StepShape, block_size: int) -> None:
         """Shift the lagged sequences' fields of a step back, in place in ``f`` (``StepTensors`` of a

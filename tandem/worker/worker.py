@@ -21,8 +21,9 @@ from tandem.model.sources import resolve_model_config
 from tandem.model.loader import load_model
 from tandem.model.tp_layout import TPLayout
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
-from tandem.worker.draft import DraftProposer
-from tandem.worker.draft_timing import TimedProposer
+from tandem.worker.draft_graphs import DraftGraphs, DraftModel
+from tandem.worker.draft_plan import DraftPlanner
+from tandem.worker.draft_window import DeviceDraft
 from tandem.worker.executor import Executor, SyncExecutor, ThreadExecutor
 from tandem.worker.grammar_mask import pin_host_memory
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
@@ -123,17 +124,24 @@ class DeviceWorker:
                              "a draft must share the target's tokenizer")
         return draft
 
-    def draft_proposer(self, spec: object) -> TimedProposer:
-        """The proposer of ``speculative_config`` method 'draft' (its model was loaded at start)."""
+    def draft_proposer(self, spec: object) -> DraftPlanner:
+        """The proposer of ``speculative_config`` method 'draft' (its model was loaded at start): the
+        host's planner, and the device's part, which proposes as the first op of each step that
+        verifies its proposals (``worker.draft_window``)."""
         if self.draft is None:
             raise ValueError("speculative_config: this worker was started without a draft model")
         cache = allocate_kv_cache(self.draft.kv_spec, self.info.num_kv_blocks, self.config.block_size, self.device,
                                   self.kv_dtype)
-        # graphs up to the most rows that speculate together (more running + waiting: none does)
-        max_seqs = min(getattr(spec, "disable_by_batch_size", self.config.max_num_seqs), self.config.max_num_seqs)
-        proposer = DraftProposer(self.draft, cache, self.config.block_size, self.info.max_model_len,
-                                 self.model.config.vocab_size, cuda_graphs=self._wants_graphs(), max_seqs=max_seqs)
-        return TimedProposer(proposer, lambda: self._executor)
+        draft = DraftModel(self.draft, cache, self.config.block_size, self.model.config.vocab_size)
+        graphs = None
+        if self._wants_graphs() and getattr(self.draft, "supports_cuda_graphs", True):
+            # graphs up to the most rows that speculate together (more running + waiting: none does)
+            max_seqs = min(getattr(spec, "disable_by_batch_size", self.config.max_num_seqs), self.config.max_num_seqs)
+            graphs = DraftGraphs(draft, max_seqs, -(-self.info.max_model_len // self.config.block_size))
+        k = spec.k
+        self.runner.spec_lag.keep_draws(k + 1)
+        self.runner.draft = DeviceDraft(draft, k, graphs)
+        return DraftPlanner(k, self.info.num_kv_blocks, self.config.block_size)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly
