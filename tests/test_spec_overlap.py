@@ -5,6 +5,7 @@ from what the speculating step accepted. The resolved step is the step the host 
 the outcome, and the outputs are those of no speculation, sync or async."""
 import copy
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -106,35 +107,50 @@ def _ngram(rng: random.Random) -> dict:
             "prompt_lookup_min": rng.randint(1, high), "disable_by_batch_size": rng.choice([4, 32])}
 
 
+KINDS = ("aborted", "penalised", "seeded", "stop strings", "stop ids", "min_tokens", "structured")
+
+
+def count_kinds(case, kinds: Counter) -> None:
+    """Add the kinds of request a randomized case holds (``KINDS``)."""
+    for r in case.requests:
+        p = r.params
+        kinds["aborted"] += r.abort_at is not None
+        kinds["penalised"] += p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+        kinds["seeded"] += p.temperature > 0
+        kinds["stop strings"] += bool(p.stop)
+        kinds["stop ids"] += bool(p.stop_token_ids)
+        kinds["min_tokens"] += p.min_tokens > 0
+        kinds["structured"] += p.host_masked
+
+
+def on_equals_off(case, spec: dict, totals: Counter) -> None:
+    """Run the case without speculation and with ``spec`` (sync, async): sync equals async, on equals
+    off; add the async run's preemptions, prefix-cache hits, drafts, accepted and rejected proposals."""
+    off, _ = run_case_with_stats(_with(case, None), async_batching=True)
+    on_sync, stats = run_case_with_stats(_with(case, spec), async_batching=False)
+    on_async, stats_async = run_case_with_stats(_with(case, spec), async_batching=True)
+    assert not compare(case, on_sync, on_async), case.describe()
+    assert stats.spec_num_drafts == stats_async.spec_num_drafts
+    problems = compare(case, off, on_async, ("off", "on"), aborts_may_differ=True, logprob_atol=1e-9)
+    assert not problems, case.describe() + "\n" + "\n".join(problems)
+    totals["preemptions"] += stats_async.num_preemptions
+    totals["hits"] += stats_async.prefix_cache_hits
+    totals["drafts"] += stats_async.spec_num_drafts
+    totals["accepted"] += stats_async.spec_num_accepted_tokens
+    totals["rejected"] += stats_async.spec_num_draft_tokens - stats_async.spec_num_accepted_tokens
+
+
 def test_randomized_cases_give_the_tokens_of_no_speculation(shifted):
     """Randomized cases (tiny KV caches, chunked prefill, prefix caching, aborts, stop strings and ids,
     min_tokens, penalties, logit bias, logprobs, structured output, n > 1; greedy and seeded), the
     n-gram proposer with random settings: on (sync, async) equals off; the overlapped path ran."""
-    totals = {"preemptions": 0, "hits": 0, "drafts": 0, "rejected": 0}
-    kinds = {"aborted": 0, "penalised": 0, "seeded": 0, "stop strings": 0, "stop ids": 0, "min_tokens": 0}
+    totals, kinds = Counter(), Counter()
     for seed in SEEDS:
         case = _repetitive(make_case(7000 + seed), seed)
-        for r in case.requests:
-            p = r.params
-            kinds["aborted"] += r.abort_at is not None
-            kinds["penalised"] += p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-            kinds["seeded"] += p.temperature > 0
-            kinds["stop strings"] += bool(p.stop)
-            kinds["stop ids"] += bool(p.stop_token_ids)
-            kinds["min_tokens"] += p.min_tokens > 0
-        spec = _ngram(random.Random(seed))
-        off, _ = run_case_with_stats(_with(case, None), async_batching=True)
-        on_sync, stats = run_case_with_stats(_with(case, spec), async_batching=False)
-        on_async, stats_async = run_case_with_stats(_with(case, spec), async_batching=True)
-        assert not compare(case, on_sync, on_async), case.describe()
-        assert stats.spec_num_drafts == stats_async.spec_num_drafts
-        problems = compare(case, off, on_async, ("off", "on"), aborts_may_differ=True, logprob_atol=1e-9)
-        assert not problems, case.describe() + "\n" + "\n".join(problems)
-        totals["preemptions"] += stats_async.num_preemptions
-        totals["hits"] += stats_async.prefix_cache_hits
-        totals["drafts"] += stats_async.spec_num_drafts
-        totals["rejected"] += stats_async.spec_num_draft_tokens - stats_async.spec_num_accepted_tokens
-    assert all(totals.values()) and all(kinds.values()), (totals, kinds)
+        count_kinds(case, kinds)
+        on_equals_off(case, _ngram(random.Random(seed)), totals)
+    assert all(totals[t] for t in ("preemptions", "hits", "drafts", "rejected")), totals
+    assert all(kinds[k] for k in KINDS), kinds
     assert shifted["rows"] > 0, shifted
 
 
