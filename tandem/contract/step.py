@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -149,7 +149,7 @@ class DraftShape:
     rows: int
     k: int
     width: int  # draft block-table columns
-    num_writes: int  # proposals written into the step: the rows' kk summed
+    writes: int  # proposals written into the step: the rows' kk summed
     catchup_tokens: int = 0
     catchup_chunks: int = 0
     catchup_max_q: int = 0  # longest catch-up chunk (a host value the attention takes as a shape)
@@ -158,14 +158,19 @@ class DraftShape:
     def parts(self) -> tuple[tuple[str, int], ...]:
         r, c = self.rows, self.catchup_chunks
         return (("seq", r), ("sample", r), ("known", r), ("kk", r), ("tail", r * (self.k + 1)),
-                ("table", r * self.width), ("write_token", self.num_writes), ("write_sample", self.num_writes),
-                ("write_from", self.num_writes), ("cu_ids", self.catchup_tokens), ("cu_pos", self.catchup_tokens),
+                ("table", r * self.width), ("write_token", self.writes), ("write_sample", self.writes),
+                ("write_from", self.writes), ("cu_ids", self.catchup_tokens), ("cu_pos", self.catchup_tokens),
                 ("cu_slots", self.catchup_tokens), ("cu_query_start", c + 1 if c else 0), ("cu_seq_lens", c),
                 ("cu_table", c * self.width))
 
     @property
     def num_words(self) -> int:
         return sum(size for _, size in self.parts)
+
+    def step_fields(self) -> dict[str, int]:
+        """As ``StepShape``'s ``draft_*`` fields (a step's shape is plain ints: it crosses to other
+        ranks as a header of words)."""
+        return {"draft_" + f.name: getattr(self, f.name) for f in fields(DraftShape)}
 
 
 @dataclass(frozen=True)
@@ -182,9 +187,21 @@ class StepShape:
     #: sequences with ``spec_lag`` set: the device resolves their inputs first (not a shape any
     #: captured graph reads: the resolution runs before a graph's inputs are staged)
     num_lagged: int = 0
-    #: the draft model's proposals made on the device (words after the packed fields; None: none).
-    #: Not a graph shape either: the draft runs before a graph's inputs are staged
-    draft: DraftShape | None = None
+    #: a draft model's part (``DraftShape``: words after the packed fields), 0 without one. Not a
+    #: graph shape either: the draft runs before a graph's inputs are staged
+    draft_rows: int = 0
+    draft_k: int = 0
+    draft_width: int = 0
+    draft_writes: int = 0
+    draft_catchup_tokens: int = 0
+    draft_catchup_chunks: int = 0
+    draft_catchup_max_q: int = 0
+
+    @property
+    def draft(self) -> DraftShape | None:
+        if not self.draft_rows:
+            return None
+        return DraftShape(*(getattr(self, "draft_" + f.name) for f in fields(DraftShape)))
 
     def size(self, per: Per) -> int:
         return {Per.TOKEN: self.num_tokens, Per.SEQ: self.num_seqs, Per.SEQ_EDGE: self.num_seqs + 1,
@@ -294,7 +311,7 @@ def output_layout(shape: StepShape, flags: SamplerFlags) -> tuple[list[OutputPar
     """The returned fields (ints, then floats packed two to a word), as the device packs them."""
     s, p = shape.num_sampled, shape.num_prompt_logprobs
     ints, floats = [OutputPart("token_ids", s, 1, np.int64)], []
-    if shape.draft is not None:  # the proposals the draft made on the device, for the host's counters
+    if shape.draft_rows:  # the proposals the draft made on the device, for the host's counters
         ints.append(OutputPart("draft_token", s, 1, np.int64))
     for prefix, rows, k in (("", s, flags.logprobs), ("prompt_", p, flags.prompt_logprobs)):
         if k >= 0:

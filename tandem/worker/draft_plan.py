@@ -105,7 +105,7 @@ class DraftPlanner:
                            len(rows.lengths), max(rows.lengths, default=0))
         data = np.concatenate([np.asarray(parts[name], np.int64).ravel() for name, _ in shape.parts])
         assert data.size == shape.num_words
-        return StepInputs(step.step_id, replace(step.shape, draft=shape), step.sampler,
+        return StepInputs(step.step_id, replace(step.shape, **shape.step_fields()), step.sampler,
                           np.concatenate([step.data, data]))
 
     def _catch_up(self, rows: _Rows, held: _Held, tokens: list[int], first: int) -> None:

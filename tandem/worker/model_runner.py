@@ -200,13 +200,13 @@ class ModelRunner:
         speculating step in flight shifted back (``worker.spec_lag``), then a draft model's proposals
         written in (``worker.draft_window``): a copy when there is either, else ``data`` itself. The
         first op of every path (eager, piecewise graphs, decode graphs: before their inputs are staged)."""
-        if not shape.num_lagged and shape.draft is None:
+        if not shape.num_lagged and not shape.draft_rows:
             return data
         out = data.clone()
         f = StepTensors(out, shape)
         if shape.num_lagged:
             self.spec_lag.resolve(f, shape, self.block_size)
-        if shape.draft is not None:  # after the shift: the window ends at the resolved first position
+        if shape.draft_rows:  # after the shift: the window ends at the resolved first position
             self.draft.propose(f, out, shape.num_words, shape.draft, self.resolve_pending, self.spec_lag.draws)
         return out[:shape.num_words]
 
@@ -264,7 +264,7 @@ class ModelRunner:
             else:
                 self.next_tokens.index_copy_(0, f.sample_rows, tokens)
             parts["token_ids"] = tokens
-            if shape.draft is not None:  # the proposals the draft made: the host's counters need them
+            if shape.draft_rows:  # the proposals the draft made: the host's counters need them
                 parts["draft_token"] = f.draft_token
             if flags.logprobs >= 0:
                 parts.update(token_logprobs(logits, tokens, flags.logprobs))
