@@ -16,14 +16,16 @@ the fill's endings after it (an ending found then is an abort of a request in fl
 runs the masked step's forward meanwhile, and only its sampling waits for the mask. Sync and async,
 with grammar workers or without, take these turns in the same order.
 
-Speculative decoding (``engine.speculation``) with the n-gram proposer pipelines as any step: a
-speculating step is planned while the previous one runs (the host proposes after a guess of that
-step's tokens), and the next one on top of it (the device resolves what it accepted: its accepted
-counts exist only in its output, ``worker.spec_lag``). The draft model proposes from known tokens,
-so its speculating steps are planned once every step before them has been processed, and nothing on
-top of one before it was processed (``spec_drains`` counts those waits). Whether a step speculates is
-decided before it is planned from what the host knows then, which is the same in both loops, so
-they still make the same decisions."""
+Speculative decoding (``engine.speculation``) pipelines as any step: a speculating step is planned
+while the previous one runs, and the next one on top of it (the device resolves what it accepted:
+its accepted counts exist only in its output, ``worker.spec_lag``). The n-gram proposer's host
+proposes after a guess of the step in flight's tokens; a draft model proposes on the device as the
+first op of the verifying step (``Speculation.plan`` adds its part to the built step, and
+``Speculation.processed`` gives the host its proposals before the step's tokens are taken in).
+``spec_drains`` counts speculating plans that processed the steps in flight first (none with
+either proposer: the tests hold it at 0). Whether a step speculates is decided before it is planned
+from what the host knows then, which is the same in both loops, so they still make the same
+decisions."""
 from __future__ import annotations
 
 import logging
@@ -195,9 +197,10 @@ class EngineCore:
             obs.step_processed(done.sched.step_id, ProcessTimes(t_collect, t_collected, time.perf_counter()))
 
     def _speculate(self, deltas: StepDeltas) -> dict[str, list[int]] | None:
-        """The proposals of the step about to be planned, if it speculates. A proposer that does not
-        overlap (the draft) has every step in flight processed first when it does, or when the newest
-        one did (see the module's docstring)."""
+        """The proposals of the step about to be planned, if it speculates (placeholders for one that
+        proposes on the device). A proposer that does not overlap (none the engine builds: one on
+        known tokens only) has every step in flight processed first when it does, or when the newest
+        one did."""
         spec = self.speculation
         if not spec.overlaps and any(f.sched.speculative for f in self.in_flight):  # what it gained decides
             self._drain(deltas)

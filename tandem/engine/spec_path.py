@@ -11,8 +11,9 @@ seeded; for a deterministic proposal (q one-hot) this is rejection sampling's ru
 probability p(x), otherwise a draw from p without x), coupled through the shared noise.
 
 Scheduling is optimistic, as for one token: every proposal counts as accepted (pending) until the
-output is processed, which then rolls the counters back by what was rejected. With a host proposer
-the engine plans the next step on top of a speculating one before processing it: that step's
+output is processed, which then rolls the counters back by what was rejected. The engine plans the
+next step on top of a speculating one before processing it (either proposer; a draft model's
+proposals are placeholders here until the step comes back, ``Speculation.processed``): that step's
 entries for the speculating sequences are marked ``lagged``, and the device shifts their positions,
 slots, context lengths and output indices back by the rejected count, which it knows
 (``worker.spec_lag``)."""

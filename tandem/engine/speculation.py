@@ -7,10 +7,12 @@ decoding sequences then take proposals from the proposer. Requests whose samplin
 their mask for a position depends on the tokens before it, which the mask path knows one step at a
 time. They decode one token per step in the same batches.
 
-With the n-gram proposer a speculating step is planned while the previous step runs, as any step
-(the device resolves what that step accepted, the host proposes after a guess of it); the draft
-model's steps are planned after the device has finished everything before it (it proposes from known
-tokens). A speculating step verifies k + 1 rows per sequence, so it costs more than a plain step: on
+A speculating step is planned while the previous step runs, as any step (the device resolves what
+that step accepted). The n-gram proposer's host proposes after a guess of that step's outcome; a
+draft model proposes on the device as the first op of the verifying step (``on_device``: the host
+plans with placeholders, ``plan`` adds the draft's part to the built step, ``processed`` puts the
+device's proposals in the step's entries when it comes back).
+A speculating step verifies k + 1 rows per sequence, so it costs more than a plain step: on
 the H100 with the 8B model, 12% more at 1 sequence, 16% at 8, 29% at 32 (benchmarks/RESULTS.md,
 measured without overlap). When the proposer finds nothing (n-gram lookup on text that does not
 repeat), or what it proposed over the last ``JUDGE_WINDOW`` speculating sequence-steps gained less
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import logging
 
-from tandem.engine.scheduler import Scheduler
+from tandem.contract.step import StepInputs, StepOutput
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec_path import SpecStats
 from tandem.spec.config import SpeculativeConfig
@@ -54,7 +57,9 @@ class Speculation:
         self._window: tuple[int, int] | None = None  # (drafts, accepted) when the gain's window began
         schedule = ("planned while the previous step runs (overlapped: the device resolves what it accepted)"
                     if self.overlaps else "planned after the previous step is processed (no overlap of host and "
-                    "device for them: the draft proposes from known tokens)")
+                    "device for them: the proposer reads known tokens only)")
+        if self.on_device:
+            schedule += "; the draft proposes on the device inside each verifying step"
         log.info("speculative decoding: %s, k = %d, off above %d requests; speculating steps are %s", config.method,
                  config.k, config.disable_by_batch_size, schedule)
 
@@ -148,11 +153,11 @@ class Speculation:
         model): the host plans with placeholders (``worker.draft_plan``)."""
         return bool(getattr(self.proposer, "on_device", False))
 
-    def plan(self, step, sched):
+    def plan(self, step: StepInputs, sched: SchedulerOutput) -> StepInputs:
         """The built step with what an on-device proposer needs (unchanged for a host proposer)."""
         return self.proposer.plan(step, sched) if self.on_device and sched.speculative else step
 
-    def processed(self, sched, output) -> None:
+    def processed(self, sched: SchedulerOutput, output: StepOutput) -> None:
         """Before a step's tokens are taken in: an on-device proposer's real proposals replace the
         placeholders of its entries (the host's acceptance and counters need them)."""
         if self.on_device and sched.speculative:

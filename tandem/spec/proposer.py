@@ -1,12 +1,14 @@
 """Proposers: each speculating sequence gets up to k proposed next tokens per step.
 
-A proposer sees only known tokens, and its proposals are deterministic functions of them (q is
-one-hot), which is what lets verification be an exact match against the target's own draw
-(``verify``). A proposer that ``overlaps`` (n-gram lookup) is asked while the previous step is still
-in flight: it continues the known tokens further, and the host takes its proposals after a guess of
-that step's outcome read off the same continuation (``engine.speculation``); a wrong guess costs
-acceptance, never tokens (docs/pipeline.md). For one that does not (the draft model) the host
-drains the device first. An
+A proposer's proposals are deterministic functions of the tokens before them (q is one-hot), which
+is what lets verification be an exact match against the target's own draw (``verify``). Both
+proposers the engine builds are asked while the previous step is still in flight (``overlaps``). N-gram lookup
+sees only known tokens: it continues them further, and the host takes its proposals after a guess
+of that step's outcome read off the same continuation (``engine.speculation``); a wrong guess costs
+acceptance, never tokens (docs/pipeline.md). A draft model proposes ``on_device``, inside the step
+that verifies its proposals, from the real tokens including those of the step in flight (the host
+plans with placeholders: ``worker.draft_plan``). A proposer that does not overlap would have the
+host process every step in flight first. An
 EAGLE-style head would implement the same interface (its proposals from the target's hidden states,
 which would come back with the step's output); it is not built."""
 from __future__ import annotations

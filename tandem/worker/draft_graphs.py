@@ -14,7 +14,8 @@ drafts are discarded. Padding rows (graph buckets) have kk = 0 and an all-zero b
 write into block 0 only, which is never handed out.
 
 ``DraftGraphs`` captures the function per (padded batch size, k), lazily on first use, into its own
-memory pool (never the engine's), on a side stream ordered after and before the proposer's stream."""
+memory pool (never the engine's), on a side stream ordered after and before the current stream (the
+step's compute stream: the engine's draft proposes inside the step, ``worker.draft_window``)."""
 from __future__ import annotations
 
 import logging

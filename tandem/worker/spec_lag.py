@@ -9,7 +9,9 @@ table, the token drawn after the accepted run (the next step's input, through th
 placeholder) and the rejected count (``record``); step N+1's first op shifts its lagged sequences back
 by that count and takes their slots from the block table again (``resolve``). Both are fixed-shape
 device ops with no host read, outside any captured graph (``resolve`` runs before a graph's inputs
-are staged; ``record`` in the eager sampling stage)."""
+are staged; ``record`` in the eager sampling stage). With a draft model ``record`` also keeps each
+row's draws in order (``draws``): the draft's window for the next step reads the accepted
+proposals and the draw after them there (``worker.draft_window``)."""
 from __future__ import annotations
 
 from typing import Any
