@@ -223,3 +223,25 @@ def test_randomized_cases_give_the_tokens_of_no_speculation(cores):
         totals["overlapped"] += cores[-1].spec_overlapped
     assert all(totals[t] for t in ("preemptions", "hits", "drafts", "accepted", "rejected", "overlapped")), totals
     assert all(kinds[k] for k in KINDS), kinds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA executor and the draft's graphs (run on a GPU)")
+def test_on_cuda_with_graphs_sync_equals_async():
+    """The stream executor with decode and piecewise graphs and the draft's proposal graphs: no
+    drain, sync equals async equals no speculation, every greedy proposal of the target as its own
+    draft accepted (float32), and the draft's graphs were captured and replayed."""
+    prompts = [[11, 12, 13, 14] * 3, [5, 6, 7, 5, 6, 7], [40, 41, 40, 41, 40], list(range(100, 190))]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    spec = {"method": "draft", "model": "random:tiny", "num_speculative_tokens": K}
+    off = LLM("random:tiny", device="cuda", dtype="float32", kv_cache_tokens=2048).generate(prompts, params,
+                                                                                           use_tqdm=False)
+    for async_batching in (False, True):
+        llm = LLM("random:tiny", device="cuda", dtype="float32", kv_cache_tokens=2048, async_batching=async_batching,
+                  speculative_config=spec)
+        on = llm.generate(prompts, params, use_tqdm=False)
+        core = llm.engine.core
+        stats = core.stats()
+        assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
+        assert core.spec_drains == 0 and core.spec_overlapped > 0
+        assert 0 < stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+        assert core.speculation.proposer.graphs.graphs

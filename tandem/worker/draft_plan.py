@@ -19,6 +19,7 @@ import numpy as np
 
 from tandem.contract.step import DraftShape, StepInputs, StepOutput
 from tandem.worker.draft_blocks import DraftBlocks
+from tandem.worker.draft_graphs import DraftGraphs
 
 
 @dataclass
@@ -47,8 +48,9 @@ class DraftPlanner:
     on_device = True  # proposals are placeholders on the host, made on the device (``plan``)
     host_proposals = False  # so no host mask can follow them (requests the host masks do not speculate)
 
-    def __init__(self, k: int, num_blocks: int, block_size: int) -> None:
+    def __init__(self, k: int, num_blocks: int, block_size: int, graphs: DraftGraphs | None = None) -> None:
         self.k, self.block_size = k, block_size
+        self.graphs = graphs  # the device side's proposal graphs (CUDA), for tools that count the captured ones
         self.blocks = DraftBlocks(num_blocks, block_size)
         self.seqs: dict[str, _Held] = {}
 

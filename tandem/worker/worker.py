@@ -141,7 +141,7 @@ class DeviceWorker:
         k = spec.k
         self.runner.spec_lag.keep_draws(k + 1)
         self.runner.draft = DeviceDraft(draft, k, graphs)
-        return DraftPlanner(k, self.info.num_kv_blocks, self.config.block_size)
+        return DraftPlanner(k, self.info.num_kv_blocks, self.config.block_size, graphs)
 
     def _wants_graphs(self) -> bool:
         # a model whose forward cannot be captured (the transformers backend may say so) runs eagerly
