@@ -54,6 +54,7 @@ class NgramProposer:
     long prompt is converted once, not every step)."""
 
     overlaps = True  # cheap enough to continue the known tokens past the step in flight
+    on_device = False
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n

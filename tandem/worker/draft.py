@@ -52,6 +52,7 @@ class _Row:
 
 class DraftProposer:
     overlaps = False  # known tokens only: a loop with this proposer would process every step first
+    on_device = False
 
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, max_model_len: int,
                  vocab_size: int, cuda_graphs: bool = False, max_seqs: int = 1, uniform: bool = True) -> None:

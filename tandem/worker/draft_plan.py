@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from tandem.contract.step import DraftShape, StepInputs, StepOutput
+from tandem.contract.draft import DraftShape
+from tandem.contract.step import StepInputs, StepOutput
 from tandem.worker.draft_blocks import DraftBlocks
 from tandem.worker.draft_graphs import DraftGraphs
 

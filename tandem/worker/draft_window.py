@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.contract.step import DraftShape
+from tandem.contract.draft import DraftShape
 from tandem.model.attention import AttentionInputs, step_attention
 from tandem.worker.draft_graphs import DraftGraphs, DraftModel, uniform_drafts
 
