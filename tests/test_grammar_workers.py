@@ -84,12 +84,12 @@ def test_workers_masks_and_endings_equal_the_engine_process_ones(served):
         endings, rows_compared, slot = 0, 0, 0
         while live:
             fed = [r for r in live if r[2]]
-            sent = pool.send([(r[1], r[2]) for r in fed], [(r[1], row, r[1].num_accepted + len(r[2]))
+            sent = pool.send([(r[1], r[2]) for r in fed], [(r[1], row, r[1].num_accepted + len(r[2]), ())
                                                            for row, r in enumerate(live)], slot)
             want_adv = stepping.advance([(r[0], r[2]) for r in fed], frozenset([BYTE_EOS]))
             ended = {id(r) for r, o in zip(fed, want_adv) if o[0] != stepping.ACCEPTED}
             local = np.zeros((len(live), WORDS), np.int32)
-            want_fill = stepping.fill([(row, None if id(r) in ended else r[0], r[0].num_accepted)
+            want_fill = stepping.fill([(row, None if id(r) in ended else r[0], r[0].num_accepted, ())
                                        for row, r in enumerate(live)], local, batch_fill)
             answers, lost = pool.collect(sent)
             assert lost is None

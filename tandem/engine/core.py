@@ -112,9 +112,14 @@ class EngineCore:
             from tandem.engine.structured.manager import StructuredOutputs
 
             self.structured = StructuredOutputs(self._model, self._eos_token_ids, tokenizer=self._tokenizer,
-                                                workers=self._grammar_workers, max_rows=self._max_num_seqs,
+                                                workers=self._grammar_workers, max_rows=self._max_masked_rows,
                                                 pin=getattr(self.worker, "pin_host_memory", None))
         return self.structured
+
+    @property
+    def _max_masked_rows(self) -> int:
+        """A step's most sampled rows: one per sequence, and one per proposal of a speculating one."""
+        return self._max_num_seqs * (1 + (self.speculation.config.k if self.speculation is not None else 0))
 
     def add_request(self, request: EngineRequest) -> None:
         seq = Sequence.from_request(request)

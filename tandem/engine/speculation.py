@@ -3,9 +3,11 @@ sequence proposes (docs/pipeline.md, "Speculative decoding").
 
 A step speculates when few requests are running or waiting (``disable_by_batch_size``); its
 decoding sequences then take proposals from the proposer. Requests whose sampling the host masks
-(structured output, bad words of several tokens: ``SamplingParams.host_masked``) never speculate:
-their mask for a position depends on the tokens before it, which the mask path knows one step at a
-time. They decode one token per step in the same batches.
+(structured output, bad words of several tokens: ``SamplingParams.host_masked``) speculate too: the
+host fills a mask row per proposal, each in the state after the known tokens and the proposals
+before it (``engine.structured``), when those proposals are known on the host and the request's
+rules can never leave a row without a token (``_masked_may``); otherwise they decode one token per
+step in the same batches.
 
 A speculating step is planned while the previous step runs, as any step (the device resolves what
 that step accepted). The n-gram proposer's host proposes after a guess of that step's outcome; a
@@ -30,6 +32,7 @@ from tandem.contract.step import StepInputs, StepOutput
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec_path import SpecStats
+from tandem.engine.structured.rows import speculation_safe
 from tandem.spec.config import SpeculativeConfig
 from tandem.spec.proposer import ProposalRequest, Proposer
 
@@ -135,7 +138,7 @@ class Speculation:
         that does not overlap while a step is in flight, and, in overlap, a request before
         ``min_tokens`` tokens are known (the step after this one would have only an upper bound of
         its rows' output index on the host, and the bans depend on it)."""
-        if seq.params.host_masked or seq.num_tokens - seq.num_computed != 1:
+        if seq.num_tokens - seq.num_computed != 1 or (seq.params.host_masked and not self._masked_may(seq)):
             return False
         if self.overlaps and len(seq.output_token_ids) < seq.params.min_tokens:
             return False
@@ -146,6 +149,14 @@ class Speculation:
         if not self.overlaps or pending != len(flight) + 1:  # (a lag of one step: nothing older is pending)
             return False
         return flight
+
+    def _masked_may(self, seq: Sequence) -> bool:
+        """A host-masked request speculates when its proposals are known on the host (the mask of each
+        row after the first follows the proposals before it), its rows can never be left without a
+        token (``speculation_safe``), and it is past ``min_tokens`` (so no row's bans depend on an
+        output index the host knows only as an upper bound)."""
+        return (not self.on_device and speculation_safe(seq.params)
+                and len(seq.output_token_ids) >= seq.params.min_tokens)
 
     @property
     def on_device(self) -> bool:

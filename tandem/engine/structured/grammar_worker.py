@@ -59,7 +59,8 @@ class _Worker:
         ended = {msg.adv_handles[i] for i, *_ in advanced}
         for handle in ended:  # its row (if any) allows everything; the engine ends the request
             del self.rules[handle]
-        rows = [(row, self.rules.get(h), gen) for h, row, gen in zip(msg.fill_handles, msg.fill_rows, msg.fill_gen)]
+        rows = [(row, self.rules.get(h), gen, tuple(ahead))
+                for h, row, gen, ahead in zip(msg.fill_handles, msg.fill_rows, msg.fill_gen, msg.fill_ahead)]
         filled = stepping.fill(rows, self.mask.slots[msg.slot], self.batch_fill) if rows else []
         return Done(advanced, filled)
 

@@ -51,7 +51,7 @@ from tandem.engine.sequence import Sequence
 from tandem.engine.structured import stepping
 from tandem.engine.structured.compiler import GrammarCompiler, clean_message
 from tandem.engine.structured.matcher import RequestGrammar
-from tandem.engine.structured.rows import MaskedRows, masked_rows, no_token_left
+from tandem.engine.structured.rows import MaskedRows, masked_rows, no_token_left, resolved_gen_index
 from tandem.engine.structured.rules import TokenRules, rules_for, rules_spec
 from tandem.engine.structured.vocab import tokenizer_info
 from tandem.engine.structured.workers import GrammarWorkers, Lost, RemoteRules
@@ -216,8 +216,8 @@ class StructuredOutputs:
                 continue
             if seq.finished:  # by its tokens (EOS, length, a stop id) or an abort: done with the rules
                 self._release(seq)
-            elif len(seq.output_token_ids) > rules.num_accepted:
-                self._feed.append(seq)
+            elif len(seq.output_token_ids) > rules.num_accepted and (not self._feed or self._feed[-1] is not seq):
+                self._feed.append(seq)  # (once: a speculating sequence has a row per proposal, in a run)
 
     def begin_fill(self, masked: MaskedRows, out: np.ndarray | None = None) -> None:
         """Start filling step ``masked``'s mask: feed what ``advance`` listed and fill the rows, in the
@@ -233,12 +233,12 @@ class StructuredOutputs:
             mask, self._slot = self.pool.mask.slots[slot][:n], slot ^ 1
         else:
             mask = np.empty((n, self.words), np.int32) if out is None else out
-        rows: list[tuple[int, Sequence, int]] = []
-        for i, (seq, gen_index) in enumerate(zip(masked.seqs, masked.gen_index)):
+        rows: list[tuple[int, Sequence, int, tuple[int, ...]]] = []
+        for i, (seq, gen_index, ahead) in enumerate(zip(masked.seqs, masked.gen_index, masked.ahead)):
             if seq.rules is None or seq.finished:
                 mask[i] = -1  # it ended since the step was planned: its token is dropped
             else:
-                rows.append((i, seq, gen_index))
+                rows.append((i, seq, resolved_gen_index(seq, gen_index, ahead) if masked.lagged[i] else gen_index, ahead))
         self._pending = self._begin(rows, mask, slot)
         self._pending.host_s = time.perf_counter() - start
         masked.sent = True
@@ -273,7 +273,8 @@ class StructuredOutputs:
             self._gather(run)
             self._apply(run, scheduler, deltas)
 
-    def _begin(self, rows: list[tuple[int, Sequence, int]], mask: np.ndarray | None, slot: int) -> _Run:
+    def _begin(self, rows: list[tuple[int, Sequence, int, tuple[int, ...]]], mask: np.ndarray | None,
+               slot: int) -> _Run:
         if self._pending is not None:  # a loop that recovered from a failure dropped that fill's step
             self._discard()
         feed = [seq for seq in self._feed if seq.rules is not None and not seq.finished]
@@ -287,9 +288,9 @@ class StructuredOutputs:
                 if outcome[0] != stepping.ACCEPTED:
                     ended[id(seq)] = outcome
         if self.pool is None and not ended:
-            mine = [(i, seq.rules, gen) for i, seq, gen in rows]
+            mine = [(i, seq.rules, gen, ahead) for i, seq, gen, ahead in rows]
         else:
-            mine = [(i, None if id(seq) in ended else seq.rules, gen) for i, seq, gen in rows
+            mine = [(i, None if id(seq) in ended else seq.rules, gen, ahead) for i, seq, gen, ahead in rows
                     if isinstance(seq.rules, TokenRules)]
         problems = {mine[j][0]: (kind, seen) for j, kind, seen in stepping.fill(mine, mask, self.batch_fill)} \
             if mine else {}
@@ -306,7 +307,7 @@ class StructuredOutputs:
             run.gone = [self._remote.pop(h) for h in lost.handles if h in self._remote]
             run.why = lost.why
             gone = {id(seq) for seq in run.gone}
-            for i, seq, _ in run.rows:
+            for i, seq, *_ in run.rows:
                 if id(seq) in gone:
                     run.mask[i] = -1
 
@@ -316,11 +317,12 @@ class StructuredOutputs:
         run, self._pending = self._pending, None
         self._gather(run)
 
-    def _remote_share(self, feed: list[Sequence], rows: list[tuple[int, Sequence, int]], slot: int) -> list:
+    def _remote_share(self, feed: list[Sequence], rows: list[tuple[int, Sequence, int, tuple[int, ...]]],
+                      slot: int) -> list:
         """Send each worker its requests' tokens and rows (first: they work while this process does its share)."""
         advances = [(seq.rules, seq.output_token_ids[seq.rules.num_accepted:]) for seq in feed
                     if isinstance(seq.rules, RemoteRules)]
-        fills = [(seq.rules, i, gen) for i, seq, gen in rows if isinstance(seq.rules, RemoteRules)]
+        fills = [(seq.rules, i, gen, ahead) for i, seq, gen, ahead in rows if isinstance(seq.rules, RemoteRules)]
         return self.pool.send(advances, fills, slot) if advances or fills else []
 
     def _collect(self, sent: list, ended: dict, problems: dict) -> Lost | None:
@@ -344,7 +346,7 @@ class StructuredOutputs:
         if not run.ended and not run.problems and not run.gone:  # a step's usual case
             return
         lost_ids = {id(seq) for seq in run.gone}
-        over = {id(seq) for seq in run.feed if seq.finished} | {id(seq) for _, seq, _ in run.rows if seq.finished}
+        over = {id(seq) for seq in run.feed if seq.finished} | {id(seq) for _, seq, *_ in run.rows if seq.finished}
         for seq in run.feed:
             if id(seq) in lost_ids:
                 continue
@@ -356,8 +358,8 @@ class StructuredOutputs:
                                                            f"index {index} (an engine fault)")
             elif kind == stepping.STOPPED:  # it took a stop token (with ignore_eos the scheduler went on)
                 self._end(seq, "stop", scheduler, deltas)
-        for i, seq, gen_index in run.rows:
-            if id(seq) in lost_ids:
+        for i, seq, gen_index, _ in run.rows:
+            if id(seq) in lost_ids or (seq.finished and id(seq) not in over):  # (ended by an earlier row)
                 continue
             kind, seen = run.problems.get(i, (0, 0))
             if kind == stepping.MISMATCH:

@@ -44,6 +44,7 @@ class Step(msgspec.Struct, array_like=True):
     fill_handles: list[int]
     fill_rows: list[int]
     fill_gen: list[int]  # the output index each row samples
+    fill_ahead: list[list[int]]  # the proposals before each row in its step (``stepping.fill``)
     slot: int
 
 

@@ -1,12 +1,13 @@
 """The rows of a step that host token rules mask (``manager``'s view of a planned step)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tandem.engine.plan import SchedulerOutput
 from tandem.engine.sequence import Sequence
+from tandem.sampling_params import SamplingParams
 
 
 @dataclass
@@ -15,7 +16,12 @@ class MaskedRows:
 
     sample_index: np.ndarray  # int64: which of the step's sampled rows (the ``mask_sample`` field)
     seqs: list[Sequence]
-    gen_index: list[int]  # the output index each row samples: its rules must have seen that many tokens
+    #: the output index each row samples: its rules must have seen that many tokens (with the proposals
+    #: before it); planned as if the step before accepted all its proposals (``resolve`` makes it exact)
+    gen_index: list[int]
+    #: per row, the proposals before it in its step (a speculating sequence's rows after its first)
+    ahead: list[tuple[int, ...]] = field(default_factory=list)
+    lagged: list[bool] = field(default_factory=list)  # per row: the step before speculated for its sequence
     sent: bool = False  # its fill began (``begin_fill``)
     provided: bool = False  # the mask is ready for the worker (``mask_ready``)
 
@@ -35,14 +41,40 @@ def masked_rows(sched: SchedulerOutput) -> MaskedRows | None:
             seqs = [d.seqs[i] for i in index]
             gen = d.gen_index[hits].tolist()
         first = len(d)
+    ahead: list[tuple[int, ...]] = [()] * len(seqs)
+    lagged = [False] * len(seqs) if d is None or d.lagged is None else d.lagged[index].tolist()
     for item in sched.chunks:
-        if item.sample:
-            if item.seq.params.host_masked:
-                index.append(first)
+        if item.sample and item.seq.params.host_masked:
+            proposals = tuple(item.proposals or ())
+            for j in range(item.num_samples):  # a speculating sequence: one row per proposal, and the next
+                index.append(first + j)
                 seqs.append(item.seq)
-                gen.append(item.gen_index)
-            first += item.num_samples  # a speculating sequence (never a masked one) samples several
-    return MaskedRows(np.array(index, np.int64), seqs, gen) if seqs else None
+                gen.append(item.gen_index + j)
+                ahead.append(proposals[:j])
+                lagged.append(item.lagged)
+        first += item.num_samples
+    return MaskedRows(np.array(index, np.int64), seqs, gen, ahead, lagged) if seqs else None
+
+
+def resolved_gen_index(seq: Sequence, gen_index: int, ahead: tuple[int, ...]) -> int:
+    """The output index a lagged row samples: planned as if the step before accepted every proposal,
+    it follows the tokens that step did accept (processed by now), and the proposals before it."""
+    resolved = len(seq.output_token_ids) + len(ahead)
+    if gen_index < resolved:  # (the proposals that step rejected, or none)
+        raise RuntimeError(f"request {seq.request_id!r}: a row planned at output index {gen_index} "
+                           f"follows {len(seq.output_token_ids)} known tokens")
+    return resolved
+
+
+def speculation_safe(params: SamplingParams) -> bool:
+    """Whether a host-masked request's rows can never be left without a token, so it may speculate:
+    a row past the accepted run (masked after proposals that were not drawn) must not end the
+    request. A grammar alone always leaves a token (a continuation or a stop token), and so does
+    everything but a grammar or an allowlist; fixed bans on top of either can clear a row."""
+    bans = bool(params.bad_words or params.bad_words_token_ids)
+    if params.structured_outputs is None:
+        return params.allowed_token_ids is None
+    return params.allowed_token_ids is None and not bans
 
 
 def no_token_left(seq: Sequence, gen_index: int) -> str:

@@ -58,6 +58,8 @@ class TokenRules:
     #: one call accepts a step's tokens, one fills its rows); kept as the state changes (read per row)
     plain: bool = field(init=False)
     _output: list[int] = field(init=False, default_factory=list)  # the last tokens, for bad words and the gate
+    _matched: int = field(init=False, default=0)  # tokens the grammar's matcher took (``rollback`` counts back)
+    _saved: tuple | None = field(init=False, default=None)  # the state before ``speculate``
 
     def __post_init__(self) -> None:
         if self.grammar is None:
@@ -88,21 +90,55 @@ class TokenRules:
         """Feed these new tokens (the next ones of the output); returns the first one the grammar
         rejects (it stops there), or None."""
         for token in tokens:
-            if self.state == OPENING:
-                self._set_state(REASONING if token == self.reasoning_start else CONSTRAINED)
-            elif self.state == REASONING:
-                self._output.append(token)
-                if self._ends_with(self.reasoning_end):
-                    self._set_state(CONSTRAINED)
-                self.num_accepted += 1
-                continue
-            if self.state == CONSTRAINED and not self.grammar.matcher.accept_token(token):
+            if not self._take(token):
                 return token
-            self._output.append(token)
-            self.num_accepted += 1
         keep = max([len(s) for s in self.bad_sequences] + [len(self.reasoning_end), 1])
         del self._output[:-keep]
         return None
+
+    def speculate(self, tokens: list[int]) -> bool:
+        """Feed proposed tokens until ``rollback``: the state in which a speculating step's later rows
+        are masked (each after the proposals before it). False if one is rejected, or follows a
+        completed grammar (the rows after it are never accepted: that proposal cannot be drawn)."""
+        if self._saved is None:
+            self._saved = (self.state, self.num_accepted, list(self._output), self._matched)
+        for token in tokens:
+            if self.terminated or not self._take(token):
+                return False
+        return True
+
+    @property
+    def known(self) -> int:
+        """Output tokens seen, proposals fed by ``speculate`` aside."""
+        return self.num_accepted if self._saved is None else self._saved[1]
+
+    def rollback(self) -> None:
+        """Back to the state before ``speculate``."""
+        if self._saved is None:
+            return
+        state, self.num_accepted, self._output, matched = self._saved
+        self._saved = None
+        if self._matched > matched:
+            self.grammar.matcher.rollback(self._matched - matched)
+        self._matched = matched
+        self._set_state(state)
+
+    def _take(self, token: int) -> bool:
+        if self.state == OPENING:
+            self._set_state(REASONING if token == self.reasoning_start else CONSTRAINED)
+        elif self.state == REASONING:
+            self._output.append(token)
+            if self._ends_with(self.reasoning_end):
+                self._set_state(CONSTRAINED)
+            self.num_accepted += 1
+            return True
+        if self.state == CONSTRAINED:
+            if not self.grammar.matcher.accept_token(token):
+                return False
+            self._matched += 1
+        self._output.append(token)
+        self.num_accepted += 1
+        return True
 
     def fill(self, mask: np.ndarray, row: int, gen_index: int) -> bool:
         """mask[row] = the tokens allowed next; False if the rules together leave none."""

@@ -50,26 +50,51 @@ def advance(batch: list[tuple[TokenRules, list[int]]], stop_set: frozenset[int])
     return out
 
 
-def fill(rows: list[tuple[int, TokenRules | None, int]], mask: np.ndarray,
+def fill(rows: list[tuple[int, TokenRules | None, int, tuple[int, ...]]], mask: np.ndarray,
          batch_fill: xgrammar.BatchGrammarMatcher) -> list[tuple[int, int, int]]:
-    """Fill ``mask[row]`` for each (row, rules, output index the row samples); rules None: the
-    request ended, the row allows everything (its token is dropped). Returns the entries that went
-    wrong: (entry, EMPTY, 0) where the rules leave no token, (entry, MISMATCH, tokens seen)."""
+    """Fill ``mask[row]`` for each (row, rules, output index the row samples, the proposals before it
+    in its step: a speculating sequence's rows after its first); rules None: the request ended, the
+    row allows everything (its token is dropped). A row after a proposal its rules cannot take
+    allows everything too: that proposal is masked out of the row before, so this row's draw is
+    never accepted. Returns the entries that went wrong: (entry, EMPTY, 0) where the rules leave no
+    token, (entry, MISMATCH, tokens seen)."""
     problems: list[tuple[int, int, int]] = []
     plain: list[int] = []
     plain_rows: list[int] = []
-    for i, (row, rules, gen_index) in enumerate(rows):
+    ahead_of: dict[int, tuple[TokenRules, tuple[int, ...], bool]] = {}  # id(rules) -> its proposals fed, all taken
+    for i, (row, rules, gen_index, ahead) in enumerate(rows):
         if rules is None:
             mask[row] = -1
-        elif rules.num_accepted != gen_index:
+        elif rules.known + len(ahead) != gen_index:
             mask[row] = -1
-            problems.append((i, MISMATCH, rules.num_accepted))
+            problems.append((i, MISMATCH, rules.known))
+        elif ahead:
+            if not _feed_ahead(rules, ahead, ahead_of):
+                mask[row] = -1
+            elif not rules.fill(mask, row, gen_index):
+                mask[row] = -1
+                problems.append((i, EMPTY, 0))
         elif rules.plain:
             plain.append(i)
             plain_rows.append(row)
         elif not rules.fill(mask, row, gen_index):
             mask[row] = -1
             problems.append((i, EMPTY, 0))
+    for rules, _, _ in ahead_of.values():  # the plain rows below are filled in the state of the known tokens
+        rules.rollback()
     if plain:
         batch_fill.batch_fill_next_token_bitmask([rows[i][1].grammar.matcher for i in plain], mask, plain_rows)
     return problems
+
+
+def _feed_ahead(rules: TokenRules, ahead: tuple[int, ...], fed: dict) -> bool:
+    """Bring ``rules`` to the state after the known tokens and ``ahead`` (a sequence's rows come in
+    order, each one proposal further: usually one more token). False if a proposal was not taken."""
+    _, done, ok = fed.get(id(rules), (rules, (), True))
+    if ahead[:len(done)] != done:
+        rules.rollback()
+        done, ok = (), True
+    if ok:
+        ok = rules.speculate(list(ahead[len(done):]))
+    fed[id(rules)] = (rules, ahead, ok)
+    return ok

@@ -197,8 +197,8 @@ class GrammarWorkers:
             proc.drops.append(rules.handle)
 
     # --- a step --------------------------------------------------------------------------------------
-    def send(self, advances: list[tuple[RemoteRules, list[int]]], fills: list[tuple[RemoteRules, int, int]],
-             slot: int) -> list[tuple[_Proc, Step]]:
+    def send(self, advances: list[tuple[RemoteRules, list[int]]],
+             fills: list[tuple[RemoteRules, int, int, tuple[int, ...]]], slot: int) -> list[tuple[_Proc, Step]]:
         """Each worker with work in this step gets its message; returns what was sent, for ``collect``."""
         steps: dict[int, Step] = {}
         for rules, tokens in advances:
@@ -207,11 +207,12 @@ class GrammarWorkers:
             msg.adv_counts.append(len(tokens))
             msg.adv_tokens += tokens
             rules.num_accepted += len(tokens)
-        for rules, row, gen_index in fills:
+        for rules, row, gen_index, ahead in fills:
             msg = steps.get(rules.worker) or self._step(steps, rules.worker, slot)
             msg.fill_handles.append(rules.handle)
             msg.fill_rows.append(row)
             msg.fill_gen.append(gen_index)
+            msg.fill_ahead.append(list(ahead))
         sent = []
         for worker, msg in steps.items():
             proc = self.procs[worker]
@@ -225,7 +226,7 @@ class GrammarWorkers:
     def _step(self, steps: dict[int, Step], worker: int, slot: int) -> Step:
         """Worker ``worker``'s message of this step, with what was queued for it since its last one."""
         p = self.procs[worker]
-        msg = steps[worker] = Step(p.new_grammars, p.forget, p.adds, p.drops, [], [], [], [], [], [], slot)
+        msg = steps[worker] = Step(p.new_grammars, p.forget, p.adds, p.drops, [], [], [], [], [], [], [], slot)
         p.new_grammars, p.forget, p.adds, p.drops = [], [], [], []
         return msg
 
