@@ -47,7 +47,6 @@ class _Rows:
 class DraftPlanner:
     overlaps = True  # planned while the previous step runs: the device reads what that step drew
     on_device = True  # proposals are placeholders on the host, made on the device (``plan``)
-    host_proposals = False  # so no host mask can follow them (requests the host masks do not speculate)
 
     def __init__(self, k: int, num_blocks: int, block_size: int, graphs: DraftGraphs | None = None) -> None:
         self.k, self.block_size = k, block_size
