@@ -22,6 +22,7 @@ Plans (the commands of benchmarks/RESULTS.md):
   repetition penalty 0.5 without and with n-gram (k = 4, speculating up to 64 sequences).
 - quant: quantization on the 8B shape (issue 25): the W4A16 and FP8 checks, then batch 1 in bf16 and
   ``--quantization int4``, and S in bf16 and ``--quantization fp8``.
+- moe: the fused-MoE kernel's check, then Qwen3-30B-A3B at 64 x (256 + 1024), sync and async.
 - pdl: the quant plan's runs with programmatic dependent launch off and on (``TANDEM_PDL``), each
   printing its outputs' digest (the same tokens either way).
 - serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
@@ -100,6 +101,9 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
             _bench("S_fp8", eight_b, n(32), ln(256), ln(1024), "--max-num-seqs", str(n(32)), "--modes", "async",
                    "--quantization", "fp8"),
         ],
+        "moe": ([] if tiny else [Run("moe_checks", [sys.executable, "scripts/gpu_checks.py", "moe"], {}, "check")]) + [
+            _bench("Q30", "random:tiny-qwen3-moe" if tiny else "random:qwen3-30b-a3b", n(64), ln(256), ln(1024),
+                   "--max-num-seqs", str(n(64)))],
         "serve": [_bench("offline_64", one_b, n(64), ln(256), ln(512), "--max-num-seqs", str(n(256)),
                          "--max-model-len", "768", "--modes", "async")]
         + [Run(f"serve_{c}_{k}", CLI + ["bench-serve", "--num-clients", str(n(c)), "--prompt-len", ln(256),

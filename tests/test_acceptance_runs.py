@@ -62,14 +62,14 @@ def test_a_failed_run_is_marked_failed(tmp_path):
     assert "skipped" in module.summary_row(run, None, tmp_path)
 
 
-def test_the_structured_and_seam_plans_run(tmp_path):
-    done = _run(tmp_path, "--plans", "structured,seam")
+def test_the_structured_seam_and_moe_plans_run(tmp_path):
+    done = _run(tmp_path, "--plans", "structured,seam,moe")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    assert names == ["M_json", "M_json", "M_free", "G1", "G1", "G4", "G4", "TB_native", "TB", "TB"]
-    assert done.stdout.count("sync == async: True") == 6
+    assert names == ["M_json", "M_json", "M_free", "G1", "G1", "G4", "G4", "TB_native", "TB", "TB", "Q30", "Q30"]
+    assert done.stdout.count("sync == async: True") == 7
     log = (tmp_path / "log.txt").read_text()
-    assert "--structured-output json" in log and "--model-impl transformers" in log
+    assert "--structured-output json" in log and "--model-impl transformers" in log and "qwen3-moe" in log
 
 
 def test_the_spec_and_quant_plans_run(tmp_path):
