@@ -13,9 +13,10 @@ row's last kept one, so it neither overwrites K/V the row keeps nor reads past i
 drafts are discarded. Padding rows (graph buckets) have kk = 0 and an all-zero block table: they
 write into block 0 only, which is never handed out.
 
-``DraftGraphs`` captures the function per (padded batch size, k), lazily on first use, into its own
-memory pool (never the engine's), on a side stream ordered after and before the current stream (the
-step's compute stream: the engine's draft proposes inside the step, ``worker.draft_window``)."""
+``DraftGraphs`` captures the function per (padded batch size, k) at start-up (``capture_all``; any
+other pair lazily on first use), into its own memory pool (never the engine's), on a side stream
+ordered after and before the current stream (the step's compute stream: the engine's draft
+proposes inside the step, ``worker.draft_window``)."""
 from __future__ import annotations
 
 import logging
@@ -116,6 +117,13 @@ class DraftGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # the draft's own: the engine's pool stays as captured
         self.stream = torch.cuda.Stream(draft.kv_cache.device)
+
+    def capture_all(self, k: int) -> None:
+        """Every bucket's graph for k proposals, at start-up: a capture mid-run would stall the step
+        that meets it (a warm-up and k forwards of the draft), and start-up has nothing in flight."""
+        for size in self.sizes:
+            if (size, k) not in self.graphs:
+                self._capture(size, k)
 
     def bucket(self, num_rows: int) -> int | None:
         return next((s for s in self.sizes if s >= num_rows), None)

@@ -138,6 +138,7 @@ class DeviceWorker:
             # graphs up to the most rows that speculate together (more running + waiting: none does)
             max_seqs = min(getattr(spec, "disable_by_batch_size", self.config.max_num_seqs), self.config.max_num_seqs)
             graphs = DraftGraphs(draft, max_seqs, -(-self.info.max_model_len // self.config.block_size))
+            graphs.capture_all(spec.k)
         k = spec.k
         self.runner.spec_lag.keep_draws(k + 1)
         self.runner.draft = DeviceDraft(draft, k, graphs)
