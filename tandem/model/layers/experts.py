@@ -7,6 +7,10 @@ This is the reference: what the CPU runs, and the oracle of the fused Triton ker
 - ``w2``: [E, H, I], the down projection, per expert;
 - routing: ``topk_ids`` [T, k] (int) and ``topk_weights`` [T, k] (float32) for T tokens.
 
+w13 and w2 are dense tensors of the model dtype, or both FP8 with their scales (``quant.fp8_experts.
+Fp8Experts``, an FP8 checkpoint on the native FP8 path): the kernel dequantizes those in registers,
+the reference one expert at a time as it reads it, to the hidden states' dtype.
+
 A token's output is ``sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x))`` over its k experts
 ``e = topk_ids[t, j]``; experts no token routes to are never read."""
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from tandem.kernels import triton_available
 from tandem.model.layers.mlp import gelu_tanh_mul, silu_mul
+from tandem.model.quant.fp8_experts import ExpertWeight, expert_weight
 
 ACTIVATIONS = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
 
@@ -33,7 +38,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return weights, ids.to(torch.int32)
 
 
-def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def experts_reference(hidden: torch.Tensor, w13: ExpertWeight, w2: ExpertWeight, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """[T, H] -> [T, H]: each expert's tokens through its gated MLP, weighted and summed per token.
 
@@ -52,7 +57,8 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                              f"for {num_experts} experts")
         token, slot = torch.nonzero(flat_ids == expert, as_tuple=True)
         x = hidden[token]
-        y = act(x @ w13[expert].t()) @ w2[expert].t()
+        gate_up, down = expert_weight(w13, expert, hidden.dtype), expert_weight(w2, expert, hidden.dtype)
+        y = act(x @ gate_up.t()) @ down.t()
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(hidden.dtype)
 
@@ -67,7 +73,7 @@ def use_fused_kernel(device: torch.device) -> bool:
     return (choice == "triton" or (choice == "auto" and device.type == "cuda")) and triton_available()
 
 
-def experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def experts(hidden: torch.Tensor, w13: ExpertWeight, w2: ExpertWeight, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """The MoE layer's experts, as the model calls them: the fused Triton kernel on CUDA
     (``tandem/kernels/fused_moe.py``: no host sync, capturable in a CUDA graph), the reference
