@@ -6,6 +6,7 @@ tests/test_fused_moe.py does."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -14,14 +15,9 @@ from tandem.model.layers.experts import experts_reference, route
 from tandem.model.quant.fp8 import Fp8Weight
 from tandem.model.quant.fp8_experts import Fp8Experts, cat_expert_rows
 
-# Shared by the interpreted script and the tests here: FP8 experts in one of the three scale forms,
-# quantized independently of tandem (amax / 448 over the tensor, row or block), and the dequantized
-# float32 weights they stand for.
-HELPERS = r"""
-import torch
-from tandem.model.quant.fp8_experts import Fp8Experts
-
-def quantized(dense, form, block=None):
+def quantized(dense: torch.Tensor, form: str, block: tuple[int, int] | None = None) -> tuple[Fp8Experts, torch.Tensor]:
+    """(FP8 experts in one of the three scale forms, the dequantized float32 weights they stand for),
+    quantized independently of tandem: amax / 448 over the expert's tensor, row or block."""
     e, n, k = dense.shape
     if form == "tensor":  # one scale per expert, expanded to its rows as the loader stores it
         per_row = dense.abs().amax(dim=(1, 2), keepdim=True).expand(e, n, 1) / 448.0
@@ -37,8 +33,10 @@ def quantized(dense, form, block=None):
     full = grid.repeat_interleave(block[0], 1)[:, :n].repeat_interleave(block[1], 2)[:, :, :k]
     q = (dense / full).clamp(-448, 448).to(torch.float8_e4m3fn)
     return Fp8Experts(q, grid.float(), block), q.float() * full
-"""
-exec(HELPERS)  # noqa: S102 (the same helpers in this process)
+
+
+# the interpreted script defines the same helper
+HELPERS = "import torch\nfrom tandem.model.quant.fp8_experts import Fp8Experts\n" + inspect.getsource(quantized)
 
 KERNEL = HELPERS + r"""
 import random
@@ -47,12 +45,14 @@ from tandem.kernels.moe_align import DECODE_BLOCKS, MEDIUM_BLOCKS
 from tandem.model.layers.experts import experts, experts_reference, route
 
 rng, errs = random.Random(0), []
-CASES = [("tensor", None), ("channel", None), ("block", (16, 16)), ("block", (8, 32)), ("block", (128, 128))]
+# (32, 64) with MEDIUM_BLOCKS (block_k 64): the down GEMM's K (128) spans two grid columns, one per tile
+CASES = [("tensor", None), ("channel", None), ("block", (16, 16)), ("block", (8, 32)), ("block", (128, 128)),
+         ("block", (32, 64))]
 for case, (form, block) in enumerate(CASES * 2):
     g = torch.Generator().manual_seed(case)
     n_exp, k = rng.choice([4, 8]), (1 if case % 2 == 0 else rng.randint(2, 3))
     tokens, hidden = rng.choice([1, 5, 23]), rng.choice([40, 48])  # 40: a partial last column block
-    inter = 32 if block is None or block[0] <= 32 else 128  # the up rows start on a block row
+    inter = 32 if block is None or max(block) <= 32 else 128  # the up rows start on a block row
     x = torch.randn(tokens, hidden, generator=g)
     w13, w13_f = quantized(torch.randn(n_exp, 2 * inter, hidden, generator=g) / hidden ** 0.5, form, block)
     w2, w2_f = quantized(torch.randn(n_exp, hidden, inter, generator=g) / inter ** 0.5, form, block)
@@ -102,8 +102,8 @@ def test_the_kernel_on_fp8_experts_equals_the_reference():
 
 def test_the_reference_dequantizes_each_expert_as_it_reads_it():
     g = torch.Generator().manual_seed(3)
-    w13, w13_f = quantized(torch.randn(6, 64, 40, generator=g), "block", (16, 16))  # noqa: F821 (HELPERS)
-    w2, w2_f = quantized(torch.randn(6, 40, 32, generator=g), "channel")  # noqa: F821
+    w13, w13_f = quantized(torch.randn(6, 64, 40, generator=g), "block", (16, 16))
+    w2, w2_f = quantized(torch.randn(6, 40, 32, generator=g), "channel")
     x = torch.randn(9, 40, generator=g).to(torch.bfloat16)
     w, ids = route(torch.randn(9, 6, generator=g), 2, True)
     ids[1, 1] = 6  # dropped
@@ -128,3 +128,20 @@ def test_fp8_experts_join_as_the_loader_builds_them():
     with pytest.raises(ValueError, match=r"layer 3 w13: .*\[1, 24, 48\].*whole 16-row blocks"):
         cat_expert_rows([Fp8Experts.of(ragged), Fp8Experts.of(up)], "layer 3 w13")
     assert Fp8Experts.quantize(want[None]).nbytes == 64 * 48 + 64 * 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (the test extra)")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_grouped_gemm_compiles_for_h100(fp8):
+    """The interpreter accepts what the compiler may not (an FP8 load's fill, the widening): both
+    GEMMs' variants compile for sm_90 in bf16, with dense and FP8 weights."""
+    import test_triton_compile
+    from tandem.kernels.fused_moe import _grouped_gemm_kernel
+
+    pointers = {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv" if fp8 else "*bf16", "c_ptr": "*bf16", "weights_ptr": "*fp32",
+                "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
+                "s_ptr": "*fp32" if fp8 else "*bf16"}
+    for gated, scale_row in ((True, False), (False, True), (True, True)):
+        test_triton_compile._compile(_grouped_gemm_kernel, pointers, dict(
+            GATED=gated, ACT=0, MUL_WEIGHT=not gated, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
+            PRECISION="tf32", FP8_W=fp8, SCALE_ROW=scale_row))

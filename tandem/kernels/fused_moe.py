@@ -123,15 +123,21 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(b_ptrs, s_ptrs, mask, k0, scale_bk, stride_sk, dt: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP8_W: tl.constexpr):
+def _weight_tile(b_ptrs, s_ptrs, k_ok, col_ok, k0, scale_bk, stride_sk, dt: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FP8_W: tl.constexpr, SCALE_ROW: tl.constexpr):
     """A [BLOCK_K, BLOCK_N] tile of B in the model dtype ``dt``. FP8_W: each element widened to
     float32 times its scale (row n // bn, column k // bk of the grid), then rounded once to ``dt``:
-    the value dequantizing at load stores (``Fp8Experts.expert``)."""
+    the value dequantizing at load stores (``Fp8Experts.expert``). SCALE_ROW: the tile lies in one
+    column of the grid (per-channel scales, or blocks a multiple of BLOCK_K wide), so one scale per
+    output column is loaded rather than one per element."""
+    mask = k_ok[:, None] & col_ok[None, :]
     b = tl.load(b_ptrs, mask=mask, other=0.0)
     if FP8_W:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        s = tl.load(s_ptrs + (ks // scale_bk)[:, None] * stride_sk, mask=mask, other=0.0)
+        if SCALE_ROW:
+            s = tl.load(s_ptrs + (k0 // scale_bk) * stride_sk, mask=col_ok[None, :], other=0.0)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            s = tl.load(s_ptrs + (ks // scale_bk)[:, None] * stride_sk, mask=mask, other=0.0)
         b = (b.to(tl.float32) * s).to(dt)
     return b
 
@@ -143,7 +149,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
                          stride_sn, stride_sk, GATED: tl.constexpr, ACT: tl.constexpr,
                          MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                         FP8_W: tl.constexpr):
+                         FP8_W: tl.constexpr, SCALE_ROW: tl.constexpr):
     """C[slot, n] = epilogue(sum_k A[slot // a_row_div, k] * B[expert, n, k]) for the slots of one
     row tile and a band of output columns. GATED: B also holds the up rows ``up_offset`` elements
     further, and the epilogue is act(gate) * up. FP8_W: B is FP8 with a float32 scale grid ``s``
@@ -174,12 +180,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     for kk in range(0, tl.cdiv(k_in, BLOCK_K)):
         k_ok = ks < k_in - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_mask = k_ok[:, None] & col_ok[None, :]
-        b = _weight_tile(b_ptrs, s_ptrs, b_mask, kk * BLOCK_K, scale_bk, stride_sk, dt, BLOCK_K, FP8_W)
+        b = _weight_tile(b_ptrs, s_ptrs, k_ok, col_ok, kk * BLOCK_K, scale_bk, stride_sk, dt, BLOCK_K, FP8_W,
+                         SCALE_ROW)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            b_up = _weight_tile(b_ptrs + up_offset, s_ptrs + s_up_offset, b_mask, kk * BLOCK_K, scale_bk,
-                                stride_sk, dt, BLOCK_K, FP8_W)
+            b_up = _weight_tile(b_ptrs + up_offset, s_ptrs + s_up_offset, k_ok, col_ok, kk * BLOCK_K, scale_bk,
+                                stride_sk, dt, BLOCK_K, FP8_W, SCALE_ROW)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
@@ -235,7 +241,8 @@ def _grouped_gemm(a: torch.Tensor, b: ExpertWeight, out: torch.Tensor, alignment
         s, bn, bk, (n_out // bn) * s.stride(1) if fp8 else 0, s.stride(0), s.stride(1) if fp8 else 0,
         s.stride(2) if fp8 else 0, GATED=act is not None, ACT=act or 0,
         MUL_WEIGHT=weights is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        GROUP_M=blocks.group_m, PRECISION=dot_precision(a.dtype), FP8_W=fp8, num_warps=blocks.num_warps,
+        GROUP_M=blocks.group_m, PRECISION=dot_precision(a.dtype), FP8_W=fp8,
+        SCALE_ROW=fp8 and (bk >= w.shape[2] or bk % blocks.block_k == 0), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages)
 
 

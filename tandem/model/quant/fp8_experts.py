@@ -60,7 +60,9 @@ class Fp8Experts:
         static activation scale, if any, is not kept: experts multiply 16-bit activations."""
         n, k = weight.shape
         if weight.block is None:  # a scale per row (per-tensor scales are already expanded to rows)
-            return Fp8Experts(weight.weight[None], weight.scale.reshape(1, n, 1).float(), (1, k))
+            # an empty part (columns of an expert another rank holds) has an empty grid
+            grid = weight.scale.reshape(1, n, 1)[:, :, :min(k, 1)].float()
+            return Fp8Experts(weight.weight[None], grid, (1, max(k, 1)))
         return Fp8Experts(weight.weight[None], weight.scale[None].float(), weight.block)
 
     @staticmethod

@@ -1,7 +1,10 @@
 """Reading a quantized model's weights: a ``Getter`` that wraps the plain one.
 
 ``get(name, shape, part)`` (the Getter every family uses) always returns a dense tensor: an FP8
-weight is dequantized (mixture-of-experts weights, an LM head). ``get.linear(...)`` (what
+weight is dequantized (mixture-of-experts weights, an LM head). ``get.expert(...)`` keeps FP8 experts
+FP8 (``Fp8Experts``) where ``keeps_fp8`` holds, and quantizes dense ones per output channel under
+``--quantization fp8``; elsewhere it dequantizes them as ``get`` does (the MoE block does not call it
+yet). ``get.linear(...)`` (what
 ``quant.linear.read_linear`` calls for q/k/v/o and the MLP projections) returns an ``Fp8Weight`` where
 this device multiplies in FP8 (``fp8.native_fp8``, per-row scales); elsewhere the weight is
 dequantized at load to the model dtype, with a warning: the model then runs weight-only (its
@@ -20,6 +23,7 @@ import torch
 from tandem.model.base import Getter, padded
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
+from tandem.model.quant.fp8_experts import ExpertWeight, Fp8Experts
 from tandem.model.quant.int4_config import Int4Config
 from tandem.model.quant.int4_linear import int4_storage
 from tandem.model.quant.linear import LinearStorage, Weight
@@ -79,6 +83,22 @@ class QuantizedGetter:
         weight = self._read(name, shape, part, linear=True)
         return weight if isinstance(weight, torch.Tensor) or self.native else self._dense(weight, part)
 
+    def expert(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> ExpertWeight:
+        """Experts' weights with a leading expert dimension: a fused [E, N, K] tensor, or one expert's
+        projection [N, K] as [1, N, K]. FP8 (``Fp8Experts``) on the native path, else dense. Experts
+        stored dense where the config quantizes them load dense, as they did before FP8 experts
+        (the checks of ``linear`` are for projections)."""
+        module = name.removesuffix(".weight")
+        if not self.native:
+            return _leading(self(name, shape, part))
+        if self.reader is None:  # --quantization fp8: per output channel, as the linear layers
+            dense = _leading(self.plain(name, shape, part))
+            return Fp8Experts.quantize(dense) if self.qc.quantizes(module) else dense
+        if len(shape) != 2:  # fused FP8 expert tensors: no FP8 format stores them so; dequantized
+            return self(name, shape, part)
+        weight = self._read(name, shape, part, linear=False)
+        return weight[None] if isinstance(weight, torch.Tensor) else Fp8Experts.of(weight)
+
     def _read(self, name: str, shape: tuple[int, ...], part: Part | None, linear: bool) -> Weight:
         module = name.removesuffix(".weight")
         if self.reader is None:  # quantized at load: the linear layers only
@@ -119,8 +139,12 @@ class QuantizedGetter:
         return Fp8Weight(weight, scale, qc.block, input_scale, qc.activation_scale_ub)
 
     def _dense(self, weight: Fp8Weight, part: Part | None) -> torch.Tensor:
-
         return padded(weight.dequantize(self.dtype), part)
+
+
+def _leading(weight: torch.Tensor) -> torch.Tensor:
+    """One expert's [N, K] as [1, N, K]; a fused [E, N, K] as it is."""
+    return weight[None] if weight.dim() == 2 else weight
 
 
 def _block_part(scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...], part: Part | None,
@@ -134,6 +158,7 @@ def _block_part(scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, .
         return scale
     b = block[part.dim]
     if part.start % b or (part.stop % b and part.stop != shape[part.dim]):
-        raise ValueError(f"{module}: tensor-parallel part [{part.start}, {part.stop}) of dimension {part.dim} does "
-                         f"not fall on its {b}-wide FP8 blocks; use a tensor_parallel_size that splits them whole")
+        raise ValueError(f"{module}: tensor-parallel part [{part.start}, {part.stop}) of dimension {part.dim} of its "
+                         f"{list(shape)} weight does not fall on its {b}-wide FP8 blocks; use a tensor_parallel_size "
+                         f"that splits them whole")
     return scale.narrow(part.dim, part.start // b, -(-part.stop // b) - part.start // b).contiguous()
