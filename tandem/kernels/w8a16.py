@@ -56,7 +56,8 @@ def w8a16_tiles(m: int, n: int, k: int, scale_block_k: int | None, sms: int = 13
     n_tiles, k_tiles, split = triton.cdiv(n, block_n), triton.cdiv(k, block_k), 1
     while n_tiles * split * 2 <= waves * sms and k_tiles // (split * 2) >= 4:
         split *= 2
-    return W8Tiles(block_n, block_k, split, 4, 3)
+    # 17-32 rows: W x^T (wgmma with the widened weights from registers) won every 8B GEMM at 32 rows
+    return W8Tiles(block_n, block_k, split, 4, 3, swap=16 < m <= 32)
 
 
 @triton.jit
