@@ -181,8 +181,9 @@ def test_int4_at_load_matches_the_rtn_weights(llama, tmp_path):
 
 
 KERNEL_ENGINE = r"""
-import sys, tempfile
+import os, sys, tempfile
 from pathlib import Path
+os.environ["TANDEM_GATED_DOWN"] = "1"  # the fused gated down projection (opt-in: slower on the H100) runs too
 sys.path.insert(0, TESTS)
 from checkpoints import build_checkpoint
 from test_int4_models import greedy, quantized_pair
@@ -261,3 +262,27 @@ def test_tensor_parallel_parts_and_fusion():
     fused = Int4Linear.cat_rows([Int4Linear([w]), Int4Linear([w]), Int4Linear([a])])
     assert len(fused.parts) == 2 and fused.shape == (144, 128)  # w and w share one GEMM, a keeps its own
     assert torch.equal(fused.dequantize(torch.float32), torch.cat([dense, dense, ordered.weight()]))
+
+
+def test_the_fused_gated_down_projection_is_opt_in(monkeypatch):
+    """``silu_gated_linear`` hands [gate | up] to a weight's fused path only with TANDEM_GATED_DOWN=1 (it
+    measured slower on the H100); otherwise silu_mul first, then the weight's plain forward."""
+    import torch
+
+    from tandem.model.quant.linear import silu_gated_linear
+
+    class Weight:
+        shape = (3, 4)
+
+        def forward(self, x, bias=None):
+            return ("plain", tuple(x.shape))
+
+        def forward_silu_gated(self, gate_up):
+            return ("fused", tuple(gate_up.shape))
+
+    gate_up = torch.randn(2, 8)
+    halve = lambda t: t[:, :4] * t[:, 4:]  # noqa: E731
+    monkeypatch.delenv("TANDEM_GATED_DOWN", raising=False)
+    assert silu_gated_linear(gate_up, Weight(), halve) == ("plain", (2, 4))
+    monkeypatch.setenv("TANDEM_GATED_DOWN", "1")
+    assert silu_gated_linear(gate_up, Weight(), halve) == ("fused", (2, 8))
