@@ -11,14 +11,15 @@ Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights a
 reads (and scores) at most its window's keys per query (``StepRecord.windowed``).
 
 Mixture-of-experts models (``model/moe_shape.py``): their dense parts (attention, norms, dense-layer
-MLPs, routers, shared experts) count fully, their routed experts only for the experts a step's
+MLPs, routers, shared experts) count fully, their routed experts (as stored: FP8 with their scales
+where the projections are FP8) only for the experts a step's
 tokens touch, E * (1 - (1 - k/E)^T) per sparse layer for T tokens, the expectation under uniform
 routing (``MoEShape.expected_distinct_experts`` says why that and not the real routing); FLOPs
 count k experts per token. Under tensor parallelism each expert's width is split like a dense MLP's."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -73,7 +74,8 @@ class StepCost:
 
 def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """[rows, cols] of every matrix read through ``quant.linear`` (the attention projections, dense
-    MLPs): what a quantized checkpoint stores quantized. Routers, experts and the head stay dense."""
+    MLPs): what a quantized checkpoint stores quantized. Routers and the head stay dense; experts
+    are counted apart (``FloorModel.expert_bytes``: FP8 where the projections are FP8)."""
     h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
     moe = moe_shape(cfg)
     dense = range(cfg.num_layers) if moe is None else moe.dense_layers
@@ -98,6 +100,13 @@ class FloorModel:
             dense_mlps = cfg.num_layers * 3 * h * cfg.intermediate_size
             self.layer_params += (self.moe.always_read_params - dense_mlps) / tp_size
             self.expert_params = len(self.moe.sparse_layers) * self.moe.expert_params / tp_size
+        self.expert_bytes = self.expert_params * self.itemsize  # that expert as stored
+        if self.moe is not None and linear is not None and linear.dtype == "float8_e4m3fn":
+            # FP8 checkpoints keep their experts FP8 where they keep the projections FP8; experts
+            # multiply 16-bit activations, so no static activation scale is stored (4-bit: dense)
+            h, i = cfg.hidden_size, self.moe.expert_intermediate
+            fp8 = replace(linear, matrix_bytes=0)
+            self.expert_bytes = len(self.moe.sparse_layers) * (fp8.bytes_of(2 * i, h) + fp8.bytes_of(h, i)) / tp_size
         # the bytes of the layers as stored: quantized projections at their own size, scales included
         self.layer_bytes = self.layer_params * self.itemsize
         if linear is not None:
@@ -126,8 +135,8 @@ class FloorModel:
     def step_cost(self, rec: StepRecord) -> StepCost:
         cfg = self.cfg
         embed_rows = rec.num_tokens * cfg.hidden_size / self.tp_size
-        experts = self.experts_read(rec.num_tokens) * self.expert_params
-        weight_bytes = self.layer_bytes + (self.head_params + embed_rows + experts) * self.itemsize
+        experts = self.experts_read(rec.num_tokens) * self.expert_bytes
+        weight_bytes = self.layer_bytes + (self.head_params + embed_rows) * self.itemsize + experts
         kv_read, pairs = self._per_layer_sums(rec)
         kv_bytes = (kv_read + cfg.num_layers * rec.num_tokens) * self.layer_token_bytes
         routed = rec.num_tokens * (self.moe.top_k if self.moe is not None else 0) * self.expert_params

@@ -22,6 +22,12 @@ rank sends only its tokens to the ranks holding their experts and gets the resul
 all-to-alls of T*k rows instead of an all-reduce of T rows per rank), which needs per-rank token
 counts known on the device and a kernel taking variable row counts.
 
+FP8 checkpoints: on the native FP8 path (``quant.reader.keeps_fp8``) the experts stay FP8 with their
+scales (``quant.fp8_experts.Fp8Experts``, which the fused kernel and the reference both take), and
+``--quantization fp8`` quantizes them per output channel; tensor and expert parallelism slice the
+scales with the weights, and a block-wise split that cuts a scale block is refused at load, naming
+the tensor and the sizes. Elsewhere (and for 4-bit checkpoints) experts are dequantized at load.
+
 Checkpoint layouts: transformers' fused expert tensors (``mlp.experts.gate_up_proj`` [E, 2I, H],
 ``mlp.experts.down_proj`` [E, H, I], router ``mlp.gate.weight``), or one tensor per expert and
 projection as hub checkpoints and transformers' ``save_pretrained`` write them (``ExpertNames``).
@@ -40,6 +46,7 @@ from tandem.model.layers.experts import experts, route
 from tandem.model.layers.mlp import silu_mul
 from tandem.model.model_config import ModelConfig
 from tandem.model.models.decoder_parts import ModelWeights, attention_weights, embedding_and_head, mlp_weights
+from tandem.model.quant.fp8_experts import ExpertWeight, cat_expert_rows, stack_experts
 from tandem.model.quant.linear import Weight, linear
 from tandem.model.models.llama import LlamaModel, check_config
 from tandem.model.moe_shape import MoEShape, moe_shape
@@ -99,8 +106,8 @@ class MoEWeights:
     """One layer's MoE block as this rank holds it."""
 
     router: torch.Tensor  # [E, H], every expert's row on every rank
-    w13: torch.Tensor  # [local experts, 2 * local width, H]
-    w2: torch.Tensor  # [local experts, H, local width]
+    w13: ExpertWeight  # [local experts, 2 * local width, H]: dense, or FP8 with scales (Fp8Experts)
+    w2: ExpertWeight  # [local experts, H, local width]
     first_expert: int  # the global id of local expert 0 (expert parallelism), else 0
     shared_gate_up: torch.Tensor | None = None  # [2 * local shared width, H]
     shared_down: torch.Tensor | None = None  # [H, local shared width]
@@ -128,37 +135,48 @@ class MoELayerWeights:
 _NOTHING = Part(0, 0, 0, 0)  # an empty part of a tensor
 
 
-def _fused_w13(get: Getter, p: str, s: MoESettings, h: int, tp: TPLayout) -> torch.Tensor:
+def _expert_reader(get: Getter) -> Callable[[str, tuple[int, ...], Part | None], ExpertWeight]:
+    """Reads experts' weights with a leading expert dimension ([1, N, K] for one expert's projection):
+    through ``get.expert`` where the getter has it (``quant.reader.QuantizedGetter``: FP8 experts stay
+    FP8 on the native path), else dense."""
+    read = getattr(get, "expert", None)
+    if read is not None:
+        return read
+    return lambda name, shape, part: (lambda t: t[None] if t.dim() == 2 else t)(get(name, shape, part))
+
+
+def _fused_w13(get: Getter, p: str, s: MoESettings, h: int, tp: TPLayout) -> ExpertWeight:
     """w13 from transformers' fused ``gate_up_proj``: this rank's experts, or its slice of each."""
-    e, i, name = s.num_experts, s.expert_intermediate, f"{p}mlp.experts.gate_up_proj"
+    e, i, name, read = s.num_experts, s.expert_intermediate, f"{p}mlp.experts.gate_up_proj", _expert_reader(get)
     if tp.size == 1 or tp.expert_parallel:
-        return get(name, (e, 2 * i, h), tp.experts_part(e))
+        return read(name, (e, 2 * i, h), tp.experts_part(e))
     # the gate rows and the up rows of every expert, each split as a dense MLP's
-    return torch.cat([get(name, (e, 2 * i, h), tp.expert_mlp_part(i, 1, offset)) for offset in (0, i)], dim=1)
+    return cat_expert_rows([read(name, (e, 2 * i, h), tp.expert_mlp_part(i, 1, offset)) for offset in (0, i)], name)
 
 
-def _fused_w2(get: Getter, p: str, s: MoESettings, h: int, tp: TPLayout) -> torch.Tensor:
+def _fused_w2(get: Getter, p: str, s: MoESettings, h: int, tp: TPLayout) -> ExpertWeight:
     e, i = s.num_experts, s.expert_intermediate
     part = tp.experts_part(e) if tp.expert_parallel else tp.expert_mlp_part(i, 2)
-    return get(f"{p}mlp.experts.down_proj", (e, h, i), part)
+    return _expert_reader(get)(f"{p}mlp.experts.down_proj", (e, h, i), part)
 
 
 def _per_expert(get: Getter, p: str, s: MoESettings, h: int, tp: TPLayout,
-                names: ExpertNames) -> tuple[torch.Tensor, torch.Tensor]:
+                names: ExpertNames) -> tuple[ExpertWeight, ExpertWeight]:
     """(w13, w2) stacked from one tensor per expert and projection. An expert another rank holds
     (expert parallelism) is read as an empty part: its shape is checked and it counts as read,
-    as every rank reads its part, possibly empty, of every tensor."""
-    i, mine = s.expert_intermediate, tp.experts(s.num_experts)
+    as every rank reads its part, possibly empty, of every tensor. FP8 experts keep their scales
+    (sliced with their rows or columns); block-wise gate rows must end on a block to join the up rows."""
+    i, mine, read = s.expert_intermediate, tp.experts(s.num_experts), _expert_reader(get)
     w13, w2 = [], []
     for e in range(s.num_experts):
         rows, cols = (tp.expert_mlp_part(i, 0), tp.expert_mlp_part(i, 1)) if e in mine else (_NOTHING, _NOTHING)
         q = f"{p}{names.block}.experts.{e}."
-        gate_up = torch.cat([get(f"{q}{names.gate}.weight", (i, h), rows), get(f"{q}{names.up}.weight", (i, h), rows)])
-        down = get(f"{q}{names.down}.weight", (h, i), cols)
+        gate_up = [read(f"{q}{names.gate}.weight", (i, h), rows), read(f"{q}{names.up}.weight", (i, h), rows)]
+        down = read(f"{q}{names.down}.weight", (h, i), cols)
         if e in mine:
-            w13.append(gate_up)
+            w13.append(cat_expert_rows(gate_up, f"{q}{names.gate}/{names.up}"))
             w2.append(down)
-    return torch.stack(w13), torch.stack(w2)
+    return stack_experts(w13), stack_experts(w2)
 
 
 def _shared_expert(cfg: ModelConfig, get: Getter, p: str, s: MoESettings, tp: TPLayout

@@ -1,10 +1,9 @@
 """Reading a quantized model's weights: a ``Getter`` that wraps the plain one.
 
 ``get(name, shape, part)`` (the Getter every family uses) always returns a dense tensor: an FP8
-weight is dequantized (mixture-of-experts weights, an LM head). ``get.expert(...)`` keeps FP8 experts
+weight is dequantized (an LM head). ``get.expert(...)`` (the MoE block's experts) keeps FP8 experts
 FP8 (``Fp8Experts``) where ``keeps_fp8`` holds, and quantizes dense ones per output channel under
-``--quantization fp8``; elsewhere it dequantizes them as ``get`` does (the MoE block does not call it
-yet). ``get.linear(...)`` (what
+``--quantization fp8``; elsewhere it dequantizes them as ``get`` does. ``get.linear(...)`` (what
 ``quant.linear.read_linear`` calls for q/k/v/o and the MLP projections) returns an ``Fp8Weight`` where
 this device multiplies in FP8 (``fp8.native_fp8``, per-row scales); elsewhere the weight is
 dequantized at load to the model dtype, with a warning: the model then runs weight-only (its
@@ -75,8 +74,8 @@ class QuantizedGetter:
             return weight
         if self.native and not self.warned_dense:  # else the warning above said it all
             self.warned_dense = True
-            logger.warning("FP8 weights read outside the linear layers (%s, and any like it: mixture-of-experts "
-                           "experts, an LM head) are dequantized at load to %s", name, self.dtype)
+            logger.warning("FP8 weights read outside the linear layers and the experts (%s, and any like it: an "
+                           "LM head) are dequantized at load to %s", name, self.dtype)
         return self._dense(weight, part)
 
     def linear(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> Weight:
