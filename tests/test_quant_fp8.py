@@ -285,15 +285,18 @@ def test_fp8_checkpoint_under_tensor_parallelism(checkpoint_dir, tmp_path):
     assert out == _tokens(ref)
 
 
-def test_a_moe_checkpoint_on_fp8_gemms_dequantizes_its_experts(checkpoint_dir, tmp_path, monkeypatch, caplog):
+def test_a_moe_checkpoint_on_fp8_gemms_keeps_its_experts_fp8(checkpoint_dir, tmp_path, monkeypatch, caplog):
+    """Issue 25: on the native FP8 path the experts stay FP8 (with their scales); nothing is
+    dequantized at load, so no warning (tests/test_fp8_experts_models.py checks their tokens)."""
     import tandem.model.quant.reader as reader
     from tandem.model.quant.fp8 import Fp8Weight
+    from tandem.model.quant.fp8_experts import Fp8Experts
 
     monkeypatch.setattr(reader, "native_fp8", lambda device, dtype: dtype == torch.bfloat16)
     fp8, _ = fp8_checkpoint(checkpoint_dir("qwen3_moe"), tmp_path / "moe", "ct-channel")
     with caplog.at_level("WARNING", logger="tandem.model.quant.reader"):
         llm = LLM(str(fp8), device="cpu", dtype="bfloat16", max_model_len=64, kv_cache_tokens=256)
     layer = llm.engine.worker.model.weights.layers[0]
-    assert isinstance(layer.qkv, Fp8Weight) and layer.experts.w13.dtype == torch.bfloat16
-    assert "mlp.experts.0" in caplog.text and "dequantized at load to torch.bfloat16" in caplog.text
+    assert isinstance(layer.qkv, Fp8Weight) and isinstance(layer.experts.w13, Fp8Experts)
+    assert layer.experts.w13.weight.dtype == torch.float8_e4m3fn and "dequantized at load" not in caplog.text
     assert all(len(o.outputs[0].token_ids) == 10 for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False))
