@@ -18,6 +18,7 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 # is 0 there) made them infinite, and sampling at temperature > 0 then drew from NaNs (under a
 # grammar, a token it rejects: an engine fault). Above this every finite logit stays finite.
 MIN_REPETITION_PENALTY = 1e-6
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (the device's temperature)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # vLLM's range: every seed in it draws its own noise
 
 
@@ -183,8 +184,11 @@ class SamplingParams:
 
     @property
     def effective_temperature(self) -> float:
-        """0 for greedy rows, as the sampler reads it."""
-        return 0.0 if self.greedy else float(self.temperature)
+        """0 for greedy rows, as the sampler reads it (in float32). A temperature past float32's
+        largest value is that value: the device divides logits by it, and an infinite one turned a
+        grammar's banned (-inf) logits into NaN, from which sampling drew a banned token; at either
+        every logit divided is ~0, so the draw is the same (uniform over the eligible tokens)."""
+        return 0.0 if self.greedy else min(float(self.temperature), FLOAT32_MAX)
 
     @property
     def effective_top_k(self) -> int:

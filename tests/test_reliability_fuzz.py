@@ -227,6 +227,9 @@ HOSTILE: list[tuple[str, str | bytes | dict, int]] = [
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2**63]}, 400),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**40]}, 400),
     ("/v1/completions", {"prompt": "hi", "temperature": 1e308, "max_tokens": 2}, 200),
+    # infinite as a float32, it made a grammar's banned logits NaN, and a banned token was drawn (a 500)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "0"}], "guided_choice": ["ab", "cd"],
+                              "temperature": 2.4e250, "min_p": 0.4, "max_tokens": 4}, 200),
     ("/v1/completions", {"prompt": "hi", "temperature": -1e308}, 400),
     ("/v1/completions", {"prompt": "hi", "top_p": 5e-324, "max_tokens": 2}, 200),
     # a repetition penalty that is 0 as a float32 made logits infinite: refused; the least one taken,

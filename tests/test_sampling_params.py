@@ -1,6 +1,7 @@
 """SamplingParams validates every field's type and range, naming the field."""
 import math
 
+import numpy as np
 import pytest
 
 from tandem.sampling_params import SamplingParams
@@ -28,3 +29,5 @@ def test_valid_values_normalise():
     assert p.greedy and p.effective_temperature == 0.0 and p.effective_top_k == 0
     assert p.stop_strings == ["x"] and p.stop_token_ids == [4, 5]
     assert SamplingParams(temperature=1).effective_temperature == 1.0  # ints are fine for float fields
+    # past float32's range the device's temperature is its largest value, never inf (inf / inf = NaN)
+    assert SamplingParams(temperature=1e308).effective_temperature == float(np.finfo(np.float32).max)
