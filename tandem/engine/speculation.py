@@ -134,10 +134,10 @@ class Speculation:
 
     def _in_flight(self, seq: Sequence) -> list[int] | None | bool:
         """A decoding sequence's proposals in the step in flight ([] for a plain decode there; None:
-        nothing in flight), or False if it does not speculate: requests the host masks, a proposer
-        that does not overlap while a step is in flight, and, in overlap, a request before
-        ``min_tokens`` tokens are known (the step after this one would have only an upper bound of
-        its rows' output index on the host, and the bans depend on it)."""
+        nothing in flight), or False if it does not speculate: host-masked requests that may not
+        (``_masked_may``), a proposer that does not overlap while a step is in flight, and, in
+        overlap, a request before ``min_tokens`` tokens are known (the step after this one would have
+        only an upper bound of its rows' output index on the host, and the bans depend on it)."""
         if seq.num_tokens - seq.num_computed != 1 or (seq.params.host_masked and not self._masked_may(seq)):
             return False
         if self.overlaps and len(seq.output_token_ids) < seq.params.min_tokens:
@@ -153,8 +153,8 @@ class Speculation:
     def _masked_may(self, seq: Sequence) -> bool:
         """A host-masked request speculates when its proposals are known on the host (the mask of each
         row after the first follows the proposals before it), its rows can never be left without a
-        token (``speculation_safe``), and it is past ``min_tokens`` (so no row's bans depend on an
-        output index the host knows only as an upper bound)."""
+        token (``speculation_safe``), and it is past ``min_tokens`` (whatever the proposer: before it,
+        a row's stop-token bans can leave a completed grammar's row empty)."""
         return (not self.on_device and speculation_safe(seq.params)
                 and len(seq.output_token_ids) >= seq.params.min_tokens)
 
