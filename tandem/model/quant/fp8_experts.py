@@ -99,6 +99,11 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 ExpertWeight = torch.Tensor | Fp8Experts
 
 
+def with_expert_dim(weight: torch.Tensor) -> torch.Tensor:
+    """One expert's [N, K] as [1, N, K]; a fused [E, N, K] as it is."""
+    return weight[None] if weight.dim() == 2 else weight
+
+
 def expert_weight(w: ExpertWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert ``e`` of dense or FP8 experts, as a dense [N, K] of ``dtype`` (FP8: dequantized)."""
     return w[e] if isinstance(w, torch.Tensor) else w.expert(e, dtype)

@@ -22,7 +22,7 @@ import torch
 from tandem.model.base import Getter, padded
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
-from tandem.model.quant.fp8_experts import ExpertWeight, Fp8Experts
+from tandem.model.quant.fp8_experts import ExpertWeight, Fp8Experts, with_expert_dim
 from tandem.model.quant.int4_config import Int4Config
 from tandem.model.quant.int4_linear import int4_storage
 from tandem.model.quant.linear import LinearStorage, Weight
@@ -89,9 +89,9 @@ class QuantizedGetter:
         (the checks of ``linear`` are for projections)."""
         module = name.removesuffix(".weight")
         if not self.native:
-            return _leading(self(name, shape, part))
+            return with_expert_dim(self(name, shape, part))
         if self.reader is None:  # --quantization fp8: per output channel, as the linear layers
-            dense = _leading(self.plain(name, shape, part))
+            dense = with_expert_dim(self.plain(name, shape, part))
             return Fp8Experts.quantize(dense) if self.qc.quantizes(module) else dense
         if len(shape) != 2:  # fused FP8 expert tensors: no FP8 format stores them so; dequantized
             return self(name, shape, part)
@@ -139,11 +139,6 @@ class QuantizedGetter:
 
     def _dense(self, weight: Fp8Weight, part: Part | None) -> torch.Tensor:
         return padded(weight.dequantize(self.dtype), part)
-
-
-def _leading(weight: torch.Tensor) -> torch.Tensor:
-    """One expert's [N, K] as [1, N, K]; a fused [E, N, K] as it is."""
-    return weight[None] if weight.dim() == 2 else weight
 
 
 def _block_part(scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...], part: Part | None,
