@@ -226,7 +226,43 @@ def check() -> bool:
             ok &= err < MAX_ERR and not nan and peak <= plan
         del w13, w2
         torch.cuda.empty_cache()
-    return ok and _graph_and_sync_check(fused_experts, hidden_syncs)
+    return ok and _fp8_check(fused_experts, experts_reference) and _graph_and_sync_check(fused_experts, hidden_syncs)
+
+
+def random_fp8_experts(e: int, n: int, k: int, block: tuple[int, int], device: torch.device):
+    """Random FP8 experts with a positive random scale grid (never all equal: each block's scale matters)."""
+    from tandem.model.quant.fp8 import FP8
+    from tandem.model.quant.fp8_experts import Fp8Experts
+
+    weight = (torch.randn(e, n, k, device=device) * 2).to(FP8)
+    grid = (e, -(-n // block[0]), -(-k // block[1]))
+    return Fp8Experts(weight, torch.rand(grid, device=device) * 0.01 + 0.002, block)
+
+
+def _fp8_check(fused_experts, experts_reference, s: Shape = QWEN3_30B_A3B, device: str = "cuda") -> bool:
+    """FP8 experts (per channel, and 128 x 128 blocks) at Qwen3's shapes: the kernel, which dequantizes
+    FP8 tiles in registers, against the reference that dequantizes each expert, and its time against
+    the same experts in bf16 (half the bytes to read)."""
+    device, ok = torch.device(device), True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter's math is float32
+    for block in ((1, s.hidden), (128, 128) if s.inter % 128 == 0 else (16, 16)):
+        w13 = random_fp8_experts(s.experts, 2 * s.inter, s.hidden, block, device)
+        w2 = random_fp8_experts(s.experts, s.hidden, s.inter, (1, s.inter) if block[0] == 1 else block, device)
+        dense13, dense2 = w13.dequantize(dtype), w2.dequantize(dtype)
+        for tokens in (1, 64, 512):
+            layer = make_layer(s, tokens, dense13, dense2)
+            out = fused_experts(layer.x, w13, w2, layer.weights, layer.ids)
+            err = rel_err(out, experts_reference(layer.x, w13, w2, layer.weights, layer.ids))
+            nan = bool(torch.isnan(out).any())
+            fp8_us = time_us(lambda: fused_experts(layer.x, w13, w2, layer.weights, layer.ids), device)
+            bf16_us = time_us(lambda: fused_experts(layer.x, dense13, dense2, layer.weights, layer.ids), device)
+            print(f"moe fp8 {list(block)} T={tokens}: rel err {err:.1e}{' NaN!' if nan else ''}, "
+                  f"{fp8_us:.1f} us vs bf16 {bf16_us:.1f} us ({bf16_us / fp8_us:.2f}x)")
+            ok &= err < MAX_ERR and not nan
+        del w13, w2, dense13, dense2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ok
 
 
 def _graph_and_sync_check(fused_experts, hidden_syncs) -> bool:

@@ -26,12 +26,12 @@ def test_offline_and_served_plans_run_and_fill_the_table(tmp_path):
     done = _run(tmp_path, "--plans", "long,serve")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["M_len131072", "offline_64", "serve_64_a", "serve_64_b",
-                                                   "serve_256_a", "serve_256_b"]
-    assert all("sync == async: True" in line for line in lines[:2])
-    assert all(" tok/s" in line and "errors 0" in line for line in lines[2:])
+    assert [line.split()[0] for line in lines] == ["M_len131072", "offline_64", "offline_256", "serve_64_a",
+                                                   "serve_64_b", "serve_256_a", "serve_256_b"]
+    assert all("sync == async: True" in line for line in lines[:3])
+    assert all(" tok/s" in line and "errors 0" in line for line in lines[3:])
     log = (tmp_path / "log.txt").read_text()
-    assert log.count("rc=0") == 6 and "server exit status 0" in log
+    assert log.count("rc=0") == 7 and "server exit status 0" in log
     # the offline run of the serve plan ends before its server starts (beside it, the GPU's memory is taken)
     assert log.index("(background)") > log.rindex("bench --model random:tiny --num-requests 8")
     assert (tmp_path / "summary.txt").read_text().splitlines() == lines
@@ -66,10 +66,11 @@ def test_the_structured_seam_and_moe_plans_run(tmp_path):
     done = _run(tmp_path, "--plans", "structured,seam,moe")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    assert names == ["M_json", "M_json", "M_free", "G1", "G1", "G4", "G4", "TB_native", "TB", "TB", "Q30", "Q30"]
-    assert done.stdout.count("sync == async: True") == 7
+    assert names == ["M_json", "M_json", "M_free", "G1", "G1", "G4", "G4", "TB_native", "TB", "TB", "Q30", "Q30", "Q30_fp8"]
+    assert done.stdout.count("sync == async: True") == 8
     log = (tmp_path / "log.txt").read_text()
     assert "--structured-output json" in log and "--model-impl transformers" in log and "qwen3-moe" in log
+    assert "--quantization fp8" in log
 
 
 def test_the_spec_and_quant_plans_run(tmp_path):
