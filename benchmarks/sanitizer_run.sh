@@ -6,8 +6,11 @@
 #   2. the same under racecheck (fewer requests: racecheck is the slower tool)
 #   3. TANDEM_DIFF_CASES=200 python3 scripts/gpu_checks.py differential (async == sync, graphs on;
 #      DIFF_WORKERS processes, default 6, share the GPU)
+# With SET=kernels instead, memcheck and racecheck on the other kernels' workloads (under 8 minutes too):
+#   W4A16 (random:tiny, --quantization int4), the fused MoE kernel with FP8 experts (random:tiny-qwen3-moe,
+#   --quantization fp8), Gemma's fused norms with an FP8 KV cache (random:tiny-gemma3, --kv-cache-dtype fp8).
 # Logs go to OUTDIR; a short summary is printed last (and kept in OUTDIR/summary.txt).
-# Usage: scripts/sanitizer_run.sh OUTDIR        (COMPUTE_SANITIZER=/path/to/compute-sanitizer to override)
+# Usage: [SET=core|kernels] scripts/sanitizer_run.sh OUTDIR   (COMPUTE_SANITIZER=/path/to/compute-sanitizer to override)
 # Exit status: 0 when every stage is clean, 1 otherwise, 2 when it cannot run here.
 set -uo pipefail
 
@@ -53,6 +56,21 @@ stage() {  # stage NAME LIMIT_S CMD...: run CMD with a hard time limit, log to O
 }
 
 : > "$OUT/stages.txt"
+if [ "${SET:-core}" = kernels ]; then
+    KERNEL_S=${KERNEL_S:-75}
+    for w in "int4 --model random:tiny --quantization int4" "moe_fp8 --model random:tiny-qwen3-moe --quantization fp8" \
+             "gemma_kv_fp8 --model random:tiny-gemma3 --kv-cache-dtype fp8"; do
+        set -- $w
+        name=$1
+        shift
+        stage "memcheck_$name" "$KERNEL_S" "$SAN" --tool memcheck --error-exitcode 99 --print-limit 50 \
+            python3 scripts/sanitizer_workload.py --requests 12 --budget-s $((KERNEL_S - 45)) "$@"
+        stage "racecheck_$name" "$KERNEL_S" "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 99 \
+            --print-limit 50 python3 scripts/sanitizer_workload.py --requests 6 --budget-s $((KERNEL_S - 45)) "$@"
+    done
+    python3 scripts/sanitizer_summary.py "$OUT" | tee "$OUT/summary.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 stage memcheck "$MEMCHECK_S" "$SAN" --tool memcheck --error-exitcode 99 --print-limit 50 \
     python3 scripts/sanitizer_workload.py --requests 24 --budget-s $((MEMCHECK_S - 60))
 stage racecheck "$RACECHECK_S" "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 99 --print-limit 50 \

@@ -45,7 +45,7 @@ def _sanitizer(name: str, log: str, status: tuple[int, int] | None) -> Stage:
     errors = re.search(r"ERROR SUMMARY: (\d+) error", log)
     hazards = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", log)
     finished, workload = _workload(log)
-    if name == "racecheck" and hazards:
+    if name.startswith("racecheck") and hazards:
         found = f"{hazards.group(1)} hazards ({hazards.group(2)} errors, {hazards.group(3)} warnings)"
         ok = hazards.group(1) == "0"
     elif errors:
@@ -69,10 +69,12 @@ def _differential(log: str, status: tuple[int, int] | None) -> Stage:
 
 
 def summarize(out: Path) -> list[Stage]:
+    """Every stage stages.txt names, in its order (the core set: memcheck, racecheck, differential;
+    the kernels set: memcheck_* and racecheck_* on other models and weight formats)."""
     status = _stage_status(out)
-    return [_sanitizer("memcheck", _read(out, "memcheck.log"), status.get("memcheck")),
-            _sanitizer("racecheck", _read(out, "racecheck.log"), status.get("racecheck")),
-            _differential(_read(out, "differential.log"), status.get("differential"))]
+    names = list(status) or ["memcheck", "racecheck", "differential"]
+    return [_differential(_read(out, f"{n}.log"), status.get(n)) if n == "differential"
+            else _sanitizer(n, _read(out, f"{n}.log"), status.get(n)) for n in names]
 
 
 def main(argv: list[str]) -> int:

@@ -5,6 +5,11 @@ requests arriving mid-run, aborts at random steps, preemption from a small KV ca
 caching when this tree's EngineConfig has ``enable_prefix_caching``.
 
 Usage: python3 scripts/sanitizer_workload.py [--requests 24] [--budget-s 120] [--device cuda|cpu]
+       [--model random:tiny] [--quantization int4|fp8] [--kv-cache-dtype fp8]
+
+``--model``, ``--quantization`` and ``--kv-cache-dtype`` put the other kernels under the tool: the
+W4A16 and FP8 GEMMs, the fused MoE kernel (with FP8 experts), Gemma's fused norms, the FP8 KV cache.
+The tiny presets share random:tiny's 512-token vocabulary, which the prompts assume.
 
 The sanitizer slows every kernel 10-100x, so the run is bounded by time as well as by count: after
 ``--budget-s`` seconds no new request starts, and a quarter of that later (at least 15 s) what still
@@ -75,8 +80,9 @@ def plan(num_requests: int, seed: int) -> list[Planned]:
     return planned
 
 
-def engine_config(device: str | None) -> EngineConfig:
-    options = dict(model="random:tiny", device=device, async_batching=True, enforce_eager=False, max_num_seqs=8,
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    options = dict(model=args.model, device=args.device, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype, async_batching=True, enforce_eager=False, max_num_seqs=8,
                    max_num_batched_tokens=64, kv_cache_tokens=512, block_size=16, max_model_len=256)
     if prefix_caching_available():
         options["enable_prefix_caching"] = True
@@ -85,7 +91,7 @@ def engine_config(device: str | None) -> EngineConfig:
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    engine = create_engine(engine_config(args.device))
+    engine = create_engine(engine_config(args))
     kinds = StepKinds()
     engine.core.observers.append(kinds)
     print(f"[{time.monotonic() - start:.0f} s] engine ready on {engine.worker.info.device_name}: decode graphs "
@@ -140,6 +146,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=120.0, help="no new request starts after this")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="random:tiny", help="a tiny preset (a 512-token vocabulary)")
+    parser.add_argument("--quantization", default="auto", help="int4 or fp8: quantize the weights at load")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     return run(parser.parse_args())
 
 

@@ -67,3 +67,18 @@ def test_the_summary_of_a_clean_run(tmp_path):
 def test_the_summary_names_what_is_not_clean(tmp_path, changes, bad):
     done = _summary(tmp_path, **changes)
     assert done.returncode == 1 and f"RESULT: PROBLEMS in {bad}" in done.stdout, done.stdout
+
+
+def test_the_summary_of_the_kernels_set_reads_every_stage_it_ran(tmp_path):
+    clean_mem, clean_race = CLEAN["memcheck.log"], CLEAN["racecheck.log"]
+    stages = {f"{tool}_{w}": text for w in ("int4", "moe_fp8") for tool, text in
+              (("memcheck", clean_mem), ("racecheck", clean_race))}
+    files = {f"{n}.log": text for n, text in stages.items()}
+    files["stages.txt"] = "".join(f"{n} rc=0 seconds=40\n" for n in stages)
+    done = _summary(tmp_path, **files)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("RESULT: CLEAN"), done.stdout
+    assert [line.split()[0] for line in done.stdout.splitlines() if "_" in line.split()[0]] == list(stages)
+    assert "differential" not in done.stdout  # the core set's logs lie there too, but this run's stages do not name them
+    files["racecheck_moe_fp8.log"] = clean_race.replace("0 hazards displayed (0 errors", "1 hazards displayed (1 errors")
+    bad = _summary(tmp_path, **files)
+    assert bad.returncode == 1 and "PROBLEMS in racecheck_moe_fp8" in bad.stdout, bad.stdout
