@@ -106,6 +106,16 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                    ln(1024), "--max-num-seqs", str(n(64)), *extra)
             for suffix, extra in (("", ()), ("_fp8", ("--modes", "async", "--quantization", "fp8")))],
         "serve": _serve_plan(one_b, n, ln),
+        # issue 28's table, the rows no plan above measures: the seed experiment (bf16, then FP8 KV, then
+        # FP8 KV and weights), batch 1, and chat-like traffic (mixed lengths, sampled)
+        "seed": [_bench(f"seed{suffix}", eight_b, n(32), ln(256), ln(8192), "--max-num-seqs", str(n(32)),
+                        "--allow-long-max-model-len", "--modes", "async", *extra)
+                 for suffix, extra in (("", ()), ("_kv_fp8", ("--kv-cache-dtype", "fp8")),
+                                       ("_kv_fp8_w_fp8", ("--kv-cache-dtype", "fp8", "--quantization", "fp8")))],
+        "b1": [_bench(f"b1_{name}", model, 1, ln(256), ln(1024), "--max-num-seqs", "1", "--modes", "async")
+               for name, model in (("1b", one_b), ("8b", eight_b))],
+        "chat": [_bench(f"chat_{name}", model, n(1000), "16:" + ln(512), "16:" + ln(400), "--temperature", "0.8",
+                        "--modes", "async") for name, model in (("1b", one_b), ("8b", eight_b))],
     }
     # programmatic dependent launch off and on, same call (kernels/pdl.py): figures and output digests
     named["pdl"] = [Run(f"{r.name}_pdl{v}", r.argv, {"TANDEM_PDL": v}) for r in named["quant"] if r.kind == "bench"
