@@ -18,12 +18,11 @@ holds): the alignment puts it in no group, so neither GEMM computes it and its p
 written; the k-sum reads the ids and counts such a slot as an exact zero without reading its row
 (with k = 1 a dropped token's output row is zeroed). A rank's GEMMs thus cover only its own routes.
 
-FP8 experts (an FP8 checkpoint on the native FP8 path): both GEMMs read FP8 weight tiles and their
-float32 scales from a grid of one scale per (bn, bk) block of an expert's [N, K] weight (per output
-channel: bn = 1, bk = K; per [128, 128] block; per-tensor scales come expanded to rows), and widen
-each element in registers to (fp8 -> float32) * scale rounded to the model dtype: the weight that
+Quantized experts (``moe_weights``): FP8 experts (an FP8 checkpoint on the native FP8 path) and
+4-bit experts (AWQ, GPTQ, compressed-tensors pack-quantized, ``--quantization int4``, where the
+W4A16 GEMM runs) are read as stored and widened tile by tile in registers to the weight that
 dequantizing at load stores, so the products equal the dequantized model's. The activations stay
-16-bit (weight-only: the step is bound by reading the experts, half of which the FP8 bytes save).
+16-bit (weight-only: the step is bound by reading the experts, which FP8 halves and 4 bits quarter).
 
 Accumulation is float32. Each product is rounded to the model dtype where the reference
 (``tandem.model.layers.experts.experts_reference``) rounds it, so bf16 results stay within a
@@ -31,32 +30,15 @@ last-bit difference of it. Every shape is static and nothing is read back to the
 routed decode step can be captured in a CUDA graph."""
 from __future__ import annotations
 
-from typing import Protocol, Union
-
 import torch
 import triton
 import triton.language as tl
 
 from tandem.kernels.moe_align import MoEAlignment, MoEBlocks, max_blocks, moe_blocks
+from tandem.kernels.moe_weights import ExpertWeight, check_pair, weight_args, weight_ptrs, weight_tile
 from tandem.kernels.paged_varlen import _tanh, dot_precision
 
 ACT_CODES = {"silu": 0, "gelu_pytorch_tanh": 1}
-
-
-class Fp8ExpertWeights(Protocol):
-    """FP8 experts as the kernel reads them (``model.quant.fp8_experts.Fp8Experts``; named by its
-    fields so that kernels import nothing from the model): ``weight`` float8_e4m3fn [E, N, K], a float32
-    ``scale`` grid [E, ceil(N / bn), ceil(K / bk)] and ``block`` (bn, bk)."""
-
-    weight: torch.Tensor
-    scale: torch.Tensor
-    block: tuple[int, int]
-
-    @property
-    def shape(self) -> torch.Size: ...
-
-
-ExpertWeight = Union[torch.Tensor, Fp8ExpertWeights]
 
 
 # Arguments that change with the step's token count are not specialised on (Triton would compile
@@ -122,39 +104,20 @@ def _activation(x, ACT: tl.constexpr):
     return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # gelu, tanh form
 
 
-@triton.jit
-def _weight_tile(b_ptrs, s_ptrs, k_ok, col_ok, k0, scale_bk, stride_sk, dt: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP8_W: tl.constexpr, SCALE_ROW: tl.constexpr):
-    """A [BLOCK_K, BLOCK_N] tile of B in the model dtype ``dt``. FP8_W: each element widened to
-    float32 times its scale (row n // bn, column k // bk of the grid), then rounded once to ``dt``:
-    the value dequantizing at load stores (``Fp8Experts.expert``). SCALE_ROW: the tile lies in one
-    column of the grid (per-channel scales, or blocks a multiple of BLOCK_K wide), so one scale per
-    output column is loaded rather than one per element."""
-    mask = k_ok[:, None] & col_ok[None, :]
-    b = tl.load(b_ptrs, mask=mask, other=0.0)
-    if FP8_W:
-        if SCALE_ROW:
-            s = tl.load(s_ptrs + (k0 // scale_bk) * stride_sk, mask=col_ok[None, :], other=0.0)
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            s = tl.load(s_ptrs + (ks // scale_bk)[:, None] * stride_sk, mask=mask, other=0.0)
-        b = (b.to(tl.float32) * s).to(dt)
-    return b
-
-
 @triton.jit(do_not_specialize=["num_slots", "num_blocks"])
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
                          n_out, k_in, num_slots, a_row_div, num_blocks, up_offset, stride_am, stride_be,
-                         stride_bn, stride_bk, stride_cm, s_ptr, scale_bn, scale_bk, s_up_offset, stride_se,
+                         stride_bn, stride_bk, stride_cm, s_ptr, z_ptr, scale_bn, scale_bk, s_up_offset, stride_se,
                          stride_sn, stride_sk, GATED: tl.constexpr, ACT: tl.constexpr,
                          MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                         FP8_W: tl.constexpr, SCALE_ROW: tl.constexpr):
+                         W_KIND: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """C[slot, n] = epilogue(sum_k A[slot // a_row_div, k] * B[expert, n, k]) for the slots of one
     row tile and a band of output columns. GATED: B also holds the up rows ``up_offset`` elements
-    further, and the epilogue is act(gate) * up. FP8_W: B is FP8 with a float32 scale grid ``s``
-    (one scale per ``scale_bn`` rows and ``scale_bk`` columns of an expert; the up rows' scales
-    ``s_up_offset`` elements further), dequantized tile by tile in registers."""
+    further, and the epilogue is act(gate) * up. W_KIND (``moe_weights``): B dense, FP8 with a
+    float32 scale grid ``s`` (one scale per ``scale_bn`` rows and ``scale_bk`` columns of an expert),
+    or 4-bit words with per-group scales ``s`` and zero points ``z`` (HAS_ZEROS; else 8), the up
+    rows' scales ``s_up_offset`` elements further; quantized tiles are dequantized in registers."""
     pid = tl.program_id(0)
     bands = tl.cdiv(n_out, BLOCK_N)
     per_group = GROUP_M * bands
@@ -172,23 +135,24 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     col_ok = cols < n_out
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (slot // a_row_div)[:, None] * stride_am + ks[None, :]
-    b_ptrs = b_ptr + expert * stride_be + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
-    s_ptrs = s_ptr + expert * stride_se + (cols // scale_bn)[None, :].to(tl.int64) * stride_sn
+    b_ptrs, b_step = weight_ptrs(b_ptr + expert * stride_be, cols, stride_bn, stride_bk, BLOCK_K, W_KIND)
+    s_off = expert * stride_se + (cols // scale_bn)[None, :].to(tl.int64) * stride_sn  # zero points: the same
+    s_ptrs, z_ptrs = s_ptr + s_off, z_ptr + s_off
     dt = c_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(k_in, BLOCK_K)):
         k_ok = ks < k_in - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = _weight_tile(b_ptrs, s_ptrs, k_ok, col_ok, kk * BLOCK_K, scale_bk, stride_sk, dt, BLOCK_K, FP8_W,
-                         SCALE_ROW)
+        b = weight_tile(b_ptrs, s_ptrs, z_ptrs, k_ok, col_ok, kk * BLOCK_K, scale_bk, stride_sk, dt, BLOCK_K,
+                        BLOCK_N, W_KIND, SCALE_ROW, HAS_ZEROS)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            b_up = _weight_tile(b_ptrs + up_offset, s_ptrs + s_up_offset, k_ok, col_ok, kk * BLOCK_K, scale_bk,
-                                stride_sk, dt, BLOCK_K, FP8_W, SCALE_ROW)
+            b_up = weight_tile(b_ptrs + up_offset, s_ptrs + s_up_offset, z_ptrs + s_up_offset, k_ok, col_ok,
+                               kk * BLOCK_K, scale_bk, stride_sk, dt, BLOCK_K, BLOCK_N, W_KIND, SCALE_ROW, HAS_ZEROS)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        b_ptrs += b_step
     out = acc.to(dt).to(tl.float32)  # the reference's matmul output, in the model dtype
     if GATED:
         out = _activation(out, ACT).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)
@@ -229,20 +193,16 @@ def _grouped_gemm(a: torch.Tensor, b: ExpertWeight, out: torch.Tensor, alignment
                   blocks: MoEBlocks, n_out: int, a_row_div: int, weights: torch.Tensor | None,
                   act: int | None) -> None:
     """One launch over every row tile (those past ``alignment.num_padded`` exit) and column band.
-    ``b`` dense, or FP8 with its scale grid (``Fp8Experts``)."""
-    fp8 = not isinstance(b, torch.Tensor)
-    w, s = (b.weight, b.scale) if fp8 else (b, out)  # dense: the scale arguments are never read
-    bn, bk = b.block if fp8 else (1, 1)
+    ``b`` dense, FP8 or 4-bit (``moe_weights.weight_args`` gives its arguments)."""
+    w = weight_args(b, n_out, blocks.block_k)
     grid = (alignment.num_blocks * triton.cdiv(n_out, blocks.block_n),)
     _grouped_gemm_kernel[grid](
-        a, w, out, weights if weights is not None else out, alignment.sorted_ids, alignment.expert_ids,
-        alignment.num_padded, n_out, w.shape[2], out.shape[0], a_row_div, alignment.num_blocks,
-        n_out * w.stride(1), a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        s, bn, bk, (n_out // bn) * s.stride(1) if fp8 else 0, s.stride(0), s.stride(1) if fp8 else 0,
-        s.stride(2) if fp8 else 0, GATED=act is not None, ACT=act or 0,
-        MUL_WEIGHT=weights is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        GROUP_M=blocks.group_m, PRECISION=dot_precision(a.dtype), FP8_W=fp8,
-        SCALE_ROW=fp8 and (bk >= w.shape[2] or bk % blocks.block_k == 0), num_warps=blocks.num_warps,
+        a, w.b, out, weights if weights is not None else out, alignment.sorted_ids, alignment.expert_ids,
+        alignment.num_padded, n_out, w.k_in, out.shape[0], a_row_div, alignment.num_blocks, w.up_offset,
+        a.stride(0), *w.strides_b, out.stride(0), w.s, w.z, *w.scale_block, w.s_up_offset, *w.strides_s,
+        GATED=act is not None, ACT=act or 0, MUL_WEIGHT=weights is not None, BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n, BLOCK_K=w.block_k, GROUP_M=blocks.group_m, PRECISION=dot_precision(a.dtype),
+        W_KIND=w.kind, SCALE_ROW=w.scale_row, HAS_ZEROS=w.has_zeros, num_warps=blocks.num_warps,
         num_stages=blocks.num_stages)
 
 
@@ -254,26 +214,15 @@ def _check(hidden: torch.Tensor, w13: ExpertWeight, w2: ExpertWeight, topk_weigh
     if hidden.shape != (t, h) or w2.shape != (n_exp, h, two_i // 2) or topk_weights.shape != (t, k):
         raise ValueError(f"fused MoE: shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)}, topk_weights {tuple(topk_weights.shape)}, topk_ids {(t, k)}")
-    if isinstance(w13, torch.Tensor) != isinstance(w2, torch.Tensor):
-        raise ValueError("fused MoE: w13 and w2 must both be FP8 or both dense")
-    if not isinstance(w13, torch.Tensor):
-        if (two_i // 2) % w13.block[0]:  # the up rows' scales must start on a grid row
-            raise ValueError(f"fused MoE: FP8 w13 {list(w13.shape)} in {list(w13.block)} blocks: the up rows "
-                             f"({two_i // 2}) do not start on a block")
-        weights = [w13.weight, w2.weight]
-    else:
-        weights = [w13, w2]
-        if not (hidden.dtype == w13.dtype == w2.dtype):
-            raise ValueError(f"fused MoE: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share one dtype")
-    if any(w.stride(2) != 1 for w in weights):
-        raise ValueError("fused MoE: expert weights must be contiguous in their last dimension")
+    check_pair(w13, w2, hidden.dtype)
 
 
 def fused_experts(hidden: torch.Tensor, w13: ExpertWeight, w2: ExpertWeight, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str = "silu", blocks: MoEBlocks | None = None) -> torch.Tensor:
     """[T, H] -> [T, H], as ``experts_reference`` (same arguments and layouts, ids in [0, E] where
     E = ``w13.shape[0]`` marks a dropped route); ``blocks`` overrides the tile table (tests, tuning).
-    FP8 experts (``Fp8ExpertWeights``, both w13 and w2) are read as FP8 and dequantized in registers."""
+    FP8 or 4-bit experts (``moe_weights``' protocols, w13 and w2 alike) are read as stored and
+    dequantized in registers."""
     _check(hidden, w13, w2, topk_weights, topk_ids, activation)
     (t, k), (n_exp, two_i, h) = topk_ids.shape, w13.shape
     inter = two_i // 2

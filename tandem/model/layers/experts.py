@@ -8,8 +8,10 @@ This is the reference: what the CPU runs, and the oracle of the fused Triton ker
 - routing: ``topk_ids`` [T, k] (int) and ``topk_weights`` [T, k] (float32) for T tokens.
 
 w13 and w2 are dense tensors of the model dtype, or both FP8 with their scales (``quant.fp8_experts.
-Fp8Experts``, an FP8 checkpoint on the native FP8 path): the kernel dequantizes those in registers,
-the reference one expert at a time as it reads it, to the hidden states' dtype.
+Fp8Experts``, an FP8 checkpoint on the native FP8 path), or both 4-bit (``quant.int4_experts.
+Int4Experts``, a 4-bit checkpoint where the W4A16 GEMM runs): the kernel dequantizes those in
+registers, the reference one expert at a time as it reads it (``quant.expert_weights.expert_weight``),
+to the hidden states' dtype.
 
 A token's output is ``sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x))`` over its k experts
 ``e = topk_ids[t, j]``; experts no token routes to are never read."""
@@ -21,7 +23,7 @@ import torch
 
 from tandem.kernels import triton_available
 from tandem.model.layers.mlp import gelu_tanh_mul, silu_mul
-from tandem.model.quant.fp8_experts import ExpertWeight, expert_weight
+from tandem.model.quant.expert_weights import ExpertWeight, expert_weight
 
 ACTIVATIONS = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
 

@@ -46,7 +46,7 @@ from tandem.model.layers.experts import experts, route
 from tandem.model.layers.mlp import silu_mul
 from tandem.model.model_config import ModelConfig
 from tandem.model.models.decoder_parts import ModelWeights, attention_weights, embedding_and_head, mlp_weights
-from tandem.model.quant.fp8_experts import ExpertWeight, cat_expert_rows, stack_experts, with_expert_dim
+from tandem.model.quant.expert_weights import ExpertWeight, cat_expert_rows, stack_experts, with_expert_dim
 from tandem.model.quant.linear import Weight, linear
 from tandem.model.models.llama import LlamaModel, check_config
 from tandem.model.moe_shape import MoEShape, moe_shape

@@ -94,34 +94,3 @@ class Fp8Experts:
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """q [N, K] times its grid's scales, per element in float32, rounded once to ``dtype``."""
     return (q.float() * expand_blocks(scale, block, tuple(q.shape))).to(dtype)
-
-
-ExpertWeight = torch.Tensor | Fp8Experts
-
-
-def with_expert_dim(weight: torch.Tensor) -> torch.Tensor:
-    """One expert's [N, K] as [1, N, K]; a fused [E, N, K] as it is."""
-    return weight[None] if weight.dim() == 2 else weight
-
-
-def expert_weight(w: ExpertWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert ``e`` of dense or FP8 experts, as a dense [N, K] of ``dtype`` (FP8: dequantized)."""
-    return w[e] if isinstance(w, torch.Tensor) else w.expert(e, dtype)
-
-
-def cat_expert_rows(parts: list[ExpertWeight], what: str) -> ExpertWeight:
-    """``torch.cat(parts, 1)`` for dense experts, ``Fp8Experts.cat_rows`` for FP8 ones."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts, 1)
-    if all(isinstance(p, Fp8Experts) for p in parts):
-        return Fp8Experts.cat_rows(parts, what)
-    raise ValueError(f"{what}: some expert weights are FP8 and some are not; a checkpoint stores them alike")
-
-
-def stack_experts(parts: list[ExpertWeight]) -> ExpertWeight:
-    """One tensor of experts from one-expert stacks [1, N, K], dense or FP8."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts)
-    if all(isinstance(p, Fp8Experts) for p in parts):
-        return Fp8Experts.stack(parts)
-    raise ValueError("some experts are FP8 and some are not; a checkpoint stores them alike")

@@ -22,7 +22,8 @@ import torch
 from tandem.model.base import Getter, padded
 from tandem.model.quant.config import QuantConfig
 from tandem.model.quant.fp8 import Fp8Weight, native_fp8, quantize_per_channel
-from tandem.model.quant.fp8_experts import ExpertWeight, Fp8Experts, with_expert_dim
+from tandem.model.quant.expert_weights import ExpertWeight, with_expert_dim
+from tandem.model.quant.fp8_experts import Fp8Experts
 from tandem.model.quant.int4_config import Int4Config
 from tandem.model.quant.int4_linear import int4_storage
 from tandem.model.quant.linear import LinearStorage, Weight
