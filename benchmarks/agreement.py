@@ -1,0 +1,111 @@
+"""Greedy agreement of a quantized model with its bf16 original (issue 25's sanity bound: FP8 weights
+agree with bf16 on >= 90% of the first 64 greedy tokens of each request).
+
+Usage: python3 scripts/gpu_checks.py agreement      (the 8B shape: random:llama3-8b, 32 x (256 + 64))
+       python3 benchmarks/agreement.py MODEL [--quantization fp8] [--kv-cache-dtype fp8] [--requests N]
+
+Both models have the same weights (random presets are seeded per tensor), so any difference is the
+quantization's. Two figures:
+  free-running   position by position, the share of the first T tokens equal to bf16's. Once one
+                 token differs the two continue from different texts, so a near-tie early in a
+                 request costs every later position: on random weights, whose logits are flat, this
+                 understates how close the models are.
+  teacher-forced bf16's tokens appended to the prompt and scored by the quantized model
+                 (prompt_logprobs): the share of positions where bf16's token is the quantized
+                 model's most likely one. Each position is judged on the same text, so one near-tie
+                 costs one position.
+Both are recorded; neither is a kernel test (the kernels are checked against their references)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MIN_AGREEMENT = 0.90
+
+
+@dataclass
+class Agreement:
+    free_running: float
+    teacher_forced: float
+    positions: int
+
+    def line(self, what: str) -> str:
+        return (f"agreement of {what} with bf16 over {self.positions} positions: free-running "
+                f"{self.free_running:.1%}, teacher-forced {self.teacher_forced:.1%}")
+
+
+def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randint(5, vocab, (length,), generator=gen).tolist() for _ in range(n)]
+
+
+def _llm(model: str, **options):
+    from tandem import LLM
+
+    return LLM(model, dtype="bfloat16", **options)
+
+
+def measure(model: str, options: dict, requests: int = 32, prompt_len: int = 256, tokens: int = 64,
+            base: dict | None = None) -> Agreement:
+    """Agreement of ``model`` loaded with ``options`` with the same model loaded with ``base`` (bf16)."""
+    from tandem import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    ref_llm = _llm(model, **(base or {}))
+    prompts = _prompts(requests, prompt_len, ref_llm.engine.model_config.vocab_size)
+    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy, use_tqdm=False)]
+    ref_llm.engine.shutdown()
+    del ref_llm
+    quant = _llm(model, **options)
+    free = [o.outputs[0].token_ids for o in quant.generate(prompts, greedy, use_tqdm=False)]
+    scored = quant.generate([p + r[:-1] for p, r in zip(prompts, ref)],
+                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    quant.engine.shutdown()
+    same = sum(a == b for r, f in zip(ref, free) for a, b in zip(r, f))
+    # bf16's token i sits at prompt position len(p) + i; its last one is the scored run's own draw
+    top = sum(o.prompt_logprobs[len(p) + i][tok].rank == 1 for o, p, r in zip(scored, prompts, ref)
+              for i, tok in enumerate(r[:-1]))
+    top += sum(o.outputs[0].token_ids[0] == r[-1] for o, r in zip(scored, ref))
+    positions = sum(len(r) for r in ref)
+    return Agreement(same / positions, top / positions, positions)
+
+
+def check() -> bool:
+    """The 8B shape in FP8 and in 4-bit (W4A16) against bf16 on the GPU; passes when FP8's free-running
+    agreement reaches the issue's bound (recorded either way, 4-bit recorded only)."""
+    model = "random:llama3-8b"
+    common = dict(max_num_seqs=32, max_model_len=512)
+    fp8 = measure(model, dict(common, quantization="fp8"), base=common)
+    print(fp8.line("--quantization fp8"))
+    int4 = measure(model, dict(common, quantization="int4"), base=common)
+    print(int4.line("--quantization int4"))
+    ok = fp8.free_running >= MIN_AGREEMENT
+    print(f"agreement: FP8 free-running {'>=' if ok else '<'} {MIN_AGREEMENT:.0%}")
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--quantization", default="fp8")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    common = dict(device=args.device, max_model_len=args.prompt_len + args.tokens + 16)
+    result = measure(args.model, dict(common, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype),
+                     args.requests, args.prompt_len, args.tokens, base=common)
+    print(result.line(f"--quantization {args.quantization} --kv-cache-dtype {args.kv_cache_dtype}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
