@@ -7,9 +7,6 @@ experts per output channel."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8_checkpoints import FORMATS, Fp8Format, _ct, fp8_checkpoint
+from moe_cases import check_rank_slices, kernel_gives_the_dequantized_tokens
 from tandem import LLM, SamplingParams
 from tandem.model.quant.fp8_experts import Fp8Experts
 
@@ -79,28 +77,14 @@ def llm_hidden(llm: LLM) -> int:
     return llm.engine.worker.model.config.hidden_size
 
 
-ENGINE = r"""
-import os, sys, torch
-import torch.nn.functional as F
+# the FP8 path forced on the CPU, as _force_native does
+SETUP = """
 import tandem.model.quant.reader as reader
-from tandem import LLM, SamplingParams
 from tandem.model.quant.fp8 import Fp8Weight
 from tandem.model.quant.fp8_experts import Fp8Experts
 
 reader.native_fp8 = lambda device, dtype: True
 Fp8Weight.forward = lambda self, x, bias=None: F.linear(x, self.dequantize(x.dtype), bias)
-prompts = [[5, 17, 42, 99, 3], [200, 7, 7, 64]]
-params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-runs = {}
-for path, mode in ((sys.argv[1], "triton"), (sys.argv[2], "reference")):
-    os.environ["TANDEM_MOE"] = mode
-    llm = LLM(path, device="cpu", dtype="float32", max_model_len=64, kv_cache_tokens=256)
-    if mode == "triton":
-        assert isinstance(llm.engine.worker.model.weights.layers[0].experts.w13, Fp8Experts)
-    runs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    llm.engine.shutdown()
-assert runs["triton"] == runs["reference"], runs
-print("engine ok")
 """
 
 
@@ -108,11 +92,7 @@ print("engine ok")
 def test_the_kernel_on_a_block_fp8_checkpoint_gives_the_dequantized_models_tokens(checkpoint_dir, tmp_path):
     """The fused kernel (interpreted) reading the FP8 experts vs the float32 dequantized model."""
     fp8, ref = fp8_checkpoint(checkpoint_dir("qwen3_moe"), tmp_path / "block", "fp8-block")
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", ENGINE, str(fp8), str(ref)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "engine ok" in proc.stdout, proc.stdout + proc.stderr
+    kernel_gives_the_dequantized_tokens(SETUP, "Fp8Experts", fp8, ref)
 
 
 def test_online_fp8_quantizes_the_experts_per_channel(monkeypatch):
@@ -150,18 +130,7 @@ def test_each_ranks_fp8_experts_are_its_slice_of_the_whole(checkpoint_dir, tmp_p
         assert isinstance(w.w13, Fp8Experts) and isinstance(w.w2, Fp8Experts)
         return w.w13.dequantize(torch.float32), w.w2.dequantize(torch.float32)
 
-    w13, w2 = experts(TPLayout())
-    i = w2.shape[2]
-    for rank in range(2):
-        got13, got2 = experts(TPLayout(rank, 2, expert_parallel))
-        if expert_parallel:
-            mine = slice(rank * 4, rank * 4 + 4)
-            want13, want2 = w13[mine], w2[mine]
-        else:
-            half = slice(rank * i // 2, (rank + 1) * i // 2)
-            want13 = torch.cat([w13[:, :i][:, half], w13[:, i:][:, half]], 1)
-            want2 = w2[:, :, half]
-        assert torch.equal(got13, want13) and torch.equal(got2, want2), (rank, expert_parallel)
+    check_rank_slices(experts, expert_parallel)
 
 
 def test_a_tensor_parallel_split_that_cuts_fp8_expert_blocks_is_refused_at_load(checkpoint_dir, tmp_path,
@@ -179,7 +148,7 @@ def test_a_tensor_parallel_split_that_cuts_fp8_expert_blocks_is_refused_at_load(
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_the_floor_counts_fp8_expert_bytes_and_scales(tp_size):
     """An FP8 model's experts count at one byte a weight plus their float32 scales (per row, or per
-    block), not at the model dtype's size; 4-bit storage leaves them dense (they are dequantized)."""
+    block), not at the model dtype's size (4-bit experts: tests/test_int4_experts_loading.py)."""
     from tandem.bench.roofline import FloorModel
     from tandem.model.sources import resolve_model_config
     from tandem.model.moe_shape import moe_shape
@@ -196,8 +165,6 @@ def test_the_floor_counts_fp8_expert_bytes_and_scales(tp_size):
         assert floor.expert_bytes == pytest.approx(layers * (3 * h * i + 4 * scales) / tp_size)
     dense = FloorModel(cfg, torch.bfloat16, tp_size)
     assert dense.expert_bytes == pytest.approx(layers * 3 * h * i * 2 / tp_size)
-    int4 = FloorModel(cfg, torch.bfloat16, tp_size, LinearStorage("int4", 0.5, scale_bytes=2, group_size=128))
-    assert int4.expert_bytes == dense.expert_bytes
     step = _decode_step(1)
     fp8 = FloorModel(cfg, torch.bfloat16, tp_size, channel)
     saved = dense.step_cost(step).bytes - fp8.step_cost(step).bytes - (dense.layer_bytes - fp8.layer_bytes)

@@ -71,14 +71,15 @@ def _formats():
     }
 
 
-def quantized_pair(src: Path, root: Path, fmt: str) -> tuple[Path, Path]:
-    """(the checkpoint quantized in ``fmt``, the same model with its dequantized weights in float32)."""
+def quantized_pair(src: Path, root: Path, fmt: str, linears: tuple[str, ...] = LINEARS) -> tuple[Path, Path]:
+    """(the checkpoint quantized in ``fmt``, the same model with its dequantized weights in float32):
+    the weights of modules named one of ``linears`` are quantized (experts' too, e.g. Mixtral's w1)."""
     config, opts, pack = _formats()[fmt]
     tensors = load_file(str(src / "model.safetensors"))
     quant, dense = dict(tensors), dict(tensors)
     for i, name in enumerate(sorted(tensors)):
         module = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in linears):
             continue
         drawn = _quantize(tensors[name], seed=i, min_zero=1, **opts)  # zero >= 1: GPTQ v1 stores zero - 1
         del quant[name]

@@ -11,8 +11,8 @@ Under tensor parallelism the floor is one GPU's: each reads 1/N of the weights a
 reads (and scores) at most its window's keys per query (``StepRecord.windowed``).
 
 Mixture-of-experts models (``model/moe_shape.py``): their dense parts (attention, norms, dense-layer
-MLPs, routers, shared experts) count fully, their routed experts (as stored: FP8 with their scales
-where the projections are FP8) only for the experts a step's
+MLPs, routers, shared experts) count fully, their routed experts (as stored: FP8 with their scales,
+or 4-bit with their group scales and zero points, where the projections are so) only for the experts a step's
 tokens touch, E * (1 - (1 - k/E)^T) per sparse layer for T tokens, the expectation under uniform
 routing (``MoEShape.expected_distinct_experts`` says why that and not the real routing); FLOPs
 count k experts per token. Under tensor parallelism each expert's width is split like a dense MLP's."""
@@ -75,7 +75,7 @@ class StepCost:
 def projection_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """[rows, cols] of every matrix read through ``quant.linear`` (the attention projections, dense
     MLPs): what a quantized checkpoint stores quantized. Routers and the head stay dense; experts
-    are counted apart (``FloorModel.expert_bytes``: FP8 where the projections are FP8)."""
+    are counted apart (``FloorModel.expert_bytes``: FP8 or 4-bit where the projections are)."""
     h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
     moe = moe_shape(cfg)
     dense = range(cfg.num_layers) if moe is None else moe.dense_layers
@@ -101,12 +101,14 @@ class FloorModel:
             self.layer_params += (self.moe.always_read_params - dense_mlps) / tp_size
             self.expert_params = len(self.moe.sparse_layers) * self.moe.expert_params / tp_size
         self.expert_bytes = self.expert_params * self.itemsize  # that expert as stored
-        if self.moe is not None and linear is not None and linear.dtype == "float8_e4m3fn":
-            # FP8 checkpoints keep their experts FP8 where they keep the projections FP8; experts
-            # multiply 16-bit activations, so no static activation scale is stored (4-bit: dense)
+        if self.moe is not None and linear is not None and linear.dtype in ("float8_e4m3fn", "int4"):
+            # FP8 and 4-bit checkpoints keep their experts as stored where they keep the projections
+            # so (Fp8Experts, Int4Experts: weights, scales, zero points); experts multiply 16-bit
+            # activations, so no static activation scale is stored
             h, i = cfg.hidden_size, self.moe.expert_intermediate
-            fp8 = replace(linear, matrix_bytes=0)
-            self.expert_bytes = len(self.moe.sparse_layers) * (fp8.bytes_of(2 * i, h) + fp8.bytes_of(h, i)) / tp_size
+            stored = replace(linear, matrix_bytes=0)
+            per_layer = stored.bytes_of(2 * i, h) + stored.bytes_of(h, i)
+            self.expert_bytes = len(self.moe.sparse_layers) * per_layer / tp_size
         # the bytes of the layers as stored: quantized projections at their own size, scales included
         self.layer_bytes = self.layer_params * self.itemsize
         if linear is not None:

@@ -97,15 +97,17 @@ def weight_args(w: ExpertWeight, n_out: int, block_k: int) -> WeightArgs:
                           False, False)
     if kind == FP8.value:
         (bn, bk), s = w.block, w.scale
-        return WeightArgs(kind, w.weight, s, s, k_in, w.weight.stride(), s.stride(), (bn, bk), n_out * w.weight.stride(1),
-                          (n_out // bn) * s.stride(1), block_k, bk >= k_in or bk % block_k == 0, False)
+        return WeightArgs(kind, w.weight, s, s, k_in, w.weight.stride(), s.stride(), (bn, bk),
+                          n_out * w.weight.stride(1), (n_out // bn) * s.stride(1), block_k,
+                          bk >= k_in or bk % block_k == 0, False)
     q, s, g = w.qweight, w.scales, w.group_size
     while g % block_k:
         block_k //= 2
     z = s if w.zeros is None else w.zeros
     # words [E, K / 8, N] as (e, n, k-word) strides; scales [E, K / G, N] likewise
-    return WeightArgs(kind, q, s, z, k_in, (q.stride(0), q.stride(2), q.stride(1)), (s.stride(0), s.stride(2), s.stride(1)),
-                      (1, g), n_out * q.stride(2), n_out * s.stride(2), block_k, True, w.zeros is not None)
+    return WeightArgs(kind, q, s, z, k_in, (q.stride(0), q.stride(2), q.stride(1)),
+                      (s.stride(0), s.stride(2), s.stride(1)), (1, g), n_out * q.stride(2), n_out * s.stride(2),
+                      block_k, True, w.zeros is not None)
 
 
 def check_pair(w13: ExpertWeight, w2: ExpertWeight, dtype: torch.dtype) -> None:

@@ -26,7 +26,11 @@ FP8 checkpoints: on the native FP8 path (``quant.reader.keeps_fp8``) the experts
 scales (``quant.fp8_experts.Fp8Experts``, which the fused kernel and the reference both take), and
 ``--quantization fp8`` quantizes them per output channel; tensor and expert parallelism slice the
 scales with the weights, and a block-wise split that cuts a scale block is refused at load, naming
-the tensor and the sizes. Elsewhere (and for 4-bit checkpoints) experts are dequantized at load.
+the tensor and the sizes. 4-bit checkpoints (AWQ, GPTQ, pack-quantized) and ``--quantization int4``
+keep them 4-bit where the W4A16 GEMM runs (``quant.int4_experts.Int4Experts``, read through
+``quant.int4_linear.Int4Getter.expert``; words, scales and zero points sliced together, a split
+that cuts a group refused at load; act-order experts dequantized). Elsewhere experts are
+dequantized at load.
 
 Checkpoint layouts: transformers' fused expert tensors (``mlp.experts.gate_up_proj`` [E, 2I, H],
 ``mlp.experts.down_proj`` [E, H, I], router ``mlp.gate.weight``), or one tensor per expert and
@@ -106,7 +110,7 @@ class MoEWeights:
     """One layer's MoE block as this rank holds it."""
 
     router: torch.Tensor  # [E, H], every expert's row on every rank
-    w13: ExpertWeight  # [local experts, 2 * local width, H]: dense, or FP8 with scales (Fp8Experts)
+    w13: ExpertWeight  # [local experts, 2 * local width, H]: dense, FP8 (Fp8Experts) or 4-bit (Int4Experts)
     w2: ExpertWeight  # [local experts, H, local width]
     first_expert: int  # the global id of local expert 0 (expert parallelism), else 0
     shared_gate_up: torch.Tensor | None = None  # [2 * local shared width, H]
@@ -138,7 +142,8 @@ _NOTHING = Part(0, 0, 0, 0)  # an empty part of a tensor
 def _expert_reader(get: Getter) -> Callable[[str, tuple[int, ...], Part | None], ExpertWeight]:
     """Reads experts' weights with a leading expert dimension ([1, N, K] for one expert's projection):
     through ``get.expert`` where the getter has it (``quant.reader.QuantizedGetter``: FP8 experts stay
-    FP8 on the native path), else dense."""
+    FP8 on the native path; ``quant.int4_linear.Int4Getter``: 4-bit experts stay 4-bit where the
+    W4A16 GEMM runs), else dense."""
     read = getattr(get, "expert", None)
     if read is not None:
         return read

@@ -41,12 +41,12 @@ class Int4Experts:
         e, words, n = self.qweight.shape
         k, g = words * int4.PACK, self.group_size
         want = (e, k // g, n) if g > 0 and k % g == 0 else None
+        zeros = None if self.zeros is None else list(self.zeros.shape)
         if (self.qweight.dtype != torch.int32 or want is None or tuple(self.scales.shape) != want
-                or g % KERNEL_GROUP or (self.zeros is not None and self.zeros.shape != self.scales.shape)):
+                or g % KERNEL_GROUP or (zeros is not None and zeros != list(want))):
             raise ValueError(f"4-bit experts: qweight {self.qweight.dtype} {list(self.qweight.shape)}, scales "
-                             f"{list(self.scales.shape)}, zeros {None if self.zeros is None else list(self.zeros.shape)}"
-                             f" in groups of {g} (want int32 [E, K / 8, N] and [E, K / G, N], G a multiple of "
-                             f"{KERNEL_GROUP} dividing K)")
+                             f"{list(self.scales.shape)}, zeros {zeros} in groups of {g} (want int32 [E, K / 8, N] "
+                             f"and [E, K / G, N], G a multiple of {KERNEL_GROUP} dividing K)")
 
     @property
     def shape(self) -> torch.Size:

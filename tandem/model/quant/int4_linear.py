@@ -5,8 +5,11 @@ checkpoint (``Int4Getter``), or quantizes dense weights to 4 bits at load (``qua
 On CUDA a linear runs the W4A16 kernel (``tandem/kernels/w4a16.py``) on the packed weights.
 Elsewhere the weights are dequantized at load to the model dtype, with a warning (the memory and
 speed of the unquantized model); ``TANDEM_W4A16=triton`` keeps them packed and runs the kernel
-anywhere Triton runs (the interpreter in tests). Weights the model reads whole (``get``: an
-embedding, experts) are dequantized.
+anywhere Triton runs (the interpreter in tests). Mixture-of-experts experts (``expert``) stay 4-bit
+where the linears do (``Int4Experts``, which the fused MoE kernel reads), and ``quantization="int4"``
+quantizes them as it does the linears; act-order experts are dequantized at load (the fused kernel
+reads groups of consecutive channels), with a warning. Weights the model reads whole (``get``: an
+embedding) are dequantized.
 
 Under tensor parallelism a column-parallel part (output rows) is any range of columns; a
 row-parallel part (input channels) must fall on group boundaries and is refused for act-order
@@ -21,8 +24,10 @@ import torch
 
 from tandem.model.base import Getter
 from tandem.model.quant import int4
+from tandem.model.quant.expert_weights import ExpertWeight, with_expert_dim
 from tandem.model.quant.int4 import Int4Weight
 from tandem.model.quant.int4_config import Int4Config
+from tandem.model.quant.int4_experts import Int4Experts
 from tandem.model.quant.linear import LinearStorage, Weight
 from tandem.model.tp_layout import Part
 
@@ -148,7 +153,7 @@ class Int4Getter:
 
     def __init__(self, plain: Getter, qc: Int4Config, device: torch.device, dtype: torch.dtype, reader=None) -> None:
         self.plain, self.qc, self.device, self.dtype, self.reader = plain, qc, device, dtype, reader
-        self.kernel, self.warned_width = use_kernel(device), False
+        self.kernel, self.warned_width, self.warned_order = use_kernel(device), False, False
         if not self.kernel:
             logger.warning("%s: weights are dequantized at load to %s on %s (the W4A16 kernel runs on CUDA); the "
                            "model runs with the unquantized model's memory and speed", qc.describe(), dtype, device)
@@ -163,17 +168,46 @@ class Int4Getter:
             return w
         return Int4Linear([w]) if self.kernel else int4.dequantize(w).to(self.dtype)
 
+    def expert(self, name: str, shape: tuple[int, ...], part: Part | None = None) -> ExpertWeight:
+        """Experts' weights with a leading expert dimension (one expert's projection [N, K] as
+        [1, N, K]): ``Int4Experts`` where the linears stay 4-bit (``use_kernel``), else dense.
+        ``quantization="int4"`` quantizes dense experts (fused or not) as it does the linears."""
+        module = name.removesuffix(".weight")
+        if not self.kernel:
+            return with_expert_dim(self(name, shape, part))
+        if self.reader is None:  # quantized at load, per expert, as the linear layers
+            dense = with_expert_dim(self.plain(name, shape, part))
+            if not self.qc.quantizes(module) or dense.numel() == 0:  # empty: another rank's expert
+                return dense
+            return Int4Experts.quantize(dense, self._online_group(dense.shape[2], module))
+        w = self._read(name, shape, part, linear=False) if len(shape) == 2 else None
+        if not isinstance(w, Int4Weight):  # stored dense (no 4-bit format stores fused experts)
+            return with_expert_dim(self(name, shape, part) if w is None else w)
+        if w.perm is not None:
+            if not self.warned_order:  # once: every expert of the checkpoint says the same
+                self.warned_order = True
+                logger.warning("%s (and any other act-order expert): dequantized at load to %s; the fused MoE "
+                               "kernel reads 4-bit groups of consecutive input channels only", module, self.dtype)
+            return int4.dequantize(w).to(self.dtype)[None]
+        return Int4Experts.of(w)
+
+    def _online_group(self, k: int, module: str) -> int:
+        """``quantization="int4"``'s group for ``k`` input channels: the config's, else one per row."""
+        if k % self.qc.group_size == 0:
+            return self.qc.group_size
+        if not self.warned_width:  # once: every such layer says the same
+            self.warned_width = True
+            logger.warning("%s (and any other layer whose input width is not a multiple of %d): quantized "
+                           "per output channel", module, self.qc.group_size)
+        return -1
+
     def _read(self, name: str, shape: tuple[int, ...], part: Part | None, linear: bool) -> torch.Tensor | Int4Weight:
         module = name.removesuffix(".weight")
         if self.reader is None:  # quantized at load (``ONLINE_INT4``): the linear layers only
             dense = self.plain(name, shape, part)
             if not (linear and name.endswith(".weight") and self.qc.quantizes(module)):
                 return dense
-            group = self.qc.group_size if dense.shape[1] % self.qc.group_size == 0 else -1
-            if group == -1 and not self.warned_width:  # once: every such layer says the same
-                self.warned_width = True
-                logger.warning("%s (and any other layer whose input width is not a multiple of %d): quantized "
-                               "per output channel", module, self.qc.group_size)
+            group = self._online_group(dense.shape[1], module)
             return int4.quantize_rtn(dense, group).to(self.device, self.dtype)
         suffixes = SUFFIXES[self.qc.source]
         stored = name.endswith(".weight") and f"{module}.{suffixes[0]}" in self.reader.files
