@@ -226,7 +226,8 @@ def check() -> bool:
             ok &= err < MAX_ERR and not nan and peak <= plan
         del w13, w2
         torch.cuda.empty_cache()
-    return ok and _fp8_check(fused_experts, experts_reference) and _graph_and_sync_check(fused_experts, hidden_syncs)
+    ok = ok and _fp8_check(fused_experts, experts_reference) and _int4_check(fused_experts, experts_reference)
+    return ok and _graph_and_sync_check(fused_experts, hidden_syncs)
 
 
 def random_fp8_experts(e: int, n: int, k: int, block: tuple[int, int], device: torch.device):
@@ -262,6 +263,38 @@ def _fp8_check(fused_experts, experts_reference, s: Shape = QWEN3_30B_A3B, devic
         del w13, w2, dense13, dense2
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return ok
+
+
+def random_int4_experts(e: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
+    """Random symmetric 4-bit experts [E, N, K]: random packed words, positive random group scales."""
+    from tandem.model.quant.int4_experts import Int4Experts
+
+    words = torch.randint(-2 ** 31, 2 ** 31, (e, k // 8, n), dtype=torch.int32, device=device)
+    return Int4Experts(words, (torch.rand(e, k // group, n, device=device) * 0.01 + 0.002).to(dtype), None, group)
+
+
+def _int4_check(fused_experts, experts_reference, s: Shape = QWEN3_30B_A3B, device: str = "cuda") -> bool:
+    """4-bit experts (symmetric, group 128; 16 where the tiny shape's widths are not multiples of
+    128) at Qwen3's shapes: the kernel, which unpacks and dequantizes 4-bit tiles in registers,
+    against the reference that dequantizes each expert, and its time against the same experts in
+    bf16 (a quarter of the bytes to read, plus the scales)."""
+    device = torch.device(device)
+    dtype, ok = torch.bfloat16 if device.type == "cuda" else torch.float32, True
+    group = 128 if s.hidden % 128 == 0 and s.inter % 128 == 0 else 16
+    w13 = random_int4_experts(s.experts, 2 * s.inter, s.hidden, group, dtype, device)
+    w2 = random_int4_experts(s.experts, s.hidden, s.inter, group, dtype, device)
+    dense13, dense2 = w13.dequantize(dtype), w2.dequantize(dtype)
+    for tokens in (1, 64, 512):
+        layer = make_layer(s, tokens, dense13, dense2)
+        out = fused_experts(layer.x, w13, w2, layer.weights, layer.ids)
+        err = rel_err(out, experts_reference(layer.x, w13, w2, layer.weights, layer.ids))
+        nan = bool(torch.isnan(out).any())
+        int4_us = time_us(lambda: fused_experts(layer.x, w13, w2, layer.weights, layer.ids), device)
+        bf16_us = time_us(lambda: fused_experts(layer.x, dense13, dense2, layer.weights, layer.ids), device)
+        print(f"moe int4 group {group} T={tokens}: rel err {err:.1e}{' NaN!' if nan else ''}, "
+              f"{int4_us:.1f} us vs bf16 {bf16_us:.1f} us ({bf16_us / int4_us:.2f}x)")
+        ok &= err < MAX_ERR and not nan
     return ok
 
 

@@ -156,3 +156,24 @@ def test_the_grouped_gemm_compiles_for_h100_with_int4_weights():
         test_triton_compile._compile(_grouped_gemm_kernel, pointers, dict(
             GATED=gated, ACT=0, MUL_WEIGHT=not gated, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8,
             PRECISION="tf32", W_KIND=2, SCALE_ROW=True, HAS_ZEROS=zeros))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (the test extra)")
+def test_the_gpu_checks_int4_experts_run_on_the_tiny_shape():
+    """benchmarks/moe_bench.py's ``_int4_check`` (run on the GPU by ``check``) runs under the
+    interpreter on its TINY shape and passes."""
+    from pathlib import Path
+
+    from test_triton_varlen import _run_interpreted
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    script = f"""
+import sys
+sys.path.insert(0, {str(benchmarks)!r})
+import moe_bench as bench
+from tandem.kernels.fused_moe import fused_experts
+from tandem.model.layers.experts import experts_reference
+assert bench._int4_check(fused_experts, experts_reference, bench.TINY, "cpu")
+print("int4 check ok")
+"""
+    assert "int4 check ok" in _run_interpreted(script)
