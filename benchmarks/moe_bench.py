@@ -249,18 +249,8 @@ def _fp8_check(fused_experts, experts_reference, s: Shape = QWEN3_30B_A3B, devic
     for block in ((1, s.hidden), (128, 128) if s.inter % 128 == 0 else (16, 16)):
         w13 = random_fp8_experts(s.experts, 2 * s.inter, s.hidden, block, device)
         w2 = random_fp8_experts(s.experts, s.hidden, s.inter, (1, s.inter) if block[0] == 1 else block, device)
-        dense13, dense2 = w13.dequantize(dtype), w2.dequantize(dtype)
-        for tokens in (1, 64, 512):
-            layer = make_layer(s, tokens, dense13, dense2)
-            out = fused_experts(layer.x, w13, w2, layer.weights, layer.ids)
-            err = rel_err(out, experts_reference(layer.x, w13, w2, layer.weights, layer.ids))
-            nan = bool(torch.isnan(out).any())
-            fp8_us = time_us(lambda: fused_experts(layer.x, w13, w2, layer.weights, layer.ids), device)
-            bf16_us = time_us(lambda: fused_experts(layer.x, dense13, dense2, layer.weights, layer.ids), device)
-            print(f"moe fp8 {list(block)} T={tokens}: rel err {err:.1e}{' NaN!' if nan else ''}, "
-                  f"{fp8_us:.1f} us vs bf16 {bf16_us:.1f} us ({bf16_us / fp8_us:.2f}x)")
-            ok &= err < MAX_ERR and not nan
-        del w13, w2, dense13, dense2
+        ok &= _quantized_rows(f"fp8 {list(block)}", fused_experts, experts_reference, s, w13, w2, dtype)
+        del w13, w2
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return ok
@@ -280,20 +270,26 @@ def _int4_check(fused_experts, experts_reference, s: Shape = QWEN3_30B_A3B, devi
     against the reference that dequantizes each expert, and its time against the same experts in
     bf16 (a quarter of the bytes to read, plus the scales)."""
     device = torch.device(device)
-    dtype, ok = torch.bfloat16 if device.type == "cuda" else torch.float32, True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter's math is float32
     group = 128 if s.hidden % 128 == 0 and s.inter % 128 == 0 else 16
     w13 = random_int4_experts(s.experts, 2 * s.inter, s.hidden, group, dtype, device)
     w2 = random_int4_experts(s.experts, s.hidden, s.inter, group, dtype, device)
-    dense13, dense2 = w13.dequantize(dtype), w2.dequantize(dtype)
+    return _quantized_rows(f"int4 group {group}", fused_experts, experts_reference, s, w13, w2, dtype)
+
+
+def _quantized_rows(what: str, fused_experts, experts_reference, s: Shape, w13, w2, dtype: torch.dtype) -> bool:
+    """For 1, 64 and 512 tokens: the kernel on quantized experts vs the reference that dequantizes
+    each expert (rel err < MAX_ERR, no NaN), and its time against the same experts dequantized."""
+    dense13, dense2, ok = w13.dequantize(dtype), w2.dequantize(dtype), True
     for tokens in (1, 64, 512):
         layer = make_layer(s, tokens, dense13, dense2)
         out = fused_experts(layer.x, w13, w2, layer.weights, layer.ids)
         err = rel_err(out, experts_reference(layer.x, w13, w2, layer.weights, layer.ids))
         nan = bool(torch.isnan(out).any())
-        int4_us = time_us(lambda: fused_experts(layer.x, w13, w2, layer.weights, layer.ids), device)
-        bf16_us = time_us(lambda: fused_experts(layer.x, dense13, dense2, layer.weights, layer.ids), device)
-        print(f"moe int4 group {group} T={tokens}: rel err {err:.1e}{' NaN!' if nan else ''}, "
-              f"{int4_us:.1f} us vs bf16 {bf16_us:.1f} us ({bf16_us / int4_us:.2f}x)")
+        quant_us = time_us(lambda: fused_experts(layer.x, w13, w2, layer.weights, layer.ids), dense13.device)
+        dense_us = time_us(lambda: fused_experts(layer.x, dense13, dense2, layer.weights, layer.ids), dense13.device)
+        print(f"moe {what} T={tokens}: rel err {err:.1e}{' NaN!' if nan else ''}, {quant_us:.1f} us vs "
+              f"{str(dtype).removeprefix('torch.')} {dense_us:.1f} us ({dense_us / quant_us:.2f}x)")
         ok &= err < MAX_ERR and not nan
     return ok
 
