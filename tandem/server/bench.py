@@ -15,7 +15,8 @@ compile on their first use of a shape, which a long-running server pays once. Th
 not the measured ones, so the run starts with none of its prompts in the prefix cache (as each
 mode of ``tandem bench`` does). The server's GPU idle
 fraction over the run comes from its cumulative device-time counters read before and after; the
-recent-window gauge is also sampled every second while requests run."""
+recent-window gauge is also sampled every second while requests run, with the sequences the core runs
+and queues (fewer running than clients means the requests reach it late)."""
 from __future__ import annotations
 
 import asyncio
@@ -135,7 +136,13 @@ async def _one_request(ep: _Endpoint, payload: dict[str, Any]) -> RequestResult:
     return result
 
 
-async def _sample_idle(ep: _Endpoint, samples: list[float], stop: asyncio.Event) -> None:
+# sampled every second while requests run: the GPU's recent idle fraction, and how many sequences the
+# core runs and queues (fewer running than clients: the requests reach it late, e.g. an API process behind)
+SAMPLED = {"idle": "tandem:gpu_idle_fraction", "running": "tandem:num_requests_running",
+           "waiting": "tandem:num_requests_waiting"}
+
+
+async def _sample_server(ep: _Endpoint, samples: dict[str, list[float]], stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
@@ -143,9 +150,10 @@ async def _sample_idle(ep: _Endpoint, samples: list[float], stop: asyncio.Event)
         except asyncio.TimeoutError:
             pass
         text = await loop.run_in_executor(None, ep.get_text, "/metrics")
-        value = _metric(text, "tandem:gpu_idle_fraction")
-        if value is not None and value == value:  # NaN before two steps ran
-            samples.append(value)
+        for key, name in SAMPLED.items():
+            value = _metric(text, name)
+            if value is not None and value == value:  # idle is NaN before two steps ran
+                samples[key].append(value)
 
 
 def _device_seconds(ep: _Endpoint, text: str | None = None) -> tuple[float, float] | None:
@@ -180,7 +188,7 @@ def _prompts(cfg: BenchServeConfig, num_requests: int, vocab_size: int) -> list[
 
 
 async def _run(cfg: BenchServeConfig, ep: _Endpoint, model: str, prompts: list[list[int]]
-               ) -> tuple[list[RequestResult], float, list[float]]:
+               ) -> tuple[list[RequestResult], float, dict[str, list[float]]]:
     queue = list(enumerate(prompts))[::-1]
     results: list[RequestResult | None] = [None] * len(prompts)
 
@@ -193,15 +201,15 @@ async def _run(cfg: BenchServeConfig, ep: _Endpoint, model: str, prompts: list[l
                 payload["seed"] = cfg.seed + index
             results[index] = await _one_request(ep, payload)
 
-    idle: list[float] = []
+    sampled: dict[str, list[float]] = {key: [] for key in SAMPLED}
     stop = asyncio.Event()
-    sampler = asyncio.ensure_future(_sample_idle(ep, idle, stop))
+    sampler = asyncio.ensure_future(_sample_server(ep, sampled, stop))
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(cfg.num_clients)))
     wall = time.perf_counter() - start
     stop.set()
     await sampler
-    return results, wall, idle  # type: ignore[return-value]
+    return results, wall, sampled  # type: ignore[return-value]
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -212,11 +220,12 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
             "mean_ms": float(arr.mean())}
 
 
-def summarise(cfg: BenchServeConfig, results: list[RequestResult], wall: float, idle: list[float],
+def summarise(cfg: BenchServeConfig, results: list[RequestResult], wall: float, sampled: dict[str, list[float]],
               final_idle: float | None) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
+    idle = sampled.get("idle", [])
     return {
         "config": asdict(cfg), "num_requests": len(results), "num_errors": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5], "wall_s": wall,
@@ -225,6 +234,8 @@ def summarise(cfg: BenchServeConfig, results: list[RequestResult], wall: float, 
         "itl": _percentiles([g for r in ok for g in r.chunk_gaps]), "tpot": _percentiles(tpot),
         "gpu_idle_fraction": {"mean": float(np.mean(idle)) if idle else None, "max": max(idle) if idle else None,
                               "samples": len(idle), "at_end": final_idle},
+        "server_sequences": {key: {"mean": float(np.mean(sampled[key])), "min": min(sampled[key])}
+                             for key in ("running", "waiting") if sampled.get(key)},
     }
 
 
@@ -250,9 +261,9 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
         warm = replace(cfg, max_tokens=min(cfg.max_tokens, 16), seed=cfg.seed + 1)
         asyncio.run(_run(warm, ep, entry["id"], _prompts(warm, num_requests, vocab)))
     before = _device_seconds(ep)
-    results, wall, idle = asyncio.run(_run(cfg, ep, entry["id"], prompts))
+    results, wall, sampled = asyncio.run(_run(cfg, ep, entry["id"], prompts))
     metrics = ep.get_text("/metrics")
-    report = summarise(cfg, results, wall, idle, _metric(metrics, "tandem:gpu_idle_fraction"))
+    report = summarise(cfg, results, wall, sampled, _metric(metrics, "tandem:gpu_idle_fraction"))
     report["gpu_idle_fraction"]["run"] = _idle_between(before, _device_seconds(ep, metrics))
     report["model"] = entry["id"]
     report.update(provenance())
@@ -261,6 +272,15 @@ def bench_serve(cfg: BenchServeConfig, json_path: Path | None = None, quiet: boo
     if not quiet:
         print(format_report(report))
     return report
+
+
+def _sequences_line(r: dict[str, Any]) -> list[str]:
+    seqs = r.get("server_sequences") or {}
+    if "running" not in seqs:
+        return []
+    waiting = seqs.get("waiting", {"mean": 0.0})
+    return [f"  server sequences (sampled each second): running mean {seqs['running']['mean']:.1f}, min "
+            f"{seqs['running']['min']:.0f} (clients {r['config']['num_clients']}); waiting mean {waiting['mean']:.1f}"]
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -278,5 +298,6 @@ def format_report(r: dict[str, Any]) -> str:
         f"  TTFT {ms(r['ttft'])}",
         f"  ITL  {ms(r['itl'])} (between streamed chunks); TPOT {ms(r['tpot'])}",
         f"  server GPU idle fraction: {idle_text}",
+        *_sequences_line(r),
         f"  errors: {r['num_errors']}" + (f" ({'; '.join(r['errors'])})" if r["errors"] else ""),
     ])
