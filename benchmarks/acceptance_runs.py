@@ -222,9 +222,11 @@ def summary_row(run: Run, rc: int | None, out_dir: Path) -> str:
     data = json.loads(path.read_text())
     if run.kind == "serve":
         idle = data.get("gpu_idle_fraction") or {}
+        running = (data.get("server_sequences") or {}).get("running")
+        seqs = "" if running is None else f"  running {running['mean']:.0f}"
         return (f"{run.name:<14} served {data['output_tok_per_s']:>9.0f} tok/s  TTFT p50/p99 "
                 f"{data['ttft']['p50_ms']:.0f}/{data['ttft']['p99_ms']:.0f} ms  ITL p50/p99 {data['itl']['p50_ms']:.1f}/"
-                f"{data['itl']['p99_ms']:.1f} ms  GPU idle {_pct(idle.get('run'))}  errors {data['num_errors']}")
+                f"{data['itl']['p99_ms']:.1f} ms  GPU idle {_pct(idle.get('run'))}{seqs}  errors {data['num_errors']}")
     rows = []
     for mode, m in data["modes"].items():
         step = m.get("decode_step_check") or {}
