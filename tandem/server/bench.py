@@ -147,6 +147,7 @@ async def _sample_server(ep: _Endpoint, samples: dict[str, list[float]], stop: a
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
+            return  # the requests are done: a sample now would count the idle server after them
         except asyncio.TimeoutError:
             pass
         text = await loop.run_in_executor(None, ep.get_text, "/metrics")
