@@ -1,4 +1,4 @@
-"""The GPU runs that issues 8, 9 and 11 are judged by, as named plans, with one short table at the end.
+"""The GPU runs that issues 8, 9, 11, 25 and 28 are judged by, as named plans, with one short table at the end.
 
     python3 scripts/acceptance_runs.py OUT_DIR [--plans checks,offline,long,traffic,serve] [--deadline-s S]
 
@@ -22,13 +22,20 @@ Plans (the commands of benchmarks/RESULTS.md):
   repetition penalty 0.5 without and with n-gram (k = 4, speculating up to 64 sequences).
 - quant: quantization on the 8B shape (issue 25): the W4A16 and FP8 checks, then batch 1 in bf16 and
   ``--quantization int4``, and S in bf16 and ``--quantization fp8``.
-- moe: the fused-MoE kernel's check, then Qwen3-30B-A3B at 64 x (256 + 1024), sync and async.
+- moe: the fused-MoE kernel's check (bf16, FP8 and 4-bit experts), then Qwen3-30B-A3B at 64 x (256 +
+  1024), sync and async, and async with ``--quantization fp8``.
 - pdl: the quant plan's runs with programmatic dependent launch off and on (``TANDEM_PDL``), each
   printing its outputs' digest (the same tokens either way).
-- serve: the 1B model served with 64 and 256 streaming clients (two runs each), and offline at 64.
+- serve: the 1B model offline with 64 and 256 sequences in flight (2,048 and 4,096 requests), then
+  served to 64 and 256 streaming clients with the same requests (two runs each, >= 30 s each).
+- serve_api4: the served runs (one each) against a server with ``--api-server-count 4``.
+- seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
+- b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
+- chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
 
-On an H100 (earlier figures): checks + offline + long take about 5 minutes, traffic about 5 (V alone
-ran 104 s per mode), serve about 3; three calls of under 10 minutes cover everything.
+On an H100: checks + offline + long take about 5 minutes, traffic about 5 (V alone ran 104 s per mode),
+serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5; a call runs at
+most 10 minutes, so give each its own or set ``--deadline-s``.
 """
 from __future__ import annotations
 
