@@ -1,4 +1,5 @@
-"""The GPU runs that issues 8, 9, 11, 25 and 28 are judged by, as named plans, with one short table at the end.
+"""The GPU runs that issues 8, 9, 11, 25 and 28 are judged by, as named plans, with one short table at
+the end.
 
     python3 scripts/acceptance_runs.py OUT_DIR [--plans checks,offline,long,traffic,serve] [--deadline-s S]
 
