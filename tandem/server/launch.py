@@ -98,7 +98,7 @@ def start_client(config: EngineConfig, options: ServeOptions, plan: FollowerPlan
     metrics = follower_metrics(ServerMetrics(names[0], options.metrics_prefix, cores), options, plan)
     return EngineClient(config, metrics, waiting, options.log_level, options.core_timeout,
                         options.core_heartbeat_timeout, cores, options.api_server_count - 1,
-                        None if plan is None else plan.cores)
+                        None if plan is None else plan.cores, options.stream_interval)
 
 
 def server_app(client: EngineClient, config: EngineConfig, options: ServeOptions) -> FastAPI:

@@ -80,6 +80,10 @@ class ServeOptions:
                                       "its prompt's prefix, or to the least loaded", *_AT_LEAST_1)
     api_server_count: int = _opt(1, "API processes sharing the port (tokenizing, detokenizing, streaming), each "
                                     "talking to every engine core", *_AT_LEAST_1)
+    stream_interval: int = _opt(1, "new tokens a request's stream collects before its next event, after the first "
+                                   "token (sent at once) and until the last (SGLang's flag): fewer, "
+                                   "larger events cost the API process less at many streams (default: 1, every "
+                                   "step's tokens)", *_AT_LEAST_1)
     metrics_prefix: str = _opt("both", "names on /metrics: vllm (vllm:num_requests_running ..., as vLLM's "
                                        "dashboards expect), tandem, or both (default)",
                                choices=("tandem", "vllm", "both"))  # = tandem.server.metrics.METRICS_PREFIXES
