@@ -29,7 +29,8 @@ Plans (the commands of benchmarks/RESULTS.md):
   printing its outputs' digest (the same tokens either way).
 - serve: the 1B model offline with 64 and 256 sequences in flight (2,048 and 4,096 requests), then
   served to 64 and 256 streaming clients with the same requests (two runs each, >= 30 s each).
-- serve_api4: the served runs (one each) against a server with ``--api-server-count 4``.
+- serve_api4, serve_si8: the served runs (one each) against a server with ``--api-server-count 4``, or
+  with ``--stream-interval 8``.
 - seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
@@ -114,8 +115,10 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                    ln(1024), "--max-num-seqs", str(n(64)), *extra)
             for suffix, extra in (("", ()), ("_fp8", ("--modes", "async", "--quantization", "fp8")))],
         "serve": _serve_plan(one_b, n, ln),
-        # the same clients against a server with four API processes (SERVER_OPTIONS), without the offline runs
-        "serve_api4": [r for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")],
+        # the same clients against a server with four API processes, or with streamed events of eight
+        # tokens (SERVER_OPTIONS), without the offline runs
+        **{name: [r for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")]
+           for name in ("serve_api4", "serve_si8")},
         # issue 28's table, the rows no plan above measures: the seed experiment (bf16, then FP8 KV, then
         # FP8 KV and weights), batch 1, and chat-like traffic (mixed lengths, sampled)
         "seed": [_bench(f"seed{suffix}", eight_b, n(32), ln(256), ln(8192), "--max-num-seqs", str(n(32)),
@@ -166,8 +169,8 @@ def _serve_plan(model: str, n, ln) -> list[Run]:
 
 
 # a plan's server options beyond _server_argv's: several API processes split tokenizing, detokenizing and
-# streaming, which one process cannot keep up with at 256 streams of the 1B model
-SERVER_OPTIONS = {"serve_api4": ["--api-server-count", "4"]}
+# streaming, which one process cannot keep up with at 256 streams of the 1B model; or fewer, larger events
+SERVER_OPTIONS = {"serve_api4": ["--api-server-count", "4"], "serve_si8": ["--stream-interval", "8"]}
 
 
 def _server_argv(tiny: bool, port: int, plan: str = "serve") -> list[str]:
