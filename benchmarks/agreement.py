@@ -51,28 +51,42 @@ def _llm(model: str, **options):
     return LLM(model, dtype="bfloat16", **options)
 
 
-def measure(model: str, options: dict, requests: int = 32, prompt_len: int = 256, tokens: int = 64,
-            base: dict | None = None) -> Agreement:
-    """Agreement of ``model`` loaded with ``options`` with the same model loaded with ``base`` (bf16)."""
+@dataclass
+class Reference:
+    """The bf16 model's greedy tokens for its prompts: what each quantized run is compared with."""
+
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+
+
+def reference(model: str, base: dict, requests: int = 32, prompt_len: int = 256, tokens: int = 64) -> Reference:
+    """``model`` loaded with ``base`` (bf16): greedy ``tokens`` for each of ``requests`` seeded prompts."""
     from tandem import SamplingParams
 
+    llm = _llm(model, **base)
+    prompts = _prompts(requests, prompt_len, llm.engine.model_config.vocab_size)
     greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    ref_llm = _llm(model, **(base or {}))
-    prompts = _prompts(requests, prompt_len, ref_llm.engine.model_config.vocab_size)
-    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy, use_tqdm=False)]
-    ref_llm.engine.shutdown()
-    del ref_llm
-    quant = _llm(model, **options)
-    free = [o.outputs[0].token_ids for o in quant.generate(prompts, greedy, use_tqdm=False)]
-    scored = quant.generate([p + r[:-1] for p, r in zip(prompts, ref)],
-                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    quant.engine.shutdown()
-    same = sum(a == b for r, f in zip(ref, free) for a, b in zip(r, f))
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    llm.engine.shutdown()
+    return Reference(prompts, out)
+
+
+def measure(model: str, options: dict, ref: Reference) -> Agreement:
+    """Agreement with ``ref`` of ``model`` loaded with ``options``."""
+    from tandem import SamplingParams
+
+    llm = _llm(model, **options)
+    greedy = SamplingParams(temperature=0, max_tokens=len(ref.tokens[0]), ignore_eos=True)
+    free = [o.outputs[0].token_ids for o in llm.generate(ref.prompts, greedy, use_tqdm=False)]
+    scored = llm.generate([p + r[:-1] for p, r in zip(ref.prompts, ref.tokens)],
+                          SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    llm.engine.shutdown()
+    same = sum(a == b for r, f in zip(ref.tokens, free) for a, b in zip(r, f))
     # bf16's token i sits at prompt position len(p) + i; its last one is the scored run's own draw
-    top = sum(o.prompt_logprobs[len(p) + i][tok].rank == 1 for o, p, r in zip(scored, prompts, ref)
+    top = sum(o.prompt_logprobs[len(p) + i][tok].rank == 1 for o, p, r in zip(scored, ref.prompts, ref.tokens)
               for i, tok in enumerate(r[:-1]))
-    top += sum(o.outputs[0].token_ids[0] == r[-1] for o, r in zip(scored, ref))
-    positions = sum(len(r) for r in ref)
+    top += sum(o.outputs[0].token_ids[0] == r[-1] for o, r in zip(scored, ref.tokens))
+    positions = sum(len(r) for r in ref.tokens)
     return Agreement(same / positions, top / positions, positions)
 
 
@@ -83,11 +97,12 @@ def check() -> bool:
     issue's bound (every figure recorded either way)."""
     model = "random:llama3-8b"
     common = dict(max_num_seqs=32, max_model_len=512)
-    control = measure(model, dict(common, max_num_seqs=8), base=common)
+    ref = reference(model, common)
+    control = measure(model, dict(common, max_num_seqs=8), ref)
     print(control.line("bf16 at max_num_seqs 8 (rounding alone)"))
-    fp8 = measure(model, dict(common, quantization="fp8"), base=common)
+    fp8 = measure(model, dict(common, quantization="fp8"), ref)
     print(fp8.line("--quantization fp8"))
-    int4 = measure(model, dict(common, quantization="int4"), base=common)
+    int4 = measure(model, dict(common, quantization="int4"), ref)
     print(int4.line("--quantization int4"))
     ok = fp8.free_running >= MIN_AGREEMENT
     print(f"agreement: FP8 free-running {'>=' if ok else '<'} {MIN_AGREEMENT:.0%}")
@@ -105,8 +120,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     common = dict(device=args.device, max_model_len=args.prompt_len + args.tokens + 16)
-    result = measure(args.model, dict(common, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype),
-                     args.requests, args.prompt_len, args.tokens, base=common)
+    ref = reference(args.model, common, args.requests, args.prompt_len, args.tokens)
+    result = measure(args.model, dict(common, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype), ref)
     print(result.line(f"--quantization {args.quantization} --kv-cache-dtype {args.kv_cache_dtype}"))
     return 0
 

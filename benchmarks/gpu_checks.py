@@ -14,13 +14,15 @@
 - parity: float32 greedy outputs vs transformers, and bf16 prefill logits within 1e-2 relative error.
 - moe: the fused MoE kernel vs its reference in bf16 at Qwen3-30B-A3B's and Mixtral 8x7B's shapes
   (error, NaN, peak workspace within the memory plan's), no hidden sync, a CUDA graph replaying it
-  with new routing, FP8 experts vs their reference and their time against bf16 (scripts/moe_bench.py).
+  with new routing, FP8 and 4-bit experts vs their reference and their time against bf16
+  (scripts/moe_bench.py).
 - w4a16: the 4-bit weight kernel vs float32 arithmetic on the same weights in bf16 at the 8B shapes
   (decode, split-K and prefill tiers, act order), no hidden sync, graph replay (scripts/w4a16_bench.py).
 - fp8: the FP8 linear (torch._scaled_mm) vs float32 arithmetic and the dequantized bf16 linear at the
   8B shapes, its speed, no sync, graph replay; the engine on an FP8 checkpoint (scripts/gpu_fp8.py).
 - agreement: greedy tokens of random:llama3-8b with --quantization fp8 and int4 against bf16, 32 x
-  (256 + 64), free-running and teacher-forced (benchmarks/agreement.py; FP8 must reach 90% free-running).
+  (256 + 64), free-running and teacher-forced, beside bf16 at another batch size (rounding alone)
+  (benchmarks/agreement.py; FP8 must reach 90% free-running).
 - spec: the draft model's proposal graphs (worker/draft_graphs.py) vs the same function run eagerly
   on random:tiny (float32: identical proposals; bf16: the share that agrees, reported), no sync in
   a replay, and greedy draft speculation through the engine (graphs on) equal to none.
