@@ -65,3 +65,10 @@ def test_the_handler_gets_the_first_token_then_every_interval_then_the_last():
     assert given == [1, 5, 9]
     assert EngineClient._due(client, route, output(11, finished=True))  # the last, whatever the interval
     assert EngineClient._due(SimpleNamespace(stream_interval=1), _Route(None, 0, 0.0, None, 5), output(1))
+
+
+def test_an_interval_below_one_is_refused_naming_the_flag():
+    from tandem.server.options import ServeOptions
+
+    with pytest.raises(ValueError, match="--stream-interval must be >= 1"):
+        ServeOptions(stream_interval=0)
