@@ -30,7 +30,7 @@ Plans (the commands of benchmarks/RESULTS.md):
 - serve: the 1B model offline with 64 and 256 sequences in flight (2,048 and 4,096 requests), then
   served to 64 and 256 streaming clients with the same requests (two runs each, >= 30 s each).
 - serve_api4, serve_si8: the served runs (one each) against a server with ``--api-server-count 4``, or
-  with ``--stream-interval 8``.
+  with ``--stream-interval 8``; serve_offline: the serve plan's offline runs alone, their baseline.
 - seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
@@ -119,6 +119,8 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
         # tokens (SERVER_OPTIONS), without the offline runs
         **{name: [r for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")]
            for name in ("serve_api4", "serve_si8")},
+        # their baseline on the same card: the offline runs alone
+        "serve_offline": [r for r in _serve_plan(one_b, n, ln) if r.kind == "bench"],
         # issue 28's table, the rows no plan above measures: the seed experiment (bf16, then FP8 KV, then
         # FP8 KV and weights), batch 1, and chat-like traffic (mixed lengths, sampled)
         "seed": [_bench(f"seed{suffix}", eight_b, n(32), ln(256), ln(8192), "--max-num-seqs", str(n(32)),

@@ -96,10 +96,11 @@ def test_the_seed_batch_one_and_chat_plans_run(tmp_path):
 
 
 def test_the_serve_plans_with_four_api_processes_and_an_interval_run(tmp_path):
-    done = _run(tmp_path, "--plans", "serve_api4,serve_si8")
+    done = _run(tmp_path, "--plans", "serve_offline,serve_api4,serve_si8")
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["serve_64_a", "serve_256_a"] * 2
+    names = [line.split()[0] for line in done.stdout.splitlines()]
+    assert names == ["offline_64", "offline_256"] + ["serve_64_a", "serve_256_a"] * 2
+    lines = done.stdout.splitlines()[2:]
     assert all("errors 0" in line for line in lines)
     log = (tmp_path / "log.txt").read_text()
     assert "--api-server-count 4" in log and "--stream-interval 8" in log
