@@ -4,6 +4,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 
@@ -73,11 +74,47 @@ class LogprobSeries(Sequence):
         return f"LogprobSeries({list(self)!r})"
 
 
+class TokenIds(Sequence):
+    """The first n ids of a running request's token list, which only grows by appends: a streamed
+    output's ids without copying every id so far at every step (quadratic in the output's length).
+    Reads like a read-only list and compares equal to one."""
+
+    __slots__ = ("_ids", "_len")
+
+    def __init__(self, ids: list[int], length: int) -> None:
+        self._ids = ids
+        self._len = length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self._ids[slice(*i.indices(self._len))]
+        if not -self._len <= i < self._len:
+            raise IndexError("token index out of range")
+        return self._ids[i % self._len]
+
+    def __iter__(self):
+        return islice(self._ids, self._len)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == self._len and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self):
+        return list, (list(self),)  # what crosses a process boundary is a plain list
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: Sequence[int]  # a list once finished; while streaming, a ``TokenIds`` view
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: Sequence[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)

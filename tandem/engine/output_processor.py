@@ -15,7 +15,7 @@ from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.logprob_output import LogprobChunk, LogprobDecoder
 from tandem.engine.scheduler import StepDeltas
 from tandem.engine.stop_strings import StopScanner, automaton_for
-from tandem.outputs import CompletionOutput, LogprobSeries, RequestOutput, TokenLogprobs
+from tandem.outputs import CompletionOutput, LogprobSeries, RequestOutput, TokenIds, TokenLogprobs
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import Tokenizer
 
@@ -58,7 +58,9 @@ class _RequestState:
             # with the stop string kept in the output, the cut falls after it: nothing to hold back
             text = text[:len(text) - self.stops.pending]
         logprobs = None if self.logprobs is None else self.logprobs.view()
-        completion = CompletionOutput(0, text, list(self.token_ids), self.finish_reason, logprobs, self.stop_reason)
+        # a finished request's list is handed over (its state is dropped); a running one's is shared
+        token_ids = self.token_ids if done else TokenIds(self.token_ids, len(self.token_ids))
+        completion = CompletionOutput(0, text, token_ids, self.finish_reason, logprobs, self.stop_reason)
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion], done,
                              prompt_logprobs=prompt_logprobs)
