@@ -34,6 +34,7 @@ Plans (the commands of benchmarks/RESULTS.md):
 - seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
+- gemv: the b1 plan with the one-row Triton GEMV off and on (``TANDEM_GEMV=0/1``).
 
 On an H100: checks + offline + long take about 5 minutes, traffic about 5 (V alone ran 104 s per mode),
 serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5; a call runs at
@@ -135,6 +136,8 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
     # programmatic dependent launch off and on, same call (kernels/pdl.py): figures and output digests
     named["pdl"] = [Run(f"{r.name}_pdl{v}", r.argv, {"TANDEM_PDL": v}) for r in named["quant"] if r.kind == "bench"
                     for v in ("0", "1")]
+    # the one-row GEMV (kernels/gemv.py) off and on at batch 1, same call (TANDEM_GEMV)
+    named["gemv"] = [Run(f"{r.name}_gemv{v}", r.argv, {"TANDEM_GEMV": v}) for r in named["b1"] for v in ("0", "1")]
     if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
             run.argv += ["--runs", "1", "--simulated-device", "off"]
@@ -217,7 +220,7 @@ def execute(run: Run, out_dir: Path, log, url: str | None) -> int:
         argv += ["--json", str(out_dir / f"{run.name}.json")]
     if run.kind == "serve":
         argv += ["--url", url]
-    log.write(f"### {' '.join(argv)}\n")
+    log.write(f"### {''.join(f'{k}={v} ' for k, v in run.env.items())}{' '.join(argv)}\n")
     log.flush()
     done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **run.env})
     log.write(f"rc={done.returncode}\n")

@@ -1,8 +1,10 @@
-"""Tile sweep for the weight-only GEMMs at decode sizes (GPU): W8A16 (FP8 weights) and W4A16.
+"""Tile sweep for the weight-only GEMMs at decode sizes (GPU): W8A16 (FP8 weights), W4A16, and the
+one-row GEMV of bf16 weights (``kernels/gemv.py``, against cuBLAS at batch 1).
 
-    python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16] [--rows=M] [--fp8-paths] [--layout=k]
+    python3 scripts/quant_tune.py [OUT_DIR] [--quick] [--kind=w8a16|w4a16|gemv] [--rows=M] [--fp8-paths] [--layout=k]
 
-(W4A16 rows 1 to 256: the one-row kernel, split-K dot tiles up to 16 rows, GEMM tiles above.)
+(W4A16 rows 1 to 256: the one-row kernel, split-K dot tiles up to 16 rows, GEMM tiles above. The GEMV
+also runs the 1B model's shapes and both LM heads.)
 
 Times each kernel inside a CUDA graph that cycles through enough copies of the weight to pass
 256 MB, so the weights come from HBM (not the 50 MB L2) and no Python launch cost is counted: what a
@@ -24,7 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-ROWS = {"w8a16": (1, 16, 32, 64), "w4a16": (1, 8, 16, 32, 64, 128, 256)}
+GEMV_SHAPES = {**SHAPES, "lm_head": (128256, 4096), "qkv_1b": (3072, 2048), "o_1b": (2048, 2048),
+               "gate_up_1b": (16384, 2048), "down_1b": (2048, 8192), "lm_head_1b": (128256, 2048)}
+ROWS = {"w8a16": (1, 16, 32, 64), "w4a16": (1, 8, 16, 32, 64, 128, 256), "gemv": (1,)}
+
+
+def shapes(kind: str) -> dict[str, tuple[int, int]]:
+    return GEMV_SHAPES if kind == "gemv" else SHAPES
 HBM = 3.35e12
 ROTATE_BYTES = 256 << 20
 
@@ -36,6 +44,17 @@ def w8_grid(m: int) -> list:
              itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 5), (1, 2, 4, 8, 16))]
     return plain + [W8Tiles(bn, bk, s, w, st, swap=True) for bn, bk, w, st, s in  # wgmma M: 64 per warp group
                     itertools.product((64, 128), (128, 256), (4,), (3, 4), (1, 2, 4, 8, 16))]
+
+
+def gemv_grid(m: int) -> list:
+    from tandem.kernels.gemv import GemvTiles
+
+    return [GemvTiles(bn, bk, s, w) for bn, bk, w, s in
+            itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8), (1, 2, 4, 8, 16))]
+
+
+def grid_of(kind: str, m: int) -> list:
+    return {"w8a16": w8_grid, "w4a16": w4_grid, "gemv": gemv_grid}[kind](m)
 
 
 def w4_grid(m: int) -> list:
@@ -54,6 +73,8 @@ def w4_grid(m: int) -> list:
 def make(kind: str, n: int, k: int, copies: int, device: str):
     from tandem.model.quant.fp8 import quantize_per_channel
 
+    if kind == "gemv":
+        return [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
     if kind == "w8a16":
         out = []
         for i in range(copies):
@@ -72,6 +93,10 @@ def make(kind: str, n: int, k: int, copies: int, device: str):
 
 
 def call(kind: str, x: torch.Tensor, w, tiles):
+    if kind == "gemv":
+        from tandem.kernels.gemv import gemv
+
+        return gemv(x, w, None, tiles)
     if kind == "w8a16":
         from tandem.kernels.w8a16 import w8a16_matmul
 
@@ -104,7 +129,7 @@ def graph_us(fns: list) -> float:
 
 def _compile(job: tuple) -> int:
     kind, name, m, tiles_list = job
-    n, k = SHAPES[name]
+    n, k = shapes(kind)[name]
     w = make(kind, n, k, 1, "cuda")[0]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bad = 0
@@ -118,7 +143,7 @@ def _compile(job: tuple) -> int:
 
 
 def stored(kind: str, w) -> int:
-    ts = (w.weight, w.scale) if kind == "w8a16" else (w.qweight, w.scales, w.zeros)
+    ts = (w,) if kind == "gemv" else (w.weight, w.scale) if kind == "w8a16" else (w.qweight, w.scales, w.zeros)
     return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -129,7 +154,7 @@ def weights(kind: str, name: str) -> tuple[list, list]:
     """Enough copies of the quantized and the bf16 weight to pass ROTATE_BYTES, made once per GEMM."""
     if (kind, name) not in _WEIGHTS:
         _WEIGHTS.clear()
-        n, k = SHAPES[name]
+        n, k = shapes(kind)[name]
         probe = make(kind, n, k, 1, "cuda")[0]
         copies = max(2, -(-ROTATE_BYTES // stored(kind, probe)))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -141,21 +166,24 @@ def weights(kind: str, name: str) -> tuple[list, list]:
 def sweep(kind: str, name: str, m: int, quick: bool) -> dict:
     from tandem.kernels import num_sms
 
-    n, k = SHAPES[name]
+    n, k = shapes(kind)[name]
     ws, dense = weights(kind, name)
     probe = ws[0]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bf16 = graph_us([lambda d=d: x @ d.t() for d in dense])
-    if kind == "w8a16":
+    if kind == "gemv":
+        from tandem.kernels.gemv import gemv_tiles
+
+        default = gemv_tiles(n, k, num_sms(x.device))
+    elif kind == "w8a16":
         from tandem.kernels.w8a16 import w8a16_tiles
 
         default = w8a16_tiles(m, n, k, None, num_sms(x.device))
-        grid = w8_grid(m)
     else:
         from tandem.kernels.w4a16 import w4a16_tiles
 
         default = w4a16_tiles(m, n, k, 128, num_sms(x.device))
-        grid = w4_grid(m)
+    grid = grid_of(kind, m)
     floor = (stored(kind, probe) + 2 * m * (n + k)) / HBM * 1e6
     results = []
     for t in ([default] + ([] if quick else grid)):
@@ -164,7 +192,8 @@ def sweep(kind: str, name: str, m: int, quick: bool) -> dict:
         except Exception as exc:  # noqa: BLE001
             print(f"  {kind} {name} m={m} {t}: {type(exc).__name__}", flush=True)
     best_us, best = min(results, key=lambda r: r[0])
-    ref = x.float() @ probe.dequantize(torch.float32).t() if kind == "w8a16" else None
+    ref = (x.float() @ probe.float().t() if kind == "gemv" else
+           x.float() @ probe.dequantize(torch.float32).t() if kind == "w8a16" else None)
     err = None if ref is None else ((call(kind, x, probe, best).float() - ref).norm() / ref.norm()).item()
     return {"kind": kind, "gemm": name, "m": m, "bf16_us": bf16, "default_us": results[0][0], "default": repr(default),
             "best_us": best_us, "best": repr(best), "floor_us": floor, "rel_err": err,
@@ -200,12 +229,12 @@ def main(argv: list[str]) -> int:
     out_dir = Path(args[0]) if args else Path(os.environ.get("OUT", "."))
     kinds = [a.split("=", 1)[1] for a in argv if a.startswith("--kind=")] or list(ROWS)
     only = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--rows=")]
-    jobs = [(kind, name, m) for kind in kinds for name in SHAPES for m in ROWS[kind] if not only or m in only]
+    jobs = [(kind, name, m) for kind in kinds for name in shapes(kind) for m in ROWS[kind] if not only or m in only]
     if not quick:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(12, mp_context=mp.get_context("spawn")) as pool:
-            grids = [(kind, name, m, (w8_grid if kind == "w8a16" else w4_grid)(m)) for kind, name, m in jobs]
+            grids = [(kind, name, m, grid_of(kind, m)) for kind, name, m in jobs]
             chunks = [(kind, name, m, g[i::3]) for kind, name, m, g in grids for i in range(3)]
             print("compile failures:", sum(pool.map(_compile, chunks)), flush=True)
     rows = []

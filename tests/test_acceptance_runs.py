@@ -86,13 +86,15 @@ def test_the_spec_and_quant_plans_run(tmp_path):
     assert "--repeat-span 16" in log and "--quantization int4" in log and "--quantization fp8" in log
 
 
-def test_the_seed_batch_one_and_chat_plans_run(tmp_path):
-    done = _run(tmp_path, "--plans", "seed,b1,chat")
+def test_the_seed_batch_one_chat_and_gemv_plans_run(tmp_path):
+    done = _run(tmp_path, "--plans", "seed,b1,chat,gemv")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    assert names == ["seed", "seed_kv_fp8", "seed_kv_fp8_w_fp8", "b1_1b", "b1_8b", "chat_1b", "chat_8b"]
+    assert names == ["seed", "seed_kv_fp8", "seed_kv_fp8_w_fp8", "b1_1b", "b1_8b", "chat_1b", "chat_8b",
+                     "b1_1b_gemv0", "b1_1b_gemv1", "b1_8b_gemv0", "b1_8b_gemv1"]
     log = (tmp_path / "log.txt").read_text()
     assert log.count("--kv-cache-dtype fp8") == 2 and "--temperature 0.8" in log and "--prompt-len 16:16" in log
+    assert log.count("### TANDEM_GEMV=1 ") == 2 and log.count("### TANDEM_GEMV=0 ") == 2
 
 
 def test_the_serve_plans_with_four_api_processes_and_an_interval_run(tmp_path):

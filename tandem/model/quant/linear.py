@@ -5,6 +5,7 @@ scales included), ``dequantize(dtype)``, ``forward(x, bias)`` and a static ``cat
 may offer ``forward_silu_gated(gate_up)`` (``silu_gated_linear``)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -33,10 +34,27 @@ Weight = Union[torch.Tensor, QuantizedWeight]
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a dense weight; the quantized weight's own forward otherwise."""
+    """``F.linear`` for a dense weight (one 16-bit row on a GPU may take ``kernels.gemv``, see
+    ``_gemv_on``); the quantized weight's own forward otherwise."""
     if isinstance(weight, torch.Tensor):
+        if _gemv_on(x, weight):
+            from tandem.kernels.gemv import gemv
+
+            return gemv(x.reshape(1, -1).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
     return weight.forward(x, bias)
+
+
+@functools.cache
+def _gemv_enabled() -> bool:
+    return os.environ.get("TANDEM_GEMV", "0") == "1"
+
+
+def _gemv_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton one-row GEMV instead of cuBLAS for a batch of one: on a CUDA device, 16-bit x and
+    weight of one dtype, with ``TANDEM_GEMV=1`` (off until the H100 shows it faster end to end)."""
+    return (x.numel() == x.shape[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.is_contiguous() and _gemv_enabled())
 
 
 def silu_gated_linear(gate_up: torch.Tensor, weight: Weight,

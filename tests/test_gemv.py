@@ -1,0 +1,87 @@
+"""The one-row GEMV of 16-bit weights (``kernels/gemv.py``) under Triton's interpreter, float32 math:
+equal to x @ W^T (+ bias) in float32 for ragged shapes, every split count and tile, with fresh random
+inputs; the default tiles split K to fill the SMs; the kernel compiles for the H100 (sm_90) in bf16;
+and ``linear`` sends only one 16-bit row on a CUDA device to it, and only when asked."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+from test_triton_varlen import _run_interpreted  # noqa: E402 (a subprocess under TRITON_INTERPRET=1)
+
+_KERNEL = r"""
+import torch
+from tandem.kernels.gemv import GemvTiles, gemv, gemv_tiles
+
+g = torch.Generator().manual_seed(1234)
+worst = 0.0
+cases = [(48, 200, None), (64, 256, GemvTiles(16, 64, 4, 4)), (40, 1000, GemvTiles(16, 128, 3, 4)),
+         (8, 64, None), (100, 640, GemvTiles(32, 64, 16, 4)), (17, 96, GemvTiles(8, 256, 2, 4))]
+for n, k, tiles in cases:
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(1, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    for b in (None, bias):
+        for _ in range(2):  # twice: the split counters are left ready for the next launch
+            y = gemv(x, w, b, tiles)
+        ref = x.double() @ w.double().t() + (0 if b is None else b.double())
+        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        assert y.shape == (1, n) and y.dtype == torch.float32, (y.shape, y.dtype)
+        assert err < 1e-5, (n, k, tiles, err)
+        worst = max(worst, err)
+for bad in (torch.randn(2, 64), torch.randn(1, 63)):
+    try:
+        gemv(bad, torch.randn(8, 64))
+    except ValueError as exc:
+        assert "gemv" in str(exc)
+    else:
+        raise AssertionError("a wrong x was accepted")
+print(f"gemv ok, max rel err {worst:.2e}")
+"""
+
+
+def test_the_gemv_equals_the_float32_product():
+    assert "gemv ok" in _run_interpreted(_KERNEL)
+
+
+def test_the_default_tiles_split_k_to_fill_the_device():
+    from tandem.kernels.gemv import gemv_tiles
+
+    small = gemv_tiles(4096, 4096, sms=132)  # the 8B o projection: 256 row tiles alone fill two waves
+    assert small.split_k >= 2 and (4096 // small.block_n) * small.split_k <= 4 * 132
+    assert gemv_tiles(128256, 4096, sms=132).split_k == 1  # the LM head has rows enough
+    assert gemv_tiles(64, 100, sms=132).block_k == 128  # a short K gets a short tile
+
+
+def test_the_gemv_compiles_for_h100():
+    import test_triton_compile
+    from tandem.kernels.gemv import _gemv_kernel
+
+    for bias in (False, True):
+        test_triton_compile._compile(_gemv_kernel, {"*": "*bf16", "parts_ptr": "*fp32", "counters_ptr": "*i32"},
+                                     dict(HAS_BIAS=bias, BLOCK_N=16, BLOCK_K=512, PDL=bias))
+
+
+def test_linear_takes_the_gemv_only_for_one_16_bit_row_on_a_gpu_when_asked(monkeypatch):
+    from tandem.model.quant import linear as lin
+
+    class Cuda(torch.Tensor):  # a CPU tensor that says it is on a GPU: the choice alone is tested
+        @property
+        def is_cuda(self) -> bool:
+            return True
+
+    w = torch.randn(8, 32, dtype=torch.bfloat16)
+    row = torch.randn(1, 1, 32, dtype=torch.bfloat16).as_subclass(Cuda)
+    monkeypatch.setattr(lin, "_gemv_enabled", lambda: True)
+    assert lin._gemv_on(row, w)
+    assert not lin._gemv_on(torch.randn(2, 32, dtype=torch.bfloat16).as_subclass(Cuda), w)  # two rows
+    assert not lin._gemv_on(torch.randn(1, 32, dtype=torch.bfloat16), w)  # on the CPU
+    assert not lin._gemv_on(torch.randn(1, 32).as_subclass(Cuda), w.float())  # float32
+    assert not lin._gemv_on(row, w.half())  # dtypes differ
+    assert not lin._gemv_on(row, w.t())  # not contiguous
+    monkeypatch.setattr(lin, "_gemv_enabled", lambda: False)
+    assert not lin._gemv_on(row, w)
