@@ -23,6 +23,8 @@
 - agreement: greedy tokens of random:llama3-8b with --quantization fp8 and int4 against bf16, 32 x
   (256 + 64), free-running and teacher-forced, beside bf16 at another batch size (rounding alone)
   (benchmarks/agreement.py; FP8 must reach 90% free-running).
+- agreement_trained: the same on a tiny Llama trained here first (benchmarks/trained_tiny.py), whose
+  greedy tokens are confident: 32 walks of its corpus x (32 + 64) (FP8 must reach 90% free-running).
 - spec: the draft model's proposal graphs (worker/draft_graphs.py) vs the same function run eagerly
   on random:tiny (float32: identical proposals; bf16: the share that agrees, reported), no sync in
   a replay, and greedy draft speculation through the engine (graphs on) equal to none.
@@ -343,7 +345,7 @@ CHECKS = {
     "sampling": lambda: sampling_kernels(_cases()),
     "structured": _from("gpu_structured", "structured"), "moe": _from("moe_bench", "check"),
     "w4a16": _from("w4a16_bench", "check"), "fp8": _from("gpu_fp8", "fp8_checks"),
-    "agreement": _from("agreement", "check"),
+    "agreement": _from("agreement", "check"), "agreement_trained": _from("agreement", "check_trained"),
     "parity": _from("gpu_parity", "parity"), "spec": spec_draft,
     "gemma": lambda: __import__("benchmarks.gpu_gemma", fromlist=["check"]).check(_cases()),
 }
