@@ -33,6 +33,9 @@ for n, k, tiles in cases:
         assert y.shape == (1, n) and y.dtype == torch.float32, (y.shape, y.dtype)
         assert err < 1e-5, (n, k, tiles, err)
         worst = max(worst, err)
+w, x = torch.randn(72, 128, generator=g), torch.randn(1, 128, generator=g)
+out = torch.full((1, 72), float("nan"))
+assert gemv(x, w, out=out) is out and torch.allclose(out, x @ w.t(), rtol=1e-5, atol=1e-5)
 for bad in (torch.randn(2, 64), torch.randn(1, 63)):
     try:
         gemv(bad, torch.randn(8, 64))
@@ -77,11 +80,11 @@ def test_linear_takes_the_gemv_only_for_one_16_bit_row_on_a_gpu_when_asked(monke
     w = torch.randn(8, 32, dtype=torch.bfloat16)
     row = torch.randn(1, 1, 32, dtype=torch.bfloat16).as_subclass(Cuda)
     monkeypatch.setattr(lin, "_gemv_enabled", lambda: True)
-    assert lin._gemv_on(row, w)
-    assert not lin._gemv_on(torch.randn(2, 32, dtype=torch.bfloat16).as_subclass(Cuda), w)  # two rows
-    assert not lin._gemv_on(torch.randn(1, 32, dtype=torch.bfloat16), w)  # on the CPU
-    assert not lin._gemv_on(torch.randn(1, 32).as_subclass(Cuda), w.float())  # float32
-    assert not lin._gemv_on(row, w.half())  # dtypes differ
-    assert not lin._gemv_on(row, w.t())  # not contiguous
+    assert lin.gemv_on(row, w)
+    assert not lin.gemv_on(torch.randn(2, 32, dtype=torch.bfloat16).as_subclass(Cuda), w)  # two rows
+    assert not lin.gemv_on(torch.randn(1, 32, dtype=torch.bfloat16), w)  # on the CPU
+    assert not lin.gemv_on(torch.randn(1, 32).as_subclass(Cuda), w.float())  # float32
+    assert not lin.gemv_on(row, w.half())  # dtypes differ
+    assert not lin.gemv_on(row, w.t())  # not contiguous
     monkeypatch.setattr(lin, "_gemv_enabled", lambda: False)
-    assert not lin._gemv_on(row, w)
+    assert not lin.gemv_on(row, w)

@@ -78,9 +78,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, parts_ptr, bias_ptr, counters_ptr, n, k,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         tiles: GemvTiles | None = None) -> torch.Tensor:
-    """x [1, K] @ ``weight`` [N, K]^T (+ ``bias`` [N]) -> [1, N] in x's dtype, float32 accumulation;
-    ``tiles`` overrides ``gemv_tiles`` (tests, tuning)."""
+         tiles: GemvTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ ``weight`` [N, K]^T (+ ``bias`` [N]) -> [1, N] in x's dtype, float32 accumulation,
+    written to ``out`` if given (contiguous, N elements); ``tiles`` overrides ``gemv_tiles`` (tests, tuning)."""
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != k:
         raise ValueError(f"gemv: x {tuple(x.shape)} is not one row of the weight's {k} inputs")
@@ -90,7 +90,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     k_tiles = triton.cdiv(k, tiles.block_k)
     per_split = triton.cdiv(k_tiles, tiles.split_k) * tiles.block_k
     splits = triton.cdiv(k, per_split)
-    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    elif out.numel() != n or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"gemv: out {tuple(out.shape)} {out.dtype} is not {n} contiguous {x.dtype} elements")
     parts = torch.empty((splits, n), device=x.device, dtype=torch.float32) if splits > 1 else out
     grid = (triton.cdiv(n, tiles.block_n), 1, splits)
     if grid[0] > MAX_TILES:

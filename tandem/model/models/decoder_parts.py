@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from tandem.model.base import Getter
 from tandem.model.model_config import ModelConfig
-from tandem.model.quant.linear import Weight, cat_rows, read_linear
+from tandem.model.quant.linear import Weight, cat_rows, gemv_on, linear, read_linear
 from tandem.model.tp_layout import TPLayout
 from tandem.model.tp_ops import SingleDevice, TensorParallelOps
 
@@ -64,10 +63,14 @@ def lm_logits(hidden: torch.Tensor, lm_head: torch.Tensor, comm: SingleDevice | 
     row would cost a pass over the logits). ``out``: where to write them (CUDA graphs share one
     buffer, so each captured batch size does not keep logits of its own)."""
     if out is None:
-        return comm.gather_logits(F.linear(hidden, lm_head))
+        return comm.gather_logits(linear(hidden, lm_head))
     if comm.size == 1:
+        if gemv_on(hidden, lm_head):
+            from tandem.kernels.gemv import gemv
+
+            return gemv(hidden.contiguous(), lm_head, out=out)
         return torch.matmul(hidden, lm_head.t(), out=out)
-    return out.copy_(comm.gather_logits(F.linear(hidden, lm_head)))
+    return out.copy_(comm.gather_logits(linear(hidden, lm_head)))
 
 
 def ignored_tensors(config: ModelConfig) -> tuple[str, ...]:

@@ -35,9 +35,9 @@ Weight = Union[torch.Tensor, QuantizedWeight]
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a dense weight (one 16-bit row on a GPU may take ``kernels.gemv``, see
-    ``_gemv_on``); the quantized weight's own forward otherwise."""
+    ``gemv_on``); the quantized weight's own forward otherwise."""
     if isinstance(weight, torch.Tensor):
-        if _gemv_on(x, weight):
+        if gemv_on(x, weight):
             from tandem.kernels.gemv import gemv
 
             return gemv(x.reshape(1, -1).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -50,7 +50,7 @@ def _gemv_enabled() -> bool:
     return os.environ.get("TANDEM_GEMV", "0") == "1"
 
 
-def _gemv_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def gemv_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The Triton one-row GEMV instead of cuBLAS for a batch of one: on a CUDA device, 16-bit x and
     weight of one dtype, with ``TANDEM_GEMV=1`` (off until the H100 shows it faster end to end)."""
     return (x.numel() == x.shape[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
