@@ -171,7 +171,7 @@ def train(out_dir: str | Path, seed: int = 0, steps: int = Training.steps, shape
     model.to("cpu").save_pretrained(out)
     _byte_tokenizer().save_pretrained(out)
     (out / MARKER).write_text(json.dumps(dict(asdict(corpus), steps=steps, final_loss=loss), indent=1) + "\n")
-    print(f"trained {steps} steps in {time.perf_counter() - started:.1f} s: final loss {loss:.4f} -> {out}")
+    print(f"trained {steps} steps in {time.perf_counter() - started:.1f} s: final loss {loss:.4f} -> {out}", flush=True)
     return out
 
 
