@@ -59,3 +59,13 @@ def test_the_control_differs_from_the_quantized_models_only_by_rounding(trained:
     # the float32 model at another batch size: the measurement itself, with no quantization
     got = agreement.measure(str(trained), dict(COMMON, max_num_seqs=3), ref)
     assert (got.free_running, got.teacher_forced) == (1.0, 1.0), got.line("float32 at max_num_seqs 3", "float32")
+
+
+def test_the_command_line_keeps_a_trained_folder_within_its_trained_length(trained: Path, capsys):
+    # without --prompt-len a trained_tiny folder gets 32-byte prompts: 32 + 64 bytes, as trained (the
+    # presets' 256 would run the model past its training length, where it is unsure)
+    assert agreement.main([str(trained), "--quantization", "fp8", "--requests", "2", "--dtype", "float32",
+                           "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    free = float(line.split("free-running ")[1].split("%")[0]) / 100
+    assert "over 128 positions" in line and free >= agreement.MIN_AGREEMENT, line  # 256-byte prompts: ~55%
