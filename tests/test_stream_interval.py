@@ -50,21 +50,30 @@ def test_events_carry_the_interval_and_the_text_is_the_unstreamed_one(server, n,
         assert [t for c in mine for t in c.get("token_ids") or []] == want["token_ids"]
 
 
-def test_the_handler_gets_the_first_token_then_every_interval_then_the_last():
-    from types import SimpleNamespace
+def test_a_stream_gets_its_first_token_then_every_interval_then_the_last():
+    import random
 
-    from tandem.server.client import EngineClient, _Route
+    from tandem.engine.output_processor import OutputProcessor
+    from tandem.engine.scheduler import StepDeltas
+    from tandem.sampling_params import SamplingParams
+    from tandem.tokenizer import ByteTokenizer
 
-    client = SimpleNamespace(stream_interval=INTERVAL)
-    route = _Route(handle=None, index=0, arrival=0.0, core=None, prompt_tokens=5)  # type: ignore[arg-type]
-
-    def output(tokens: int, finished: bool = False):
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(tokens)))], finished=finished)
-
-    given = [t for t in range(1, 12) if EngineClient._due(client, route, output(t))]
+    rng = random.Random()
+    ids = [rng.randrange(32, 127) for _ in range(11)]
+    proc = OutputProcessor(ByteTokenizer(), stream_interval=INTERVAL)
+    proc.add("s", None, [1], SamplingParams(max_tokens=20), stream=True)
+    proc.add("plain", None, [1], SamplingParams(max_tokens=20), stream=False)
+    given = []
+    for i, token in enumerate(ids, start=1):
+        outs = proc.process(StepDeltas(["s", "plain"], [token, token])).outputs
+        assert [o.request_id for o in outs] in ([], ["s"])  # an unstreamed request only when it ends
+        given += [i] * len(outs)
     assert given == [1, 5, 9]
-    assert EngineClient._due(client, route, output(11, finished=True))  # the last, whatever the interval
-    assert EngineClient._due(SimpleNamespace(stream_interval=1), _Route(None, 0, 0.0, None, 5), output(1))
+    last = proc.process(StepDeltas(finished={"s": "length", "plain": "length"})).outputs
+    assert [(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in last] == [("s", True, 11), ("plain", True, 11)]
+    one = OutputProcessor(ByteTokenizer())  # the default: every token
+    one.add("s", None, [1], SamplingParams(max_tokens=20), stream=True)
+    assert all(len(one.process(StepDeltas(["s"], [t])).outputs) == 1 for t in ids)
 
 
 def test_an_interval_below_one_is_refused_naming_the_flag():

@@ -35,6 +35,7 @@ class _RequestState:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: LogprobSeries | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    streamed: int = -1  # tokens in its last streamed output (-1: none yet)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -49,6 +50,15 @@ class _RequestState:
         self.stop_reason = self.text[hit.start:hit.start + hit.length]
         self.text = self.text[:hit.start + hit.length if self.params.include_stop_str_in_output else hit.start]
         self.finish_reason = "stop"
+        return True
+
+    def due(self, interval: int) -> bool:
+        """Whether a running stream gets an output now: its first token, then each ``interval`` new ones
+        (an output holds everything so far, so the ones skipped lose nothing)."""
+        tokens = len(self.token_ids)
+        if self.streamed >= 0 and tokens - self.streamed < interval:
+            return False
+        self.streamed = tokens
         return True
 
     def output(self) -> RequestOutput:
@@ -73,8 +83,11 @@ class ProcessedStep:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, stream_interval: int = 1) -> None:
+        """``stream_interval``: new tokens a running stream's outputs are apart (its first and its last
+        come regardless); each output costs its consumer a wake-up and, in the server, an event."""
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self.requests: dict[str, _RequestState] = {}
         self.logprob_decoder = LogprobDecoder(tokenizer)
 
@@ -114,7 +127,7 @@ class OutputProcessor:
             if state.finish_reason is not None:
                 del requests[rid]
                 outputs.append(state.output())
-            elif state.stream:
+            elif state.stream and state.due(self.stream_interval):
                 outputs.append(state.output())
         return ProcessedStep(outputs, stopped)
 

@@ -25,7 +25,6 @@ from tandem.engine.processor import InputProcessor
 from tandem.engine.scheduler import StepDeltas
 from tandem.engine.sequence import EngineRequest
 from tandem.model.sources import load_tokenizer, resolve_model_config
-from tandem.outputs import RequestOutput
 from tandem.server import fault_injection
 from tandem.server.channel import CoreDeadError
 from tandem.server.dp_api import Followers
@@ -52,7 +51,6 @@ class _Route:
     core: CoreLink  # the engine core it runs on
     prompt_tokens: int
     num_tokens: int = 0  # generated so far
-    sent_tokens: int = -1  # generated when its handler was last given an output (-1: never)
     first_token: float | None = None
     last_token: float = 0.0
 
@@ -69,7 +67,6 @@ class EngineClient:
         """``api_peers``: further API processes the cores will serve too (``dp_api``); ``attach``: this
         is one of those, on the cores another API process started; ``stream_interval``: new tokens a
         running request collects before its handler is woken again (``--stream-interval``)."""
-        self.stream_interval = stream_interval
         self.model_config = resolve_model_config(config.model)  # a bad name fails before anything starts
         if data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, not {data_parallel_size}")
@@ -87,7 +84,7 @@ class EngineClient:
         self.info: Ready = self.dp.info
         self.max_model_len = self.info.max_model_len
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len, config)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, stream_interval)
         fault_injection.install_api_faults(self.output_processor, self.cores[0].channel,
                                            fault_injection.from_env(fault_injection.API_SITES))
         self.metrics = metrics
@@ -282,20 +279,9 @@ class EngineClient:
                 self._close_route(output.request_id)
                 self.metrics.on_finished(output.outputs[0].finish_reason or "stop", now - route.arrival, core.index,
                                          route.prompt_tokens, route.num_tokens)
-            if self._due(route, output):
-                route.handle.queue.put_nowait((route.index, output))
+            route.handle.queue.put_nowait((route.index, output))
         self.metrics.on_step(len(deltas.token_ids), ttfts, itls, [t for msg in steps for t in msg.queue_times],
                              core.index)
-
-    def _due(self, route: _Route, output: RequestOutput) -> bool:
-        """Whether the handler gets this output now: its first, its last, or ``stream_interval`` new
-        tokens since the one it last got (an output holds everything so far, so skipped ones lose
-        nothing; each wakes a handler and writes an event, the API process's main cost per token)."""
-        tokens = len(output.outputs[0].token_ids)
-        if not (output.finished or route.sent_tokens < 0 or tokens - route.sent_tokens >= self.stream_interval):
-            return False
-        route.sent_tokens = tokens
-        return True
 
     def _on_step_notices(self, core: CoreLink, steps: list[StepUpdate]) -> None:
         """Refusals, failures and stats: applied before the output processing that could fail."""
