@@ -45,13 +45,10 @@ def gemv_tiles(n: int, k: int, sms: int = 132, block_n: int = 16, block_k: int =
 
 
 @triton.jit
-def _tile(w_ptr, x_ptr, rows, row_ok, kk, k, end):
-    """The weights [BLOCK_N, BLOCK_K] and activations [BLOCK_K] of input channels ``kk`` (zero from
-    ``end``, the split's end, on)."""
-    k_ok = kk < end
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
-    return w, x
+def _weights(w_ptr, rows, row_ok, kk, k, end):
+    """The weights [BLOCK_N, BLOCK_K] of input channels ``kk`` (zero from ``end``, the split's end, on)."""
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * k + kk[None, :], mask=row_ok[:, None] & (kk < end)[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -65,12 +62,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, parts_ptr, bias_ptr, counters_ptr, n, k,
     start = split * k_per_split
     end = tl.minimum(k, start + k_per_split)
     ks = tl.arange(0, BLOCK_K)
-    w, _ = _tile(w_ptr, x_ptr, rows, row_ok, start + ks, k, end)
-    wait_then_release(PDL)  # the weights are the step's constants: the first tile is read before the wait
+    w = _weights(w_ptr, rows, row_ok, start + ks, k, end)
+    # the weights are the step's constants: the first tile is read before the wait; the activations,
+    # which the kernel before this one writes, only after it
+    wait_then_release(PDL)
     x = tl.load(x_ptr + start + ks, mask=start + ks < end, other=0.0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
-        w_next, x_next = _tile(w_ptr, x_ptr, rows, row_ok, k0 + BLOCK_K + ks, k, end)
+        kk = k0 + BLOCK_K + ks
+        w_next, x_next = _weights(w_ptr, rows, row_ok, kk, k, end), tl.load(x_ptr + kk, mask=kk < end, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w, x = w_next, x_next
     finish_tile(tl.sum(acc, axis=1), out_ptr, parts_ptr, bias_ptr, counters_ptr, rows, rows, row_ok, split, splits,
