@@ -88,3 +88,19 @@ def test_linear_takes_the_gemv_only_for_one_16_bit_row_on_a_gpu_when_asked(monke
     assert not lin.gemv_on(row, w.t())  # not contiguous
     monkeypatch.setattr(lin, "_gemv_enabled", lambda: False)
     assert not lin.gemv_on(row, w)
+
+
+def test_a_gemv_switch_other_than_0_or_1_is_refused_naming_it(monkeypatch):
+    from tandem.model.quant import linear as lin
+
+    for value, on in (("1", True), ("0", False)):
+        monkeypatch.setenv("TANDEM_GEMV", value)
+        lin._gemv_enabled.cache_clear()
+        assert lin._gemv_enabled() is on
+    monkeypatch.setenv("TANDEM_GEMV", "yes")
+    lin._gemv_enabled.cache_clear()
+    with pytest.raises(ValueError, match="TANDEM_GEMV must be 0 or 1"):
+        lin._gemv_enabled()
+    monkeypatch.delenv("TANDEM_GEMV")
+    lin._gemv_enabled.cache_clear()
+    assert lin._gemv_enabled() is False

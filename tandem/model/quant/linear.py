@@ -47,14 +47,18 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 
 @functools.cache
 def _gemv_enabled() -> bool:
-    return os.environ.get("TANDEM_GEMV", "0") == "1"
+    value = os.environ.get("TANDEM_GEMV", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TANDEM_GEMV must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 def gemv_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The Triton one-row GEMV instead of cuBLAS for a batch of one: on a CUDA device, 16-bit x and
-    weight of one dtype, with ``TANDEM_GEMV=1`` (off until the H100 shows it faster end to end)."""
-    return (x.numel() == x.shape[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and _gemv_enabled())
+    weight of one dtype, with ``TANDEM_GEMV=1`` (off until the H100 shows it faster end to end). The
+    switch is read first: every dense linear of an eager step asks."""
+    return (_gemv_enabled() and x.numel() == x.shape[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.is_contiguous())
 
 
 def silu_gated_linear(gate_up: torch.Tensor, weight: Weight,
