@@ -51,12 +51,15 @@ def test_the_gemv_equals_the_float32_product():
     assert "gemv ok" in _run_interpreted(_KERNEL)
 
 
-def test_the_default_tiles_split_k_to_fill_the_device():
+def test_the_default_tiles_follow_the_h100_sweep():
     from tandem.kernels.gemv import gemv_tiles
 
-    small = gemv_tiles(4096, 4096, sms=132)  # the 8B o projection: 256 row tiles alone fill two waves
-    assert small.split_k >= 2 and (4096 // small.block_n) * small.split_k <= 4 * 132
-    assert gemv_tiles(128256, 4096, sms=132).split_k == 1  # the LM head has rows enough
+    o_proj = gemv_tiles(4096, 4096, sms=132)  # 512 row tiles: several waves, no split
+    assert (o_proj.block_n, o_proj.split_k, o_proj.num_warps) == (8, 1, 8)
+    head = gemv_tiles(128256, 4096, sms=132)
+    assert (head.block_n, head.block_k, head.split_k) == (16, 512, 1)
+    narrow = gemv_tiles(256, 8192, sms=132)  # 32 row tiles: K is split until a wave is full
+    assert narrow.split_k == 4  # 8 K tiles: each split keeps two
     assert gemv_tiles(64, 100, sms=132).block_k == 128  # a short K gets a short tile
 
 

@@ -32,14 +32,19 @@ class GemvTiles:
     num_warps: int
 
 
-def gemv_tiles(n: int, k: int, sms: int = 132, block_n: int = 16, block_k: int = 512, waves: int = 4,
-               num_warps: int = 4) -> GemvTiles:
-    """K split (a power of two) until the programs fill about ``waves`` waves of ``sms``, each split
-    keeping >= 2 K tiles; ``block_k`` shrinks (a power of two, >= 64) to fit a short K."""
+def gemv_tiles(n: int, k: int, sms: int = 132) -> GemvTiles:
+    """The H100 sweep's rule (benchmarks/RESULTS.md, ``quant_tune.py --kind=gemv``): fewer than ~6K
+    rows take 8-row tiles with 8 warps (more programs per SM to hide the loads), more rows 16-row tiles
+    with 4; K is split only while the row tiles do not fill one wave, since at two or more waves the
+    split's extra pass cost more than it won (8B o and down, 1B qkv, o and down: 12-22% slower).
+    ``block_k`` shrinks (a power of two, >= 64) to fit a short K."""
+    few_rows = n < 6144
+    block_n, num_warps = (8, 8) if few_rows else (16, 4)
+    block_k = 1024 if few_rows and k <= 8192 else 512
     while block_k > 64 and block_k // 2 >= k:
         block_k //= 2
     n_tiles, k_tiles, split = triton.cdiv(n, block_n), triton.cdiv(k, block_k), 1
-    while n_tiles * split * 2 <= waves * sms and k_tiles // (split * 2) >= 2:
+    while n_tiles * split < sms and k_tiles // (split * 2) >= 2:
         split *= 2
     return GemvTiles(block_n, block_k, split, num_warps)
 

@@ -35,6 +35,10 @@ def allocate_kv_cache(spec: KVSpec, num_blocks: int, block_size: int, device: to
                       dtype: torch.dtype) -> torch.Tensor:
     """[layers, 2 (K, V), num_blocks * block_size, kv_heads, head_dim] of ``dtype``, the cache's element
     type (``resolve_kv_dtype``)."""
+    if device.type == "cuda":
+        # The budget counts memory the caching allocator holds but no tensor uses (an engine shut down
+        # earlier in this process) as free; handed back first, so one block of this size can be had.
+        torch.cuda.empty_cache()
     return torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
                        device=device, dtype=dtype)
 
