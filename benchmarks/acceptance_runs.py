@@ -118,7 +118,8 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
         "serve": _serve_plan(one_b, n, ln),
         # the same clients against a server with four API processes, or with streamed events of eight
         # tokens (SERVER_OPTIONS), without the offline runs
-        **{name: [r for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")]
+        **{name: [Run(f"{r.name}_{name.removeprefix('serve_')}", r.argv, r.env, r.kind)
+                  for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")]
            for name in ("serve_api4", "serve_si8")},
         # their baseline on the same card: the offline runs alone
         "serve_offline": [r for r in _serve_plan(one_b, n, ln) if r.kind == "bench"],

@@ -101,7 +101,9 @@ def test_the_serve_plans_with_four_api_processes_and_an_interval_run(tmp_path):
     done = _run(tmp_path, "--plans", "serve_offline,serve_api4,serve_si8")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    assert names == ["offline_64", "offline_256"] + ["serve_64_a", "serve_256_a"] * 2
+    served = [f"serve_{c}_a_{plan}" for plan in ("api4", "si8") for c in (64, 256)]
+    assert names == ["offline_64", "offline_256"] + served
+    assert all((tmp_path / f"{name}.json").is_file() for name in served)  # one file each, none overwritten
     lines = done.stdout.splitlines()[2:]
     assert all("errors 0" in line for line in lines)
     log = (tmp_path / "log.txt").read_text()
