@@ -190,3 +190,17 @@ def test_a_decode_block_packs_exactly_like_its_entries_one_by_one(pad):
             a, b = build_step(sched, 4, pad), build_step(one_by_one, 4, pad)
             assert a.shape == b.shape and a.sampler == b.sampler and np.array_equal(a.data, b.data)
         s.update(sched, _output(sched, step), StepDeltas())
+
+
+def test_extending_a_row_past_the_tables_width_widens_it_and_keeps_every_row():
+    from tandem.engine.running import RunningState
+
+    rng = np.random.default_rng(7)
+    st = RunningState(num_rows=3, max_blocks=4)
+    first, other = rng.integers(1, 1000, 3).tolist(), rng.integers(1, 1000, 2).tolist()
+    st.extend_blocks(0, first)
+    st.extend_blocks(2, other)
+    more = rng.integers(1, 1000, 5).tolist()  # 3 + 5 > 4 columns
+    st.extend_blocks(0, more)
+    assert st.block_table.shape[1] >= 8 and st.num_blocks.tolist()[0::2] == [8, 2]
+    assert st.block_table[0, :8].tolist() == first + more and st.block_table[2, :2].tolist() == other

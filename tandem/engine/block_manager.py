@@ -59,13 +59,23 @@ class BlockManager:
         need = self.blocks_needed(len(block_ids), num_tokens)
         if need > self.num_free:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free} free")
-        block_ids.extend(self._allocate() for _ in range(need))
+        block_ids.extend(self._allocate_many(need))
 
     def allocate(self, count: int) -> list[int]:
         """``count`` blocks at once (one reference each): the decode path's new blocks of a step."""
         if count > self.num_free:
             raise RuntimeError(f"out of KV blocks: need {count}, {self.num_free} free")
-        return [self._allocate() for _ in range(count)]
+        return self._allocate_many(count)
+
+    def _allocate_many(self, count: int) -> list[int]:
+        free = self._free
+        if len(free) < count:  # some come from evicting cached prefixes, one at a time
+            return [self._allocate() for _ in range(count)]
+        blocks = [free.popleft() for _ in range(count)]
+        refs = self._refs
+        for b in blocks:
+            refs[b] = 1
+        return blocks
 
     def _allocate(self) -> int:
         block = self._free.popleft() if self._free else self.cache.evict()

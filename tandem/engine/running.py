@@ -106,9 +106,10 @@ class RunningState:
         self.block_table[rows, n] = blocks
         self.num_blocks[rows] = n + 1
 
-    def add_block(self, row: int, block: int) -> None:
-        n = int(self.num_blocks[row])
-        if n >= self.block_table.shape[1]:
-            self.block_table = np.pad(self.block_table, ((0, 0), (0, n + 1 - self.block_table.shape[1])))
-        self.block_table[row, n] = block
-        self.num_blocks[row] = n + 1
+    def extend_blocks(self, row: int, blocks: list[int]) -> None:
+        """``blocks`` appended to ``row``'s block table (one slice write: an admitted prompt brings many)."""
+        n, end = int(self.num_blocks[row]), int(self.num_blocks[row]) + len(blocks)
+        if end > self.block_table.shape[1]:
+            self.block_table = np.pad(self.block_table, ((0, 0), (0, end - self.block_table.shape[1])))
+        self.block_table[row, n:end] = blocks
+        self.num_blocks[row] = end

@@ -229,8 +229,8 @@ class Scheduler(DecodePath, SpecPath):
         """More blocks for a running sequence, recorded in its row's block table."""
         held = len(seq.block_ids)
         self.blocks.grow(seq.block_ids, num_tokens)
-        for block in seq.block_ids[held:]:
-            self.state.add_block(seq.row, block)
+        if len(seq.block_ids) > held:
+            self.state.extend_blocks(seq.row, seq.block_ids[held:])
 
     def make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the newest end until ``seq`` fits; False if it cannot run this step."""
