@@ -35,6 +35,7 @@ Plans (the commands of benchmarks/RESULTS.md):
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
 - gemv: the b1 plan with the one-row Triton GEMV off and on (``TANDEM_GEMV=0/1``).
+- admit: the serve_offline runs with the admission ramp off and on (``TANDEM_ADMIT_RAMP=0/1``).
 
 On an H100: checks + offline + long take about 5 minutes, traffic about 5 (V alone ran 104 s per mode),
 serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5; a call runs at
@@ -139,6 +140,10 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                     for v in ("0", "1")]
     # the one-row GEMV (kernels/gemv.py) off and on at batch 1, same call (TANDEM_GEMV)
     named["gemv"] = [Run(f"{r.name}_gemv{v}", r.argv, {"TANDEM_GEMV": v}) for r in named["b1"] for v in ("0", "1")]
+    # the admission ramp (engine/admission.py) off and on, same call (TANDEM_ADMIT_RAMP): the served runs'
+    # offline baseline, whose idle time was the waves of admissions
+    named["admit"] = [Run(f"{r.name}_ramp{v}", r.argv, {"TANDEM_ADMIT_RAMP": v}) for r in named["serve_offline"]
+                      for v in ("0", "1")]
     if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
             run.argv += ["--runs", "1", "--simulated-device", "off"]

@@ -108,3 +108,12 @@ def test_the_serve_plans_with_four_api_processes_and_an_interval_run(tmp_path):
     assert all("errors 0" in line for line in lines)
     log = (tmp_path / "log.txt").read_text()
     assert "--api-server-count 4" in log and "--stream-interval 8" in log
+
+
+def test_the_admit_plan_runs_the_offline_baseline_with_the_ramp_off_and_on():
+    from benchmarks.acceptance_runs import plans
+
+    runs = plans(tiny=False)["admit"]
+    assert [r.name for r in runs] == ["offline_64_ramp0", "offline_64_ramp1", "offline_256_ramp0", "offline_256_ramp1"]
+    assert [r.env for r in runs] == [{"TANDEM_ADMIT_RAMP": v} for v in "0101"]
+    assert runs[0].argv == plans(tiny=False)["serve_offline"][0].argv

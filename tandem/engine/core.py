@@ -38,6 +38,7 @@ import msgspec
 
 from tandem.config import EngineConfig
 from tandem.contract.worker import Worker
+from tandem.engine.admission import ramp_enabled
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.heap import HeapFreezer
@@ -92,7 +93,8 @@ class EngineCore:
             if config.enable_prefix_caching else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
-                                   eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size))
+                                   eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size),
+                                   admission_ramp=ramp_enabled())
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
         self.heap = HeapFreezer()

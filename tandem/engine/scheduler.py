@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tandem.contract.step import Logprobs, StepOutput
+from tandem.engine.admission import AdmissionRamp
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.decode_path import DecodePath
 from tandem.engine.deltas import LogprobEntries, StepDeltas
@@ -52,7 +53,8 @@ class _DeferredRelease:
 
 class Scheduler(DecodePath, SpecPath):
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, rows: RowPool,
-                 eos_token_ids: frozenset[int] = frozenset(), max_blocks_per_seq: int = 0) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), max_blocks_per_seq: int = 0,
+                 admission_ramp: bool = False) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.blocks = blocks
@@ -71,6 +73,7 @@ class Scheduler(DecodePath, SpecPath):
         self.num_preemptions = 0
         self.num_admissions = 0  # since start: sequences that joined the running batch (new or resumed)
         self.spec_stats = SpecStats()
+        self.ramp = AdmissionRamp(admission_ramp)
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -96,7 +99,8 @@ class Scheduler(DecodePath, SpecPath):
             budget = self._schedule_running(out, budget, list(self.running), proposals or {})
         else:
             budget = self._schedule_running(out, budget - len(out), chunked)
-        self._admit_waiting(out, budget)
+        self._admit_waiting(out, budget, self.ramp.limit())
+        self.ramp.planned(len(out), sum(item.num_tokens for item in out.chunks))
         if len(out):
             self._next_step += 1
         return out
@@ -127,8 +131,10 @@ class Scheduler(DecodePath, SpecPath):
             budget -= self._take(out, seq, n)
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int | None = None) -> None:
+        """``limit``: the most sequences to admit (the admission ramp's; None: no cap)."""
+        admitted = 0
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and admitted != limit:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # a preempted sequence's in-flight token has not come back yet
@@ -147,6 +153,7 @@ class Scheduler(DecodePath, SpecPath):
             seq.attach(self.state, row)
             self.running.append(seq)
             self._running_rows = None
+            admitted += 1
             budget -= self._take(out, seq, n, num_cached)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:

@@ -1,0 +1,45 @@
+"""How many waiting sequences one step may admit while the device has work: the admission ramp.
+
+Admitting a sequence costs the host tens to a hundred microseconds (its prefix hashes, blocks, row
+and first chunk). When a batch that started together finishes together (equal lengths: every
+benchmark, and bursts on a server), the next step admits a whole wave at once, and the host plans it
+while the device runs a short decode step: measured on the H100 (1B model, 64 sequences), each such
+wave left the device idle 5-6 ms, which was the run's whole idle time (benchmarks/RESULTS.md).
+
+With the ramp, a step planned after one that carried no prefill admits at most ``FIRST`` sequences;
+after one that did, at most one per ``TOKENS_PER_ADMISSION`` of its prefill tokens (the longer
+device step hides more admissions). The cap follows the schedule alone, never a clock, so the
+same requests are planned the same way with synchronous and asynchronous batching, on any machine.
+A step after an empty one (nothing on the device to hide behind) admits without a cap.
+
+Off by default (``TANDEM_ADMIT_RAMP=1`` turns it on) until the H100 shows the idle time gone
+without a cost in throughput."""
+from __future__ import annotations
+
+import os
+
+FIRST = 8
+TOKENS_PER_ADMISSION = 64
+
+
+def ramp_enabled() -> bool:
+    value = os.environ.get("TANDEM_ADMIT_RAMP", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TANDEM_ADMIT_RAMP must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
+class AdmissionRamp:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._prefill_tokens: int | None = None  # the previous step's (None: it was empty, or none yet)
+
+    def limit(self) -> int | None:
+        """The most sequences this step may admit (None: no cap)."""
+        if not self.enabled or self._prefill_tokens is None:
+            return None
+        return max(FIRST, self._prefill_tokens // TOKENS_PER_ADMISSION)
+
+    def planned(self, num_seqs: int, prefill_tokens: int) -> None:
+        """The step just planned: ``num_seqs`` sequences, ``prefill_tokens`` of them in chunks."""
+        self._prefill_tokens = prefill_tokens if num_seqs else None

@@ -1,0 +1,84 @@
+"""The admission ramp (``TANDEM_ADMIT_RAMP=1``): a wave of waiting sequences joins over several steps
+while the device has work, the cap follows the schedule alone (sync == async), and outputs are
+those of admitting everything at once."""
+import pytest
+
+from differential import compare, make_case, run_case
+from tandem.bench.fake_worker import FakeWorker
+from tandem.config import EngineConfig
+from tandem.engine import admission
+from tandem.engine.admission import AdmissionRamp, ramp_enabled
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.scheduler import Scheduler
+from tandem.sampling_params import SamplingParams
+
+
+def test_the_cap_follows_the_previous_steps_prefill():
+    ramp = AdmissionRamp(enabled=True)
+    assert ramp.limit() is None  # nothing planned yet: nothing on the device to hide behind
+    ramp.planned(num_seqs=40, prefill_tokens=3)  # a decode step
+    assert ramp.limit() == admission.FIRST
+    ramp.planned(num_seqs=40, prefill_tokens=5000)
+    assert ramp.limit() == 5000 // admission.TOKENS_PER_ADMISSION
+    ramp.planned(num_seqs=0, prefill_tokens=0)  # an empty step: the device is idle, no cap
+    assert ramp.limit() is None
+    off = AdmissionRamp(enabled=False)
+    off.planned(num_seqs=40, prefill_tokens=0)
+    assert off.limit() is None
+
+
+def test_the_switch_is_0_or_1(monkeypatch):
+    monkeypatch.setenv("TANDEM_ADMIT_RAMP", "yes")
+    with pytest.raises(ValueError, match="TANDEM_ADMIT_RAMP"):
+        ramp_enabled()
+    monkeypatch.setenv("TANDEM_ADMIT_RAMP", "1")
+    assert ramp_enabled()
+
+
+def _admissions_per_step(monkeypatch, ramp: str) -> list[int]:
+    """A running batch of 4, then a wave of 40 prompts of 64 tokens: new sequences in each step."""
+    monkeypatch.setenv("TANDEM_ADMIT_RAMP", ramp)
+    config = EngineConfig.from_options("random:tiny", max_num_seqs=64, max_num_batched_tokens=4096)
+    engine = LLMEngine(config, FakeWorker(config))
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"early{i}", None, params, prompt_token_ids=[7 + i] * 16)
+    for _ in range(3):
+        engine.step()
+    for i in range(40):
+        engine.add_request(f"wave{i}", None, params, prompt_token_ids=[(11 * i + j) % 200 + 3 for j in range(64)])
+    counts = []
+    while engine.has_unfinished_requests() and len(counts) < 12:
+        before = engine.core.scheduler.num_admissions
+        engine.step()
+        counts.append(engine.core.scheduler.num_admissions - before)
+    return [c for c in counts if c]
+
+
+def test_a_wave_joins_in_a_ramp_while_decodes_run(monkeypatch):
+    assert _admissions_per_step(monkeypatch, "0") == [40]
+    # after a decode step: FIRST; after FIRST prompts of 64 tokens: 8 * 64 // 64 = 8; then 8 again...
+    ramped = _admissions_per_step(monkeypatch, "1")
+    assert ramped[0] == admission.FIRST and sum(ramped) == 40 and len(ramped) > 1
+
+
+@pytest.mark.parametrize("seed", [1203, 1207, 1208, 1209, 1213, 1214])
+def test_with_the_ramp_outputs_equal_those_without_it_in_sync_and_async(seed, monkeypatch):
+    monkeypatch.setattr(admission, "FIRST", 1)  # the cases' small waves are ramped too
+    monkeypatch.setattr(admission, "TOKENS_PER_ADMISSION", 1 << 20)
+    held_back = []  # steps where the cap kept a waiting sequence out that would have had a row
+    admit = Scheduler._admit_waiting
+
+    def spy(self, out, budget, limit=None):
+        held_back.append(limit is not None and len(self.waiting) > limit and len(self.running) + limit < self.max_num_seqs)
+        return admit(self, out, budget, limit)
+
+    monkeypatch.setattr(Scheduler, "_admit_waiting", spy)
+    case = make_case(seed)
+    reference = run_case(case, async_batching=False)
+    monkeypatch.setenv("TANDEM_ADMIT_RAMP", "1")
+    sync, asyn = run_case(case, async_batching=False), run_case(case, async_batching=True)
+    assert any(held_back), "the cases never met the cap"
+    assert not compare(case, sync, asyn), case.describe()  # the cap reads no clock: the same schedule
+    problems = compare(case, reference, sync, names=("no ramp", "ramp"), aborts_may_differ=True)
+    assert not problems, case.describe() + "\n" + "\n".join(problems)
