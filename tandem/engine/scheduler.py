@@ -99,8 +99,8 @@ class Scheduler(DecodePath, SpecPath):
             budget = self._schedule_running(out, budget, list(self.running), proposals or {})
         else:
             budget = self._schedule_running(out, budget - len(out), chunked)
-        self._admit_waiting(out, budget, self.ramp.limit())
-        self.ramp.planned(len(out), sum(item.num_tokens for item in out.chunks))
+        admitted = self._admit_waiting(out, budget, self.ramp.limit())
+        self.ramp.planned(len(out), sum(item.num_tokens for item in out.chunks), admitted)
         if len(out):
             self._next_step += 1
         return out
@@ -131,8 +131,8 @@ class Scheduler(DecodePath, SpecPath):
             budget -= self._take(out, seq, n)
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int | None = None) -> None:
-        """``limit``: the most sequences to admit (the admission ramp's; None: no cap)."""
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int | None = None) -> int:
+        """Admits up to ``limit`` sequences (the admission ramp's; None: no cap); returns how many."""
         admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and admitted != limit:
             seq = self.waiting[0]
@@ -155,6 +155,7 @@ class Scheduler(DecodePath, SpecPath):
             self._running_rows = None
             admitted += 1
             budget -= self._take(out, seq, n, num_cached)
+        return admitted
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks a sequence being admitted may start from: the longest cached chain of its
