@@ -99,9 +99,15 @@ class PrefixCache:
     def register(self, block: int, h: BlockHash) -> None:
         """``block`` holds (or a launched step is writing) the K/V named by ``h``. If another block
         already has that content, the first stays the one found: this one stays private."""
-        if h not in self._block_of and block not in self._hash_of:
-            self._block_of[h] = block
-            self._hash_of[block] = h
+        self.register_many([block], [h])
+
+    def register_many(self, blocks: list[int], hashes: list[BlockHash]) -> None:
+        """``register`` for each pair (one call for the blocks an admitted prompt fills)."""
+        block_of, hash_of = self._block_of, self._hash_of
+        for block, h in zip(blocks, hashes):
+            if h not in block_of and block not in hash_of:
+                block_of[h] = block
+                hash_of[block] = h
 
     def take(self, block: int) -> None:
         """A sequence now references ``block``: it is no longer evictable."""

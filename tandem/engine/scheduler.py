@@ -83,6 +83,8 @@ class Scheduler(DecodePath, SpecPath):
             seq.min_tokens_ban = np.array(sorted(stops), np.int64)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+        if self._looks_up(seq):  # hashed now, not in the step that admits it with a wave of others
+            extend_block_hashes(seq, self.blocks.block_size, (seq.num_tokens - 1) // self.blocks.block_size)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -220,8 +222,7 @@ class Scheduler(DecodePath, SpecPath):
         first, last = start // bs, min(end, seq.prompt_len + len(seq.output_token_ids)) // bs
         if last > first:
             hashes = extend_block_hashes(seq, bs, last)
-            for i in range(first, last):
-                self.cache.register(seq.block_ids[i], hashes[i])
+            self.cache.register_many(seq.block_ids[first:last], hashes[first:last])
             if self.cache.events is not None:  # KV-cache events for routers (engine/kv_events.py)
                 self.cache.publish_stored(seq, hashes, first, last, bs)
             seq.num_registered_blocks = max(seq.num_registered_blocks, last)
