@@ -30,7 +30,9 @@ Plans (the commands of benchmarks/RESULTS.md):
 - serve: the 1B model offline with 64 and 256 sequences in flight (2,048 and 4,096 requests), then
   served to 64 and 256 streaming clients with the same requests (two runs each, >= 30 s each).
 - serve_api4, serve_si8: the served runs (one each) against a server with ``--api-server-count 4``, or
-  with ``--stream-interval 8``; serve_offline: the serve plan's offline runs alone, their baseline.
+  with ``--stream-interval 8``; serve_api4_ramp: as serve_api4 with the admission ramp
+  (``TANDEM_ADMIT_RAMP=1`` in the server); serve_offline: the serve plan's offline runs alone, their
+  baseline.
 - seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
@@ -121,7 +123,7 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
         # tokens (SERVER_OPTIONS), without the offline runs
         **{name: [Run(f"{r.name}_{name.removeprefix('serve_')}", r.argv, r.env, r.kind)
                   for r in _serve_plan(one_b, n, ln) if r.kind == "serve" and r.name.endswith("_a")]
-           for name in ("serve_api4", "serve_si8")},
+           for name in ("serve_api4", "serve_si8", "serve_api4_ramp")},
         # their baseline on the same card: the offline runs alone
         "serve_offline": [r for r in _serve_plan(one_b, n, ln) if r.kind == "bench"],
         # issue 28's table, the rows no plan above measures: the seed experiment (bf16, then FP8 KV, then
@@ -181,7 +183,10 @@ def _serve_plan(model: str, n, ln) -> list[Run]:
 
 # a plan's server options beyond _server_argv's: several API processes split tokenizing, detokenizing and
 # streaming, which one process cannot keep up with at 256 streams of the 1B model; or fewer, larger events
-SERVER_OPTIONS = {"serve_api4": ["--api-server-count", "4"], "serve_si8": ["--stream-interval", "8"]}
+SERVER_OPTIONS = {"serve_api4": ["--api-server-count", "4"], "serve_si8": ["--stream-interval", "8"],
+                  "serve_api4_ramp": ["--api-server-count", "4"]}
+# a plan's server environment beyond this process's: the admission ramp (engine/admission.py)
+SERVER_ENV = {"serve_api4_ramp": {"TANDEM_ADMIT_RAMP": "1"}}
 
 
 def _server_argv(tiny: bool, port: int, plan: str = "serve") -> list[str]:
@@ -192,11 +197,13 @@ def _server_argv(tiny: bool, port: int, plan: str = "serve") -> list[str]:
 class Server:
     """``tandem serve`` in the background for the serve plan's clients."""
 
-    def __init__(self, argv: list[str], port: int, log) -> None:
+    def __init__(self, argv: list[str], port: int, log, env: dict[str, str] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        log.write(f"### {' '.join(argv)} (background)\n")
+        named = "".join(f"{k}={v} " for k, v in (env or {}).items())
+        log.write(f"### {named}{' '.join(argv)} (background)\n")
         log.flush()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -304,7 +311,7 @@ def run_plan(runs: list[Run], args: argparse.Namespace, log, start: float, plan:
     server = None
     try:
         if time.monotonic() - start < args.deadline_s:
-            server = Server(_server_argv(args.tiny, args.port, plan), args.port, log)
+            server = Server(_server_argv(args.tiny, args.port, plan), args.port, log, SERVER_ENV.get(plan))
             if not server.wait_ready(600):
                 log.write("the server did not become ready\n")
                 server.stop()

@@ -97,17 +97,18 @@ def test_the_seed_batch_one_chat_and_gemv_plans_run(tmp_path):
     assert log.count("### TANDEM_GEMV=1 ") == 2 and log.count("### TANDEM_GEMV=0 ") == 2
 
 
-def test_the_serve_plans_with_four_api_processes_and_an_interval_run(tmp_path):
-    done = _run(tmp_path, "--plans", "serve_offline,serve_api4,serve_si8")
+def test_the_serve_plans_with_four_api_processes_an_interval_run_and_the_ramp(tmp_path):
+    done = _run(tmp_path, "--plans", "serve_offline,serve_api4,serve_si8,serve_api4_ramp")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    served = [f"serve_{c}_a_{plan}" for plan in ("api4", "si8") for c in (64, 256)]
+    served = [f"serve_{c}_a_{plan}" for plan in ("api4", "si8", "api4_ramp") for c in (64, 256)]
     assert names == ["offline_64", "offline_256"] + served
     assert all((tmp_path / f"{name}.json").is_file() for name in served)  # one file each, none overwritten
     lines = done.stdout.splitlines()[2:]
     assert all("errors 0" in line for line in lines)
     log = (tmp_path / "log.txt").read_text()
     assert "--api-server-count 4" in log and "--stream-interval 8" in log
+    assert log.count("### TANDEM_ADMIT_RAMP=1 ") == 1  # the ramp plan's server, and only its
 
 
 def test_the_admit_plan_runs_the_offline_baseline_with_the_ramp_off_and_on():
