@@ -1,6 +1,6 @@
 """The admission ramp (``TANDEM_ADMIT_RAMP=1``): a wave of waiting sequences joins over several steps
-while the device has work, the cap follows the schedule alone (sync == async), and outputs are
-those of admitting everything at once."""
+while the device has work, and outputs are those of admitting everything at once, in sync and in
+async batching."""
 import pytest
 
 from differential import compare, make_case, run_case
@@ -15,18 +15,18 @@ from tandem.sampling_params import SamplingParams
 
 def test_the_cap_follows_the_previous_steps_prefill():
     ramp = AdmissionRamp(enabled=True)
-    assert ramp.limit() is None  # nothing planned yet: nothing on the device to hide behind
+    assert ramp.limit(num_running=0) is None  # nothing on the device to hide behind
     ramp.planned(num_seqs=40, prefill_tokens=3, admitted=0)  # a decode step
-    assert ramp.limit() == admission.FIRST
+    assert ramp.limit(num_running=40) == admission.FIRST
     ramp.planned(num_seqs=40, prefill_tokens=5000, admitted=2)
-    assert ramp.limit() == 5000 // admission.TOKENS_PER_ADMISSION
+    assert ramp.limit(num_running=40) == 5000 // admission.TOKENS_PER_ADMISSION
     ramp.planned(num_seqs=40, prefill_tokens=160, admitted=10)  # short prompts: the count doubles
-    assert ramp.limit() == 20
-    ramp.planned(num_seqs=0, prefill_tokens=0, admitted=0)  # an empty step: the device is idle, no cap
-    assert ramp.limit() is None
+    assert ramp.limit(num_running=40) == 20
+    ramp.planned(num_seqs=0, prefill_tokens=0, admitted=0)  # an empty step changes nothing
+    assert ramp.limit(num_running=40) == 20 and ramp.limit(num_running=0) is None
     off = AdmissionRamp(enabled=False)
     off.planned(num_seqs=40, prefill_tokens=0, admitted=0)
-    assert off.limit() is None
+    assert off.limit(num_running=40) is None
 
 
 def test_the_switch_is_0_or_1(monkeypatch):
@@ -80,6 +80,6 @@ def test_with_the_ramp_outputs_equal_those_without_it_in_sync_and_async(seed, mo
     monkeypatch.setenv("TANDEM_ADMIT_RAMP", "1")
     sync, asyn = run_case(case, async_batching=False), run_case(case, async_batching=True)
     assert any(held_back), "the cases never met the cap"
-    assert not compare(case, sync, asyn), case.describe()  # the cap reads no clock: the same schedule
+    assert not compare(case, sync, asyn), case.describe()
     problems = compare(case, reference, sync, names=("no ramp", "ramp"), aborts_may_differ=True)
     assert not problems, case.describe() + "\n" + "\n".join(problems)

@@ -9,9 +9,9 @@ wave left the device idle 5-6 ms, which was the run's whole idle time (benchmark
 With the ramp, a step planned after one that carried no prefill admits at most ``FIRST`` sequences;
 after one that did, at most one per ``TOKENS_PER_ADMISSION`` of its prefill tokens (the longer
 device step hides more admissions), or twice the previous step's admissions if that is more (short
-prompts make short steps, but a burst of them still joins in a few steps). The cap follows the schedule alone, never a clock, so the
-same requests are planned the same way with synchronous and asynchronous batching, on any machine.
-A step after an empty one (nothing on the device to hide behind) admits without a cap.
+prompts make short steps, but a burst of them still joins in a few steps). With no sequence running
+there is nothing on the device to hide behind: no cap. The cap follows the schedule alone, never a
+clock, so a run is planned the same way on any machine.
 
 Off by default (``TANDEM_ADMIT_RAMP=1`` turns it on) until the H100 shows the idle time gone
 without a cost in throughput."""
@@ -33,17 +33,17 @@ def ramp_enabled() -> bool:
 class AdmissionRamp:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._prefill_tokens: int | None = None  # the previous step's (None: it was empty, or none yet)
-        self._admitted = 0  # the previous step's admissions
+        self._prefill_tokens = 0  # of the last step that had any sequence
+        self._admitted = 0  # by that step
 
-    def limit(self) -> int | None:
-        """The most sequences this step may admit (None: no cap)."""
-        if not self.enabled or self._prefill_tokens is None:
+    def limit(self, num_running: int) -> int | None:
+        """The most sequences this step may admit while ``num_running`` run (None: no cap)."""
+        if not self.enabled or num_running == 0:
             return None
         return max(FIRST, self._prefill_tokens // TOKENS_PER_ADMISSION, 2 * self._admitted)
 
     def planned(self, num_seqs: int, prefill_tokens: int, admitted: int) -> None:
         """The step just planned: ``num_seqs`` sequences, ``prefill_tokens`` tokens in chunks (not
-        the decode block), ``admitted`` sequences admitted."""
-        self._prefill_tokens = prefill_tokens if num_seqs else None
-        self._admitted = admitted
+        the decode block), ``admitted`` sequences admitted. An empty one changes nothing."""
+        if num_seqs:
+            self._prefill_tokens, self._admitted = prefill_tokens, admitted
