@@ -32,7 +32,8 @@ Plans (the commands of benchmarks/RESULTS.md):
 - serve_api4, serve_si8: the served runs (one each) against a server with ``--api-server-count 4``, or
   with ``--stream-interval 8``; serve_api4_ramp: as serve_api4 with the admission ramp
   (``TANDEM_ADMIT_RAMP=1`` in the server); serve_offline: the serve plan's offline runs alone, their
-  baseline.
+  baseline. Each served plan's server writes ``<plan>_server_steps.json`` when it stops
+  (``TANDEM_STEP_LOG``: its idle time and longest gaps between steps, with the host's phases).
 - seed: the 8B model at 32 x (256 + 8192), async: bf16, FP8 KV, FP8 KV and FP8 weights.
 - b1: batch 1 at 256 + 1024, async: the 1B and the 8B model.
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
@@ -311,7 +312,8 @@ def run_plan(runs: list[Run], args: argparse.Namespace, log, start: float, plan:
     server = None
     try:
         if time.monotonic() - start < args.deadline_s:
-            server = Server(_server_argv(args.tiny, args.port, plan), args.port, log, SERVER_ENV.get(plan))
+            env = {**SERVER_ENV.get(plan, {}), "TANDEM_STEP_LOG": str(args.out_dir / f"{plan}_server_steps.json")}
+            server = Server(_server_argv(args.tiny, args.port, plan), args.port, log, env)
             if not server.wait_ready(600):
                 log.write("the server did not become ready\n")
                 server.stop()

@@ -2,6 +2,7 @@
 plans run in their ``--tiny`` shape on the CPU, a real server included, and its table is checked."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -108,7 +109,9 @@ def test_the_serve_plans_with_four_api_processes_an_interval_run_and_the_ramp(tm
     assert all("errors 0" in line for line in lines)
     log = (tmp_path / "log.txt").read_text()
     assert "--api-server-count 4" in log and "--stream-interval 8" in log
-    assert log.count("### TANDEM_ADMIT_RAMP=1 ") == 1  # the ramp plan's server, and only its
+    assert log.count("TANDEM_ADMIT_RAMP=1 ") == 1  # the ramp plan's server, and only its
+    for plan in ("serve_api4", "serve_si8", "serve_api4_ramp"):  # each server's step gaps, written as it stopped
+        assert json.loads((tmp_path / f"{plan}_server_steps.json").read_text())["steps"] > 0
 
 
 def test_the_admit_plan_runs_the_offline_baseline_with_the_ramp_off_and_on():

@@ -33,6 +33,7 @@ from tandem.server import fault_injection
 from tandem.server.liveness import CoreStamps
 from tandem.server.messages import (AddRequests, Failed, FinishRequests, InputMessage, Ready, Shutdown, Stats,
                                     StepUpdate, input_decoder, output_encoder)
+from tandem.server.step_gaps import StepGapLog
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ def _serve(core: EngineCore, inp: zmq.Socket, out: Fanout, parent_pid: int, stam
         log.exception("engine core loop failed")
         out.send(output_encoder().encode(Failed(_loop_failure(exc), during_startup=False)))
         return 1
+    if loop.gaps is not None:
+        try:
+            loop.gaps.write()  # while the worker still runs: its timing drains it
+        except Exception:  # noqa: BLE001 - a diagnostic: shutting down anyway
+            log.exception("writing TANDEM_STEP_LOG failed")
     try:
         core.abort_all()
         core.shutdown()
@@ -176,6 +182,7 @@ class CoreLoop:
         self.next_parent_check = 0.0
         self.idle_reported = True
         core.observers.append(self)
+        self.gaps = StepGapLog.from_env(core)  # TANDEM_STEP_LOG: where the device's idle time goes
 
     def run(self) -> None:
         """Returns on a Shutdown message; exits the process if the parent is gone."""
@@ -231,6 +238,8 @@ class CoreLoop:
         """Once per idle period: the gauges at rest (nothing running, KV blocks free)."""
         if not self.idle_reported or self.rejected or self.errors:
             self.core.worker.pause_device_clock()  # waiting for requests is not the device's idling
+            if self.gaps is not None:
+                self.gaps.core_idle()
             self._send(StepDeltas(), self._stats())
             self.idle_reported = True
 

@@ -1,0 +1,65 @@
+"""``TANDEM_STEP_LOG=PATH``: where a served run's device idle time goes.
+
+The engine core then records every step (the host's phases, as ``tandem bench`` does, and the
+device's interval) and, when the server shuts down, writes JSON to PATH: the device's busy and idle
+seconds while the core had work, and the longest gaps between steps with what the host did around
+each (``bench.metrics.largest_gaps``). Gaps across a stretch where the core had no request at all
+are left out: the device waiting for traffic is not the loop's cost. The record grows with every
+step: for diagnosing a benchmark run, not for a long-running server."""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import time
+from pathlib import Path
+
+from tandem.bench.metrics import largest_gaps
+from tandem.bench.step_log import StepLog
+from tandem.contract.worker import StepInterval
+from tandem.engine.core import EngineCore
+
+NUM_GAPS = 10
+
+
+class StepGapLog:
+    def __init__(self, core: EngineCore, path: Path) -> None:
+        self.core, self.path = core, path
+        self.log = StepLog()
+        self.idle_marks: list[float] = []  # when the core found itself without work
+        core.observers.append(self.log)
+        core.worker.start_timing()
+
+    @staticmethod
+    def from_env(core: EngineCore) -> StepGapLog | None:
+        path = os.environ.get("TANDEM_STEP_LOG")
+        return StepGapLog(core, Path(path)) if path else None
+
+    def core_idle(self) -> None:
+        self.idle_marks.append(time.perf_counter())
+
+    def write(self) -> None:
+        """The summary (call once, after the last step was collected)."""
+        segments = self._working_segments(sorted(self.core.worker.stop_timing(), key=lambda i: i.start))
+        busy = sum(i.end - i.start for seg in segments for i in seg)
+        idle = sum(max(0.0, b.start - a.end) for seg in segments for a, b in zip(seg, seg[1:]))
+        gaps = [g for seg in segments for g in largest_gaps(seg, self.log.by_id, NUM_GAPS)]
+        summary = {"steps": sum(len(seg) for seg in segments), "busy_s": busy, "idle_s": idle,
+                   "idle_fraction": idle / (busy + idle) if busy + idle > 0 else None,
+                   "largest_gaps": sorted(gaps, key=lambda g: -g["gap_ms"])[:NUM_GAPS]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=1))
+
+    def _working_segments(self, spans: list[StepInterval]) -> list[list[StepInterval]]:
+        """``spans`` cut wherever the core was without work between two steps."""
+        segments: list[list[StepInterval]] = []
+        for span in spans:
+            if segments and not self._idle_between(segments[-1][-1].end, span.start):
+                segments[-1].append(span)
+            else:
+                segments.append([span])
+        return segments
+
+    def _idle_between(self, start: float, end: float) -> bool:
+        k = bisect.bisect_right(self.idle_marks, start)
+        return k < len(self.idle_marks) and self.idle_marks[k] < end
