@@ -65,3 +65,13 @@ def test_a_server_writes_its_step_gaps_on_shutdown(tmp_path, monkeypatch):
     # the stretches without a request (1.5 s between the bursts; between sequential requests) are not in it
     assert all(g["gap_ms"] < 1000 for g in out["largest_gaps"])
     assert any(g["host_ms"] and "schedule_after" in g["host_ms"] for g in out["largest_gaps"])
+
+
+def test_under_data_parallelism_each_core_names_its_own_file(tmp_path, monkeypatch):
+    core = SimpleNamespace(observers=[], worker=_Worker([]))
+    monkeypatch.setenv("TANDEM_STEP_LOG", str(tmp_path / "gaps.json"))
+    assert StepGapLog.from_env(core).path == tmp_path / "gaps.json"
+    monkeypatch.setenv("TANDEM_DATA_PARALLEL_RANK", "3")
+    assert StepGapLog.from_env(core).path == tmp_path / "gaps.rank3.json"
+    monkeypatch.delenv("TANDEM_STEP_LOG")
+    assert StepGapLog.from_env(core) is None

@@ -5,7 +5,8 @@ device's interval) and, when the server shuts down, writes JSON to PATH: the dev
 seconds while the core had work, and the longest gaps between steps with what the host did around
 each (``bench.metrics.largest_gaps``). Gaps across a stretch where the core had no request at all
 are left out: the device waiting for traffic is not the loop's cost. The record grows with every
-step: for diagnosing a benchmark run, not for a long-running server."""
+step: for diagnosing a benchmark run, not for a long-running server. Under data parallelism each
+engine core writes its own file (``from_env``)."""
 from __future__ import annotations
 
 import bisect
@@ -18,6 +19,7 @@ from tandem.bench.metrics import largest_gaps
 from tandem.bench.step_log import StepLog
 from tandem.contract.worker import StepInterval
 from tandem.engine.core import EngineCore
+from tandem.engine.kv_events import DP_RANK_ENV
 
 NUM_GAPS = 10
 
@@ -32,8 +34,15 @@ class StepGapLog:
 
     @staticmethod
     def from_env(core: EngineCore) -> StepGapLog | None:
+        """From ``TANDEM_STEP_LOG``; under data parallelism core r writes PATH's name with ``.rank<r>``
+        before its suffix."""
         path = os.environ.get("TANDEM_STEP_LOG")
-        return StepGapLog(core, Path(path)) if path else None
+        if not path:
+            return None
+        target, rank = Path(path), os.environ.get(DP_RANK_ENV)
+        if rank is not None:
+            target = target.with_name(f"{target.stem}.rank{rank}{target.suffix}")
+        return StepGapLog(core, target)
 
     def core_idle(self) -> None:
         self.idle_marks.append(time.perf_counter())
