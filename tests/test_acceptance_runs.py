@@ -121,3 +121,11 @@ def test_the_admit_plan_runs_the_offline_baseline_with_the_ramp_off_and_on():
     assert [r.name for r in runs] == ["offline_64_ramp0", "offline_64_ramp1", "offline_256_ramp0", "offline_256_ramp1"]
     assert [r.env for r in runs] == [{"TANDEM_ADMIT_RAMP": v} for v in "0101"]
     assert runs[0].argv == plans(tiny=False)["serve_offline"][0].argv
+
+
+def test_the_graphs_plan_runs_the_offline_baseline_with_larger_piecewise_graphs_and_the_ramp():
+    from benchmarks.acceptance_runs import plans
+
+    runs = plans(tiny=False)["graphs"]
+    assert [r.name for r in runs[:3]] == ["offline_64_pw512_ramp0", "offline_64_pw8192_ramp0", "offline_64_pw8192_ramp1"]
+    assert len(runs) == 6 and runs[2].env == {"TANDEM_PIECEWISE_MAX_TOKENS": "8192", "TANDEM_ADMIT_RAMP": "1"}

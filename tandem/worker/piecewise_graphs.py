@@ -15,6 +15,7 @@ model that offers its forward in those pieces (``LayeredCausalLM``) is captured 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,20 @@ from tandem.worker.model_runner import Forwarded, ModelRunner, StepTensors
 logger = logging.getLogger(__name__)
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+# past 512 tokens, each about 1.4x the one before (a step pads at most that much)
+LARGE_BUCKETS = (768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+def token_buckets() -> tuple[int, ...]:
+    """The token counts captured: up to ``TANDEM_PIECEWISE_MAX_TOKENS`` (default 512; 1024, 2048,
+    4096 or 8192 add the larger buckets up to it). Mixed steps of thousands of tokens otherwise run
+    eagerly, and on the H100 a 1B model's eager 8K-token step took 11-13 ms of launches
+    (benchmarks/RESULTS.md); off until measured end to end."""
+    value = os.environ.get("TANDEM_PIECEWISE_MAX_TOKENS", "512")
+    choices = ("512", "1024", "2048", "4096", "8192")
+    if value not in choices:
+        raise ValueError(f"TANDEM_PIECEWISE_MAX_TOKENS must be one of {', '.join(choices)}, not {value!r}")
+    return TOKEN_BUCKETS + tuple(t for t in LARGE_BUCKETS if t <= int(value))
 
 
 @dataclass
@@ -49,7 +64,7 @@ class PiecewiseGraphs:
         self.specs = self.model.kv_spec.layers
         self.pool = pool
         self.buckets: dict[int, _Bucket] = {}
-        self.sizes = tuple(t for t in TOKEN_BUCKETS if t <= max_tokens)
+        self.sizes = tuple(t for t in token_buckets() if t <= max_tokens)
 
     @staticmethod
     def applies(model: CausalLM, device: torch.device) -> bool:

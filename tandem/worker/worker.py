@@ -29,7 +29,7 @@ from tandem.worker.grammar_mask import pin_host_memory
 from tandem.worker.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_dtype
 from tandem.worker.memory import profile_activations
 from tandem.worker.model_runner import ModelRunner
-from tandem.worker.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs
+from tandem.worker.piecewise_graphs import PiecewiseGraphs, token_buckets
 from tandem.worker.warm_up import warm_up_kernels
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class DeviceWorker:
         reserved = 0
         if self.device.type == "cuda":
             graph_blocks = -(-max_positions // c.block_size) if self._wants_graphs() else None
-            piecewise_tokens = min(c.max_num_batched_tokens, TOKEN_BUCKETS[-1]) if graph_blocks else 0
+            piecewise_tokens = min(c.max_num_batched_tokens, token_buckets()[-1]) if graph_blocks else 0
             peaks = profile_activations(self.model, self.startup, c.max_num_batched_tokens, c.max_num_seqs,
                                         max_positions, c.block_size, graph_blocks, piecewise_tokens)
             rows = ModelRunner.state_bytes(self.num_rows + 1, max_positions,  # allocated after the cache
