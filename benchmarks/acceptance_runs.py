@@ -39,8 +39,9 @@ Plans (the commands of benchmarks/RESULTS.md):
 - chat: 1,000 requests x (16:512 + 16:400) at temperature 0.8, async: the 1B and the 8B model.
 - gemv: the b1 plan with the one-row Triton GEMV off and on (``TANDEM_GEMV=0/1``).
 - admit: the serve_offline runs with the admission ramp off and on (``TANDEM_ADMIT_RAMP=0/1``).
-- graphs: the serve_offline runs with piecewise graphs up to 512 tokens (the default), up to 8,192
-  (``TANDEM_PIECEWISE_MAX_TOKENS``), and up to 8,192 with the admission ramp.
+- graphs: the serve_offline runs with piecewise graphs up to 512 tokens (the default), 2,048 and
+  8,192 (``TANDEM_PIECEWISE_MAX_TOKENS``: a padded bucket costs compute, an eager step launches),
+  and up to 2,048 with the admission ramp.
 
 On an H100: checks + offline + long take about 5 minutes, traffic about 5 (V alone ran 104 s per mode),
 serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5; a call runs at
@@ -152,7 +153,8 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
     # mixed steps past 512 tokens through piecewise graphs (TANDEM_PIECEWISE_MAX_TOKENS), alone and with the ramp
     named["graphs"] = [Run(f"{r.name}_pw{top}_ramp{ramp}", r.argv,
                            {"TANDEM_PIECEWISE_MAX_TOKENS": top, "TANDEM_ADMIT_RAMP": ramp})
-                       for r in named["serve_offline"] for top, ramp in (("512", "0"), ("8192", "0"), ("8192", "1"))]
+                       for r in named["serve_offline"]
+                       for top, ramp in (("512", "0"), ("2048", "0"), ("8192", "0"), ("2048", "1"))]
     if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
             run.argv += ["--runs", "1", "--simulated-device", "off"]

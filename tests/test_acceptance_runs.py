@@ -127,5 +127,6 @@ def test_the_graphs_plan_runs_the_offline_baseline_with_larger_piecewise_graphs_
     from benchmarks.acceptance_runs import plans
 
     runs = plans(tiny=False)["graphs"]
-    assert [r.name for r in runs[:3]] == ["offline_64_pw512_ramp0", "offline_64_pw8192_ramp0", "offline_64_pw8192_ramp1"]
-    assert len(runs) == 6 and runs[2].env == {"TANDEM_PIECEWISE_MAX_TOKENS": "8192", "TANDEM_ADMIT_RAMP": "1"}
+    assert [r.name for r in runs[:4]] == ["offline_64_pw512_ramp0", "offline_64_pw2048_ramp0",
+                                          "offline_64_pw8192_ramp0", "offline_64_pw2048_ramp1"]
+    assert len(runs) == 8 and runs[3].env == {"TANDEM_PIECEWISE_MAX_TOKENS": "2048", "TANDEM_ADMIT_RAMP": "1"}
