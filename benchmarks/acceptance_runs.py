@@ -44,7 +44,8 @@ Plans (the commands of benchmarks/RESULTS.md):
   and up to 2,048 with the admission ramp.
 
 On an H100: checks + offline + long take about 5 minutes, traffic about 5 (V alone ran 104 s per mode),
-serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5; a call runs at
+serve about 5 (2026-12-06: 302 s with the agreement check), moe about 3, seed about 5, serve_offline
+about 2 (2026-12-07: two 30-s runs), so admit about 4 and graphs about 8; a call runs at
 most 10 minutes, so give each its own or set ``--deadline-s``.
 """
 from __future__ import annotations
