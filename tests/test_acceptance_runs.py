@@ -98,20 +98,31 @@ def test_the_seed_batch_one_chat_and_gemv_plans_run(tmp_path):
     assert log.count("### TANDEM_GEMV=1 ") == 2 and log.count("### TANDEM_GEMV=0 ") == 2
 
 
-def test_the_serve_plans_with_four_api_processes_an_interval_run_and_the_ramp(tmp_path):
-    done = _run(tmp_path, "--plans", "serve_offline,serve_api4,serve_si8,serve_api4_ramp")
+def test_the_serve_plans_with_an_interval_run_and_four_api_processes_with_the_ramp(tmp_path):
+    done = _run(tmp_path, "--plans", "serve_si8,serve_api4_ramp")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    served = [f"serve_{c}_a_{plan}" for plan in ("api4", "si8", "api4_ramp") for c in (64, 256)]
-    assert names == ["offline_64", "offline_256"] + served
+    served = [f"serve_{c}_a_{plan}" for plan in ("si8", "api4_ramp") for c in (64, 256)]
+    assert names == served
     assert all((tmp_path / f"{name}.json").is_file() for name in served)  # one file each, none overwritten
-    lines = done.stdout.splitlines()[2:]
-    assert all("errors 0" in line for line in lines)
+    assert all("errors 0" in line for line in done.stdout.splitlines())
     log = (tmp_path / "log.txt").read_text()
     assert "--api-server-count 4" in log and "--stream-interval 8" in log
     assert log.count("TANDEM_ADMIT_RAMP=1 ") == 1  # the ramp plan's server, and only its
-    for plan in ("serve_api4", "serve_si8", "serve_api4_ramp"):  # each server's step gaps, written as it stopped
+    for plan in ("serve_si8", "serve_api4_ramp"):  # each server's step gaps, written as it stopped
         assert json.loads((tmp_path / f"{plan}_server_steps.json").read_text())["steps"] > 0
+
+
+def test_the_served_variants_share_the_serve_plans_runs_and_its_offline_baseline():
+    from benchmarks.acceptance_runs import SERVER_OPTIONS, plans
+
+    table = plans(tiny=False)
+    assert [r.name for r in table["serve_offline"]] == ["offline_64", "offline_256"]
+    assert all(r.kind == "bench" for r in table["serve_offline"])
+    for plan in ("serve_api4", "serve_si8", "serve_api4_ramp"):
+        assert [r.name for r in table[plan]] == [f"serve_64_a_{plan[6:]}", f"serve_256_a_{plan[6:]}"]
+        assert [r.argv for r in table[plan]] == [r.argv for r in table["serve"] if r.name.endswith("_a")]
+    assert SERVER_OPTIONS["serve_api4"] == SERVER_OPTIONS["serve_api4_ramp"] == ["--api-server-count", "4"]
 
 
 def test_the_admit_plan_runs_the_offline_baseline_with_the_ramp_off_and_on():
