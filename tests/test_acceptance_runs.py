@@ -87,15 +87,34 @@ def test_the_spec_and_quant_plans_run(tmp_path):
     assert "--repeat-span 16" in log and "--quantization int4" in log and "--quantization fp8" in log
 
 
-def test_the_seed_batch_one_chat_and_gemv_plans_run(tmp_path):
-    done = _run(tmp_path, "--plans", "seed,b1,chat,gemv")
+def test_the_seed_batch_one_and_chat_plans_run(tmp_path):
+    done = _run(tmp_path, "--plans", "seed,b1,chat")
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
-    assert names == ["seed", "seed_kv_fp8", "seed_kv_fp8_w_fp8", "b1_1b", "b1_8b", "chat_1b", "chat_8b",
-                     "b1_1b_gemv0", "b1_1b_gemv1", "b1_8b_gemv0", "b1_8b_gemv1"]
+    assert names == ["seed", "seed_kv_fp8", "seed_kv_fp8_w_fp8", "b1_1b", "b1_8b", "chat_1b", "chat_8b"]
     log = (tmp_path / "log.txt").read_text()
     assert log.count("--kv-cache-dtype fp8") == 2 and "--temperature 0.8" in log and "--prompt-len 16:16" in log
-    assert log.count("### TANDEM_GEMV=1 ") == 2 and log.count("### TANDEM_GEMV=0 ") == 2
+
+
+def test_the_gemv_plan_is_the_batch_one_plan_with_the_gemv_off_and_on():
+    from benchmarks.acceptance_runs import plans
+
+    table = plans(tiny=True)
+    runs = table["gemv"]
+    assert [r.name for r in runs] == ["b1_1b_gemv0", "b1_1b_gemv1", "b1_8b_gemv0", "b1_8b_gemv1"]
+    assert [r.env for r in runs] == [{"TANDEM_GEMV": v} for v in "0101"]
+    assert [r.argv for r in runs[::2]] == [r.argv for r in table["b1"]]
+
+
+def test_a_runs_environment_reaches_it_and_is_logged_with_its_command(tmp_path):
+    from benchmarks.acceptance_runs import Run, execute
+
+    probe = Run("probe", [sys.executable, "-c", "import os; print('seen', os.environ['TANDEM_GEMV'])"],
+                {"TANDEM_GEMV": "1"}, "check")
+    with open(tmp_path / "log.txt", "w") as log:
+        assert execute(probe, tmp_path, log, None) == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert text.startswith(f"### TANDEM_GEMV=1 {sys.executable} -c") and "seen 1" in text
 
 
 def test_the_serve_plans_with_an_interval_run_and_four_api_processes_with_the_ramp(tmp_path):
