@@ -1,6 +1,8 @@
 """The admission ramp (``TANDEM_ADMIT_RAMP=1``): a wave of waiting sequences joins over several steps
 while the device has work, and outputs are those of admitting everything at once, in sync and in
 async batching."""
+from types import SimpleNamespace
+
 import pytest
 
 from differential import compare, make_case, run_case
@@ -13,19 +15,25 @@ from tandem.engine.scheduler import Scheduler
 from tandem.sampling_params import SamplingParams
 
 
+class _Planned(list):
+    def __init__(self, num_decodes: int, prompt_chunks: list[int]) -> None:
+        super().__init__(range(num_decodes + len(prompt_chunks)))
+        self.chunks = [SimpleNamespace(num_tokens=n) for n in prompt_chunks]
+
+
 def test_the_cap_follows_the_previous_steps_prefill():
     ramp = AdmissionRamp(enabled=True)
     assert ramp.limit(num_running=0) is None  # nothing on the device to hide behind
-    ramp.planned(num_seqs=40, prefill_tokens=3, admitted=0)  # a decode step
+    ramp.planned(_Planned(40, []), admitted=0)  # a decode step
     assert ramp.limit(num_running=40) == admission.FIRST
-    ramp.planned(num_seqs=40, prefill_tokens=5000, admitted=2)
+    ramp.planned(_Planned(38, [2500, 2500]), admitted=2)
     assert ramp.limit(num_running=40) == 5000 // admission.TOKENS_PER_ADMISSION
-    ramp.planned(num_seqs=40, prefill_tokens=160, admitted=10)  # short prompts: the count doubles
+    ramp.planned(_Planned(30, [16] * 10), admitted=10)  # short prompts: the count doubles
     assert ramp.limit(num_running=40) == 20
-    ramp.planned(num_seqs=0, prefill_tokens=0, admitted=0)  # an empty step changes nothing
+    ramp.planned(_Planned(0, []), admitted=0)  # an empty step changes nothing
     assert ramp.limit(num_running=40) == 20 and ramp.limit(num_running=0) is None
     off = AdmissionRamp(enabled=False)
-    off.planned(num_seqs=40, prefill_tokens=0, admitted=0)
+    off.planned(_Planned(40, []), admitted=0)
     assert off.limit(num_running=40) is None
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from tandem.engine.plan import SchedulerOutput
+
 FIRST = 8
 TOKENS_PER_ADMISSION = 64
 
@@ -42,8 +44,9 @@ class AdmissionRamp:
             return None
         return max(FIRST, self._prefill_tokens // TOKENS_PER_ADMISSION, 2 * self._admitted)
 
-    def planned(self, num_seqs: int, prefill_tokens: int, admitted: int) -> None:
-        """The step just planned: ``num_seqs`` sequences, ``prefill_tokens`` tokens in chunks (not
-        the decode block), ``admitted`` sequences admitted. An empty one changes nothing."""
-        if num_seqs:
-            self._prefill_tokens, self._admitted = prefill_tokens, admitted
+    def planned(self, out: SchedulerOutput, admitted: int) -> None:
+        """The step just planned, ``admitted`` of its sequences new; an empty one changes nothing.
+        Its chunks' tokens are counted only with the ramp on: the step loop pays nothing otherwise."""
+        if self.enabled and len(out):
+            self._prefill_tokens = sum(item.num_tokens for item in out.chunks)  # not the decode block
+            self._admitted = admitted

@@ -102,7 +102,7 @@ class Scheduler(DecodePath, SpecPath):
         else:
             budget = self._schedule_running(out, budget - len(out), chunked)
         admitted = self._admit_waiting(out, budget, self.ramp.limit(len(self.running)))
-        self.ramp.planned(len(out), sum(item.num_tokens for item in out.chunks), admitted)
+        self.ramp.planned(out, admitted)
         if len(out):
             self._next_step += 1
         return out
