@@ -105,8 +105,7 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
     config = EngineConfig.from_options("random:tiny", max_num_seqs=4, max_model_len=64)
     engine = LLMEngine(config, FakeWorker(config))
     heap = engine.core.heap
-    heap.cleanup_after = 10**9  # far more than this test freezes: idle, the engine leaves it frozen
-    heap.admissions_per_count = 1  # count at every idle moment
+    heap.cleanup_after_blocks = 10**9  # far more than this test grows the heap: idle, the engine leaves it frozen
     engine.add_request("r", "a prompt", SamplingParams(max_tokens=3))
     node = Node()
     node.self = node  # a cycle, frozen with the admission below
@@ -119,10 +118,28 @@ def test_an_idle_engine_collects_cycles_that_were_frozen():
     while engine.has_unfinished_requests():
         engine.step()
     assert heap.cleanups == cleanups and gone() is not None
-    heap.cleanup_after = -(10**9)  # whatever the count: clean up
-    heap.admitted()  # an admission since the last count
+    heap.cleanup_after_blocks = -(10**9)  # whatever the growth: clean up
     heap.idle()
     assert heap.cleanups == cleanups + 1 and gone() is None
+
+
+def test_an_idle_engine_cleans_up_once_the_heap_has_grown_by_its_threshold():
+    config = EngineConfig.from_options("random:tiny", max_num_seqs=4, max_model_len=64)
+    engine = LLMEngine(config, FakeWorker(config))
+    heap = engine.core.heap
+    heap.cleanup_after_blocks = 50_000
+    engine.add_request("r", "a prompt", SamplingParams(max_tokens=3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    cleanups = heap.cleanups
+    heap.idle()
+    assert heap.cleanups == cleanups  # a few requests grow the heap by far less
+    kept = [[i] for i in range(40_000)]  # two blocks each (the list and its item array)
+    heap.idle()
+    assert heap.cleanups == cleanups + 1
+    heap.idle()
+    assert heap.cleanups == cleanups + 1  # measured from the clean-up on
+    del kept
 
 
 _FROZEN_CYCLE_AT_EXIT = """
