@@ -4,6 +4,7 @@
     tandem.engine (host)            tandem.parallel -> tandem.worker (device) -> tandem.model, tandem.kernels
     tandem.contract: the step contract, the worker interface, the start-up steps      the ground floor
     tandem.config, sampling_params, outputs, tokenizer: plain data, torch-free
+    tandem.switches: the environment switches, which every layer but the contract may read
 
 The rules (every import counts, lazy ones inside functions too):
 1. ``contract/`` imports, of tandem, only itself and ``sampling_params``; no torch or triton, since
@@ -20,7 +21,9 @@ The rules (every import counts, lazy ones inside functions too):
    the engine may import its torch-free ``config`` and ``proposer``.
 6. Choosing the worker happens in one place: only ``tandem.runtime`` constructs ``DeviceWorker`` or
    ``TPWorker``.
-7. No import cycles."""
+7. No import cycles.
+8. ``switches`` (the environment switches) imports nothing of tandem and no torch; every layer but
+   the contract may read it."""
 import ast
 from pathlib import Path
 
@@ -32,12 +35,15 @@ ALLOWED = {
     "tandem.contract": ("tandem.contract", "tandem.sampling_params"),
     "tandem.engine": ("tandem.engine", "tandem.contract", "tandem.config", "tandem.sampling_params", "tandem.outputs",
                       "tandem.tokenizer", "tandem.model.model_config", "tandem.model.sources",
-                      "tandem.model.registry", "tandem.spec.config", "tandem.spec.proposer"),
+                      "tandem.model.registry", "tandem.spec.config", "tandem.spec.proposer", "tandem.switches"),
     "tandem.spec": ("tandem.spec",),
-    "tandem.worker": ("tandem.worker", "tandem.contract", "tandem.model", "tandem.kernels", "tandem.config"),
-    "tandem.parallel": ("tandem.parallel", "tandem.contract", "tandem.worker", "tandem.model", "tandem.config"),
-    "tandem.model": ("tandem.model", "tandem.kernels", "tandem.config", "tandem.tokenizer"),
-    "tandem.kernels": ("tandem.kernels",),
+    "tandem.worker": ("tandem.worker", "tandem.contract", "tandem.model", "tandem.kernels", "tandem.config",
+                      "tandem.switches"),
+    "tandem.parallel": ("tandem.parallel", "tandem.contract", "tandem.worker", "tandem.model", "tandem.config",
+                        "tandem.switches"),
+    "tandem.model": ("tandem.model", "tandem.kernels", "tandem.config", "tandem.tokenizer", "tandem.switches"),
+    "tandem.kernels": ("tandem.kernels", "tandem.switches"),
+    "tandem.switches": ("tandem.switches",),
 }
 WORKER_CLASSES = {"DeviceWorker", "TPWorker"}
 CHOOSER = "tandem.runtime"

@@ -17,19 +17,15 @@ Off by default (``TANDEM_ADMIT_RAMP=1`` turns it on) until the H100 shows the id
 without a cost in throughput."""
 from __future__ import annotations
 
-import os
-
 from tandem.engine.plan import SchedulerOutput
+from tandem.switches import flag
 
 FIRST = 8
 TOKENS_PER_ADMISSION = 64
 
 
 def ramp_enabled() -> bool:
-    value = os.environ.get("TANDEM_ADMIT_RAMP", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TANDEM_ADMIT_RAMP must be 0 or 1, not {value!r}")
-    return value == "1"
+    return flag("TANDEM_ADMIT_RAMP")
 
 
 class AdmissionRamp:

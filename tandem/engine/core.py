@@ -48,6 +48,7 @@ from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
 from tandem.engine.speculation import Speculation
+from tandem.switches import check_switches
 
 if TYPE_CHECKING:
     from tandem.engine.structured.manager import StructuredOutputs
@@ -84,6 +85,7 @@ class _InFlight:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: frozenset[int]) -> None:
+        check_switches()  # (a real worker's start-up checked them before it loaded the model)
         info = worker.info
         self.worker = worker
         self.block_size = info.block_size

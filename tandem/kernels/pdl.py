@@ -19,11 +19,12 @@ weights at batch 1 and 32 (benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from tandem.switches import flag
 
 
 @functools.cache
@@ -37,7 +38,7 @@ def _supported(device_index: int) -> bool:
 def pdl_launch(device: torch.device) -> dict:
     """The constexpr and launch option for a kernel taking ``PDL`` (``wait_then_release``): on for a
     Hopper-or-later CUDA device with ``TANDEM_PDL=1``; off otherwise (and always in the interpreter)."""
-    on = device.type == "cuda" and os.environ.get("TANDEM_PDL", "0") == "1" and _supported(device.index or 0)
+    on = device.type == "cuda" and flag("TANDEM_PDL") and _supported(device.index or 0)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

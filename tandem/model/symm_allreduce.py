@@ -10,10 +10,11 @@ turns it off."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
+
+from tandem.switches import switch
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def make_one_shot(group: dist.ProcessGroup, device: torch.device, dtype: torch.d
     group stays bound to it, and a later group (the same ranks' next engine) would wait on the old
     one; the ranks agree on this before any of them sets anything up."""
     global _used_in_process
-    if device.type != "cuda" or os.environ.get("TANDEM_TP_ALLREDUCE", "auto") == "nccl":
+    if device.type != "cuda" or switch("TANDEM_TP_ALLREDUCE") == "nccl":
         return None
     willing = torch.tensor([int(not _used_in_process)], device=device)
     dist.all_reduce(willing, op=dist.ReduceOp.MIN, group=group)

@@ -15,7 +15,6 @@ model that offers its forward in those pieces (``LayeredCausalLM``) is captured 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 from tandem.contract.step import StepInputs
 from tandem.model.attention import select_backend, step_attention
 from tandem.model.base import CausalLM, LayeredCausalLM
+from tandem.switches import switch
 from tandem.worker.model_runner import Forwarded, ModelRunner, StepTensors
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,8 @@ def token_buckets() -> tuple[int, ...]:
     4096 or 8192 add the larger buckets up to it). Mixed steps of thousands of tokens otherwise run
     eagerly, and on the H100 a 1B model's eager 8K-token step took 11-13 ms of launches
     (benchmarks/RESULTS.md); off until measured end to end."""
-    value = os.environ.get("TANDEM_PIECEWISE_MAX_TOKENS", "512")
-    choices = ("512", "1024", "2048", "4096", "8192")
-    if value not in choices:
-        raise ValueError(f"TANDEM_PIECEWISE_MAX_TOKENS must be one of {', '.join(choices)}, not {value!r}")
-    return TOKEN_BUCKETS + tuple(t for t in LARGE_BUCKETS if t <= int(value))
+    top = int(switch("TANDEM_PIECEWISE_MAX_TOKENS"))
+    return TOKEN_BUCKETS + tuple(t for t in LARGE_BUCKETS if t <= top)
 
 
 @dataclass

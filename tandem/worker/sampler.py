@@ -6,19 +6,19 @@ whatever else shares its batch, after a preemption, and in the sync and async ex
 no generator state to carry."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from tandem.kernels import triton_available
 from tandem.kernels.sampling import sample_reference
+from tandem.switches import switch
 
 def use_kernels(logits: torch.Tensor) -> bool:
     """Whether the sampling stage's Triton kernels take these logits: on CUDA, except float64 (kept
     on the torch definitions for exact tests). ``TANDEM_SAMPLER=triton`` forces them elsewhere (on
     a CPU through Triton's interpreter, for tests), ``torch`` keeps the definitions everywhere."""
-    choice = os.environ.get("TANDEM_SAMPLER", "auto")
+    choice = switch("TANDEM_SAMPLER")
     if choice == "torch" or logits.dtype == torch.float64 or not triton_available():
         return False
     return logits.is_cuda or choice == "triton"

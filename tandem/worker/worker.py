@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from tandem.model.model_config import requested_max_model_len
 from tandem.model.sources import resolve_model_config
 from tandem.model.loader import load_model
 from tandem.model.tp_layout import TPLayout
+from tandem.switches import flag
 from tandem.worker.device import device_name, resolve_device, resolve_dtype
 from tandem.worker.draft_graphs import DraftGraphs, DraftModel
 from tandem.worker.draft_plan import DraftPlanner
@@ -158,7 +158,7 @@ class DeviceWorker:
         graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, padding_row)
         graphs.capture(stream, self.startup)
         piecewise = None
-        if PiecewiseGraphs.applies(self.model, self.device) and os.environ.get("TANDEM_PIECEWISE", "1") != "0":
+        if PiecewiseGraphs.applies(self.model, self.device) and flag("TANDEM_PIECEWISE"):
             piecewise = PiecewiseGraphs(self.runner, self.config.max_num_batched_tokens, graphs.pool)
             piecewise.capture(stream)
         return graphs, piecewise

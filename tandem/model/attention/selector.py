@@ -5,8 +5,6 @@ the Triton kernels even on a CPU, where they run through Triton's interpreter (t
 ``TRITON_INTERPRET=1``) so the engine's whole kernel path can be checked without a GPU."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tandem.kernels import triton_available
@@ -14,6 +12,7 @@ from tandem.model.attention.base import AttentionBackend, AttentionInputs, StepA
 from tandem.model.attention.sdpa import SdpaBackend
 from tandem.model.attention.triton_decode import TritonDecodeBackend
 from tandem.model.attention.triton_varlen import TritonVarlenBackend
+from tandem.switches import switch
 
 _SDPA = SdpaBackend()
 _TRITON_DECODE = TritonDecodeBackend()
@@ -23,7 +22,7 @@ _TRITON_VARLEN = TritonVarlenBackend()
 def select_backend(max_q: int, device: torch.device) -> AttentionBackend:
     """On CUDA: decode steps take the Triton decode kernel, prefill and mixed steps the Triton varlen
     kernel. Elsewhere (the CPU) the SDPA reference, which is also what the kernels are tested against."""
-    choice = os.environ.get("TANDEM_ATTENTION", "auto")
+    choice = switch("TANDEM_ATTENTION")
     use_triton = (choice == "triton" or (choice == "auto" and device.type == "cuda")) and triton_available()
     if not use_triton:
         return _SDPA

@@ -17,13 +17,12 @@ A token's output is ``sum_j topk_weights[t, j] * down_e(act(gate_e(x)) * up_e(x)
 ``e = topk_ids[t, j]``; experts no token routes to are never read."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tandem.kernels import triton_available
 from tandem.model.layers.mlp import gelu_tanh_mul, silu_mul
 from tandem.model.quant.expert_weights import ExpertWeight, expert_weight
+from tandem.switches import switch
 
 ACTIVATIONS = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
 
@@ -69,9 +68,7 @@ def use_fused_kernel(device: torch.device) -> bool:
     """The fused Triton kernel on CUDA, the reference elsewhere. ``TANDEM_MOE=reference`` forces the
     reference (to compare on a GPU); ``triton`` forces the kernel even on a CPU, where it runs
     through Triton's interpreter (tests set ``TRITON_INTERPRET=1``)."""
-    choice = os.environ.get("TANDEM_MOE", "auto")
-    if choice not in ("auto", "reference", "triton"):
-        raise ValueError(f"TANDEM_MOE={choice!r}: expected auto, reference or triton")
+    choice = switch("TANDEM_MOE")
     return (choice == "triton" or (choice == "auto" and device.type == "cuda")) and triton_available()
 
 

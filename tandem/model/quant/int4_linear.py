@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import torch
 
@@ -30,6 +29,7 @@ from tandem.model.quant.int4_config import Int4Config
 from tandem.model.quant.int4_experts import Int4Experts
 from tandem.model.quant.linear import LinearStorage, Weight
 from tandem.model.tp_layout import Part
+from tandem.switches import switch
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ SUFFIXES = {"awq": ("qweight", "qzeros", "scales"), "gptq": ("qweight", "qzeros"
 
 
 def use_kernel(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TANDEM_W4A16") == "triton"
+    return device.type == "cuda" or switch("TANDEM_W4A16") == "triton"
 
 
 def int4_storage(qc: Int4Config, device: torch.device, dtype: torch.dtype) -> LinearStorage | None:

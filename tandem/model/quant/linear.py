@@ -8,12 +8,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Union
 
 import torch
 import torch.nn.functional as F
+
+from tandem.switches import flag
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 
 @functools.cache
 def _gemv_enabled() -> bool:
-    value = os.environ.get("TANDEM_GEMV", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TANDEM_GEMV must be 0 or 1, not {value!r}")
-    return value == "1"
+    return flag("TANDEM_GEMV")
 
 
 def gemv_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -68,7 +66,7 @@ def silu_gated_linear(gate_up: torch.Tensor, weight: Weight,
     (``forward_silu_gated``) takes ``gate_up`` itself, saving a kernel; any other gets
     ``silu_mul(gate_up)``. The fused path is off unless ``TANDEM_GATED_DOWN=1``: on an H100 the 8B
     model's int4 decode step took 3.38 ms with it against 3.08 ms without (benchmarks/RESULTS.md)."""
-    fused = getattr(weight, "forward_silu_gated", None) if os.environ.get("TANDEM_GATED_DOWN", "0") == "1" else None
+    fused = getattr(weight, "forward_silu_gated", None) if flag("TANDEM_GATED_DOWN") else None
     return fused(gate_up) if fused is not None else linear(silu_mul(gate_up), weight)
 
 
