@@ -158,7 +158,7 @@ def plans(tiny: bool) -> dict[str, list[Run]]:
                        for top, ramp in (("512", "0"), ("2048", "0"), ("8192", "0"), ("2048", "1"))]
     if tiny:  # on a CPU `tandem bench` would repeat each run and add the simulated GPU: one run, as on a GPU
         for run in (r for runs in named.values() for r in runs if r.kind == "bench"):
-            run.argv += ["--runs", "1", "--simulated-device", "off"]
+            run.argv = run.argv + ["--runs", "1", "--simulated-device", "off"]  # a new list: plans share argvs
     return named
 
 
