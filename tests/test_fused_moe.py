@@ -2,7 +2,8 @@
 
 The alignment step (plain torch) is checked here directly; the Triton kernel runs in a subprocess
 through Triton's interpreter (TRITON_INTERPRET=1 must be set before Triton is imported), float32,
-tiny hidden sizes, on random shapes over tokens 1-512, experts 8-128, top-k 1-8."""
+tiny hidden sizes: its alignment on up to 300 tokens, the whole kernel on random shapes over tokens
+1-128, experts 8-128, top-k 1-8."""
 import importlib.util
 import os
 import random
@@ -154,7 +155,7 @@ rng = random.Random(1)
 for case in range(8):
     n_exp, block_m = (100 if case == 1 else rng.choice([8, 16, 32, 64, 128])), rng.choice([16, 32, 64])
     k = rng.randint(1, min(8, n_exp))
-    tokens = rng.choice([1, 2, 5, 17, 64, 300, 512])
+    tokens = rng.choice([1, 2, 5, 17, 64, 160, 300])
     ids = torch.stack([torch.randperm(n_exp)[:k] for _ in range(tokens)])  # int64 ids are taken too
     ids = ids if case == 2 else ids.int()
     if case % 5 == 0:
@@ -180,11 +181,13 @@ for case in range(6):
     assert torch.equal(got.expert_ids[:used // block_m], want.expert_ids[:used // block_m])
 
 errs, rng = [], random.Random(0)
-for case in range(8):  # random shapes: tokens 1-512 (log-uniform), experts 8-128, top-k 1-8
+# random shapes: tokens 1-128 (log-uniform; the alignment above took the longer slot lists, whose
+# counting runs in several chunks), experts 8-128, top-k 1-8
+for case in range(8):
     g = torch.Generator().manual_seed(case)
     n_exp = 128 if case == 5 else rng.choice([8, 16, 32, 64, 128])
     k = 1 if case == 3 else rng.randint(1, min(8, n_exp))  # k = 1: the per-slot output is the result
-    tokens = min(512, int(math.exp(rng.uniform(0, math.log(512)))) + (case == 0) * 511)
+    tokens = min(128, int(math.exp(rng.uniform(0, math.log(128)))) + (case == 0) * 127)
     hidden, inter = rng.choice([16, 24, 32, 64]), rng.choice([16, 40, 64])
     act = rng.choice(["silu", "gelu_pytorch_tanh"])
     x = torch.randn(tokens, hidden, generator=g)
@@ -223,8 +226,8 @@ def poisoned(*args, **kwargs):
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1 << 30)
 def dropped_case(case):
     g = torch.Generator().manual_seed(200 + case)
-    n_exp, k = rng.choice([8, 16, 64]), (1 if case < 2 else rng.randint(2, 8))
-    tokens, hidden, inter = rng.choice([1, 5, 40, 200]), rng.choice([16, 32]), rng.choice([16, 40])
+    n_exp, k = rng.choice([8, 16, 32]), (1 if case < 2 else rng.randint(2, 8))
+    tokens, hidden, inter = rng.choice([1, 5, 40, 100]), rng.choice([16, 32]), rng.choice([16, 40])
     x = torch.randn(tokens, hidden, generator=g)
     w13, w2 = weights(n_exp, hidden, inter, g)
     w, ids = route(torch.randn(tokens, n_exp, generator=g) * 3, k, True)
@@ -283,7 +286,7 @@ from tandem import LLM, SamplingParams
 # async, chunked prefill (16-token budget: mixed steps), greedy, float32.
 g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]
-params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 for preset in ("random:tiny-qwen3-moe", "random:tiny-mixtral"):
     runs = {}
     for mode in ("reference", "triton"):

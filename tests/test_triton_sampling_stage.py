@@ -42,7 +42,7 @@ def check(seed, n, vocab):
     assert torch.equal(fused_cutoff(half, temperature[:6], top_k[:6], top_p[:6]),
                        fused_cutoff(half.float(), temperature[:6], top_k[:6], top_p[:6]))
 
-for seed, vocab in ((0, 700), (1, 256), (2, 300)):  # several blocks, exactly one, a short last one
+for seed, vocab in ((0, 520), (1, 256)):  # three blocks, the last one short; exactly one
     check(seed, 12, vocab)
 print("cutoff ok")
 """
@@ -118,7 +118,7 @@ from differential import make_case, run_case
 
 # The engine end to end with the sampling stage's kernels interpreted, against the torch
 # definitions: random cases with penalties, logit bias, top-k/top-p/min-p, logprobs, float32.
-for seed in (16, 35):  # each with penalties, logit bias, top-k/top-p and logprobs among its requests
+for seed in (251, 35):  # each with penalties, logit bias, top-k/top-p and logprobs among its requests
     case = make_case(seed)
     os.environ["TANDEM_SAMPLER"] = "torch"
     ref = run_case(case, async_batching=False, dtype="float32")

@@ -170,11 +170,12 @@ forced = [None, W4Tiles(16, 32, 32, 4, 4, 1, load_once=False), W4Tiles(32, 64, 3
 for i, (name, drawn, deq, unpack) in enumerate(_cases()):
     w, ref_w = unpack(), deq()
     for m in (1, 5, 17, 70)[: 4 if i % 3 == 0 else 2]:
-        x = torch.randn(m, 256)
         tiles = forced[(i + m) % 4]
+        # the one-row kernel takes a row per program: three rows prove the row indexing, more cost only time
+        x = torch.randn(min(m, 3) if tiles is not None and tiles.gemv else m, 256)
         out, ref = w4a16_matmul(x, w, tiles), x @ ref_w.t()
         errs.append(rel(out, ref))
-        assert errs[-1] < 1e-5, (name, m, tiles, errs[-1])
+        assert errs[-1] < 1e-5, (name, x.shape[0], tiles, errs[-1])
 # leading dimensions, the tiers' own choices, an empty batch, half precision
 name, drawn, deq, unpack = next(_cases())
 w = unpack()
