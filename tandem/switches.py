@@ -1,7 +1,8 @@
 """Environment switches: the settings that are not options (which kernel runs, experiments kept off
-until a GPU shows them faster). Each has a fixed list of values; every one is checked when an engine
-starts (``check_switches``), so a typo fails at once, naming the variable, instead of quietly
-leaving the default in place. Torch-free and importing nothing of tandem: every layer may read it."""
+until a GPU shows them faster). Each has a fixed list of values (a duration: a positive number of
+seconds); every one is checked when an engine starts (``check_switches``), so a typo fails at once,
+naming the variable, instead of quietly leaving the default in place. Torch-free and importing
+nothing of tandem: every layer may read it."""
 from __future__ import annotations
 
 import os
@@ -37,6 +38,8 @@ SWITCHES = (
     Switch("TANDEM_TP_ALLREDUCE", ("auto", "nccl"), "tensor parallelism's all-reduce: one-shot where it sums like NCCL"),
 )
 _BY_NAME = {s.name: s for s in SWITCHES}
+#: settings in seconds: name -> (default, meaning)
+DURATIONS = {"TANDEM_TP_TIMEOUT_S": (1800.0, "tensor parallelism's rendezvous and collective timeout")}
 
 
 def switch(name: str) -> str:
@@ -53,8 +56,25 @@ def flag(name: str) -> bool:
     return switch(name) == "1"
 
 
+def duration_s(name: str) -> float:
+    """A duration setting's value (its default when unset or empty); anything but a positive number raises."""
+    default, meaning = DURATIONS[name]
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, not {raw!r} ({meaning})")
+    return value
+
+
 def check_switches() -> None:
-    """Every switch at once, so a bad value fails when an engine starts, not when (or whether) the
-    code that reads it runs."""
+    """Every switch and duration at once, so a bad value fails when an engine starts, not when (or
+    whether) the code that reads it runs."""
     for s in SWITCHES:
         switch(s.name)
+    for name in DURATIONS:
+        duration_s(name)

@@ -8,7 +8,7 @@ import pytest
 from tandem.bench.fake_worker import FakeWorker
 from tandem.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.switches import SWITCHES, check_switches, flag, switch
+from tandem.switches import DURATIONS, SWITCHES, check_switches, duration_s, flag, switch
 
 ROOT = Path(__file__).parents[1]
 
@@ -54,7 +54,7 @@ def test_a_bad_switch_stops_an_engine_at_start_even_where_nothing_reads_it(unset
 
 def test_switches_are_read_only_through_the_module():
     """No other module reads a switch from the environment itself (and so skips its check)."""
-    names = {s.name for s in SWITCHES}
+    names = {s.name for s in SWITCHES} | set(DURATIONS)
     readers = {}
     for path in (ROOT / "tandem").rglob("*.py"):
         if path.name != "switches.py":
@@ -68,3 +68,14 @@ def test_the_readme_lists_every_switch_with_its_values():
     rows = re.findall(r"^\| `(TANDEM_[A-Z0-9_]+)` \| (.+?) \| (.+?) \|$", (ROOT / "README.md").read_text(), re.M)
     listed = {name: tuple(re.findall(r"`([^`]+)`", values)) for name, values, _ in rows}
     assert listed == {s.name: s.values for s in SWITCHES}
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "nan", "inf"])
+def test_a_duration_is_a_positive_number_of_seconds(raw, unset):
+    unset.delenv("TANDEM_TP_TIMEOUT_S", raising=False)
+    assert duration_s("TANDEM_TP_TIMEOUT_S") == 1800.0
+    unset.setenv("TANDEM_TP_TIMEOUT_S", "2.5")
+    assert duration_s("TANDEM_TP_TIMEOUT_S") == 2.5
+    unset.setenv("TANDEM_TP_TIMEOUT_S", raw)
+    with pytest.raises(ValueError, match=f"TANDEM_TP_TIMEOUT_S must be a positive number of seconds, not '{raw}'"):
+        check_switches()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tandem.config import EngineConfig
 from tandem.contract.startup import StartupSteps
 from tandem.model.tp_layout import TPLayout
 from tandem.parallel.env import RankEnv, confine_to_loopback, disable_multicast, meets_on_loopback
+from tandem.switches import duration_s
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ CONTROL_TIMEOUT = datetime.timedelta(days=365)
 
 def collective_timeout() -> datetime.timedelta:
     """Rendezvous and the forward's collectives (NCCL's watchdog aborts a rank stuck longer)."""
-    return datetime.timedelta(seconds=float(os.environ.get("TANDEM_TP_TIMEOUT_S", "1800")))
+    return datetime.timedelta(seconds=duration_s("TANDEM_TP_TIMEOUT_S"))
 
 
 def ready_key(rank: int) -> str:
