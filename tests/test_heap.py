@@ -139,7 +139,31 @@ def test_an_idle_engine_cleans_up_once_the_heap_has_grown_by_its_threshold():
     assert heap.cleanups == cleanups + 1
     heap.idle()
     assert heap.cleanups == cleanups + 1  # measured from the clean-up on
-    del kept
+    more = [[i] for i in range(40_000)]
+    with heap.held():  # a benchmark's clock runs: the clean-up waits
+        heap.idle()
+        assert heap.cleanups == cleanups + 1
+    heap.idle()
+    assert heap.cleanups == cleanups + 2
+    del kept, more
+
+
+def test_a_benchmark_run_holds_the_clean_up_until_its_clock_stops(monkeypatch):
+    from tandem.bench.measure import measure_mode
+    from tandem.bench.workload import LengthRange, Workload, make_requests
+
+    config = EngineConfig.from_options("random:tiny", max_num_seqs=4, max_model_len=64)
+    engine = LLMEngine(config, FakeWorker(config))
+    heap = engine.core.heap
+    heap.cleanup_after_blocks = -(10**9)  # due at every idle moment
+    held_at_idle = []
+    idle = heap.idle
+    monkeypatch.setattr(heap, "idle", lambda: (held_at_idle.append(heap._held), idle()))
+    w = Workload(4, LengthRange(8, 8), LengthRange(4, 4))
+    cleanups = heap.cleanups
+    measure_mode(engine, "async", make_requests(w, engine.model_config.vocab_size), w, None, None, False)
+    assert held_at_idle[:-1] and all(held_at_idle[:-1]) and held_at_idle[-1] is False
+    assert heap.cleanups == cleanups + 1  # once, after the run
 
 
 _FROZEN_CYCLE_AT_EXIT = """

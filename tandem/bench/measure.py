@@ -36,12 +36,13 @@ def measure_mode(engine: LLMEngine, mode: str, requests: list[BenchRequest], w: 
     engine.worker.start_timing()
     t0 = clock()
     try:
-        with GcPauses() as pauses:
+        with GcPauses() as pauses, engine.core.heap.held():
             token_ids = drive(engine, w, requests, progress, clock, sleep)
     finally:
         wall = clock() - t0
         intervals = engine.worker.stop_timing()
         engine.core.observers.remove(log)
+    engine.core.heap.idle()  # its clean-up, if due, after the clock
     result = summarise(mode, wall, log.records, intervals, sum(len(r.prompt) for r in requests),
                        sum(len(t) for t in token_ids), len(requests),
                        engine.core.scheduler.num_preemptions - preempted_before, floor, ceilings)

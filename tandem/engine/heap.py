@@ -26,8 +26,10 @@ leaked)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import sys
+from collections.abc import Iterator
 
 #: growth of the allocator's blocks since the last clean-up (objects and their buffers, about three
 #: per list) that makes an idle engine clean up: some tens of MB of Python objects
@@ -49,6 +51,7 @@ class HeapFreezer:
     def __init__(self, cleanup_after_blocks: int = CLEANUP_AFTER_BLOCKS) -> None:
         self.cleanup_after_blocks = cleanup_after_blocks
         self._baseline: int | None = None  # set at the first admission: start-up's own growth comes before
+        self._held = False
         self.cleanups = 0
 
     def admitted(self) -> None:
@@ -59,9 +62,21 @@ class HeapFreezer:
             self._baseline = sys.getallocatedblocks()
         freeze()
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No clean-up while a benchmark's clock runs: its run's last step leaves the engine idle, and a
+        full collection there (0.1-0.5 s with a model loaded) would count as the run's time; the
+        caller calls ``idle`` once the clock has stopped."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+
     def idle(self) -> None:
         """No request is left: if the heap grew much since the last clean-up, collect what was frozen."""
-        if self._baseline is None or sys.getallocatedblocks() - self._baseline <= self.cleanup_after_blocks:
+        if self._held or self._baseline is None or \
+                sys.getallocatedblocks() - self._baseline <= self.cleanup_after_blocks:
             return
         gc.unfreeze()
         gc.collect()
