@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import httpx
 
 from server_utils import ServerProcess
+from tandem.bench.metrics import idle_breakdown
+from tandem.bench.step_log import StepRecord
 from tandem.contract.worker import StepInterval
 from tandem.server.step_gaps import StepGapLog
 
@@ -45,6 +47,30 @@ def test_gaps_across_an_idle_stretch_are_left_out(tmp_path):
     assert abs(out["idle_fraction"] - idle / (idle + busy)) < 1e-9
     longest = sorted((b.start - a.end for a, b in working), reverse=True)[:10]
     assert [round(g["gap_ms"], 6) for g in out["largest_gaps"]] == [round(g * 1e3, 6) for g in longest]
+    split = out["idle_breakdown"]  # no step records here: every step counts as decode only
+    assert abs(sum(c["idle_ms"] for c in split["by_gap_ms"].values()) - idle * 1e3) < 1e-6
+    assert abs(split["before_decode_ms"] - idle * 1e3) < 1e-6 and split["before_prefill_ms"] == 0
+
+
+def test_the_idle_time_splits_by_gap_size_and_by_the_step_after_each_gap():
+    rng = random.Random(11)
+    sizes_ms = [rng.choice((0.01, 0.1, 0.5, 2.0, 9.0)) * rng.uniform(0.9, 1.1) for _ in range(60)]
+    spans, t = [StepInterval(0, 0.0, 0.002)], 0.002
+    for step, gap in enumerate(sizes_ms, start=1):
+        spans.append(StepInterval(step, t + gap / 1e3, t + gap / 1e3 + 0.002))
+        t = spans[-1].end
+    prefill = {s for s in range(1, 61) if rng.random() < 0.3}
+    records = {s: StepRecord(s, 64 if s in prefill else 8, 8, 7 if s in prefill else 8, 8, 512, 512, 0.0, 0, 0, 0)
+               for s in range(61)}
+    split = idle_breakdown([spans[:30], spans[30:]], records)  # the gap between the segments is not counted
+    counted = [(step, gap) for step, gap in enumerate(sizes_ms, start=1) if step != 30]
+    for top, label in ((0.05, "<0.05"), (0.2, "0.05-0.2"), (1.0, "0.2-1"), (5.0, "1-5"), (1e9, ">=5")):
+        lower = {"<0.05": 0, "0.05-0.2": 0.05, "0.2-1": 0.2, "1-5": 1.0, ">=5": 5.0}[label]
+        mine = [gap for _, gap in counted if lower <= gap < top]
+        assert split["by_gap_ms"][label]["gaps"] == len(mine) and mine
+        assert abs(split["by_gap_ms"][label]["idle_ms"] - sum(mine)) < 1e-6
+    assert abs(split["before_prefill_ms"] - sum(g for s, g in counted if s in prefill)) < 1e-6
+    assert abs(split["before_decode_ms"] - sum(g for s, g in counted if s not in prefill)) < 1e-6
 
 
 def test_a_server_writes_its_step_gaps_on_shutdown(tmp_path, monkeypatch):

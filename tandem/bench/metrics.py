@@ -34,6 +34,7 @@ class ModeResult:
     roofline_fraction_gpu: float | None = None  # floor / GPU busy time
     decode_step_check: dict | None = None
     largest_gaps: list[dict] | None = None  # where the idle time went: the longest gaps, with their steps
+    idle_breakdown: dict | None = None  # all of it: by gap size, and by what the step after each gap carried
     #: the host thread while planning steps: wall and CPU ms summed, involuntary context switches
     #: and minor page faults (see ``StepRecord``)
     host_thread: dict | None = None
@@ -79,6 +80,28 @@ def largest_gaps(intervals: list[StepInterval], records: dict[int, StepRecord], 
              "decode_pair": _pure_decode(records.get(a)) and _pure_decode(records.get(b)),
              "host_ms": _host_phases(records.get(a), records.get(b))}
             for g, a, b in sorted(gaps, reverse=True)[:n]]
+
+
+#: the gap sizes the idle time is split by, in ms
+GAP_CLASSES = ((0.05, "<0.05"), (0.2, "0.05-0.2"), (1.0, "0.2-1"), (5.0, "1-5"), (float("inf"), ">=5"))
+
+
+def idle_breakdown(segments: list[list[StepInterval]], records: dict[int, StepRecord]) -> dict:
+    """The idle time between consecutive steps of each segment, by gap size (ms: gaps and idle ms per
+    class) and by the step after the gap (one with prefill, or decode only). Many short gaps point at
+    the host's steady cost per step; a few long ones before prefill steps at admissions."""
+    by_size = {label: {"gaps": 0, "idle_ms": 0.0} for _, label in GAP_CLASSES}
+    before = {"prefill": 0.0, "decode": 0.0}
+    for segment in segments:
+        spans = sorted(segment, key=lambda i: i.start)
+        for a, b in zip(spans, spans[1:]):
+            ms = (b.start - a.end) * 1e3
+            if ms > 0:
+                cls = by_size[next(label for top, label in GAP_CLASSES if ms < top)]
+                cls["gaps"] += 1
+                cls["idle_ms"] += ms
+                before["decode" if _pure_decode(records.get(b.step_id)) else "prefill"] += ms
+    return {"by_gap_ms": by_size, "before_prefill_ms": before["prefill"], "before_decode_ms": before["decode"]}
 
 
 def _pure_decode(record: StepRecord | None) -> bool:
@@ -148,6 +171,7 @@ def summarise(mode: str, wall_s: float, records: list[StepRecord], intervals: li
         res.gpu_idle_fraction = idle_fraction(intervals)
         res.gpu_idle_fraction_decode = decode_idle_fraction(intervals, by_id)
         res.largest_gaps = largest_gaps(intervals, by_id)
+        res.idle_breakdown = idle_breakdown([intervals], by_id)
         if floor is not None and ceilings is not None:
             res.floor_s = sum(floor.step_cost(r).floor_s(ceilings) for r in records)
             res.roofline_fraction = res.floor_s / wall_s

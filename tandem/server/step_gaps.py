@@ -2,8 +2,9 @@
 
 The engine core then records every step (the host's phases, as ``tandem bench`` does, and the
 device's interval) and, when the server shuts down, writes JSON to PATH: the device's busy and idle
-seconds while the core had work, and the longest gaps between steps with what the host did around
-each (``bench.metrics.largest_gaps``). Gaps across a stretch where the core had no request at all
+seconds while the core had work, all of its idle time by gap size and by the kind of step after each
+gap (``bench.metrics.idle_breakdown``), and the longest gaps with what the host did around each
+(``bench.metrics.largest_gaps``). Gaps across a stretch where the core had no request at all
 are left out: the device waiting for traffic is not the loop's cost. The record grows with every
 step: for diagnosing a benchmark run, not for a long-running server. Under data parallelism each
 engine core writes its own file (``from_env``)."""
@@ -15,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from tandem.bench.metrics import largest_gaps
+from tandem.bench.metrics import idle_breakdown, largest_gaps
 from tandem.bench.step_log import StepLog
 from tandem.contract.worker import StepInterval
 from tandem.engine.core import EngineCore
@@ -55,7 +56,8 @@ class StepGapLog:
         gaps = [g for seg in segments for g in largest_gaps(seg, self.log.by_id, NUM_GAPS)]
         summary = {"steps": sum(len(seg) for seg in segments), "busy_s": busy, "idle_s": idle,
                    "idle_fraction": idle / (busy + idle) if busy + idle > 0 else None,
-                   "largest_gaps": sorted(gaps, key=lambda g: -g["gap_ms"])[:NUM_GAPS]}
+                   "largest_gaps": sorted(gaps, key=lambda g: -g["gap_ms"])[:NUM_GAPS],
+                   "idle_breakdown": idle_breakdown(segments, self.log.by_id)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=1))
 
