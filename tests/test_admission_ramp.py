@@ -9,7 +9,7 @@ from differential import compare, make_case, run_case
 from tandem.bench.fake_worker import FakeWorker
 from tandem.config import EngineConfig
 from tandem.engine import admission
-from tandem.engine.admission import AdmissionRamp, ramp_enabled
+from tandem.engine.admission import AdmissionRamp
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.scheduler import Scheduler
 from tandem.sampling_params import SamplingParams
@@ -35,14 +35,6 @@ def test_the_cap_follows_the_previous_steps_prefill():
     off = AdmissionRamp(enabled=False)
     off.planned(_Planned(40, []), admitted=0)
     assert off.limit(num_running=40) is None
-
-
-def test_the_switch_is_0_or_1(monkeypatch):
-    monkeypatch.setenv("TANDEM_ADMIT_RAMP", "yes")
-    with pytest.raises(ValueError, match="TANDEM_ADMIT_RAMP"):
-        ramp_enabled()
-    monkeypatch.setenv("TANDEM_ADMIT_RAMP", "1")
-    assert ramp_enabled()
 
 
 def _admissions_per_step(monkeypatch, ramp: str) -> list[int]:

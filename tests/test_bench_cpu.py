@@ -11,8 +11,7 @@ from tandem.cli import main
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 #: a workload of the default's shape, smaller (the default's 32 sequences take 5 x 2 x 0.5 s of CPU); long
-#: enough that the host's work around the steps stays small next to the run (when the engine goes idle,
-#: HeapFreezer.idle's gc.get_freeze_count() alone takes 17-25 ms of CPU: it counts every frozen object)
+#: enough that the host's work before the first step and after the last stays small next to the run
 SMALL = ["--num-requests", "16", "--prompt-len", "64", "--max-tokens", "512"]
 
 

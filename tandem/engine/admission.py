@@ -18,14 +18,9 @@ without a cost in throughput."""
 from __future__ import annotations
 
 from tandem.engine.plan import SchedulerOutput
-from tandem.switches import flag
 
 FIRST = 8
 TOKENS_PER_ADMISSION = 64
-
-
-def ramp_enabled() -> bool:
-    return flag("TANDEM_ADMIT_RAMP")
 
 
 class AdmissionRamp:

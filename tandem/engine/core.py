@@ -38,7 +38,6 @@ import msgspec
 
 from tandem.config import EngineConfig
 from tandem.contract.worker import Worker
-from tandem.engine.admission import ramp_enabled
 from tandem.engine.batch import build_step, padding_for
 from tandem.engine.block_manager import BlockManager, RowPool
 from tandem.engine.heap import HeapFreezer
@@ -48,7 +47,7 @@ from tandem.engine.prefix_cache import PrefixCache
 from tandem.engine.scheduler import Scheduler, SchedulerOutput, StepDeltas
 from tandem.engine.sequence import EngineRequest, Sequence
 from tandem.engine.speculation import Speculation
-from tandem.switches import check_switches
+from tandem.switches import check_switches, flag
 
 if TYPE_CHECKING:
     from tandem.engine.structured.manager import StructuredOutputs
@@ -96,7 +95,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
                                    BlockManager(info.num_kv_blocks, info.block_size, cache), RowPool(info.num_rows),
                                    eos_token_ids, max_blocks_per_seq=-(-info.max_model_len // info.block_size),
-                                   admission_ramp=ramp_enabled())
+                                   admission_ramp=flag("TANDEM_ADMIT_RAMP"))
         self.in_flight: deque[_InFlight] = deque()
         self.observers: list[StepObserver] = []
         self.heap = HeapFreezer()
